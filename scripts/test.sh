@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, builds release and
+# ASan+UBSan trees, runs the whole CTest suite on both, then the limiter's
+# concurrency tests under ThreadSanitizer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deps/install.sh
+jobs=$(nproc)
+
+run_tree() { # dir sanitize label-filter
+  local dir=$1 san=$2; shift 2
+  echo "=== build $dir (sanitizers: ${san:-none})"
+  cmake -S . -B "$dir" -DSLUICE_SANITIZE="$san" -DCMAKE_BUILD_TYPE="$([[ -n $san ]] && echo RelWithDebInfo || echo Release)" >/dev/null
+  cmake --build "$dir" -j "$jobs"
+  echo "=== test $dir"
+  ctest --test-dir "$dir" --output-on-failure --timeout 300 "$@"
+}
+
+run_tree build ""
+run_tree build-asan "address,undefined"
+run_tree build-tsan "thread" -L tsan
