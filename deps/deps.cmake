@@ -2,6 +2,8 @@
 # that Debian's node-llhttp package installs. No third-party code lives in
 # this repository.
 find_package(PkgConfig REQUIRED)
+set(THREADS_PREFER_PTHREAD_FLAG ON)
+find_package(Threads REQUIRED)
 pkg_check_modules(LIBUV REQUIRED IMPORTED_TARGET libuv>=1.44)
 pkg_check_modules(HIREDIS REQUIRED IMPORTED_TARGET hiredis>=0.14)
 pkg_check_modules(JEMALLOC REQUIRED IMPORTED_TARGET jemalloc)

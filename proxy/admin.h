@@ -1,0 +1,24 @@
+/* The admin listener: /healthz and /metrics (Prometheus text), served on the
+ * main thread's loop so that a busy worker never delays a health check. */
+#ifndef SL_ADMIN_H
+#define SL_ADMIN_H
+
+#include <uv.h>
+
+#include "proxy.h"
+
+struct sl_admin {
+  uv_tcp_t tcp;
+  struct sl_worker *workers;
+  unsigned nworkers;
+  _Atomic uint64_t *config_version;
+};
+
+/* Binds and listens on cfg->admin; returns 0 or a negative libuv error. */
+int sl_admin_start(struct sl_admin *a, uv_loop_t *loop, const struct sl_addr *addr);
+void sl_admin_stop(struct sl_admin *a);
+
+/* Appends the Prometheus text for all workers to out. */
+void sl_admin_metrics(struct sl_admin *a, struct sl_buf *out);
+
+#endif

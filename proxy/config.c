@@ -1,0 +1,320 @@
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <yaml.h>
+
+#include "common.h"
+
+enum opt_type { OPT_ADDR, OPT_ADDR_LIST, OPT_STR, OPT_UINT, OPT_U64 };
+
+struct opt {
+  const char *name; /* long option and YAML key ('_' and '-' are the same) */
+  enum opt_type type;
+  size_t off;
+  size_t size_or_count_off; /* OPT_STR: buffer size; OPT_ADDR_LIST: offset of the count */
+  uint64_t min, max;
+  const char *help;
+};
+
+#define F(field) offsetof(struct sl_config, field)
+static const struct opt opts[] = {
+  {"listen", OPT_ADDR, F(listen), 0, 0, 0, "HOST:PORT client listener (127.0.0.1:8080)"},
+  {"upstream", OPT_ADDR_LIST, F(upstream), F(n_upstream), 0, 0, "HOST:PORT default pool member (repeatable)"},
+  {"upstream-llm", OPT_ADDR_LIST, F(upstream_llm), F(n_upstream_llm), 0, 0,
+   "HOST:PORT large-model pool member (repeatable; default: the default pool)"},
+  {"redis", OPT_STR, F(redis), sizeof(((struct sl_config *)0)->redis), 0, 0, "HOST:PORT or unix:PATH (127.0.0.1:6379)"},
+  {"redis-prefix", OPT_STR, F(redis_prefix), sizeof(((struct sl_config *)0)->redis_prefix), 0, 0, "key prefix (sluice:)"},
+  {"workers", OPT_UINT, F(workers), 0, 1, 256, "event-loop threads (number of CPUs)"},
+  {"admin", OPT_ADDR, F(admin), 0, 0, 0, "HOST:PORT admin listener (127.0.0.1:9901)"},
+  {"region", OPT_STR, F(region), sizeof(((struct sl_config *)0)->region), 0, 0,
+   "region when Host names none (cn-shanghai)"},
+  {"flush-ms", OPT_UINT, F(flush_ms), 0, 10, 600000, "metering flush interval (1000)"},
+  {"access-log", OPT_STR, F(access_log), sizeof(((struct sl_config *)0)->access_log), 0, 0,
+   "access log file (off when empty)"},
+  {"max-header-bytes", OPT_UINT, F(max_header_bytes), 0, 1024, 1 << 20, "request head bound, else 431 (16384)"},
+  {"max-headers", OPT_UINT, F(max_headers), 0, 8, 256, "request header count bound, else 431 (100)"},
+  {"max-body-bytes", OPT_U64, F(max_body_bytes), 0, 0, 1ull << 32, "request body bound, else 413 (8388608)"},
+  {"header-timeout-ms", OPT_UINT, F(header_timeout_ms), 0, 10, 3600000, "request read bound, else 408 (10000)"},
+  {"idle-timeout-ms", OPT_UINT, F(idle_timeout_ms), 0, 10, 3600000, "idle keep-alive close (60000)"},
+  {"max-conns", OPT_UINT, F(max_conns), 0, 1, 1000000, "client connections per worker (10000)"},
+  {"connect-timeout-ms", OPT_UINT, F(connect_timeout_ms), 0, 10, 600000, "upstream connect bound (1000)"},
+  {"response-timeout-ms", OPT_UINT, F(response_timeout_ms), 0, 10, 3600000,
+   "upstream silence bound while a response is due, else 504 (30000)"},
+  {"upstream-keepalive", OPT_UINT, F(upstream_keepalive), 0, 0, 100000, "idle upstream connections per address (64)"},
+  {"max-fails", OPT_UINT, F(max_fails), 0, 1, 1000, "consecutive failures that eject an upstream (1)"},
+  {"fail-timeout-ms", OPT_UINT, F(fail_timeout_ms), 0, 10, 3600000, "ejection time before a probe (5000)"},
+  {"drain-timeout-ms", OPT_UINT, F(drain_timeout_ms), 0, 10, 3600000, "SIGTERM drain bound (10000)"},
+};
+#undef F
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
+}
+
+static int name_eq(const char *a, const char *b) {
+  for (; *a && *b; a++, b++) {
+    char x = *a == '_' ? '-' : *a, y = *b == '_' ? '-' : *b;
+    if (x != y) return 0;
+  }
+  return *a == *b;
+}
+
+static const struct opt *opt_find(const char *name) {
+  for (size_t i = 0; i < SL_ARRAY_SIZE(opts); i++)
+    if (name_eq(opts[i].name, name)) return &opts[i];
+  return NULL;
+}
+
+int sl_addr_parse(struct sl_addr *addr, const char *text) {
+  char host[256];
+  const char *port;
+  size_t tl = strlen(text);
+  if (tl == 0 || tl >= sizeof(addr->text)) return -1;
+  if (text[0] == '[') {
+    const char *end = strchr(text, ']');
+    if (!end || end[1] != ':' || (size_t)(end - text - 1) >= sizeof(host)) return -1;
+    memcpy(host, text + 1, (size_t)(end - text - 1));
+    host[end - text - 1] = '\0';
+    port = end + 2;
+  } else {
+    const char *colon = strrchr(text, ':');
+    if (!colon || (size_t)(colon - text) >= sizeof(host) || colon == text) return -1;
+    memcpy(host, text, (size_t)(colon - text));
+    host[colon - text] = '\0';
+    port = colon + 1;
+  }
+  char *endp;
+  long p = strtol(port, &endp, 10);
+  if (*port == '\0' || *endp != '\0' || p < 1 || p > 65535) return -1;
+  struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res;
+  if (getaddrinfo(host, port, &hints, &res) != 0) return -1;
+  memcpy(&addr->sa, res->ai_addr, res->ai_addrlen);
+  addr->salen = res->ai_addrlen;
+  freeaddrinfo(res);
+  memcpy(addr->text, text, tl + 1);
+  return 0;
+}
+
+/* Applies one option value. `list_fresh` tells whether a list option should
+ * be emptied first (the first value of a list from a given source replaces
+ * what an earlier source said). */
+static int opt_apply(struct sl_config *c, const struct opt *o, const char *val, int list_fresh, char *err,
+                     size_t errlen) {
+  char *base = (char *)c;
+  switch (o->type) {
+    case OPT_ADDR:
+      if (sl_addr_parse((struct sl_addr *)(base + o->off), val) != 0) {
+        set_err(err, errlen, "%s: '%s' is not a usable HOST:PORT", o->name, val);
+        return -1;
+      }
+      return 0;
+    case OPT_ADDR_LIST: {
+      unsigned *n = (unsigned *)(base + o->size_or_count_off);
+      struct sl_addr *list = (struct sl_addr *)(base + o->off);
+      if (list_fresh) *n = 0;
+      if (*n >= SL_MAX_UPSTREAMS) {
+        set_err(err, errlen, "%s: more than %d addresses", o->name, SL_MAX_UPSTREAMS);
+        return -1;
+      }
+      if (sl_addr_parse(&list[*n], val) != 0) {
+        set_err(err, errlen, "%s: '%s' is not a usable HOST:PORT", o->name, val);
+        return -1;
+      }
+      (*n)++;
+      return 0;
+    }
+    case OPT_STR: {
+      size_t l = strlen(val);
+      if (l >= o->size_or_count_off) {
+        set_err(err, errlen, "%s: value longer than %zu bytes", o->name, o->size_or_count_off - 1);
+        return -1;
+      }
+      memcpy(base + o->off, val, l + 1);
+      return 0;
+    }
+    case OPT_UINT:
+    case OPT_U64: {
+      char *end;
+      errno = 0;
+      unsigned long long v = strtoull(val, &end, 10);
+      if (*val == '\0' || *val == '-' || *end != '\0' || errno || v < o->min || v > o->max) {
+        set_err(err, errlen, "%s: '%s' is not an integer in [%llu, %llu]", o->name, val,
+                (unsigned long long)o->min, (unsigned long long)o->max);
+        return -1;
+      }
+      if (o->type == OPT_UINT)
+        *(unsigned *)(base + o->off) = (unsigned)v;
+      else
+        *(uint64_t *)(base + o->off) = v;
+      return 0;
+    }
+  }
+  return -1;
+}
+
+static void config_defaults(struct sl_config *c) {
+  memset(c, 0, sizeof(*c));
+  sl_addr_parse(&c->listen, "127.0.0.1:8080");
+  sl_addr_parse(&c->admin, "127.0.0.1:9901");
+  strcpy(c->redis, "127.0.0.1:6379");
+  strcpy(c->redis_prefix, "sluice:");
+  strcpy(c->region, "cn-shanghai");
+  long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+  c->workers = ncpu > 0 ? (unsigned)ncpu : 1;
+  c->flush_ms = 1000;
+  c->max_header_bytes = 16384;
+  c->max_headers = 100;
+  c->max_body_bytes = 8u << 20;
+  c->header_timeout_ms = 10000;
+  c->idle_timeout_ms = 60000;
+  c->max_conns = 10000;
+  c->connect_timeout_ms = 1000;
+  c->response_timeout_ms = 30000;
+  c->upstream_keepalive = 64;
+  c->max_fails = 1;
+  c->fail_timeout_ms = 5000;
+  c->drain_timeout_ms = 10000;
+}
+
+static const char *scalar(yaml_node_t *n) { return (const char *)n->data.scalar.value; }
+
+static int config_file(struct sl_config *c, const char *path, char *err, size_t errlen) {
+  FILE *f = fopen(path, "rb");
+  if (!f) {
+    set_err(err, errlen, "%s: %s", path, strerror(errno));
+    return -1;
+  }
+  yaml_parser_t parser;
+  yaml_document_t doc;
+  int rc = -1;
+  yaml_parser_initialize(&parser);
+  yaml_parser_set_input_file(&parser, f);
+  if (!yaml_parser_load(&parser, &doc)) {
+    set_err(err, errlen, "%s:%zu: %s", path, parser.problem_mark.line + 1,
+            parser.problem ? parser.problem : "YAML error");
+    goto out_parser;
+  }
+  yaml_node_t *root = yaml_document_get_root_node(&doc);
+  if (!root) { /* an empty file sets nothing */
+    rc = 0;
+    goto out_doc;
+  }
+  if (root->type != YAML_MAPPING_NODE) {
+    set_err(err, errlen, "%s:%zu: the top level must be a mapping of option: value", path,
+            root->start_mark.line + 1);
+    goto out_doc;
+  }
+  for (yaml_node_pair_t *p = root->data.mapping.pairs.start; p < root->data.mapping.pairs.top; p++) {
+    yaml_node_t *k = yaml_document_get_node(&doc, p->key);
+    yaml_node_t *v = yaml_document_get_node(&doc, p->value);
+    size_t line = k->start_mark.line + 1;
+    const struct opt *o = k->type == YAML_SCALAR_NODE ? opt_find(scalar(k)) : NULL;
+    if (!o) {
+      set_err(err, errlen, "%s:%zu: unknown option '%s'", path, line,
+              k->type == YAML_SCALAR_NODE ? scalar(k) : "?");
+      goto out_doc;
+    }
+    char msg[256];
+    if (v->type == YAML_SCALAR_NODE) {
+      if (opt_apply(c, o, scalar(v), 1, msg, sizeof(msg)) != 0) {
+        set_err(err, errlen, "%s:%zu: %s", path, line, msg);
+        goto out_doc;
+      }
+    } else if (v->type == YAML_SEQUENCE_NODE && o->type == OPT_ADDR_LIST) {
+      int fresh = 1;
+      for (yaml_node_item_t *it = v->data.sequence.items.start; it < v->data.sequence.items.top; it++) {
+        yaml_node_t *e = yaml_document_get_node(&doc, *it);
+        if (e->type != YAML_SCALAR_NODE || opt_apply(c, o, scalar(e), fresh, msg, sizeof(msg)) != 0) {
+          set_err(err, errlen, "%s:%zu: %s", path, e->start_mark.line + 1,
+                  e->type == YAML_SCALAR_NODE ? msg : "list items must be HOST:PORT strings");
+          goto out_doc;
+        }
+        fresh = 0;
+      }
+    } else {
+      set_err(err, errlen, "%s:%zu: %s takes %s", path, line, o->name,
+              o->type == OPT_ADDR_LIST ? "an address or a list of addresses" : "a single value");
+      goto out_doc;
+    }
+  }
+  rc = 0;
+out_doc:
+  yaml_document_delete(&doc);
+out_parser:
+  yaml_parser_delete(&parser);
+  fclose(f);
+  return rc;
+}
+
+int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, size_t errlen) {
+  config_defaults(out);
+  if (cli->file && config_file(out, cli->file, err, errlen) != 0) return -1;
+  unsigned char seen[SL_ARRAY_SIZE(opts)] = {0};
+  for (int i = 0; i + 1 < cli->argc; i += 2) {
+    const struct opt *o = opt_find(cli->argv[i] + 2);
+    /* The first command-line value of a list replaces the file's list. */
+    int fresh = !seen[o - opts];
+    seen[o - opts] = 1;
+    if (opt_apply(out, o, cli->argv[i + 1], fresh, err, errlen) != 0) return -1;
+  }
+  if (out->n_upstream == 0) {
+    set_err(err, errlen, "no upstream: give --upstream HOST:PORT (or 'upstream:' in the file)");
+    return -1;
+  }
+  return 0;
+}
+
+void sl_config_usage(FILE *f) {
+  fprintf(f,
+          "usage: sluice [-c FILE] [-t] [options]\n"
+          "  -c, --config FILE   YAML file of option: value (keys as below, '_' or '-')\n"
+          "  -t                  check the configuration and exit\n"
+          "  --version, --help\n");
+  for (size_t i = 0; i < SL_ARRAY_SIZE(opts); i++) fprintf(f, "  --%-22s %s\n", opts[i].name, opts[i].help);
+}
+
+enum sl_cli_result sl_cli_parse(struct sl_cli *cli, int argc, char **argv) {
+  memset(cli, 0, sizeof(*cli));
+  cli->argv = sl_calloc((size_t)argc + 1, sizeof(char *));
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+      sl_config_usage(stdout);
+      return SL_CLI_EXIT_OK;
+    }
+    if (!strcmp(a, "--version")) {
+      printf("sluice %s\n", SLUICE_VERSION);
+      return SL_CLI_EXIT_OK;
+    }
+    if (!strcmp(a, "-t")) {
+      cli->check_only = 1;
+      continue;
+    }
+    if (!strcmp(a, "-c") || !strcmp(a, "--config")) {
+      if (i + 1 >= argc) goto missing;
+      cli->file = argv[++i];
+      continue;
+    }
+    if (strncmp(a, "--", 2) != 0 || !opt_find(a + 2)) {
+      fprintf(stderr, "sluice: unknown option '%s' (see --help)\n", a);
+      return SL_CLI_EXIT_ERR;
+    }
+    if (i + 1 >= argc) goto missing;
+    cli->argv[cli->argc++] = argv[i];
+    cli->argv[cli->argc++] = argv[++i];
+  }
+  return SL_CLI_RUN;
+missing:
+  fprintf(stderr, "sluice: option '%s' needs a value\n", argv[argc - 1]);
+  return SL_CLI_EXIT_ERR;
+}

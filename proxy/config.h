@@ -1,0 +1,72 @@
+/* Configuration: one table of options serves the YAML file and the command
+ * line (every option overrides the file). A loaded configuration is a flat,
+ * immutable snapshot: workers read it without locks and the main thread
+ * replaces it on SIGHUP. */
+#ifndef SL_CONFIG_H
+#define SL_CONFIG_H
+
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/socket.h>
+
+#define SL_MAX_UPSTREAMS 32
+
+struct sl_addr {
+  struct sockaddr_storage sa;
+  socklen_t salen;
+  char text[96]; /* as the operator wrote it, for logs and metrics */
+};
+
+struct sl_config {
+  uint64_t version; /* bumped by every successful (re)load */
+  struct sl_addr listen;
+  struct sl_addr admin;
+  struct sl_addr upstream[SL_MAX_UPSTREAMS];
+  unsigned n_upstream;
+  struct sl_addr upstream_llm[SL_MAX_UPSTREAMS];
+  unsigned n_upstream_llm;
+  char redis[256];
+  char redis_prefix[64];
+  char region[64];
+  char access_log[256];
+  unsigned workers;
+  unsigned flush_ms;
+  unsigned max_header_bytes;  /* request line + headers, else 431 */
+  unsigned max_headers;       /* header count, else 431 */
+  uint64_t max_body_bytes;    /* request body, else 413 */
+  unsigned header_timeout_ms; /* a started request must arrive in this, else 408 */
+  unsigned idle_timeout_ms;   /* idle keep-alive client connections closed after */
+  unsigned max_conns;         /* client connections per worker */
+  unsigned connect_timeout_ms;
+  unsigned response_timeout_ms; /* upstream silence while a response is due, else 504 */
+  unsigned upstream_keepalive;  /* idle upstream connections kept per address */
+  unsigned max_fails;           /* consecutive failures that eject an address */
+  unsigned fail_timeout_ms;     /* how long an ejected address rests before a probe */
+  unsigned drain_timeout_ms;    /* SIGTERM: bound on finishing requests in flight */
+};
+
+/* What the command line said; kept so that a SIGHUP reload re-applies it. */
+struct sl_cli {
+  const char *file;
+  int check_only;
+  int argc;
+  char **argv; /* option/value pairs that override the file */
+};
+
+enum sl_cli_result { SL_CLI_RUN, SL_CLI_EXIT_OK, SL_CLI_EXIT_ERR };
+
+/* Parses argv into cli. Prints --help/--version output or the error itself. */
+enum sl_cli_result sl_cli_parse(struct sl_cli *cli, int argc, char **argv);
+
+/* Builds a configuration: defaults, then the file (if any), then the command
+ * line. Returns 0, or -1 with a message in err. `out` is fully written. */
+int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, size_t errlen);
+
+/* Parses "HOST:PORT" or "[V6]:PORT" into addr (numeric or resolvable host).
+ * Returns 0 or -1. */
+int sl_addr_parse(struct sl_addr *addr, const char *text);
+
+void sl_config_usage(FILE *f);
+
+#endif

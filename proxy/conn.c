@@ -1,0 +1,536 @@
+/* Client connections: read and parse requests (strict llhttp), buffer the
+ * body, hand complete requests to the upstream side, relay responses in
+ * order (pipelining), and enforce the header/body/time bounds. */
+#include <arpa/inet.h>
+#include <string.h>
+
+#include "http.h"
+#include "proxy.h"
+
+static llhttp_settings_t req_settings;
+static int settings_ready;
+
+static void conn_parse(struct sl_conn *c);
+static void conn_write_done(uv_write_t *req, int status);
+static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
+
+static inline uint64_t now_ms(struct sl_conn *c) { return uv_now(&c->w->loop); }
+
+/* ---- parser callbacks: record offsets into c->buf (contiguous for the
+ * whole request, so a span split across reads just grows) ---- */
+
+static int on_message_begin(llhttp_t *p) {
+  struct sl_conn *c = p->data;
+  c->nhdr = 0;
+  c->nconn_hdr = 0;
+  c->url_len = 0;
+  c->url_off = 0;
+  c->field_open = c->value_open = 0;
+  c->headers_done = 0;
+  c->body_len = c->body_off = 0;
+  c->need_cap = 0;
+  c->has_body = c->chunked_req = 0;
+  c->expect_continue = 0;
+  c->body.len = 0;
+  return 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t n) {
+  struct sl_conn *c = p->data;
+  if (c->url_len == 0) c->url_off = (uint32_t)(at - c->buf);
+  c->url_len += (uint32_t)n;
+  c->last_span_end = (uint32_t)(at - c->buf + n);
+  return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t n) {
+  struct sl_conn *c = p->data;
+  if (!c->field_open) {
+    if (c->nhdr >= c->w->cfg->max_headers) {
+      c->err_status = 431;
+      return -1;
+    }
+    struct sl_hdr *h = &c->hdrs[c->nhdr++];
+    h->name_off = (uint32_t)(at - c->buf);
+    h->name_len = 0;
+    h->val_off = h->val_len = 0;
+    c->field_open = 1;
+  }
+  c->hdrs[c->nhdr - 1].name_len += (uint32_t)n;
+  c->last_span_end = (uint32_t)(at - c->buf + n);
+  return 0;
+}
+
+static int on_header_field_complete(llhttp_t *p) {
+  ((struct sl_conn *)p->data)->field_open = 0;
+  return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t n) {
+  struct sl_conn *c = p->data;
+  struct sl_hdr *h = &c->hdrs[c->nhdr - 1];
+  if (!c->value_open) {
+    h->val_off = (uint32_t)(at - c->buf);
+    c->value_open = 1;
+  }
+  h->val_len += (uint32_t)n;
+  c->last_span_end = (uint32_t)(at - c->buf + n);
+  return 0;
+}
+
+static int on_header_value_complete(llhttp_t *p) {
+  ((struct sl_conn *)p->data)->value_open = 0;
+  return 0;
+}
+
+static int on_headers_complete(llhttp_t *p) {
+  struct sl_conn *c = p->data;
+  const struct sl_config *cfg = c->w->cfg;
+  /* The head ends at the blank line after the last span we saw. */
+  const char *s = c->buf + c->last_span_end, *end = c->buf + c->len;
+  const char *blank = memmem(s, (size_t)(end - s), "\r\n\r\n", 4);
+  c->head_len = blank ? (uint32_t)(blank + 4 - c->buf) : (uint32_t)c->len;
+  if (c->head_len > cfg->max_header_bytes) {
+    c->err_status = 431;
+    return -1;
+  }
+  c->headers_done = 1;
+  c->head_method = llhttp_get_method(p) == HTTP_HEAD;
+  c->keep_alive = llhttp_should_keep_alive(p) != 0;
+  for (unsigned i = 0; i < c->nhdr; i++) {
+    const struct sl_hdr *h = &c->hdrs[i];
+    switch (sl_http_hdr_kind(c->buf + h->name_off, h->name_len)) {
+      case SL_H_CONNECTION:
+        if (c->nconn_hdr < SL_ARRAY_SIZE(c->conn_hdr)) c->conn_hdr[c->nconn_hdr++] = i;
+        break;
+      case SL_H_EXPECT:
+        if (SL_IEQ(c->buf + h->val_off, h->val_len, "100-continue")) c->expect_continue = 1;
+        break;
+      default:
+        break;
+    }
+  }
+  if (p->flags & F_CHUNKED) {
+    c->has_body = c->chunked_req = 1;
+  } else if (p->flags & F_CONTENT_LENGTH) {
+    c->has_body = 1;
+    if (p->content_length > cfg->max_body_bytes) {
+      c->err_status = 413;
+      return -1;
+    }
+    c->body_off = c->head_len;
+    c->body_len = p->content_length;
+    /* Grown in alloc_cb, never here: llhttp is reading c->buf right now. */
+    c->need_cap = c->head_len + p->content_length;
+  }
+  if (c->expect_continue && c->has_body && !(c->need_cap && c->need_cap <= c->len)) {
+    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    uv_buf_t b = uv_buf_init((char *)cont, sizeof(cont) - 1);
+    (void)uv_try_write((uv_stream_t *)&c->tcp, &b, 1); /* best effort: the client sends the body anyway after a while */
+  }
+  return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t n) {
+  struct sl_conn *c = p->data;
+  if (!c->chunked_req) return 0; /* Content-Length bodies stay where they are in c->buf */
+  if (sl_buf_append(&c->body, at, n) != 0) {
+    c->err_status = 413;
+    return -1;
+  }
+  return 0;
+}
+
+static int on_message_complete(llhttp_t *p) {
+  (void)p;
+  return HPE_PAUSED; /* one request at a time: responses go out in order */
+}
+
+static void settings_init(void) {
+  if (settings_ready) return;
+  llhttp_settings_init(&req_settings);
+  req_settings.on_message_begin = on_message_begin;
+  req_settings.on_url = on_url;
+  req_settings.on_header_field = on_header_field;
+  req_settings.on_header_field_complete = on_header_field_complete;
+  req_settings.on_header_value = on_header_value;
+  req_settings.on_header_value_complete = on_header_value_complete;
+  req_settings.on_headers_complete = on_headers_complete;
+  req_settings.on_body = on_body;
+  req_settings.on_message_complete = on_message_complete;
+  settings_ready = 1;
+}
+
+/* ---- lifecycle ---- */
+
+static void conn_free(uv_handle_t *h) {
+  struct sl_conn *c = sl_container_of(h, struct sl_conn, tcp);
+  free(c->buf);
+  free(c->hdrs);
+  sl_buf_free(&c->out);
+  sl_buf_free(&c->inflight);
+  sl_buf_free(&c->body);
+  free(c);
+}
+
+void sl_conn_close(struct sl_conn *c) {
+  if (c->closing) return;
+  c->closing = 1;
+  if (c->up) sl_upstream_abort(c->up);
+  sl_list_remove(&c->link);
+  c->w->nconns--;
+  sl_stat_sub(&c->w->stats.conns_open, 1);
+  sl__close((uv_handle_t *)&c->tcp, conn_free);
+}
+
+static void alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b) {
+  (void)hint;
+  struct sl_conn *c = sl_container_of(h, struct sl_conn, tcp);
+  if (c->len == c->cap) {
+    size_t want = 0;
+    if (c->phase == SL_C_READING && c->need_cap > c->cap)
+      want = c->need_cap; /* a Content-Length body: room for exactly the request */
+    else if (c->phase == SL_C_READING && !c->headers_done && c->cap <= c->w->cfg->max_header_bytes)
+      want = (size_t)c->w->cfg->max_header_bytes + 1; /* one byte past the bound detects 431 */
+    if (want > c->cap) {
+      c->buf = sl_realloc(c->buf, want);
+      c->cap = want;
+    }
+  }
+  *b = uv_buf_init(c->buf + c->len, (unsigned)(c->cap - c->len));
+}
+
+/* Sends a response the proxy makes itself. Safe to call only while no
+ * response head has gone to the client for this request. */
+static void conn_error(struct sl_conn *c, int status, const char *code, const char *msg, int close) {
+  if (c->head_sent) { /* a relayed response broke half-way: nothing honest left to say */
+    sl_conn_close(c);
+    return;
+  }
+  if (!c->reqid[0]) sl_http_request_id(c->reqid, c->w->rid_hi, ++c->w->rid_seq);
+  c->status = status;
+  c->head_sent = 1;
+  if (close) c->close_after = 1;
+  if (sl_http_error(&c->out, status, code, msg, c->reqid, NULL, c->close_after) != 0) {
+    sl_conn_close(c);
+    return;
+  }
+  c->phase = SL_C_SENDING;
+  c->resp_done = 1;
+  sl_conn_upstream_flush(c);
+}
+
+void sl_conn_upstream_failed(struct sl_conn *c, int status, const char *code, const char *msg) {
+  c->up = NULL;
+  conn_error(c, status, code, msg, 0);
+}
+
+static void conn_start_request(struct sl_conn *c) {
+  c->phase = SL_C_READING;
+  c->deadline = now_ms(c) + c->w->cfg->header_timeout_ms;
+  c->reqid[0] = '\0';
+  c->status = 0;
+  c->resp_bytes = 0;
+  c->retries = 0;
+  c->head_sent = c->resp_done = 0;
+  c->err_status = 0;
+}
+
+/* The request is complete: hand it to the upstream side. */
+static void conn_dispatch(struct sl_conn *c) {
+  struct sl_worker *w = c->w;
+  c->phase = SL_C_WAITING;
+  c->deadline = 0;
+  sl_stat_add(&w->stats.requests, 1);
+  sl_http_request_id(c->reqid, w->rid_hi, ++w->rid_seq);
+  c->pool = SL_POOL_DEFAULT;
+  sl_upstream_send(w, c);
+}
+
+static void conn_finish(struct sl_conn *c) {
+  struct sl_worker *w = c->w;
+  if (c->status >= 100 && c->status < 600) sl_stat_add(&w->stats.status_class[c->status / 100], 1);
+  sl_log_access(w, c);
+  int more = c->parsed < c->len;
+  if (c->close_after || !c->keep_alive || (c->eof && !more) || (w->draining && !more)) {
+    sl_conn_close(c);
+    return;
+  }
+  /* Compact: the next request starts at offset 0. */
+  size_t rest = c->len - c->parsed;
+  if (rest) memmove(c->buf, c->buf + c->parsed, rest);
+  c->len = rest;
+  c->parsed = 0;
+  if (c->cap > SL_CONN_BUF && rest <= SL_CONN_BUF) {
+    c->buf = sl_realloc(c->buf, SL_CONN_BUF);
+    c->cap = SL_CONN_BUF;
+  }
+  sl_buf_shrink(&c->out, 4 * SL_UP_BUF);
+  sl_buf_shrink(&c->inflight, 4 * SL_UP_BUF);
+  sl_buf_shrink(&c->body, SL_CONN_BUF);
+  c->phase = SL_C_IDLE;
+  c->deadline = now_ms(c) + w->cfg->idle_timeout_ms;
+  if (c->read_paused && !c->eof) {
+    c->read_paused = 0;
+    uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
+  }
+  conn_parse(c);
+}
+
+static void conn_write_done(uv_write_t *req, int status) {
+  struct sl_conn *c = sl_container_of(req, struct sl_conn, write_req);
+  c->write_pending = 0;
+  c->inflight.len = 0;
+  if (c->closing) return;
+  if (status < 0) {
+    sl_conn_close(c);
+    return;
+  }
+  if (c->up) sl_upstream_resume(c->up);
+  sl_conn_upstream_flush(c);
+}
+
+/* Writes c->out to the client: a direct write first; what the socket did not
+ * take moves (by swapping buffers, not copying) to c->inflight for uv_write,
+ * so c->out stays free for appends, and the upstream is held until the write
+ * completes, which is the backpressure. */
+void sl_conn_upstream_flush(struct sl_conn *c) {
+  if (c->closing || c->write_pending) return;
+  if (c->out.len) {
+    uv_buf_t b = uv_buf_init(c->out.data, (unsigned)c->out.len);
+    int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    if (n == UV_EAGAIN) n = 0;
+    if (n < 0) {
+      sl_conn_close(c);
+      return;
+    }
+    c->resp_bytes += c->out.len;
+    if ((size_t)n < c->out.len) {
+      struct sl_buf t = c->inflight;
+      c->inflight = c->out;
+      c->out = t;
+      c->out.len = 0;
+      b = uv_buf_init(c->inflight.data + n, (unsigned)(c->inflight.len - (size_t)n));
+      if (uv_write(&c->write_req, (uv_stream_t *)&c->tcp, &b, 1, conn_write_done) != 0) {
+        sl_conn_close(c);
+        return;
+      }
+      c->write_pending = 1;
+      return;
+    }
+    c->out.len = 0;
+  }
+  if (c->resp_done) conn_finish(c);
+}
+
+/* ---- the response head ---- */
+
+static int up_hdr_listed(const struct sl_upconn *u, const char *name, size_t n) {
+  for (unsigned i = 0; i < u->nhdr; i++) {
+    const struct sl_hdr *h = &u->hdrs[i];
+    if (sl_http_hdr_kind(u->in + h->name_off, h->name_len) == SL_H_CONNECTION &&
+        sl_http_has_token(u->in + h->val_off, h->val_len, name, n))
+      return 1;
+  }
+  return 0;
+}
+
+/* Lowercases a header name into tmp for token comparison; 0 if too long. */
+static size_t lower_name(const char *p, size_t n, char *tmp, size_t cap) {
+  if (n > cap) return 0;
+  for (size_t i = 0; i < n; i++) tmp[i] = (p[i] >= 'A' && p[i] <= 'Z') ? (char)(p[i] | 0x20) : p[i];
+  return n;
+}
+
+void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u) {
+  struct sl_buf *o = &c->out;
+  int has_cl = (u->parser.flags & F_CONTENT_LENGTH) != 0;
+  int no_body = c->head_method || u->status == 204 || u->status == 304;
+  int http10 = c->parser.http_major == 1 && c->parser.http_minor == 0;
+  if (no_body || has_cl)
+    c->resp_mode = SL_RESP_LENGTH;
+  else if (!http10)
+    c->resp_mode = SL_RESP_CHUNKED;
+  else
+    c->resp_mode = SL_RESP_EOF;
+  if (c->resp_mode == SL_RESP_EOF) c->close_after = 1; /* the body's end is our close */
+  if (c->w->draining && c->parsed == c->len) c->close_after = 1;
+  int closing = c->close_after || !c->keep_alive;
+
+  char line[64];
+  int n = snprintf(line, sizeof(line), "HTTP/1.1 %d ", u->status);
+  sl_buf_append(o, line, (size_t)n);
+  sl_buf_append(o, u->in + u->reason_off, u->reason_len);
+  sl_buf_lit(o, "\r\n");
+  int has_conn_tokens = 0;
+  for (unsigned i = 0; i < u->nhdr; i++)
+    if (sl_http_hdr_kind(u->in + u->hdrs[i].name_off, u->hdrs[i].name_len) == SL_H_CONNECTION) has_conn_tokens = 1;
+  for (unsigned i = 0; i < u->nhdr; i++) {
+    const struct sl_hdr *h = &u->hdrs[i];
+    const char *name = u->in + h->name_off;
+    enum sl_hdr_kind k = sl_http_hdr_kind(name, h->name_len);
+    if (k == SL_H_HOP || k == SL_H_CONNECTION || k == SL_H_TRANSFER_ENCODING) continue;
+    if (has_conn_tokens) {
+      char tmp[64];
+      size_t ln = lower_name(name, h->name_len, tmp, sizeof(tmp));
+      if (ln && up_hdr_listed(u, tmp, ln)) continue;
+    }
+    sl_buf_append(o, name, h->name_len);
+    sl_buf_lit(o, ": ");
+    sl_buf_append(o, u->in + h->val_off, h->val_len);
+    sl_buf_lit(o, "\r\n");
+  }
+  if (c->resp_mode == SL_RESP_CHUNKED) sl_buf_lit(o, "Transfer-Encoding: chunked\r\n");
+  if (closing)
+    sl_buf_lit(o, "Connection: close\r\n");
+  else if (http10)
+    sl_buf_lit(o, "Connection: keep-alive\r\n");
+  sl_buf_lit(o, "\r\n");
+  c->status = u->status;
+  c->head_sent = 1;
+  c->phase = SL_C_SENDING;
+}
+
+int sl_conn_upstream_body(struct sl_conn *c, const char *p, size_t n) {
+  if (c->head_method) return 0;
+  if (c->resp_mode == SL_RESP_CHUNKED) {
+    char hex[24];
+    int hl = snprintf(hex, sizeof(hex), "%zx\r\n", n);
+    if (sl_buf_append(&c->out, hex, (size_t)hl) || sl_buf_append(&c->out, p, n) || sl_buf_lit(&c->out, "\r\n"))
+      return -1;
+    return 0;
+  }
+  return sl_buf_append(&c->out, p, n);
+}
+
+void sl_conn_upstream_done(struct sl_conn *c) {
+  c->up = NULL;
+  if (c->resp_mode == SL_RESP_CHUNKED && !c->head_method) sl_buf_lit(&c->out, "0\r\n\r\n");
+  c->resp_done = 1;
+  sl_conn_upstream_flush(c);
+}
+
+/* ---- reading ---- */
+
+static void conn_reject(struct sl_conn *c, int status) {
+  switch (status) {
+    case 408: conn_error(c, 408, "RequestTimeout", "The request was not received in time.", 1); break;
+    case 413: conn_error(c, 413, "RequestTooLarge", "The request body is larger than allowed.", 1); break;
+    case 431: conn_error(c, 431, "RequestHeaderTooLarge", "The request header is larger than allowed.", 1); break;
+    default: conn_error(c, 400, "BadRequest", "The request is not valid HTTP/1.1.", 1); break;
+  }
+}
+
+static void conn_parse(struct sl_conn *c) {
+  while (!c->closing && c->parsed < c->len && (c->phase == SL_C_IDLE || c->phase == SL_C_READING)) {
+    if (c->phase == SL_C_IDLE) conn_start_request(c);
+    const char *start = c->buf + c->parsed;
+    llhttp_errno_t err = llhttp_execute(&c->parser, start, c->len - c->parsed);
+    if (err == HPE_OK) {
+      c->parsed = c->len;
+      if (c->chunked_req && c->headers_done) c->len = c->parsed = c->head_len; /* decoded copy kept in c->body */
+      else if (!c->headers_done && c->len > c->w->cfg->max_header_bytes) conn_reject(c, 431);
+      return;
+    }
+    if (err == HPE_PAUSED) {
+      size_t pos = (size_t)(llhttp_get_error_pos(&c->parser) - c->buf);
+      llhttp_resume(&c->parser);
+      if (c->chunked_req) { /* drop the raw chunked framing, keep what follows */
+        memmove(c->buf + c->head_len, c->buf + pos, c->len - pos);
+        c->len = c->head_len + (c->len - pos);
+        pos = c->head_len;
+      }
+      c->parsed = pos;
+      conn_dispatch(c);
+      return;
+    }
+    conn_reject(c, c->err_status ? c->err_status : 400);
+    return;
+  }
+}
+
+static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
+  (void)b;
+  struct sl_conn *c = sl_container_of(s, struct sl_conn, tcp);
+  if (c->closing) return;
+  if (nread < 0) {
+    if (nread == UV_ENOBUFS) { /* buffer full while a response is pending: wait */
+      uv_read_stop(s);
+      c->read_paused = 1;
+      return;
+    }
+    uv_read_stop(s);
+    c->eof = 1;
+    /* A half-closed client still gets the answers to what it sent. */
+    if (nread != UV_EOF || c->phase == SL_C_IDLE || c->phase == SL_C_READING) sl_conn_close(c);
+    return;
+  }
+  if (nread == 0) return;
+  c->len += (size_t)nread;
+  if (c->phase == SL_C_IDLE || c->phase == SL_C_READING) {
+    conn_parse(c);
+  } else if (c->len == c->cap) { /* pipelined bytes fill the buffer: stop reading */
+    uv_read_stop(s);
+    c->read_paused = 1;
+  }
+}
+
+void sl_conn_accept(struct sl_worker *w) {
+  settings_init();
+  struct sl_conn *c = sl_calloc(1, sizeof(*c));
+  c->w = w;
+  uv_tcp_init(&w->loop, &c->tcp);
+  if (uv_accept((uv_stream_t *)&w->listener, (uv_stream_t *)&c->tcp) != 0) {
+    uv_close((uv_handle_t *)&c->tcp, conn_free);
+    return;
+  }
+  sl_list_init(&c->link);
+  if (w->nconns >= w->cfg->max_conns || w->draining) {
+    /* Refused cleanly: a JSON 503 the client can read, then close. */
+    char rid[37];
+    sl_http_request_id(rid, w->rid_hi, ++w->rid_seq);
+    sl_http_error(&c->out, 503, "ServiceUnavailable.TooManyConnections",
+                  "The proxy has reached its connection limit; retry later.", rid, "Retry-After: 1\r\n", 1);
+    uv_buf_t b = uv_buf_init(c->out.data, (unsigned)c->out.len);
+    (void)uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    sl_stat_add(&w->stats.conns_refused, 1);
+    c->closing = 1;
+    uv_close((uv_handle_t *)&c->tcp, conn_free);
+    return;
+  }
+  uv_tcp_nodelay(&c->tcp, 1);
+  struct sockaddr_storage ss;
+  int sl = sizeof(ss);
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl) == 0) {
+    if (ss.ss_family == AF_INET)
+      uv_ip4_name((struct sockaddr_in *)&ss, c->peer, sizeof(c->peer));
+    else
+      uv_ip6_name((struct sockaddr_in6 *)&ss, c->peer, sizeof(c->peer));
+  }
+  c->cap = SL_CONN_BUF;
+  c->buf = sl_malloc(c->cap);
+  c->hdrs = sl_malloc(w->cfg->max_headers * sizeof(*c->hdrs));
+  c->out.max = c->inflight.max = 1u << 20;
+  c->body.max = w->cfg->max_body_bytes;
+  llhttp_init(&c->parser, HTTP_REQUEST, &req_settings);
+  c->parser.data = c;
+  sl_list_push(&w->conns, &c->link);
+  w->nconns++;
+  sl_stat_add(&w->stats.conns_open, 1);
+  sl_stat_add(&w->stats.conns_accepted, 1);
+  c->phase = SL_C_IDLE;
+  c->deadline = uv_now(&w->loop) + w->cfg->idle_timeout_ms;
+  uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
+}
+
+void sl_conn_sweep(struct sl_conn *c, uint64_t now) {
+  if (!c->deadline || now < c->deadline) return;
+  if (c->phase == SL_C_IDLE)
+    sl_conn_close(c); /* idle keep-alive: close quietly */
+  else if (c->phase == SL_C_READING)
+    conn_reject(c, 408);
+}
+
+void sl_conn_drain(struct sl_conn *c) {
+  if (c->phase == SL_C_IDLE && c->parsed == c->len) sl_conn_close(c);
+}

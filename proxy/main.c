@@ -1,0 +1,181 @@
+/* sluice: startup, signals, configuration reloads and the admin listener on
+ * the main thread; the request path lives in the worker threads. */
+#include <errno.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "admin.h"
+#include "proxy.h"
+
+struct sl_main {
+  uv_loop_t *loop;
+  struct sl_cli cli;
+  struct sl_worker *workers;
+  unsigned nworkers;
+  struct sl_admin admin;
+  uv_signal_t sig_term, sig_int, sig_hup;
+  uv_timer_t reclaim;
+  struct sl_config *snapshots[64]; /* live snapshots, oldest first; [n-1] is current */
+  unsigned nsnap;
+  _Atomic uint64_t version;
+};
+
+/* Creates a listening socket with SO_REUSEPORT so that each worker accepts
+ * on its own queue (libuv 1.44 has no flag for it). Returns the fd or -errno. */
+static int listen_socket(const struct sl_addr *a) {
+  int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  int one = 1;
+  if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+      setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0 ||
+      bind(fd, (const struct sockaddr *)&a->sa, a->salen) != 0) {
+    int e = -errno;
+    close(fd);
+    return e;
+  }
+  return fd;
+}
+
+static void reclaim_snapshots(struct sl_main *m) {
+  uint64_t min_seen = UINT64_MAX;
+  for (unsigned i = 0; i < m->nworkers; i++) {
+    /* acquire: pairs with the worker's release store after it switched. */
+    uint64_t v = atomic_load_explicit(&m->workers[i].cfg_seen, memory_order_acquire);
+    if (v < min_seen) min_seen = v;
+  }
+  unsigned keep = 0;
+  for (unsigned i = 0; i < m->nsnap; i++) {
+    if (i + 1 < m->nsnap && m->snapshots[i]->version < min_seen)
+      free(m->snapshots[i]);
+    else
+      m->snapshots[keep++] = m->snapshots[i];
+  }
+  m->nsnap = keep;
+}
+
+static void on_reclaim(uv_timer_t *t) { reclaim_snapshots(t->data); }
+
+static void reload(struct sl_main *m) {
+  char err[512];
+  struct sl_config *cur = m->snapshots[m->nsnap - 1];
+  struct sl_config *next = sl_malloc(sizeof(*next));
+  if (sl_config_load(next, &m->cli, err, sizeof(err)) != 0) {
+    fprintf(stderr, "sluice: reload failed, keeping version %llu: %s\n", (unsigned long long)cur->version, err);
+    free(next);
+    return;
+  }
+  reclaim_snapshots(m);
+  if (m->nsnap == SL_ARRAY_SIZE(m->snapshots)) {
+    fprintf(stderr, "sluice: reload refused: workers still hold %u older configurations\n", m->nsnap);
+    free(next);
+    return;
+  }
+  /* What needs a new socket or thread stays as it is until a restart. */
+  if (memcmp(&next->listen.sa, &cur->listen.sa, sizeof(next->listen.sa)) ||
+      memcmp(&next->admin.sa, &cur->admin.sa, sizeof(next->admin.sa)) || next->workers != cur->workers)
+    fprintf(stderr, "sluice: reload: listen, admin and workers change only on restart\n");
+  next->listen = cur->listen;
+  next->admin = cur->admin;
+  next->workers = cur->workers;
+  next->version = cur->version + 1;
+  m->snapshots[m->nsnap++] = next;
+  atomic_store_explicit(&m->version, next->version, memory_order_relaxed);
+  for (unsigned i = 0; i < m->nworkers; i++) {
+    /* release: the snapshot's contents are complete before a worker can see it. */
+    atomic_store_explicit(&m->workers[i].next_cfg, next, memory_order_release);
+    uv_async_send(&m->workers[i].wake);
+  }
+  fprintf(stderr, "sluice: configuration version %llu loaded\n", (unsigned long long)next->version);
+}
+
+static void on_signal(uv_signal_t *s, int signum) {
+  struct sl_main *m = s->data;
+  if (signum == SIGHUP) {
+    reload(m);
+    return;
+  }
+  fprintf(stderr, "sluice: %s: draining\n", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+  for (unsigned i = 0; i < m->nworkers; i++) {
+    atomic_store_explicit(&m->workers[i].drain, 1, memory_order_release);
+    uv_async_send(&m->workers[i].wake);
+  }
+  sl_admin_stop(&m->admin);
+  uv_close((uv_handle_t *)&m->sig_term, NULL);
+  uv_close((uv_handle_t *)&m->sig_int, NULL);
+  uv_close((uv_handle_t *)&m->sig_hup, NULL);
+  uv_close((uv_handle_t *)&m->reclaim, NULL);
+}
+
+int main(int argc, char **argv) {
+  static struct sl_main m;
+  char err[512];
+  switch (sl_cli_parse(&m.cli, argc, argv)) {
+    case SL_CLI_EXIT_OK: return 0;
+    case SL_CLI_EXIT_ERR: return 2;
+    case SL_CLI_RUN: break;
+  }
+  struct sl_config *cfg = sl_malloc(sizeof(*cfg));
+  if (sl_config_load(cfg, &m.cli, err, sizeof(err)) != 0) {
+    fprintf(stderr, "sluice: configuration error: %s\n", err);
+    return 1;
+  }
+  cfg->version = 1;
+  if (m.cli.check_only) {
+    printf("sluice: configuration ok (%u workers, %u upstreams, %u large-model upstreams)\n", cfg->workers,
+           cfg->n_upstream, cfg->n_upstream_llm);
+    free(cfg);
+    free(m.cli.argv);
+    return 0;
+  }
+  signal(SIGPIPE, SIG_IGN);
+  m.snapshots[m.nsnap++] = cfg;
+  atomic_store(&m.version, cfg->version);
+  m.nworkers = cfg->workers;
+  m.workers = sl_calloc(m.nworkers, sizeof(*m.workers));
+  for (unsigned i = 0; i < m.nworkers; i++) {
+    int fd = listen_socket(&cfg->listen);
+    if (fd < 0) {
+      fprintf(stderr, "sluice: listen %s: %s\n", cfg->listen.text, strerror(-fd));
+      return 1;
+    }
+    m.workers[i].listen_fd = fd;
+  }
+  m.loop = uv_default_loop();
+  m.admin.workers = m.workers;
+  m.admin.nworkers = m.nworkers;
+  m.admin.config_version = &m.version;
+  int r = sl_admin_start(&m.admin, m.loop, &cfg->admin);
+  if (r != 0) {
+    fprintf(stderr, "sluice: admin listen %s: %s\n", cfg->admin.text, uv_strerror(r));
+    return 1;
+  }
+  for (unsigned i = 0; i < m.nworkers; i++) {
+    if ((r = sl_worker_start(&m.workers[i], i, cfg, m.workers[i].listen_fd)) != 0) {
+      fprintf(stderr, "sluice: worker %u: %s\n", i, uv_strerror(r));
+      return 1;
+    }
+  }
+  uv_signal_init(m.loop, &m.sig_term);
+  uv_signal_init(m.loop, &m.sig_int);
+  uv_signal_init(m.loop, &m.sig_hup);
+  m.sig_term.data = m.sig_int.data = m.sig_hup.data = &m;
+  uv_signal_start(&m.sig_term, on_signal, SIGTERM);
+  uv_signal_start(&m.sig_int, on_signal, SIGINT);
+  uv_signal_start(&m.sig_hup, on_signal, SIGHUP);
+  uv_timer_init(m.loop, &m.reclaim);
+  m.reclaim.data = &m;
+  uv_timer_start(&m.reclaim, on_reclaim, 1000, 1000);
+  fprintf(stderr, "sluice %s: listening on %s, admin %s, %u workers, upstreams %u+%u\n", SLUICE_VERSION,
+          cfg->listen.text, cfg->admin.text, m.nworkers, cfg->n_upstream, cfg->n_upstream_llm);
+  uv_run(m.loop, UV_RUN_DEFAULT);
+  for (unsigned i = 0; i < m.nworkers; i++) uv_thread_join(&m.workers[i].thread);
+  fprintf(stderr, "sluice: stopped\n");
+  for (unsigned i = 0; i < m.nsnap; i++) free(m.snapshots[i]);
+  free(m.workers);
+  free(m.cli.argv);
+  uv_loop_close(m.loop);
+  return 0;
+}

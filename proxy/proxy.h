@@ -1,0 +1,235 @@
+/* The proxy's internal types: workers, client connections, upstream pools
+ * and connections. One worker owns one libuv loop and everything reachable
+ * from it; the only things shared between threads are the configuration
+ * snapshot (immutable) and the statistics (relaxed atomics, one writer). */
+#ifndef SL_PROXY_H
+#define SL_PROXY_H
+
+#include <llhttp.h>
+#include <stdatomic.h>
+#include <uv.h>
+
+#include "common.h"
+#include "config.h"
+
+#define SL_POOL_DEFAULT 0
+#define SL_POOL_LLM 1
+#define SL_NPOOLS 2
+
+#define SL_CONN_BUF 16384   /* client read buffer; grows only for large bodies */
+#define SL_UP_BUF 16384     /* upstream read buffer */
+#define SL_SWEEP_MS 50
+#define SL_MAX_RESP_HEADERS 100 /* upstream response headers, else 502 */      /* timeout resolution */
+
+/* Upstream latency histogram bounds, in microseconds. */
+#define SL_LAT_BUCKETS 14
+extern const uint64_t sl_lat_bounds_us[SL_LAT_BUCKETS];
+
+/* Per-worker counters: written by the owning worker only, read by the admin
+ * thread; relaxed atomics are enough because each value is independent and
+ * only needs to be eventually visible. */
+struct sl_stats {
+  _Atomic uint64_t requests;
+  _Atomic uint64_t status_class[6]; /* [1..5] = 1xx..5xx answered to clients */
+  _Atomic uint64_t conns_open;      /* gauge */
+  _Atomic uint64_t conns_accepted;
+  _Atomic uint64_t conns_refused; /* over max-conns */
+  _Atomic uint64_t up_connects;
+  _Atomic uint64_t up_connect_errors;
+  _Atomic uint64_t up_reused;
+  _Atomic uint64_t up_errors;   /* reset/garbage mid-exchange */
+  _Atomic uint64_t up_timeouts;
+  _Atomic uint64_t up_retries;
+  _Atomic uint64_t up_ejections;
+  _Atomic uint64_t lat_count;
+  _Atomic uint64_t lat_sum_us;
+  _Atomic uint64_t lat_bucket[SL_LAT_BUCKETS + 1];
+};
+
+static inline void sl_stat_add(_Atomic uint64_t *c, uint64_t v) {
+  /* Single writer: a relaxed load+store pair is a plain add, no lock prefix. */
+  atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + v, memory_order_relaxed);
+}
+static inline void sl_stat_sub(_Atomic uint64_t *c, uint64_t v) {
+  atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) - v, memory_order_relaxed);
+}
+
+struct sl_worker;
+struct sl_conn;
+
+/* One upstream address as seen by one worker (health is per worker, so no
+ * sharing: a worker learns of a dead backend from its own traffic). */
+struct sl_upaddr {
+  struct sl_addr addr;
+  unsigned fails;          /* consecutive */
+  uint64_t down_until;     /* loop ms; 0 when healthy */
+  struct sl_link idle;     /* idle keep-alive connections */
+  unsigned nidle;
+};
+
+/* A pool is replaced, not edited, when a reload changes its addresses;
+ * connections hold a reference so the old one lives until they finish. */
+struct sl_pool {
+  struct sl_upaddr addrs[SL_MAX_UPSTREAMS];
+  unsigned n;
+  unsigned rr;
+  unsigned refs;
+};
+
+enum sl_up_state {
+  SL_UP_CONNECTING,
+  SL_UP_IDLE,
+  SL_UP_BUSY, /* request written or being written, response due */
+  SL_UP_CLOSING,
+};
+
+struct sl_hdr {
+  uint32_t name_off, name_len, val_off, val_len;
+};
+
+struct sl_upconn {
+  uv_tcp_t tcp;
+  uv_connect_t connect_req;
+  uv_write_t write_req;
+  struct sl_worker *w;
+  struct sl_pool *pool;
+  struct sl_upaddr *ua;
+  struct sl_link link; /* in ua->idle while idle */
+  struct sl_link all;  /* in w->upconns, for timeouts and shutdown */
+  struct sl_conn *conn; /* client being served, NULL when idle */
+  enum sl_up_state state;
+  llhttp_t parser;
+  struct sl_buf out;  /* request head being sent */
+  char *in;           /* response bytes */
+  size_t in_len;
+  uint64_t deadline;  /* loop ms; 0 = none */
+  uint64_t started_ns;
+  unsigned requests;  /* served on this connection */
+  struct sl_hdr hdrs[SL_MAX_RESP_HEADERS];
+  unsigned nhdr;
+  uint32_t reason_off, reason_len;
+  int status;
+  unsigned got_bytes : 1;
+  unsigned field_open : 1;
+  unsigned value_open : 1; /* any response byte for the current request */
+  unsigned headers_done : 1;
+  unsigned message_done : 1;
+  unsigned reusable : 1;
+  unsigned write_pending : 1;
+};
+
+enum sl_conn_phase {
+  SL_C_IDLE,     /* between requests, nothing buffered */
+  SL_C_READING,  /* a request has started arriving */
+  SL_C_WAITING,  /* request complete, waiting for the upstream */
+  SL_C_SENDING,  /* response being relayed */
+};
+
+enum sl_resp_mode { SL_RESP_LENGTH, SL_RESP_CHUNKED, SL_RESP_EOF };
+
+struct sl_conn {
+  uv_tcp_t tcp;
+  uv_write_t write_req;
+  struct sl_worker *w;
+  struct sl_link link; /* in w->conns */
+  llhttp_t parser;
+  char *buf;          /* raw request bytes: [0, len) read, [parsed, len) unparsed */
+  size_t cap, len, parsed;
+  enum sl_conn_phase phase;
+  uint64_t deadline;  /* loop ms: header/idle timeout */
+  struct sl_upconn *up;
+  struct sl_buf out;  /* bytes to the client, not yet handed to the socket */
+  struct sl_buf inflight; /* bytes in a pending uv_write */
+  struct sl_buf body; /* decoded body of a chunked request */
+  char peer[48];      /* client IP for X-Forwarded-For and logs */
+  /* The request being read or served; offsets into buf. */
+  struct sl_hdr *hdrs;
+  unsigned nhdr;
+  unsigned conn_hdr[4]; /* indices of Connection headers, whose tokens are hop-by-hop too */
+  unsigned nconn_hdr;
+  uint64_t need_cap;  /* buffer size the current request needs (Content-Length body) */
+  int err_status;     /* set by a parser callback that rejects the request */
+  uint64_t up_start_ns;
+  uint32_t url_off, url_len;
+  uint32_t last_span_end;
+  uint32_t head_len;  /* bytes of request line + headers */
+  uint64_t body_off, body_len;
+  uint64_t resp_bytes;
+  int status;         /* status answered to the client */
+  int pool;
+  unsigned retries;
+  enum sl_resp_mode resp_mode;
+  char reqid[37];
+  unsigned field_open : 1;
+  unsigned value_open : 1;
+  unsigned headers_done : 1;
+  unsigned resp_done : 1;   /* response complete; finish once written */
+  unsigned head_sent : 1;   /* response head queued to the client */
+  unsigned chunked_req : 1;
+  unsigned has_body : 1;
+  unsigned keep_alive : 1;   /* client wants to keep the connection */
+  unsigned close_after : 1;  /* close once the current response is out */
+  unsigned eof : 1;          /* client sent FIN */
+  unsigned closing : 1;
+  unsigned read_paused : 1;
+  unsigned write_pending : 1;
+  unsigned head_method : 1;
+  unsigned expect_continue : 1;
+};
+
+struct sl_worker {
+  unsigned id;
+  uv_loop_t loop;
+  uv_thread_t thread;
+  uv_tcp_t listener;
+  int listen_fd;
+  uv_async_t wake;
+  uv_timer_t sweep;
+  const struct sl_config *cfg; /* snapshot in use by this worker */
+  _Atomic(const struct sl_config *) next_cfg; /* published by the main thread */
+  _Atomic uint64_t cfg_seen;   /* version this worker runs, for reclamation */
+  _Atomic int drain;           /* set by the main thread */
+  int draining;
+  uint64_t drain_deadline;
+  struct sl_pool *pools[SL_NPOOLS];
+  struct sl_link conns;
+  struct sl_link upconns;
+  unsigned nconns;
+  unsigned nupconns;
+  uint64_t rid_hi, rid_seq;
+  struct sl_stats stats;
+  int log_fd;
+  struct sl_buf log;
+};
+
+/* worker.c */
+int sl_worker_start(struct sl_worker *w, unsigned id, const struct sl_config *cfg, int listen_fd);
+void sl_worker_pools_build(struct sl_worker *w);
+/* Closes (with uv_close) a handle unless already closing. */
+void sl__close(uv_handle_t *h, uv_close_cb cb);
+
+/* conn.c */
+void sl_conn_accept(struct sl_worker *w);
+/* Called by upstream.c: response head parsed / body bytes / end / failure. */
+void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u);
+int sl_conn_upstream_body(struct sl_conn *c, const char *p, size_t n);
+void sl_conn_upstream_done(struct sl_conn *c);
+void sl_conn_upstream_flush(struct sl_conn *c);
+void sl_conn_upstream_failed(struct sl_conn *c, int status, const char *code, const char *msg);
+void sl_conn_sweep(struct sl_conn *c, uint64_t now);
+void sl_conn_drain(struct sl_conn *c);
+void sl_conn_close(struct sl_conn *c);
+
+/* upstream.c */
+void sl_upstream_send(struct sl_worker *w, struct sl_conn *c);
+void sl_upstream_resume(struct sl_upconn *u);
+void sl_upstream_abort(struct sl_upconn *u);
+void sl_upstream_sweep(struct sl_worker *w, uint64_t now);
+void sl_upstream_close_idle(struct sl_worker *w);
+void sl_upconn_sweep(struct sl_upconn *u, uint64_t now);
+
+/* access log */
+void sl_log_access(struct sl_worker *w, struct sl_conn *c);
+void sl_log_flush(struct sl_worker *w);
+
+#endif

@@ -1,0 +1,513 @@
+/* Upstream side: per-worker pools of keep-alive connections, round-robin
+ * over the pool's addresses, passive health (eject after max-fails, probe
+ * after fail-timeout), connect/response timeouts, and relaying of the
+ * response (Content-Length, chunked or close-delimited) to the client. */
+#include <string.h>
+
+#include "http.h"
+#include "proxy.h"
+
+static llhttp_settings_t resp_settings;
+static int settings_ready;
+
+static void up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
+static void up_send_request(struct sl_upconn *u);
+
+static inline uint64_t now_ms(struct sl_worker *w) { return uv_now(&w->loop); }
+
+/* ---- response parser callbacks (offsets into u->in) ---- */
+
+static int on_message_begin(llhttp_t *p) {
+  struct sl_upconn *u = p->data;
+  u->nhdr = 0;
+  u->reason_len = 0;
+  u->field_open = u->value_open = 0;
+  return 0;
+}
+
+static int on_status(llhttp_t *p, const char *at, size_t n) {
+  struct sl_upconn *u = p->data;
+  if (u->reason_len == 0) u->reason_off = (uint32_t)(at - u->in);
+  u->reason_len += (uint32_t)n;
+  return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t n) {
+  struct sl_upconn *u = p->data;
+  if (!u->field_open) {
+    if (u->nhdr >= SL_MAX_RESP_HEADERS) return -1;
+    struct sl_hdr *h = &u->hdrs[u->nhdr++];
+    h->name_off = (uint32_t)(at - u->in);
+    h->name_len = h->val_off = h->val_len = 0;
+    u->field_open = 1;
+  }
+  u->hdrs[u->nhdr - 1].name_len += (uint32_t)n;
+  return 0;
+}
+
+static int on_header_field_complete(llhttp_t *p) {
+  ((struct sl_upconn *)p->data)->field_open = 0;
+  return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t n) {
+  struct sl_upconn *u = p->data;
+  struct sl_hdr *h = &u->hdrs[u->nhdr - 1];
+  if (!u->value_open) {
+    h->val_off = (uint32_t)(at - u->in);
+    u->value_open = 1;
+  }
+  h->val_len += (uint32_t)n;
+  return 0;
+}
+
+static int on_header_value_complete(llhttp_t *p) {
+  ((struct sl_upconn *)p->data)->value_open = 0;
+  return 0;
+}
+
+static void record_latency(struct sl_worker *w, uint64_t us) {
+  unsigned i = 0;
+  while (i < SL_LAT_BUCKETS && us > sl_lat_bounds_us[i]) i++;
+  sl_stat_add(&w->stats.lat_bucket[i], 1);
+  sl_stat_add(&w->stats.lat_count, 1);
+  sl_stat_add(&w->stats.lat_sum_us, us);
+}
+
+static int on_headers_complete(llhttp_t *p) {
+  struct sl_upconn *u = p->data;
+  u->status = llhttp_get_status_code(p);
+  if (u->status < 200) return 0; /* interim (100, 103): dropped, the final answer follows */
+  if (!u->conn) return -1;
+  u->headers_done = 1;
+  record_latency(u->w, (uv_hrtime() - u->started_ns) / 1000);
+  sl_conn_upstream_head(u->conn, u);
+  return u->conn->head_method ? 1 : 0; /* a HEAD response has no body, whatever it says */
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t n) {
+  struct sl_upconn *u = p->data;
+  return u->conn && sl_conn_upstream_body(u->conn, at, n) == 0 ? 0 : -1;
+}
+
+static int on_message_complete(llhttp_t *p) {
+  struct sl_upconn *u = p->data;
+  if (u->status < 200) return 0;
+  u->message_done = 1;
+  return HPE_PAUSED;
+}
+
+static void settings_init(void) {
+  if (settings_ready) return;
+  llhttp_settings_init(&resp_settings);
+  resp_settings.on_message_begin = on_message_begin;
+  resp_settings.on_status = on_status;
+  resp_settings.on_header_field = on_header_field;
+  resp_settings.on_header_field_complete = on_header_field_complete;
+  resp_settings.on_header_value = on_header_value;
+  resp_settings.on_header_value_complete = on_header_value_complete;
+  resp_settings.on_headers_complete = on_headers_complete;
+  resp_settings.on_body = on_body;
+  resp_settings.on_message_complete = on_message_complete;
+  settings_ready = 1;
+}
+
+/* ---- pools and health ---- */
+
+static void pool_unref(struct sl_pool *p) {
+  if (--p->refs == 0) free(p);
+}
+
+void sl_worker_pools_build(struct sl_worker *w) {
+  const struct sl_config *cfg = w->cfg;
+  for (int k = 0; k < SL_NPOOLS; k++) {
+    const struct sl_addr *list = cfg->upstream;
+    unsigned n = cfg->n_upstream;
+    if (k == SL_POOL_LLM && cfg->n_upstream_llm) {
+      list = cfg->upstream_llm;
+      n = cfg->n_upstream_llm;
+    }
+    struct sl_pool *old = w->pools[k];
+    if (old && old->n == n) { /* unchanged addresses keep their pool, health and connections */
+      unsigned same = 0;
+      for (unsigned i = 0; i < n; i++)
+        same += old->addrs[i].addr.salen == list[i].salen && !memcmp(&old->addrs[i].addr.sa, &list[i].sa, list[i].salen);
+      if (same == n) continue;
+    }
+    struct sl_pool *p = sl_calloc(1, sizeof(*p));
+    p->refs = 1;
+    p->n = n;
+    for (unsigned i = 0; i < n; i++) {
+      p->addrs[i].addr = list[i];
+      sl_list_init(&p->addrs[i].idle);
+    }
+    w->pools[k] = p;
+    if (old) {
+      for (unsigned i = 0; i < old->n; i++)
+        while (!sl_list_empty(&old->addrs[i].idle)) {
+          struct sl_upconn *u = sl_container_of(old->addrs[i].idle.next, struct sl_upconn, link);
+          sl_upstream_abort(u);
+        }
+      pool_unref(old);
+    }
+  }
+}
+
+static struct sl_upaddr *pool_pick(struct sl_pool *p, uint64_t now) {
+  for (unsigned i = 0; i < p->n; i++) {
+    unsigned idx = (p->rr + i) % p->n;
+    if (p->addrs[idx].down_until <= now) {
+      p->rr = idx + 1;
+      return &p->addrs[idx];
+    }
+  }
+  return NULL;
+}
+
+static void addr_failed(struct sl_worker *w, struct sl_upaddr *ua) {
+  if (++ua->fails >= w->cfg->max_fails && ua->down_until <= now_ms(w)) {
+    ua->down_until = now_ms(w) + w->cfg->fail_timeout_ms;
+    sl_stat_add(&w->stats.up_ejections, 1);
+    fprintf(stderr, "sluice[%u]: upstream %s ejected for %u ms after %u failure(s)\n", w->id, ua->addr.text,
+            w->cfg->fail_timeout_ms, ua->fails);
+  }
+}
+
+static void addr_ok(struct sl_upaddr *ua) {
+  ua->fails = 0;
+  ua->down_until = 0;
+}
+
+/* ---- connections ---- */
+
+static void up_free(uv_handle_t *h) {
+  struct sl_upconn *u = sl_container_of(h, struct sl_upconn, tcp);
+  sl_buf_free(&u->out);
+  free(u->in);
+  pool_unref(u->pool);
+  free(u);
+}
+
+static void up_close(struct sl_upconn *u) {
+  if (u->state == SL_UP_CLOSING) return;
+  if (u->state == SL_UP_IDLE) u->ua->nidle--;
+  u->state = SL_UP_CLOSING;
+  sl_list_remove(&u->link);
+  sl_list_remove(&u->all);
+  u->w->nupconns--;
+  u->conn = NULL;
+  sl__close((uv_handle_t *)&u->tcp, up_free);
+}
+
+/* The client went away (or a reload drops an idle connection): a half-read
+ * response makes the connection useless, so it is closed. */
+void sl_upstream_abort(struct sl_upconn *u) {
+  if (u->conn) u->conn->up = NULL;
+  up_close(u);
+}
+
+static void up_alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b) {
+  (void)hint;
+  struct sl_upconn *u = sl_container_of(h, struct sl_upconn, tcp);
+  *b = uv_buf_init(u->in + u->in_len, (unsigned)(SL_UP_BUF - u->in_len));
+}
+
+/* The request could not be completed on u. Retries on another connection
+ * when nothing of the response arrived and either the connection was a
+ * reused keep-alive one (the server may have closed it as we sent: the
+ * classic race) or the connect itself failed; else answers the client. */
+static void up_fail(struct sl_upconn *u, int connect_failed, int timed_out) {
+  struct sl_worker *w = u->w;
+  struct sl_conn *c = u->conn;
+  int reused = u->requests > 0;
+  if (!reused || timed_out) addr_failed(w, u->ua);
+  if (timed_out)
+    sl_stat_add(&w->stats.up_timeouts, 1);
+  else if (connect_failed)
+    sl_stat_add(&w->stats.up_connect_errors, 1);
+  else
+    sl_stat_add(&w->stats.up_errors, 1);
+  if (c) c->up = NULL;
+  up_close(u);
+  if (!c) return;
+  if (!u->got_bytes && !timed_out && (connect_failed || reused) && c->retries < 1 + u->pool->n) {
+    c->retries++;
+    sl_stat_add(&w->stats.up_retries, 1);
+    sl_upstream_send(w, c);
+    return;
+  }
+  if (timed_out)
+    sl_conn_upstream_failed(c, 504, "GatewayTimeout", "The moderation backend did not answer in time.");
+  else
+    sl_conn_upstream_failed(c, 502, "BadGateway", "The moderation backend failed.");
+}
+
+static void up_release(struct sl_upconn *u) {
+  struct sl_worker *w = u->w;
+  u->conn = NULL;
+  u->requests++;
+  addr_ok(u->ua);
+  int stale_pool = u->pool != w->pools[0] && u->pool != w->pools[1];
+  if (!u->reusable || u->ua->nidle >= w->cfg->upstream_keepalive || w->draining || stale_pool) {
+    up_close(u);
+    return;
+  }
+  llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
+  u->parser.data = u;
+  u->state = SL_UP_IDLE;
+  u->deadline = 0;
+  u->in_len = 0;
+  u->got_bytes = u->headers_done = u->message_done = 0;
+  sl_list_push(&u->ua->idle, &u->link);
+  u->ua->nidle++;
+}
+
+static void up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
+  (void)b;
+  struct sl_upconn *u = sl_container_of(s, struct sl_upconn, tcp);
+  if (u->state == SL_UP_CLOSING) return;
+  if (u->state == SL_UP_IDLE) { /* the server closed (or spoke out of turn on) an idle connection */
+    up_close(u);
+    return;
+  }
+  struct sl_conn *c = u->conn;
+  if (nread == 0) return;
+  if (nread < 0) {
+    if (nread == UV_EOF && u->headers_done && llhttp_message_needs_eof(&u->parser)) {
+      llhttp_finish(&u->parser); /* a close-delimited body ends here */
+      u->reusable = 0;
+      if (c) sl_conn_upstream_done(c);
+      u->conn = NULL;
+      addr_ok(u->ua);
+      up_close(u);
+      return;
+    }
+    up_fail(u, 0, 0);
+    return;
+  }
+  u->got_bytes = 1;
+  u->deadline = now_ms(u->w) + u->w->cfg->response_timeout_ms;
+  size_t from = u->in_len;
+  u->in_len += (size_t)nread;
+  llhttp_errno_t err = llhttp_execute(&u->parser, u->in + from, u->in_len - from);
+  if (err == HPE_PAUSED) {
+    const char *pos = llhttp_get_error_pos(&u->parser);
+    u->reusable = llhttp_should_keep_alive(&u->parser) && pos == u->in + u->in_len;
+    /* Back to the pool first, so a pipelined next request can reuse it. */
+    if (c) c->up = NULL;
+    up_release(u);
+    if (c) sl_conn_upstream_done(c);
+    return;
+  }
+  if (err != HPE_OK || !c || c->closing) {
+    if (err != HPE_OK) fprintf(stderr, "sluice[%u]: upstream %s: bad response: %s\n", u->w->id, u->ua->addr.text,
+                               llhttp_get_error_reason(&u->parser));
+    up_fail(u, 0, 0);
+    return;
+  }
+  if (u->headers_done) {
+    u->in_len = 0; /* everything was copied out to the client */
+    sl_conn_upstream_flush(c);
+    if (c->write_pending) uv_read_stop(s); /* resumed by sl_upstream_resume */
+  } else if (u->in_len == SL_UP_BUF) {
+    fprintf(stderr, "sluice[%u]: upstream %s: response head over %d bytes\n", u->w->id, u->ua->addr.text, SL_UP_BUF);
+    up_fail(u, 0, 0);
+  }
+}
+
+void sl_upstream_resume(struct sl_upconn *u) {
+  if (u->state == SL_UP_BUSY) uv_read_start((uv_stream_t *)&u->tcp, up_alloc_cb, up_read_cb);
+}
+
+static void up_write_done(uv_write_t *req, int status) {
+  struct sl_upconn *u = sl_container_of(req, struct sl_upconn, write_req);
+  u->write_pending = 0;
+  if (u->state == SL_UP_CLOSING) return;
+  if (status < 0) up_fail(u, 0, 0);
+}
+
+static void up_connect_cb(uv_connect_t *req, int status) {
+  struct sl_upconn *u = sl_container_of(req, struct sl_upconn, connect_req);
+  if (u->state == SL_UP_CLOSING) return;
+  if (status < 0) {
+    fprintf(stderr, "sluice[%u]: upstream %s: connect: %s\n", u->w->id, u->ua->addr.text, uv_strerror(status));
+    up_fail(u, 1, 0);
+    return;
+  }
+  uv_tcp_nodelay(&u->tcp, 1);
+  sl_stat_add(&u->w->stats.up_connects, 1);
+  uv_read_start((uv_stream_t *)&u->tcp, up_alloc_cb, up_read_cb);
+  u->state = SL_UP_BUSY;
+  if (u->conn) up_send_request(u);
+  else up_release(u);
+}
+
+static struct sl_upconn *up_connect(struct sl_worker *w, struct sl_pool *pool, struct sl_upaddr *ua) {
+  struct sl_upconn *u = sl_calloc(1, sizeof(*u));
+  u->w = w;
+  u->pool = pool;
+  pool->refs++;
+  u->ua = ua;
+  u->in = sl_malloc(SL_UP_BUF);
+  u->out.max = 1u << 20;
+  sl_list_init(&u->link);
+  sl_list_push(&w->upconns, &u->all);
+  w->nupconns++;
+  llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
+  u->parser.data = u;
+  u->state = SL_UP_CONNECTING;
+  u->deadline = now_ms(w) + w->cfg->connect_timeout_ms;
+  uv_tcp_init(&w->loop, &u->tcp);
+  int r = uv_tcp_connect(&u->connect_req, &u->tcp, (const struct sockaddr *)&ua->addr.sa, up_connect_cb);
+  if (r != 0) {
+    /* Failed synchronously: report through the normal path on the next turn
+     * of the loop would need a timer; closing now and failing the caller
+     * directly is simpler and just as correct. */
+    fprintf(stderr, "sluice[%u]: upstream %s: connect: %s\n", w->id, ua->addr.text, uv_strerror(r));
+    u->state = SL_UP_BUSY;
+    return u; /* caller sees state BUSY without a socket: handled below */
+  }
+  return u;
+}
+
+/* Serialises the request head for the upstream and writes head + body. */
+static void up_send_request(struct sl_upconn *u) {
+  struct sl_conn *c = u->conn;
+  struct sl_buf *o = &u->out;
+  o->len = 0;
+  const char *method = llhttp_method_name(llhttp_get_method(&c->parser));
+  sl_buf_append(o, method, strlen(method));
+  sl_buf_lit(o, " ");
+  sl_buf_append(o, c->buf + c->url_off, c->url_len);
+  sl_buf_lit(o, " HTTP/1.1\r\n");
+  const struct sl_hdr *xff = NULL;
+  for (unsigned i = 0; i < c->nhdr; i++) {
+    const struct sl_hdr *h = &c->hdrs[i];
+    const char *name = c->buf + h->name_off;
+    switch (sl_http_hdr_kind(name, h->name_len)) {
+      case SL_H_HOP:
+      case SL_H_CONNECTION:
+      case SL_H_CONTENT_LENGTH:
+      case SL_H_TRANSFER_ENCODING:
+      case SL_H_EXPECT:
+      case SL_H_X_REQUEST_ID:
+        continue;
+      case SL_H_X_FORWARDED_FOR:
+        xff = h; /* merged below; several XFF lines are one list, the last one wins here */
+        continue;
+      default:
+        break;
+    }
+    if (c->nconn_hdr) {
+      char tmp[64];
+      size_t n = h->name_len <= sizeof(tmp) ? h->name_len : 0;
+      for (size_t k = 0; k < n; k++) tmp[k] = (name[k] >= 'A' && name[k] <= 'Z') ? (char)(name[k] | 0x20) : name[k];
+      int listed = 0;
+      for (unsigned j = 0; n && j < c->nconn_hdr && !listed; j++) {
+        const struct sl_hdr *ch = &c->hdrs[c->conn_hdr[j]];
+        listed = sl_http_has_token(c->buf + ch->val_off, ch->val_len, tmp, n);
+      }
+      if (listed) continue;
+    }
+    sl_buf_append(o, name, h->name_len);
+    sl_buf_lit(o, ": ");
+    sl_buf_append(o, c->buf + h->val_off, h->val_len);
+    sl_buf_lit(o, "\r\n");
+  }
+  sl_buf_lit(o, "X-Forwarded-For: ");
+  if (xff && xff->val_len) {
+    sl_buf_append(o, c->buf + xff->val_off, xff->val_len);
+    sl_buf_lit(o, ", ");
+  }
+  sl_buf_append(o, c->peer, strlen(c->peer));
+  sl_buf_lit(o, "\r\nX-Request-Id: ");
+  sl_buf_append(o, c->reqid, 36);
+  uv_buf_t bufs[2];
+  unsigned nb = 1;
+  if (c->has_body) {
+    char num[24];
+    sl_buf_lit(o, "\r\nContent-Length: ");
+    if (c->chunked_req)
+      bufs[1] = uv_buf_init(c->body.data, (unsigned)c->body.len);
+    else
+      bufs[1] = uv_buf_init(c->buf + c->body_off, (unsigned)c->body_len);
+    sl_buf_append(o, num, sl_u64toa(bufs[1].len, num));
+    nb = bufs[1].len ? 2 : 1;
+  }
+  if (sl_buf_lit(o, "\r\n\r\n") != 0) {
+    up_fail(u, 0, 0);
+    return;
+  }
+  bufs[0] = uv_buf_init(o->data, (unsigned)o->len);
+  u->state = SL_UP_BUSY;
+  u->got_bytes = u->headers_done = u->message_done = 0;
+  u->started_ns = uv_hrtime();
+  u->deadline = now_ms(u->w) + u->w->cfg->response_timeout_ms;
+  int n = uv_try_write((uv_stream_t *)&u->tcp, bufs, nb);
+  if (n == UV_EAGAIN) n = 0;
+  if (n < 0) {
+    up_fail(u, 0, 0);
+    return;
+  }
+  size_t left = (size_t)n;
+  unsigned i = 0;
+  while (i < nb && left >= bufs[i].len) left -= bufs[i++].len;
+  if (i == nb) return;
+  bufs[i].base += left;
+  bufs[i].len -= left;
+  if (uv_write(&u->write_req, (uv_stream_t *)&u->tcp, bufs + i, nb - i, up_write_done) != 0) {
+    up_fail(u, 0, 0);
+    return;
+  }
+  u->write_pending = 1;
+}
+
+void sl_upstream_send(struct sl_worker *w, struct sl_conn *c) {
+  settings_init();
+  struct sl_pool *pool = w->pools[c->pool];
+  struct sl_upaddr *ua = pool_pick(pool, now_ms(w));
+  if (!ua) {
+    sl_conn_upstream_failed(c, 503, "ServiceUnavailable",
+                            "No moderation backend is available; retry later.");
+    return;
+  }
+  struct sl_upconn *u;
+  if (!sl_list_empty(&ua->idle)) {
+    u = sl_container_of(ua->idle.next, struct sl_upconn, link);
+    sl_list_remove(&u->link);
+    ua->nidle--;
+    sl_stat_add(&w->stats.up_reused, 1);
+    u->conn = c;
+    c->up = u;
+    up_send_request(u);
+    return;
+  }
+  u = up_connect(w, pool, ua);
+  u->conn = c;
+  c->up = u;
+  if (u->state == SL_UP_BUSY) up_fail(u, 1, 0); /* connect refused synchronously */
+}
+
+void sl_upconn_sweep(struct sl_upconn *u, uint64_t now) {
+  if (!u->deadline || now < u->deadline || u->state == SL_UP_CLOSING) return;
+  if (u->state == SL_UP_CONNECTING) {
+    fprintf(stderr, "sluice[%u]: upstream %s: connect timed out\n", u->w->id, u->ua->addr.text);
+    up_fail(u, 1, 1);
+  } else if (u->state == SL_UP_BUSY) {
+    if (u->conn && u->conn->write_pending) { /* the client is slow, not the upstream */
+      u->deadline = now + u->w->cfg->response_timeout_ms;
+      return;
+    }
+    up_fail(u, 0, 1);
+  }
+}
+
+void sl_upstream_close_idle(struct sl_worker *w) {
+  for (int k = 0; k < SL_NPOOLS; k++) {
+    struct sl_pool *p = w->pools[k];
+    if (!p) continue;
+    for (unsigned i = 0; i < p->n; i++)
+      while (!sl_list_empty(&p->addrs[i].idle))
+        sl_upstream_abort(sl_container_of(p->addrs[i].idle.next, struct sl_upconn, link));
+  }
+}

@@ -1,0 +1,153 @@
+/* Worker threads: one libuv loop each, its own SO_REUSEPORT listener, a
+ * sweep timer for every timeout (one timer per worker instead of one per
+ * connection keeps the request path free of timer-heap work), configuration
+ * swaps and the SIGTERM drain. */
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "http.h"
+#include "proxy.h"
+
+const uint64_t sl_lat_bounds_us[SL_LAT_BUCKETS] = {250,   500,    1000,   2500,   5000,    10000,   25000,
+                                                   50000, 100000, 250000, 500000, 1000000, 2500000, 10000000};
+
+void sl__close(uv_handle_t *h, uv_close_cb cb) {
+  if (!uv_is_closing(h)) uv_close(h, cb);
+}
+
+static void on_connection(uv_stream_t *s, int status) {
+  struct sl_worker *w = sl_container_of(s, struct sl_worker, listener);
+  if (status < 0) {
+    fprintf(stderr, "sluice[%u]: accept: %s\n", w->id, uv_strerror(status));
+    return;
+  }
+  sl_conn_accept(w);
+}
+
+static void log_open(struct sl_worker *w) {
+  if (w->log_fd >= 0) close(w->log_fd);
+  w->log_fd = -1;
+  if (!w->cfg->access_log[0]) return;
+  w->log_fd = open(w->cfg->access_log, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+  if (w->log_fd < 0)
+    fprintf(stderr, "sluice[%u]: access log %s: %s\n", w->id, w->cfg->access_log, strerror(errno));
+}
+
+void sl_log_flush(struct sl_worker *w) {
+  if (w->log_fd >= 0 && w->log.len) {
+    /* O_APPEND: each worker's block lands whole, never interleaved mid-line. */
+    if (write(w->log_fd, w->log.data, w->log.len) < 0) { /* a full disk must not stop the proxy */
+    }
+  }
+  w->log.len = 0;
+}
+
+void sl_log_access(struct sl_worker *w, struct sl_conn *c) {
+  if (w->log_fd < 0) return;
+  if (w->log.cap - w->log.len < 1024 + c->url_len) sl_log_flush(w);
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+  char head[160];
+  int n = snprintf(head, sizeof(head), "%lld.%03ld %s %s \"%s ", (long long)ts.tv_sec, ts.tv_nsec / 1000000, c->peer,
+                   c->reqid[0] ? c->reqid : "-", llhttp_method_name(llhttp_get_method(&c->parser)));
+  if (sl_buf_append(&w->log, head, (size_t)n) != 0) return;
+  size_t url_len = c->url_len > 2048 ? 2048 : c->url_len;
+  sl_buf_append(&w->log, c->buf + c->url_off, url_len);
+  n = snprintf(head, sizeof(head), "\" %d %llu\n", c->status, (unsigned long long)c->resp_bytes);
+  sl_buf_append(&w->log, head, (size_t)n);
+}
+
+static void worker_stop_handles(struct sl_worker *w) {
+  sl_upstream_close_idle(w);
+  sl__close((uv_handle_t *)&w->sweep, NULL);
+  sl__close((uv_handle_t *)&w->wake, NULL);
+}
+
+static void on_sweep(uv_timer_t *t) {
+  struct sl_worker *w = sl_container_of(t, struct sl_worker, sweep);
+  uint64_t now = uv_now(&w->loop);
+  struct sl_link *l, *next;
+  for (l = w->conns.next; l != &w->conns; l = next) {
+    next = l->next;
+    struct sl_conn *c = sl_container_of(l, struct sl_conn, link);
+    if (w->draining && now >= w->drain_deadline)
+      sl_conn_close(c); /* drain bound reached: what is still open is cut */
+    else
+      sl_conn_sweep(c, now);
+  }
+  for (l = w->upconns.next; l != &w->upconns; l = next) {
+    next = l->next;
+    sl_upconn_sweep(sl_container_of(l, struct sl_upconn, all), now);
+  }
+  if (now / 1000 != (now - SL_SWEEP_MS) / 1000) sl_log_flush(w);
+  if (w->draining && w->nconns == 0) worker_stop_handles(w);
+}
+
+static void on_wake(uv_async_t *a) {
+  struct sl_worker *w = sl_container_of(a, struct sl_worker, wake);
+  /* acquire: pairs with the main thread's release store, so the snapshot's
+   * contents are visible before we use the pointer. */
+  const struct sl_config *next = atomic_load_explicit(&w->next_cfg, memory_order_acquire);
+  if (next && next != w->cfg) {
+    int log_changed = strcmp(next->access_log, w->cfg->access_log) != 0;
+    w->cfg = next;
+    sl_worker_pools_build(w);
+    if (log_changed) {
+      sl_log_flush(w);
+      log_open(w);
+    }
+    /* release: the main thread frees older snapshots only after seeing this. */
+    atomic_store_explicit(&w->cfg_seen, next->version, memory_order_release);
+  }
+  if (atomic_load_explicit(&w->drain, memory_order_acquire) && !w->draining) {
+    w->draining = 1;
+    w->drain_deadline = uv_now(&w->loop) + w->cfg->drain_timeout_ms;
+    sl__close((uv_handle_t *)&w->listener, NULL);
+    struct sl_link *l, *next_l;
+    for (l = w->conns.next; l != &w->conns; l = next_l) {
+      next_l = l->next;
+      sl_conn_drain(sl_container_of(l, struct sl_conn, link));
+    }
+    sl_upstream_close_idle(w);
+    if (w->nconns == 0) worker_stop_handles(w);
+  }
+}
+
+static void worker_main(void *arg) {
+  struct sl_worker *w = arg;
+  uv_run(&w->loop, UV_RUN_DEFAULT);
+  /* Everything is closed; let close callbacks run, then free what is left. */
+  uv_run(&w->loop, UV_RUN_DEFAULT);
+  sl_log_flush(w);
+  if (w->log_fd >= 0) close(w->log_fd);
+  sl_buf_free(&w->log);
+  for (int k = 0; k < SL_NPOOLS; k++)
+    if (w->pools[k] && --w->pools[k]->refs == 0) free(w->pools[k]);
+  uv_loop_close(&w->loop);
+}
+
+int sl_worker_start(struct sl_worker *w, unsigned id, const struct sl_config *cfg, int listen_fd) {
+  int r;
+  w->id = id;
+  w->cfg = cfg;
+  atomic_store_explicit(&w->cfg_seen, cfg->version, memory_order_relaxed);
+  w->log_fd = -1;
+  w->log.max = 64 * 1024;
+  sl_list_init(&w->conns);
+  sl_list_init(&w->upconns);
+  if (getrandom(&w->rid_hi, sizeof(w->rid_hi), 0) != sizeof(w->rid_hi)) w->rid_hi = (uint64_t)time(NULL);
+  w->rid_hi = (w->rid_hi & ~0xffull) | id; /* ids stay unique across workers */
+  if ((r = uv_loop_init(&w->loop)) != 0) return r;
+  uv_tcp_init(&w->loop, &w->listener);
+  if ((r = uv_tcp_open(&w->listener, listen_fd)) != 0) return r;
+  if ((r = uv_listen((uv_stream_t *)&w->listener, 1024, on_connection)) != 0) return r;
+  uv_async_init(&w->loop, &w->wake, on_wake);
+  uv_timer_init(&w->loop, &w->sweep);
+  uv_timer_start(&w->sweep, on_sweep, SL_SWEEP_MS, SL_SWEEP_MS);
+  sl_worker_pools_build(w);
+  log_open(w);
+  return uv_thread_create(&w->thread, worker_main, w);
+}
