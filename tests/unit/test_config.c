@@ -1,0 +1,156 @@
+/* Unit tests for proxy/config.c: defaults, file, command line precedence,
+ * and every rejection path with its message. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+
+static char path[64];
+
+static const char *write_file(const char *text) {
+  snprintf(path, sizeof(path), "/tmp/sl_cfg_test_%d.yaml", (int)getpid());
+  FILE *f = fopen(path, "w");
+  fputs(text, f);
+  fclose(f);
+  return path;
+}
+
+static int load(struct sl_config *c, const char *file, int argc, char **argv, char *err) {
+  struct sl_cli cli = {.file = file, .argc = argc, .argv = argv};
+  return sl_config_load(c, &cli, err, 256);
+}
+
+static void test_defaults_and_cli(void **state) {
+  (void)state;
+  struct sl_config c;
+  char err[256];
+  char *argv[] = {"--upstream", "127.0.0.1:9000", "--workers", "3", "--region", "cn-beijing"};
+  assert_int_equal(load(&c, NULL, 6, argv, err), 0);
+  assert_string_equal(c.listen.text, "127.0.0.1:8080");
+  assert_string_equal(c.admin.text, "127.0.0.1:9901");
+  assert_string_equal(c.redis, "127.0.0.1:6379");
+  assert_string_equal(c.redis_prefix, "sluice:");
+  assert_int_equal(c.flush_ms, 1000);
+  assert_int_equal(c.max_body_bytes, 8u << 20);
+  assert_int_equal(c.workers, 3);
+  assert_string_equal(c.region, "cn-beijing");
+  assert_int_equal(c.n_upstream, 1);
+  assert_int_equal(c.n_upstream_llm, 0);
+}
+
+static void test_file_then_cli(void **state) {
+  (void)state;
+  struct sl_config c;
+  char err[256];
+  const char *f = write_file(
+      "listen: 127.0.0.1:18080\n"
+      "upstream: [127.0.0.1:9001, 127.0.0.1:9002]\n"
+      "upstream_llm:\n  - 127.0.0.1:9100\n"
+      "max-body-bytes: 1024\n"
+      "redis: unix:/run/redis.sock\n");
+  assert_int_equal(load(&c, f, 0, NULL, err), 0);
+  assert_int_equal(c.n_upstream, 2);
+  assert_string_equal(c.upstream[1].text, "127.0.0.1:9002");
+  assert_int_equal(c.n_upstream_llm, 1);
+  assert_int_equal(c.max_body_bytes, 1024);
+  assert_string_equal(c.redis, "unix:/run/redis.sock");
+  /* The command line replaces a list wholesale and overrides scalars. */
+  char *argv[] = {"--upstream", "127.0.0.1:9003", "--upstream", "127.0.0.1:9004", "--listen", "127.0.0.1:18081"};
+  assert_int_equal(load(&c, f, 6, argv, err), 0);
+  assert_int_equal(c.n_upstream, 2);
+  assert_string_equal(c.upstream[0].text, "127.0.0.1:9003");
+  assert_string_equal(c.upstream[1].text, "127.0.0.1:9004");
+  assert_string_equal(c.listen.text, "127.0.0.1:18081");
+  assert_int_equal(c.n_upstream_llm, 1);
+  unlink(f);
+}
+
+static void expect_error(const char *yaml, int argc, char **argv, const char *needle) {
+  struct sl_config c;
+  char err[256] = "";
+  const char *f = yaml ? write_file(yaml) : NULL;
+  assert_int_equal(load(&c, f, argc, argv, err), -1);
+  if (!strstr(err, needle)) fail_msg("error '%s' does not mention '%s'", err, needle);
+  if (f) unlink(f);
+}
+
+static void test_rejections(void **state) {
+  (void)state;
+  char *up[] = {"--upstream", "127.0.0.1:9000"};
+  expect_error(NULL, 0, NULL, "no upstream");
+  expect_error("upstream: 127.0.0.1:9000\nbogus: 1\n", 0, NULL, ":2: unknown option 'bogus'");
+  expect_error("upstream: 127.0.0.1:9000\nworkers: zero\n", 0, NULL, ":2: workers: 'zero' is not an integer");
+  expect_error("upstream: 127.0.0.1:9000\nworkers: 0\n", 0, NULL, "workers: '0' is not an integer in [1, 256]");
+  expect_error("upstream: 127.0.0.1:9000\nworkers: -1\n", 0, NULL, "workers");
+  expect_error("upstream: 127.0.0.1:99999\n", 0, NULL, "upstream: '127.0.0.1:99999' is not a usable HOST:PORT");
+  expect_error("upstream: nohostport\n", 0, NULL, "not a usable HOST:PORT");
+  expect_error("upstream: [[b]]\n", 0, NULL, "list items must be HOST:PORT strings");
+  expect_error("listen: [127.0.0.1:1, 127.0.0.1:2]\n", 0, NULL, "listen takes a single value");
+  expect_error("- just\n- a list\n", 0, NULL, "top level must be a mapping");
+  expect_error("upstream: 127.0.0.1:9000\nregion: [unterminated\n", 0, NULL, ":");
+  expect_error("upstream: 127.0.0.1:9000\nregion: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n", 0, NULL,
+               "region: value longer than 63 bytes");
+  char *bad_cli[] = {"--upstream", "127.0.0.1:9000", "--max-conns", "1x"};
+  expect_error(NULL, 4, bad_cli, "max-conns: '1x' is not an integer");
+  (void)up;
+  struct sl_config c;
+  char err[256];
+  struct sl_cli cli = {.file = "/nonexistent/sluice.yaml", .argc = 2, .argv = up};
+  assert_int_equal(sl_config_load(&c, &cli, err, sizeof(err)), -1);
+  assert_non_null(strstr(err, "No such file"));
+}
+
+static void test_upstream_bound(void **state) {
+  (void)state;
+  char yaml[4096] = "upstream:\n";
+  for (int i = 0; i <= SL_MAX_UPSTREAMS; i++) {
+    char line[40];
+    snprintf(line, sizeof(line), "  - 127.0.0.1:%d\n", 9000 + i);
+    strcat(yaml, line);
+  }
+  expect_error(yaml, 0, NULL, "more than 32 addresses");
+}
+
+static void test_addr_parse(void **state) {
+  (void)state;
+  struct sl_addr a;
+  assert_int_equal(sl_addr_parse(&a, "[::1]:8080"), 0);
+  assert_int_equal(a.sa.ss_family, AF_INET6);
+  assert_int_equal(sl_addr_parse(&a, "localhost:80"), 0);
+  assert_int_equal(sl_addr_parse(&a, ":80"), -1);
+  assert_int_equal(sl_addr_parse(&a, "127.0.0.1:"), -1);
+  assert_int_equal(sl_addr_parse(&a, "127.0.0.1:0"), -1);
+  assert_int_equal(sl_addr_parse(&a, "[::1]8080"), -1);
+}
+
+static void test_cli_parse(void **state) {
+  (void)state;
+  struct sl_cli cli;
+  char *ok[] = {"sluice", "-c", "f.yaml", "-t", "--workers", "2"};
+  assert_int_equal(sl_cli_parse(&cli, 6, ok), SL_CLI_RUN);
+  assert_string_equal(cli.file, "f.yaml");
+  assert_int_equal(cli.check_only, 1);
+  assert_int_equal(cli.argc, 2);
+  free(cli.argv);
+  char *unknown[] = {"sluice", "--frobnicate", "1"};
+  assert_int_equal(sl_cli_parse(&cli, 3, unknown), SL_CLI_EXIT_ERR);
+  free(cli.argv);
+  char *missing[] = {"sluice", "--workers"};
+  assert_int_equal(sl_cli_parse(&cli, 2, missing), SL_CLI_EXIT_ERR);
+  free(cli.argv);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_defaults_and_cli), cmocka_unit_test(test_file_then_cli),
+      cmocka_unit_test(test_rejections),       cmocka_unit_test(test_upstream_bound),
+      cmocka_unit_test(test_addr_parse),       cmocka_unit_test(test_cli_parse),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
