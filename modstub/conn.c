@@ -380,6 +380,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
 static void conn_process(struct ms_conn *c) {
   int want;
 
+again:
   while (c->state == MS_CONN_OPEN && !c->writing && c->qlen < MS_QMAX &&
          c->out.len <= MS_OUT_HIGH && c->in_off < c->in_len) {
     const char *at = c->in + c->in_off;
@@ -405,6 +406,10 @@ static void conn_process(struct ms_conn *c) {
   conn_flush(c);
   if (c->state != MS_CONN_OPEN && c->state != MS_CONN_DRAIN)
     return;
+  /* Sending made room in the queue: parse what was held back. */
+  if (c->state == MS_CONN_OPEN && !c->writing && c->qlen < MS_QMAX &&
+      c->out.len <= MS_OUT_HIGH && c->in_off < c->in_len)
+    goto again;
   if (c->eof && c->qlen == 0 && !c->writing &&
       (c->state == MS_CONN_DRAIN || c->in_off == c->in_len)) {
     conn_close(c); /* client is done and so are we */
