@@ -109,6 +109,7 @@ static const struct {
   [MS_H_SIZE] = K("x-modstub-size"),
   [MS_H_HANGUP] = K("x-modstub-hangup"),
   [MS_H_PARTIAL] = K("x-modstub-partial"),
+  [MS_H_EXPECT] = K("expect"),
 #undef K
 };
 
@@ -129,6 +130,26 @@ static int on_header_value_complete(llhttp_t *p) {
   return 0;
 }
 
+/* Answers "Expect: 100-continue" so that clients such as curl send a large
+ * body without waiting. Only when nothing is queued before it: an interim
+ * answer must not overtake earlier ones (the client then sends the body
+ * after its own timeout). Returns 0, or -1 to drop a broken connection. */
+static int expect_continue(struct ms_conn *c) {
+  static const char line[] = "HTTP/1.1 100 Continue\r\n\r\n";
+  const struct ms_hdr *h = &c->hdr[c->known[MS_H_EXPECT]];
+  uv_buf_t b = uv_buf_init((char *)line, sizeof(line) - 1);
+  int rc;
+
+  if (h->val_len != 12 || strncasecmp(c->req.p + h->val_off, "100-continue", 12) != 0 ||
+      c->qlen > 0 || c->writing || c->parser.http_minor == 0)
+    return 0;
+  rc = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+  if (rc == (int)b.len || rc == UV_EAGAIN)
+    return 0;
+  c->req_error = 400; /* a torn interim line cannot be repaired */
+  return -1;
+}
+
 static int on_headers_complete(llhttp_t *p) {
   struct ms_conn *c = conn_of(p);
 
@@ -137,6 +158,8 @@ static int on_headers_complete(llhttp_t *p) {
     return -1;
   }
   c->body_off = c->req.len;
+  if (c->known[MS_H_EXPECT] >= 0)
+    return expect_continue(c);
   return 0;
 }
 

@@ -33,6 +33,7 @@ enum ms_hdr_kind {
   MS_H_SIZE,     /* x-modstub-size */
   MS_H_HANGUP,   /* x-modstub-hangup */
   MS_H_PARTIAL,  /* x-modstub-partial */
+  MS_H_EXPECT,   /* expect */
   MS_H_COUNT
 };
 

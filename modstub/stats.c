@@ -1,6 +1,8 @@
 #include "modstub.h"
 
 #include <stdlib.h>
+#include <stddef.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "buf.h"
@@ -59,52 +61,51 @@ int ms_action_index(const char *name, size_t n) {
   return i;
 }
 
-static uint64_t load(atomic_uint_fast64_t *c) {
-  return atomic_load_explicit(c, memory_order_relaxed);
+/* The sum over workers of the counter at byte `off` in struct ms_stats. */
+static uint64_t sum(size_t off) {
+  uint64_t v = 0;
+  unsigned w;
+
+  for (w = 0; w < ms_nworkers; w++)
+    v += atomic_load_explicit((atomic_uint_fast64_t *)((char *)&ms_workers[w].stats + off),
+                              memory_order_relaxed);
+  return v;
+}
+
+/* Appends "key":v (key JSON-escaped), after a comma unless *first. */
+static void put_count(struct ms_buf *b, int *first, const char *key, size_t n, uint64_t v) {
+  if (!*first)
+    ms_buf_putc(b, ',');
+  *first = 0;
+  ms_buf_put_json_str(b, key, n);
+  ms_buf_putc(b, ':');
+  ms_buf_put_u64(b, v);
 }
 
 void ms_stats_json(struct ms_buf *b) {
-  uint64_t requests = 0, connections = 0, v;
-  unsigned w, i, count;
+  char key[8];
+  unsigned i, count;
+  uint64_t v;
   int first;
 
-  for (w = 0; w < ms_nworkers; w++) {
-    requests += load(&ms_workers[w].stats.requests);
-    connections += load(&ms_workers[w].stats.connections);
-  }
   ms_buf_lit(b, "{\"requests\":");
-  ms_buf_put_u64(b, requests);
+  ms_buf_put_u64(b, sum(offsetof(struct ms_stats, requests)));
   ms_buf_lit(b, ",\"connections\":");
-  ms_buf_put_u64(b, connections);
+  ms_buf_put_u64(b, sum(offsetof(struct ms_stats, connections)));
   ms_buf_lit(b, ",\"by_status\":{");
   first = 1;
   for (i = 0; i < MS_STATUS_SLOTS; i++) {
-    for (v = 0, w = 0; w < ms_nworkers; w++)
-      v += load(&ms_workers[w].stats.by_status[i]);
-    if (v == 0)
-      continue;
-    if (!first)
-      ms_buf_putc(b, ',');
-    first = 0;
-    ms_buf_putc(b, '"');
-    ms_buf_put_u64(b, i);
-    ms_buf_lit(b, "\":");
-    ms_buf_put_u64(b, v);
+    v = sum(offsetof(struct ms_stats, by_status) + i * sizeof(atomic_uint_fast64_t));
+    if (v != 0)
+      put_count(b, &first, key, (size_t)snprintf(key, sizeof(key), "%u", i), v);
   }
   ms_buf_lit(b, "},\"by_action\":{");
   first = 1;
   count = atomic_load_explicit(&actions.count, memory_order_acquire);
   for (i = 0; i < count; i++) {
-    for (v = 0, w = 0; w < ms_nworkers; w++)
-      v += load(&ms_workers[w].stats.by_action[i]);
-    if (v == 0)
-      continue;
-    if (!first)
-      ms_buf_putc(b, ',');
-    first = 0;
-    ms_buf_put_json_str(b, actions.names[i], actions.lens[i]);
-    ms_buf_putc(b, ':');
-    ms_buf_put_u64(b, v);
+    v = sum(offsetof(struct ms_stats, by_action) + i * sizeof(atomic_uint_fast64_t));
+    if (v != 0)
+      put_count(b, &first, actions.names[i], actions.lens[i], v);
   }
   ms_buf_lit(b, "}}");
 }
