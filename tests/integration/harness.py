@@ -17,6 +17,7 @@ What is here:
   the connection alive, pipelines, and parses responses framed by
   Content-Length, chunked encoding or the end of the connection.
 - ``start_redis()``: a throw-away redis-server on a free loopback port.
+- ``fnv1a64(data)``: the body hash that modstub's /echo reports.
 
 Everything binds 127.0.0.1 only and every wait is bounded.
 """
@@ -104,6 +105,15 @@ def stop_process(proc, timeout=10.0):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=timeout)
     return proc.returncode
+
+
+def fnv1a64(data):
+    """FNV-1a 64-bit hash of `data` (bytes) as 16 hex digits: the form of
+    modstub's /echo field "body_fnv1a64"."""
+    h = 0xcbf29ce484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
 
 
 class Response:

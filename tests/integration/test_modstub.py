@@ -20,13 +20,7 @@ import harness  # noqa: E402
 
 UUID_RE = re.compile(r"^[0-9A-F]{8}-[0-9A-F]{4}-4[0-9A-F]{3}-[89AB][0-9A-F]{3}-[0-9A-F]{12}$")
 JSON_CT = "application/json;charset=utf-8"
-
-
-def fnv1a64(data):
-    h = 0xcbf29ce484222325
-    for b in data:
-        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
-    return f"{h:016x}"
+fnv1a64 = harness.fnv1a64
 
 
 class Stub:
@@ -219,6 +213,14 @@ class ModstubTest(unittest.TestCase):
         self.assertEqual(e["action"], "TextModeration")
         # The connection stays usable.
         self.assertEqual(c.request("GET", "/echo").json()["conn_requests"], 2)
+
+    def test_expect_continue(self):
+        c = self.stub.conn()
+        c.send(c.build("POST", "/echo", {"Expect": "100-continue", "Content-Length": "5"}))
+        interim = c.read_response()
+        self.assertEqual(interim.status, 100)
+        c.send(b"hello")
+        self.assertEqual(c.read_response().json()["body"], "hello")
 
     def test_malformed_400(self):
         c = self.stub.conn()
