@@ -485,6 +485,7 @@ void sl_conn_accept(struct sl_worker *w) {
     return;
   }
   sl_list_init(&c->link);
+  c->out.max = c->inflight.max = 1u << 20;
   if (w->nconns >= w->cfg->max_conns || w->draining) {
     /* Refused cleanly: a JSON 503 the client can read, then close. */
     char rid[37];
@@ -510,7 +511,6 @@ void sl_conn_accept(struct sl_worker *w) {
   c->cap = SL_CONN_BUF;
   c->buf = sl_malloc(c->cap);
   c->hdrs = sl_malloc(w->cfg->max_headers * sizeof(*c->hdrs));
-  c->out.max = c->inflight.max = 1u << 20;
   c->body.max = w->cfg->max_body_bytes;
   llhttp_init(&c->parser, HTTP_REQUEST, &req_settings);
   c->parser.data = c;

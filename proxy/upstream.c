@@ -467,8 +467,12 @@ void sl_upstream_send(struct sl_worker *w, struct sl_conn *c) {
   struct sl_pool *pool = w->pools[c->pool];
   struct sl_upaddr *ua = pool_pick(pool, now_ms(w));
   if (!ua) {
-    sl_conn_upstream_failed(c, 503, "ServiceUnavailable",
-                            "No moderation backend is available; retry later.");
+    /* A retry that finds every member ejected reports the failure it met;
+     * a request that finds none usable from the start gets 503. */
+    if (c->retries)
+      sl_conn_upstream_failed(c, 502, "BadGateway", "The moderation backend failed.");
+    else
+      sl_conn_upstream_failed(c, 503, "ServiceUnavailable", "No moderation backend is available; retry later.");
     return;
   }
   struct sl_upconn *u;
