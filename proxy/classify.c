@@ -1,0 +1,276 @@
+#include "classify.h"
+
+#include <string.h>
+
+#include "common.h"
+#include "http.h"
+
+/* A raw (still encoded) value found in a query string or form body. */
+struct span {
+  const char *p;
+  size_t n;
+  int found;
+};
+
+enum { P_ACTION, P_AK, P_SERVICE, P_COUNT };
+static const struct {
+  const char *name;
+  size_t len;
+} param_names[P_COUNT] = {
+    [P_ACTION] = {"Action", 6},
+    [P_AK] = {"AccessKeyId", 11},
+    [P_SERVICE] = {"Service", 7},
+};
+
+/* One pass over an application/x-www-form-urlencoded string (a query or a
+ * form body) that records the raw value of the first occurrence of each name
+ * in param_names[first..last]. Names are matched exactly before decoding,
+ * as the API's parameter names are plain ASCII. Stops once all are found. */
+static void scan_params(const char *s, size_t n, unsigned first, unsigned last, struct span *out) {
+  unsigned left = last - first + 1;
+  size_t i = 0;
+  if (n == 0) return;
+  while (i < n && left > 0) {
+    const char *amp = memchr(s + i, '&', n - i);
+    size_t e = amp ? (size_t)(amp - s) : n;
+    const char *eq = memchr(s + i, '=', e - i);
+    size_t kl = eq ? (size_t)(eq - (s + i)) : e - i;
+    for (unsigned k = first; k <= last; k++) {
+      if (out[k].found || kl != param_names[k].len || memcmp(s + i, param_names[k].name, kl) != 0) continue;
+      out[k].found = 1;
+      out[k].p = eq ? eq + 1 : s + e;
+      out[k].n = eq ? (size_t)(s + e - eq - 1) : 0;
+      left--;
+      break;
+    }
+    i = e + 1;
+  }
+}
+
+static int is_hex(char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
+/* Whether every '%' in p[0..n) starts a complete %XX escape. */
+static int escapes_ok(const char *p, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (p[i] == '%') {
+      if (i + 2 >= n || !is_hex(p[i + 1]) || !is_hex(p[i + 2])) return 0;
+      i += 2;
+    }
+  return 1;
+}
+
+/* Control bytes (NUL, CR, LF...) never belong in an Action, key, Service or
+ * region; refusing them keeps them out of Redis keys and log lines. */
+static int has_ctl(const char *p, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if ((unsigned char)p[i] < 0x20 || p[i] == 0x7f) return 1;
+  return 0;
+}
+
+/* Percent-decodes a raw value into out (cap bytes, NUL-terminated). Returns
+ * SL_CLASS_OK, SL_CLASS_BAD_ENCODING or SL_CLASS_FIELD_TOO_LONG; on error
+ * *len is 0 and out is empty. */
+static enum sl_class_err decode_into(const struct span *v, char *out, size_t cap, uint8_t *len) {
+  int r = sl_http_urldecode(v->p, v->n, out, cap - 1);
+  enum sl_class_err e = SL_CLASS_OK;
+  if (r < 0)
+    e = escapes_ok(v->p, v->n) ? SL_CLASS_FIELD_TOO_LONG : SL_CLASS_BAD_ENCODING;
+  else if (has_ctl(out, (size_t)r))
+    e = SL_CLASS_BAD_ENCODING;
+  if (e != SL_CLASS_OK) r = 0;
+  out[r] = '\0';
+  *len = (uint8_t)r;
+  return e;
+}
+
+/* Copies a header-borne value as it is (no decoding). Same results as
+ * decode_into. */
+static enum sl_class_err copy_into(const char *p, size_t n, char *out, size_t cap, uint8_t *len) {
+  enum sl_class_err e = SL_CLASS_OK;
+  if (n > cap - 1)
+    e = SL_CLASS_FIELD_TOO_LONG;
+  else if (has_ctl(p, n))
+    e = SL_CLASS_BAD_ENCODING;
+  if (e != SL_CLASS_OK) n = 0;
+  if (n > 0) memcpy(out, p, n);
+  out[n] = '\0';
+  *len = (uint8_t)n;
+  return e;
+}
+
+static int is_ows(char c) { return c == ' ' || c == '\t'; }
+
+static void trim(const char **p, size_t *n) {
+  while (*n > 0 && is_ows(**p)) (*p)++, (*n)--;
+  while (*n > 0 && is_ows((*p)[*n - 1])) (*n)--;
+}
+
+/* Finds the Credential of "ACS3-HMAC-SHA256 Credential=AK,SignedHeaders=...,
+ * Signature=..." (V3 signature). The scheme and parameter name match
+ * case-insensitively (RFC 9110 11.1); the value ends at ',', whitespace or
+ * the end. Returns 1 and the value (possibly empty), or 0 when there is none. */
+static int v3_credential(const char *p, size_t n, const char **v, size_t *vn) {
+  size_t i = 0, s;
+  while (i < n && is_ows(p[i])) i++;
+  s = i;
+  while (i < n && !is_ows(p[i])) i++;
+  if (!SL_IEQ(p + s, i - s, "acs3-hmac-sha256")) return 0;
+  while (i < n) {
+    while (i < n && (is_ows(p[i]) || p[i] == ',')) i++;
+    s = i;
+    while (i < n && p[i] != '=' && p[i] != ',' && !is_ows(p[i])) i++;
+    if (i < n && p[i] == '=' && SL_IEQ(p + s, i - s, "credential")) {
+      s = ++i;
+      while (i < n && p[i] != ',' && !is_ows(p[i])) i++;
+      *v = p + s;
+      *vn = i - s;
+      return 1;
+    }
+    while (i < n && p[i] != ',') i++;
+  }
+  return 0;
+}
+
+static int is_label_char(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-';
+}
+
+/* Finds <region> in a Host "green-cip[-vpc].<region>.aliyuncs.com[.][:port]"
+ * (case-insensitive). Returns 1 and the region, or 0 for any other host. */
+static int host_region(const char *h, size_t n, const char **r, size_t *rn) {
+  static const char suffix[] = ".aliyuncs.com";
+  const size_t sl = sizeof(suffix) - 1;
+  const char *colon;
+  size_t pl;
+  trim(&h, &n);
+  if ((colon = memchr(h, ':', n)) != NULL) n = (size_t)(colon - h);
+  if (n > 0 && h[n - 1] == '.') n--; /* absolute form "...aliyuncs.com." */
+  if (n >= 10 && SL_IEQ(h, 10, "green-cip."))
+    pl = 10;
+  else if (n >= 14 && SL_IEQ(h, 14, "green-cip-vpc."))
+    pl = 14;
+  else
+    return 0;
+  if (n < pl + 1 + sl || !SL_IEQ(h + n - sl, sl, suffix)) return 0;
+  *r = h + pl;
+  *rn = n - pl - sl;
+  for (size_t i = 0; i < *rn; i++)
+    if (!is_label_char((*r)[i])) return 0;
+  return 1;
+}
+
+/* Whether a Content-Type names application/x-www-form-urlencoded, parameters
+ * such as "; charset=UTF-8" allowed. */
+static int is_form(const char *ct, size_t n) {
+  const char *semi;
+  if (ct == NULL) return 0;
+  if ((semi = memchr(ct, ';', n)) != NULL) n = (size_t)(semi - ct);
+  trim(&ct, &n);
+  return SL_IEQ(ct, n, "application/x-www-form-urlencoded");
+}
+
+static enum sl_class_err region_of(const struct sl_class_input *in, struct sl_class *out) {
+  const char *r = NULL;
+  size_t rn = 0;
+  if (in->host == NULL || !host_region(in->host, in->host_len, &r, &rn)) {
+    r = in->default_region;
+    if (r != NULL)
+      while (rn < sizeof(out->region) && r[rn] != '\0') rn++;
+  }
+  enum sl_class_err e = copy_into(r, rn, out->region, sizeof(out->region), &out->region_len);
+  for (size_t i = 0; i < out->region_len; i++) /* region names are lowercase */
+    if (out->region[i] >= 'A' && out->region[i] <= 'Z') out->region[i] = (char)(out->region[i] | 0x20);
+  return e;
+}
+
+enum sl_class_err sl_classify(const struct sl_class_input *in, struct sl_class *out) {
+  struct span q[P_COUNT] = {{0}}, f[P_COUNT] = {{0}};
+  enum sl_class_err err = SL_CLASS_OK, e;
+  const char *qs = NULL, *v;
+  size_t qn = 0, vn;
+  int action_ok, service_ok;
+
+  out->action[0] = out->ak[0] = out->service[0] = out->region[0] = '\0';
+  out->action_len = out->ak_len = out->service_len = out->region_len = 0;
+  out->feature = -1;
+  out->tier = SL_TIER_BASELINE;
+
+  /* The query is what follows the first '?', up to a '#'. */
+  if (in->url != NULL && (qs = memchr(in->url, '?', in->url_len)) != NULL) {
+    qs++;
+    qn = in->url_len - (size_t)(qs - in->url);
+    if ((v = memchr(qs, '#', qn)) != NULL) qn = (size_t)(v - qs);
+    scan_params(qs, qn, P_ACTION, P_SERVICE, q);
+  }
+
+  /* An empty value counts as absent, so that the next source is tried. */
+  if (q[P_ACTION].n > 0) {
+    e = decode_into(&q[P_ACTION], out->action, sizeof(out->action), &out->action_len);
+  } else {
+    v = in->acs_action;
+    vn = v ? in->acs_action_len : 0;
+    trim(&v, &vn);
+    e = vn > 0 ? copy_into(v, vn, out->action, sizeof(out->action), &out->action_len) : SL_CLASS_NO_ACTION;
+  }
+  action_ok = e == SL_CLASS_OK;
+  err = e;
+
+  if (q[P_AK].n > 0)
+    e = decode_into(&q[P_AK], out->ak, sizeof(out->ak), &out->ak_len);
+  else if (in->authorization != NULL && v3_credential(in->authorization, in->auth_len, &v, &vn))
+    e = copy_into(v, vn, out->ak, sizeof(out->ak), &out->ak_len);
+  else
+    e = SL_CLASS_OK;
+  if (err == SL_CLASS_OK) err = e;
+
+  e = region_of(in, out);
+  if (err == SL_CLASS_OK) err = e;
+
+  /* Most Actions carry Service in the form body; the query is the fallback. */
+  if (in->body_len > 0 && is_form(in->content_type, in->ct_len))
+    scan_params(in->body, in->body_len, P_SERVICE, P_SERVICE, f);
+  if (f[P_SERVICE].n > 0)
+    e = decode_into(&f[P_SERVICE], out->service, sizeof(out->service), &out->service_len);
+  else if (q[P_SERVICE].n > 0)
+    e = decode_into(&q[P_SERVICE], out->service, sizeof(out->service), &out->service_len);
+  else
+    e = SL_CLASS_OK;
+  service_ok = e == SL_CLASS_OK;
+  if (err == SL_CLASS_OK) err = e;
+
+  if (action_ok && service_ok) {
+    out->feature = sl_catalog_lookup(out->action, out->action_len, out->service, out->service_len);
+    if (out->feature >= 0)
+      out->tier = sl_features[out->feature].tier;
+    else if (err == SL_CLASS_OK)
+      err = SL_CLASS_UNKNOWN_ACTION;
+  }
+  return err;
+}
+
+const char *sl_class_err_code(enum sl_class_err e) {
+  switch (e) {
+    case SL_CLASS_OK: return "OK";
+    case SL_CLASS_NO_ACTION: return "MissingAction";
+    case SL_CLASS_UNKNOWN_ACTION: return "InvalidAction.NotFound";
+    case SL_CLASS_BAD_ENCODING: return "InvalidParameter";
+    case SL_CLASS_FIELD_TOO_LONG: return "InvalidParameter";
+  }
+  return "InvalidParameter";
+}
+
+const char *sl_class_err_message(enum sl_class_err e) {
+  switch (e) {
+    case SL_CLASS_OK: return "";
+    case SL_CLASS_NO_ACTION:
+      return "The request names no Action: give the query parameter Action or the header x-acs-action.";
+    case SL_CLASS_UNKNOWN_ACTION: return "Specified api is not found, please check your url and method.";
+    case SL_CLASS_BAD_ENCODING:
+      return "A value of Action, AccessKeyId or Service is badly URL-encoded or holds control characters.";
+    case SL_CLASS_FIELD_TOO_LONG:
+      return "A value of Action, AccessKeyId, Service or the region is longer than the API allows.";
+  }
+  return "The request could not be classified.";
+}
