@@ -2,8 +2,10 @@
 
 #include <stdarg.h>
 #include <string.h>
+#include <time.h>
 
 #include "http.h"
+#include "limiter.h"
 
 struct admin_conn {
   uv_tcp_t tcp;
@@ -92,11 +94,154 @@ void sl_admin_metrics(struct sl_admin *a, struct sl_buf *o) {
   }
   appendf(o, "sluice_upstream_latency_seconds_sum %.6f\nsluice_upstream_latency_seconds_count %llu\n",
           (double)SUM(lat_sum_us) / 1e6, (unsigned long long)SUM(lat_count));
+  appendf(o, "# HELP sluice_requests_outcome_total Requests by outcome (SPEC section 6), feature and tier.\n"
+             "# TYPE sluice_requests_outcome_total counter\n");
+  for (int oc = 0; oc < SL_NOUTCOMES; oc++)
+    for (unsigned f = 0; f <= sl_nfeatures; f++) {
+      uint64_t v = sum(a, offsetof(struct sl_stats, outcome) + ((size_t)oc * (SL_MAX_FEATURES + 1) + f) * sizeof(uint64_t));
+      if (!v) continue;
+      const char *fname = f ? sl_features[f - 1].name : "unknown";
+      const char *tier = f ? sl_tier_name(sl_features[f - 1].tier) : "none";
+      appendf(o, "sluice_requests_outcome_total{outcome=\"%s\",feature=\"%s\",tier=\"%s\"} %llu\n",
+              sl_outcome_names[oc], fname, tier, (unsigned long long)v);
+    }
+  appendf(o, "# HELP sluice_parked_total Requests that waited for a first account lookup.\n"
+             "# TYPE sluice_parked_total counter\nsluice_parked_total %llu\n"
+             "# HELP sluice_parked Requests waiting for an account lookup now.\n"
+             "# TYPE sluice_parked gauge\nsluice_parked %llu\n",
+          (unsigned long long)SUM(parked), (unsigned long long)SUM(parked_now));
+  if (a->dir) {
+    struct sl_dirsync_stats *ds = &a->dir->stats;
+    struct {
+      const char *name, *type, *help;
+      _Atomic uint64_t *v;
+    } d[] = {
+        {"sluice_redis_up", "gauge", "1 while the directory's Redis connections are up.", &ds->redis_up},
+        {"sluice_redis_keyspace_notifications", "gauge", "1 when keyspace notifications are enabled.",
+         &ds->keyspace_enabled},
+        {"sluice_directory_lookups_total", "counter", "Account lookups asked by workers.", &ds->lookups},
+        {"sluice_directory_lookup_failures_total", "counter", "Lookups answered 'unavailable' (Redis down or slow).",
+         &ds->lookup_failures},
+        {"sluice_directory_notifications_total", "counter", "Keyspace events and change messages handled.",
+         &ds->notifications},
+        {"sluice_directory_resyncs_total", "counter", "Full resyncs completed.", &ds->resyncs},
+        {"sluice_redis_connect_attempts_total", "counter", "Redis connection attempts.", &ds->reconnects},
+        {"sluice_directory_invalid_packages_total", "counter", "QPS package hashes that could not be used.",
+         &ds->invalid_packages},
+        {"sluice_directory_accounts", "gauge", "AccessKeyIds held in the directory.", &ds->accounts},
+        {"sluice_directory_version", "gauge", "Version of the directory snapshot.", &ds->version},
+        {"sluice_directory_evictions_total", "counter", "Accounts dropped at the max-accounts bound.",
+         &ds->evictions},
+    };
+    for (size_t i = 0; i < SL_ARRAY_SIZE(d); i++)
+      appendf(o, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", d[i].name, d[i].help, d[i].name, d[i].type, d[i].name,
+              (unsigned long long)atomic_load_explicit(d[i].v, memory_order_relaxed));
+  }
+  if (a->lim) {
+    struct lim_stats ls;
+    lim_table_stats(a->lim, &ls);
+    appendf(o, "# HELP sluice_limiter_keys Bucket keys in the limiter table.\n# TYPE sluice_limiter_keys gauge\n"
+               "sluice_limiter_keys %llu\nsluice_limiter_capacity %llu\n"
+               "# HELP sluice_limiter_reclaims_total Idle buckets given to another key.\n"
+               "# TYPE sluice_limiter_reclaims_total counter\nsluice_limiter_reclaims_total %llu\n"
+               "# HELP sluice_limiter_full_total Decisions the full bucket table could not hold.\n"
+               "# TYPE sluice_limiter_full_total counter\nsluice_limiter_full_total %llu\n",
+            (unsigned long long)ls.keys, (unsigned long long)ls.capacity, (unsigned long long)ls.reclaims,
+            (unsigned long long)ls.full);
+  }
   appendf(o, "# HELP sluice_workers Event-loop threads.\n# TYPE sluice_workers gauge\nsluice_workers %u\n",
           a->nworkers);
   appendf(o, "# HELP sluice_config_version Version of the configuration in force.\n"
              "# TYPE sluice_config_version gauge\nsluice_config_version %llu\n",
           (unsigned long long)atomic_load_explicit(a->config_version, memory_order_relaxed));
+}
+
+static void json_str(struct sl_buf *o, const char *s, size_t n) {
+  sl_buf_lit(o, "\"");
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    if (ch == '"' || ch == '\\') {
+      char e[2] = {'\\', (char)ch};
+      sl_buf_append(o, e, 2);
+    } else if (ch < 0x20) {
+      appendf(o, "\\u%04x", ch);
+    } else {
+      sl_buf_append(o, s + i, 1);
+    }
+  }
+  sl_buf_lit(o, "\"");
+}
+
+int sl_admin_explain(struct sl_admin *a, const char *query, struct sl_buf *o) {
+  char uid[SL_UID_MAX + 1], feat[64], region[SL_REGION_MAX + 1];
+  const char *q = *query == '?' ? query + 1 : query;
+  size_t ql = strlen(q);
+  int ul = sl_http_query_get(q, ql, "uid", 3, uid, sizeof(uid) - 1);
+  int fl = sl_http_query_get(q, ql, "feature", 7, feat, sizeof(feat) - 1);
+  int rl = sl_http_query_get(q, ql, "region", 6, region, sizeof(region) - 1);
+  if (ul <= 0 || fl <= 0 || rl <= 0) {
+    sl_buf_lit(o, "{\"Code\":\"InvalidParameter\",\"Message\":\"Give uid, feature and region.\"}");
+    return 400;
+  }
+  int f = sl_feature_id(feat, (size_t)fl);
+  if (f < 0) {
+    sl_buf_lit(o, "{\"Code\":\"InvalidParameter\",\"Message\":\"Unknown feature.\"}");
+    return 404;
+  }
+  const struct sl_dir_snap *s = sl_dirsync_enter(a->dir);
+  /* Any AccessKeyId of this UID carries its packages (admin path: a scan is fine). */
+  const struct sl_acct *acct = NULL;
+  for (unsigned k = 0; k < SL_DIR_SHARDS && !acct; k++) {
+    const struct sl_acct_shard *sh = s->shards[k];
+    for (uint32_t i = 0; sh && i <= sh->mask && !acct; i++)
+      if (sh->slot[i] && sh->slot[i]->kind == SL_ACCT_FOUND && sh->slot[i]->uid_len == (size_t)ul &&
+          !memcmp(sh->slot[i]->uid, uid, (size_t)ul))
+        acct = sh->slot[i];
+  }
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  sl_buf_lit(o, "{\"uid\":");
+  json_str(o, uid, (size_t)ul);
+  appendf(o, ",\"feature\":\"%s\",\"region\":", sl_features[f].name);
+  json_str(o, region, (size_t)rl);
+  appendf(o, ",\"tier\":\"%s\",\"default_qps\":%u,\"default_overridden\":%s,\"suspended\":%s,"
+             "\"account_cached\":%s,\"packages\":[",
+          sl_tier_name((enum sl_tier)s->feature_tier[f]), s->feature_qps[f],
+          s->feature_overridden[f] ? "true" : "false", sl_dir_is_suspended(s, uid, (size_t)ul) ? "true" : "false",
+          acct ? "true" : "false");
+  int first = 1;
+  for (uint32_t i = 0; acct && i < acct->npkgs; i++) {
+    const struct sl_pkg *p = &acct->pkgs[i];
+    if (p->feature != f || p->region_len != (size_t)rl || memcmp(p->region, region, (size_t)rl)) continue;
+    int active = p->starts_at <= ts.tv_sec && ts.tv_sec < p->expires_at;
+    sl_buf_lit(o, first ? "{\"id\":" : ",{\"id\":");
+    first = 0;
+    json_str(o, p->id, p->id_len);
+    appendf(o, ",\"qps\":%u,\"starts_at\":%lld,\"expires_at\":%lld,\"active\":%s}", p->qps,
+            (long long)p->starts_at, (long long)p->expires_at, active ? "true" : "false");
+  }
+  uint64_t limit = acct ? sl_dir_limit(s, acct, f, region, (size_t)rl, ts.tv_sec) : s->feature_qps[f];
+  char key[SL_UID_MAX + 1 + 32 + 1 + SL_REGION_MAX + 1];
+  size_t kl = 0, nl = strlen(sl_features[f].name);
+  memcpy(key, uid, (size_t)ul);
+  kl += (size_t)ul;
+  key[kl++] = '\x1f';
+  memcpy(key + kl, sl_features[f].name, nl);
+  kl += nl;
+  key[kl++] = '\x1f';
+  memcpy(key + kl, region, (size_t)rl);
+  kl += (size_t)rl;
+  struct lim_decision d;
+  int pr = lim_peek(a->lim, key, kl, lim_hash(key, kl), limit, lim_now_ns(), &d);
+  appendf(o, "],\"effective_qps\":%llu,\"bucket\":{\"exists\":%s,\"limit\":%llu,\"remaining\":%llu,"
+             "\"retry_after_ms\":%llu,\"reset_ms\":%llu},\"directory_version\":%llu,\"config_version\":%llu}",
+          (unsigned long long)limit, pr == 0 ? "true" : "false", (unsigned long long)d.limit,
+          (unsigned long long)d.remaining,
+          (unsigned long long)(d.result == LIM_ADMIT ? 0 : (d.retry_after_ns + 999999) / 1000000),
+          (unsigned long long)(d.reset_ns / 1000000), (unsigned long long)s->version,
+          (unsigned long long)atomic_load_explicit(a->config_version, memory_order_relaxed));
+  sl_dirsync_exit(a->dir);
+  return 200;
 }
 
 static void admin_written(uv_write_t *req, int status) {
@@ -135,11 +280,14 @@ static int admin_on_complete(llhttp_t *p) {
   if (path_len == 8 && !memcmp(ac->url, "/healthz", 8)) {
     sl_buf_lit(&body, "ok\n");
     admin_respond(ac, 200, "text/plain", &body);
+  } else if (path_len == 8 && !memcmp(ac->url, "/explain", 8)) {
+    int st = sl_admin_explain(ac->admin, ac->url + path_len, &body);
+    admin_respond(ac, st, "application/json", &body);
   } else if (path_len == 8 && !memcmp(ac->url, "/metrics", 8)) {
     sl_admin_metrics(ac->admin, &body);
     admin_respond(ac, 200, "text/plain; version=0.0.4", &body);
   } else {
-    sl_buf_lit(&body, "{\"Code\":\"NotFound\",\"Message\":\"Try /healthz or /metrics.\"}");
+    sl_buf_lit(&body, "{\"Code\":\"NotFound\",\"Message\":\"Try /healthz, /metrics or /explain.\"}");
     admin_respond(ac, 404, "application/json", &body);
   }
   sl_buf_free(&body);

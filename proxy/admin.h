@@ -12,11 +12,17 @@ struct sl_admin {
   struct sl_worker *workers;
   unsigned nworkers;
   _Atomic uint64_t *config_version;
+  struct sl_dirsync *dir;
+  struct lim_table *lim;
 };
 
 /* Binds and listens on cfg->admin; returns 0 or a negative libuv error. */
 int sl_admin_start(struct sl_admin *a, uv_loop_t *loop, const struct sl_addr *addr);
 void sl_admin_stop(struct sl_admin *a);
+
+/* GET /explain?uid=&feature=&region=: what limit applies and the bucket's
+ * state. Appends JSON to out; returns the HTTP status. Admin thread. */
+int sl_admin_explain(struct sl_admin *a, const char *query, struct sl_buf *out);
 
 /* Appends the Prometheus text for all workers to out. */
 void sl_admin_metrics(struct sl_admin *a, struct sl_buf *out);

@@ -51,6 +51,19 @@ static const struct opt opts[] = {
   {"max-fails", OPT_UINT, F(max_fails), 0, 1, 1000, "consecutive failures that eject an upstream (1)"},
   {"fail-timeout-ms", OPT_UINT, F(fail_timeout_ms), 0, 10, 3600000, "ejection time before a probe (5000)"},
   {"drain-timeout-ms", OPT_UINT, F(drain_timeout_ms), 0, 10, 3600000, "SIGTERM drain bound (10000)"},
+  {"admission", OPT_STR, F(admission), sizeof(((struct sl_config *)0)->admission), 0, 0,
+   "on|off: off forwards every request to the default pool unchecked (on)"},
+  {"resync-ms", OPT_UINT, F(resync_ms), 0, 100, 86400000, "full resync from Redis (30000)"},
+  {"lookup-timeout-ms", OPT_UINT, F(lookup_timeout_ms), 0, 10, 60000,
+   "wait for a first account lookup, else 503 (1000)"},
+  {"negative-ttl-ms", OPT_UINT, F(negative_ttl_ms), 0, 0, 3600000, "cache of unknown AccessKeyIds (5000)"},
+  {"max-accounts", OPT_UINT, F(max_accounts), 0, 1, 100000000, "AccessKeyIds held in memory (200000)"},
+  {"limiter-keys", OPT_UINT, F(limiter_keys), 0, 16, 100000000, "(UID, feature, region) buckets (1000000)"},
+  {"max-parked", OPT_UINT, F(max_parked), 0, 1, 1000000, "requests per worker waiting for a lookup (10000)"},
+  {"limiter-full", OPT_STR, F(limiter_full), sizeof(((struct sl_config *)0)->limiter_full), 0, 0,
+   "open|closed: admit or 503 when the bucket table is full (open)"},
+  {"trusted-uid-header", OPT_STR, F(trusted_uid_header), sizeof(((struct sl_config *)0)->trusted_uid_header), 0, 0,
+   "header trusted to carry the UID, skipping the AccessKeyId lookup (off)"},
 };
 #undef F
 
@@ -184,6 +197,14 @@ static void config_defaults(struct sl_config *c) {
   c->max_fails = 1;
   c->fail_timeout_ms = 5000;
   c->drain_timeout_ms = 10000;
+  c->resync_ms = 30000;
+  c->lookup_timeout_ms = 1000;
+  c->negative_ttl_ms = 5000;
+  c->max_accounts = 200000;
+  c->limiter_keys = 1000000;
+  c->max_parked = 10000;
+  strcpy(c->limiter_full, "open");
+  strcpy(c->admission, "on");
 }
 
 static const char *scalar(yaml_node_t *n) { return (const char *)n->data.scalar.value; }
@@ -266,6 +287,23 @@ int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, s
     int fresh = !seen[o - opts];
     seen[o - opts] = 1;
     if (opt_apply(out, o, cli->argv[i + 1], fresh, err, errlen) != 0) return -1;
+  }
+  if (strcmp(out->admission, "on") && strcmp(out->admission, "off")) {
+    set_err(err, errlen, "admission: '%s' is neither 'on' nor 'off'", out->admission);
+    return -1;
+  }
+  if (strcmp(out->limiter_full, "open") && strcmp(out->limiter_full, "closed")) {
+    set_err(err, errlen, "limiter-full: '%s' is neither 'open' nor 'closed'", out->limiter_full);
+    return -1;
+  }
+  if (strncmp(out->redis, "unix:", 5) != 0) {
+    const char *colon = strrchr(out->redis, ':');
+    char *end;
+    long port = colon ? strtol(colon + 1, &end, 10) : 0;
+    if (!colon || colon == out->redis || *end || port < 1 || port > 65535) {
+      set_err(err, errlen, "redis: '%s' is neither HOST:PORT nor unix:PATH", out->redis);
+      return -1;
+    }
   }
   if (out->n_upstream == 0) {
     set_err(err, errlen, "no upstream: give --upstream HOST:PORT (or 'upstream:' in the file)");

@@ -44,6 +44,16 @@ struct sl_config {
   unsigned max_fails;           /* consecutive failures that eject an address */
   unsigned fail_timeout_ms;     /* how long an ejected address rests before a probe */
   unsigned drain_timeout_ms;    /* SIGTERM: bound on finishing requests in flight */
+  /* admission */
+  char admission[8];           /* "on", or "off" to proxy without classifying (benchmarks of the core) */
+  unsigned resync_ms;          /* full reload of what the directory holds */
+  unsigned lookup_timeout_ms;  /* a first lookup of an account waits at most this */
+  unsigned negative_ttl_ms;    /* an unknown AccessKeyId is remembered this long */
+  unsigned max_accounts;       /* AccessKeyIds the directory holds */
+  unsigned limiter_keys;       /* (UID, feature, region) buckets */
+  unsigned max_parked;         /* requests per worker waiting for a lookup */
+  char limiter_full[8];        /* "open" or "closed": admit or refuse when the bucket table is full */
+  char trusted_uid_header[64]; /* a header trusted to carry the UID (empty: none) */
 };
 
 /* What the command line said; kept so that a SIGHUP reload re-applies it. */

@@ -29,6 +29,7 @@ static int on_message_begin(llhttp_t *p) {
   c->headers_done = 0;
   c->body_len = c->body_off = 0;
   c->need_cap = 0;
+  c->h_host = c->h_auth = c->h_action = c->h_ctype = -1;
   c->has_body = c->chunked_req = 0;
   c->expect_continue = 0;
   c->body.len = 0;
@@ -106,6 +107,18 @@ static int on_headers_complete(llhttp_t *p) {
       case SL_H_EXPECT:
         if (SL_IEQ(c->buf + h->val_off, h->val_len, "100-continue")) c->expect_continue = 1;
         break;
+      case SL_H_HOST:
+        c->h_host = (int16_t)i;
+        break;
+      case SL_H_AUTHORIZATION:
+        c->h_auth = (int16_t)i;
+        break;
+      case SL_H_X_ACS_ACTION:
+        c->h_action = (int16_t)i;
+        break;
+      case SL_H_CONTENT_TYPE:
+        c->h_ctype = (int16_t)i;
+        break;
       default:
         break;
     }
@@ -176,6 +189,7 @@ static void conn_free(uv_handle_t *h) {
 void sl_conn_close(struct sl_conn *c) {
   if (c->closing) return;
   c->closing = 1;
+  sl_admit_unpark(c);
   if (c->up) sl_upstream_abort(c->up);
   sl_list_remove(&c->link);
   c->w->nconns--;
@@ -200,10 +214,10 @@ static void alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b) {
   *b = uv_buf_init(c->buf + c->len, (unsigned)(c->cap - c->len));
 }
 
-/* Sends a response the proxy makes itself. Safe to call only while no
- * response head has gone to the client for this request. */
-static void conn_error(struct sl_conn *c, int status, const char *code, const char *msg, int close) {
-  if (c->head_sent) { /* a relayed response broke half-way: nothing honest left to say */
+/* Sends a response the proxy makes itself; when a relayed response already
+ * started, the connection is closed instead (nothing honest is left to say). */
+void sl_conn_error(struct sl_conn *c, int status, const char *code, const char *msg, const char *extra, int close) {
+  if (c->head_sent) {
     sl_conn_close(c);
     return;
   }
@@ -211,7 +225,7 @@ static void conn_error(struct sl_conn *c, int status, const char *code, const ch
   c->status = status;
   c->head_sent = 1;
   if (close) c->close_after = 1;
-  if (sl_http_error(&c->out, status, code, msg, c->reqid, NULL, c->close_after) != 0) {
+  if (sl_http_error(&c->out, status, code, msg, c->reqid, extra, c->close_after) != 0) {
     sl_conn_close(c);
     return;
   }
@@ -222,7 +236,7 @@ static void conn_error(struct sl_conn *c, int status, const char *code, const ch
 
 void sl_conn_upstream_failed(struct sl_conn *c, int status, const char *code, const char *msg) {
   c->up = NULL;
-  conn_error(c, status, code, msg, 0);
+  sl_conn_error(c, status, code, msg, status == 503 ? "Retry-After: 1\r\n" : NULL, 0);
 }
 
 static void conn_start_request(struct sl_conn *c) {
@@ -234,6 +248,9 @@ static void conn_start_request(struct sl_conn *c) {
   c->retries = 0;
   c->head_sent = c->resp_done = 0;
   c->err_status = 0;
+  c->decided = 0;
+  c->cls.feature = -1;
+  c->tier = SL_TIER_BASELINE;
 }
 
 /* The request is complete: hand it to the upstream side. */
@@ -244,12 +261,17 @@ static void conn_dispatch(struct sl_conn *c) {
   sl_stat_add(&w->stats.requests, 1);
   sl_http_request_id(c->reqid, w->rid_hi, ++w->rid_seq);
   c->pool = SL_POOL_DEFAULT;
-  sl_upstream_send(w, c);
+  if (w->cfg->admission[1] == 'n')
+    sl_admit(c);
+  else
+    sl_upstream_send(w, c);
 }
 
 static void conn_finish(struct sl_conn *c) {
   struct sl_worker *w = c->w;
   if (c->status >= 100 && c->status < 600) sl_stat_add(&w->stats.status_class[c->status / 100], 1);
+  if (!c->decided) c->outcome = c->status == 200 ? SL_OUT_OK : SL_OUT_UPSTREAM_ERROR;
+  sl_stat_add(&w->stats.outcome[c->outcome][c->cls.feature + 1], 1);
   sl_log_access(w, c);
   int more = c->parsed < c->len;
   if (c->close_after || !c->keep_alive || (c->eof && !more) || (w->draining && !more)) {
@@ -413,11 +435,15 @@ void sl_conn_upstream_done(struct sl_conn *c) {
 /* ---- reading ---- */
 
 static void conn_reject(struct sl_conn *c, int status) {
+  c->outcome = SL_OUT_BAD_REQUEST;
+  c->decided = 1;
   switch (status) {
-    case 408: conn_error(c, 408, "RequestTimeout", "The request was not received in time.", 1); break;
-    case 413: conn_error(c, 413, "RequestTooLarge", "The request body is larger than allowed.", 1); break;
-    case 431: conn_error(c, 431, "RequestHeaderTooLarge", "The request header is larger than allowed.", 1); break;
-    default: conn_error(c, 400, "BadRequest", "The request is not valid HTTP/1.1.", 1); break;
+    case 408: sl_conn_error(c, 408, "RequestTimeout", "The request was not received in time.", NULL, 1); break;
+    case 413: sl_conn_error(c, 413, "RequestTooLarge", "The request body is larger than allowed.", NULL, 1); break;
+    case 431:
+      sl_conn_error(c, 431, "RequestHeaderTooLarge", "The request header is larger than allowed.", NULL, 1);
+      break;
+    default: sl_conn_error(c, 400, "BadRequest", "The request is not valid HTTP/1.1.", NULL, 1); break;
   }
 }
 
@@ -485,6 +511,7 @@ void sl_conn_accept(struct sl_worker *w) {
     return;
   }
   sl_list_init(&c->link);
+  sl_list_init(&c->park);
   c->out.max = c->inflight.max = 1u << 20;
   if (w->nconns >= w->cfg->max_conns || w->draining) {
     /* Refused cleanly: a JSON 503 the client can read, then close. */
@@ -529,6 +556,12 @@ void sl_conn_sweep(struct sl_conn *c, uint64_t now) {
     sl_conn_close(c); /* idle keep-alive: close quietly */
   else if (c->phase == SL_C_READING)
     conn_reject(c, 408);
+  else if (c->parked) { /* the directory never answered: do not guess */
+    sl_admit_unpark(c);
+    c->outcome = SL_OUT_UNAVAILABLE;
+    c->decided = 1;
+    sl_conn_error(c, 503, "ServiceUnavailable", "The account lookup timed out; retry later.", "Retry-After: 1\r\n", 0);
+  }
 }
 
 void sl_conn_drain(struct sl_conn *c) {

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "admin.h"
+#include "limiter.h"
 #include "proxy.h"
 
 struct sl_main {
@@ -16,6 +17,7 @@ struct sl_main {
   struct sl_worker *workers;
   unsigned nworkers;
   struct sl_admin admin;
+  struct sl_shared shared;
   uv_signal_t sig_term, sig_int, sig_hup;
   uv_timer_t reclaim;
   struct sl_config *snapshots[64]; /* live snapshots, oldest first; [n-1] is current */
@@ -152,8 +154,27 @@ int main(int argc, char **argv) {
     fprintf(stderr, "sluice: admin listen %s: %s\n", cfg->admin.text, uv_strerror(r));
     return 1;
   }
+  m.shared.lim = lim_table_new(cfg->limiter_keys, 64);
+  if (!m.shared.lim) {
+    fprintf(stderr, "sluice: cannot allocate the limiter table for %u keys\n", cfg->limiter_keys);
+    return 1;
+  }
+  uv_async_t **wakes = sl_calloc(m.nworkers, sizeof(*wakes));
   for (unsigned i = 0; i < m.nworkers; i++) {
-    if ((r = sl_worker_start(&m.workers[i], i, cfg, m.workers[i].listen_fd)) != 0) {
+    if ((r = sl_worker_init(&m.workers[i], i, cfg, m.workers[i].listen_fd, &m.shared)) != 0) {
+      fprintf(stderr, "sluice: worker %u: %s\n", i, uv_strerror(r));
+      return 1;
+    }
+    wakes[i] = &m.workers[i].wake;
+  }
+  if ((r = sl_dirsync_start(&m.shared.dir, cfg, m.nworkers, wakes)) != 0) {
+    fprintf(stderr, "sluice: directory thread: %s\n", strerror(-r));
+    return 1;
+  }
+  m.admin.dir = &m.shared.dir;
+  m.admin.lim = m.shared.lim;
+  for (unsigned i = 0; i < m.nworkers; i++) {
+    if ((r = sl_worker_run(&m.workers[i])) != 0) {
       fprintf(stderr, "sluice: worker %u: %s\n", i, uv_strerror(r));
       return 1;
     }
@@ -172,6 +193,10 @@ int main(int argc, char **argv) {
           cfg->listen.text, cfg->admin.text, m.nworkers, cfg->n_upstream, cfg->n_upstream_llm);
   uv_run(m.loop, UV_RUN_DEFAULT);
   for (unsigned i = 0; i < m.nworkers; i++) uv_thread_join(&m.workers[i].thread);
+  sl_dirsync_stop(&m.shared.dir);
+  for (unsigned i = 0; i < m.nworkers; i++) sl_worker_destroy(&m.workers[i]);
+  lim_table_free(m.shared.lim);
+  free(wakes);
   fprintf(stderr, "sluice: stopped\n");
   for (unsigned i = 0; i < m.nsnap; i++) free(m.snapshots[i]);
   free(m.workers);

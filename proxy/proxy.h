@@ -9,8 +9,10 @@
 #include <stdatomic.h>
 #include <uv.h>
 
+#include "classify.h"
 #include "common.h"
 #include "config.h"
+#include "dirsync.h"
 
 #define SL_POOL_DEFAULT 0
 #define SL_POOL_LLM 1
@@ -24,6 +26,26 @@
 /* Upstream latency histogram bounds, in microseconds. */
 #define SL_LAT_BUCKETS 14
 extern const uint64_t sl_lat_bounds_us[SL_LAT_BUCKETS];
+
+/* How every request ends (SPEC section 6), plus the admission answers that
+ * are not in the billing vocabulary (`unavailable`: Redis could not be asked). */
+enum sl_outcome {
+  SL_OUT_OK = 0,         /* the backend answered 200: billable */
+  SL_OUT_UPSTREAM_ERROR, /* another status, or the backend failed */
+  SL_OUT_THROTTLED,
+  SL_OUT_SUSPENDED,
+  SL_OUT_UNAUTHENTICATED,
+  SL_OUT_BAD_REQUEST,
+  SL_OUT_UNAVAILABLE,
+  SL_NOUTCOMES
+};
+extern const char *const sl_outcome_names[SL_NOUTCOMES];
+
+/* Shared by all workers: only thread-safe things live here. */
+struct sl_shared {
+  struct sl_dirsync dir;
+  struct lim_table *lim;
+};
 
 /* Per-worker counters: written by the owning worker only, read by the admin
  * thread; relaxed atomics are enough because each value is independent and
@@ -44,6 +66,11 @@ struct sl_stats {
   _Atomic uint64_t lat_count;
   _Atomic uint64_t lat_sum_us;
   _Atomic uint64_t lat_bucket[SL_LAT_BUCKETS + 1];
+  /* [outcome][feature + 1]: index 0 counts requests of no known feature */
+  _Atomic uint64_t outcome[SL_NOUTCOMES][SL_MAX_FEATURES + 1];
+  _Atomic uint64_t parked;        /* requests that waited for an account lookup */
+  _Atomic uint64_t parked_now;    /* gauge */
+  _Atomic uint64_t limiter_full;  /* decisions the bucket table could not hold */
 };
 
 static inline void sl_stat_add(_Atomic uint64_t *c, uint64_t v) {
@@ -150,6 +177,12 @@ struct sl_conn {
   uint64_t need_cap;  /* buffer size the current request needs (Content-Length body) */
   int err_status;     /* set by a parser callback that rejects the request */
   uint64_t up_start_ns;
+  int16_t h_host, h_auth, h_action, h_ctype; /* header indices, -1 when absent */
+  struct sl_class cls;
+  struct sl_link park; /* in w->parked while waiting for an account lookup */
+  uint64_t ak_hash;
+  uint8_t outcome;     /* enum sl_outcome once decided */
+  uint8_t tier;
   uint32_t url_off, url_len;
   uint32_t last_span_end;
   uint32_t head_len;  /* bytes of request line + headers */
@@ -175,6 +208,8 @@ struct sl_conn {
   unsigned write_pending : 1;
   unsigned head_method : 1;
   unsigned expect_continue : 1;
+  unsigned parked : 1;
+  unsigned decided : 1; /* outcome set by admission */
 };
 
 struct sl_worker {
@@ -191,6 +226,9 @@ struct sl_worker {
   _Atomic int drain;           /* set by the main thread */
   int draining;
   uint64_t drain_deadline;
+  struct sl_shared *shared;
+  struct sl_link parked;
+  unsigned nparked;
   struct sl_pool *pools[SL_NPOOLS];
   struct sl_link conns;
   struct sl_link upconns;
@@ -203,7 +241,11 @@ struct sl_worker {
 };
 
 /* worker.c */
-int sl_worker_start(struct sl_worker *w, unsigned id, const struct sl_config *cfg, int listen_fd);
+int sl_worker_init(struct sl_worker *w, unsigned id, const struct sl_config *cfg, int listen_fd,
+                   struct sl_shared *shared);
+int sl_worker_run(struct sl_worker *w);
+/* After the thread has ended and nothing sends to it any more. */
+void sl_worker_destroy(struct sl_worker *w);
 void sl_worker_pools_build(struct sl_worker *w);
 /* Closes (with uv_close) a handle unless already closing. */
 void sl__close(uv_handle_t *h, uv_close_cb cb);
@@ -216,9 +258,20 @@ int sl_conn_upstream_body(struct sl_conn *c, const char *p, size_t n);
 void sl_conn_upstream_done(struct sl_conn *c);
 void sl_conn_upstream_flush(struct sl_conn *c);
 void sl_conn_upstream_failed(struct sl_conn *c, int status, const char *code, const char *msg);
+/* Answers the current request with a JSON error (extra: CRLF-terminated
+ * header lines or NULL); close: close the connection after it. */
+void sl_conn_error(struct sl_conn *c, int status, const char *code, const char *msg, const char *extra, int close);
 void sl_conn_sweep(struct sl_conn *c, uint64_t now);
 void sl_conn_drain(struct sl_conn *c);
 void sl_conn_close(struct sl_conn *c);
+
+/* admit.c */
+/* Classifies the complete request and decides it: answers it, parks it
+ * for an account lookup, or forwards it. */
+void sl_admit(struct sl_conn *c);
+/* Resumes parked requests whose account the directory now holds. */
+void sl_admit_resume(struct sl_worker *w);
+void sl_admit_unpark(struct sl_conn *c);
 
 /* upstream.c */
 void sl_upstream_send(struct sl_worker *w, struct sl_conn *c);

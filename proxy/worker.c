@@ -60,10 +60,12 @@ void sl_log_access(struct sl_worker *w, struct sl_conn *c) {
   sl_buf_append(&w->log, head, (size_t)n);
 }
 
+/* The wake handle stays open (unreferenced, so the loop can end): other
+ * threads may still send to it until sl_worker_destroy. */
 static void worker_stop_handles(struct sl_worker *w) {
   sl_upstream_close_idle(w);
   sl__close((uv_handle_t *)&w->sweep, NULL);
-  sl__close((uv_handle_t *)&w->wake, NULL);
+  uv_unref((uv_handle_t *)&w->wake);
 }
 
 static void on_sweep(uv_timer_t *t) {
@@ -83,6 +85,7 @@ static void on_sweep(uv_timer_t *t) {
     sl_upconn_sweep(sl_container_of(l, struct sl_upconn, all), now);
   }
   if (now / 1000 != (now - SL_SWEEP_MS) / 1000) sl_log_flush(w);
+  sl_dirsync_quiescent(&w->shared->dir, w->id);
   if (w->draining && w->nconns == 0) worker_stop_handles(w);
 }
 
@@ -102,6 +105,8 @@ static void on_wake(uv_async_t *a) {
     /* release: the main thread frees older snapshots only after seeing this. */
     atomic_store_explicit(&w->cfg_seen, next->version, memory_order_release);
   }
+  sl_admit_resume(w);
+  sl_dirsync_quiescent(&w->shared->dir, w->id);
   if (atomic_load_explicit(&w->drain, memory_order_acquire) && !w->draining) {
     w->draining = 1;
     w->drain_deadline = uv_now(&w->loop) + w->cfg->drain_timeout_ms;
@@ -126,12 +131,22 @@ static void worker_main(void *arg) {
   sl_buf_free(&w->log);
   for (int k = 0; k < SL_NPOOLS; k++)
     if (w->pools[k] && --w->pools[k]->refs == 0) free(w->pools[k]);
+}
+
+void sl_worker_destroy(struct sl_worker *w) {
+  uv_close((uv_handle_t *)&w->wake, NULL);
+  uv_run(&w->loop, UV_RUN_DEFAULT);
   uv_loop_close(&w->loop);
 }
 
-int sl_worker_start(struct sl_worker *w, unsigned id, const struct sl_config *cfg, int listen_fd) {
+int sl_worker_run(struct sl_worker *w) { return uv_thread_create(&w->thread, worker_main, w); }
+
+int sl_worker_init(struct sl_worker *w, unsigned id, const struct sl_config *cfg, int listen_fd,
+                   struct sl_shared *shared) {
   int r;
   w->id = id;
+  w->shared = shared;
+  sl_list_init(&w->parked);
   w->cfg = cfg;
   atomic_store_explicit(&w->cfg_seen, cfg->version, memory_order_relaxed);
   w->log_fd = -1;
@@ -149,5 +164,5 @@ int sl_worker_start(struct sl_worker *w, unsigned id, const struct sl_config *cf
   uv_timer_start(&w->sweep, on_sweep, SL_SWEEP_MS, SL_SWEEP_MS);
   sl_worker_pools_build(w);
   log_open(w);
-  return uv_thread_create(&w->thread, worker_main, w);
+  return 0;
 }

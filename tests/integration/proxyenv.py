@@ -42,9 +42,11 @@ class Sluice:
         return out
 
 
-def start_sluice(test, upstreams, *args, workers=2, config=None, llm=()):
+def start_sluice(test, upstreams, *args, workers=2, config=None, llm=(), redis=None, admission=None):
     """Starts sluice in front of `upstreams` (ports); `args` are more options;
-    `config` is YAML text for -c. Returns a Sluice."""
+    `config` is YAML text for -c; `redis` a harness.Redis (admission on) or
+    None (admission off: a plain proxy, as the core's tests want). Returns a
+    Sluice."""
     port, admin = harness.free_port(), harness.free_port()
     tmpdir = tempfile.mkdtemp(prefix="sluice-test-")
     argv = [harness.bin_path("sluice"), "--listen", f"127.0.0.1:{port}",
@@ -58,6 +60,13 @@ def start_sluice(test, upstreams, *args, workers=2, config=None, llm=()):
         argv += ["--upstream", f"127.0.0.1:{u}"]
     for u in llm:
         argv += ["--upstream-llm", f"127.0.0.1:{u}"]
+    if redis is not None:
+        argv += ["--redis", redis.addr]
+    else:
+        argv += ["--redis", f"127.0.0.1:{harness.free_port()}"]
+    if admission is None:
+        admission = "on" if redis is not None else "off"
+    argv += ["--admission", admission]
     argv += list(args)
     log = os.path.join(tmpdir, "stderr.log")
     errf = open(log, "wb")

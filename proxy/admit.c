@@ -1,0 +1,192 @@
+/* Admission (SPEC section 4): classify the request, find the account, refuse
+ * suspended accounts, apply the (UID, feature, region) QPS limit, and route
+ * admitted calls to their tier's pool. The order of the checks is the order
+ * of the answers: 400 (cannot classify), 403 (no such AccessKeyId), 403
+ * (suspended), 429 (over the limit). */
+#include <string.h>
+#include <time.h>
+
+#include "http.h"
+#include "limiter.h"
+#include "proxy.h"
+
+const char *const sl_outcome_names[SL_NOUTCOMES] = {"ok",        "upstream_error",  "throttled",  "suspended",
+                                                    "unauthenticated", "bad_request", "unavailable"};
+
+static void decide(struct sl_conn *c, enum sl_outcome o) {
+  c->outcome = (uint8_t)o;
+  c->decided = 1;
+}
+
+static void hdr_value(const struct sl_conn *c, int idx, const char **p, size_t *n) {
+  if (idx < 0) {
+    *p = NULL;
+    *n = 0;
+    return;
+  }
+  *p = c->buf + c->hdrs[idx].val_off;
+  *n = c->hdrs[idx].val_len;
+}
+
+static void reject(struct sl_conn *c, enum sl_outcome o, int status, const char *code, const char *msg,
+                   const char *extra) {
+  decide(c, o);
+  sl_conn_error(c, status, code, msg, extra, 0);
+}
+
+/* The account is known (found, unknown, or unreachable): finish the decision. */
+static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const struct sl_acct *a) {
+  struct sl_worker *w = c->w;
+  if (a->kind == SL_ACCT_NOT_FOUND) {
+    reject(c, SL_OUT_UNAUTHENTICATED, 403, "InvalidAccessKeyId.NotFound", "Specified access key is not found.",
+           NULL);
+    return;
+  }
+  if (a->kind == SL_ACCT_UNAVAILABLE) {
+    reject(c, SL_OUT_UNAVAILABLE, 503, "ServiceUnavailable",
+           "The account directory cannot be reached; retry later.", "Retry-After: 1\r\n");
+    return;
+  }
+  if (sl_dir_is_suspended(s, a->uid, a->uid_len)) {
+    reject(c, SL_OUT_SUSPENDED, 403, "Forbidden.AccountSuspended",
+           "The account is suspended for overdue payment. Settle the overdue bill to resume service.", NULL);
+    return;
+  }
+  int f = c->cls.feature;
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+  uint64_t limit = sl_dir_limit(s, a, f, c->cls.region, c->cls.region_len, (int64_t)ts.tv_sec);
+  /* Bucket key: UID, feature and region, separated by a byte none of them holds. */
+  char key[SL_UID_MAX + 1 + 32 + 1 + SL_REGION_MAX + 1];
+  size_t fl = strlen(sl_features[f].name), kl = 0;
+  memcpy(key, a->uid, a->uid_len);
+  kl += a->uid_len;
+  key[kl++] = '\x1f';
+  memcpy(key + kl, sl_features[f].name, fl);
+  kl += fl;
+  key[kl++] = '\x1f';
+  memcpy(key + kl, c->cls.region, c->cls.region_len);
+  kl += c->cls.region_len;
+  struct lim_decision d;
+  lim_decide(w->shared->lim, key, kl, lim_hash(key, kl), limit, 1, lim_now_ns(), &d);
+  if (d.result == LIM_REJECT) {
+    uint64_t ms = (d.retry_after_ns + 999999) / 1000000;
+    uint64_t secs = (d.retry_after_ns + 999999999) / 1000000000;
+    uint64_t reset = (d.reset_ns + 999999999) / 1000000000;
+    if (secs == 0) secs = 1;
+    char extra[256];
+    snprintf(extra, sizeof(extra),
+             "Retry-After: %llu\r\nx-ratelimit-user: TimeLeft:%llu\r\nRateLimit-Policy: %llu;w=1\r\n"
+             "RateLimit: limit=%llu, remaining=%llu, reset=%llu\r\n",
+             (unsigned long long)secs, (unsigned long long)ms, (unsigned long long)d.limit,
+             (unsigned long long)d.limit, (unsigned long long)d.remaining, (unsigned long long)reset);
+    reject(c, SL_OUT_THROTTLED, 429, "Throttling.User", "Request was denied due to user flow control.", extra);
+    return;
+  }
+  if (d.result == LIM_FULL) {
+    sl_stat_add(&w->stats.limiter_full, 1);
+    if (w->cfg->limiter_full[0] == 'c') {
+      reject(c, SL_OUT_UNAVAILABLE, 503, "ServiceUnavailable", "The rate limiter is full; retry later.",
+             "Retry-After: 1\r\n");
+      return;
+    }
+  }
+  c->tier = s->feature_tier[f];
+  c->pool = c->tier == SL_TIER_LLM ? SL_POOL_LLM : SL_POOL_DEFAULT;
+  sl_upstream_send(w, c);
+}
+
+static void park(struct sl_conn *c) {
+  struct sl_worker *w = c->w;
+  if (w->nparked >= w->cfg->max_parked) {
+    reject(c, SL_OUT_UNAVAILABLE, 503, "ServiceUnavailable", "Too many requests wait for account lookups.",
+           "Retry-After: 1\r\n");
+    return;
+  }
+  /* One ask per worker and account: the directory thread merges the rest. */
+  int asked = 0;
+  for (struct sl_link *l = w->parked.next; l != &w->parked && !asked; l = l->next) {
+    const struct sl_conn *o = sl_container_of(l, struct sl_conn, park);
+    asked = o->ak_hash == c->ak_hash && o->cls.ak_len == c->cls.ak_len && !memcmp(o->cls.ak, c->cls.ak, c->cls.ak_len);
+  }
+  if (!asked && sl_dirsync_lookup(&w->shared->dir, w->id, c->cls.ak, c->cls.ak_len, c->ak_hash) != 0) {
+    reject(c, SL_OUT_UNAVAILABLE, 503, "ServiceUnavailable", "Too many account lookups are queued.",
+           "Retry-After: 1\r\n");
+    return;
+  }
+  sl_list_push(&w->parked, &c->park);
+  c->parked = 1;
+  w->nparked++;
+  sl_stat_add(&w->stats.parked, 1);
+  sl_stat_add(&w->stats.parked_now, 1);
+  /* A safety net: the directory answers within lookup-timeout-ms. */
+  c->deadline = uv_now(&w->loop) + w->cfg->lookup_timeout_ms + 2000;
+}
+
+void sl_admit_unpark(struct sl_conn *c) {
+  if (!c->parked) return;
+  sl_list_remove(&c->park);
+  c->parked = 0;
+  c->w->nparked--;
+  sl_stat_sub(&c->w->stats.parked_now, 1);
+  c->deadline = 0;
+}
+
+static inline int usable(const struct sl_acct *a, uint64_t now) {
+  return a && (a->kind == SL_ACCT_FOUND || a->valid_until_ms > now);
+}
+
+void sl_admit_resume(struct sl_worker *w) {
+  if (!w->nparked) return;
+  const struct sl_dir_snap *s = sl_dirsync_snap(&w->shared->dir);
+  uint64_t now = uv_now(&w->loop);
+  struct sl_link *l, *next;
+  for (l = w->parked.next; l != &w->parked; l = next) {
+    next = l->next;
+    struct sl_conn *c = sl_container_of(l, struct sl_conn, park);
+    const struct sl_acct *a = sl_dir_find(s, c->cls.ak, c->cls.ak_len, c->ak_hash);
+    if (!usable(a, now)) continue;
+    sl_admit_unpark(c);
+    /* May answer c, and so parse (and park) its next pipelined request:
+     * c is then re-queued at the tail, and `next` stays valid. */
+    admit_account(c, s, a);
+  }
+}
+
+void sl_admit(struct sl_conn *c) {
+  struct sl_worker *w = c->w;
+  struct sl_class_input in = {
+      .url = c->buf + c->url_off,
+      .url_len = c->url_len,
+      .default_region = w->cfg->region,
+  };
+  hdr_value(c, c->h_host, &in.host, &in.host_len);
+  hdr_value(c, c->h_auth, &in.authorization, &in.auth_len);
+  hdr_value(c, c->h_action, &in.acs_action, &in.acs_action_len);
+  hdr_value(c, c->h_ctype, &in.content_type, &in.ct_len);
+  if (c->chunked_req) {
+    in.body = c->body.data;
+    in.body_len = c->body.len;
+  } else if (c->has_body) {
+    in.body = c->buf + c->body_off;
+    in.body_len = c->body_len;
+  }
+  enum sl_class_err e = sl_classify(&in, &c->cls);
+  if (e != SL_CLASS_OK) {
+    reject(c, SL_OUT_BAD_REQUEST, 400, sl_class_err_code(e), sl_class_err_message(e), NULL);
+    return;
+  }
+  if (c->cls.ak_len == 0) {
+    reject(c, SL_OUT_UNAUTHENTICATED, 403, "InvalidAccessKeyId.NotFound",
+           "The request carries no AccessKeyId (query AccessKeyId or Authorization Credential).", NULL);
+    return;
+  }
+  c->ak_hash = sl_dir_hash(c->cls.ak, c->cls.ak_len);
+  const struct sl_dir_snap *s = sl_dirsync_snap(&w->shared->dir);
+  const struct sl_acct *a = sl_dir_find(s, c->cls.ak, c->cls.ak_len, c->ak_hash);
+  if (!usable(a, uv_now(&w->loop))) {
+    park(c);
+    return;
+  }
+  admit_account(c, s, a);
+}

@@ -1,0 +1,106 @@
+/* The directory thread: keeps the account directory (dir.h) in step with
+ * Redis. It loads the suspended set and feature overrides whole, accounts
+ * (AccessKeyId -> UID and that UID's packages) on first sight, listens for
+ * keyspace notifications and messages on `P changes`, and resyncs everything
+ * it holds every resync interval. It runs its own libuv loop with hiredis'
+ * async API; workers talk to it through a lock-free ring and uv_async. */
+#ifndef SL_DIRSYNC_H
+#define SL_DIRSYNC_H
+
+#include <stdatomic.h>
+#include <uv.h>
+
+#include "config.h"
+#include "dir.h"
+#include "ring.h"
+
+#define SL_DIR_MAX_PENDING 4096 /* distinct accounts being looked up at once */
+
+struct sl_lookup_msg {
+  uint64_t hash;
+  uint16_t worker;
+  uint8_t len;
+  char ak[SL_AK_MAX + 1];
+};
+
+struct sl_dirsync_stats {
+  _Atomic uint64_t redis_up;          /* gauge 0/1 */
+  _Atomic uint64_t keyspace_enabled;  /* gauge 0/1: CONFIG SET worked or was already set */
+  _Atomic uint64_t lookups;           /* accounts asked for by workers */
+  _Atomic uint64_t lookup_failures;   /* answered "unavailable" (Redis down or slow) */
+  _Atomic uint64_t notifications;     /* keyspace events and change messages handled */
+  _Atomic uint64_t resyncs;           /* full resyncs completed */
+  _Atomic uint64_t reconnects;        /* connection attempts after a loss */
+  _Atomic uint64_t invalid_packages;  /* package hashes that could not be used */
+  _Atomic uint64_t accounts;          /* gauge: records in the directory */
+  _Atomic uint64_t version;           /* gauge: directory snapshot version */
+  _Atomic uint64_t evictions;
+};
+
+struct sl_dirsync_slot {
+  _Alignas(64) _Atomic uint64_t seen; /* one worker's quiescent version */
+};
+
+struct sl_dirsync {
+  uv_thread_t thread;
+  uv_loop_t loop;
+  uv_async_t wake;
+  uv_timer_t tick, flush;
+  struct sl_ring ring;
+  struct sl_dir_builder b;
+  struct sl_dirsync_stats stats;
+  struct sl_dirsync_slot *seen;
+  uv_async_t **worker_wakes;
+  unsigned nworkers;
+  _Atomic int stop;
+  /* configuration (copied at start) */
+  char prefix[64];
+  size_t prefix_len;
+  char host[256];
+  int port; /* 0: unix socket at host */
+  unsigned resync_ms, lookup_timeout_ms, negative_ttl_ms, unavailable_ttl_ms;
+  /* Redis connections: commands, and the subscriber */
+  void *cmd, *sub; /* redisAsyncContext */
+  int cmd_ready, sub_ready;
+  int said_down; /* the current outage was logged */
+  uint64_t backoff_ms, next_connect_ms, next_resync_ms;
+  int resync_running;
+  /* lookups in flight */
+  struct {
+    uint64_t hash, started_ms;
+    uint8_t len;
+    char ak[SL_AK_MAX + 1];
+  } pending[SL_DIR_MAX_PENDING];
+  unsigned npending;
+  /* coalesced reloads */
+  int reload_state;
+  char (*reload_ak)[SL_AK_MAX + 1];
+  uint8_t *reload_len;
+  unsigned nreload, capreload;
+  int dirty;
+};
+
+/* Starts the thread. `worker_wakes` are the workers' async handles, woken
+ * after each publish. Returns 0 or a negative errno. */
+int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned nworkers, uv_async_t **worker_wakes);
+/* Stops the thread and frees everything; no worker may read afterwards. */
+void sl_dirsync_stop(struct sl_dirsync *d);
+
+/* Worker side. The current snapshot (acquire load; valid until the worker's
+ * next sl_dirsync_quiescent). */
+static inline const struct sl_dir_snap *sl_dirsync_snap(struct sl_dirsync *d) {
+  /* acquire: pairs with the publish's release store. */
+  return atomic_load_explicit(&d->b.current, memory_order_acquire);
+}
+/* Asks for ak to be loaded; the worker is woken after the answer is
+ * published. Returns 0 or -ENOBUFS when the ring is full. */
+int sl_dirsync_lookup(struct sl_dirsync *d, unsigned worker, const char *ak, size_t len, uint64_t hash);
+/* Records that `worker` holds no snapshot pointer older than the current. */
+void sl_dirsync_quiescent(struct sl_dirsync *d, unsigned worker);
+
+/* For an occasional reader that is not a worker (the admin thread): the
+ * snapshot stays valid until sl_dirsync_exit. One such reader at a time. */
+const struct sl_dir_snap *sl_dirsync_enter(struct sl_dirsync *d);
+void sl_dirsync_exit(struct sl_dirsync *d);
+
+#endif
