@@ -176,28 +176,37 @@ static void *runner(void *arg) {
   return NULL;
 }
 
-/* Runs `threads` threads of `ops` decisions each; returns total decisions
- * per second. */
+/* Runs `threads` threads of `ops` decisions each, REPS times; returns the
+ * best total decisions per second (the machine may be shared: the best run
+ * is the one least disturbed). */
+#define REPS 3
 static double measure(struct lim_table *t, struct mtable *m, enum mode mode,
                       unsigned threads, uint64_t rate, uint64_t ops,
                       unsigned ahead) {
-  struct run r[2];
-  pthread_barrier_t bar;
-  uint64_t t0 = UINT64_MAX, t1 = 0;
+  double best = 0;
 
-  pthread_barrier_init(&bar, NULL, threads);
-  for (unsigned i = 0; i < threads; i++) {
-    r[i] = (struct run){.bar = &bar, .t = t, .m = m, .mode = mode, .id = i,
-                        .rate = rate, .ops = ops, .ahead = ahead};
-    pthread_create(&r[i].th, NULL, runner, &r[i]);
+  for (unsigned rep = 0; rep < REPS; rep++) {
+    struct run r[2];
+    pthread_barrier_t bar;
+    uint64_t t0 = UINT64_MAX, t1 = 0;
+    double v;
+
+    pthread_barrier_init(&bar, NULL, threads);
+    for (unsigned i = 0; i < threads; i++) {
+      r[i] = (struct run){.bar = &bar, .t = t, .m = m, .mode = mode, .id = i,
+                          .rate = rate, .ops = ops / REPS, .ahead = ahead};
+      pthread_create(&r[i].th, NULL, runner, &r[i]);
+    }
+    for (unsigned i = 0; i < threads; i++) {
+      pthread_join(r[i].th, NULL);
+      t0 = r[i].t0 < t0 ? r[i].t0 : t0;
+      t1 = r[i].t1 > t1 ? r[i].t1 : t1;
+    }
+    pthread_barrier_destroy(&bar);
+    v = (double)(ops / REPS) * threads * 1e9 / (double)(t1 - t0);
+    best = v > best ? v : best;
   }
-  for (unsigned i = 0; i < threads; i++) {
-    pthread_join(r[i].th, NULL);
-    t0 = r[i].t0 < t0 ? r[i].t0 : t0;
-    t1 = r[i].t1 > t1 ? r[i].t1 : t1;
-  }
-  pthread_barrier_destroy(&bar);
-  return (double)ops * threads * 1e9 / (double)(t1 - t0);
+  return best;
 }
 
 static long rss_kib(void) {
@@ -269,10 +278,10 @@ int main(int argc, char **argv) {
   m2_hot = measure(NULL, &m, HOT, 2, LIM_RATE_MAX, ops / 2, 0);
   m2_hot_rej = measure(NULL, &m, HOT, 2, 1000, ops / 2, 0);
 
-  printf("lim_bench: %u keys of %zu bytes, %u shards, %lu CPUs, %llu "
-         "decisions per run and thread\n\n",
-         NKEYS, sizeof k, st.shards, sysconf(_SC_NPROCESSORS_ONLN),
-         (unsigned long long)ops);
+  printf("lim_bench: %u keys of %zu bytes, %u shards, %ld CPUs; each row is "
+         "the best of %d runs of %llu decisions a thread\n\n",
+         NKEYS, sizeof k, st.shards, sysconf(_SC_NPROCESSORS_ONLN), REPS,
+         (unsigned long long)(ops / REPS));
   printf("| measurement | result | target |\n|---|---|---|\n");
   row("1 thread, hot key, all admitted", 1e9 / hot, "ns/decision", "");
   row("1 thread, hot key, over limit", 1e9 / hot_rej, "ns/decision", "");
