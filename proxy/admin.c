@@ -137,6 +137,44 @@ void sl_admin_metrics(struct sl_admin *a, struct sl_buf *o) {
       appendf(o, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", d[i].name, d[i].help, d[i].name, d[i].type, d[i].name,
               (unsigned long long)atomic_load_explicit(d[i].v, memory_order_relaxed));
   }
+  if (a->flusher) {
+    struct sl_flusher_stats *fs = &a->flusher->stats;
+    uint64_t oldest = atomic_load_explicit(&fs->oldest_ms, memory_order_relaxed);
+    uint64_t age = oldest ? uv_hrtime() / 1000000 - oldest : 0;
+    struct {
+      const char *name, *type, *help;
+      uint64_t v;
+    } m[] = {
+        {"sluice_meter_batches_total", "counter", "Metering batches made.", LOAD(fs->batches)},
+        {"sluice_meter_batches_applied_total", "counter", "Batches applied by Redis.", LOAD(fs->applied)},
+        {"sluice_meter_batches_deduplicated_total", "counter", "Batches Redis had already applied (a lost reply).",
+         LOAD(fs->deduplicated)},
+        {"sluice_meter_batches_retried_total", "counter", "Batches sent again after a lost reply or an error.",
+         LOAD(fs->retried)},
+        {"sluice_meter_batches_replayed_total", "counter", "Batches read back from the spool at start.",
+         LOAD(fs->replayed)},
+        {"sluice_meter_queue_batches", "gauge", "Batches not yet applied.", LOAD(fs->queued)},
+        {"sluice_meter_unflushed_requests", "gauge", "Requests counted in batches not yet applied.",
+         LOAD(fs->queued_counts)},
+        {"sluice_meter_oldest_unflushed_seconds", "gauge", "Age of the oldest batch not yet applied.", age / 1000},
+        {"sluice_meter_spool_bytes", "gauge", "Size of the spool file.", LOAD(fs->spool_bytes)},
+        {"sluice_meter_spool_full", "gauge", "1 while the spool is at its bound.", LOAD(fs->spool_full)},
+        {"sluice_meter_spool_errors_total", "counter", "Spool writes or syncs that failed.", LOAD(fs->spool_errors)},
+        {"sluice_meter_redis_up", "gauge", "1 while the flusher's Redis connection is up.", LOAD(fs->redis_up)},
+        {"sluice_meter_counted_total", "counter", "Requests handed to batches.", LOAD(fs->counted)},
+        {"sluice_meter_lost_total", "counter", "Counted requests lost (spool full at exit without Redis).",
+         LOAD(fs->lost)},
+        {"sluice_meter_flush_latency_max_ms", "gauge", "Longest time from a batch made to applied.",
+         LOAD(fs->flush_latency_us_max) / 1000},
+    };
+    for (size_t i = 0; i < SL_ARRAY_SIZE(m); i++)
+      appendf(o, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", m[i].name, m[i].help, m[i].name, m[i].type, m[i].name,
+              (unsigned long long)m[i].v);
+    uint64_t applied = LOAD(fs->applied) + LOAD(fs->deduplicated);
+    appendf(o, "# HELP sluice_meter_flush_latency_seconds_avg Mean time from a batch made to applied.\n"
+               "# TYPE sluice_meter_flush_latency_seconds_avg gauge\nsluice_meter_flush_latency_seconds_avg %.6f\n",
+            applied ? (double)LOAD(fs->flush_latency_us_sum) / 1e6 / (double)applied : 0.0);
+  }
   if (a->lim) {
     struct lim_stats ls;
     lim_table_stats(a->lim, &ls);

@@ -13,6 +13,7 @@ struct sl_admin {
   unsigned nworkers;
   _Atomic uint64_t *config_version;
   struct sl_dirsync *dir;
+  struct sl_flusher *flusher;
   struct lim_table *lim;
 };
 

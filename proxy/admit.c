@@ -4,7 +4,6 @@
  * of the answers: 400 (cannot classify), 403 (no such AccessKeyId), 403
  * (suspended), 429 (over the limit). */
 #include <string.h>
-#include <time.h>
 
 #include "http.h"
 #include "limiter.h"
@@ -47,15 +46,20 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
            "The account directory cannot be reached; retry later.", "Retry-After: 1\r\n");
     return;
   }
+  memcpy(c->uid, a->uid, a->uid_len);
+  c->uid_len = a->uid_len;
   if (sl_dir_is_suspended(s, a->uid, a->uid_len)) {
     reject(c, SL_OUT_SUSPENDED, 403, "Forbidden.AccountSuspended",
            "The account is suspended for overdue payment. Settle the overdue bill to resume service.", NULL);
     return;
   }
+  if (sl_meter_saturated(&w->meter)) { /* a call that cannot be counted is not forwarded */
+    reject(c, SL_OUT_UNAVAILABLE, 503, "ServiceUnavailable", "Metering is backed up; retry later.",
+           "Retry-After: 1\r\n");
+    return;
+  }
   int f = c->cls.feature;
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME_COARSE, &ts);
-  uint64_t limit = sl_dir_limit(s, a, f, c->cls.region, c->cls.region_len, (int64_t)ts.tv_sec);
+  uint64_t limit = sl_dir_limit(s, a, f, c->cls.region, c->cls.region_len, c->arrival_s);
   /* Bucket key: UID, feature and region, separated by a byte none of them holds. */
   char key[SL_UID_MAX + 1 + 32 + 1 + SL_REGION_MAX + 1];
   size_t fl = strlen(sl_features[f].name), kl = 0;

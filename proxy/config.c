@@ -12,7 +12,7 @@
 
 #include "common.h"
 
-enum opt_type { OPT_ADDR, OPT_ADDR_LIST, OPT_STR, OPT_UINT, OPT_U64 };
+enum opt_type { OPT_ADDR, OPT_ADDR_LIST, OPT_STR, OPT_UINT, OPT_U64, OPT_INT };
 
 struct opt {
   const char *name; /* long option and YAML key ('_' and '-' are the same) */
@@ -51,6 +51,19 @@ static const struct opt opts[] = {
   {"max-fails", OPT_UINT, F(max_fails), 0, 1, 1000, "consecutive failures that eject an upstream (1)"},
   {"fail-timeout-ms", OPT_UINT, F(fail_timeout_ms), 0, 10, 3600000, "ejection time before a probe (5000)"},
   {"drain-timeout-ms", OPT_UINT, F(drain_timeout_ms), 0, 10, 3600000, "SIGTERM drain bound (10000)"},
+  {"spool-dir", OPT_STR, F(spool_dir), sizeof(((struct sl_config *)0)->spool_dir), 0, 0,
+   "metering spool and instance id directory (/var/lib/sluice)"},
+  {"instance-id", OPT_STR, F(instance_id), sizeof(((struct sl_config *)0)->instance_id), 0, 0,
+   "metering instance id (default: kept in the spool directory)"},
+  {"spool-max-bytes", OPT_U64, F(spool_max_bytes), 0, 4096, 1ull << 40, "metering spool bound (1073741824)"},
+  {"meter-keys", OPT_UINT, F(meter_keys), 0, 16, 10000000, "metering keys per worker table (16384)"},
+  {"meter-queue-batches", OPT_UINT, F(meter_queue_batches), 0, 1, 10000000,
+   "metering batches held for Redis before workers refuse new calls (10000)"},
+  {"final-flush-ms", OPT_UINT, F(final_flush_ms), 0, 0, 600000, "SIGTERM: wait for Redis to take the counts (5000)"},
+  {"billing-tz-offset-min", OPT_INT, F(billing_tz_offset_min), 0, 720, 840,
+   "billing day's time zone, minutes east of UTC (0)"},
+  {"time-offset-s", OPT_INT, F(time_offset_s), 0, 1000000000, 1000000000,
+   "testing aid: shift sluice's wall clock by N seconds (0)"},
   {"admission", OPT_STR, F(admission), sizeof(((struct sl_config *)0)->admission), 0, 0,
    "on|off: off forwards every request to the default pool unchecked (on)"},
   {"resync-ms", OPT_UINT, F(resync_ms), 0, 100, 86400000, "full resync from Redis (30000)"},
@@ -155,6 +168,18 @@ static int opt_apply(struct sl_config *c, const struct opt *o, const char *val, 
       memcpy(base + o->off, val, l + 1);
       return 0;
     }
+    case OPT_INT: {
+      char *end;
+      errno = 0;
+      long long v = strtoll(val, &end, 10);
+      long long lo = -(long long)o->min, hi = (long long)o->max; /* min holds the magnitude of the lower bound */
+      if (*val == '\0' || *end != '\0' || errno || v < lo || v > hi) {
+        set_err(err, errlen, "%s: '%s' is not an integer in [%lld, %lld]", o->name, val, lo, hi);
+        return -1;
+      }
+      *(int *)(base + o->off) = (int)v;
+      return 0;
+    }
     case OPT_UINT:
     case OPT_U64: {
       char *end;
@@ -205,6 +230,11 @@ static void config_defaults(struct sl_config *c) {
   c->max_parked = 10000;
   strcpy(c->limiter_full, "open");
   strcpy(c->admission, "on");
+  strcpy(c->spool_dir, "/var/lib/sluice");
+  c->spool_max_bytes = 1ull << 30;
+  c->meter_keys = 16384;
+  c->meter_queue_batches = 10000;
+  c->final_flush_ms = 5000;
 }
 
 static const char *scalar(yaml_node_t *n) { return (const char *)n->data.scalar.value; }

@@ -44,6 +44,15 @@ struct sl_config {
   unsigned max_fails;           /* consecutive failures that eject an address */
   unsigned fail_timeout_ms;     /* how long an ejected address rests before a probe */
   unsigned drain_timeout_ms;    /* SIGTERM: bound on finishing requests in flight */
+  /* metering */
+  char spool_dir[256];
+  char instance_id[48];
+  uint64_t spool_max_bytes;
+  unsigned meter_keys;          /* keys per worker metering table */
+  unsigned meter_queue_batches; /* batches waiting for Redis, at most */
+  unsigned final_flush_ms;
+  int billing_tz_offset_min;    /* minutes east of UTC for the billing day */
+  int time_offset_s;            /* testing aid: added to the wall clock */
   /* admission */
   char admission[8];           /* "on", or "off" to proxy without classifying (benchmarks of the core) */
   unsigned resync_ms;          /* full reload of what the directory holds */

@@ -3,6 +3,7 @@
  * order (pipelining), and enforce the header/body/time bounds. */
 #include <arpa/inet.h>
 #include <string.h>
+#include <time.h>
 
 #include "http.h"
 #include "proxy.h"
@@ -240,6 +241,11 @@ void sl_conn_upstream_failed(struct sl_conn *c, int status, const char *code, co
 }
 
 static void conn_start_request(struct sl_conn *c) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+  c->arrival_s = (int64_t)ts.tv_sec + c->w->cfg->time_offset_s;
+  c->day = sl_meter_worker_day(&c->w->meter, c->arrival_s);
+  c->uid_len = 0;
   c->phase = SL_C_READING;
   c->deadline = now_ms(c) + c->w->cfg->header_timeout_ms;
   c->reqid[0] = '\0';
@@ -267,11 +273,38 @@ static void conn_dispatch(struct sl_conn *c) {
     sl_upstream_send(w, c);
 }
 
+/* Counts the request for billing: UID "-" when no account was found,
+ * feature and region "-" when the request could not be classified. */
+static void conn_meter(struct sl_conn *c) {
+  struct sl_meter_key k;
+  memset(&k, 0, sizeof(k));
+  k.day = c->day;
+  k.feature = c->cls.feature >= 0 ? (uint8_t)c->cls.feature : SL_METER_NO_FEATURE;
+  k.tier = c->tier;
+  k.outcome = c->outcome;
+  if (c->uid_len) {
+    k.uid_len = c->uid_len;
+    memcpy(k.uid, c->uid, c->uid_len);
+  } else {
+    k.uid_len = 1;
+    k.uid[0] = '-';
+  }
+  if (c->cls.feature >= 0 && c->cls.region_len) {
+    k.region_len = c->cls.region_len;
+    memcpy(k.region, c->cls.region, c->cls.region_len);
+  } else {
+    k.region_len = 1;
+    k.region[0] = '-';
+  }
+  sl_meter_count(&c->w->meter, &k);
+}
+
 static void conn_finish(struct sl_conn *c) {
   struct sl_worker *w = c->w;
   if (c->status >= 100 && c->status < 600) sl_stat_add(&w->stats.status_class[c->status / 100], 1);
   if (!c->decided) c->outcome = c->status == 200 ? SL_OUT_OK : SL_OUT_UPSTREAM_ERROR;
   sl_stat_add(&w->stats.outcome[c->outcome][c->cls.feature + 1], 1);
+  conn_meter(c);
   sl_log_access(w, c);
   int more = c->parsed < c->len;
   if (c->close_after || !c->keep_alive || (c->eof && !more) || (w->draining && !more)) {

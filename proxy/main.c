@@ -171,6 +171,13 @@ int main(int argc, char **argv) {
     fprintf(stderr, "sluice: directory thread: %s\n", strerror(-r));
     return 1;
   }
+  struct sl_meter_worker **meters = sl_calloc(m.nworkers, sizeof(*meters));
+  for (unsigned i = 0; i < m.nworkers; i++) meters[i] = &m.workers[i].meter;
+  if (sl_flusher_start(&m.shared.flusher, cfg, meters, wakes, m.nworkers, err, sizeof(err)) != 0) {
+    fprintf(stderr, "sluice: metering: %s\n", err);
+    return 1;
+  }
+  m.admin.flusher = &m.shared.flusher;
   m.admin.dir = &m.shared.dir;
   m.admin.lim = m.shared.lim;
   for (unsigned i = 0; i < m.nworkers; i++) {
@@ -193,10 +200,12 @@ int main(int argc, char **argv) {
           cfg->listen.text, cfg->admin.text, m.nworkers, cfg->n_upstream, cfg->n_upstream_llm);
   uv_run(m.loop, UV_RUN_DEFAULT);
   for (unsigned i = 0; i < m.nworkers; i++) uv_thread_join(&m.workers[i].thread);
+  sl_flusher_stop(&m.shared.flusher); /* every count to Redis, or to the spool */
   sl_dirsync_stop(&m.shared.dir);
   for (unsigned i = 0; i < m.nworkers; i++) sl_worker_destroy(&m.workers[i]);
   lim_table_free(m.shared.lim);
   free(wakes);
+  free(meters);
   fprintf(stderr, "sluice: stopped\n");
   for (unsigned i = 0; i < m.nsnap; i++) free(m.snapshots[i]);
   free(m.workers);

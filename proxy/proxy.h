@@ -13,6 +13,8 @@
 #include "common.h"
 #include "config.h"
 #include "dirsync.h"
+#include "flusher.h"
+#include "meter.h"
 
 #define SL_POOL_DEFAULT 0
 #define SL_POOL_LLM 1
@@ -45,6 +47,7 @@ extern const char *const sl_outcome_names[SL_NOUTCOMES];
 struct sl_shared {
   struct sl_dirsync dir;
   struct lim_table *lim;
+  struct sl_flusher flusher;
 };
 
 /* Per-worker counters: written by the owning worker only, read by the admin
@@ -182,6 +185,10 @@ struct sl_conn {
   struct sl_link park; /* in w->parked while waiting for an account lookup */
   uint64_t ak_hash;
   uint8_t outcome;     /* enum sl_outcome once decided */
+  uint8_t uid_len;
+  char uid[SL_UID_MAX + 1]; /* the account's UID once known, for metering */
+  uint32_t day;        /* arrival day (billing time zone) */
+  int64_t arrival_s;   /* arrival wall-clock time, unix seconds */
   uint8_t tier;
   uint32_t url_off, url_len;
   uint32_t last_span_end;
@@ -227,6 +234,7 @@ struct sl_worker {
   int draining;
   uint64_t drain_deadline;
   struct sl_shared *shared;
+  struct sl_meter_worker meter;
   struct sl_link parked;
   unsigned nparked;
   struct sl_pool *pools[SL_NPOOLS];

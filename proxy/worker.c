@@ -107,6 +107,14 @@ static void on_wake(uv_async_t *a) {
   }
   sl_admit_resume(w);
   sl_dirsync_quiescent(&w->shared->dir, w->id);
+  /* acquire: pairs with the flusher's round store. */
+  uint64_t round = atomic_load_explicit(&w->meter.round_req, memory_order_acquire);
+  if (round != atomic_load_explicit(&w->meter.round_done, memory_order_relaxed)) {
+    sl_meter_handoff(&w->meter);
+    /* release: the handed-off tables are in the ring before the flusher sees the round done. */
+    atomic_store_explicit(&w->meter.round_done, round, memory_order_release);
+    sl_flusher_notify(&w->shared->flusher);
+  }
   if (atomic_load_explicit(&w->drain, memory_order_acquire) && !w->draining) {
     w->draining = 1;
     w->drain_deadline = uv_now(&w->loop) + w->cfg->drain_timeout_ms;
@@ -137,6 +145,7 @@ void sl_worker_destroy(struct sl_worker *w) {
   uv_close((uv_handle_t *)&w->wake, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
   uv_loop_close(&w->loop);
+  sl_meter_worker_free(&w->meter);
 }
 
 int sl_worker_run(struct sl_worker *w) { return uv_thread_create(&w->thread, worker_main, w); }
@@ -147,6 +156,7 @@ int sl_worker_init(struct sl_worker *w, unsigned id, const struct sl_config *cfg
   w->id = id;
   w->shared = shared;
   sl_list_init(&w->parked);
+  if ((r = sl_meter_worker_init(&w->meter, cfg->meter_keys, cfg->billing_tz_offset_min)) != 0) return r;
   w->cfg = cfg;
   atomic_store_explicit(&w->cfg_seen, cfg->version, memory_order_relaxed);
   w->log_fd = -1;

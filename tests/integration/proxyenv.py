@@ -67,6 +67,8 @@ def start_sluice(test, upstreams, *args, workers=2, config=None, llm=(), redis=N
     if admission is None:
         admission = "on" if redis is not None else "off"
     argv += ["--admission", admission]
+    if not any(a == "--spool-dir" for a in args):
+        argv += ["--spool-dir", os.path.join(tmpdir, "spool")]
     argv += list(args)
     log = os.path.join(tmpdir, "stderr.log")
     errf = open(log, "wb")

@@ -1,0 +1,703 @@
+#include "flusher.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-parameter"
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include <hiredis/adapters/libuv.h>
+#pragma GCC diagnostic pop
+
+#include "catalog.h"
+#include "common.h"
+
+#define SPOOL_MAGIC 0x314d4c53u /* "SLM1" */
+#define REC_BATCH 1
+#define REC_ACK 2
+
+/* Applies one batch exactly once: the id is recorded with SET NX (kept 7
+ * days) in the same atomic script as the counts, so a batch sent again
+ * after a lost reply changes nothing. */
+static const char apply_script[] =
+    "local p, id = ARGV[1], ARGV[2] "
+    "if not redis.call('SET', p .. 'meter:batch:' .. id, '1', 'NX', 'EX', 604800) then return 0 end "
+    "local n = tonumber(ARGV[3]) "
+    "for i = 0, n - 1 do "
+    "  local b = 4 + i * 7 "
+    "  local day, uid, f, r, tier, o, c = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], "
+    "                                     ARGV[b + 5], ARGV[b + 6] "
+    "  redis.call('HINCRBY', p .. 'calls:' .. day .. ':' .. uid, f .. ':' .. r .. ':' .. o, c) "
+    "  if o == 'ok' then "
+    "    redis.call('HINCRBY', p .. 'usage:' .. day .. ':' .. uid, f .. ':' .. r, c) "
+    "    redis.call('SADD', p .. 'usage:' .. day, uid) "
+    "  end "
+    "  redis.call('XADD', p .. 'usage:stream', 'MAXLEN', '~', '1000000', '*', 'batch', id, 'day', day, "
+    "             'uid', uid, 'feature', f, 'region', r, 'tier', tier, 'outcome', o, 'count', c) "
+    "end "
+    "return 1";
+
+static const char *const outcome_names[] = {"ok",        "upstream_error",  "throttled",  "suspended",
+                                            "unauthenticated", "bad_request", "unavailable"};
+
+static uint64_t mono_ms(void) { return uv_hrtime() / 1000000; }
+static inline void stat_add(_Atomic uint64_t *c, uint64_t v) { atomic_fetch_add_explicit(c, v, memory_order_relaxed); }
+static inline void stat_set(_Atomic uint64_t *c, uint64_t v) { atomic_store_explicit(c, v, memory_order_relaxed); }
+
+uint32_t sl_crc32(const void *p, size_t n) {
+  static uint32_t table[256];
+  static int ready;
+  if (!ready) { /* built once, on the flusher thread, before any concurrent use */
+    for (uint32_t i = 0; i < 256; i++) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; k++) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
+      table[i] = c;
+    }
+    ready = 1;
+  }
+  const unsigned char *s = p;
+  uint32_t c = 0xffffffffu;
+  for (size_t i = 0; i < n; i++) c = table[(c ^ s[i]) & 0xff] ^ (c >> 8);
+  return c ^ 0xffffffffu;
+}
+
+/* ---- spool records: [magic u32][type u8][pad 3][len u32][crc u32][payload] ---- */
+
+#define HDR 16
+size_t sl_spool_batch_size(const struct sl_batch *b) {
+  size_t n = HDR + 1 + b->id_len + 4;
+  for (uint32_t i = 0; i < b->n; i++) n += 4 + 5 + b->e[i].k.uid_len + b->e[i].k.region_len + 8;
+  return n;
+}
+
+static void put_hdr(unsigned char *o, uint8_t type, uint32_t len, const unsigned char *payload) {
+  uint32_t magic = SPOOL_MAGIC, crc = sl_crc32(payload, len);
+  memcpy(o, &magic, 4);
+  o[4] = type;
+  o[5] = o[6] = o[7] = 0;
+  memcpy(o + 8, &len, 4);
+  memcpy(o + 12, &crc, 4);
+}
+
+size_t sl_spool_encode_batch(const struct sl_batch *b, unsigned char *out) {
+  unsigned char *p = out + HDR;
+  *p++ = b->id_len;
+  memcpy(p, b->id, b->id_len);
+  p += b->id_len;
+  memcpy(p, &b->n, 4);
+  p += 4;
+  for (uint32_t i = 0; i < b->n; i++) {
+    const struct sl_meter_key *k = &b->e[i].k;
+    memcpy(p, &k->day, 4);
+    p += 4;
+    *p++ = k->feature;
+    *p++ = k->tier;
+    *p++ = k->outcome;
+    *p++ = k->uid_len;
+    *p++ = k->region_len;
+    memcpy(p, k->uid, k->uid_len);
+    p += k->uid_len;
+    memcpy(p, k->region, k->region_len);
+    p += k->region_len;
+    memcpy(p, &b->e[i].count, 8);
+    p += 8;
+  }
+  put_hdr(out, REC_BATCH, (uint32_t)(p - out - HDR), out + HDR);
+  return (size_t)(p - out);
+}
+
+static struct sl_batch *batch_new(uint32_t n) {
+  struct sl_batch *b = sl_calloc(1, sizeof(*b) + n * sizeof(struct sl_batch_entry));
+  return b;
+}
+
+/* Decodes a batch payload; NULL when malformed. */
+static struct sl_batch *decode_batch(const unsigned char *p, size_t len) {
+  const unsigned char *end = p + len;
+  if (len < 5 || p[0] == 0 || p[0] >= sizeof(((struct sl_batch *)0)->id) || (size_t)(1 + p[0] + 4) > len)
+    return NULL;
+  uint8_t idl = p[0];
+  uint32_t n;
+  memcpy(&n, p + 1 + idl, 4);
+  if (n > SL_BATCH_MAX) return NULL;
+  struct sl_batch *b = batch_new(n);
+  b->id_len = idl;
+  memcpy(b->id, p + 1, idl);
+  const unsigned char *q = p + 1 + idl + 4;
+  for (uint32_t i = 0; i < n; i++) {
+    struct sl_meter_key *k = &b->e[i].k;
+    if (end - q < 9) goto bad;
+    memcpy(&k->day, q, 4);
+    k->feature = q[4];
+    k->tier = q[5];
+    k->outcome = q[6];
+    k->uid_len = q[7];
+    k->region_len = q[8];
+    q += 9;
+    if (k->uid_len > SL_UID_MAX || k->region_len > SL_REGION_MAX || k->outcome >= SL_ARRAY_SIZE(outcome_names) ||
+        end - q < k->uid_len + k->region_len + 8)
+      goto bad;
+    memcpy(k->uid, q, k->uid_len);
+    q += k->uid_len;
+    memcpy(k->region, q, k->region_len);
+    q += k->region_len;
+    memcpy(&b->e[i].count, q, 8);
+    q += 8;
+  }
+  b->n = n;
+  return b;
+bad:
+  free(b);
+  return NULL;
+}
+
+static void spool_write(struct sl_flusher *f, const void *p, size_t n) {
+  if (f->spool_fd < 0) return;
+  const char *s = p;
+  while (n) {
+    ssize_t w = write(f->spool_fd, s, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) {
+      fprintf(stderr, "sluice: spool %s: write: %s\n", f->spool_path, strerror(errno));
+      stat_add(&f->stats.spool_errors, 1);
+      return;
+    }
+    s += w;
+    n -= (size_t)w;
+    f->spool_bytes += (uint64_t)w;
+  }
+  f->spool_dirty = 1;
+  stat_set(&f->stats.spool_bytes, f->spool_bytes);
+}
+
+static void spool_sync(struct sl_flusher *f) {
+  if (f->spool_fd >= 0 && f->spool_dirty) {
+    if (fdatasync(f->spool_fd) != 0) stat_add(&f->stats.spool_errors, 1);
+    f->spool_dirty = 0;
+  }
+}
+
+static void spool_batch(struct sl_flusher *f, struct sl_batch *b) {
+  size_t need = sl_spool_batch_size(b);
+  if (f->spool_bytes + need > f->spool_max) {
+    stat_set(&f->stats.spool_full, 1);
+    uint64_t now = mono_ms();
+    if (now - f->spool_full_said_ms > 60000 || f->spool_full_said_ms == 0) {
+      fprintf(stderr,
+              "sluice: METERING SPOOL FULL (%llu of %llu bytes in %s): batches are kept in memory only and are "
+              "lost if the process dies before Redis takes them\n",
+              (unsigned long long)f->spool_bytes, (unsigned long long)f->spool_max, f->spool_path);
+      f->spool_full_said_ms = now;
+    }
+    return;
+  }
+  unsigned char *buf = sl_malloc(need);
+  size_t n = sl_spool_encode_batch(b, buf);
+  spool_write(f, buf, n);
+  free(buf);
+  b->spooled = 1;
+}
+
+static void spool_ack(struct sl_flusher *f, const struct sl_batch *b) {
+  if (!b->spooled) return;
+  unsigned char rec[HDR + 1 + sizeof(b->id)];
+  rec[HDR] = b->id_len;
+  memcpy(rec + HDR + 1, b->id, b->id_len);
+  put_hdr(rec, REC_ACK, (uint32_t)(1 + b->id_len), rec + HDR);
+  spool_write(f, rec, HDR + 1 + b->id_len);
+}
+
+/* Everything acked: start the spool afresh so that it does not grow. */
+static void spool_compact(struct sl_flusher *f) {
+  if (f->spool_fd < 0 || f->head || f->spool_bytes < (1u << 20)) return;
+  if (ftruncate(f->spool_fd, 0) == 0) {
+    f->spool_bytes = 0;
+    f->spool_dirty = 1;
+    stat_set(&f->stats.spool_bytes, 0);
+    stat_set(&f->stats.spool_full, 0);
+  }
+}
+
+/* ---- the queue ---- */
+
+static void queue_stats(struct sl_flusher *f) {
+  uint64_t counts = 0;
+  for (struct sl_batch *b = f->head; b; b = b->next)
+    for (uint32_t i = 0; i < b->n; i++) counts += b->e[i].count;
+  stat_set(&f->stats.queued, f->nqueued);
+  stat_set(&f->stats.queued_counts, counts);
+  stat_set(&f->stats.oldest_ms, f->head ? f->head->created_ms : 0);
+}
+
+static void enqueue(struct sl_flusher *f, struct sl_batch *b) {
+  if (f->tail)
+    f->tail->next = b;
+  else
+    f->head = b;
+  f->tail = b;
+  f->nqueued++;
+}
+
+static void send_next(struct sl_flusher *f);
+
+/* Turns what the accumulator holds into batches of at most SL_BATCH_MAX keys. */
+static void finalize(struct sl_flusher *f) {
+  struct sl_meter_table *t = f->acc;
+  if (t->n == 0) return;
+  struct sl_batch *b = NULL;
+  for (uint32_t i = 0; i <= t->mask; i++) {
+    const struct sl_meter_entry *e = &t->e[i];
+    if (!e->hash) continue;
+    if (!b) {
+      b = batch_new(SL_BATCH_MAX);
+      b->created_ms = mono_ms();
+      int l = snprintf(b->id, sizeof(b->id), "%s:%016llx:%llu", f->instance, (unsigned long long)f->epoch,
+                       (unsigned long long)++f->seq);
+      b->id_len = (uint8_t)l;
+    }
+    b->e[b->n].k = e->k;
+    b->e[b->n].count = e->count;
+    stat_add(&f->stats.counted, e->count);
+    if (++b->n == SL_BATCH_MAX) {
+      spool_batch(f, b);
+      enqueue(f, b);
+      stat_add(&f->stats.batches, 1);
+      b = NULL;
+    }
+  }
+  if (b) {
+    spool_batch(f, b);
+    enqueue(f, b);
+    stat_add(&f->stats.batches, 1);
+  }
+  sl_meter_table_clear(t);
+  queue_stats(f);
+}
+
+static void merge_table(struct sl_flusher *f, const struct sl_meter_table *t) {
+  for (uint32_t i = 0; i <= t->mask; i++) {
+    const struct sl_meter_entry *e = &t->e[i];
+    if (!e->hash) continue;
+    if (sl_meter_add(f->acc, &e->k, e->hash, e->count) != 0) {
+      finalize(f); /* the accumulator is full: what it has becomes batches */
+      sl_meter_add(f->acc, &e->k, e->hash, e->count);
+    }
+  }
+}
+
+/* Takes every table the workers handed over and gives them back cleared. */
+static void collect(struct sl_flusher *f) {
+  for (unsigned i = 0; i < f->nworkers; i++) {
+    struct sl_meter_worker *m = f->workers[i];
+    struct sl_meter_table *t;
+    while (sl_ring_pop(&m->handoff, &t) == 0) {
+      merge_table(f, t);
+      sl_meter_table_clear(t);
+      if (sl_ring_push(&m->spare, &t) != 0) sl_meter_table_free(t);
+    }
+  }
+}
+
+/* ---- Redis ---- */
+
+static void connect_redis(struct sl_flusher *f);
+
+static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
+  (void)priv;
+  struct sl_flusher *f = c->data;
+  redisReply *r = reply;
+  struct sl_batch *b = f->inflight;
+  f->inflight = NULL;
+  if (!b) return;
+  if (!r) { /* connection lost: the reply may be lost with it; resent with the same id */
+    stat_add(&f->stats.retried, 1);
+    return;
+  }
+  if (r->type != REDIS_REPLY_INTEGER) {
+    fprintf(stderr, "sluice: metering batch %.*s: %s (retrying)\n", b->id_len, b->id,
+            r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+    stat_add(&f->stats.retried, 1);
+    f->retry_at_ms = mono_ms() + 500;
+    return;
+  }
+  stat_add(r->integer == 1 ? &f->stats.applied : &f->stats.deduplicated, 1);
+  uint64_t lat = (mono_ms() - b->created_ms) * 1000;
+  stat_add(&f->stats.flush_latency_us_sum, lat);
+  if (lat > atomic_load_explicit(&f->stats.flush_latency_us_max, memory_order_relaxed))
+    stat_set(&f->stats.flush_latency_us_max, lat);
+  /* b is the head: applied in order. */
+  f->head = b->next;
+  if (!f->head) f->tail = NULL;
+  f->nqueued--;
+  spool_ack(f, b);
+  free(b);
+  spool_compact(f);
+  queue_stats(f);
+  send_next(f);
+}
+
+static void send_next(struct sl_flusher *f) {
+  if (!f->ready || f->inflight || !f->head || mono_ms() < f->retry_at_ms) return;
+  struct sl_batch *b = f->head;
+  size_t argc = 6 + 7 * (size_t)b->n;
+  const char **argv = sl_malloc(argc * sizeof(char *));
+  size_t *lens = sl_malloc(argc * sizeof(size_t));
+  char *nums = sl_malloc(((size_t)b->n * 2 + 1) * 24);
+  size_t a = 0;
+  char *np = nums;
+#define ARG(s, l) (argv[a] = (s), lens[a++] = (l))
+  ARG("EVAL", 4);
+  ARG(apply_script, sizeof(apply_script) - 1);
+  ARG("0", 1);
+  ARG(f->prefix, strlen(f->prefix));
+  ARG(b->id, b->id_len);
+  size_t l = sl_u64toa(b->n, np);
+  ARG(np, l);
+  np += l + 1;
+  for (uint32_t i = 0; i < b->n; i++) {
+    const struct sl_meter_key *k = &b->e[i].k;
+    l = sl_u64toa(k->day, np);
+    ARG(np, l);
+    np += l + 1;
+    ARG(k->uid, k->uid_len);
+    const char *fname = k->feature < sl_nfeatures ? sl_features[k->feature].name : "-";
+    ARG(fname, strlen(fname));
+    ARG(k->region, k->region_len);
+    const char *tier = k->feature < sl_nfeatures ? sl_tier_name((enum sl_tier)k->tier) : "-";
+    ARG(tier, strlen(tier));
+    const char *o = outcome_names[k->outcome];
+    ARG(o, strlen(o));
+    l = sl_u64toa(b->e[i].count, np);
+    ARG(np, l);
+    np += l + 1;
+  }
+#undef ARG
+  if (redisAsyncCommandArgv(f->ctx, on_applied, NULL, (int)a, argv, lens) == REDIS_OK) f->inflight = b;
+  free(argv);
+  free(lens);
+  free(nums);
+}
+
+static void on_disconnect(const redisAsyncContext *c, int status) {
+  struct sl_flusher *f = c->data;
+  f->ctx = NULL;
+  f->ready = 0;
+  f->inflight = NULL;
+  stat_set(&f->stats.redis_up, 0);
+  if (!f->said_down && !atomic_load(&f->final))
+    fprintf(stderr, "sluice: metering: redis connection lost (%s); batches wait in the queue and the spool\n",
+            status == REDIS_OK ? "closed" : c->errstr);
+  f->said_down = 1;
+  if (!f->backoff_ms) f->backoff_ms = 100;
+  f->next_connect_ms = mono_ms() + f->backoff_ms;
+  f->backoff_ms = f->backoff_ms * 2 > 2000 ? 2000 : f->backoff_ms * 2;
+}
+
+static void on_connect(const redisAsyncContext *c, int status) {
+  struct sl_flusher *f = c->data;
+  if (status != REDIS_OK) {
+    if (!f->said_down) fprintf(stderr, "sluice: metering: cannot connect to redis: %s (retrying)\n", c->errstr);
+    f->said_down = 1;
+    f->ctx = NULL;
+    if (!f->backoff_ms) f->backoff_ms = 100;
+    f->next_connect_ms = mono_ms() + f->backoff_ms;
+    f->backoff_ms = f->backoff_ms * 2 > 2000 ? 2000 : f->backoff_ms * 2;
+    return;
+  }
+  f->ready = 1;
+  f->said_down = 0;
+  f->backoff_ms = 0;
+  stat_set(&f->stats.redis_up, 1);
+  send_next(f);
+}
+
+static void connect_redis(struct sl_flusher *f) {
+  if (f->ctx) return;
+  redisAsyncContext *c = f->port ? redisAsyncConnect(f->host, f->port) : redisAsyncConnectUnix(f->host);
+  if (!c) return;
+  if (c->err) {
+    redisAsyncFree(c);
+    f->next_connect_ms = mono_ms() + 500;
+    return;
+  }
+  c->data = f;
+  if (redisLibuvAttach(c, &f->loop) != REDIS_OK) {
+    redisAsyncFree(c);
+    return;
+  }
+  redisAsyncSetConnectCallback(c, on_connect);
+  redisAsyncSetDisconnectCallback(c, on_disconnect);
+  f->ctx = c;
+}
+
+/* ---- rounds ---- */
+
+static int round_complete(struct sl_flusher *f) {
+  for (unsigned i = 0; i < f->nworkers; i++)
+    /* acquire: the worker's handoff pushes happen before its round_done store. */
+    if (atomic_load_explicit(&f->workers[i]->round_done, memory_order_acquire) < f->round) return 0;
+  return 1;
+}
+
+static void end_round(struct sl_flusher *f) {
+  collect(f);
+  finalize(f);
+  spool_sync(f);
+  send_next(f);
+}
+
+static void stop_loop(struct sl_flusher *f) {
+  uv_timer_stop(&f->tick);
+  uv_close((uv_handle_t *)&f->tick, NULL);
+  uv_close((uv_handle_t *)&f->wake, NULL);
+  if (f->ctx) redisAsyncDisconnect(f->ctx);
+}
+
+static void final_step(struct sl_flusher *f) {
+  if (!f->final_started) {
+    f->final_started = 1;
+    f->final_deadline = mono_ms() + f->final_ms;
+    /* The workers have stopped: their tables are ours now. */
+    for (unsigned i = 0; i < f->nworkers; i++) {
+      struct sl_meter_worker *m = f->workers[i];
+      collect(f);
+      for (unsigned k = 0; k < m->noverflow; k++) merge_table(f, m->overflow[k]);
+      merge_table(f, m->active);
+      sl_meter_table_clear(m->active);
+      for (unsigned k = 0; k < m->noverflow; k++) sl_meter_table_free(m->overflow[k]);
+      m->noverflow = 0;
+    }
+    finalize(f);
+    spool_sync(f);
+    send_next(f);
+  }
+  if (!f->head || mono_ms() >= f->final_deadline) {
+    uint64_t left = 0;
+    for (struct sl_batch *b = f->head; b; b = b->next)
+      if (!b->spooled)
+        for (uint32_t i = 0; i < b->n; i++) left += b->e[i].count;
+    if (f->head)
+      fprintf(stderr, "sluice: metering: %u batch(es) not yet in Redis at exit%s\n", f->nqueued,
+              left ? "" : "; they are in the spool and will be sent at the next start");
+    if (left) {
+      fprintf(stderr, "sluice: METERING LOST %llu counted requests (spool full, Redis unreachable)\n",
+              (unsigned long long)left);
+      stat_add(&f->stats.lost, left);
+    }
+    spool_sync(f);
+    stop_loop(f);
+  }
+}
+
+static void on_tick(uv_timer_t *t) {
+  struct sl_flusher *f = t->data;
+  if (atomic_load_explicit(&f->final, memory_order_acquire)) {
+    if (!f->ctx && mono_ms() >= f->next_connect_ms) connect_redis(f);
+    final_step(f);
+    return;
+  }
+  if (!f->ctx && mono_ms() >= f->next_connect_ms) connect_redis(f);
+  end_round(f); /* whatever came since: a slow worker's table joins the next batch */
+  if (f->nqueued >= f->queue_max) {
+    /* Backlog at its bound: leave the tables with the workers (who refuse new
+     * work once theirs are full) rather than grow without limit. */
+    send_next(f);
+    return;
+  }
+  f->round++;
+  for (unsigned i = 0; i < f->nworkers; i++) {
+    /* release: nothing to publish but the number; the worker answers with
+     * an async wake. */
+    atomic_store_explicit(&f->workers[i]->round_req, f->round, memory_order_release);
+    uv_async_send(f->worker_wakes[i]);
+  }
+}
+
+static void on_wake(uv_async_t *a) {
+  struct sl_flusher *f = a->data;
+  if (atomic_load_explicit(&f->final, memory_order_acquire)) {
+    if (!uv_is_closing((uv_handle_t *)&f->tick)) {
+      uv_timer_start(&f->tick, on_tick, 20, 20); /* the final flush polls faster */
+      final_step(f);
+    }
+    return;
+  }
+  if (round_complete(f)) end_round(f);
+}
+
+static void flusher_main(void *arg) {
+  struct sl_flusher *f = arg;
+  uv_run(&f->loop, UV_RUN_DEFAULT);
+}
+
+/* ---- start-up ---- */
+
+static int load_instance(struct sl_flusher *f, const char *dir, const char *configured, char *err, size_t errlen) {
+  if (configured[0]) {
+    snprintf(f->instance, sizeof(f->instance), "%s", configured);
+    return 0;
+  }
+  char path[512];
+  snprintf(path, sizeof(path), "%s/instance-id", dir);
+  FILE *fp = fopen(path, "r");
+  if (fp) {
+    char buf[64] = "";
+    if (fgets(buf, sizeof(buf), fp)) buf[strcspn(buf, "\r\n")] = '\0';
+    fclose(fp);
+    if (buf[0]) {
+      snprintf(f->instance, sizeof(f->instance), "%s", buf);
+      return 0;
+    }
+  }
+  uint64_t r[2];
+  if (getrandom(r, sizeof(r), 0) != sizeof(r)) r[0] = uv_hrtime(), r[1] = (uint64_t)getpid();
+  snprintf(f->instance, sizeof(f->instance), "%016llx%016llx", (unsigned long long)r[0], (unsigned long long)r[1]);
+  int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0 || dprintf(fd, "%s\n", f->instance) < 0 || fsync(fd) != 0) {
+    snprintf(err, errlen, "%s: %s", path, strerror(errno));
+    if (fd >= 0) close(fd);
+    return -1;
+  }
+  close(fd);
+  return 0;
+}
+
+/* Reads the spool: batches without an ack go back on the queue, in order; a
+ * torn record at the end (a crash mid-write) is cut off. */
+static int replay_spool(struct sl_flusher *f, char *err, size_t errlen) {
+  struct stat st;
+  if (fstat(f->spool_fd, &st) != 0) {
+    snprintf(err, errlen, "%s: %s", f->spool_path, strerror(errno));
+    return -1;
+  }
+  size_t size = (size_t)st.st_size;
+  unsigned char *data = sl_malloc(size ? size : 1);
+  size_t got = 0;
+  while (got < size) {
+    ssize_t r = pread(f->spool_fd, data + got, size - got, (off_t)got);
+    if (r <= 0) break;
+    got += (size_t)r;
+  }
+  size_t off = 0;
+  while (off + HDR <= got) {
+    uint32_t magic, len, crc;
+    memcpy(&magic, data + off, 4);
+    memcpy(&len, data + off + 8, 4);
+    memcpy(&crc, data + off + 12, 4);
+    if (magic != SPOOL_MAGIC || off + HDR + len > got || sl_crc32(data + off + HDR, len) != crc) break;
+    const unsigned char *p = data + off + HDR;
+    if (data[off + 4] == REC_BATCH) {
+      struct sl_batch *b = decode_batch(p, len);
+      if (!b) break;
+      b->spooled = 1;
+      b->created_ms = mono_ms();
+      enqueue(f, b);
+      stat_add(&f->stats.replayed, 1);
+    } else if (data[off + 4] == REC_ACK && len >= 1 && (size_t)p[0] + 1 <= len) {
+      /* Acks come in queue order: the acked batch is the oldest with that id. */
+      struct sl_batch **pp = &f->head, *prev = NULL;
+      for (; *pp; prev = *pp, pp = &(*pp)->next)
+        if ((*pp)->id_len == p[0] && !memcmp((*pp)->id, p + 1, p[0])) {
+          struct sl_batch *b = *pp;
+          *pp = b->next;
+          if (f->tail == b) f->tail = prev;
+          f->nqueued--;
+          stat_set(&f->stats.replayed, atomic_load(&f->stats.replayed) - 1);
+          free(b);
+          break;
+        }
+    } else {
+      break;
+    }
+    off += HDR + len;
+  }
+  free(data);
+  if (off < size) {
+    fprintf(stderr, "sluice: spool %s: %zu trailing bytes are not a whole record (a write cut short): dropped\n",
+            f->spool_path, size - off);
+    if (ftruncate(f->spool_fd, (off_t)off) != 0) {
+      snprintf(err, errlen, "%s: truncate: %s", f->spool_path, strerror(errno));
+      return -1;
+    }
+  }
+  f->spool_bytes = off;
+  stat_set(&f->stats.spool_bytes, off);
+  if (f->nqueued)
+    fprintf(stderr, "sluice: metering: %u batch(es) from the spool will be sent first\n", f->nqueued);
+  queue_stats(f);
+  return 0;
+}
+
+int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct sl_meter_worker **workers,
+                     uv_async_t **worker_wakes, unsigned nworkers, char *err, size_t errlen) {
+  f->workers = workers;
+  f->worker_wakes = worker_wakes;
+  f->nworkers = nworkers;
+  f->flush_ms = cfg->flush_ms;
+  f->queue_max = cfg->meter_queue_batches;
+  f->final_ms = cfg->final_flush_ms;
+  f->spool_max = cfg->spool_max_bytes;
+  f->spool_fd = -1;
+  snprintf(f->prefix, sizeof(f->prefix), "%s", cfg->redis_prefix);
+  if (!strncmp(cfg->redis, "unix:", 5)) {
+    snprintf(f->host, sizeof(f->host), "%s", cfg->redis + 5);
+  } else {
+    const char *colon = strrchr(cfg->redis, ':');
+    snprintf(f->host, sizeof(f->host), "%.*s", (int)(colon - cfg->redis), cfg->redis);
+    f->port = atoi(colon + 1);
+  }
+  if (mkdir(cfg->spool_dir, 0700) != 0 && errno != EEXIST) {
+    snprintf(err, errlen, "spool directory %s: %s", cfg->spool_dir, strerror(errno));
+    return -1;
+  }
+  if (load_instance(f, cfg->spool_dir, cfg->instance_id, err, errlen) != 0) return -1;
+  if (getrandom(&f->epoch, sizeof(f->epoch), 0) != sizeof(f->epoch)) f->epoch = uv_hrtime();
+  snprintf(f->spool_path, sizeof(f->spool_path), "%s/meter.spool", cfg->spool_dir);
+  f->spool_fd = open(f->spool_path, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+  if (f->spool_fd < 0) {
+    snprintf(err, errlen, "%s: %s", f->spool_path, strerror(errno));
+    return -1;
+  }
+  if (replay_spool(f, err, errlen) != 0) return -1;
+  uint32_t acc_keys = cfg->meter_keys * (nworkers < 4 ? nworkers : 4);
+  f->acc = sl_meter_table_new(acc_keys < SL_BATCH_MAX ? SL_BATCH_MAX : acc_keys);
+  int r;
+  if ((r = uv_loop_init(&f->loop)) != 0) {
+    snprintf(err, errlen, "flusher loop: %s", uv_strerror(r));
+    return -1;
+  }
+  uv_async_init(&f->loop, &f->wake, on_wake);
+  f->wake.data = f;
+  uv_timer_init(&f->loop, &f->tick);
+  f->tick.data = f;
+  uv_timer_start(&f->tick, on_tick, f->flush_ms, f->flush_ms);
+  connect_redis(f);
+  if ((r = uv_thread_create(&f->thread, flusher_main, f)) != 0) {
+    snprintf(err, errlen, "flusher thread: %s", uv_strerror(r));
+    return -1;
+  }
+  return 0;
+}
+
+void sl_flusher_stop(struct sl_flusher *f) {
+  atomic_store_explicit(&f->final, 1, memory_order_release);
+  uv_async_send(&f->wake);
+  uv_thread_join(&f->thread);
+  uv_run(&f->loop, UV_RUN_DEFAULT);
+  uv_loop_close(&f->loop);
+  while (f->head) {
+    struct sl_batch *b = f->head;
+    f->head = b->next;
+    free(b);
+  }
+  sl_meter_table_free(f->acc);
+  if (f->spool_fd >= 0) close(f->spool_fd);
+}

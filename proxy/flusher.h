@@ -1,0 +1,107 @@
+/* The metering flusher: a thread of its own that gathers the workers'
+ * metering tables at least every flush interval, turns them into batches
+ * with a stable id (instance id, process epoch, sequence), appends each batch
+ * to a local spool file (fsync'd every round), and applies the batches to
+ * Redis in order with one Lua script per batch that records the id and
+ * skips a batch it has already applied. A batch whose reply is lost is sent
+ * again with the same id; a restart replays what the spool holds unacked. */
+#ifndef SL_FLUSHER_H
+#define SL_FLUSHER_H
+
+#include <stdatomic.h>
+#include <uv.h>
+
+#include "config.h"
+#include "meter.h"
+
+#define SL_BATCH_MAX 1000 /* keys per batch (one EVAL) */
+
+struct sl_batch_entry {
+  struct sl_meter_key k;
+  uint64_t count;
+};
+
+struct sl_batch {
+  struct sl_batch *next;
+  uint64_t created_ms;
+  uint32_t n;
+  uint8_t id_len;
+  uint8_t spooled;
+  char id[96];
+  struct sl_batch_entry e[];
+};
+
+struct sl_flusher_stats {
+  _Atomic uint64_t batches;          /* made */
+  _Atomic uint64_t applied;          /* applied by Redis */
+  _Atomic uint64_t deduplicated;     /* Redis had already applied them */
+  _Atomic uint64_t retried;          /* sent again after a lost reply or an error */
+  _Atomic uint64_t replayed;         /* read back from the spool at start */
+  _Atomic uint64_t queued;           /* gauge: batches not yet applied */
+  _Atomic uint64_t queued_counts;    /* gauge: requests counted in them */
+  _Atomic uint64_t oldest_ms;        /* gauge: creation time of the oldest unapplied batch (0: none) */
+  _Atomic uint64_t spool_bytes;      /* gauge */
+  _Atomic uint64_t spool_full;       /* gauge 0/1 */
+  _Atomic uint64_t spool_errors;
+  _Atomic uint64_t redis_up;         /* gauge 0/1 */
+  _Atomic uint64_t flush_latency_us_sum; /* made -> applied */
+  _Atomic uint64_t flush_latency_us_max;
+  _Atomic uint64_t counted;          /* requests handed to batches */
+  _Atomic uint64_t lost;             /* requests dropped (spool full and shut down without Redis) */
+};
+
+struct sl_flusher {
+  uv_thread_t thread;
+  uv_loop_t loop;
+  uv_async_t wake;
+  uv_timer_t tick;
+  struct sl_flusher_stats stats;
+  struct sl_meter_worker **workers;
+  uv_async_t **worker_wakes;
+  unsigned nworkers;
+  uint64_t round;
+  struct sl_meter_table *acc;
+  struct sl_batch *head, *tail;
+  unsigned nqueued;
+  struct sl_batch *inflight;
+  /* spool */
+  int spool_fd;
+  char spool_path[512];
+  uint64_t spool_bytes, spool_max;
+  int spool_dirty;
+  uint64_t spool_full_said_ms;
+  /* identity */
+  char instance[64];
+  uint64_t epoch, seq;
+  /* redis */
+  void *ctx; /* redisAsyncContext */
+  int ready;
+  char host[256];
+  int port;
+  char prefix[64];
+  uint64_t backoff_ms, next_connect_ms, retry_at_ms;
+  int said_down;
+  unsigned flush_ms, queue_max, final_ms;
+  _Atomic int final; /* set by sl_flusher_stop */
+  int final_started;
+  uint64_t final_deadline;
+};
+
+/* Opens (or creates, 0700) the spool directory, the instance id and the
+ * spool, replays unacked batches, and starts the thread. Returns 0 or -1
+ * with a message in err. */
+int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct sl_meter_worker **workers,
+                     uv_async_t **worker_wakes, unsigned nworkers, char *err, size_t errlen);
+/* After the workers have stopped: takes what their tables hold, writes it
+ * to Redis (waiting at most the final-flush bound) or the spool, and stops. */
+void sl_flusher_stop(struct sl_flusher *f);
+/* Workers call this after handing their tables over for a round. */
+static inline void sl_flusher_notify(struct sl_flusher *f) { uv_async_send(&f->wake); }
+
+/* Spool record encoding, exposed for tests. Returns the bytes written into
+ * out (which must hold sl_spool_batch_size(b)). */
+size_t sl_spool_batch_size(const struct sl_batch *b);
+size_t sl_spool_encode_batch(const struct sl_batch *b, unsigned char *out);
+uint32_t sl_crc32(const void *p, size_t n);
+
+#endif

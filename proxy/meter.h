@@ -1,0 +1,80 @@
+/* Metering tables (SPEC section 6): every request's outcome is counted per
+ * (day, UID, feature, region, tier, outcome) in a table owned by one worker,
+ * with no lock and no atomic on the request path. The flusher thread
+ * (flusher.c) takes full or rotated tables through a lock-free ring and
+ * gives cleared ones back. */
+#ifndef SL_METER_H
+#define SL_METER_H
+
+#include <stdint.h>
+#include <time.h>
+
+#include "dir.h"
+#include "ring.h"
+
+#define SL_METER_NO_FEATURE 255
+
+struct sl_meter_key {
+  uint32_t day; /* yyyymmdd in the billing time zone, by arrival time */
+  uint8_t feature, tier, outcome;
+  uint8_t uid_len, region_len;
+  char uid[SL_UID_MAX + 1];
+  char region[SL_REGION_MAX + 1];
+};
+
+struct sl_meter_entry {
+  uint64_t hash; /* 0: empty slot */
+  uint64_t count;
+  struct sl_meter_key k;
+};
+
+struct sl_meter_table {
+  uint32_t mask;  /* slots - 1; slots = 2 * capacity, a power of two */
+  uint32_t n;     /* keys held */
+  uint32_t limit; /* capacity in keys */
+  uint64_t total; /* sum of counts */
+  struct sl_meter_entry *e;
+};
+
+/* A table for `capacity` keys. Aborts on allocation failure (proxy rule). */
+struct sl_meter_table *sl_meter_table_new(uint32_t capacity);
+void sl_meter_table_free(struct sl_meter_table *t);
+void sl_meter_table_clear(struct sl_meter_table *t);
+uint64_t sl_meter_key_hash(const struct sl_meter_key *k);
+/* Adds count to key k. Returns 0, or -ENOBUFS when the key is new and the
+ * table already holds `capacity` keys (nothing is changed then). */
+int sl_meter_add(struct sl_meter_table *t, const struct sl_meter_key *k, uint64_t hash, uint64_t count);
+
+/* yyyymmdd of unix time `secs` shifted by tz_offset_min minutes. */
+uint32_t sl_meter_day(int64_t secs, int tz_offset_min);
+
+/* What a worker keeps for metering. The handoff ring carries tables to the
+ * flusher, the spare ring brings them back cleared. */
+struct sl_meter_worker {
+  struct sl_meter_table *active;
+  struct sl_meter_table *overflow[64]; /* full tables the handoff ring had no room for */
+  unsigned noverflow;
+  struct sl_ring handoff, spare;
+  uint32_t capacity;
+  _Alignas(64) _Atomic uint64_t round_req; /* flusher: hand your table over for this round */
+  _Alignas(64) _Atomic uint64_t round_done;
+  /* day cache: the day is recomputed only when the clock passes midnight */
+  int64_t day_start, day_end;
+  uint32_t day;
+  int tz_offset_min;
+};
+
+int sl_meter_worker_init(struct sl_meter_worker *m, uint32_t capacity, int tz_offset_min);
+void sl_meter_worker_free(struct sl_meter_worker *m);
+/* The arrival day of a request arriving at unix time `secs`. */
+uint32_t sl_meter_worker_day(struct sl_meter_worker *m, int64_t secs);
+/* Counts one request. Never loses it: a full table is handed off (or kept
+ * aside when the ring is full) and a fresh one started. */
+void sl_meter_count(struct sl_meter_worker *m, const struct sl_meter_key *k);
+/* Hands the active table (if it holds anything) and any kept-aside ones to
+ * the flusher. Returns the number handed over. Worker thread. */
+unsigned sl_meter_handoff(struct sl_meter_worker *m);
+/* 1 while full tables wait for room in the ring: new work should be refused. */
+static inline int sl_meter_saturated(const struct sl_meter_worker *m) { return m->noverflow > 0; }
+
+#endif
