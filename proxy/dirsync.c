@@ -6,10 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-parameter"
-#include <hiredis/adapters/libuv.h>
-#pragma GCC diagnostic pop
+#include "redis_uv.h"
 
 #include "catalog.h"
 #include "common.h"
@@ -45,6 +42,10 @@ static const char state_script[] =
     "return out";
 
 static uint64_t mono_ms(void) { return uv_hrtime() / 1000000; }
+
+static void close_once(uv_handle_t *h) {
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
 
 /* The directory thread is each counter's only writer. */
 static inline void sl_stat_add_dir(_Atomic uint64_t *c) { atomic_fetch_add_explicit(c, 1, memory_order_relaxed); }
@@ -175,6 +176,10 @@ struct batch {
 static void on_accounts(redisAsyncContext *c, void *reply, void *priv) {
   struct sl_dirsync *d = c->data;
   struct batch *bt = priv;
+  if (!d) { /* a context we dropped: its lookups time out into "unavailable" */
+    free(bt);
+    return;
+  }
   redisReply *r = reply;
   int ok = r && r->type == REDIS_REPLY_ARRAY && r->elements == bt->n;
   if (!ok && r && r->type == REDIS_REPLY_ERROR) fprintf(stderr, "sluice: redis: account load: %s\n", r->str);
@@ -196,6 +201,7 @@ static void on_accounts(redisAsyncContext *c, void *reply, void *priv) {
 static void on_state(redisAsyncContext *c, void *reply, void *priv) {
   (void)priv;
   struct sl_dirsync *d = c->data;
+  if (!d) return;
   redisReply *r = reply;
   if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 1 + 2 * sl_nfeatures ||
       r->element[0]->type != REDIS_REPLY_ARRAY) {
@@ -245,6 +251,7 @@ static void on_resync_done(redisAsyncContext *c, void *reply, void *priv) {
   (void)reply;
   (void)priv;
   struct sl_dirsync *d = c->data;
+  if (!d) return;
   d->resync_running = 0;
   if (reply) sl_stat_add_dir(&d->stats.resyncs);
 }
@@ -385,6 +392,7 @@ static void key_changed(struct sl_dirsync *d, const char *k, size_t n) {
 static void on_sub_message(redisAsyncContext *c, void *reply, void *priv) {
   (void)priv;
   struct sl_dirsync *d = c->data;
+  if (!d) return;
   redisReply *r = reply;
   if (!r || r->type != REDIS_REPLY_ARRAY || r->elements < 3) return;
   const redisReply *kind = r->element[0];
@@ -417,6 +425,7 @@ static void on_sub_message(redisAsyncContext *c, void *reply, void *priv) {
 static void on_config_set_check(redisAsyncContext *c, void *reply, void *priv) {
   (void)priv;
   struct sl_dirsync *d = c->data;
+  if (!d) return;
   redisReply *r = reply;
   int ok = r && r->type == REDIS_REPLY_STATUS;
   atomic_store_explicit(&d->stats.keyspace_enabled, ok, memory_order_relaxed);
@@ -432,6 +441,7 @@ static void on_config_set_check(redisAsyncContext *c, void *reply, void *priv) {
 static void on_config_get(redisAsyncContext *c, void *reply, void *priv) {
   (void)priv;
   struct sl_dirsync *d = c->data;
+  if (!d) return;
   redisReply *r = reply;
   char flags[64] = "";
   if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 2 && r->element[1]->type == REDIS_REPLY_STRING &&
@@ -469,8 +479,19 @@ static void mark_down(struct sl_dirsync *d) {
   publish(d);
 }
 
+/* Drops a context we no longer want: it is forgotten first and its
+ * callbacks then see no owner, so nothing runs twice. */
+static void drop_ctx(void **slot) {
+  redisAsyncContext *c = *slot;
+  if (!c) return;
+  *slot = NULL;
+  c->data = NULL;
+  redisAsyncDisconnect(c);
+}
+
 static void on_disconnect(const redisAsyncContext *c, int status) {
   struct sl_dirsync *d = c->data;
+  if (!d) return;
   if (c == d->cmd) d->cmd = NULL;
   if (c == d->sub) d->sub = NULL;
   if (!atomic_load_explicit(&d->stop, memory_order_relaxed) && !d->said_down) {
@@ -478,13 +499,14 @@ static void on_disconnect(const redisAsyncContext *c, int status) {
     d->said_down = 1;
   }
   /* Drop the other one too: both come back together, then a resync. */
-  if (d->cmd) redisAsyncDisconnect(d->cmd);
-  if (d->sub) redisAsyncDisconnect(d->sub);
+  drop_ctx(&d->cmd);
+  drop_ctx(&d->sub);
   mark_down(d);
 }
 
 static void on_connect(const redisAsyncContext *c, int status) {
   struct sl_dirsync *d = c->data;
+  if (!d) return;
   if (status != REDIS_OK) {
     /* Said once per outage, not at every retry. */
     if (!d->said_down) fprintf(stderr, "sluice: redis: cannot connect to %s%s%d: %s (retrying)\n", d->host,
@@ -492,8 +514,8 @@ static void on_connect(const redisAsyncContext *c, int status) {
     d->said_down = 1;
     if (c == d->cmd) d->cmd = NULL;
     if (c == d->sub) d->sub = NULL;
-    if (d->cmd) redisAsyncDisconnect(d->cmd);
-    if (d->sub) redisAsyncDisconnect(d->sub);
+    drop_ctx(&d->cmd);
+    drop_ctx(&d->sub);
     mark_down(d);
     return;
   }
@@ -523,7 +545,7 @@ static redisAsyncContext *open_ctx(struct sl_dirsync *d) {
     return NULL;
   }
   c->data = d;
-  if (redisLibuvAttach(c, &d->loop) != REDIS_OK) {
+  if (sl_redis_attach(c, &d->loop) != REDIS_OK) {
     redisAsyncFree(c);
     return NULL;
   }
@@ -538,8 +560,8 @@ static void connect_redis(struct sl_dirsync *d) {
   d->cmd = open_ctx(d);
   d->sub = d->cmd ? open_ctx(d) : NULL;
   if (!d->cmd || !d->sub) {
-    if (d->cmd) redisAsyncFree(d->cmd);
-    d->cmd = d->sub = NULL;
+    drop_ctx(&d->cmd);
+    drop_ctx(&d->sub);
     mark_down(d);
   }
 }
@@ -551,11 +573,12 @@ static void on_wake(uv_async_t *a) {
   if (atomic_load_explicit(&d->stop, memory_order_acquire)) {
     uv_timer_stop(&d->tick);
     uv_timer_stop(&d->flush);
-    uv_close((uv_handle_t *)&d->tick, NULL);
-    uv_close((uv_handle_t *)&d->flush, NULL);
-    uv_close((uv_handle_t *)&d->wake, NULL);
-    if (d->cmd) redisAsyncDisconnect(d->cmd);
-    if (d->sub) redisAsyncDisconnect(d->sub);
+    close_once((uv_handle_t *)&d->tick);
+    close_once((uv_handle_t *)&d->flush);
+    close_once((uv_handle_t *)&d->wake);
+    drop_ctx(&d->cmd);
+    drop_ctx(&d->sub);
+    d->cmd_ready = d->sub_ready = 0;
     return;
   }
   struct sl_lookup_msg m;

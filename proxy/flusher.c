@@ -11,11 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-parameter"
-#pragma GCC diagnostic ignored "-Wunused-function"
-#include <hiredis/adapters/libuv.h>
-#pragma GCC diagnostic pop
+#include "redis_uv.h"
 
 #include "catalog.h"
 #include "common.h"
@@ -49,6 +45,10 @@ static const char *const outcome_names[] = {"ok",        "upstream_error",  "thr
                                             "unauthenticated", "bad_request", "unavailable"};
 
 static uint64_t mono_ms(void) { return uv_hrtime() / 1000000; }
+
+static void close_once(uv_handle_t *h) {
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
 static inline void stat_add(_Atomic uint64_t *c, uint64_t v) { atomic_fetch_add_explicit(c, v, memory_order_relaxed); }
 static inline void stat_set(_Atomic uint64_t *c, uint64_t v) { atomic_store_explicit(c, v, memory_order_relaxed); }
 
@@ -313,6 +313,7 @@ static void connect_redis(struct sl_flusher *f);
 static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
   (void)priv;
   struct sl_flusher *f = c->data;
+  if (!f) return;
   redisReply *r = reply;
   struct sl_batch *b = f->inflight;
   f->inflight = NULL;
@@ -388,6 +389,7 @@ static void send_next(struct sl_flusher *f) {
 
 static void on_disconnect(const redisAsyncContext *c, int status) {
   struct sl_flusher *f = c->data;
+  if (!f) return;
   f->ctx = NULL;
   f->ready = 0;
   f->inflight = NULL;
@@ -403,6 +405,7 @@ static void on_disconnect(const redisAsyncContext *c, int status) {
 
 static void on_connect(const redisAsyncContext *c, int status) {
   struct sl_flusher *f = c->data;
+  if (!f) return;
   if (status != REDIS_OK) {
     if (!f->said_down) fprintf(stderr, "sluice: metering: cannot connect to redis: %s (retrying)\n", c->errstr);
     f->said_down = 1;
@@ -429,7 +432,7 @@ static void connect_redis(struct sl_flusher *f) {
     return;
   }
   c->data = f;
-  if (redisLibuvAttach(c, &f->loop) != REDIS_OK) {
+  if (sl_redis_attach(c, &f->loop) != REDIS_OK) {
     redisAsyncFree(c);
     return;
   }
@@ -456,9 +459,16 @@ static void end_round(struct sl_flusher *f) {
 
 static void stop_loop(struct sl_flusher *f) {
   uv_timer_stop(&f->tick);
-  uv_close((uv_handle_t *)&f->tick, NULL);
-  uv_close((uv_handle_t *)&f->wake, NULL);
-  if (f->ctx) redisAsyncDisconnect(f->ctx);
+  close_once((uv_handle_t *)&f->tick);
+  close_once((uv_handle_t *)&f->wake);
+  if (f->ctx) {
+    redisAsyncContext *c = f->ctx;
+    f->ctx = NULL;
+    f->ready = 0;
+    f->inflight = NULL; /* its callback sees no owner */
+    c->data = NULL;
+    redisAsyncDisconnect(c);
+  }
 }
 
 static void final_step(struct sl_flusher *f) {
@@ -479,7 +489,9 @@ static void final_step(struct sl_flusher *f) {
     spool_sync(f);
     send_next(f);
   }
-  if (!f->head || mono_ms() >= f->final_deadline) {
+  /* Redis known to be down: the counts are in the spool, waiting helps nothing. */
+  int hopeless = !f->ready && f->said_down;
+  if (!f->head || hopeless || mono_ms() >= f->final_deadline) {
     uint64_t left = 0;
     for (struct sl_batch *b = f->head; b; b = b->next)
       if (!b->spooled)
