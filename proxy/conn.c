@@ -412,9 +412,12 @@ void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u) {
   if (c->w->draining && c->parsed == c->len) c->close_after = 1;
   int closing = c->close_after || !c->keep_alive;
 
-  char line[64];
-  int n = snprintf(line, sizeof(line), "HTTP/1.1 %d ", u->status);
-  sl_buf_append(o, line, (size_t)n);
+  /* Status codes are three digits (llhttp enforces it): no printf on this path. */
+  char line[13] = "HTTP/1.1 000 ";
+  line[9] = (char)('0' + u->status / 100 % 10);
+  line[10] = (char)('0' + u->status / 10 % 10);
+  line[11] = (char)('0' + u->status % 10);
+  sl_buf_append(o, line, sizeof(line));
   sl_buf_append(o, u->in + u->reason_off, u->reason_len);
   sl_buf_lit(o, "\r\n");
   int has_conn_tokens = 0;
