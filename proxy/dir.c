@@ -282,9 +282,10 @@ const struct sl_dir_snap *sl_dir_publish(struct sl_dir_builder *b) {
   for (size_t i = 0; i < b->nretired; i++)
     if (b->retired[i].version == 0) b->retired[i].version = s->version;
   retire(b, s->version, cur, free);
-  /* release: the snapshot and everything it points to are complete before a
-   * reader's acquire load can return it. */
-  atomic_store_explicit(&b->current, s, memory_order_release);
+  /* seq_cst (release would do for workers): the snapshot and everything it
+   * points to are complete before a reader's load can return it, and the
+   * store takes part in the Dekker pairing of sl_dirsync_enter/reclaim. */
+  atomic_store_explicit(&b->current, s, memory_order_seq_cst);
   b->next = NULL;
   return s;
 }

@@ -67,12 +67,12 @@ static void publish(struct sl_dirsync *d) {
 
 static void reclaim(struct sl_dirsync *d) {
   uint64_t min = UINT64_MAX;
-  /* seq_cst fence: orders our publish (and stats.version) before reading the
-   * occasional reader's slot, against its store-then-load (sl_dirsync_enter). */
-  atomic_thread_fence(memory_order_seq_cst);
   for (unsigned i = 0; i <= d->nworkers; i++) {
-    /* acquire: the worker's reads of older snapshots happen before its store. */
-    uint64_t v = atomic_load_explicit(&d->seen[i].seen, memory_order_acquire);
+    /* seq_cst: the worker's reads of older snapshots happen before its store
+     * (acquire would do for that); seq_cst also orders this load after our
+     * seq_cst publish, against the occasional reader's seq_cst store-then-load
+     * (sl_dirsync_enter): one of us sees the other. */
+    uint64_t v = atomic_load_explicit(&d->seen[i].seen, memory_order_seq_cst);
     if (v < min) min = v;
   }
   sl_dir_reclaim(&d->b, min);
@@ -718,11 +718,11 @@ void sl_dirsync_quiescent(struct sl_dirsync *d, unsigned worker) {
 
 const struct sl_dir_snap *sl_dirsync_enter(struct sl_dirsync *d) {
   uint64_t v = atomic_load_explicit(&d->stats.version, memory_order_relaxed);
-  atomic_store_explicit(&d->seen[d->nworkers].seen, v, memory_order_relaxed);
-  /* seq_cst fence: our slot is visible before we load the snapshot, so the
-   * directory thread either sees the slot or we see its newer publish. */
-  atomic_thread_fence(memory_order_seq_cst);
-  return atomic_load_explicit(&d->b.current, memory_order_acquire);
+  /* seq_cst store then seq_cst load: our slot is in the single total order
+   * before the load, so the directory thread's seq_cst publish-then-read
+   * either sees the slot or we see its newer snapshot (Dekker). */
+  atomic_store_explicit(&d->seen[d->nworkers].seen, v, memory_order_seq_cst);
+  return atomic_load_explicit(&d->b.current, memory_order_seq_cst);
 }
 
 void sl_dirsync_exit(struct sl_dirsync *d) {
