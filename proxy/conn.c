@@ -9,7 +9,6 @@
 #include "proxy.h"
 
 static llhttp_settings_t req_settings;
-static int settings_ready;
 
 static void conn_parse(struct sl_conn *c);
 static void conn_write_done(uv_write_t *req, int status);
@@ -160,8 +159,9 @@ static int on_message_complete(llhttp_t *p) {
   return HPE_PAUSED; /* one request at a time: responses go out in order */
 }
 
-static void settings_init(void) {
-  if (settings_ready) return;
+/* Called once by main before any worker starts: the settings are then
+ * read-only and shared by every parser. */
+void sl_conn_global_init(void) {
   llhttp_settings_init(&req_settings);
   req_settings.on_message_begin = on_message_begin;
   req_settings.on_url = on_url;
@@ -172,7 +172,6 @@ static void settings_init(void) {
   req_settings.on_headers_complete = on_headers_complete;
   req_settings.on_body = on_body;
   req_settings.on_message_complete = on_message_complete;
-  settings_ready = 1;
 }
 
 /* ---- lifecycle ---- */
@@ -538,7 +537,6 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
 }
 
 void sl_conn_accept(struct sl_worker *w) {
-  settings_init();
   struct sl_conn *c = sl_calloc(1, sizeof(*c));
   c->w = w;
   uv_tcp_init(&w->loop, &c->tcp);

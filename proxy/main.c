@@ -133,6 +133,8 @@ int main(int argc, char **argv) {
     return 0;
   }
   signal(SIGPIPE, SIG_IGN);
+  sl_conn_global_init();
+  sl_upstream_global_init();
   m.snapshots[m.nsnap++] = cfg;
   atomic_store(&m.version, cfg->version);
   m.nworkers = cfg->workers;

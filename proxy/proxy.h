@@ -259,6 +259,7 @@ void sl_worker_pools_build(struct sl_worker *w);
 void sl__close(uv_handle_t *h, uv_close_cb cb);
 
 /* conn.c */
+void sl_conn_global_init(void);
 void sl_conn_accept(struct sl_worker *w);
 /* Called by upstream.c: response head parsed / body bytes / end / failure. */
 void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u);
@@ -282,6 +283,7 @@ void sl_admit_resume(struct sl_worker *w);
 void sl_admit_unpark(struct sl_conn *c);
 
 /* upstream.c */
+void sl_upstream_global_init(void);
 void sl_upstream_send(struct sl_worker *w, struct sl_conn *c);
 void sl_upstream_resume(struct sl_upconn *u);
 void sl_upstream_abort(struct sl_upconn *u);

@@ -8,7 +8,6 @@
 #include "proxy.h"
 
 static llhttp_settings_t resp_settings;
-static int settings_ready;
 
 static void up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 static void up_send_request(struct sl_upconn *u);
@@ -97,8 +96,9 @@ static int on_message_complete(llhttp_t *p) {
   return HPE_PAUSED;
 }
 
-static void settings_init(void) {
-  if (settings_ready) return;
+/* Called once by main before any worker starts: the settings are then
+ * read-only and shared by every parser. */
+void sl_upstream_global_init(void) {
   llhttp_settings_init(&resp_settings);
   resp_settings.on_message_begin = on_message_begin;
   resp_settings.on_status = on_status;
@@ -109,7 +109,6 @@ static void settings_init(void) {
   resp_settings.on_headers_complete = on_headers_complete;
   resp_settings.on_body = on_body;
   resp_settings.on_message_complete = on_message_complete;
-  settings_ready = 1;
 }
 
 /* ---- pools and health ---- */
@@ -463,7 +462,6 @@ static void up_send_request(struct sl_upconn *u) {
 }
 
 void sl_upstream_send(struct sl_worker *w, struct sl_conn *c) {
-  settings_init();
   struct sl_pool *pool = w->pools[c->pool];
   struct sl_upaddr *ua = pool_pick(pool, now_ms(w));
   if (!ua) {

@@ -25,7 +25,12 @@ class Sluice:
         self.proc, self.port, self.admin, self.log, self.tmpdir = proc, port, admin, log, tmpdir
 
     def stop(self, timeout=15.0):
-        return harness.stop_process(self.proc, timeout=timeout)
+        rc = harness.stop_process(self.proc, timeout=timeout)
+        if rc != 0 and not getattr(self, "_told", False):
+            # A crash or a sanitizer report: show it where the test log is read.
+            self._told = True
+            print(f"--- sluice exited with {rc}; its stderr ends:\n{self.stderr()[-6000:]}", flush=True)
+        return rc
 
     def stderr(self):
         with open(self.log, encoding="utf-8", errors="replace") as f:
