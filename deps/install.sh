@@ -4,13 +4,19 @@
 # only called when something is missing.
 set -euo pipefail
 
-pkgs=(
-  build-essential cmake pkg-config
-  libuv1-dev libhiredis-dev libjemalloc-dev libyaml-dev node-llhttp
-  libcmocka-dev
-  redis-server redis-tools python3 curl procps
-  wrk nginx-light haproxy gnuplot-nox
-)
+# Usage: deps/install.sh [all|build|runtime]
+#   build:   what compiling sluice needs (the Docker build stage uses this)
+#   runtime: the shared libraries the binaries load (the Docker runtime stage)
+#   all:     build + tests + demo + benchmarks (the default)
+build=(build-essential cmake pkg-config libuv1-dev libhiredis-dev libjemalloc-dev libyaml-dev node-llhttp)
+runtime=(libuv1 libhiredis0.14 libjemalloc2 libyaml-0-2)
+tests=(libcmocka-dev redis-server redis-tools python3 curl procps wrk nginx-light haproxy gnuplot-nox)
+case "${1:-all}" in
+  build) pkgs=("${build[@]}") ;;
+  runtime) pkgs=("${runtime[@]}") ;;
+  all) pkgs=("${build[@]}" "${tests[@]}") ;;
+  *) echo "usage: deps/install.sh [all|build|runtime]" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${pkgs[@]}"; do
