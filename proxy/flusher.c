@@ -120,7 +120,7 @@ static struct sl_batch *batch_new(uint32_t n) {
 }
 
 /* Decodes a batch payload; NULL when malformed. */
-static struct sl_batch *decode_batch(const unsigned char *p, size_t len) {
+struct sl_batch *sl_spool_decode_batch(const unsigned char *p, size_t len) {
   const unsigned char *end = p + len;
   if (len < 5 || p[0] == 0 || p[0] >= sizeof(((struct sl_batch *)0)->id) || (size_t)(1 + p[0] + 4) > len)
     return NULL;
@@ -607,7 +607,7 @@ static int replay_spool(struct sl_flusher *f, char *err, size_t errlen) {
     if (magic != SPOOL_MAGIC || off + HDR + len > got || sl_crc32(data + off + HDR, len) != crc) break;
     const unsigned char *p = data + off + HDR;
     if (data[off + 4] == REC_BATCH) {
-      struct sl_batch *b = decode_batch(p, len);
+      struct sl_batch *b = sl_spool_decode_batch(p, len);
       if (!b) break;
       b->spooled = 1;
       b->created_ms = mono_ms();

@@ -103,5 +103,8 @@ static inline void sl_flusher_notify(struct sl_flusher *f) { uv_async_send(&f->w
 size_t sl_spool_batch_size(const struct sl_batch *b);
 size_t sl_spool_encode_batch(const struct sl_batch *b, unsigned char *out);
 uint32_t sl_crc32(const void *p, size_t n);
+/* Decodes a batch record's payload (after the 16-byte header); NULL when
+ * malformed. The caller frees the batch. */
+struct sl_batch *sl_spool_decode_batch(const unsigned char *payload, size_t len);
 
 #endif

@@ -1,0 +1,157 @@
+/* Unit tests for proxy/meter.c (days, tables, bounds, hand-off) and the
+ * spool encoding of proxy/flusher.c. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "flusher.h"
+#include "meter.h"
+
+static struct sl_meter_key key(const char *uid, uint8_t outcome) {
+  struct sl_meter_key k;
+  memset(&k, 0, sizeof(k));
+  k.day = 20261127;
+  k.feature = 0;
+  k.outcome = outcome;
+  k.uid_len = (uint8_t)strlen(uid);
+  memcpy(k.uid, uid, k.uid_len);
+  k.region_len = 11;
+  memcpy(k.region, "cn-shanghai", 11);
+  return k;
+}
+
+static void test_days(void **state) {
+  (void)state;
+  assert_int_equal(sl_meter_day(0, 0), 19700101);
+  assert_int_equal(sl_meter_day(1795737600, 0), 20261127);     /* 2026-11-27 00:00:00 UTC */
+  assert_int_equal(sl_meter_day(1795737600 - 1, 0), 20261126); /* one second before midnight */
+  assert_int_equal(sl_meter_day(1795737600 - 1, 480), 20261127); /* 08:00 later in UTC+8 */
+  assert_int_equal(sl_meter_day(1795737600, -60), 20261126);     /* 23:00 the day before in UTC-1 */
+  assert_int_equal(sl_meter_day(951782400, 0), 20000229);        /* a leap day */
+  assert_int_equal(sl_meter_day(951868800, 0), 20000301);
+  assert_int_equal(sl_meter_day(4107542400, 0), 21000301);       /* 2100 is not a leap year */
+  assert_int_equal(sl_meter_day(-1, 0), 19691231);
+}
+
+static void test_worker_day_cache(void **state) {
+  (void)state;
+  struct sl_meter_worker m;
+  assert_int_equal(sl_meter_worker_init(&m, 16, 0), 0);
+  assert_int_equal(sl_meter_worker_day(&m, 1795737600 - 1), 20261126);
+  assert_int_equal(sl_meter_worker_day(&m, 1795737600), 20261127); /* the cache turns at midnight */
+  assert_int_equal(sl_meter_worker_day(&m, 1795737600 + 86399), 20261127);
+  assert_int_equal(sl_meter_worker_day(&m, 1795737600 + 86400), 20261128);
+  assert_int_equal(sl_meter_worker_day(&m, 1795737600 - 86400), 20261126); /* a clock stepped back */
+  sl_meter_worker_free(&m);
+}
+
+static void test_table_bound(void **state) {
+  (void)state;
+  struct sl_meter_table *t = sl_meter_table_new(4);
+  char uid[8];
+  for (int i = 0; i < 4; i++) {
+    snprintf(uid, sizeof(uid), "u%d", i);
+    struct sl_meter_key k = key(uid, 0);
+    assert_int_equal(sl_meter_add(t, &k, sl_meter_key_hash(&k), 2), 0);
+  }
+  struct sl_meter_key k = key("u0", 0);
+  assert_int_equal(sl_meter_add(t, &k, sl_meter_key_hash(&k), 1), 0); /* an existing key always fits */
+  struct sl_meter_key other = key("u0", 1);                            /* another outcome: a new key */
+  assert_int_equal(sl_meter_add(t, &other, sl_meter_key_hash(&other), 1), -ENOBUFS);
+  assert_int_equal(t->n, 4);
+  assert_int_equal(t->total, 9);
+  sl_meter_table_clear(t);
+  assert_int_equal(t->n, 0);
+  assert_int_equal(sl_meter_add(t, &other, sl_meter_key_hash(&other), 1), 0);
+  sl_meter_table_free(t);
+}
+
+/* Sums every count the flusher would see: what was handed off plus what is
+ * still with the worker. */
+static uint64_t drain_total(struct sl_meter_worker *m) {
+  uint64_t total = 0;
+  struct sl_meter_table *t;
+  while (sl_ring_pop(&m->handoff, &t) == 0) {
+    total += t->total;
+    sl_meter_table_free(t);
+  }
+  for (unsigned i = 0; i < m->noverflow; i++) total += m->overflow[i]->total;
+  return total + m->active->total;
+}
+
+static void test_count_never_loses(void **state) {
+  (void)state;
+  struct sl_meter_worker m;
+  assert_int_equal(sl_meter_worker_init(&m, 4, 0), 0);
+  char uid[16];
+  /* 4 keys per table, 16 tables in the ring: 200 distinct keys overflow the
+   * ring, and the worker keeps the rest aside and says it is saturated. */
+  for (int i = 0; i < 200; i++) {
+    snprintf(uid, sizeof(uid), "u%d", i);
+    struct sl_meter_key k = key(uid, 0);
+    sl_meter_count(&m, &k);
+  }
+  assert_true(sl_meter_saturated(&m));
+  assert_int_equal(drain_total(&m), 200);
+  /* Once the flusher drained the ring, a hand-off moves what was kept aside. */
+  unsigned moved = sl_meter_handoff(&m);
+  assert_true(moved > 0);
+  assert_int_equal(m.noverflow > 0 ? 1 : 0, m.noverflow > 0);
+  while (m.noverflow) {
+    struct sl_meter_table *t;
+    while (sl_ring_pop(&m.handoff, &t) == 0) sl_meter_table_free(t);
+    sl_meter_handoff(&m);
+  }
+  assert_false(sl_meter_saturated(&m));
+  sl_meter_worker_free(&m);
+}
+
+static void test_spool_roundtrip(void **state) {
+  (void)state;
+  struct sl_batch *b = calloc(1, sizeof(*b) + 3 * sizeof(struct sl_batch_entry));
+  memcpy(b->id, "inst:00ff:7", 11);
+  b->id_len = 11;
+  b->n = 3;
+  b->e[0].k = key("1001", 0);
+  b->e[0].count = 42;
+  b->e[1].k = key("-", 4);
+  b->e[1].count = 1;
+  b->e[2].k = key("1002", 2);
+  b->e[2].count = 1ull << 40;
+  size_t sz = sl_spool_batch_size(b);
+  unsigned char *buf = malloc(sz);
+  assert_int_equal(sl_spool_encode_batch(b, buf), sz);
+  uint32_t len, crc;
+  memcpy(&len, buf + 8, 4);
+  memcpy(&crc, buf + 12, 4);
+  assert_int_equal(len, sz - 16);
+  assert_int_equal(crc, sl_crc32(buf + 16, len));
+  struct sl_batch *d = sl_spool_decode_batch(buf + 16, len);
+  assert_non_null(d);
+  assert_int_equal(d->n, 3);
+  assert_memory_equal(d->id, "inst:00ff:7", 11);
+  for (int i = 0; i < 3; i++) {
+    assert_int_equal(d->e[i].count, b->e[i].count);
+    assert_memory_equal(&d->e[i].k, &b->e[i].k, sizeof(struct sl_meter_key));
+  }
+  free(d);
+  /* A record cut short is refused, not half-read. */
+  assert_null(sl_spool_decode_batch(buf + 16, len - 1));
+  assert_null(sl_spool_decode_batch(buf + 16, 3));
+  free(buf);
+  free(b);
+  assert_int_equal(sl_crc32("123456789", 9), 0xcbf43926u); /* the standard check value */
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_days),        cmocka_unit_test(test_worker_day_cache),
+      cmocka_unit_test(test_table_bound), cmocka_unit_test(test_count_never_loses),
+      cmocka_unit_test(test_spool_roundtrip),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
