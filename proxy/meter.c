@@ -94,6 +94,7 @@ int sl_meter_worker_init(struct sl_meter_worker *m, uint32_t capacity, int tz_of
 void sl_meter_worker_free(struct sl_meter_worker *m) {
   struct sl_meter_table *t;
   while (sl_ring_pop(&m->spare, &t) == 0) sl_meter_table_free(t);
+  while (sl_ring_pop(&m->handoff, &t) == 0) sl_meter_table_free(t); /* only after the flusher stopped */
   sl_meter_table_free(m->active);
   for (unsigned i = 0; i < m->noverflow; i++) sl_meter_table_free(m->overflow[i]);
   sl_ring_free(&m->handoff);
