@@ -51,6 +51,8 @@ static const struct opt opts[] = {
   {"max-fails", OPT_UINT, F(max_fails), 0, 1, 1000, "consecutive failures that eject an upstream (1)"},
   {"fail-timeout-ms", OPT_UINT, F(fail_timeout_ms), 0, 10, 3600000, "ejection time before a probe (5000)"},
   {"drain-timeout-ms", OPT_UINT, F(drain_timeout_ms), 0, 10, 3600000, "SIGTERM drain bound (10000)"},
+  {"metering", OPT_STR, F(metering), sizeof(((struct sl_config *)0)->metering), 0, 0,
+   "on|off: off counts nothing for billing; for measuring metering's cost only (on)"},
   {"spool-dir", OPT_STR, F(spool_dir), sizeof(((struct sl_config *)0)->spool_dir), 0, 0,
    "metering spool and instance id directory (/var/lib/sluice)"},
   {"instance-id", OPT_STR, F(instance_id), sizeof(((struct sl_config *)0)->instance_id), 0, 0,
@@ -231,6 +233,7 @@ static void config_defaults(struct sl_config *c) {
   strcpy(c->limiter_full, "open");
   strcpy(c->admission, "on");
   strcpy(c->spool_dir, "/var/lib/sluice");
+  strcpy(c->metering, "on");
   c->spool_max_bytes = 1ull << 30;
   c->meter_keys = 16384;
   c->meter_queue_batches = 10000;
@@ -317,6 +320,10 @@ int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, s
     int fresh = !seen[o - opts];
     seen[o - opts] = 1;
     if (opt_apply(out, o, cli->argv[i + 1], fresh, err, errlen) != 0) return -1;
+  }
+  if (strcmp(out->metering, "on") && strcmp(out->metering, "off")) {
+    set_err(err, errlen, "metering: '%s' is neither 'on' nor 'off'", out->metering);
+    return -1;
   }
   if (strcmp(out->admission, "on") && strcmp(out->admission, "off")) {
     set_err(err, errlen, "admission: '%s' is neither 'on' nor 'off'", out->admission);

@@ -45,6 +45,7 @@ struct sl_config {
   unsigned fail_timeout_ms;     /* how long an ejected address rests before a probe */
   unsigned drain_timeout_ms;    /* SIGTERM: bound on finishing requests in flight */
   /* metering */
+  char metering[8];             /* "on", or "off" for measuring its cost only (nothing is billed) */
   char spool_dir[256];
   char instance_id[48];
   uint64_t spool_max_bytes;
