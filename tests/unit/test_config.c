@@ -42,6 +42,12 @@ static void test_defaults_and_cli(void **state) {
   assert_string_equal(c.region, "cn-beijing");
   assert_int_equal(c.n_upstream, 1);
   assert_int_equal(c.n_upstream_llm, 0);
+  char *tz[] = {"--upstream", "127.0.0.1:9000", "--billing-tz-offset-min", "-480", "--time-offset-s", "-86400"};
+  assert_int_equal(load(&c, NULL, 6, tz, err), 0);
+  assert_int_equal(c.billing_tz_offset_min, -480);
+  assert_int_equal(c.time_offset_s, -86400);
+  assert_string_equal(c.metering, "on");
+  assert_string_equal(c.spool_dir, "/var/lib/sluice");
 }
 
 static void test_file_then_cli(void **state) {
@@ -96,6 +102,13 @@ static void test_rejections(void **state) {
   expect_error("upstream: 127.0.0.1:9000\nregion: [unterminated\n", 0, NULL, ":");
   expect_error("upstream: 127.0.0.1:9000\nregion: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n", 0, NULL,
                "region: value longer than 63 bytes");
+  expect_error("upstream: 127.0.0.1:9000\nmetering: maybe\n", 0, NULL, "metering: 'maybe' is neither 'on' nor 'off'");
+  expect_error("upstream: 127.0.0.1:9000\nadmission: no\n", 0, NULL, "admission: 'no' is neither 'on' nor 'off'");
+  expect_error("upstream: 127.0.0.1:9000\nlimiter-full: ajar\n", 0, NULL, "limiter-full: 'ajar'");
+  expect_error("upstream: 127.0.0.1:9000\nredis: nowhere\n", 0, NULL, "redis: 'nowhere' is neither HOST:PORT");
+  expect_error("upstream: 127.0.0.1:9000\nbilling-tz-offset-min: -721\n", 0, NULL,
+               "billing-tz-offset-min: '-721' is not an integer in [-720, 840]");
+  expect_error("upstream: 127.0.0.1:9000\nbilling-tz-offset-min: 841\n", 0, NULL, "[-720, 840]");
   char *bad_cli[] = {"--upstream", "127.0.0.1:9000", "--max-conns", "1x"};
   expect_error(NULL, 4, bad_cli, "max-conns: '1x' is not an integer");
   (void)up;
