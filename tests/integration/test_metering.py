@@ -1,0 +1,785 @@
+"""Integration tests of sluice's metering (SPEC section 6, issue 5): every
+request ends in one outcome, counted into Redis exactly once, also across a
+Redis restart, a Redis pause, a lost reply to a batch, a SIGTERM with
+requests in flight and a restart that replays the spool; requests are
+counted on the day they arrived (--time-offset-s puts "now" next to a
+midnight).
+
+The ground truth is what the client saw (its own tally of every answer, by
+account, feature, region and outcome) and what the backend did (modstub's
+GET /stats: the HTTP 200s it gave). Each test starts its own redis-server
+(with an append-only file, so that a restart on the same port keeps what was
+written), a modstub and sluice on 127.0.0.1, and stops every process by PID
+through addCleanup. Every load is bounded in time and count; the measured
+numbers are printed (stderr) and summed up at the end of the run."""
+
+import collections
+import datetime
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.parse
+
+import harness
+import tcpfault
+from proxyenv import start_modstub, start_sluice
+
+P = "sluice:"
+FORM = "application/x-www-form-urlencoded"
+NUMBERS = []  # lines printed again by tearDownModule
+
+
+def note(line):
+    NUMBERS.append(line)
+    print(f"\n  {line}", file=sys.stderr, flush=True)
+
+
+def tearDownModule():
+    if NUMBERS:
+        print("\nmetering numbers measured:", file=sys.stderr)
+        for line in NUMBERS:
+            print(f"  {line}", file=sys.stderr)
+
+
+def poll(fn, timeout, what, interval=0.02):
+    """Waits (at most `timeout` s) for fn() to be true; returns (its value,
+    the seconds it took)."""
+    start = time.monotonic()
+    deadline, last = start + timeout, None
+    while time.monotonic() <= deadline:
+        last = fn()
+        if last:
+            return last, time.monotonic() - start
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
+
+
+# ---- a minimal RESP client, to read back what metering wrote ----
+
+class Resp:
+    def __init__(self, port, timeout=10.0):
+        self.sock = socket.create_connection((harness.HOST, port), timeout=timeout)
+        self.f = self.sock.makefile("rb")
+
+    def close(self):
+        self.f.close()
+        self.sock.close()
+
+    def cmd(self, *args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            a = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+        self.sock.sendall(b"".join(out))
+        return self._read()
+
+    def _read(self):
+        line = self.f.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("redis closed the connection")
+        t, rest = line[:1], line[1:-2]
+        if t == b"+":
+            return rest.decode()
+        if t == b"-":
+            raise RuntimeError(rest.decode())
+        if t == b":":
+            return int(rest)
+        if t == b"$":
+            n = int(rest)
+            return None if n < 0 else self.f.read(n + 2)[:-2].decode()
+        if t == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read() for _ in range(n)]
+        raise ValueError(f"bad RESP line {line!r}")
+
+
+class Meter:
+    """What metering wrote to Redis: usage and calls hashes as
+    {(day, uid, field): n}, the usage:<day> sets, the stream entries and
+    the ids of the meter:batch markers."""
+
+    def __init__(self, port):
+        c = Resp(port)
+        try:
+            keys, cursor = [], "0"
+            while True:
+                cursor, part = c.cmd("SCAN", cursor, "MATCH", P + "*", "COUNT", 1000)
+                keys += part
+                if cursor == "0":
+                    break
+            self.usage, self.calls, self.sets, self.markers = {}, {}, {}, set()
+            for k in keys:
+                rest = k[len(P):]
+                parts = rest.split(":")
+                if parts[0] in ("usage", "calls") and len(parts) == 3:
+                    flat = c.cmd("HGETALL", k)
+                    into = self.usage if parts[0] == "usage" else self.calls
+                    for i in range(0, len(flat), 2):
+                        into[(parts[1], parts[2], flat[i])] = int(flat[i + 1])
+                elif parts[0] == "usage" and len(parts) == 2 and parts[1] != "stream":
+                    self.sets[parts[1]] = set(c.cmd("SMEMBERS", k))
+                elif rest.startswith("meter:batch:"):
+                    self.markers.add(rest[len("meter:batch:"):])
+            self.stream = []
+            for _id, flat in c.cmd("XRANGE", P + "usage:stream", "-", "+"):
+                self.stream.append(dict(zip(flat[0::2], flat[1::2])))
+        finally:
+            c.close()
+
+    def usage_total(self):
+        return sum(self.usage.values())
+
+    def calls_by_outcome(self):
+        out = collections.Counter()
+        for (_d, _u, field), n in self.calls.items():
+            out[field.rsplit(":", 1)[1]] += n
+        return out
+
+    def calls_by_key(self):
+        """{(uid, 'feature:region:outcome'): n} summed over the days."""
+        out = collections.Counter()
+        for (_d, uid, field), n in self.calls.items():
+            out[(uid, field)] += n
+        return dict(out)
+
+
+# ---- requests and a bounded load client ----
+
+# kind -> (uid, feature, region, request bytes). uid/feature/region are what
+# the calls:<day>:<uid> field must name for that request.
+def _req(ak="AK1", action="TextModeration", service="chat_detection", host="modstub", headers=()):
+    q = []
+    if action is not None:
+        q.append(("Action", action))
+    if ak is not None:
+        q.append(("AccessKeyId", ak))
+    if service is not None:
+        q.append(("Service", service))
+    return harness.HttpConn.build("GET", "/?" + urllib.parse.urlencode(q), list(headers), host=host)
+
+
+BJ = "green-cip.cn-beijing.aliyuncs.com"
+KINDS = {
+    "ok": ("u1", "text", "cn-shanghai", dict()),
+    "bj": ("u1", "text", "cn-beijing", dict(host=BJ)),
+    "err": ("u1", "text", "cn-shanghai", dict(headers=[("x-modstub-status", "500")])),
+    "voice": ("u2", "voice", "cn-shanghai", dict(ak="AK2", action="VoiceModeration", service="audio_media_detection")),
+    "unauth": ("-", "text", "cn-shanghai", dict(ak="AKNOSUCH")),
+    "bad": ("-", "-", "-", dict(action=None)),
+}
+# per 20 requests: 10 text ok, 2 text in cn-beijing, 1 forced 500, 5 voice
+# (account u2, throttled at 50 QPS), 1 unknown key, 1 without Action
+MIX = ["ok", "voice", "ok", "bj", "ok", "voice", "ok", "err", "ok", "voice",
+       "ok", "unauth", "ok", "voice", "bj", "ok", "bad", "voice", "ok", "ok"]
+
+
+def build(kind, extra_headers=()):
+    uid, feature, region, kw = KINDS[kind]
+    kw = dict(kw)
+    kw["headers"] = list(kw.get("headers", ())) + list(extra_headers)
+    return _req(**kw)
+
+
+def outcome_of(resp):
+    """The outcome (SPEC section 6) that the answer tells of."""
+    s = resp.status
+    if s == 200:
+        return "ok"
+    if s == 429:
+        return "throttled"
+    code, msg = "", ""
+    if resp.body[:1] == b"{":
+        try:
+            body = resp.json()
+            code, msg = str(body.get("Code", "")), str(body.get("Message", ""))
+        except ValueError:
+            pass
+    if s == 403:
+        return "suspended" if code == "Forbidden.AccountSuspended" else "unauthenticated"
+    if s == 400:
+        return "bad_request"
+    if s == 503 and code == "ServiceUnavailable" and "backend" not in msg:
+        return "unavailable"
+    return "upstream_error"
+
+
+class Tally:
+    """The client's own count of everything it sent and was answered."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.keys = collections.Counter()      # (uid, 'feature:region:outcome') -> n
+        self.outcomes = collections.Counter()  # outcome -> n
+        self.statuses = collections.Counter()  # HTTP status -> n
+        self.sent = 0
+        self.unanswered = 0
+        self.inflight_at_mark = 0
+
+    def add(self, kind, resp):
+        uid, feature, region, _ = KINDS[kind]
+        o = outcome_of(resp)
+        with self.lock:
+            self.keys[(uid, f"{feature}:{region}:{o}")] += 1
+            self.outcomes[o] += 1
+            self.statuses[resp.status] += 1
+            self.sent += 1
+
+    def answered(self):
+        return sum(self.outcomes.values())
+
+    def summary(self):
+        return (f"sent {self.sent + self.unanswered}, answered {self.answered()}, unanswered {self.unanswered}, "
+                f"outcomes {dict(sorted(self.outcomes.items()))}")
+
+
+def one(port, kind, tally, extra_headers=()):
+    with harness.HttpConn(port) as c:
+        c.send(build(kind, extra_headers))
+        resp = c.read_response()
+    tally.add(kind, resp)
+    return resp
+
+
+class Load:
+    """`threads` keep-alive connections sending MIX round-robin until
+    `duration` seconds pass, `per_thread` requests are answered, or stop().
+    A connection that fails is replaced; when no new one can be made (the
+    proxy stopped listening) the thread ends."""
+
+    def __init__(self, port, tally, threads=4, duration=3.0, per_thread=20000, extra_headers=(), timeout=10.0):
+        self.port, self.tally = port, tally
+        self.nthreads, self.duration, self.per_thread = threads, duration, per_thread
+        self.timeout = timeout
+        self.reqs = {k: build(k, extra_headers) for k in KINDS}
+        self._stop = threading.Event()
+        self.mark = None  # a time.monotonic(): answers to requests sent before it and answered after are counted
+        self.threads = []
+        self.connect_failures = 0
+        self.elapsed = 0.0
+
+    def start(self, test):
+        self.t0 = time.monotonic()
+        for i in range(self.nthreads):
+            t = threading.Thread(target=self._run, args=(i,), daemon=True)
+            t.start()
+            self.threads.append(t)
+        test.addCleanup(self.join)
+        test.addCleanup(self.stop)
+        return self
+
+    def stop(self):
+        self._stop.set()
+
+    def join(self, timeout=None):
+        limit = time.monotonic() + (timeout if timeout is not None else self.duration + 3 * self.timeout)
+        for t in self.threads:
+            t.join(max(0.0, limit - time.monotonic()))
+        alive = sum(t.is_alive() for t in self.threads)
+        self.elapsed = time.monotonic() - self.t0
+        return alive == 0
+
+    def run(self, test):
+        self.start(test)
+        ok = self.join()
+        test.assertTrue(ok, "load threads did not end")
+        return self
+
+    def _run(self, idx):
+        deadline = self.t0 + self.duration
+        conn, i, n, unanswered, inflight = None, idx * 7, 0, 0, 0
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline and n < self.per_thread:
+                if conn is None:
+                    try:
+                        conn = harness.HttpConn(self.port, timeout=self.timeout)
+                    except OSError:
+                        with self.tally.lock:
+                            self.connect_failures += 1
+                        break
+                kind = MIX[i % len(MIX)]
+                i += 1
+                t_sent = time.monotonic()
+                try:
+                    conn.send(self.reqs[kind])
+                    resp = conn.read_response()
+                except (harness.IncompleteResponse, OSError):
+                    unanswered += 1
+                    conn.close()
+                    conn = None
+                    continue
+                mark = self.mark
+                if mark is not None and t_sent < mark <= time.monotonic():
+                    inflight += 1
+                n += 1
+                self.tally.add(kind, resp)
+                if (resp.header("Connection") or "").lower() == "close":
+                    conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                conn.close()
+            with self.tally.lock:
+                self.tally.unanswered += unanswered
+                self.tally.inflight_at_mark += inflight
+
+
+def restart_redis(r):
+    """A new redis-server with r's argv (same port and directory: it loads
+    the append-only file); put in r.proc so that r.stop() ends it."""
+    r.proc = harness.start_process(list(r.proc.args), r.port, stdout=subprocess.DEVNULL)
+    poll(lambda: _ping(r), 10, "redis loaded", interval=0.02)
+
+
+def _ping(r):
+    try:
+        return r.cli("PING").strip() == "PONG"
+    except subprocess.CalledProcessError:
+        return False
+
+
+def utc_day(secs):
+    return datetime.datetime.fromtimestamp(secs, datetime.timezone.utc).strftime("%Y%m%d")
+
+
+class MeteringCase(unittest.TestCase):
+    """A redis-server (append-only, fsync always) seeded with two accounts
+    (AK1 -> u1, AK2 -> u2), text at 100000 QPS and voice at 50 QPS (so u2
+    is throttled under load), a modstub answering 500 to 3% of calls."""
+
+    STUB_ARGS = ("--error-rate", "0.03", "--seed", "11")
+
+    def setUp(self):
+        self.r = harness.start_redis(("--appendonly", "yes", "--appendfsync", "always"))
+        self.addCleanup(self.r.stop)
+        for args in (("SET", P + "ak:AK1", "u1"), ("SET", P + "ak:AK2", "u2"),
+                     ("HSET", P + "feature:text", "default_qps", "100000"),
+                     ("HSET", P + "feature:voice", "default_qps", "50")):
+            self.r.cli(*args)
+        _, self.up = start_modstub(self, *self.STUB_ARGS, workers=2)
+        self.tally = Tally()
+        self.t_start = time.monotonic()
+
+    def start(self, *args, redis=None):
+        """A sluice (2 workers) in front of the stub; at the end of the test its
+        exit status must be 0 and its stderr free of sanitizer reports."""
+        sl = start_sluice(self, [self.up], *args, redis=redis or self.r, workers=2)
+        self.addCleanup(shutil.rmtree, sl.tmpdir, True)
+        self.addCleanup(self.stop_sluice, sl)
+        # the first full resync (feature overrides) is done
+        poll(lambda: sl.metrics().get("sluice_directory_resyncs_total", 0) >= 1, 10, "first resync")
+        return sl
+
+    def stop_sluice(self, sl):
+        """SIGTERM (again harmless): exit status 0, no sanitizer report."""
+        status = sl.stop(timeout=30)
+        log = sl.stderr()
+        for bad in ("Sanitizer", "runtime error:"):
+            self.assertNotIn(bad, log, log[-4000:])
+        self.assertEqual(status, 0, log[-2000:])
+        return status
+
+    def backend_200(self):
+        r = harness.http_request(self.up, "GET", "/stats")
+        return r.json()["by_status"].get("200", 0)
+
+    def drained(self, sl, timeout=15):
+        """Waits until every batch made so far is in Redis."""
+        def done():
+            m = sl.metrics()
+            return (m.get("sluice_meter_queue_batches") == 0 and m.get("sluice_meter_unflushed_requests") == 0
+                    and m.get("sluice_meter_redis_up") == 1)
+        poll(done, timeout, "metering queue empty")
+
+    def meter_metrics(self, sl):
+        m = sl.metrics()
+        return {k[len("sluice_meter_"):]: int(v) for k, v in m.items() if k.startswith("sluice_meter_")
+                and not k.startswith("sluice_meter_flush_latency")}
+
+    def check_outcome_metrics(self, sl):
+        """sluice_requests_outcome_total summed per outcome equals the tally."""
+        got = collections.Counter()
+        for k, v in sl.metrics().items():
+            m = re.match(r'sluice_requests_outcome_total\{outcome="([a-z_]+)"', k)
+            if m:
+                got[m.group(1)] += int(v)
+        self.assertEqual({k: v for k, v in got.items() if v}, dict(self.tally.outcomes))
+
+    def check_exact(self, what, strict=True):
+        """Redis holds exactly what the client and the backend saw. strict:
+        every request sent was answered (no request ended with no answer)."""
+        meter = Meter(self.r.port)
+        backend = self.backend_200()
+        usage = meter.usage_total()
+        calls = meter.calls_by_outcome()
+        t = self.tally
+        note(f"{what}: {t.summary()}; backend 200s {backend}, usage sum {usage}, calls {dict(sorted(calls.items()))}, "
+             f"batches in Redis {len(meter.markers)}, stream entries {len(meter.stream)}")
+        # billable: the backend's 200s, the client's 200s, the usage hashes
+        self.assertEqual(usage, backend, "usage sum != backend 200s")
+        self.assertEqual(calls["ok"], usage, "calls ok != usage")
+        self.assertEqual(t.outcomes["ok"], backend, "client 200s != backend 200s")
+        self.assertEqual(calls["throttled"], t.outcomes["throttled"], "throttled != 429s received")
+        if strict:
+            self.assertEqual(t.unanswered, 0)
+            self.assertEqual(sum(calls.values()), t.answered(), "all outcomes != requests sent")
+            self.assertEqual(meter.calls_by_key(), dict(t.keys))
+        else:
+            self.assertGreaterEqual(sum(calls.values()), t.answered())
+            self.assertLessEqual(sum(calls.values()), t.answered() + t.unanswered)
+        self.check_consistent(meter)
+        return meter
+
+    def check_consistent(self, meter):
+        """The hashes, the sets, the stream and the markers agree."""
+        for (day, uid, field), n in meter.usage.items():
+            self.assertEqual(meter.calls.get((day, uid, field + ":ok")), n, (day, uid, field))
+            self.assertIn(uid, meter.sets.get(day, set()), (day, uid))
+        for (day, uid, field), n in meter.calls.items():
+            if field.endswith(":ok"):
+                self.assertEqual(meter.usage.get((day, uid, field[:-3])), n, (day, uid, field))
+        sums, seen = collections.Counter(), set()
+        for e in meter.stream:
+            key = (e["batch"], e["day"], e["uid"], e["feature"], e["region"], e["outcome"])
+            self.assertNotIn(key, seen, "a key twice in one batch, or a batch applied twice")
+            seen.add(key)
+            sums[(e["day"], e["uid"], f'{e["feature"]}:{e["region"]}:{e["outcome"]}')] += int(e["count"])
+        self.assertEqual(dict(sums), meter.calls, "stream deltas != calls hashes")
+        self.assertEqual({e["batch"] for e in meter.stream}, meter.markers, "stream batches != batch markers")
+
+
+class UnderLoad(MeteringCase):
+
+    def test_load_then_sigterm_exact(self):
+        """4 connections for 3 s, then SIGTERM right away: the last second's
+        counts go to Redis in the final flush."""
+        sl = self.start()
+        load = Load(sl.port, self.tally, threads=4, duration=3.0).run(self)
+        self.check_outcome_metrics(sl)
+        mm = self.meter_metrics(sl)
+        self.assertEqual(mm["lost_total"], 0)
+        t0 = time.monotonic()
+        self.stop_sluice(sl)
+        note(f"load: {self.tally.answered()} answers in {load.elapsed:.1f} s "
+             f"({self.tally.answered() / load.elapsed:.0f}/s); SIGTERM to exit {time.monotonic() - t0:.2f} s")
+        spool = os.path.join(sl.tmpdir, "spool", "meter.spool")
+        self.assertEqual(stat.S_IMODE(os.stat(spool).st_mode), 0o600)
+        self.assertGreater(self.tally.outcomes["throttled"], 0)
+        self.assertGreater(self.tally.outcomes["upstream_error"], 0)
+        self.check_exact("load + SIGTERM")
+
+    def test_wrk_load_exact(self):
+        """wrk (8 connections, 2 s) on one account and feature: usage equals
+        the backend's 200s and the 2xx wrk counted."""
+        wrk = shutil.which("wrk")
+        if wrk is None:
+            self.skipTest("wrk not installed")
+        sl = self.start()
+        url = f"http://127.0.0.1:{sl.port}/?Action=TextModeration&AccessKeyId=AK1&Service=chat_detection"
+        out = subprocess.run([wrk, "-t2", "-c8", "-d2s", "--timeout", "5s", url], capture_output=True, text=True,
+                             timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        m = re.search(r"(\d+) requests in", out.stdout)
+        self.assertTrue(m, out.stdout)
+        total = int(m.group(1))
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
+        non2xx = int(non2xx.group(1)) if non2xx else 0
+        self.stop_sluice(sl)
+        meter = Meter(self.r.port)
+        backend = self.backend_200()
+        calls = meter.calls_by_outcome()
+        note(f"wrk: {total} requests ({non2xx} non-2xx); backend 200s {backend}; usage {meter.usage_total()}; "
+             f"calls {dict(calls)}")
+        self.assertEqual(meter.usage_total(), backend)
+        # wrk drops the requests still open when its time is up; the backend may have answered them
+        self.assertLessEqual(total - non2xx, backend)
+        self.assertGreaterEqual(total - non2xx, backend - 8)
+        # wrk may stop with requests unanswered when its time is up: they are counted all the same
+        self.assertGreaterEqual(sum(calls.values()), total)
+        self.assertLessEqual(sum(calls.values()), total + 8)
+        self.check_consistent(meter)
+
+
+class RedisTrouble(MeteringCase):
+
+    def test_redis_restart_during_load(self):
+        """Redis stopped (by PID) 1.2 s into a 5 s load and started again on
+        the same port 1.5 s later: known accounts keep flowing, the batches
+        wait, and every count arrives after the restart."""
+        sl = self.start("--flush-ms", "200", "--lookup-timeout-ms", "300")
+        load = Load(sl.port, self.tally, threads=4, duration=5.0).start(self)
+        time.sleep(1.2)
+        harness.stop_process(self.r.proc)
+        t_down = time.monotonic()
+        poll(lambda: sl.metrics().get("sluice_meter_redis_up") == 0, 5, "flusher sees redis down")
+        time.sleep(max(0.0, 1.5 - (time.monotonic() - t_down)))
+        during = self.meter_metrics(sl)
+        self.assertGreaterEqual(during["queue_batches"], 1, during)
+        self.assertGreater(during["unflushed_requests"], 0, during)
+        restart_redis(self.r)
+        outage = time.monotonic() - t_down
+        self.assertTrue(load.join(), "load threads did not end")
+        _, d = poll(lambda: self.meter_metrics(sl)["queue_batches"] == 0, 15, "queue empty after restart")
+        self.drained(sl)
+        after = self.meter_metrics(sl)
+        note(f"redis restart: outage {outage:.1f} s; during it {during['queue_batches']} batches / "
+             f"{during['unflushed_requests']} requests waited (oldest {during['oldest_unflushed_seconds']} s); "
+             f"after: retried {after['batches_retried_total']}, applied {after['batches_applied_total']}, "
+             f"deduplicated {after['batches_deduplicated_total']}")
+        self.check_outcome_metrics(sl)
+        self.stop_sluice(sl)
+        # the known accounts were never refused
+        for (uid, field), n in self.tally.keys.items():
+            if uid != "-":
+                self.assertFalse(field.endswith(":unavailable"), (uid, field, n))
+        self.check_exact("redis restart")
+
+    def test_redis_paused(self):
+        """CLIENT PAUSE 2500 ALL in the middle of a 4 s load, flush every
+        300 ms: the batches wait and then all arrive, once."""
+        sl = self.start("--flush-ms", "300")
+        load = Load(sl.port, self.tally, threads=4, duration=4.0).start(self)
+        time.sleep(1.0)
+        self.r.cli("CLIENT", "PAUSE", "2500", "ALL")
+        time.sleep(1.5)
+        during = self.meter_metrics(sl)
+        self.assertTrue(load.join(), "load threads did not end")
+        self.drained(sl)
+        after = self.meter_metrics(sl)
+        note(f"redis paused 2.5 s: 1.5 s in, {during['queue_batches']} batches / {during['unflushed_requests']} "
+             f"requests waited (oldest {during['oldest_unflushed_seconds']} s); after: applied "
+             f"{after['batches_applied_total']}, retried {after['batches_retried_total']}")
+        self.assertGreaterEqual(during["queue_batches"], 1, during)
+        self.stop_sluice(sl)
+        self.check_exact("redis paused")
+
+    def test_lost_reply_is_resent_once(self):
+        """A proxy between sluice and Redis forwards the flusher's first
+        EVAL, then closes that connection instead of relaying the reply:
+        sluice reconnects and sends the batch again with the same id, which
+        Redis recognises (deduplicated)."""
+        fp = tcpfault.FaultProxy(self.r.port, marker=b"meter:batch")
+        self.addCleanup(fp.close)
+        sl = self.start("--flush-ms", "200", redis=fp)
+        Load(sl.port, self.tally, threads=4, duration=2.5).run(self)
+        poll(lambda: fp.dropped, 10, "a reply dropped")
+        poll(lambda: self.meter_metrics(sl)["batches_deduplicated_total"] >= 1, 10, "a batch deduplicated")
+        self.drained(sl)
+        mm = self.meter_metrics(sl)
+        note(f"lost reply: dropped {fp.dropped[0][:20]!r} on 1 of {fp.connections} connections to redis; "
+             f"retried {mm['batches_retried_total']}, deduplicated {mm['batches_deduplicated_total']}, "
+             f"applied {mm['batches_applied_total']}, made {mm['batches_total']}")
+        self.assertTrue(fp.dropped[0].startswith(b":1"), fp.dropped)  # the script ran: the batch was applied
+        self.assertGreaterEqual(mm["batches_retried_total"], 1)
+        self.assertEqual(mm["batches_deduplicated_total"], 1)
+        self.assertEqual(mm["batches_applied_total"] + mm["batches_deduplicated_total"], mm["batches_total"])
+        self.stop_sluice(sl)
+        meter = self.check_exact("lost reply")
+        # the batch whose reply was lost has its marker (applied once) though sluice counts it as deduplicated
+        self.assertGreaterEqual(len(meter.markers), mm["batches_applied_total"] + mm["batches_deduplicated_total"])
+
+    def test_sigterm_just_after_redis_returns(self):
+        """Redis away for 3 s (the flusher's reconnect backoff grows to 2 s),
+        back, and sluice gets SIGTERM at once: Redis is reachable, so the
+        final flush must put every count into Redis, not leave it in the
+        spool."""
+        sl = self.start("--flush-ms", "200")
+        Load(sl.port, self.tally, threads=2, duration=0.5).run(self)
+        self.drained(sl)
+        harness.stop_process(self.r.proc)
+        poll(lambda: sl.metrics().get("sluice_meter_redis_up") == 0, 5, "flusher sees redis down")
+        Load(sl.port, self.tally, threads=2, duration=1.0).run(self)
+        time.sleep(2.0)
+        restart_redis(self.r)
+        t0 = time.monotonic()
+        self.stop_sluice(sl)
+        said = [line for line in sl.stderr().splitlines() if "metering" in line and "redis" not in line]
+        note(f"SIGTERM just after redis came back: exit in {time.monotonic() - t0:.2f} s; sluice said {said}")
+        self.check_exact("SIGTERM after redis returns")
+
+
+class Shutdown(MeteringCase):
+
+    def test_sigterm_with_requests_in_flight(self):
+        """8 connections whose calls take 300 ms at the backend; SIGTERM
+        while they wait: the drain answers them, and their counts are in
+        Redis after exit 0."""
+        sl = self.start()
+        load = Load(sl.port, self.tally, threads=8, duration=15.0,
+                    extra_headers=[("x-modstub-delay-ms", "300")]).start(self)
+        time.sleep(1.5)
+        load.mark = time.monotonic()
+        os.kill(sl.proc.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        rc = sl.proc.wait(30)
+        exit_s = time.monotonic() - t0
+        self.assertEqual(rc, 0, sl.stderr()[-2000:])
+        self.assertTrue(load.join(15), "load threads did not end")
+        note(f"SIGTERM in flight: {self.tally.inflight_at_mark} requests in flight answered after SIGTERM, "
+             f"{self.tally.unanswered} unanswered, exit after {exit_s:.2f} s")
+        self.assertGreaterEqual(self.tally.inflight_at_mark, 1)
+        self.check_exact("SIGTERM in flight", strict=False)
+
+    def test_spool_replay_after_restart(self):
+        """Redis stopped; load; SIGTERM (exit 0, the counts stay in the
+        spool); Redis back; sluice started again with the same --spool-dir
+        and --instance-id replays the spool, and the totals are exact. A
+        third start replays nothing."""
+        spool = tempfile.mkdtemp(prefix="sluice-spool-")
+        self.addCleanup(shutil.rmtree, spool, True)
+        args = ("--spool-dir", spool, "--instance-id", "metering-test-1", "--flush-ms", "200")
+        sl1 = self.start(*args)
+        for kind in ("ok", "voice", "bj"):
+            one(sl1.port, kind, self.tally)  # the accounts are known before Redis goes away
+        self.drained(sl1)
+        harness.stop_process(self.r.proc)
+        poll(lambda: sl1.metrics().get("sluice_meter_redis_up") == 0, 5, "flusher sees redis down")
+        Load(sl1.port, self.tally, threads=4, duration=2.0).run(self)
+        before = self.meter_metrics(sl1)
+        self.stop_sluice(sl1)
+        err1 = sl1.stderr()
+        path = os.path.join(spool, "meter.spool")
+        size = os.stat(path).st_size
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertGreater(size, 0)
+        self.assertIn("spool", err1)
+        self.assertNotIn("METERING LOST", err1)
+        restart_redis(self.r)
+        sl2 = self.start(*args)
+        m2 = self.meter_metrics(sl2)
+        self.assertGreater(m2["batches_replayed_total"], 0, m2)
+        self.drained(sl2)
+        m2b = self.meter_metrics(sl2)
+        self.stop_sluice(sl2)
+        note(f"spool replay: {before['queue_batches']} batches / {before['unflushed_requests']} requests unflushed "
+             f"at SIGTERM, spool {size} bytes; next start replayed {m2['batches_replayed_total']} batches, "
+             f"applied {m2b['batches_applied_total']}, deduplicated {m2b['batches_deduplicated_total']}")
+        self.assertEqual(m2b["batches_applied_total"] + m2b["batches_deduplicated_total"],
+                         m2["batches_replayed_total"])
+        self.check_exact("spool replay")
+        sl3 = self.start(*args)
+        m3 = self.meter_metrics(sl3)
+        self.stop_sluice(sl3)
+        self.assertEqual(m3["batches_replayed_total"], 0, m3)
+        self.check_exact("third start")
+
+
+class SpoolBound(MeteringCase):
+
+    def test_small_spool_bound(self):
+        """--spool-max-bytes 8192, a flush every 50 ms, Redis healthy: once
+        every batch is acked the spool must not stay full (else the next
+        outage finds no room). Then Redis goes away: the spool fills, the
+        batches wait in memory, and all of them arrive once Redis is back."""
+        sl = self.start("--spool-max-bytes", "8192", "--flush-ms", "50")
+        Load(sl.port, self.tally, threads=4, duration=2.0).run(self)
+        self.drained(sl)
+        healthy = self.meter_metrics(sl)
+        note(f"spool bound 8192, healthy redis: {healthy['batches_total']} batches; spool "
+             f"{healthy['spool_bytes']} bytes, spool_full {healthy['spool_full']}")
+        harness.stop_process(self.r.proc)
+        poll(lambda: sl.metrics().get("sluice_meter_redis_up") == 0, 5, "flusher sees redis down")
+        Load(sl.port, self.tally, threads=4, duration=1.5).run(self)
+        down = self.meter_metrics(sl)
+        restart_redis(self.r)
+        self.drained(sl)
+        back = self.meter_metrics(sl)
+        self.stop_sluice(sl)
+        note(f"spool bound 8192, redis back and every batch acked: spool {back['spool_bytes']} bytes, "
+             f"spool_full {back['spool_full']}")
+        note(f"spool bound 8192, redis down: {down['queue_batches']} batches wait, spool {down['spool_bytes']} "
+             f"bytes, spool_full {down['spool_full']}")
+        self.check_exact("small spool bound")
+        self.assertEqual(down["spool_full"], 1, down)
+        self.assertLessEqual(down["spool_bytes"], 8192, down)
+        self.assertLessEqual(healthy["spool_bytes"], 8192, healthy)
+        self.assertEqual(healthy["spool_full"], 0, f"spool full with every batch acked: {healthy}")
+        self.assertEqual(back["spool_full"], 0, f"spool still full with every batch acked: {back}")
+
+
+class Days(MeteringCase):
+    STUB_ARGS = ()
+
+    def test_midnight_arrival_day(self):
+        """Now (shifted by --time-offset-s) is 4 s before a UTC midnight.
+        Requests that arrive before it (also one whose head is completed and
+        one whose answer comes after midnight) count on the old day; those
+        that arrive after it (also on a connection kept from before) on the
+        new one."""
+        now = time.time()
+        midnight = (int(now) // 86400 + 1) * 86400 + 86400 * 10  # a midnight ten days ahead
+        offset = midnight - int(now) - 4
+        sl = self.start("--time-offset-s", str(offset), "--flush-ms", "200")
+        shifted = lambda: time.time() + offset  # noqa: E731
+        old, new = utc_day(midnight - 1), utc_day(midnight)
+        self.assertLess(shifted(), midnight - 1.5, "sluice took too long to start")
+        a = harness.HttpConn(sl.port)
+        self.addCleanup(a.close)
+        for kind in ("ok", "ok", "ok", "err", "voice"):
+            a.send(build(kind))
+            self.tally.add(kind, a.read_response())
+        # a head cut in two around midnight, and a slow answer across it
+        b = harness.HttpConn(sl.port)
+        self.addCleanup(b.close)
+        c = harness.HttpConn(sl.port)
+        self.addCleanup(c.close)
+        half = build("ok")
+        b.send(half[:20])
+        c.send(build("ok", [("x-modstub-delay-ms", "1500")]))
+        t_before = shifted()
+        self.assertLess(t_before, midnight - 0.3, "the before-midnight part came too late")
+        time.sleep(max(0.0, midnight + 0.3 - shifted()))
+        b.send(half[20:])
+        self.tally.add("ok", b.read_response())
+        self.tally.add("ok", c.read_response())
+        for kind in ("ok", "ok", "voice"):  # connection `a`, open since before midnight
+            a.send(build(kind))
+            self.tally.add(kind, a.read_response())
+        for kind in ("bj", "bj", "unauth", "bad"):
+            one(sl.port, kind, self.tally)
+        self.drained(sl)
+        self.stop_sluice(sl)
+        meter = self.check_exact("midnight")
+        note(f"midnight: before (shifted {t_before - midnight:+.2f} s) -> {old}, after -> {new}; "
+             f"usage {sorted(meter.usage.items())}")
+        self.assertEqual(self.tally.statuses[200], 11)
+        self.assertEqual(meter.usage, {(old, "u1", "text:cn-shanghai"): 5,
+                                       (new, "u1", "text:cn-shanghai"): 2,
+                                       (new, "u1", "text:cn-beijing"): 2,
+                                       (old, "u2", "voice:cn-shanghai"): 1,
+                                       (new, "u2", "voice:cn-shanghai"): 1})
+        self.assertEqual(meter.calls[(old, "u1", "text:cn-shanghai:upstream_error")], 1)
+        self.assertEqual(meter.calls[(new, "-", "text:cn-shanghai:unauthenticated")], 1)
+        self.assertEqual(meter.calls[(new, "-", "-:-:bad_request")], 1)
+        self.assertEqual(meter.sets, {old: {"u1", "u2"}, new: {"u1", "u2"}})
+
+    def test_billing_time_zone(self):
+        """--billing-tz-offset-min moves the day boundary: 20:00 UTC is the
+        next day at UTC+8, 02:00 UTC the day before at UTC-5."""
+        now = time.time()
+        midnight = (int(now) // 86400 + 1) * 86400 + 86400 * 20
+        cases = [(480, midnight - 4 * 3600, utc_day(midnight)),           # 20:00 UTC, 04:00 at UTC+8
+                 (-300, midnight + 2 * 3600, utc_day(midnight - 1)),     # 02:00 UTC, 21:00 the day before
+                 (0, midnight - 4 * 3600, utc_day(midnight - 1))]
+        for tz, at, want in cases:
+            sl = self.start("--billing-tz-offset-min", str(tz), "--time-offset-s", str(at - int(time.time())))
+            one(sl.port, "ok", self.tally)
+            self.stop_sluice(sl)
+            meter = Meter(self.r.port)
+            self.assertEqual(meter.usage.get((want, "u1", "text:cn-shanghai")), 1, (tz, want, meter.usage))
+            self.r.cli("FLUSHDB")
+            for args in (("SET", P + "ak:AK1", "u1"), ("SET", P + "ak:AK2", "u2")):
+                self.r.cli(*args)
+        note("billing tz: +480 at 20:00 UTC -> next day, -300 at 02:00 UTC -> day before, 0 -> UTC day")
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
