@@ -136,20 +136,34 @@ const char *sl_http_reason(int status) {
 
 int sl_http_error(struct sl_buf *out, int status, const char *code, const char *message, const char *rid,
                   const char *extra, int close) {
-  char body[512];
-  /* code and message are the proxy's own constants: no escaping needed. */
-  int bl = snprintf(body, sizeof(body), "{\"RequestId\":\"%s\",\"Code\":\"%s\",\"Message\":\"%s\"}", rid, code,
-                    message);
-  if (bl < 0 || (size_t)bl >= sizeof(body)) bl = (int)sizeof(body) - 1;
-  char head[1024];
-  int hl = snprintf(head, sizeof(head),
-                    "HTTP/1.1 %d %s\r\nContent-Type: application/json;charset=utf-8\r\n"
-                    "Content-Length: %d\r\n%s%s\r\n",
-                    status, sl_http_reason(status), bl, close ? "Connection: close\r\n" : "", extra ? extra : "");
-  if (hl < 0 || (size_t)hl >= sizeof(head)) return -ENOBUFS;
-  if (sl_buf_reserve(out, (size_t)hl + (size_t)bl) != 0) return -ENOBUFS;
-  sl_buf_append(out, head, (size_t)hl);
-  sl_buf_append(out, body, (size_t)bl);
+  /* Built with appends, not printf: the reject path (429s under overload)
+   * is a hot path too. code and message are the proxy's own constants, so
+   * they need no JSON escaping. */
+  const char *reason = sl_http_reason(status);
+  size_t cl = strlen(code), ml = strlen(message), rl = strlen(rid), el = extra ? strlen(extra) : 0;
+  size_t body = sizeof("{\"RequestId\":\"\",\"Code\":\"\",\"Message\":\"\"}") - 1 + rl + cl + ml;
+  size_t need = 160 + strlen(reason) + el + body;
+  if (sl_buf_reserve(out, need) != 0) return -ENOBUFS;
+  char num[24];
+  num[0] = (char)('0' + status / 100 % 10);
+  num[1] = (char)('0' + status / 10 % 10);
+  num[2] = (char)('0' + status % 10);
+  sl_buf_lit(out, "HTTP/1.1 ");
+  sl_buf_append(out, num, 3);
+  sl_buf_lit(out, " ");
+  sl_buf_append(out, reason, strlen(reason));
+  sl_buf_lit(out, "\r\nContent-Type: application/json;charset=utf-8\r\nContent-Length: ");
+  sl_buf_append(out, num, sl_u64toa(body, num));
+  sl_buf_lit(out, "\r\n");
+  if (close) sl_buf_lit(out, "Connection: close\r\n");
+  if (el) sl_buf_append(out, extra, el);
+  sl_buf_lit(out, "\r\n{\"RequestId\":\"");
+  sl_buf_append(out, rid, rl);
+  sl_buf_lit(out, "\",\"Code\":\"");
+  sl_buf_append(out, code, cl);
+  sl_buf_lit(out, "\",\"Message\":\"");
+  sl_buf_append(out, message, ml);
+  sl_buf_lit(out, "\"}");
   return 0;
 }
 
