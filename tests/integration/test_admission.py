@@ -1,0 +1,915 @@
+"""Integration tests of sluice's admission (SPEC sections 3, 4, 5 and 7):
+classification, every rejection path with its status, Code and headers,
+tier routing, per-region buckets, QPS packages and feature overrides,
+propagation of plain redis-cli changes (keyspace notifications, the
+`P changes` channel, the resync), Redis outages and slowness, /explain, the
+outcome metrics, and the accuracy of the limit through the proxy.
+
+Each class starts its own redis-server, two modstubs (the default pool and
+the large-model pool) and sluice on loopback; every process is stopped by PID
+through addCleanup. Measured propagation delays are printed (stderr) and
+summed up at the end of the run."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import unittest
+import urllib.parse
+
+import harness
+from proxyenv import start_modstub, start_sluice
+
+UUID = re.compile(r"^[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}$")
+FORM = "application/x-www-form-urlencoded"
+P = "sluice:"
+DELAYS = []  # (what, seconds): printed by tearDownModule
+
+
+def note_delay(what, secs):
+    DELAYS.append((what, secs))
+    print(f"\n  propagation {what}: {secs * 1000:.0f} ms", file=sys.stderr, flush=True)
+
+
+def tearDownModule():
+    if DELAYS:
+        print("\npropagation delays measured (redis-cli write -> first changed answer):", file=sys.stderr)
+        for what, secs in DELAYS:
+            print(f"  {what:<55} {secs * 1000:7.0f} ms", file=sys.stderr)
+
+
+def assert_error(test, resp, status, code):
+    """resp is a JSON error made by the proxy with this status and Code."""
+    test.assertEqual(resp.status, status, resp.body)
+    test.assertTrue((resp.header("Content-Type") or "").startswith("application/json"), resp.headers)
+    body = resp.json()
+    test.assertEqual(body["Code"], code, body)
+    test.assertIsInstance(body["Message"], str)
+    test.assertTrue(body["Message"])
+    test.assertRegex(body["RequestId"], UUID)
+    return body
+
+
+def call(conn, action="TextModeration", ak="AK1", *, v3=False, host=None, service=None, form=None,
+         ctype=FORM, path="/echo", query=None, headers=None, auth=None):
+    """One moderation call on `conn` (a harness.HttpConn). V1: AccessKeyId in
+    the query; v3: in the Authorization Credential. `form`: a dict sent as the
+    body with Content-Type `ctype`. `query`: more (name, value) pairs."""
+    q = []
+    if action is not None:
+        q.append(("Action", action))
+    if ak is not None and not v3:
+        q.append(("AccessKeyId", ak))
+    if service is not None:
+        q.append(("Service", service))
+    q += list(query or [])
+    hdrs = list(headers or [])
+    if host is not None:
+        hdrs.append(("Host", host))
+    if auth is not None:
+        hdrs.append(("Authorization", auth))
+    elif v3 and ak is not None:
+        hdrs.append(("Authorization", f"ACS3-HMAC-SHA256 Credential={ak},"
+                                      "SignedHeaders=host;x-acs-action;x-acs-date,Signature=0f1e2d3c"))
+    body = b""
+    if form is not None:
+        body = urllib.parse.urlencode(form).encode()
+        hdrs.append(("Content-Type", ctype))
+    target = path + ("?" + urllib.parse.urlencode(q) if q else "")
+    return conn.request("POST" if form is not None else "GET", target, hdrs, body)
+
+
+def one(port, *args, **kw):
+    with harness.HttpConn(port) as c:
+        return call(c, *args, **kw)
+
+
+def get_json(port, path):
+    r = harness.http_request(port, "GET", path)
+    return r.status, (r.json() if r.body else None)
+
+
+def poll(fn, timeout, what, interval=0.005):
+    """Calls fn() until it returns a true value; returns (value, seconds).
+    Fails after `timeout` seconds."""
+    t0 = time.monotonic()
+    while True:
+        v = fn()
+        if v:
+            return v, time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not seen within {timeout} s (last: {v!r})")
+        time.sleep(interval)
+
+
+class AdmissionCase(unittest.TestCase):
+    """Starts redis (seeded by SEED: a list of redis-cli argument lists), a
+    default and a large-model modstub, and sluice with SLUICE_ARGS."""
+
+    SEED = ()
+    SLUICE_ARGS = ()
+    REDIS_ARGS = ()
+
+    def setUp(self):
+        self.r = harness.start_redis(self.REDIS_ARGS)
+        self.addCleanup(self.r.stop)
+        self.cli("SET", P + "ak:AK1", "u1")
+        for args in self.SEED:
+            self.cli(*args)
+        _, self.up = start_modstub(self)
+        _, self.llm = start_modstub(self)
+        self.sl = self.start_sluice(*self.SLUICE_ARGS, redis=self.r)
+        # the first full resync (suspended set, feature overrides) is done
+        poll(lambda: self.metric("sluice_directory_resyncs_total") >= 1, 10, "first resync")
+
+    def start_sluice(self, *args, redis):
+        """A sluice in front of both stubs; at the end of the test (after its
+        stop) its exit status must be 0 and its stderr free of sanitizer
+        reports."""
+        holder = []
+        self.addCleanup(self.check_exit, holder)
+        sl = start_sluice(self, [self.up], *args, redis=redis, llm=[self.llm], workers=2)
+        holder.append(sl)
+        return sl
+
+    def check_exit(self, holder):
+        if not holder:
+            return
+        sl = holder[0]
+        rc = sl.stop()
+        err = sl.stderr()
+        shutil.rmtree(sl.tmpdir, ignore_errors=True)
+        self.assertFalse(re.search(r"Sanitizer|runtime error:|LeakSanitizer", err), err[-4000:])
+        self.assertEqual(rc, 0, err[-2000:])
+
+    def cli(self, *args):
+        return self.r.cli(*args)
+
+    def metric(self, name, default=0.0):
+        return self.sl.metrics().get(name, default)
+
+    def explain(self, uid="u1", feature="text", region="cn-shanghai", strict=True):
+        """GET /explain parsed. strict=False drops NUL bytes before parsing:
+        the package list carries one (see Rejections.test_explain_packages_is_json),
+        and the tests of packages want to go on to what they check."""
+        r = harness.http_request(self.sl.admin, "GET", f"/explain?uid={uid}&feature={feature}&region={region}")
+        self.assertEqual(r.status, 200, r.body)
+        body = r.body if strict else r.body.replace(b"\0", b"")
+        return json.loads(body.decode())
+
+    def wait_explain(self, pred, timeout, what, **kw):
+        """Polls /explain (kw: its arguments) until pred(body); returns the body."""
+        return poll(lambda: (lambda e: e if pred(e) else None)(self.explain(**kw)), timeout, what)[0]
+
+    def stub_counts(self):
+        return (get_json(self.up, "/stats")[1]["requests"], get_json(self.llm, "/stats")[1]["requests"])
+
+    def pool_of(self, conn, *args, **kw):
+        """Sends one call; returns (response, 'default' | 'llm' | None)."""
+        before = self.stub_counts()
+        resp = call(conn, *args, **kw)
+        after = self.stub_counts()
+        d = (after[0] - before[0], after[1] - before[1])
+        pool = {(1, 0): "default", (0, 1): "llm", (0, 0): None}[d]
+        return resp, pool
+
+    def burst(self, n, *args, conn=None, **kw):
+        """n calls back to back on one connection; returns the statuses."""
+        own = conn is None
+        c = conn or harness.HttpConn(self.sl.port)
+        try:
+            return [call(c, *args, **kw).status for _ in range(n)]
+        finally:
+            if own:
+                c.close()
+
+
+class Rejections(AdmissionCase):
+    """Every answer of the admission order: 400, 403 (key), 403 (suspended),
+    429, with exact status, Code, Message and headers."""
+
+    SEED = (("SET", P + "ak:AKS", "usus"), ("SADD", P + "suspended", "usus", "other"),
+            ("SET", P + "ak:AK10", "u10"), ("HSET", P + "feature:voice", "default_qps", "10"))
+
+    def test_unclassifiable_400_keeps_connection(self):
+        cases = [("/echo?AccessKeyId=AK1", "MissingAction"),
+                 ("/echo?Action=&AccessKeyId=AK1", "MissingAction"),
+                 ("/echo?action=TextModeration&AccessKeyId=AK1", "MissingAction"),
+                 ("/echo?Action=NoSuchAction&AccessKeyId=AK1", "InvalidAction.NotFound"),
+                 ("/echo?Action=textmoderation&AccessKeyId=AK1", "InvalidAction.NotFound"),
+                 ("/echo?Action=Text%zzModeration&AccessKeyId=AK1", "InvalidParameter"),
+                 ("/echo?Action=TextModeration%&AccessKeyId=AK1", "InvalidParameter"),
+                 ("/echo?Action=TextModeration&AccessKeyId=AK%4", "InvalidParameter"),
+                 ("/echo?Action=TextModeration&AccessKeyId=AK%01", "InvalidParameter"),
+                 ("/echo?Action=" + "A" * 64 + "&AccessKeyId=AK1", "InvalidParameter")]
+        with harness.HttpConn(self.sl.port) as c:
+            for target, code in cases:
+                r = c.request("GET", target)
+                assert_error(self, r, 400, code)
+                self.assertNotEqual((r.header("Connection") or "").lower(), "close", target)
+                # the connection goes on
+                self.assertEqual(call(c).status, 200, target)
+            # an unknown Action is refused before the account is looked at
+            assert_error(self, call(c, action="Nope", ak="AKUNKNOWN"), 400, "InvalidAction.NotFound")
+            # and before a missing AccessKeyId
+            assert_error(self, call(c, action="Nope", ak=None), 400, "InvalidAction.NotFound")
+            assert_error(self, call(c, action="", ak=None), 400, "MissingAction")
+            # a bad escape in a parameter sluice does not read goes to the backend
+            self.assertEqual(c.request("GET", "/echo?Action=TextModeration&AccessKeyId=AK1&Other=%zz").status, 200)
+        self.assertEqual(self.stub_counts(), (len(cases) + 1, 0), "nothing refused reached a backend")
+
+    def test_no_or_unknown_access_key_403(self):
+        with harness.HttpConn(self.sl.port) as c:
+            assert_error(self, call(c, ak=None), 403, "InvalidAccessKeyId.NotFound")
+            assert_error(self, call(c, ak=""), 403, "InvalidAccessKeyId.NotFound")
+            assert_error(self, call(c, ak="AKNOPE"), 403, "InvalidAccessKeyId.NotFound")
+            assert_error(self, call(c, ak="AKNOPE", v3=True), 403, "InvalidAccessKeyId.NotFound")
+            # a V3 header of another scheme carries no key
+            assert_error(self, call(c, ak=None, auth="Bearer Credential=AK1"), 403, "InvalidAccessKeyId.NotFound")
+            # a client-supplied identity header is not trusted
+            assert_error(self, call(c, ak=None, headers=[("x-acs-uid", "u1"), ("x-sluice-uid", "u1")]), 403,
+                         "InvalidAccessKeyId.NotFound")
+            # suspended UID but unknown key: the key is checked first
+            self.assertEqual(call(c).status, 200)
+        self.assertEqual(self.stub_counts(), (1, 0))
+
+    def test_suspended_403(self):
+        with harness.HttpConn(self.sl.port) as c:
+            for v3 in (False, True):
+                body = assert_error(self, call(c, ak="AKS", v3=v3), 403, "Forbidden.AccountSuspended")
+                self.assertIn("suspended", body["Message"].lower())
+                self.assertIn("overdue", body["Message"].lower())
+            # suspension covers every feature
+            assert_error(self, call(c, ak="AKS", action="MultiModalGuard"), 403, "Forbidden.AccountSuspended")
+            self.assertEqual(call(c).status, 200)
+        self.assertEqual(self.stub_counts(), (1, 0))
+        e = self.explain("usus")
+        self.assertTrue(e["suspended"])
+        self.assertFalse(self.explain("u1")["suspended"])
+
+    def test_throttled_429_headers(self):
+        with harness.HttpConn(self.sl.port) as c:
+            t0 = time.monotonic()
+            got = []
+            while len(got) < 40 and (not got or got[-1].status == 200):
+                got.append(call(c, ak="AK10", action="VoiceModeration"))
+            elapsed = time.monotonic() - t0
+        statuses = [r.status for r in got]
+        # a fresh bucket admits exactly `limit` back to back (plus what refills meanwhile)
+        self.assertEqual(statuses[:10], [200] * 10)
+        self.assertEqual(statuses[-1], 429)
+        self.assertLessEqual(statuses.count(200), 10 + int(10 * elapsed), elapsed)
+        r = got[-1]
+        body = assert_error(self, r, 429, "Throttling.User")
+        self.assertEqual(body["Message"], "Request was denied due to user flow control.")
+        self.assertEqual(r.header("Retry-After"), "1")
+        m = re.fullmatch(r"TimeLeft:(\d+)", r.header("x-ratelimit-user") or "")
+        self.assertTrue(m, r.headers)
+        self.assertTrue(1 <= int(m.group(1)) <= 100, m.group(1))
+        self.assertEqual(r.header("RateLimit-Policy"), "10;w=1")
+        m = re.fullmatch(r"limit=(\d+), remaining=(\d+), reset=(\d+)", r.header("RateLimit") or "")
+        self.assertTrue(m, r.headers)
+        self.assertEqual(m.group(1), "10")
+        self.assertEqual(m.group(2), "0")
+        self.assertEqual(m.group(3), "1")  # the bucket is full again within 1 s
+        # other features of the same account keep their own bucket
+        self.assertEqual(one(self.sl.port, ak="AK10").status, 200)
+        self.assertEqual(self.stub_counts(), (statuses.count(200) + 1, 0))
+
+    def test_outcome_metrics(self):
+        with harness.HttpConn(self.sl.port) as c:
+            call(c)                                                   # ok
+            call(c, headers=[("x-modstub-status", "500")])            # upstream_error
+            call(c, action="TextModerationPlus")                      # ok, llm tier
+            call(c, ak="AKNOPE")                                      # unauthenticated
+            call(c, ak="AKS")                                         # suspended
+            call(c, action="NoSuch")                                  # bad_request
+            statuses = self.burst(12, action="VoiceModeration", ak="AK10", conn=c)
+        self.assertEqual(statuses[:10], [200] * 10)
+        m = self.sl.metrics()
+        key = 'sluice_requests_outcome_total{{outcome="{}",feature="{}",tier="{}"}}'
+        self.assertEqual(m.get(key.format("ok", "text", "baseline")), 1)
+        self.assertEqual(m.get(key.format("upstream_error", "text", "baseline")), 1)
+        self.assertEqual(m.get(key.format("ok", "text_llm", "llm")), 1)
+        self.assertEqual(m.get(key.format("unauthenticated", "text", "baseline")), 1)
+        self.assertEqual(m.get(key.format("suspended", "text", "baseline")), 1)
+        self.assertEqual(m.get(key.format("ok", "voice", "baseline")), statuses.count(200))
+        self.assertEqual(m.get(key.format("throttled", "voice", "baseline"), 0), statuses.count(429))
+        bad = sum(v for k, v in m.items() if 'outcome="bad_request"' in k)
+        self.assertEqual(bad, 1)
+        total = sum(v for k, v in m.items() if k.startswith("sluice_requests_outcome_total{"))
+        self.assertEqual(total, 18)
+
+    def test_explain_packages_is_json(self):
+        """/explain lists the packages of the key as valid JSON."""
+        now = int(time.time())
+        self.cli("HSET", P + "qpspkg:u1:pk1", "feature", "text", "region", "cn-shanghai", "qps", "5",
+                 "starts_at", str(now - 10), "expires_at", str(now + 3600))
+        self.cli("HSET", P + "qpspkg:u1:pk2", "feature", "text", "region", "cn-shanghai", "qps", "3",
+                 "starts_at", str(now + 3000), "expires_at", str(now + 3600))
+        self.cli("SADD", P + "qpspkgs:u1", "pk1", "pk2")
+        self.assertEqual(one(self.sl.port).status, 200)  # loads u1 with its packages
+        r = harness.http_request(self.sl.admin, "GET", "/explain?uid=u1&feature=text&region=cn-shanghai")
+        self.assertEqual(r.status, 200)
+        self.assertNotIn(b"\0", r.body)
+        e = json.loads(r.body.decode())
+        self.assertEqual(sorted(e["packages"], key=lambda p: p["id"]),
+                         [{"id": "pk1", "qps": 5, "starts_at": now - 10, "expires_at": now + 3600, "active": True},
+                          {"id": "pk2", "qps": 3, "starts_at": now + 3000, "expires_at": now + 3600,
+                           "active": False}])
+        self.assertEqual(e["effective_qps"], 105)
+
+    def test_explain(self):
+        self.burst(3, action="VoiceModeration", ak="AK10")
+        e = self.explain("u10", "voice")
+        for k in ("uid", "feature", "region", "tier", "default_qps", "default_overridden", "suspended",
+                  "account_cached", "packages", "effective_qps", "bucket", "directory_version",
+                  "config_version"):
+            self.assertIn(k, e)
+        self.assertEqual((e["uid"], e["feature"], e["region"], e["tier"]), ("u10", "voice", "cn-shanghai", "baseline"))
+        self.assertEqual(e["default_qps"], 10)
+        self.assertTrue(e["default_overridden"])
+        self.assertFalse(e["suspended"])
+        self.assertTrue(e["account_cached"])
+        self.assertEqual(e["packages"], [])
+        self.assertEqual(e["effective_qps"], 10)
+        b = e["bucket"]
+        self.assertTrue(b["exists"])
+        self.assertEqual(b["limit"], 10)
+        self.assertTrue(7 <= b["remaining"] <= 8, b)
+        self.assertEqual(b["retry_after_ms"], 0)
+        self.assertTrue(0 < b["reset_ms"] <= 1000, b)
+        e = self.explain("u10", "guard", "cn-beijing")
+        self.assertEqual((e["tier"], e["default_qps"], e["default_overridden"]), ("llm", 50, False))
+        self.assertFalse(e["bucket"]["exists"])
+        self.assertFalse(self.explain("nobody")["account_cached"])
+        for q in ("", "uid=u1", "uid=u1&feature=text", "feature=text&region=x", "uid=&feature=text&region=x"):
+            st, _ = get_json(self.sl.admin, "/explain?" + q)
+            self.assertEqual(st, 400, q)
+        st, body = get_json(self.sl.admin, "/explain?uid=u1&feature=nosuch&region=cn-shanghai")
+        self.assertEqual(st, 404, body)
+
+
+class Classification(AdmissionCase):
+    """V1 and V3 keys, the x-acs-action header, form-body Service against the
+    query, and tier routing to the right pool."""
+
+    SEED = (("SET", P + "ak:AK1b", "u1"), ("HSET", P + "feature:document", "default_qps", "4"),
+            ("SET", P + "ak:AKX", "ux"))
+
+    def test_v1_and_v3_share_the_uid_bucket(self):
+        with harness.HttpConn(self.sl.port) as c:
+            got = [call(c, action="FileModeration", ak="AK1").status,
+                   call(c, action="FileModeration", ak="AK1b", v3=True).status,
+                   call(c, action="FileModeration", ak="AK1b").status,
+                   call(c, action="FileModeration", ak="AK1", v3=True).status,
+                   call(c, action="FileModeration", ak="AK1b", v3=True).status,
+                   call(c, action="FileModeration", ak="AK1").status]
+        self.assertEqual(got, [200, 200, 200, 200, 429, 429])
+        self.assertEqual(self.explain("u1", "document")["bucket"]["remaining"], 0)
+
+    def test_v3_header_forms(self):
+        forms = ["ACS3-HMAC-SHA256 Credential=AKX,SignedHeaders=host;x-acs-action,Signature=ab",
+                 "acs3-hmac-sha256 SignedHeaders=host;x-acs-date, Credential=AKX, Signature=ab",
+                 "ACS3-HMAC-SHA256 Signature=ab,Credential=AKX"]
+        with harness.HttpConn(self.sl.port) as c:
+            for auth in forms:
+                r = call(c, ak=None, auth=auth)
+                self.assertEqual(r.status, 200, (auth, r.body))
+            # the query key (V1) wins over the header
+            assert_error(self, call(c, ak="AKNOPE", auth=forms[0]), 403, "InvalidAccessKeyId.NotFound")
+            self.assertEqual(call(c, ak="AKX", auth="ACS3-HMAC-SHA256 Credential=AKNOPE").status, 200)
+            # another scheme, or a scheme without Credential: no key
+            assert_error(self, call(c, ak=None, auth="HMAC-SHA1 Credential=AKX"), 403,
+                         "InvalidAccessKeyId.NotFound")
+            assert_error(self, call(c, ak=None, auth="ACS3-HMAC-SHA256 SignedHeaders=host"), 403,
+                         "InvalidAccessKeyId.NotFound")
+
+    def test_action_header(self):
+        with harness.HttpConn(self.sl.port) as c:
+            r = call(c, action=None, headers=[("x-acs-action", " TextModerationPlus ")])
+            self.assertEqual(r.status, 200, r.body)
+            self.assertEqual(r.json()["url"], "/echo?AccessKeyId=AK1")
+            # query Action wins over the header
+            r, pool = self.pool_of(c, action="TextModeration", headers=[("x-acs-action", "TextModerationPlus")])
+            self.assertEqual((r.status, pool), (200, "default"))
+            r, pool = self.pool_of(c, action=None, headers=[("x-acs-action", "TextModerationPlus")], v3=True)
+            self.assertEqual((r.status, pool), (200, "llm"))
+        self.assertTrue(self.explain("u1", "text_llm")["bucket"]["exists"])
+
+    def test_form_service_against_query(self):
+        cases = [  # (form, content type, query Service, feature, pool)
+            ({"Service": "postImageCheckByVL", "ServiceParameters": "{}"}, FORM, "baselineCheck", "image_llm", "llm"),
+            ({"Service": "baselineCheck"}, FORM, "postImageCheckByVL", "image", "default"),
+            ({"ServiceParameters": "{}"}, FORM, "profilePhotoCheckByVL", "image_llm", "llm"),
+            ({"Service": ""}, FORM, "llm_custom", "image_llm", "llm"),
+            ({"Service": "postImageCheckByVL"}, "application/json", "baselineCheck", "image", "default"),
+            ({"Service": "baselineCheck"}, "text/plain", "llm_x", "image_llm", "llm"),
+            ({"Service": "imageCheckBYLLM_x"}, FORM + "; charset=UTF-8", None, "image_llm", "llm"),
+            ({"Service": "tonalityImprove"}, "Application/X-WWW-Form-URLEncoded", "llm_q", "image", "default"),
+            (None, None, None, "image", "default"),
+        ]
+        with harness.HttpConn(self.sl.port) as c:
+            for form, ctype, qsvc, feature, pool in cases:
+                r, got = self.pool_of(c, action="ImageModeration", form=form, ctype=ctype, service=qsvc)
+                self.assertEqual(r.status, 200, (form, ctype, qsvc, r.body))
+                self.assertEqual(got, pool, (form, ctype, qsvc))
+                # the body reaches the backend unchanged
+                if form is not None:
+                    self.assertEqual(r.json()["body"], urllib.parse.urlencode(form))
+        # each counted under its feature: 5 image_llm, 4 image
+        m = self.sl.metrics()
+        self.assertEqual(m['sluice_requests_outcome_total{outcome="ok",feature="image_llm",tier="llm"}'], 5)
+        self.assertEqual(m['sluice_requests_outcome_total{outcome="ok",feature="image",tier="baseline"}'], 4)
+        self.assertTrue(self.explain("u1", "image_llm")["bucket"]["exists"])
+
+    def test_tier_routing(self):
+        cases = [("TextModeration", None, "default"), ("TextModerationPlus", None, "llm"),
+                 ("ImageModeration", "baselineCheck", "default"), ("ImageModeration", "postImageCheckByVL", "llm"),
+                 ("ImageBatchModeration", "llm_tonality", "llm"), ("DescribeImageModerationResult", None, "default"),
+                 ("VoiceModeration", None, "default"), ("VideoModeration", None, "default"),
+                 ("FileModeration", None, "default"), ("UrlAsyncModeration", None, "default"),
+                 ("MultimodalAsyncModeration", None, "default"), ("MultiModalGuard", None, "llm"),
+                 ("MultiModalGuardAsyncResult", None, "llm"), ("MultiModalAgent", None, "llm")]
+        with harness.HttpConn(self.sl.port) as c:
+            for action, svc, want in cases:
+                form = {"Service": svc} if svc else None
+                r, pool = self.pool_of(c, action=action, form=form)
+                self.assertEqual(r.status, 200, (action, r.body))
+                self.assertEqual(pool, want, action)
+                self.assertEqual(r.json()["action"], action)
+
+    def test_feature_override_moves_tier(self):
+        with harness.HttpConn(self.sl.port) as c:
+            self.assertEqual(self.pool_of(c)[1], "default")
+            t0 = time.monotonic()
+            self.cli("HSET", P + "feature:text", "tier", "llm")
+            _, d = poll(lambda: self.pool_of(c)[1] == "llm", 3, "text routed to the llm pool")
+            note_delay("HSET feature:text tier llm (routing)", time.monotonic() - t0)
+            self.assertLess(time.monotonic() - t0, 1.0)
+            e = self.explain("u1", "text")
+            self.assertEqual((e["tier"], e["default_qps"]), ("llm", 100))
+            self.assertTrue(e["default_overridden"])
+            # and the other way: a large-model feature pinned to the baseline pool
+            self.cli("HSET", P + "feature:guard", "tier", "baseline")
+            self.cli("DEL", P + "feature:text")
+            poll(lambda: self.pool_of(c, action="MultiModalGuard")[1] == "default", 3, "guard to default pool")
+            poll(lambda: self.pool_of(c)[1] == "default", 3, "text back to the default pool")
+            self.assertFalse(self.explain("u1", "text")["default_overridden"])
+
+
+class Regions(AdmissionCase):
+    """One bucket per (UID, feature, region): the region comes from the Host
+    (green-cip and green-cip-vpc), else --region."""
+
+    SEED = (("HSET", P + "feature:text", "default_qps", "3"),)
+    SLUICE_ARGS = ("--region", "cn-hangzhou")
+
+    def test_regions_have_separate_buckets(self):
+        bj, bjvpc = "green-cip.cn-beijing.aliyuncs.com", "green-cip-vpc.cn-beijing.aliyuncs.com:443"
+        sg = "GREEN-CIP.AP-Southeast-1.aliyuncs.com."
+        with harness.HttpConn(self.sl.port) as c:
+            got_bj = [call(c, host=h).status for h in (bj, bjvpc, bj, bjvpc, bj)]
+            got_sg = [call(c, host=sg, v3=True).status for _ in range(4)]
+            got_def = [call(c, host=h).status for h in ("127.0.0.1", "localhost:8080", "example.com", "modstub")]
+        self.assertEqual(got_bj, [200, 200, 200, 429, 429])
+        self.assertEqual(got_sg, [200, 200, 200, 429])
+        self.assertEqual(got_def, [200, 200, 200, 429])
+        for region in ("cn-beijing", "ap-southeast-1", "cn-hangzhou"):
+            b = self.explain("u1", "text", region)["bucket"]
+            self.assertEqual((b["exists"], b["remaining"]), (True, 0), region)
+        self.assertFalse(self.explain("u1", "text", "cn-shanghai")["bucket"]["exists"])
+
+    def test_package_is_per_region(self):
+        now = int(time.time())
+        self.cli("HSET", P + "qpspkg:u1:bj", "feature", "text", "region", "cn-beijing", "qps", "5",
+                 "expires_at", str(now + 3600))
+        self.cli("SADD", P + "qpspkgs:u1", "bj")
+        self.assertEqual(one(self.sl.port).status, 200)  # loads u1
+        poll(lambda: self.explain("u1", "text", "cn-beijing", strict=False)["effective_qps"] == 8, 3, "package seen")
+        self.assertEqual(self.explain("u1", "text", "cn-hangzhou", strict=False)["effective_qps"], 3)
+        with harness.HttpConn(self.sl.port) as c:
+            bj = self.burst(9, host="green-cip.cn-beijing.aliyuncs.com", conn=c)
+            hz = self.burst(4, conn=c)
+        self.assertEqual(bj.count(200), 8, bj)
+        self.assertIn(hz.count(200), (2, 3), hz)  # one spent by the first call (refills in 1/3 s)
+
+
+class Packages(AdmissionCase):
+    """QPS packages: counted only while starts_at <= now < expires_at, with no
+    Redis write at those instants; feature overrides of default_qps."""
+
+    SEED = (("HSET", P + "feature:text", "default_qps", "5"), ("SET", P + "ak:AK2", "u2"))
+
+    def test_package_start_and_expiry(self):
+        self.assertEqual(one(self.sl.port).status, 200)  # u1 cached
+        # the bucket is full again (1 s), and the test starts just after a
+        # second boundary: starts_at is 2 s away
+        time.sleep(1.0 + (1.0 - time.time() % 1.0))
+        now = int(time.time())
+        t_start, t_end = now + 2, now + 4
+        self.cli("HSET", P + "qpspkg:u1:p1", "feature", "text", "region", "cn-shanghai", "qps", "10",
+                 "starts_at", str(t_start), "expires_at", str(t_end))
+        # packages of another feature, another region, and an expired one: no effect
+        self.cli("HSET", P + "qpspkg:u1:p2", "feature", "image", "region", "cn-shanghai", "qps", "7",
+                 "expires_at", str(now + 3600))
+        self.cli("HSET", P + "qpspkg:u1:p3", "feature", "text", "region", "cn-beijing", "qps", "7",
+                 "expires_at", str(now + 3600))
+        self.cli("HSET", P + "qpspkg:u1:p4", "feature", "text", "region", "cn-shanghai", "qps", "7",
+                 "starts_at", str(now - 100), "expires_at", str(now - 1))
+        t0 = time.monotonic()
+        self.cli("SADD", P + "qpspkgs:u1", "p1", "p2", "p3", "p4")
+        e = self.wait_explain(lambda e: len(e["packages"]) == 2, 3, "packages loaded", strict=False)
+        note_delay("HSET qpspkg + SADD qpspkgs (explain)", time.monotonic() - t0)
+        self.assertLess(time.monotonic() - t0, 1.0)
+        pk = {p["id"]: p for p in e["packages"]}
+        self.assertEqual(pk["p1"], {"id": "p1", "qps": 10, "starts_at": t_start, "expires_at": t_end,
+                                    "active": False})
+        self.assertFalse(pk["p4"]["active"])
+        self.assertEqual(e["effective_qps"], 5)
+        if time.time() < t_start - 1.1:  # (else the bucket may not be full again at starts_at)
+            got = self.burst(12)
+            self.assertEqual(got.count(200), 5, got)
+        # active from starts_at, with no write to Redis
+        e = self.wait_explain(lambda e: e["effective_qps"] == 15, 4, "package active", strict=False)
+        self.assertGreaterEqual(time.time(), t_start - 0.05)
+        self.assertTrue({p["id"]: p for p in e["packages"]}["p1"]["active"])
+        self.assertEqual(self.explain(feature="image", strict=False)["effective_qps"], 107)
+        self.assertEqual(self.explain(region="cn-beijing", strict=False)["effective_qps"], 12)
+        # admission reads the coarse clock (a few ms behind): let it reach starts_at
+        time.sleep(0.05)
+        if time.time() < t_end - 0.5:
+            t1 = time.monotonic()
+            got = self.burst(40)
+            el = time.monotonic() - t1
+            # the bucket was idle for over a second: it holds the new limit's burst
+            self.assertGreaterEqual(got.count(200), 15, got)
+            self.assertLessEqual(got.count(200), 15 + int(15 * el) + 1, (got, el))
+        # inactive from expires_at
+        e = self.wait_explain(lambda e: e["effective_qps"] == 5, 4, "package expired", strict=False)
+        self.assertGreaterEqual(time.time(), t_end - 0.05)
+        self.assertFalse({p["id"]: p for p in e["packages"]}["p1"]["active"])
+        time.sleep(0.05)
+        got = self.burst(12)  # the bucket is full again: the active burst was over a second ago
+        self.assertEqual(got.count(200), 5, got)
+
+    def test_feature_override_default_qps(self):
+        with harness.HttpConn(self.sl.port) as c:
+            got = self.burst(8, ak="AK2", conn=c)
+            self.assertEqual(got.count(200), 5, got)
+            self.assertEqual(self.explain("u2")["default_qps"], 5)
+            t0 = time.monotonic()
+            self.cli("HSET", P + "feature:text", "default_qps", "2")
+            poll(lambda: self.explain("u2")["effective_qps"] == 2, 3, "override seen")
+            note_delay("HSET feature:text default_qps (explain)", time.monotonic() - t0)
+            self.assertLess(time.monotonic() - t0, 1.0)
+            # an overridden limit applies to fresh buckets
+            got = self.burst(5, action="TextModeration", conn=c)
+            self.assertEqual(got.count(200), 2, got)
+            # removing the override restores the built-in default
+            t0 = time.monotonic()
+            self.cli("DEL", P + "feature:text")
+            e = self.wait_explain(lambda e: e["effective_qps"] == 100, 3, "override removed", uid="u2")
+            note_delay("DEL feature:text (explain)", time.monotonic() - t0)
+            self.assertFalse(e["default_overridden"])
+            self.assertEqual(e["default_qps"], 100)
+            # and the built-in default of an llm feature
+            got = self.burst(55, action="MultiModalGuard", ak="AK2", conn=c)
+            self.assertGreaterEqual(got.count(200), 50)
+            self.assertLessEqual(got.count(200), 53)
+
+
+class Propagation(AdmissionCase):
+    """Plain redis-cli writes take effect within 1 s through keyspace
+    notifications (sluice enables them itself). Long resync interval, so the
+    resync cannot be what carries the change."""
+
+    SEED = (("HSET", P + "feature:text", "default_qps", "100000"), ("SET", P + "ak:AK2", "u2"))
+    SLUICE_ARGS = ("--resync-ms", "600000", "--negative-ttl-ms", "60000")
+
+    def measure(self, what, args, conn, want, **kw):
+        """Runs redis-cli `args`; polls with calls until one answers `want`."""
+        t0 = time.monotonic()
+        self.cli(*args)
+        last = []
+
+        def probe():
+            r = call(conn, **kw)
+            last[:] = [r.status, r.body[:200]]
+            return r.status == want
+        try:
+            poll(probe, 3, what, interval=0.002)
+        except AssertionError:
+            m = self.sl.metrics()
+            self.fail(f"{what}: no {want} within 3 s; last answer {last}; notifications "
+                      f"{m.get('sluice_directory_notifications_total')}, directory version "
+                      f"{m.get('sluice_directory_version')}; stderr: {self.sl.stderr()[-1500:]}")
+        d = time.monotonic() - t0
+        note_delay(what, d)
+        self.assertLess(d, 1.0, what)
+
+    def test_keyspace_notifications_enabled(self):
+        self.assertIn("K", self.cli("CONFIG", "GET", "notify-keyspace-events").split("\n")[1])
+        self.assertEqual(self.metric("sluice_redis_keyspace_notifications"), 1)
+
+    def test_suspend_and_resume(self):
+        with harness.HttpConn(self.sl.port) as c:
+            self.assertEqual(call(c).status, 200)
+            self.measure("SADD suspended (keyspace)", ("SADD", P + "suspended", "u1"), c, 403)
+            assert_error(self, call(c), 403, "Forbidden.AccountSuspended")
+            self.assertEqual(call(c, ak="AK2").status, 200)
+            self.measure("SREM suspended (keyspace)", ("SREM", P + "suspended", "u1"), c, 200)
+            self.measure("SADD suspended again (keyspace)", ("SADD", P + "suspended", "u1", "u2"), c, 403)
+            self.measure("DEL suspended (keyspace)", ("DEL", P + "suspended"), c, 200)
+
+    def test_new_access_key(self):
+        with harness.HttpConn(self.sl.port) as c:
+            # never asked before
+            self.measure("SET ak:AKNEW (never asked)", ("SET", P + "ak:AKNEW", "u3"), c, 200, ak="AKNEW")
+            # asked and cached as unknown (negative TTL 60 s): the write still counts within 1 s
+            assert_error(self, call(c, ak="AKLATE"), 403, "InvalidAccessKeyId.NotFound")
+            self.measure("SET ak:AKLATE (negatively cached)", ("SET", P + "ak:AKLATE", "u4"), c, 200, ak="AKLATE")
+            # a key removed or moved to another UID
+            self.measure("DEL ak:AKNEW", ("DEL", P + "ak:AKNEW"), c, 403, ak="AKNEW")
+            self.cli("SADD", P + "suspended", "u5")
+            self.measure("SET ak:AKLATE to a suspended UID", ("SET", P + "ak:AKLATE", "u5"), c, 403, ak="AKLATE")
+            assert_error(self, call(c, ak="AKLATE"), 403, "Forbidden.AccountSuspended")
+
+    def test_package_and_override_by_admitted_counts(self):
+        self.cli("HSET", P + "feature:voice", "default_qps", "2")
+        poll(lambda: self.explain("u2", "voice")["default_qps"] == 2, 3, "voice override")
+        with harness.HttpConn(self.sl.port) as c:
+            self.assertEqual(self.burst(3, action="VoiceModeration", ak="AK2", conn=c), [200, 200, 429])
+            now = int(time.time())
+            self.cli("HSET", P + "qpspkg:u2:big", "feature", "voice", "region", "cn-shanghai", "qps", "100000",
+                     "expires_at", str(now + 3600))
+            self.measure("HSET qpspkg + SADD qpspkgs (admitted)", ("SADD", P + "qpspkgs:u2", "big"), c, 200,
+                         action="VoiceModeration", ak="AK2")
+            self.measure("SREM qpspkgs (admitted)", ("SREM", P + "qpspkgs:u2", "big"), c, 429,
+                         action="VoiceModeration", ak="AK2")
+            self.measure("HSET feature default_qps (admitted)",
+                         ("HSET", P + "feature:voice", "default_qps", "100000"), c, 200,
+                         action="VoiceModeration", ak="AK2")
+
+
+class ChangesChannel(AdmissionCase):
+    """A Redis that refuses CONFIG: no keyspace notifications; changes come
+    through PUBLISH on `P changes`, and the resync catches everything else."""
+
+    REDIS_ARGS = ("--rename-command", "CONFIG", "")
+    SEED = (("SET", P + "ak:AK2", "u2"),)
+    SLUICE_ARGS = ("--resync-ms", "600000", "--negative-ttl-ms", "60000")
+
+    def test_changes_messages(self):
+        poll(lambda: "cannot enable keyspace notifications" in self.sl.stderr(), 3, "a note on stderr")
+        self.assertEqual(self.metric("sluice_redis_keyspace_notifications"), 0)
+        with harness.HttpConn(self.sl.port) as c:
+            self.assertEqual(call(c).status, 200)
+            self.cli("SADD", P + "suspended", "u1")
+            # no notification: still admitted (the resync is 10 minutes away)
+            time.sleep(0.3)
+            self.assertEqual(call(c).status, 200)
+            t0 = time.monotonic()
+            self.cli("PUBLISH", P + "changes", P + "suspended")
+            poll(lambda: call(c).status == 403, 3, "suspension via changes", interval=0.002)
+            note_delay("SADD + PUBLISH changes sluice:suspended", time.monotonic() - t0)
+            self.assertLess(time.monotonic() - t0, 1.0)
+            assert_error(self, call(c), 403, "Forbidden.AccountSuspended")
+            # payload without the prefix
+            self.cli("SREM", P + "suspended", "u1")
+            t0 = time.monotonic()
+            self.cli("PUBLISH", P + "changes", "suspended")
+            poll(lambda: call(c).status == 200, 3, "resume via changes", interval=0.002)
+            note_delay("SREM + PUBLISH changes suspended", time.monotonic() - t0)
+            self.assertLess(time.monotonic() - t0, 1.0)
+            # a negatively cached key
+            assert_error(self, call(c, ak="AK3"), 403, "InvalidAccessKeyId.NotFound")
+            self.cli("SET", P + "ak:AK3", "u3")
+            time.sleep(0.2)
+            self.assertEqual(call(c, ak="AK3").status, 403)
+            t0 = time.monotonic()
+            self.cli("PUBLISH", P + "changes", "ak:AK3")
+            poll(lambda: call(c, ak="AK3").status == 200, 3, "new key via changes", interval=0.002)
+            note_delay("SET ak + PUBLISH changes ak:AK3", time.monotonic() - t0)
+            # any other payload: a full resync
+            self.assertEqual(call(c, ak="AK2").status, 200)
+            self.cli("SADD", P + "suspended", "u2")
+            t0 = time.monotonic()
+            self.cli("PUBLISH", P + "changes", "something else")
+            poll(lambda: call(c, ak="AK2").status == 403, 3, "full resync via changes", interval=0.002)
+            note_delay("PUBLISH changes <other payload> (full resync)", time.monotonic() - t0)
+            self.assertLess(time.monotonic() - t0, 1.0)
+
+
+class Resync(AdmissionCase):
+    """Without notifications or messages, the periodic resync applies a change."""
+
+    REDIS_ARGS = ("--rename-command", "CONFIG", "")
+    SLUICE_ARGS = ("--resync-ms", "500", "--negative-ttl-ms", "60000")
+
+    def test_resync_applies_changes(self):
+        with harness.HttpConn(self.sl.port) as c:
+            self.assertEqual(call(c).status, 200)
+            self.cli("SADD", P + "suspended", "u1")
+            self.cli("HSET", P + "feature:text", "default_qps", "9")
+            t0 = time.monotonic()
+            poll(lambda: call(c).status == 403, 3, "suspension via resync", interval=0.01)
+            note_delay("SADD suspended, resync only (--resync-ms 500)", time.monotonic() - t0)
+            self.assertEqual(self.explain()["default_qps"], 9)
+            # a key changed under a cached AccessKeyId
+            self.cli("SET", P + "ak:AK1", "u9")
+            poll(lambda: call(c).status == 200, 3, "ak change via resync", interval=0.01)
+
+
+def restart_redis_same_port(r):
+    """Starts a new redis-server with the argv of r (same port and directory:
+    it loads the dump.rdb of a SAVE) and puts it in r.proc."""
+    r.proc = harness.start_process(list(r.proc.args), r.port, stdout=subprocess.DEVNULL)
+
+
+class RedisOutage(AdmissionCase):
+    """Redis stopped and restarted on the same port while requests flow."""
+
+    SEED = (("SET", P + "ak:AKNEW", "u7"), ("SET", P + "ak:AKNEW2", "u8"))
+    SLUICE_ARGS = ("--lookup-timeout-ms", "300")
+
+    def test_restart_while_requests_flow(self):
+        self.assertEqual(self.metric("sluice_redis_up"), 1)
+        self.assertEqual(one(self.sl.port).status, 200)  # AK1 known
+        self.cli("SAVE")
+        statuses, stop = [], threading.Event()
+
+        def flow():
+            with harness.HttpConn(self.sl.port) as c:
+                while not stop.is_set():
+                    statuses.append(call(c).status)
+                    time.sleep(0.02)
+
+        th = threading.Thread(target=flow, daemon=True)
+        th.start()
+        self.addCleanup(th.join, 10)
+        self.addCleanup(stop.set)
+        time.sleep(0.2)
+        harness.stop_process(self.r.proc)
+        poll(lambda: self.metric("sluice_redis_up") == 0, 5, "sluice_redis_up 0")
+        # a never-seen account: 503, quickly
+        t0 = time.monotonic()
+        r = one(self.sl.port, ak="AKNEW")
+        el = time.monotonic() - t0
+        assert_error(self, r, 503, "ServiceUnavailable")
+        self.assertIsNotNone(r.header("Retry-After"))
+        self.assertLess(el, 1.5)
+        # counted when the request ends, which may be just after the client has the answer
+        poll(lambda: self.metric('sluice_requests_outcome_total{outcome="unavailable",feature="text",'
+                                 'tier="baseline"}') >= 1, 3, "the unavailable outcome counted")
+        time.sleep(0.5)
+        restart_redis_same_port(self.r)
+        failed = None
+        try:
+            _, d = poll(lambda: one(self.sl.port, ak="AKNEW2").status == 200, 10, "new account after restart",
+                        interval=0.05)
+            note_delay("Redis restarted -> never-seen account admitted", d)
+            poll(lambda: one(self.sl.port, ak="AKNEW").status == 200, 10, "account refused while down")
+            poll(lambda: self.metric("sluice_redis_up") == 1, 5, "sluice_redis_up 1")
+            time.sleep(0.3)
+        except AssertionError as e:
+            failed = e
+        stop.set()
+        th.join(10)
+        # the known account was served from the cache throughout
+        self.assertGreater(len(statuses), 20)
+        self.assertEqual(set(statuses), {200}, [s for s in statuses if s != 200][:10])
+        if failed:
+            raise failed
+        # changes flow again through notifications after the reconnect
+        with harness.HttpConn(self.sl.port) as c:
+            poll(lambda: self.metric("sluice_redis_keyspace_notifications") == 1, 5, "notifications again")
+            t0 = time.monotonic()
+            self.cli("SADD", P + "suspended", "u1")
+            poll(lambda: call(c).status == 403, 3, "suspension after reconnect", interval=0.002)
+            note_delay("SADD suspended after a Redis restart", time.monotonic() - t0)
+
+    def test_redis_absent_at_start(self):
+        # a sluice whose Redis is not there yet
+        port = harness.free_port()
+        argv = list(self.r.proc.args)
+        argv[argv.index("--port") + 1] = str(port)
+
+        class R:
+            addr = f"127.0.0.1:{port}"
+        sl = self.start_sluice("--lookup-timeout-ms", "300", redis=R)
+        assert_error(self, one(sl.port), 503, "ServiceUnavailable")
+        self.assertEqual(sl.metrics().get("sluice_redis_up"), 0)
+        proc = harness.start_process(argv, port, stdout=subprocess.DEVNULL)
+        self.addCleanup(harness.stop_process, proc)
+        subprocess.run(["redis-cli", "-p", str(port), "SET", P + "ak:AK1", "u1"], check=True,
+                       capture_output=True, timeout=10)
+        poll(lambda: one(sl.port).status == 200, 10, "admitted once Redis is up", interval=0.05)
+        self.assertEqual(sl.metrics().get("sluice_redis_up"), 1)
+
+
+class SlowRedis(AdmissionCase):
+    """A Redis that does not answer for 2 s (CLIENT PAUSE): never-seen accounts
+    get 503 after --lookup-timeout-ms, known accounts go on."""
+
+    SEED = (("SET", P + "ak:AKNEW", "u7"),)
+    SLUICE_ARGS = ("--lookup-timeout-ms", "300")
+
+    def test_paused_redis(self):
+        self.assertEqual(one(self.sl.port).status, 200)
+        self.cli("CLIENT", "PAUSE", "2000", "ALL")
+        paused_at = time.monotonic()
+        t0 = time.monotonic()
+        r = one(self.sl.port, ak="AKNEW")
+        el = time.monotonic() - t0
+        assert_error(self, r, 503, "ServiceUnavailable")
+        self.assertGreaterEqual(el, 0.25)
+        self.assertLess(el, 1.5, "answered well before Redis woke up")
+        t0 = time.monotonic()
+        self.assertEqual(one(self.sl.port).status, 200)
+        self.assertLess(time.monotonic() - t0, 1.0)
+        self.assertLess(time.monotonic() - paused_at, 2.0, "the checks ran while Redis was paused")
+        poll(lambda: one(self.sl.port, ak="AKNEW").status == 200, 8, "admitted after the pause", interval=0.05)
+
+
+class Accuracy(AdmissionCase):
+    """The limit through the proxy: one hot key, 8 keep-alive connections, 2
+    workers, ~3 s of overload; and rejected calls use no quota."""
+
+    SEED = (("HSET", P + "feature:text", "default_qps", "50"), ("HSET", P + "feature:video", "default_qps", "2"),
+            ("SET", P + "ak:AKHOT", "hot"))
+
+    def test_hot_key_accuracy(self):
+        R, nthreads, duration = 50, 8, 3.0
+        results = [[] for _ in range(nthreads)]  # (sent, received, status)
+        start = threading.Barrier(nthreads)
+
+        def hammer(out):
+            with harness.HttpConn(self.sl.port) as c:
+                start.wait(10)
+                end = time.monotonic() + duration
+                while time.monotonic() < end:
+                    t_s = time.monotonic()
+                    st = call(c, ak="AKHOT", path="/").status
+                    out.append((t_s, time.monotonic(), st))
+
+        ths = [threading.Thread(target=hammer, args=(results[i],), daemon=True) for i in range(nthreads)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(duration + 20)
+        allr = [x for r in results for x in r]
+        self.assertTrue(allr)
+        self.assertEqual({s for _, _, s in allr} - {200, 429}, set())
+        admitted = sum(1 for _, _, s in allr if s == 200)
+        first_sent = min(x[0] for x in allr)
+        last_recv = max(x[1] for x in allr)
+        first_recv = min(x[1] for x in allr)
+        last_sent = max(x[0] for x in allr)
+        t_outer = last_recv - first_sent   # every decision lies in this window
+        t_inner = last_sent - first_recv   # the window of steady overload
+        print(f"\n  accuracy: {len(allr)} calls, {admitted} admitted, R={R}, T={t_outer:.3f}s "
+              f"(inner {t_inner:.3f}s): bound [{0.99 * R * t_inner:.1f}, {R * t_outer + R:.1f}]",
+              file=sys.stderr)
+        self.assertGreater(len(allr), 4 * admitted, "the key must be overloaded")
+        self.assertLessEqual(admitted, R * t_outer + R)
+        self.assertGreaterEqual(admitted, 0.99 * R * t_inner)
+        self.assertEqual(get_json(self.up, "/stats")[1]["requests"], admitted)
+        m = self.sl.metrics()
+        self.assertEqual(m.get('sluice_requests_outcome_total{outcome="ok",feature="text",tier="baseline"}'),
+                         admitted)
+        self.assertEqual(m.get('sluice_requests_outcome_total{outcome="throttled",feature="text",tier="baseline"}'),
+                         len(allr) - admitted)
+
+    def test_rejected_calls_use_no_quota(self):
+        with harness.HttpConn(self.sl.port) as c:
+            got = [call(c, action="VideoModeration") for _ in range(30)]
+            self.assertEqual([r.status for r in got[:2]], [200, 200])
+            self.assertEqual({r.status for r in got[2:]}, {429})
+            left = [int(r.header("x-ratelimit-user").split(":")[1]) for r in got[2:]]
+            # the wait only shrinks while rejected calls come in
+            self.assertEqual(left, sorted(left, reverse=True))
+            self.assertLessEqual(left[-1], 500)
+            time.sleep(left[-1] / 1000 + 0.03)
+            self.assertEqual(call(c, action="VideoModeration").status, 200)
+            r = call(c, action="VideoModeration")
+            self.assertEqual(r.status, 429)
+            self.assertTrue(400 <= int(r.header("x-ratelimit-user").split(":")[1]) <= 500, r.headers)
+            # over 2 s of steady 50/s calls: R*T admitted on top of an empty bucket
+            time.sleep(0.6)
+            t0 = time.monotonic()
+            sts = []
+            while time.monotonic() - t0 < 2.0:
+                sts.append(call(c, action="VideoModeration").status)
+                time.sleep(0.02)
+            el = time.monotonic() - t0
+        ok = sts.count(200)
+        self.assertGreaterEqual(ok, int(0.99 * 2 * el))
+        self.assertLessEqual(ok, 2 * el + 2)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
