@@ -217,7 +217,8 @@ static void spool_ack(struct sl_flusher *f, const struct sl_batch *b) {
 
 /* Everything acked: start the spool afresh so that it does not grow. */
 static void spool_compact(struct sl_flusher *f) {
-  if (f->spool_fd < 0 || f->head || f->spool_bytes < (1u << 20)) return;
+  uint64_t threshold = f->spool_max / 2 < (1u << 20) ? f->spool_max / 2 : (1u << 20);
+  if (f->spool_fd < 0 || f->head || f->spool_bytes < threshold) return;
   if (ftruncate(f->spool_fd, 0) == 0) {
     f->spool_bytes = 0;
     f->spool_dirty = 1;
@@ -475,6 +476,11 @@ static void final_step(struct sl_flusher *f) {
   if (!f->final_started) {
     f->final_started = 1;
     f->final_deadline = mono_ms() + f->final_ms;
+    /* Redis may be back since the last try: ask now, not after the backoff. */
+    if (!f->ctx) {
+      f->said_down = 0;
+      connect_redis(f);
+    }
     /* The workers have stopped: their tables are ours now. */
     for (unsigned i = 0; i < f->nworkers; i++) {
       struct sl_meter_worker *m = f->workers[i];
@@ -489,8 +495,9 @@ static void final_step(struct sl_flusher *f) {
     spool_sync(f);
     send_next(f);
   }
-  /* Redis known to be down: the counts are in the spool, waiting helps nothing. */
-  int hopeless = !f->ready && f->said_down;
+  /* A connect tried during the final flush failed: the counts are in the
+   * spool, waiting helps nothing. */
+  int hopeless = !f->ready && !f->ctx && f->said_down;
   if (!f->head || hopeless || mono_ms() >= f->final_deadline) {
     uint64_t left = 0;
     for (struct sl_batch *b = f->head; b; b = b->next)
