@@ -148,6 +148,15 @@ class AdmissionCase(unittest.TestCase):
     def cli(self, *args):
         return self.r.cli(*args)
 
+    def settled_metrics(self, total, timeout=3.0):
+        """/metrics once the outcome counters sum to `total`: a request is
+        counted when it ends, which may be just after its client has the answer."""
+        def get():
+            m = self.sl.metrics()
+            n = sum(v for k, v in m.items() if k.startswith("sluice_requests_outcome_total{"))
+            return m if n >= total else None
+        return poll(get, timeout, f"{total} outcomes counted", interval=0.01)[0]
+
     def metric(self, name, default=0.0):
         return self.sl.metrics().get(name, default)
 
@@ -289,7 +298,7 @@ class Rejections(AdmissionCase):
             call(c, action="NoSuch")                                  # bad_request
             statuses = self.burst(12, action="VoiceModeration", ak="AK10", conn=c)
         self.assertEqual(statuses[:10], [200] * 10)
-        m = self.sl.metrics()
+        m = self.settled_metrics(6 + len(statuses))
         key = 'sluice_requests_outcome_total{{outcome="{}",feature="{}",tier="{}"}}'
         self.assertEqual(m.get(key.format("ok", "text", "baseline")), 1)
         self.assertEqual(m.get(key.format("upstream_error", "text", "baseline")), 1)
@@ -421,7 +430,7 @@ class Classification(AdmissionCase):
                 if form is not None:
                     self.assertEqual(r.json()["body"], urllib.parse.urlencode(form))
         # each counted under its feature: 5 image_llm, 4 image
-        m = self.sl.metrics()
+        m = self.settled_metrics(len(cases))
         self.assertEqual(m['sluice_requests_outcome_total{outcome="ok",feature="image_llm",tier="llm"}'], 5)
         self.assertEqual(m['sluice_requests_outcome_total{outcome="ok",feature="image",tier="baseline"}'], 4)
         self.assertTrue(self.explain("u1", "image_llm")["bucket"]["exists"])
@@ -878,7 +887,7 @@ class Accuracy(AdmissionCase):
         self.assertLessEqual(admitted, R * t_outer + R)
         self.assertGreaterEqual(admitted, 0.99 * R * t_inner)
         self.assertEqual(get_json(self.up, "/stats")[1]["requests"], admitted)
-        m = self.sl.metrics()
+        m = self.settled_metrics(len(allr))
         self.assertEqual(m.get('sluice_requests_outcome_total{outcome="ok",feature="text",tier="baseline"}'),
                          admitted)
         self.assertEqual(m.get('sluice_requests_outcome_total{outcome="throttled",feature="text",tier="baseline"}'),
