@@ -97,14 +97,16 @@ void sl_admin_metrics(struct sl_admin *a, struct sl_buf *o) {
   appendf(o, "# HELP sluice_requests_outcome_total Requests by outcome (SPEC section 6), feature and tier.\n"
              "# TYPE sluice_requests_outcome_total counter\n");
   for (int oc = 0; oc < SL_NOUTCOMES; oc++)
-    for (unsigned f = 0; f <= sl_nfeatures; f++) {
-      uint64_t v = sum(a, offsetof(struct sl_stats, outcome) + ((size_t)oc * (SL_MAX_FEATURES + 1) + f) * sizeof(uint64_t));
-      if (!v) continue;
-      const char *fname = f ? sl_features[f - 1].name : "unknown";
-      const char *tier = f ? sl_tier_name(sl_features[f - 1].tier) : "none";
-      appendf(o, "sluice_requests_outcome_total{outcome=\"%s\",feature=\"%s\",tier=\"%s\"} %llu\n",
-              sl_outcome_names[oc], fname, tier, (unsigned long long)v);
-    }
+    for (unsigned f = 0; f <= sl_nfeatures; f++)
+      for (unsigned t = 0; t < 2; t++) {
+        uint64_t v = sum(a, offsetof(struct sl_stats, outcome) +
+                                (((size_t)oc * (SL_MAX_FEATURES + 1) + f) * 2 + t) * sizeof(uint64_t));
+        if (!v) continue;
+        const char *fname = f ? sl_features[f - 1].name : "unknown";
+        const char *tier = f ? sl_tier_name((enum sl_tier)t) : "none";
+        appendf(o, "sluice_requests_outcome_total{outcome=\"%s\",feature=\"%s\",tier=\"%s\"} %llu\n",
+                sl_outcome_names[oc], fname, tier, (unsigned long long)v);
+      }
   appendf(o, "# HELP sluice_parked_total Requests that waited for a first account lookup.\n"
              "# TYPE sluice_parked_total counter\nsluice_parked_total %llu\n"
              "# HELP sluice_parked Requests waiting for an account lookup now.\n"
@@ -237,7 +239,8 @@ int sl_admin_explain(struct sl_admin *a, const char *query, struct sl_buf *o) {
         acct = sh->slot[i];
   }
   struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
+  clock_gettime(CLOCK_REALTIME_COARSE, &ts); /* the clock admission uses */
+  ts.tv_sec += a->time_offset_s;
   sl_buf_lit(o, "{\"uid\":");
   json_str(o, uid, (size_t)ul);
   appendf(o, ",\"feature\":\"%s\",\"region\":", sl_features[f].name);
@@ -252,7 +255,8 @@ int sl_admin_explain(struct sl_admin *a, const char *query, struct sl_buf *o) {
     const struct sl_pkg *p = &acct->pkgs[i];
     if (p->feature != f || p->region_len != (size_t)rl || memcmp(p->region, region, (size_t)rl)) continue;
     int active = p->starts_at <= ts.tv_sec && ts.tv_sec < p->expires_at;
-    sl_buf_lit(o, first ? "{\"id\":" : ",{\"id\":");
+    if (!first) sl_buf_lit(o, ",");
+    sl_buf_lit(o, "{\"id\":");
     first = 0;
     json_str(o, p->id, p->id_len);
     appendf(o, ",\"qps\":%u,\"starts_at\":%lld,\"expires_at\":%lld,\"active\":%s}", p->qps,

@@ -15,6 +15,7 @@ struct sl_admin {
   struct sl_dirsync *dir;
   struct sl_flusher *flusher;
   struct lim_table *lim;
+  int time_offset_s; /* the testing aid of the configuration, as admission applies it */
 };
 
 /* Binds and listens on cfg->admin; returns 0 or a negative libuv error. */

@@ -109,7 +109,6 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
       return;
     }
   }
-  c->tier = s->feature_tier[f];
   c->pool = c->tier == SL_TIER_LLM ? SL_POOL_LLM : SL_POOL_DEFAULT;
   sl_upstream_send(w, c);
 }
@@ -194,13 +193,14 @@ void sl_admit(struct sl_conn *c) {
     reject(c, SL_OUT_BAD_REQUEST, 400, sl_class_err_code(e), sl_class_err_message(e), NULL);
     return;
   }
+  const struct sl_dir_snap *s = sl_dirsync_snap(&w->shared->dir);
+  c->tier = s->feature_tier[c->cls.feature]; /* with any override: what the call is routed (and counted) by */
   if (c->cls.ak_len == 0) {
     reject(c, SL_OUT_UNAUTHENTICATED, 403, "InvalidAccessKeyId.NotFound",
            "The request carries no AccessKeyId (query AccessKeyId or Authorization Credential).", NULL);
     return;
   }
   c->ak_hash = sl_dir_hash(c->cls.ak, c->cls.ak_len);
-  const struct sl_dir_snap *s = sl_dirsync_snap(&w->shared->dir);
   const struct sl_acct *a = sl_dir_find(s, c->cls.ak, c->cls.ak_len, c->ak_hash);
   if (!usable(a, uv_now(&w->loop))) {
     park(c);

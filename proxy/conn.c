@@ -302,7 +302,7 @@ static void conn_finish(struct sl_conn *c) {
   struct sl_worker *w = c->w;
   if (c->status >= 100 && c->status < 600) sl_stat_add(&w->stats.status_class[c->status / 100], 1);
   if (!c->decided) c->outcome = c->status == 200 ? SL_OUT_OK : SL_OUT_UPSTREAM_ERROR;
-  sl_stat_add(&w->stats.outcome[c->outcome][c->cls.feature + 1], 1);
+  sl_stat_add(&w->stats.outcome[c->outcome][c->cls.feature + 1][c->tier & 1], 1);
   if (SL_LIKELY(w->cfg->metering[1] == 'n')) conn_meter(c);
   sl_log_access(w, c);
   int more = c->parsed < c->len;

@@ -153,6 +153,7 @@ int main(int argc, char **argv) {
   m.admin.workers = m.workers;
   m.admin.nworkers = m.nworkers;
   m.admin.config_version = &m.version;
+  m.admin.time_offset_s = cfg->time_offset_s;
   int r = sl_admin_start(&m.admin, m.loop, &cfg->admin);
   if (r != 0) {
     fprintf(stderr, "sluice: admin listen %s: %s\n", cfg->admin.text, uv_strerror(r));

@@ -69,8 +69,9 @@ struct sl_stats {
   _Atomic uint64_t lat_count;
   _Atomic uint64_t lat_sum_us;
   _Atomic uint64_t lat_bucket[SL_LAT_BUCKETS + 1];
-  /* [outcome][feature + 1]: index 0 counts requests of no known feature */
-  _Atomic uint64_t outcome[SL_NOUTCOMES][SL_MAX_FEATURES + 1];
+  /* [outcome][feature + 1][tier]: feature index 0 counts requests of no
+   * known feature; the tier is the one the call was routed by */
+  _Atomic uint64_t outcome[SL_NOUTCOMES][SL_MAX_FEATURES + 1][2];
   _Atomic uint64_t parked;        /* requests that waited for an account lookup */
   _Atomic uint64_t parked_now;    /* gauge */
   _Atomic uint64_t limiter_full;  /* decisions the bucket table could not hold */

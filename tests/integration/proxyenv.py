@@ -2,7 +2,9 @@
 
 Builds on harness.py: every process is stopped by PID through addCleanup."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import harness
@@ -54,6 +56,8 @@ def start_sluice(test, upstreams, *args, workers=2, config=None, llm=(), redis=N
     Sluice."""
     port, admin = harness.free_port(), harness.free_port()
     tmpdir = tempfile.mkdtemp(prefix="sluice-test-")
+    # Removed when the test process ends: tests read logs during their cleanups.
+    atexit.register(shutil.rmtree, tmpdir, True)
     argv = [harness.bin_path("sluice"), "--listen", f"127.0.0.1:{port}",
             "--admin", f"127.0.0.1:{admin}", "--workers", str(workers)]
     if config is not None:
