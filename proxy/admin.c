@@ -4,7 +4,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "http.h"
+#include "http_util.h"
 #include "limiter.h"
 
 struct admin_conn {

@@ -5,7 +5,7 @@
  * (suspended), 429 (over the limit). */
 #include <string.h>
 
-#include "http.h"
+#include "http_util.h"
 #include "limiter.h"
 #include "proxy.h"
 

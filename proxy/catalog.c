@@ -3,7 +3,7 @@
 #include <string.h>
 
 #include "common.h"
-#include "http.h"
+#include "http_util.h"
 
 const struct sl_feature_def sl_features[SL_FEAT_COUNT] = {
     [SL_FEAT_TEXT] = {"text", SL_TIER_BASELINE, 100},

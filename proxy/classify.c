@@ -3,7 +3,7 @@
 #include <string.h>
 
 #include "common.h"
-#include "http.h"
+#include "http_util.h"
 
 /* A raw (still encoded) value found in a query string or form body. */
 struct span {

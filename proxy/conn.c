@@ -5,7 +5,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "http.h"
+#include "http_util.h"
 #include "proxy.h"
 
 static llhttp_settings_t req_settings;

@@ -1,4 +1,4 @@
-#include "http.h"
+#include "http_util.h"
 
 #include <stdio.h>
 #include <string.h>

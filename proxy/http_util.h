@@ -1,8 +1,8 @@
 /* HTTP helpers shared by the client and upstream sides: header
  * classification, token lists, query strings, error responses. All are pure
  * functions over byte ranges (no NUL terminators needed), unit-tested alone. */
-#ifndef SL_HTTP_H
-#define SL_HTTP_H
+#ifndef SL_HTTP_UTIL_H
+#define SL_HTTP_UTIL_H
 
 #include <stddef.h>
 #include <stdint.h>

@@ -4,7 +4,7 @@
  * response (Content-Length, chunked or close-delimited) to the client. */
 #include <string.h>
 
-#include "http.h"
+#include "http_util.h"
 #include "proxy.h"
 
 static llhttp_settings_t resp_settings;

@@ -8,7 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "http.h"
+#include "http_util.h"
 #include "proxy.h"
 
 const uint64_t sl_lat_bounds_us[SL_LAT_BUCKETS] = {250,   500,    1000,   2500,   5000,    10000,   25000,

@@ -1,4 +1,4 @@
-/* Unit tests for proxy/http.c and proxy/common.c. */
+/* Unit tests for proxy/http_util.c and proxy/common.c. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -6,7 +6,7 @@
 #include <string.h>
 
 #include "common.h"
-#include "http.h"
+#include "http_util.h"
 
 static void test_hdr_kind(void **state) {
   (void)state;
