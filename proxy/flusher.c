@@ -254,9 +254,8 @@ static void finalize(struct sl_flusher *f) {
   struct sl_meter_table *t = f->acc;
   if (t->n == 0) return;
   struct sl_batch *b = NULL;
-  for (uint32_t i = 0; i <= t->mask; i++) {
-    const struct sl_meter_entry *e = &t->e[i];
-    if (!e->hash) continue;
+  for (uint32_t j = 0; j < t->n; j++) {
+    const struct sl_meter_entry *e = &t->e[t->used[j]];
     if (!b) {
       b = batch_new(SL_BATCH_MAX);
       b->created_ms = mono_ms();
@@ -284,9 +283,8 @@ static void finalize(struct sl_flusher *f) {
 }
 
 static void merge_table(struct sl_flusher *f, const struct sl_meter_table *t) {
-  for (uint32_t i = 0; i <= t->mask; i++) {
-    const struct sl_meter_entry *e = &t->e[i];
-    if (!e->hash) continue;
+  for (uint32_t j = 0; j < t->n; j++) {
+    const struct sl_meter_entry *e = &t->e[t->used[j]];
     if (sl_meter_add(f->acc, &e->k, e->hash, e->count) != 0) {
       finalize(f); /* the accumulator is full: what it has becomes batches */
       sl_meter_add(f->acc, &e->k, e->hash, e->count);

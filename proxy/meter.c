@@ -13,17 +13,19 @@ struct sl_meter_table *sl_meter_table_new(uint32_t capacity) {
   t->mask = slots - 1;
   t->limit = capacity;
   t->e = sl_calloc(slots, sizeof(*t->e));
+  t->used = sl_malloc((size_t)capacity * sizeof(*t->used));
   return t;
 }
 
 void sl_meter_table_free(struct sl_meter_table *t) {
   if (!t) return;
   free(t->e);
+  free(t->used);
   free(t);
 }
 
 void sl_meter_table_clear(struct sl_meter_table *t) {
-  if (t->n) memset(t->e, 0, (size_t)(t->mask + 1) * sizeof(*t->e));
+  for (uint32_t i = 0; i < t->n; i++) t->e[t->used[i]].hash = 0; /* an empty slot is hash 0 */
   t->n = 0;
   t->total = 0;
 }
@@ -56,7 +58,7 @@ int sl_meter_add(struct sl_meter_table *t, const struct sl_meter_key *k, uint64_
       e->hash = hash;
       e->k = *k;
       e->count = count;
-      t->n++;
+      t->used[t->n++] = i;
       t->total += count;
       return 0;
     }

@@ -34,6 +34,7 @@ struct sl_meter_table {
   uint32_t limit; /* capacity in keys */
   uint64_t total; /* sum of counts */
   struct sl_meter_entry *e;
+  uint32_t *used; /* slot indices in insertion order: clearing and walking cost O(keys), not O(slots) */
 };
 
 /* A table for `capacity` keys. Aborts on allocation failure (proxy rule). */
