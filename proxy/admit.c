@@ -4,6 +4,7 @@
  * of the answers: 400 (cannot classify), 403 (no such AccessKeyId), 403
  * (suspended), 429 (over the limit). */
 #include <string.h>
+#include <strings.h>
 
 #include "http_util.h"
 #include "limiter.h"
@@ -25,6 +26,27 @@ static void hdr_value(const struct sl_conn *c, int idx, const char **p, size_t *
   }
   *p = c->buf + c->hdrs[idx].val_off;
   *n = c->hdrs[idx].val_len;
+}
+
+/* With --trusted-uid-header: when the request carries that header, its
+ * value becomes the directory key (0x01 + UID, which no AccessKeyId can
+ * be). Returns 1 when it did. */
+static int trusted_uid(struct sl_conn *c) {
+  const char *name = c->w->cfg->trusted_uid_header;
+  size_t nl = strlen(name);
+  for (unsigned i = 0; i < c->nhdr; i++) {
+    const struct sl_hdr *h = &c->hdrs[i];
+    if (h->name_len != nl || strncasecmp(c->buf + h->name_off, name, nl) != 0) continue;
+    const char *v = c->buf + h->val_off;
+    if (h->val_len == 0 || h->val_len > SL_UID_MAX) return 0;
+    for (uint32_t k = 0; k < h->val_len; k++)
+      if ((unsigned char)v[k] < 0x20 || v[k] == 0x7f) return 0; /* it becomes part of Redis keys */
+    c->cls.ak[0] = '\x01';
+    memcpy(c->cls.ak + 1, v, h->val_len);
+    c->cls.ak_len = (uint8_t)(h->val_len + 1);
+    return 1;
+  }
+  return 0;
 }
 
 static void reject(struct sl_conn *c, enum sl_outcome o, int status, const char *code, const char *msg,
@@ -195,7 +217,10 @@ void sl_admit(struct sl_conn *c) {
   }
   const struct sl_dir_snap *s = sl_dirsync_snap(&w->shared->dir);
   c->tier = s->feature_tier[c->cls.feature]; /* with any override: what the call is routed (and counted) by */
-  if (c->cls.ak_len == 0) {
+  if (w->cfg->trusted_uid_header[0] && trusted_uid(c)) {
+    /* The operator trusts a header to name the account: look the UID up
+     * as its own directory key (0x01 + UID), with the UID's packages. */
+  } else if (c->cls.ak_len == 0) {
     reject(c, SL_OUT_UNAUTHENTICATED, 403, "InvalidAccessKeyId.NotFound",
            "The request carries no AccessKeyId (query AccessKeyId or Authorization Credential).", NULL);
     return;

@@ -844,6 +844,35 @@ class SlowRedis(AdmissionCase):
         poll(lambda: one(self.sl.port, ak="AKNEW").status == 200, 8, "admitted after the pause", interval=0.05)
 
 
+class TrustedHeader(AdmissionCase):
+    """--trusted-uid-header: the operator opts in to a header naming the UID;
+    then no AccessKeyId is needed, and the UID's suspension and packages
+    apply as for an AccessKeyId of that account."""
+
+    SLUICE_ARGS = ("--trusted-uid-header", "X-Sluice-Uid")
+    SEED = (("HSET", P + "feature:text", "default_qps", "2"),)
+
+    def test_trusted_uid(self):
+        hdr = [("X-Sluice-Uid", "u7")]
+        now = int(time.time())
+        self.cli("HSET", P + "qpspkg:u7:big", "feature", "text", "region", "cn-shanghai", "qps", "3",
+                 "expires_at", str(now + 3600))
+        self.cli("SADD", P + "qpspkgs:u7", "big")
+        with harness.HttpConn(self.sl.port) as c:
+            got = [call(c, ak=None, headers=hdr).status for _ in range(8)]
+        # limit 2 + package 3 = 5 in the first second's burst
+        self.assertEqual(got, [200] * 5 + [429] * 3)
+        e = self.wait_explain(lambda e: e["account_cached"], 3, "u7 cached", uid="u7")
+        self.assertEqual(e["effective_qps"], 5)
+        self.cli("SADD", P + "suspended", "u7")
+        poll(lambda: one(self.sl.port, ak=None, headers=hdr).status == 403, 2, "suspended via trusted uid")
+        # without the header the AccessKeyId rules apply as ever
+        assert_error(self, one(self.sl.port, ak=None), 403, "InvalidAccessKeyId.NotFound")
+        # a header value that cannot be a UID (over 63 bytes) is not trusted
+        assert_error(self, one(self.sl.port, ak=None, headers=[("X-Sluice-Uid", "u" * 64)]), 403,
+                     "InvalidAccessKeyId.NotFound")
+
+
 class Accuracy(AdmissionCase):
     """The limit through the proxy: one hot key, 8 keep-alive connections, 2
     workers, ~3 s of overload; and rejected calls use no quota."""
