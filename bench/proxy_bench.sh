@@ -28,7 +28,7 @@ THREADS=${BENCH_THREADS:-1}
 CONNS=${BENCH_CONNS:-64}
 WARMUP=${BENCH_WARMUP:-1}                # seconds of probe/warm-up load per contender and scenario
 SCENARIOS=${BENCH_SCENARIOS:-"pass zipf reject"}
-CONTENDERS=${BENCH_CONTENDERS:-"sluice sluice_plain nginx haproxy"}
+CONTENDERS=${BENCH_CONTENDERS:-"sluice sluice_plain sluice_nometer nginx haproxy"}
 SCALE=${BENCH_SCALE:-"1 2"}              # sluice worker counts of the scaling run ("" or 0: none)
 SCALE_SCENARIO=${BENCH_SCALE_SCENARIO:-pass}
 BACKEND=${BENCH_BACKEND:-modstub}        # modstub | nginx (fixed 200 answer)
@@ -68,7 +68,7 @@ usage: $0 [options]
   -t, --threads N       wrk threads                              [BENCH_THREADS=$THREADS]
   -w, --warmup S        probe + warm-up run per contender and scenario [BENCH_WARMUP=$WARMUP]
   -s, --scenarios LIST  from "pass zipf reject forward"          [BENCH_SCENARIOS="$SCENARIOS"]
-  --contenders LIST     from "sluice sluice_plain nginx haproxy" [BENCH_CONTENDERS="$CONTENDERS"]
+  --contenders LIST     from "sluice sluice_plain sluice_nometer nginx haproxy" [BENCH_CONTENDERS="$CONTENDERS"]
                         (sluice_plain: sluice --admission off; pass scenarios only)
   --scale LIST          sluice --workers counts for the scaling run, "" for none [BENCH_SCALE="$SCALE"]
   --scale-scenario S    scenario of the scaling run              [BENCH_SCALE_SCENARIO=$SCALE_SCENARIO]
@@ -155,11 +155,11 @@ if [[ " $CONTENDERS " == *" nginx "* || $BACKEND == nginx ]]; then
 fi
 for c in $CONTENDERS; do
   case $c in
-    sluice|sluice_plain) ;;
+    sluice|sluice_plain|sluice_nometer) ;;
     nginx) [[ -r $here/nginx.conf.in ]] || die "template $here/nginx.conf.in missing" ;;
     haproxy) need_exec haproxy "$HAPROXY_BIN" " (apt-get install haproxy, or set HAPROXY_BIN)"
       [[ -r $here/haproxy.cfg.in ]] || die "template $here/haproxy.cfg.in missing" ;;
-    *) die "unknown contender '$c' (known: sluice sluice_plain nginx haproxy)" ;;
+    *) die "unknown contender '$c' (known: sluice sluice_plain sluice_nometer nginx haproxy)" ;;
   esac
 done
 if [[ $PLOT == 1 ]] && ! command -v gnuplot >/dev/null; then
@@ -470,6 +470,12 @@ describe_sluice() {
   echo "sluice ($("$SLUICE_BIN" --version 2>&1 | sed -n 1p)): --workers 1, admission on, metering on (always), --upstream and --upstream-llm both the backend (separate pools), --upstream-keepalive $UPSTREAM_KEEPALIVE, access log off, its own --spool-dir; pass group: Redis prefix sluice: (every feature default_qps $PASS_QPS), reject group: prefix sluicerj: (default_qps $REJECT_QPS per feature); limit per (UID, feature, region); CPU = the sluice process (all its threads)"
 }
 describe_sluice_plain() { echo "sluice_plain: the same sluice with --admission off (no classification, no lookup, no limiter; still metered, under UID -); pass scenarios only"; }
+start_sluice_nometer() {
+  [[ $("$SLUICE_BIN" --help 2>&1 || true) == *--metering* ]] ||
+    die "contender sluice_nometer needs a sluice with --metering ($SLUICE_BIN has none)"
+  launch_sluice "$1" "$2" "$PROXY_CPUS" 1 --metering off
+}
+describe_sluice_nometer() { echo "sluice_nometer: the same sluice, admission on, with --metering off (a measuring aid: nothing is counted for billing); its difference to sluice is metering's cost"; }
 
 start_nginx() { # id group
   local rate=$PASS_QPS burst=100000
@@ -710,7 +716,7 @@ dirty=$(git -C "$root" status --porcelain -- proxy limiter modstub 2>/dev/null |
   echo
   echo "- machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, $(uname -sr); source tree at commit $commit${dirty:+ (proxy/, limiter/ or modstub/ modified)}"
   echo "- versions: $("$SLUICE_BIN" --version 2>&1 | sed -n 1p); $("$NGINX_BIN" -v 2>&1 | sed 's/^nginx version: //'); haproxy $("$HAPROXY_BIN" -v 2>&1 | sed -n 's/^HAProxy version \([^ ]*\).*/\1/p'); $("$WRK_BIN" -v 2>&1 | sed -n 1p | cut -d' ' -f1-2); redis $("$REDIS_BIN" --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')"
-  echo "- pinning (taskset): the proxy under test (sluice, sluice_plain, nginx, haproxy; one worker/thread each) on CPU $PROXY_CPUS; wrk, the backend and redis-server on CPU $LOAD_CPUS. Only one contender has load at a time, so it has CPU $PROXY_CPUS to itself (the idle ones sleep there)."
+  echo "- pinning (taskset): the proxy under test (sluice, sluice_plain, sluice_nometer, nginx, haproxy; one worker/thread each) on CPU $PROXY_CPUS; wrk, the backend and redis-server on CPU $LOAD_CPUS. Only one contender has load at a time, so it has CPU $PROXY_CPUS to itself (the idle ones sleep there)."
   echo "- load: wrk -t$THREADS -c$CONNS -d${DURATION}s --timeout $WRK_TIMEOUT, $ROUNDS round(s) interleaved (${CONTENDERS// /, } in turn), after a ${WARMUP}s probe + warm-up run per contender and scenario; median over rounds"
   echo "- backend: $backend_desc on 127.0.0.1:$backend_port; redis-server on 127.0.0.1:$redis_port with $ACCOUNTS accounts (SET P ak:AKnnnnn uidnnnnn, two prefixes)"
   echo "- binaries: $SLUICE_BIN (built $(date -u -r "$SLUICE_BIN" '+%Y-%m-%d %H:%M UTC'))"
@@ -807,6 +813,13 @@ report() {
       applies sluice_plain "$s" || continue
       awk -v s="$s" -v a="${M[$s,sluice,cpu]}" -v b="${M[$s,sluice_plain,cpu]}" 'BEGIN {
         printf "- %s: cost of admission (sluice minus sluice --admission off, both metered): %+.2f us/req (%.2f vs %.2f, ratio %.2f)\n",
+          s, a - b, a, b, a / b }'
+    done
+  fi
+  if [[ " $CONTENDERS " == *" sluice "* && " $CONTENDERS " == *" sluice_nometer "* ]]; then
+    for s in $SCENARIOS; do
+      awk -v s="$s" -v a="${M[$s,sluice,cpu]}" -v b="${M[$s,sluice_nometer,cpu]}" 'BEGIN {
+        if (b > 0) printf "- %s: cost of metering (sluice minus sluice --metering off, both admitting): %+.2f us/req (%.2f vs %.2f, ratio %.2f)\n",
           s, a - b, a, b, a / b }'
     done
   fi
