@@ -531,9 +531,14 @@ static void on_connect(const redisAsyncContext *c, int status) {
   atomic_store_explicit(&d->stats.redis_up, 1, memory_order_relaxed);
   d->backoff_ms = 0;
   enable_notifications(d);
-  char pattern[128];
-  snprintf(pattern, sizeof(pattern), "__keyspace@*__:%s*", d->prefix);
-  redisAsyncCommand(d->sub, on_sub_message, NULL, "PSUBSCRIBE %s", pattern);
+  /* Only the keys the directory follows: a wider pattern would bring every
+   * metering write (usage, calls, batch markers) back as a notification. */
+  static const char *const follow[] = {"ak:*", "suspended", "feature:*", "qpspkg*"};
+  for (size_t i = 0; i < SL_ARRAY_SIZE(follow); i++) {
+    char pattern[160];
+    snprintf(pattern, sizeof(pattern), "__keyspace@*__:%s%s", d->prefix, follow[i]);
+    redisAsyncCommand(d->sub, on_sub_message, NULL, "PSUBSCRIBE %s", pattern);
+  }
   redisAsyncCommand(d->sub, on_sub_message, NULL, "SUBSCRIBE %schanges", d->prefix);
   d->resync_running = 0;
   full_resync(d);

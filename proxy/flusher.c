@@ -229,16 +229,20 @@ static void spool_compact(struct sl_flusher *f) {
 
 /* ---- the queue ---- */
 
+static uint64_t batch_counts(const struct sl_batch *b) {
+  uint64_t n = 0;
+  for (uint32_t i = 0; i < b->n; i++) n += b->e[i].count;
+  return n;
+}
+
 static void queue_stats(struct sl_flusher *f) {
-  uint64_t counts = 0;
-  for (struct sl_batch *b = f->head; b; b = b->next)
-    for (uint32_t i = 0; i < b->n; i++) counts += b->e[i].count;
   stat_set(&f->stats.queued, f->nqueued);
-  stat_set(&f->stats.queued_counts, counts);
+  stat_set(&f->stats.queued_counts, f->queued_counts);
   stat_set(&f->stats.oldest_ms, f->head ? f->head->created_ms : 0);
 }
 
 static void enqueue(struct sl_flusher *f, struct sl_batch *b) {
+  f->queued_counts += batch_counts(b);
   if (f->tail)
     f->tail->next = b;
   else
@@ -337,6 +341,7 @@ static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
   f->head = b->next;
   if (!f->head) f->tail = NULL;
   f->nqueued--;
+  f->queued_counts -= batch_counts(b);
   spool_ack(f, b);
   free(b);
   spool_compact(f);
@@ -627,6 +632,7 @@ static int replay_spool(struct sl_flusher *f, char *err, size_t errlen) {
           *pp = b->next;
           if (f->tail == b) f->tail = prev;
           f->nqueued--;
+          f->queued_counts -= batch_counts(b);
           stat_set(&f->stats.replayed, atomic_load(&f->stats.replayed) - 1);
           free(b);
           break;

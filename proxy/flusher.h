@@ -63,6 +63,7 @@ struct sl_flusher {
   struct sl_meter_table *acc;
   struct sl_batch *head, *tail;
   unsigned nqueued;
+  uint64_t queued_counts; /* requests counted in the queued batches */
   struct sl_batch *inflight;
   /* spool */
   int spool_fd;
