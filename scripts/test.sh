@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, builds release and
-# ASan+UBSan trees, runs the whole CTest suite on both, then the limiter's
-# concurrency tests under ThreadSanitizer.
+# ASan+UBSan trees, runs the whole CTest suite on both, then the tests
+# labelled `tsan` under ThreadSanitizer (the limiter's and lookup ring's
+# concurrency tests, and the proxy, admission and metering integration
+# tests, which drive every thread sluice runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deps/install.sh
