@@ -11,6 +11,7 @@ through addCleanup. Measured propagation delays are printed (stderr) and
 summed up at the end of the run."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -871,6 +872,23 @@ class TrustedHeader(AdmissionCase):
         # a header value that cannot be a UID (over 63 bytes) is not trusted
         assert_error(self, one(self.sl.port, ak=None, headers=[("X-Sluice-Uid", "u" * 64)]), 403,
                      "InvalidAccessKeyId.NotFound")
+
+
+class UnixSocket(AdmissionCase):
+    """--redis unix:PATH: the directory and the flusher reach Redis over its
+    Unix socket (the TCP one below is only for the test's own redis-cli)."""
+
+    def test_unix_socket(self):
+        sock = os.path.join(self.r.tmpdir, "redis.sock")
+        r2 = harness.start_redis(("--unixsocket", sock, "--unixsocketperm", "700"))
+        self.addCleanup(r2.stop)
+        r2.cli("SET", P + "ak:AKU", "uu")
+        sl = start_sluice(self, [self.up], "--redis", f"unix:{sock}", workers=1, admission="on")
+        self.assertEqual(one(sl.port, ak="AKU").status, 200)
+        assert_error(self, one(sl.port, ak="AKNONE"), 403, "InvalidAccessKeyId.NotFound")
+        self.assertEqual(sl.stop(), 0)  # the final flush writes the counts through the socket
+        day = time.strftime("%Y%m%d", time.gmtime())
+        self.assertEqual(r2.cli("HGET", f"{P}usage:{day}:uu", "text:cn-shanghai").strip(), "1")
 
 
 class Accuracy(AdmissionCase):
