@@ -24,8 +24,8 @@ static void hdr_value(const struct sl_conn *c, int idx, const char **p, size_t *
     *n = 0;
     return;
   }
-  *p = c->buf + c->hdrs[idx].val_off;
-  *n = c->hdrs[idx].val_len;
+  *p = c->buf + c->hdrs.h[idx].val_off;
+  *n = c->hdrs.h[idx].val_len;
 }
 
 /* With --trusted-uid-header: when the request carries that header, its
@@ -34,8 +34,8 @@ static void hdr_value(const struct sl_conn *c, int idx, const char **p, size_t *
 static int trusted_uid(struct sl_conn *c) {
   const char *name = c->w->cfg->trusted_uid_header;
   size_t nl = strlen(name);
-  for (unsigned i = 0; i < c->nhdr; i++) {
-    const struct sl_hdr *h = &c->hdrs[i];
+  for (unsigned i = 0; i < c->hdrs.n; i++) {
+    const struct sl_hdr *h = &c->hdrs.h[i];
     if (h->name_len != nl || strncasecmp(c->buf + h->name_off, name, nl) != 0) continue;
     const char *v = c->buf + h->val_off;
     if (h->val_len == 0 || h->val_len > SL_UID_MAX) return 0;

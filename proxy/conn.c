@@ -21,11 +21,10 @@ static inline uint64_t now_ms(struct sl_conn *c) { return uv_now(&c->w->loop); }
 
 static int on_message_begin(llhttp_t *p) {
   struct sl_conn *c = p->data;
-  c->nhdr = 0;
+  sl_hdrs_reset(&c->hdrs);
   c->nconn_hdr = 0;
   c->url_len = 0;
   c->url_off = 0;
-  c->field_open = c->value_open = 0;
   c->headers_done = 0;
   c->body_len = c->body_off = 0;
   c->need_cap = 0;
@@ -46,41 +45,28 @@ static int on_url(llhttp_t *p, const char *at, size_t n) {
 
 static int on_header_field(llhttp_t *p, const char *at, size_t n) {
   struct sl_conn *c = p->data;
-  if (!c->field_open) {
-    if (c->nhdr >= c->w->cfg->max_headers) {
-      c->err_status = 431;
-      return -1;
-    }
-    struct sl_hdr *h = &c->hdrs[c->nhdr++];
-    h->name_off = (uint32_t)(at - c->buf);
-    h->name_len = 0;
-    h->val_off = h->val_len = 0;
-    c->field_open = 1;
+  if (sl_hdrs_field(&c->hdrs, (uint32_t)(at - c->buf), (uint32_t)n) != 0) {
+    c->err_status = 431;
+    return -1;
   }
-  c->hdrs[c->nhdr - 1].name_len += (uint32_t)n;
   c->last_span_end = (uint32_t)(at - c->buf + n);
   return 0;
 }
 
 static int on_header_field_complete(llhttp_t *p) {
-  ((struct sl_conn *)p->data)->field_open = 0;
+  ((struct sl_conn *)p->data)->hdrs.field_open = 0;
   return 0;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n) {
   struct sl_conn *c = p->data;
-  struct sl_hdr *h = &c->hdrs[c->nhdr - 1];
-  if (!c->value_open) {
-    h->val_off = (uint32_t)(at - c->buf);
-    c->value_open = 1;
-  }
-  h->val_len += (uint32_t)n;
+  sl_hdrs_value(&c->hdrs, (uint32_t)(at - c->buf), (uint32_t)n);
   c->last_span_end = (uint32_t)(at - c->buf + n);
   return 0;
 }
 
 static int on_header_value_complete(llhttp_t *p) {
-  ((struct sl_conn *)p->data)->value_open = 0;
+  ((struct sl_conn *)p->data)->hdrs.value_open = 0;
   return 0;
 }
 
@@ -98,8 +84,8 @@ static int on_headers_complete(llhttp_t *p) {
   c->headers_done = 1;
   c->head_method = llhttp_get_method(p) == HTTP_HEAD;
   c->keep_alive = llhttp_should_keep_alive(p) != 0;
-  for (unsigned i = 0; i < c->nhdr; i++) {
-    const struct sl_hdr *h = &c->hdrs[i];
+  for (unsigned i = 0; i < c->hdrs.n; i++) {
+    const struct sl_hdr *h = &c->hdrs.h[i];
     switch (sl_http_hdr_kind(c->buf + h->name_off, h->name_len)) {
       case SL_H_CONNECTION:
         if (c->nconn_hdr < SL_ARRAY_SIZE(c->conn_hdr)) c->conn_hdr[c->nconn_hdr++] = i;
@@ -179,7 +165,7 @@ void sl_conn_global_init(void) {
 static void conn_free(uv_handle_t *h) {
   struct sl_conn *c = sl_container_of(h, struct sl_conn, tcp);
   free(c->buf);
-  free(c->hdrs);
+  free(c->hdrs.h);
   sl_buf_free(&c->out);
   sl_buf_free(&c->inflight);
   sl_buf_free(&c->body);
@@ -380,20 +366,13 @@ void sl_conn_upstream_flush(struct sl_conn *c) {
 /* ---- the response head ---- */
 
 static int up_hdr_listed(const struct sl_upconn *u, const char *name, size_t n) {
-  for (unsigned i = 0; i < u->nhdr; i++) {
-    const struct sl_hdr *h = &u->hdrs[i];
+  for (unsigned i = 0; i < u->hdrs.n; i++) {
+    const struct sl_hdr *h = &u->hdrs.h[i];
     if (sl_http_hdr_kind(u->in + h->name_off, h->name_len) == SL_H_CONNECTION &&
         sl_http_has_token(u->in + h->val_off, h->val_len, name, n))
       return 1;
   }
   return 0;
-}
-
-/* Lowercases a header name into tmp for token comparison; 0 if too long. */
-static size_t lower_name(const char *p, size_t n, char *tmp, size_t cap) {
-  if (n > cap) return 0;
-  for (size_t i = 0; i < n; i++) tmp[i] = (p[i] >= 'A' && p[i] <= 'Z') ? (char)(p[i] | 0x20) : p[i];
-  return n;
 }
 
 void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u) {
@@ -420,16 +399,16 @@ void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u) {
   sl_buf_append(o, u->in + u->reason_off, u->reason_len);
   sl_buf_lit(o, "\r\n");
   int has_conn_tokens = 0;
-  for (unsigned i = 0; i < u->nhdr; i++)
-    if (sl_http_hdr_kind(u->in + u->hdrs[i].name_off, u->hdrs[i].name_len) == SL_H_CONNECTION) has_conn_tokens = 1;
-  for (unsigned i = 0; i < u->nhdr; i++) {
-    const struct sl_hdr *h = &u->hdrs[i];
+  for (unsigned i = 0; i < u->hdrs.n; i++)
+    if (sl_http_hdr_kind(u->in + u->hdrs.h[i].name_off, u->hdrs.h[i].name_len) == SL_H_CONNECTION) has_conn_tokens = 1;
+  for (unsigned i = 0; i < u->hdrs.n; i++) {
+    const struct sl_hdr *h = &u->hdrs.h[i];
     const char *name = u->in + h->name_off;
     enum sl_hdr_kind k = sl_http_hdr_kind(name, h->name_len);
     if (k == SL_H_HOP || k == SL_H_CONNECTION || k == SL_H_TRANSFER_ENCODING) continue;
     if (has_conn_tokens) {
       char tmp[64];
-      size_t ln = lower_name(name, h->name_len, tmp, sizeof(tmp));
+      size_t ln = sl_http_lower(name, h->name_len, tmp, sizeof(tmp));
       if (ln && up_hdr_listed(u, tmp, ln)) continue;
     }
     sl_buf_append(o, name, h->name_len);
@@ -571,7 +550,8 @@ void sl_conn_accept(struct sl_worker *w) {
   }
   c->cap = SL_CONN_BUF;
   c->buf = sl_malloc(c->cap);
-  c->hdrs = sl_malloc(w->cfg->max_headers * sizeof(*c->hdrs));
+  c->hdrs.h = sl_malloc(w->cfg->max_headers * sizeof(*c->hdrs.h));
+  c->hdrs.max = w->cfg->max_headers;
   c->body.max = w->cfg->max_body_bytes;
   llhttp_init(&c->parser, HTTP_REQUEST, &req_settings);
   c->parser.data = c;

@@ -69,6 +69,12 @@ int sl_http_has_token(const char *v, size_t n, const char *tok, size_t tl) {
   return 0;
 }
 
+size_t sl_http_lower(const char *p, size_t n, char *out, size_t cap) {
+  if (n > cap) return 0;
+  for (size_t i = 0; i < n; i++) out[i] = lower(p[i]);
+  return n;
+}
+
 static int hexval(char c) {
   if (c >= '0' && c <= '9') return c - '0';
   c = lower(c);

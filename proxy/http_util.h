@@ -39,6 +39,10 @@ int sl_http_has_token(const char *v, size_t n, const char *token, size_t token_l
  * length, -1 when absent, -2 when malformed or longer than outcap. */
 int sl_http_query_get(const char *q, size_t qn, const char *name, size_t name_len, char *out, size_t outcap);
 
+/* Lowercases p[0..n) into out; returns n, or 0 when it does not fit in cap
+ * (a header name that long is named by no Connection token we keep). */
+size_t sl_http_lower(const char *p, size_t n, char *out, size_t cap);
+
 /* Percent-decodes in[0..n) into out; returns the length, or -1 on a bad
  * escape or when it does not fit. */
 int sl_http_urldecode(const char *in, size_t n, char *out, size_t outcap);

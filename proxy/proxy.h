@@ -118,6 +118,42 @@ struct sl_hdr {
   uint32_t name_off, name_len, val_off, val_len;
 };
 
+/* Header spans recorded as offsets from the start of the buffer that holds
+ * the head. llhttp hands a name or value over in pieces when the head spans
+ * several reads; the buffer keeps the whole head contiguous, so a piece
+ * always extends the span that is open. */
+struct sl_hdrs {
+  struct sl_hdr *h;
+  unsigned n, max;
+  unsigned field_open : 1;
+  unsigned value_open : 1;
+};
+
+static inline void sl_hdrs_reset(struct sl_hdrs *r) {
+  r->n = 0;
+  r->field_open = r->value_open = 0;
+}
+/* A piece of a header name; returns -1 when a new header passes the bound. */
+static inline int sl_hdrs_field(struct sl_hdrs *r, uint32_t off, uint32_t len) {
+  if (!r->field_open) {
+    if (r->n >= r->max) return -1;
+    struct sl_hdr *h = &r->h[r->n++];
+    h->name_off = off;
+    h->name_len = h->val_off = h->val_len = 0;
+    r->field_open = 1;
+  }
+  r->h[r->n - 1].name_len += len;
+  return 0;
+}
+static inline void sl_hdrs_value(struct sl_hdrs *r, uint32_t off, uint32_t len) {
+  struct sl_hdr *h = &r->h[r->n - 1];
+  if (!r->value_open) {
+    h->val_off = off;
+    r->value_open = 1;
+  }
+  h->val_len += len;
+}
+
 struct sl_upconn {
   uv_tcp_t tcp;
   uv_connect_t connect_req;
@@ -136,15 +172,12 @@ struct sl_upconn {
   uint64_t deadline;  /* loop ms; 0 = none */
   uint64_t started_ns;
   unsigned requests;  /* served on this connection */
-  struct sl_hdr hdrs[SL_MAX_RESP_HEADERS];
-  unsigned nhdr;
+  struct sl_hdr hdr_store[SL_MAX_RESP_HEADERS];
+  struct sl_hdrs hdrs;
   uint32_t reason_off, reason_len;
   int status;
-  unsigned got_bytes : 1;
-  unsigned field_open : 1;
-  unsigned value_open : 1; /* any response byte for the current request */
+  unsigned got_bytes : 1; /* any response byte for the current request */
   unsigned headers_done : 1;
-  unsigned message_done : 1;
   unsigned reusable : 1;
   unsigned write_pending : 1;
 };
@@ -174,13 +207,11 @@ struct sl_conn {
   struct sl_buf body; /* decoded body of a chunked request */
   char peer[48];      /* client IP for X-Forwarded-For and logs */
   /* The request being read or served; offsets into buf. */
-  struct sl_hdr *hdrs;
-  unsigned nhdr;
+  struct sl_hdrs hdrs;
   unsigned conn_hdr[4]; /* indices of Connection headers, whose tokens are hop-by-hop too */
   unsigned nconn_hdr;
   uint64_t need_cap;  /* buffer size the current request needs (Content-Length body) */
   int err_status;     /* set by a parser callback that rejects the request */
-  uint64_t up_start_ns;
   int16_t h_host, h_auth, h_action, h_ctype; /* header indices, -1 when absent */
   struct sl_class cls;
   struct sl_link park; /* in w->parked while waiting for an account lookup */
@@ -201,8 +232,6 @@ struct sl_conn {
   unsigned retries;
   enum sl_resp_mode resp_mode;
   char reqid[37];
-  unsigned field_open : 1;
-  unsigned value_open : 1;
   unsigned headers_done : 1;
   unsigned resp_done : 1;   /* response complete; finish once written */
   unsigned head_sent : 1;   /* response head queued to the client */

@@ -18,9 +18,8 @@ static inline uint64_t now_ms(struct sl_worker *w) { return uv_now(&w->loop); }
 
 static int on_message_begin(llhttp_t *p) {
   struct sl_upconn *u = p->data;
-  u->nhdr = 0;
+  sl_hdrs_reset(&u->hdrs);
   u->reason_len = 0;
-  u->field_open = u->value_open = 0;
   return 0;
 }
 
@@ -33,35 +32,22 @@ static int on_status(llhttp_t *p, const char *at, size_t n) {
 
 static int on_header_field(llhttp_t *p, const char *at, size_t n) {
   struct sl_upconn *u = p->data;
-  if (!u->field_open) {
-    if (u->nhdr >= SL_MAX_RESP_HEADERS) return -1;
-    struct sl_hdr *h = &u->hdrs[u->nhdr++];
-    h->name_off = (uint32_t)(at - u->in);
-    h->name_len = h->val_off = h->val_len = 0;
-    u->field_open = 1;
-  }
-  u->hdrs[u->nhdr - 1].name_len += (uint32_t)n;
-  return 0;
+  return sl_hdrs_field(&u->hdrs, (uint32_t)(at - u->in), (uint32_t)n);
 }
 
 static int on_header_field_complete(llhttp_t *p) {
-  ((struct sl_upconn *)p->data)->field_open = 0;
+  ((struct sl_upconn *)p->data)->hdrs.field_open = 0;
   return 0;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n) {
   struct sl_upconn *u = p->data;
-  struct sl_hdr *h = &u->hdrs[u->nhdr - 1];
-  if (!u->value_open) {
-    h->val_off = (uint32_t)(at - u->in);
-    u->value_open = 1;
-  }
-  h->val_len += (uint32_t)n;
+  sl_hdrs_value(&u->hdrs, (uint32_t)(at - u->in), (uint32_t)n);
   return 0;
 }
 
 static int on_header_value_complete(llhttp_t *p) {
-  ((struct sl_upconn *)p->data)->value_open = 0;
+  ((struct sl_upconn *)p->data)->hdrs.value_open = 0;
   return 0;
 }
 
@@ -92,7 +78,6 @@ static int on_body(llhttp_t *p, const char *at, size_t n) {
 static int on_message_complete(llhttp_t *p) {
   struct sl_upconn *u = p->data;
   if (u->status < 200) return 0;
-  u->message_done = 1;
   return HPE_PAUSED;
 }
 
@@ -256,7 +241,7 @@ static void up_release(struct sl_upconn *u) {
   u->state = SL_UP_IDLE;
   u->deadline = 0;
   u->in_len = 0;
-  u->got_bytes = u->headers_done = u->message_done = 0;
+  u->got_bytes = u->headers_done = 0;
   sl_list_push(&u->ua->idle, &u->link);
   u->ua->nidle++;
 }
@@ -348,6 +333,8 @@ static struct sl_upconn *up_connect(struct sl_worker *w, struct sl_pool *pool, s
   pool->refs++;
   u->ua = ua;
   u->in = sl_malloc(SL_UP_BUF);
+  u->hdrs.h = u->hdr_store;
+  u->hdrs.max = SL_MAX_RESP_HEADERS;
   u->out.max = 1u << 20;
   sl_list_init(&u->link);
   sl_list_push(&w->upconns, &u->all);
@@ -380,8 +367,8 @@ static void up_send_request(struct sl_upconn *u) {
   sl_buf_append(o, c->buf + c->url_off, c->url_len);
   sl_buf_lit(o, " HTTP/1.1\r\n");
   const struct sl_hdr *xff = NULL;
-  for (unsigned i = 0; i < c->nhdr; i++) {
-    const struct sl_hdr *h = &c->hdrs[i];
+  for (unsigned i = 0; i < c->hdrs.n; i++) {
+    const struct sl_hdr *h = &c->hdrs.h[i];
     const char *name = c->buf + h->name_off;
     switch (sl_http_hdr_kind(name, h->name_len)) {
       case SL_H_HOP:
@@ -399,11 +386,10 @@ static void up_send_request(struct sl_upconn *u) {
     }
     if (c->nconn_hdr) {
       char tmp[64];
-      size_t n = h->name_len <= sizeof(tmp) ? h->name_len : 0;
-      for (size_t k = 0; k < n; k++) tmp[k] = (name[k] >= 'A' && name[k] <= 'Z') ? (char)(name[k] | 0x20) : name[k];
+      size_t n = sl_http_lower(name, h->name_len, tmp, sizeof(tmp));
       int listed = 0;
       for (unsigned j = 0; n && j < c->nconn_hdr && !listed; j++) {
-        const struct sl_hdr *ch = &c->hdrs[c->conn_hdr[j]];
+        const struct sl_hdr *ch = &c->hdrs.h[c->conn_hdr[j]];
         listed = sl_http_has_token(c->buf + ch->val_off, ch->val_len, tmp, n);
       }
       if (listed) continue;
@@ -439,7 +425,7 @@ static void up_send_request(struct sl_upconn *u) {
   }
   bufs[0] = uv_buf_init(o->data, (unsigned)o->len);
   u->state = SL_UP_BUSY;
-  u->got_bytes = u->headers_done = u->message_done = 0;
+  u->got_bytes = u->headers_done = 0;
   u->started_ns = uv_hrtime();
   u->deadline = now_ms(u->w) + u->w->cfg->response_timeout_ms;
   int n = uv_try_write((uv_stream_t *)&u->tcp, bufs, nb);
