@@ -75,13 +75,36 @@ static void reload(struct sl_main *m) {
     free(next);
     return;
   }
-  /* What needs a new socket or thread stays as it is until a restart. */
-  if (memcmp(&next->listen.sa, &cur->listen.sa, sizeof(next->listen.sa)) ||
-      memcmp(&next->admin.sa, &cur->admin.sa, sizeof(next->admin.sa)) || next->workers != cur->workers)
-    fprintf(stderr, "sluice: reload: listen, admin and workers change only on restart\n");
+  /* What the sockets, threads and tables were made from stays as it is
+   * until a restart: say which of those the file changed. */
+#define KEEP(field, name)                                                 \
+  do {                                                                    \
+    if (memcmp(&next->field, &cur->field, sizeof(cur->field)) != 0)      \
+      fprintf(stderr, "sluice: reload: '%s' changes only on restart\n", name); \
+    memcpy(&next->field, &cur->field, sizeof(cur->field));                \
+  } while (0)
+  KEEP(listen.sa, "listen");
+  KEEP(admin.sa, "admin");
+  KEEP(workers, "workers");
+  KEEP(redis, "redis");
+  KEEP(redis_prefix, "redis-prefix");
+  KEEP(flush_ms, "flush-ms");
+  KEEP(spool_dir, "spool-dir");
+  KEEP(instance_id, "instance-id");
+  KEEP(spool_max_bytes, "spool-max-bytes");
+  KEEP(meter_keys, "meter-keys");
+  KEEP(meter_queue_batches, "meter-queue-batches");
+  KEEP(final_flush_ms, "final-flush-ms");
+  KEEP(billing_tz_offset_min, "billing-tz-offset-min");
+  KEEP(time_offset_s, "time-offset-s");
+  KEEP(resync_ms, "resync-ms");
+  KEEP(lookup_timeout_ms, "lookup-timeout-ms");
+  KEEP(negative_ttl_ms, "negative-ttl-ms");
+  KEEP(max_accounts, "max-accounts");
+  KEEP(limiter_keys, "limiter-keys");
+#undef KEEP
   next->listen = cur->listen;
   next->admin = cur->admin;
-  next->workers = cur->workers;
   next->version = cur->version + 1;
   m->snapshots[m->nsnap++] = next;
   atomic_store_explicit(&m->version, next->version, memory_order_relaxed);

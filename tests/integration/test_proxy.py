@@ -430,13 +430,22 @@ class Lifecycle(unittest.TestCase):
             self.assertEqual(harness.http_request(sl.port, "GET", "/?Action=TextModeration").status, 200)
         self.assertEqual(harness.http_request(a, "GET", "/stats").json()["requests"], 1)
         self.assertEqual(harness.http_request(b, "GET", "/stats").json()["requests"], 4)
+        # a restart-only option in the file is named in the log and kept
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"upstream: [127.0.0.1:{b}]\nflush-ms: 250\n")
+        sl.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "'flush-ms' changes only on restart" not in sl.stderr():
+            time.sleep(0.05)
+        self.assertIn("'flush-ms' changes only on restart", sl.stderr())
+        self.assertEqual(harness.http_request(sl.port, "GET", "/?Action=TextModeration").status, 200)
         # a broken file is refused and the running configuration stays
         with open(path, "w", encoding="utf-8") as f:
             f.write("upstream: [\n")
         sl.proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         self.assertIn("reload failed", sl.stderr())
-        self.assertEqual(sl.metrics()["sluice_config_version"], 2)
+        self.assertEqual(sl.metrics()["sluice_config_version"], 3)
         self.assertEqual(harness.http_request(sl.port, "GET", "/?Action=TextModeration").status, 200)
 
     def test_access_log(self):
