@@ -414,6 +414,25 @@ class Lifecycle(unittest.TestCase):
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("listen", r.stderr)
 
+    def test_startup_errors(self):
+        sl = harness.bin_path("sluice")
+        base = [sl, "--upstream", "127.0.0.1:1", "--listen", f"127.0.0.1:{harness.free_port()}",
+                "--admin", f"127.0.0.1:{harness.free_port()}", "--redis", f"127.0.0.1:{harness.free_port()}"]
+        r = subprocess.run(base + ["--spool-dir", "/proc/sluice-cannot-be-here"], capture_output=True, text=True,
+                           timeout=10)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("spool directory /proc/sluice-cannot-be-here", r.stderr)
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        import tempfile
+        d = tempfile.mkdtemp(prefix="sluice-spool-")
+        argv = base[:5] + ["--admin", f"127.0.0.1:{busy.getsockname()[1]}"] + base[7:] + ["--spool-dir", d]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("admin listen", r.stderr)
+
     def test_sighup_reload(self):
         _, a = start_modstub(self)
         _, b = start_modstub(self)
