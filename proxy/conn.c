@@ -470,6 +470,7 @@ static void conn_parse(struct sl_conn *c) {
       c->parsed = c->len;
       if (c->chunked_req && c->headers_done) c->len = c->parsed = c->head_len; /* decoded copy kept in c->body */
       else if (!c->headers_done && c->len > c->w->cfg->max_header_bytes) conn_reject(c, 431);
+      else if (c->eof) sl_conn_close(c); /* the client stopped sending half-way through a request */
       return;
     }
     if (err == HPE_PAUSED) {

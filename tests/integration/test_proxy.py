@@ -132,6 +132,17 @@ class Forwarding(unittest.TestCase):
         self.assertEqual([g["url"] for g in got], [f"/echo?n={i}" for i in range(6)])
         self.assertEqual(got[5]["body"], "tail")
 
+    def test_half_close_after_pipelined_requests(self):
+        # two whole requests and half of a third, then FIN: the two are
+        # answered, and the connection closes instead of waiting for the rest
+        with harness.HttpConn(self.sl.port) as c:
+            c.send(harness.HttpConn.build("GET", "/echo?n=1") + harness.HttpConn.build("GET", "/echo?n=2")
+                   + b"GET /echo?n=3 HTTP/1.1\r\nHost: x\r\n")
+            c.sock.shutdown(socket.SHUT_WR)
+            got = [r.json()["url"] for r in c.read_responses(2)]
+            self.assertEqual(got, ["/echo?n=1", "/echo?n=2"])
+            self.assertTrue(c.closed_by_peer(wait=2.0))
+
     def test_http10(self):
         with harness.HttpConn(self.sl.port) as c:
             r = c.request(path="/echo", version="HTTP/1.0")
