@@ -263,16 +263,8 @@ int sl_admin_explain(struct sl_admin *a, const char *query, struct sl_buf *o) {
             (long long)p->starts_at, (long long)p->expires_at, active ? "true" : "false");
   }
   uint64_t limit = acct ? sl_dir_limit(s, acct, f, region, (size_t)rl, ts.tv_sec) : s->feature_qps[f];
-  char key[SL_UID_MAX + 1 + 32 + 1 + SL_REGION_MAX + 1];
-  size_t kl = 0, nl = strlen(sl_features[f].name);
-  memcpy(key, uid, (size_t)ul);
-  kl += (size_t)ul;
-  key[kl++] = '\x1f';
-  memcpy(key + kl, sl_features[f].name, nl);
-  kl += nl;
-  key[kl++] = '\x1f';
-  memcpy(key + kl, region, (size_t)rl);
-  kl += (size_t)rl;
+  char key[SL_BUCKET_KEY_MAX];
+  size_t kl = sl_bucket_key(key, uid, (size_t)ul, f, region, (size_t)rl);
   struct lim_decision d;
   int pr = lim_peek(a->lim, key, kl, lim_hash(key, kl), limit, lim_now_ns(), &d);
   appendf(o, "],\"effective_qps\":%llu,\"bucket\":{\"exists\":%s,\"limit\":%llu,\"remaining\":%llu,"

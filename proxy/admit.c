@@ -13,6 +13,19 @@
 const char *const sl_outcome_names[SL_NOUTCOMES] = {"ok",        "upstream_error",  "throttled",  "suspended",
                                                     "unauthenticated", "bad_request", "unavailable"};
 
+size_t sl_bucket_key(char *out, const char *uid, size_t uid_len, int feature, const char *region,
+                     size_t region_len) {
+  size_t fl = strlen(sl_features[feature].name), n = 0;
+  memcpy(out, uid, uid_len);
+  n += uid_len;
+  out[n++] = '\x1f';
+  memcpy(out + n, sl_features[feature].name, fl);
+  n += fl;
+  out[n++] = '\x1f';
+  memcpy(out + n, region, region_len);
+  return n + region_len;
+}
+
 static void decide(struct sl_conn *c, enum sl_outcome o) {
   c->outcome = (uint8_t)o;
   c->decided = 1;
@@ -82,17 +95,8 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
   }
   int f = c->cls.feature;
   uint64_t limit = sl_dir_limit(s, a, f, c->cls.region, c->cls.region_len, c->arrival_s);
-  /* Bucket key: UID, feature and region, separated by a byte none of them holds. */
-  char key[SL_UID_MAX + 1 + 32 + 1 + SL_REGION_MAX + 1];
-  size_t fl = strlen(sl_features[f].name), kl = 0;
-  memcpy(key, a->uid, a->uid_len);
-  kl += a->uid_len;
-  key[kl++] = '\x1f';
-  memcpy(key + kl, sl_features[f].name, fl);
-  kl += fl;
-  key[kl++] = '\x1f';
-  memcpy(key + kl, c->cls.region, c->cls.region_len);
-  kl += c->cls.region_len;
+  char key[SL_BUCKET_KEY_MAX];
+  size_t kl = sl_bucket_key(key, a->uid, a->uid_len, f, c->cls.region, c->cls.region_len);
   struct lim_decision d;
   lim_decide(w->shared->lim, key, kl, lim_hash(key, kl), limit, 1, lim_now_ns(), &d);
   if (d.result == LIM_REJECT) {

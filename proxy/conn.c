@@ -54,7 +54,8 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n) {
 }
 
 static int on_header_field_complete(llhttp_t *p) {
-  ((struct sl_conn *)p->data)->hdrs.field_open = 0;
+  struct sl_conn *c = p->data;
+  sl_hdrs_field_done(&c->hdrs, c->buf);
   return 0;
 }
 
@@ -86,7 +87,7 @@ static int on_headers_complete(llhttp_t *p) {
   c->keep_alive = llhttp_should_keep_alive(p) != 0;
   for (unsigned i = 0; i < c->hdrs.n; i++) {
     const struct sl_hdr *h = &c->hdrs.h[i];
-    switch (sl_http_hdr_kind(c->buf + h->name_off, h->name_len)) {
+    switch (h->kind) {
       case SL_H_CONNECTION:
         if (c->nconn_hdr < SL_ARRAY_SIZE(c->conn_hdr)) c->conn_hdr[c->nconn_hdr++] = i;
         break;
@@ -261,8 +262,7 @@ static void conn_dispatch(struct sl_conn *c) {
 /* Counts the request for billing: UID "-" when no account was found,
  * feature and region "-" when the request could not be classified. */
 static void conn_meter(struct sl_conn *c) {
-  struct sl_meter_key k;
-  memset(&k, 0, sizeof(k));
+  struct sl_meter_key k; /* bytes past uid_len and region_len are never read */
   k.day = c->day;
   k.feature = c->cls.feature >= 0 ? (uint8_t)c->cls.feature : SL_METER_NO_FEATURE;
   k.tier = c->tier;
@@ -368,7 +368,7 @@ void sl_conn_upstream_flush(struct sl_conn *c) {
 static int up_hdr_listed(const struct sl_upconn *u, const char *name, size_t n) {
   for (unsigned i = 0; i < u->hdrs.n; i++) {
     const struct sl_hdr *h = &u->hdrs.h[i];
-    if (sl_http_hdr_kind(u->in + h->name_off, h->name_len) == SL_H_CONNECTION &&
+    if (h->kind == SL_H_CONNECTION &&
         sl_http_has_token(u->in + h->val_off, h->val_len, name, n))
       return 1;
   }
@@ -400,11 +400,11 @@ void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u) {
   sl_buf_lit(o, "\r\n");
   int has_conn_tokens = 0;
   for (unsigned i = 0; i < u->hdrs.n; i++)
-    if (sl_http_hdr_kind(u->in + u->hdrs.h[i].name_off, u->hdrs.h[i].name_len) == SL_H_CONNECTION) has_conn_tokens = 1;
+    if (u->hdrs.h[i].kind == SL_H_CONNECTION) has_conn_tokens = 1;
   for (unsigned i = 0; i < u->hdrs.n; i++) {
     const struct sl_hdr *h = &u->hdrs.h[i];
     const char *name = u->in + h->name_off;
-    enum sl_hdr_kind k = sl_http_hdr_kind(name, h->name_len);
+    enum sl_hdr_kind k = (enum sl_hdr_kind)h->kind;
     if (k == SL_H_HOP || k == SL_H_CONNECTION || k == SL_H_TRANSFER_ENCODING) continue;
     if (has_conn_tokens) {
       char tmp[64];
@@ -430,9 +430,15 @@ void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u) {
 int sl_conn_upstream_body(struct sl_conn *c, const char *p, size_t n) {
   if (c->head_method) return 0;
   if (c->resp_mode == SL_RESP_CHUNKED) {
-    char hex[24];
-    int hl = snprintf(hex, sizeof(hex), "%zx\r\n", n);
-    if (sl_buf_append(&c->out, hex, (size_t)hl) || sl_buf_append(&c->out, p, n) || sl_buf_lit(&c->out, "\r\n"))
+    static const char digits[] = "0123456789abcdef";
+    char hex[20]; /* chunk size line: hex digits + CRLF, built from the end */
+    size_t i = sizeof(hex);
+    hex[--i] = '\n';
+    hex[--i] = '\r';
+    size_t v = n;
+    do hex[--i] = digits[v & 15]; while (v >>= 4);
+    if (sl_buf_append(&c->out, hex + i, sizeof(hex) - i) || sl_buf_append(&c->out, p, n) ||
+        sl_buf_lit(&c->out, "\r\n"))
       return -1;
     return 0;
   }

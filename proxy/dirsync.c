@@ -13,6 +13,7 @@
 
 #include "catalog.h"
 #include "common.h"
+#include "proxy.h" /* sl__close */
 
 #define BATCH 100 /* accounts per EVAL */
 
@@ -50,9 +51,6 @@ static const char state_script[] =
 
 static uint64_t mono_ms(void) { return uv_hrtime() / 1000000; }
 
-static void close_once(uv_handle_t *h) {
-  if (!uv_is_closing(h)) uv_close(h, NULL);
-}
 
 /* The directory thread is each counter's only writer. */
 static inline void sl_stat_add_dir(_Atomic uint64_t *c) { atomic_fetch_add_explicit(c, 1, memory_order_relaxed); }
@@ -303,6 +301,17 @@ static void request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], c
   }
 }
 
+/* Queues an AccessKeyId for the next coalesced reload. */
+static void reload_push(struct sl_dirsync *d, const char *ak, size_t len) {
+  if (d->nreload == d->capreload) {
+    d->capreload = d->capreload ? 2 * d->capreload : 256;
+    d->reload_ak = sl_realloc(d->reload_ak, d->capreload * sizeof(*d->reload_ak));
+    d->reload_len = sl_realloc(d->reload_len, d->capreload);
+  }
+  memcpy(d->reload_ak[d->nreload], ak, len);
+  d->reload_len[d->nreload++] = (uint8_t)len;
+}
+
 /* Reloads every account the directory holds (resync) or the ones holding
  * uid (its packages changed; uid == NULL: all). */
 static void reload_accounts(struct sl_dirsync *d, const char *uid, size_t uid_len) {
@@ -319,13 +328,7 @@ static void reload_accounts(struct sl_dirsync *d, const char *uid, size_t uid_le
         if (a->valid_until_ms <= now) sl_dir_remove(&d->b, a->ak, a->ak_len, a->hash); /* expired negatives go */
         continue;
       }
-      if (d->nreload == d->capreload) {
-        d->capreload = d->capreload ? 2 * d->capreload : 256;
-        d->reload_ak = sl_realloc(d->reload_ak, d->capreload * sizeof(*d->reload_ak));
-        d->reload_len = sl_realloc(d->reload_len, d->capreload);
-      }
-      memcpy(d->reload_ak[d->nreload], a->ak, a->ak_len);
-      d->reload_len[d->nreload++] = a->ak_len;
+      reload_push(d, a->ak, a->ak_len);
     }
   }
 }
@@ -334,13 +337,7 @@ static void queue_reload_ak(struct sl_dirsync *d, const char *ak, size_t len) {
   if (len > SL_AK_MAX) return;
   const struct sl_dir_snap *s = atomic_load_explicit(&d->b.current, memory_order_relaxed);
   if (!sl_dir_find(s, ak, len, sl_dir_hash(ak, len))) return; /* never asked for: nothing to refresh */
-  if (d->nreload == d->capreload) {
-    d->capreload = d->capreload ? 2 * d->capreload : 256;
-    d->reload_ak = sl_realloc(d->reload_ak, d->capreload * sizeof(*d->reload_ak));
-    d->reload_len = sl_realloc(d->reload_len, d->capreload);
-  }
-  memcpy(d->reload_ak[d->nreload], ak, len);
-  d->reload_len[d->nreload++] = (uint8_t)len;
+  reload_push(d, ak, len);
 }
 
 static void on_flush(uv_timer_t *t) {
@@ -585,9 +582,9 @@ static void on_wake(uv_async_t *a) {
   if (atomic_load_explicit(&d->stop, memory_order_acquire)) {
     uv_timer_stop(&d->tick);
     uv_timer_stop(&d->flush);
-    close_once((uv_handle_t *)&d->tick);
-    close_once((uv_handle_t *)&d->flush);
-    close_once((uv_handle_t *)&d->wake);
+    sl__close((uv_handle_t *)&d->tick, NULL);
+    sl__close((uv_handle_t *)&d->flush, NULL);
+    sl__close((uv_handle_t *)&d->wake, NULL);
     drop_ctx(&d->cmd);
     drop_ctx(&d->sub);
     d->cmd_ready = d->sub_ready = 0;

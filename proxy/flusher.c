@@ -17,6 +17,7 @@
 
 #include "catalog.h"
 #include "common.h"
+#include "proxy.h" /* sl__close */
 
 #define SPOOL_MAGIC 0x314d4c53u /* "SLM1" */
 #define REC_BATCH 1
@@ -48,9 +49,6 @@ static const char *const outcome_names[] = {"ok",        "upstream_error",  "thr
 
 static uint64_t mono_ms(void) { return uv_hrtime() / 1000000; }
 
-static void close_once(uv_handle_t *h) {
-  if (!uv_is_closing(h)) uv_close(h, NULL);
-}
 static inline void stat_add(_Atomic uint64_t *c, uint64_t v) { atomic_fetch_add_explicit(c, v, memory_order_relaxed); }
 static inline void stat_set(_Atomic uint64_t *c, uint64_t v) { atomic_store_explicit(c, v, memory_order_relaxed); }
 
@@ -465,8 +463,8 @@ static void end_round(struct sl_flusher *f) {
 
 static void stop_loop(struct sl_flusher *f) {
   uv_timer_stop(&f->tick);
-  close_once((uv_handle_t *)&f->tick);
-  close_once((uv_handle_t *)&f->wake);
+  sl__close((uv_handle_t *)&f->tick, NULL);
+  sl__close((uv_handle_t *)&f->wake, NULL);
   if (f->ctx) {
     redisAsyncContext *c = f->ctx;
     f->ctx = NULL;

@@ -14,6 +14,7 @@
 #include "config.h"
 #include "dirsync.h"
 #include "flusher.h"
+#include "http_util.h"
 #include "meter.h"
 
 #define SL_POOL_DEFAULT 0
@@ -116,6 +117,7 @@ enum sl_up_state {
 
 struct sl_hdr {
   uint32_t name_off, name_len, val_off, val_len;
+  uint8_t kind; /* enum sl_hdr_kind, classified once when the name is complete */
 };
 
 /* Header spans recorded as offsets from the start of the buffer that holds
@@ -144,6 +146,12 @@ static inline int sl_hdrs_field(struct sl_hdrs *r, uint32_t off, uint32_t len) {
   }
   r->h[r->n - 1].name_len += len;
   return 0;
+}
+/* The name is complete: classify it once, for every later pass. */
+static inline void sl_hdrs_field_done(struct sl_hdrs *r, const char *base) {
+  struct sl_hdr *h = &r->h[r->n - 1];
+  r->field_open = 0;
+  h->kind = (uint8_t)sl_http_hdr_kind(base + h->name_off, h->name_len);
 }
 static inline void sl_hdrs_value(struct sl_hdrs *r, uint32_t off, uint32_t len) {
   struct sl_hdr *h = &r->h[r->n - 1];
@@ -305,6 +313,11 @@ void sl_conn_drain(struct sl_conn *c);
 void sl_conn_close(struct sl_conn *c);
 
 /* admit.c */
+/* The limiter key of a bucket: UID, feature and region joined by a byte
+ * none of them holds. Returns its length; out holds SL_BUCKET_KEY_MAX. */
+#define SL_BUCKET_KEY_MAX (SL_UID_MAX + 1 + 32 + 1 + SL_REGION_MAX)
+size_t sl_bucket_key(char *out, const char *uid, size_t uid_len, int feature, const char *region,
+                     size_t region_len);
 /* Classifies the complete request and decides it: answers it, parks it
  * for an account lookup, or forwards it. */
 void sl_admit(struct sl_conn *c);

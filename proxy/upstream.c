@@ -36,7 +36,8 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n) {
 }
 
 static int on_header_field_complete(llhttp_t *p) {
-  ((struct sl_upconn *)p->data)->hdrs.field_open = 0;
+  struct sl_upconn *u = p->data;
+  sl_hdrs_field_done(&u->hdrs, u->in);
   return 0;
 }
 
@@ -370,7 +371,7 @@ static void up_send_request(struct sl_upconn *u) {
   for (unsigned i = 0; i < c->hdrs.n; i++) {
     const struct sl_hdr *h = &c->hdrs.h[i];
     const char *name = c->buf + h->name_off;
-    switch (sl_http_hdr_kind(name, h->name_len)) {
+    switch ((enum sl_hdr_kind)h->kind) {
       case SL_H_HOP:
       case SL_H_CONNECTION:
       case SL_H_CONTENT_LENGTH:
