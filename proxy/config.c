@@ -24,19 +24,20 @@ struct opt {
 };
 
 #define F(field) offsetof(struct sl_config, field)
+#define FSIZE(field) sizeof(((struct sl_config *)0)->field)
 static const struct opt opts[] = {
   {"listen", OPT_ADDR, F(listen), 0, 0, 0, "HOST:PORT client listener (127.0.0.1:8080)"},
   {"upstream", OPT_ADDR_LIST, F(upstream), F(n_upstream), 0, 0, "HOST:PORT default pool member (repeatable)"},
   {"upstream-llm", OPT_ADDR_LIST, F(upstream_llm), F(n_upstream_llm), 0, 0,
    "HOST:PORT large-model pool member (repeatable; default: the default pool)"},
-  {"redis", OPT_STR, F(redis), sizeof(((struct sl_config *)0)->redis), 0, 0, "HOST:PORT or unix:PATH (127.0.0.1:6379)"},
-  {"redis-prefix", OPT_STR, F(redis_prefix), sizeof(((struct sl_config *)0)->redis_prefix), 0, 0, "key prefix (sluice:)"},
+  {"redis", OPT_STR, F(redis), FSIZE(redis), 0, 0, "HOST:PORT or unix:PATH (127.0.0.1:6379)"},
+  {"redis-prefix", OPT_STR, F(redis_prefix), FSIZE(redis_prefix), 0, 0, "key prefix (sluice:)"},
   {"workers", OPT_UINT, F(workers), 0, 1, 256, "event-loop threads (number of CPUs)"},
   {"admin", OPT_ADDR, F(admin), 0, 0, 0, "HOST:PORT admin listener (127.0.0.1:9901)"},
-  {"region", OPT_STR, F(region), sizeof(((struct sl_config *)0)->region), 0, 0,
+  {"region", OPT_STR, F(region), FSIZE(region), 0, 0,
    "region when Host names none (cn-shanghai)"},
   {"flush-ms", OPT_UINT, F(flush_ms), 0, 10, 600000, "metering flush interval (1000)"},
-  {"access-log", OPT_STR, F(access_log), sizeof(((struct sl_config *)0)->access_log), 0, 0,
+  {"access-log", OPT_STR, F(access_log), FSIZE(access_log), 0, 0,
    "access log file (off when empty)"},
   {"max-header-bytes", OPT_UINT, F(max_header_bytes), 0, 1024, 1 << 20, "request head bound, else 431 (16384)"},
   {"max-headers", OPT_UINT, F(max_headers), 0, 8, 256, "request header count bound, else 431 (100)"},
@@ -51,11 +52,11 @@ static const struct opt opts[] = {
   {"max-fails", OPT_UINT, F(max_fails), 0, 1, 1000, "consecutive failures that eject an upstream (1)"},
   {"fail-timeout-ms", OPT_UINT, F(fail_timeout_ms), 0, 10, 3600000, "ejection time before a probe (5000)"},
   {"drain-timeout-ms", OPT_UINT, F(drain_timeout_ms), 0, 10, 3600000, "SIGTERM drain bound (10000)"},
-  {"metering", OPT_STR, F(metering), sizeof(((struct sl_config *)0)->metering), 0, 0,
+  {"metering", OPT_STR, F(metering), FSIZE(metering), 0, 0,
    "on|off: off counts nothing for billing; for measuring metering's cost only (on)"},
-  {"spool-dir", OPT_STR, F(spool_dir), sizeof(((struct sl_config *)0)->spool_dir), 0, 0,
+  {"spool-dir", OPT_STR, F(spool_dir), FSIZE(spool_dir), 0, 0,
    "metering spool and instance id directory (/var/lib/sluice)"},
-  {"instance-id", OPT_STR, F(instance_id), sizeof(((struct sl_config *)0)->instance_id), 0, 0,
+  {"instance-id", OPT_STR, F(instance_id), FSIZE(instance_id), 0, 0,
    "metering instance id (default: kept in the spool directory)"},
   {"spool-max-bytes", OPT_U64, F(spool_max_bytes), 0, 4096, 1ull << 40, "metering spool bound (1073741824)"},
   {"meter-keys", OPT_UINT, F(meter_keys), 0, 16, 10000000, "metering keys per worker table (16384)"},
@@ -66,7 +67,7 @@ static const struct opt opts[] = {
    "billing day's time zone, minutes east of UTC (0)"},
   {"time-offset-s", OPT_INT, F(time_offset_s), 0, 1000000000, 1000000000,
    "testing aid: shift sluice's wall clock by N seconds (0)"},
-  {"admission", OPT_STR, F(admission), sizeof(((struct sl_config *)0)->admission), 0, 0,
+  {"admission", OPT_STR, F(admission), FSIZE(admission), 0, 0,
    "on|off: off forwards every request to the default pool unchecked (on)"},
   {"resync-ms", OPT_UINT, F(resync_ms), 0, 100, 86400000, "full resync from Redis (30000)"},
   {"lookup-timeout-ms", OPT_UINT, F(lookup_timeout_ms), 0, 10, 60000,
@@ -75,12 +76,13 @@ static const struct opt opts[] = {
   {"max-accounts", OPT_UINT, F(max_accounts), 0, 1, 100000000, "AccessKeyIds held in memory (200000)"},
   {"limiter-keys", OPT_UINT, F(limiter_keys), 0, 16, 100000000, "(UID, feature, region) buckets (1000000)"},
   {"max-parked", OPT_UINT, F(max_parked), 0, 1, 1000000, "requests per worker waiting for a lookup (10000)"},
-  {"limiter-full", OPT_STR, F(limiter_full), sizeof(((struct sl_config *)0)->limiter_full), 0, 0,
+  {"limiter-full", OPT_STR, F(limiter_full), FSIZE(limiter_full), 0, 0,
    "open|closed: admit or 503 when the bucket table is full (open)"},
-  {"trusted-uid-header", OPT_STR, F(trusted_uid_header), sizeof(((struct sl_config *)0)->trusted_uid_header), 0, 0,
+  {"trusted-uid-header", OPT_STR, F(trusted_uid_header), FSIZE(trusted_uid_header), 0, 0,
    "header trusted to carry the UID, skipping the AccessKeyId lookup (off)"},
 };
 #undef F
+#undef FSIZE
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...) {
   va_list ap;

@@ -327,8 +327,11 @@ static void up_connect_cb(uv_connect_t *req, int status) {
   else up_release(u);
 }
 
-static struct sl_upconn *up_connect(struct sl_worker *w, struct sl_pool *pool, struct sl_upaddr *ua) {
+/* A new connection to ua in *out (always set). Returns 0, or the libuv
+ * error of a connect that failed at once (the caller fails it then). */
+static int up_connect(struct sl_worker *w, struct sl_pool *pool, struct sl_upaddr *ua, struct sl_upconn **out) {
   struct sl_upconn *u = sl_calloc(1, sizeof(*u));
+  *out = u;
   u->w = w;
   u->pool = pool;
   pool->refs++;
@@ -346,15 +349,8 @@ static struct sl_upconn *up_connect(struct sl_worker *w, struct sl_pool *pool, s
   u->deadline = now_ms(w) + w->cfg->connect_timeout_ms;
   uv_tcp_init(&w->loop, &u->tcp);
   int r = uv_tcp_connect(&u->connect_req, &u->tcp, (const struct sockaddr *)&ua->addr.sa, up_connect_cb);
-  if (r != 0) {
-    /* Failed synchronously: report through the normal path on the next turn
-     * of the loop would need a timer; closing now and failing the caller
-     * directly is simpler and just as correct. */
-    fprintf(stderr, "sluice[%u]: upstream %s: connect: %s\n", w->id, ua->addr.text, uv_strerror(r));
-    u->state = SL_UP_BUSY;
-    return u; /* caller sees state BUSY without a socket: handled below */
-  }
-  return u;
+  if (r != 0) fprintf(stderr, "sluice[%u]: upstream %s: connect: %s\n", w->id, ua->addr.text, uv_strerror(r));
+  return r;
 }
 
 /* Serialises the request head for the upstream and writes head + body. */
@@ -471,10 +467,10 @@ void sl_upstream_send(struct sl_worker *w, struct sl_conn *c) {
     up_send_request(u);
     return;
   }
-  u = up_connect(w, pool, ua);
+  int r = up_connect(w, pool, ua, &u);
   u->conn = c;
   c->up = u;
-  if (u->state == SL_UP_BUSY) up_fail(u, 1, 0); /* connect refused synchronously */
+  if (r != 0) up_fail(u, 1, 0); /* refused at once: retried or answered like a failed connect */
 }
 
 void sl_upconn_sweep(struct sl_upconn *u, uint64_t now) {
