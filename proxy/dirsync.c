@@ -382,9 +382,6 @@ static void key_changed(struct sl_dirsync *d, const char *k, size_t n) {
   } else if (STARTS("qpspkg:")) {
     const char *colon = memchr(k + 7, ':', n - 7);
     reload_accounts(d, k + 7, colon ? (size_t)(colon - k - 7) : n - 7);
-  } else if (STARTS("usage") || STARTS("calls:") || STARTS("bill:") || STARTS("respkg") || STARTS("coef:") ||
-             STARTS("alerts") || STARTS("meter")) {
-    /* metering and rating keys: not ours to follow */
   } else {
     full_resync(d);
     return;
