@@ -31,9 +31,20 @@ def assert_error(test, resp, status, code):
     test.assertTrue(resp.header("Content-Type").startswith("application/json"))
 
 
-def wait_idle(sl, timeout=5.0):
+def wait_idle(sl, accepted, timeout=5.0):
+    """Waits until sluice has accepted at least `accepted` client connections
+    and holds none of them. "Open == 0" alone is also true before a
+    connection is accepted: a probe that connected and closed can still sit
+    in the kernel's accept queue, and once accepted it takes a slot until
+    its EOF is read (that made the max-conns test flaky)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and sl.metrics()["sluice_connections_open"] != 0:
+    while True:
+        m = sl.metrics()
+        if m["sluice_connections_accepted_total"] >= accepted and m["sluice_connections_open"] == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"sluice not idle after {timeout}s: {m['sluice_connections_accepted_total']} "
+                                 f"accepted, {m['sluice_connections_open']} open")
         time.sleep(0.02)
 
 
@@ -264,7 +275,7 @@ class ConnectionLimit(unittest.TestCase):
     def test_max_conns_refused_cleanly(self):
         _, up = start_modstub(self)
         sl = start_sluice(self, [up], "--max-conns", "2", workers=1)
-        wait_idle(sl)  # the start-up probe's connection is gone
+        wait_idle(sl, accepted=1)  # the start-up probe's connection is gone
         held = [harness.HttpConn(sl.port) for _ in range(2)]
         for c in held:
             self.addCleanup(c.close)
@@ -359,7 +370,7 @@ class UpstreamFailures(unittest.TestCase):
             s.recv(1000)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             s.close()
-        wait_idle(sl)
+        wait_idle(sl, accepted=4)  # the start-up probe and the three clients
         self.assertEqual(sl.metrics()["sluice_connections_open"], 0)
         self.assertEqual(harness.http_request(sl.port, "GET", "/?Action=TextModeration").status, 200)
 
