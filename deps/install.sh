@@ -10,7 +10,8 @@ set -euo pipefail
 #   all:     build + tests + demo + benchmarks (the default)
 build=(build-essential cmake pkg-config libuv1-dev libhiredis-dev libjemalloc-dev libyaml-dev node-llhttp)
 runtime=(libuv1 libhiredis0.14 libjemalloc2 libyaml-0-2)
-tests=(libcmocka-dev redis-server redis-tools python3 curl procps wrk nginx-light haproxy gnuplot-nox)
+tests=(libcmocka-dev redis-server redis-tools python3 curl procps wrk nginx-light haproxy gnuplot-nox
+       clang-14 libclang-rt-14-dev)
 case "${1:-all}" in
   build) pkgs=("${build[@]}") ;;
   runtime) pkgs=("${runtime[@]}") ;;
