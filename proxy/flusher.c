@@ -44,6 +44,11 @@ static const char apply_script[] =
     "end "
     "return 1";
 
+/* meter.h names the refused outcomes by their numbers. */
+_Static_assert(SL_METER_REFUSED_MASK == ((1u << SL_OUT_SUSPENDED) | (1u << SL_OUT_UNAUTHENTICATED) |
+                                         (1u << SL_OUT_BAD_REQUEST) | (1u << SL_OUT_UNAVAILABLE)),
+               "meter.h's refused outcomes are proxy.h's");
+
 static const char *const outcome_names[] = {"ok",        "upstream_error",  "throttled",  "suspended",
                                             "unauthenticated", "bad_request", "unavailable"};
 
@@ -253,7 +258,19 @@ static void enqueue(struct sl_flusher *f, struct sl_batch *b) {
 
 static void send_next(struct sl_flusher *f);
 
-/* Turns what the accumulator holds into batches of at most SL_BATCH_MAX keys. */
+/* Batches the accumulator's keys would make. */
+static unsigned acc_batches(const struct sl_flusher *f) { return (f->acc->n + SL_BATCH_MAX - 1) / SL_BATCH_MAX; }
+
+/* 1 when the accumulator may become batches: the queue takes them within
+ * its bound (an empty queue always takes them, so that a bound smaller than
+ * one accumulator's worth cannot stop metering), or the process is exiting
+ * (the final flush writes everything to Redis or the spool). */
+static int queue_has_room(const struct sl_flusher *f) {
+  return f->final_started || f->nqueued == 0 || f->nqueued + acc_batches(f) <= f->queue_max;
+}
+
+/* Turns what the accumulator holds into batches of at most SL_BATCH_MAX
+ * keys, each allocated for the keys it holds. */
 static void finalize(struct sl_flusher *f) {
   struct sl_meter_table *t = f->acc;
   if (t->n == 0) return;
@@ -261,7 +278,8 @@ static void finalize(struct sl_flusher *f) {
   for (uint32_t j = 0; j < t->n; j++) {
     const struct sl_meter_entry *e = &t->e[t->used[j]];
     if (!b) {
-      b = batch_new(SL_BATCH_MAX);
+      uint32_t left = t->n - j;
+      b = batch_new(left < SL_BATCH_MAX ? left : SL_BATCH_MAX);
       b->created_ms = mono_ms();
       int l = snprintf(b->id, sizeof(b->id), "%s:%016llx:%llu", f->instance, (unsigned long long)f->epoch,
                        (unsigned long long)++f->seq);
@@ -270,39 +288,46 @@ static void finalize(struct sl_flusher *f) {
     b->e[b->n].k = e->k;
     b->e[b->n].count = e->count;
     stat_add(&f->stats.counted, e->count);
-    if (++b->n == SL_BATCH_MAX) {
+    if (++b->n == SL_BATCH_MAX || j + 1 == t->n) {
       spool_batch(f, b);
       enqueue(f, b);
       stat_add(&f->stats.batches, 1);
       b = NULL;
     }
   }
-  if (b) {
-    spool_batch(f, b);
-    enqueue(f, b);
-    stat_add(&f->stats.batches, 1);
-  }
   sl_meter_table_clear(t);
   queue_stats(f);
 }
 
-static void merge_table(struct sl_flusher *f, const struct sl_meter_table *t) {
+/* Merges a worker's table into the accumulator. Returns 0, or -ENOBUFS
+ * (nothing merged) when the accumulator might not hold its keys and the
+ * queue has no room for what the accumulator holds: the table then stays
+ * with its worker. */
+static int merge_table(struct sl_flusher *f, const struct sl_meter_table *t) {
+  if (f->acc->n + t->n > f->acc->limit) {
+    if (!queue_has_room(f)) return -ENOBUFS;
+    finalize(f); /* what the accumulator holds becomes batches */
+  }
   for (uint32_t j = 0; j < t->n; j++) {
     const struct sl_meter_entry *e = &t->e[t->used[j]];
-    if (sl_meter_add(f->acc, &e->k, e->hash, e->count) != 0) {
-      finalize(f); /* the accumulator is full: what it has becomes batches */
-      sl_meter_add(f->acc, &e->k, e->hash, e->count);
-    }
+    /* Fits: the accumulator is at least one worker table's size (start). */
+    int r = sl_meter_add(f->acc, &e->k, e->hash, e->count);
+    (void)r;
   }
+  return 0;
 }
 
-/* Takes every table the workers handed over and gives them back cleared. */
+/* Takes the tables the workers handed over, while the accumulator can hold
+ * them, and gives them back cleared. A table that cannot be taken stays
+ * first in its worker's ring (order is kept): that ring fills, the worker
+ * keeps full tables aside and admission refuses new calls. */
 static void collect(struct sl_flusher *f) {
   for (unsigned i = 0; i < f->nworkers; i++) {
     struct sl_meter_worker *m = f->workers[i];
     struct sl_meter_table *t;
-    while (sl_ring_pop(&m->handoff, &t) == 0) {
-      merge_table(f, t);
+    while (sl_ring_peek(&m->handoff, &t) == 0) {
+      if (merge_table(f, t) != 0) break;
+      sl_ring_pop(&m->handoff, &t);
       sl_meter_table_clear(t);
       if (sl_ring_push(&m->spare, &t) != 0) sl_meter_table_free(t);
     }
@@ -311,7 +336,124 @@ static void collect(struct sl_flusher *f) {
 
 /* ---- Redis ---- */
 
+/* hiredis 0.14's async client has no timeouts of its own: one uv timer (the
+ * watchdog) holds the deadline of whatever is awaited, the connection or
+ * the oldest reply. A server that accepts and never answers is taken as
+ * down after the bound, the connection dropped and made again with backoff,
+ * and the batch in flight sent again with the same id (idempotent). */
+#define DOWN_LOG_MS 10000 /* while Redis stays down, at most one log line per this */
+#define PROBE_MS 1000     /* an idle connection is asked PING after this, so silence is found without traffic */
+
 static void connect_redis(struct sl_flusher *f);
+
+static void arm_watchdog(struct sl_flusher *f);
+
+/* The connection is unusable (why): the metric at once; the log says the
+ * change once, then at most one line per DOWN_LOG_MS while it lasts. */
+static void redis_down(struct sl_flusher *f, const char *why) {
+  uint64_t now = mono_ms();
+  f->ready = 0;
+  f->final_fail = 1;
+  stat_set(&f->stats.redis_up, 0);
+  if (atomic_load_explicit(&f->final, memory_order_acquire)) return; /* the exit says what is left */
+  if (!f->down) {
+    f->down = 1;
+    f->down_since_ms = f->down_said_ms = now;
+    fprintf(stderr,
+            "sluice: metering: redis down: %s; batches wait in the queue and the spool (said again at most every "
+            "%d s while it lasts)\n",
+            why, DOWN_LOG_MS / 1000);
+  } else if (now - f->down_said_ms >= DOWN_LOG_MS) {
+    f->down_said_ms = now;
+    fprintf(stderr, "sluice: metering: redis still down after %llu s: %s; %u batch(es) wait\n",
+            (unsigned long long)(now - f->down_since_ms) / 1000, why, f->nqueued);
+  }
+}
+
+static void retry_later(struct sl_flusher *f) {
+  if (!f->backoff_ms) f->backoff_ms = 100;
+  f->next_connect_ms = mono_ms() + f->backoff_ms;
+  f->backoff_ms = f->backoff_ms * 2 > 2000 ? 2000 : f->backoff_ms * 2;
+}
+
+static void redis_up(struct sl_flusher *f) {
+  uint64_t now = mono_ms();
+  if (f->down && !atomic_load_explicit(&f->final, memory_order_acquire))
+    fprintf(stderr, "sluice: metering: redis up again after %.1f s\n", (double)(now - f->down_since_ms) / 1000.0);
+  f->down = 0;
+  f->ready = 1;
+  f->backoff_ms = 0;
+  stat_set(&f->stats.redis_up, 1);
+}
+
+/* A command was sent: its reply is due within the bound. */
+static void await_begin(struct sl_flusher *f) {
+  if (f->awaiting++ == 0) f->io_deadline_ms = mono_ms() + f->timeout_ms;
+  arm_watchdog(f);
+}
+
+/* A reply came: the next one awaited (replies come in order) gets a new bound. */
+static void await_end(struct sl_flusher *f) {
+  uint64_t now = mono_ms();
+  if (f->awaiting) f->awaiting--;
+  f->io_deadline_ms = f->awaiting ? now + f->timeout_ms : 0;
+  f->last_io_ms = now;
+  arm_watchdog(f);
+}
+
+/* Forgets the connection (from a timer or a reply callback, never from the
+ * disconnect callback): its pending callbacks run with no reply and find no
+ * owner; the batch in flight is sent again on the next connection. */
+static void redis_drop(struct sl_flusher *f, const char *why) {
+  redisAsyncContext *c = f->ctx;
+  f->ctx = NULL;
+  f->connecting = 0;
+  f->awaiting = 0;
+  f->pinging = 0;
+  f->io_deadline_ms = 0;
+  arm_watchdog(f);
+  if (f->inflight) {
+    f->inflight = NULL;
+    stat_add(&f->stats.retried, 1);
+  }
+  if (c) {
+    c->data = NULL;
+    redisAsyncFree(c); /* inside a hiredis callback, hiredis frees it when the callback returns */
+  }
+  redis_down(f, why);
+  retry_later(f);
+}
+
+static void on_watchdog(uv_timer_t *t) {
+  struct sl_flusher *f = t->data;
+  if (!f->ctx || !f->io_deadline_ms) return;
+  uint64_t now = mono_ms();
+  if (now < f->io_deadline_ms) {
+    arm_watchdog(f);
+    return;
+  }
+  char why[96];
+  snprintf(why, sizeof(why), "%s within %u ms (--redis-timeout-ms)", f->connecting ? "no connection" : "no reply",
+           f->timeout_ms);
+  redis_drop(f, why);
+}
+
+static void arm_watchdog(struct sl_flusher *f) {
+  if (uv_is_closing((uv_handle_t *)&f->watchdog)) return;
+  if (!f->io_deadline_ms) {
+    uv_timer_stop(&f->watchdog);
+    return;
+  }
+  uint64_t now = mono_ms();
+  uv_timer_start(&f->watchdog, on_watchdog, f->io_deadline_ms > now ? f->io_deadline_ms - now : 0, 0);
+}
+
+int sl_flusher_reply_kind(const struct redisReply *r) {
+  if (!r) return SL_REPLY_LOST;
+  if (r->type == REDIS_REPLY_INTEGER && r->integer == 1) return SL_REPLY_APPLIED;
+  if (r->type == REDIS_REPLY_INTEGER && r->integer == 0) return SL_REPLY_DUPLICATE;
+  return SL_REPLY_ERROR;
+}
 
 static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
   (void)priv;
@@ -320,19 +462,28 @@ static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
   redisReply *r = reply;
   struct sl_batch *b = f->inflight;
   f->inflight = NULL;
+  int kind = sl_flusher_reply_kind(r);
+  if (kind == SL_REPLY_LOST) { /* connection lost: the reply may be lost with it; resent with the same id */
+    if (b) stat_add(&f->stats.retried, 1);
+    return;
+  }
+  await_end(f);
   if (!b) return;
-  if (!r) { /* connection lost: the reply may be lost with it; resent with the same id */
+  if (kind == SL_REPLY_ERROR) {
+    uint64_t now = mono_ms();
+    f->errors++;
+    if (f->err_said_ms == 0 || now - f->err_said_ms >= DOWN_LOG_MS) {
+      fprintf(stderr, "sluice: metering batch %.*s: %.*s (retrying; %llu error(s) so far, said at most every %d s)\n",
+              b->id_len, b->id, r->type == REDIS_REPLY_ERROR ? (int)(r->len > 200 ? 200 : r->len) : 16,
+              r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply", (unsigned long long)f->errors,
+              DOWN_LOG_MS / 1000);
+      f->err_said_ms = now;
+    }
     stat_add(&f->stats.retried, 1);
+    f->retry_at_ms = now + 500;
     return;
   }
-  if (r->type != REDIS_REPLY_INTEGER) {
-    fprintf(stderr, "sluice: metering batch %.*s: %s (retrying)\n", b->id_len, b->id,
-            r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
-    stat_add(&f->stats.retried, 1);
-    f->retry_at_ms = mono_ms() + 500;
-    return;
-  }
-  stat_add(r->integer == 1 ? &f->stats.applied : &f->stats.deduplicated, 1);
+  stat_add(kind == SL_REPLY_APPLIED ? &f->stats.applied : &f->stats.deduplicated, 1);
   uint64_t lat = (mono_ms() - b->created_ms) * 1000;
   stat_add(&f->stats.flush_latency_us_sum, lat);
   if (lat > atomic_load_explicit(&f->stats.flush_latency_us_max, memory_order_relaxed))
@@ -385,64 +536,100 @@ static void send_next(struct sl_flusher *f) {
     np += l + 1;
   }
 #undef ARG
-  if (redisAsyncCommandArgv(f->ctx, on_applied, NULL, (int)a, argv, lens) == REDIS_OK) f->inflight = b;
+  if (redisAsyncCommandArgv(f->ctx, on_applied, NULL, (int)a, argv, lens) == REDIS_OK) {
+    f->inflight = b;
+    await_begin(f);
+  }
   free(argv);
   free(lens);
   free(nums);
+}
+
+/* The connection counts as up only once the server answered a PING: a
+ * server that accepts and never answers (or is no Redis) is never up. */
+static void on_pong(redisAsyncContext *c, void *reply, void *priv) {
+  (void)priv;
+  struct sl_flusher *f = c->data;
+  if (!f) return;
+  redisReply *r = reply;
+  f->pinging = 0;
+  if (!r) return; /* the connection is going: on_disconnect says so */
+  await_end(f);
+  if (r->type == REDIS_REPLY_ERROR) { /* LOADING, NOAUTH...: not usable yet */
+    char why[160];
+    snprintf(why, sizeof(why), "PING answered %.*s", (int)(r->len > 120 ? 120 : r->len), r->str);
+    redis_drop(f, why);
+    return;
+  }
+  if (!f->ready) redis_up(f);
+  send_next(f);
+}
+
+static void send_ping(struct sl_flusher *f) {
+  if (!f->ctx || f->pinging) return;
+  if (redisAsyncCommand(f->ctx, on_pong, NULL, "PING") == REDIS_OK) {
+    f->pinging = 1;
+    await_begin(f);
+  }
 }
 
 static void on_disconnect(const redisAsyncContext *c, int status) {
   struct sl_flusher *f = c->data;
   if (!f) return;
   f->ctx = NULL;
-  f->ready = 0;
-  f->inflight = NULL;
-  stat_set(&f->stats.redis_up, 0);
-  if (!f->said_down && !atomic_load(&f->final))
-    fprintf(stderr, "sluice: metering: redis connection lost (%s); batches wait in the queue and the spool\n",
-            status == REDIS_OK ? "closed" : c->errstr);
-  f->said_down = 1;
-  if (!f->backoff_ms) f->backoff_ms = 100;
-  f->next_connect_ms = mono_ms() + f->backoff_ms;
-  f->backoff_ms = f->backoff_ms * 2 > 2000 ? 2000 : f->backoff_ms * 2;
+  f->connecting = 0;
+  f->awaiting = 0;
+  f->pinging = 0;
+  f->inflight = NULL; /* on_applied ran with no reply and counted the retry */
+  f->io_deadline_ms = 0;
+  arm_watchdog(f);
+  redis_down(f, status == REDIS_OK ? "connection closed" : c->errstr);
+  retry_later(f);
 }
 
 static void on_connect(const redisAsyncContext *c, int status) {
   struct sl_flusher *f = c->data;
   if (!f) return;
+  f->connecting = 0;
   if (status != REDIS_OK) {
-    if (!f->said_down) fprintf(stderr, "sluice: metering: cannot connect to redis: %s (retrying)\n", c->errstr);
-    f->said_down = 1;
-    f->ctx = NULL;
-    if (!f->backoff_ms) f->backoff_ms = 100;
-    f->next_connect_ms = mono_ms() + f->backoff_ms;
-    f->backoff_ms = f->backoff_ms * 2 > 2000 ? 2000 : f->backoff_ms * 2;
+    f->ctx = NULL; /* hiredis frees it after this callback */
+    f->io_deadline_ms = 0;
+    arm_watchdog(f);
+    redis_down(f, c->errstr);
+    retry_later(f);
     return;
   }
-  f->ready = 1;
-  f->said_down = 0;
-  f->backoff_ms = 0;
-  stat_set(&f->stats.redis_up, 1);
-  send_next(f);
+  f->io_deadline_ms = 0;
+  send_ping(f);
 }
 
 static void connect_redis(struct sl_flusher *f) {
   if (f->ctx) return;
   redisAsyncContext *c = f->port ? redisAsyncConnect(f->host, f->port) : redisAsyncConnectUnix(f->host);
-  if (!c) return;
+  if (!c) {
+    redis_down(f, "out of memory");
+    retry_later(f);
+    return;
+  }
   if (c->err) {
+    redis_down(f, c->errstr);
     redisAsyncFree(c);
-    f->next_connect_ms = mono_ms() + 500;
+    retry_later(f);
     return;
   }
   c->data = f;
   if (sl_redis_attach(c, &f->loop) != REDIS_OK) {
     redisAsyncFree(c);
+    redis_down(f, "cannot watch the socket");
+    retry_later(f);
     return;
   }
   redisAsyncSetConnectCallback(c, on_connect);
   redisAsyncSetDisconnectCallback(c, on_disconnect);
   f->ctx = c;
+  f->connecting = 1;
+  f->io_deadline_ms = mono_ms() + f->timeout_ms;
+  arm_watchdog(f);
 }
 
 /* ---- rounds ---- */
@@ -456,7 +643,9 @@ static int round_complete(struct sl_flusher *f) {
 
 static void end_round(struct sl_flusher *f) {
   collect(f);
-  finalize(f);
+  /* At the queue's bound the counts stay in the accumulator, merged by key,
+   * until Redis takes batches. */
+  if (queue_has_room(f)) finalize(f);
   spool_sync(f);
   send_next(f);
 }
@@ -464,6 +653,8 @@ static void end_round(struct sl_flusher *f) {
 static void stop_loop(struct sl_flusher *f) {
   uv_timer_stop(&f->tick);
   sl__close((uv_handle_t *)&f->tick, NULL);
+  uv_timer_stop(&f->watchdog);
+  sl__close((uv_handle_t *)&f->watchdog, NULL);
   sl__close((uv_handle_t *)&f->wake, NULL);
   if (f->ctx) {
     redisAsyncContext *c = f->ctx;
@@ -479,11 +670,10 @@ static void final_step(struct sl_flusher *f) {
   if (!f->final_started) {
     f->final_started = 1;
     f->final_deadline = mono_ms() + f->final_ms;
-    /* Redis may be back since the last try: ask now, not after the backoff. */
-    if (!f->ctx) {
-      f->said_down = 0;
-      connect_redis(f);
-    }
+    /* Redis may be back since the last try: ask now, not after the backoff.
+     * A failure from here on ends the wait (the counts go to the spool). */
+    f->final_fail = 0;
+    if (!f->ctx) connect_redis(f);
     /* The workers have stopped: their tables are ours now. */
     for (unsigned i = 0; i < f->nworkers; i++) {
       struct sl_meter_worker *m = f->workers[i];
@@ -500,7 +690,7 @@ static void final_step(struct sl_flusher *f) {
   }
   /* A connect tried during the final flush failed: the counts are in the
    * spool, waiting helps nothing. */
-  int hopeless = !f->ready && !f->ctx && f->said_down;
+  int hopeless = !f->ready && !f->ctx && f->final_fail;
   if (!f->head || hopeless || mono_ms() >= f->final_deadline) {
     uint64_t left = 0;
     for (struct sl_batch *b = f->head; b; b = b->next)
@@ -527,6 +717,9 @@ static void on_tick(uv_timer_t *t) {
     return;
   }
   if (!f->ctx && mono_ms() >= f->next_connect_ms) connect_redis(f);
+  /* An idle connection is still asked: a Redis that stopped answering is
+   * found by the reply bound even when there is nothing to send. */
+  if (f->ready && !f->awaiting && mono_ms() - f->last_io_ms >= PROBE_MS) send_ping(f);
   end_round(f); /* whatever came since: a slow worker's table joins the next batch */
   if (f->nqueued >= f->queue_max) {
     /* Backlog at its bound: leave the tables with the workers (who refuse new
@@ -705,6 +898,9 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   uv_timer_init(&f->loop, &f->tick);
   f->tick.data = f;
   uv_timer_start(&f->tick, on_tick, f->flush_ms, f->flush_ms);
+  uv_timer_init(&f->loop, &f->watchdog);
+  f->watchdog.data = f;
+  f->timeout_ms = cfg->redis_timeout_ms;
   connect_redis(f);
   if ((r = uv_thread_create(&f->thread, flusher_main, f)) != 0) {
     snprintf(err, errlen, "flusher thread: %s", uv_strerror(r));

@@ -81,7 +81,16 @@ struct sl_flusher {
   int port;
   char prefix[64];
   uint64_t backoff_ms, next_connect_ms, retry_at_ms;
-  int said_down;
+  uv_timer_t watchdog;     /* the connect or reply deadline (hiredis 0.14 async has none) */
+  unsigned timeout_ms;     /* --redis-timeout-ms */
+  uint64_t io_deadline_ms; /* 0: nothing awaited */
+  uint64_t last_io_ms;     /* last reply: an idle connection is probed with PING */
+  unsigned awaiting;       /* commands sent, replies not yet come */
+  int connecting, pinging;
+  int down;                /* down (said once), until a PING is answered */
+  uint64_t down_since_ms, down_said_ms;
+  uint64_t errors, err_said_ms; /* error replies to batches; their log is rate-limited */
+  int final_fail;          /* a connection failed since the final flush began */
   unsigned flush_ms, queue_max, final_ms;
   _Atomic int final; /* set by sl_flusher_stop */
   int final_started;
@@ -98,6 +107,12 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
 void sl_flusher_stop(struct sl_flusher *f);
 /* Workers call this after handing their tables over for a round. */
 static inline void sl_flusher_notify(struct sl_flusher *f) { uv_async_send(&f->wake); }
+
+/* How a reply to a batch's EVAL is taken (exposed for the fuzz harness):
+ * r is NULL when the connection went first. */
+struct redisReply;
+enum { SL_REPLY_LOST, SL_REPLY_APPLIED, SL_REPLY_DUPLICATE, SL_REPLY_ERROR };
+int sl_flusher_reply_kind(const struct redisReply *r);
 
 /* Spool record encoding, exposed for tests. Returns the bytes written into
  * out (which must hold sl_spool_batch_size(b)). */

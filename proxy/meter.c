@@ -1,8 +1,10 @@
 #include "meter.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common.h"
 
@@ -28,6 +30,7 @@ void sl_meter_table_clear(struct sl_meter_table *t) {
   for (uint32_t i = 0; i < t->n; i++) t->e[t->used[i]].hash = 0; /* an empty slot is hash 0 */
   t->n = 0;
   t->total = 0;
+  t->refused = 0;
 }
 
 uint64_t sl_meter_key_hash(const struct sl_meter_key *k) {
@@ -37,6 +40,25 @@ uint64_t sl_meter_key_hash(const struct sl_meter_key *k) {
        0xc2b2ae3d27d4eb4full;
   h ^= h >> 29;
   return h ? h : 1; /* 0 marks an empty slot */
+}
+
+static int is_dash(const char *s, uint8_t len) { return len == 1 && s[0] == '-'; }
+
+/* The fixed shape refused calls fall back to: never held against the bound. */
+static int key_collapsed(const struct sl_meter_key *k) {
+  return k->feature == SL_METER_NO_FEATURE && k->tier == 0 && is_dash(k->uid, k->uid_len) &&
+         is_dash(k->region, k->region_len);
+}
+
+void sl_meter_key_collapse(struct sl_meter_key *out, const struct sl_meter_key *k) {
+  out->day = k->day;
+  out->feature = SL_METER_NO_FEATURE;
+  out->tier = 0;
+  out->outcome = k->outcome;
+  out->uid_len = 1;
+  out->uid[0] = '-';
+  out->region_len = 1;
+  out->region[0] = '-';
 }
 
 static int key_eq(const struct sl_meter_key *a, const struct sl_meter_key *b) {
@@ -55,6 +77,9 @@ int sl_meter_add(struct sl_meter_table *t, const struct sl_meter_key *k, uint64_
     }
     if (e->hash == 0) {
       if (t->n >= t->limit) return -ENOBUFS;
+      int refused = t->refused_max && sl_meter_refused(k->outcome) && !key_collapsed(k);
+      if (refused && t->refused >= t->refused_max) return -EDQUOT;
+      t->refused += (uint32_t)refused;
       e->hash = hash;
       e->k = *k;
       e->count = count;
@@ -82,14 +107,24 @@ uint32_t sl_meter_day(int64_t secs, int tz_offset_min) {
   return (uint32_t)(y * 10000 + m * 100 + d);
 }
 
+/* A worker's table: refused calls are held to their bound there. */
+static struct sl_meter_table *worker_table_new(const struct sl_meter_worker *m) {
+  struct sl_meter_table *t = sl_meter_table_new(m->capacity);
+  uint32_t quarter = m->capacity / 4 ? m->capacity / 4 : 1;
+  t->refused_max = quarter < SL_METER_REFUSED_KEYS ? quarter : SL_METER_REFUSED_KEYS;
+  return t;
+}
+
 int sl_meter_worker_init(struct sl_meter_worker *m, uint32_t capacity, int tz_offset_min) {
   int r;
   memset(m, 0, sizeof(*m));
   m->capacity = capacity;
   m->tz_offset_min = tz_offset_min;
-  m->active = sl_meter_table_new(capacity);
-  if ((r = sl_ring_init(&m->handoff, 16, sizeof(struct sl_meter_table *))) != 0) return r;
-  if ((r = sl_ring_init(&m->spare, 16, sizeof(struct sl_meter_table *))) != 0) return r;
+  m->active = worker_table_new(m);
+  m->overflow_cap = SL_METER_ASIDE_MAX;
+  m->overflow = sl_calloc(m->overflow_cap, sizeof(*m->overflow));
+  if ((r = sl_ring_init(&m->handoff, SL_METER_RING, sizeof(struct sl_meter_table *))) != 0) return r;
+  if ((r = sl_ring_init(&m->spare, SL_METER_RING, sizeof(struct sl_meter_table *))) != 0) return r;
   return 0;
 }
 
@@ -99,6 +134,8 @@ void sl_meter_worker_free(struct sl_meter_worker *m) {
   while (sl_ring_pop(&m->handoff, &t) == 0) sl_meter_table_free(t); /* only after the flusher stopped */
   sl_meter_table_free(m->active);
   for (unsigned i = 0; i < m->noverflow; i++) sl_meter_table_free(m->overflow[i]);
+  free(m->overflow);
+  m->overflow = NULL;
   sl_ring_free(&m->handoff);
   sl_ring_free(&m->spare);
 }
@@ -116,8 +153,32 @@ uint32_t sl_meter_worker_day(struct sl_meter_worker *m, int64_t secs) {
 
 static struct sl_meter_table *fresh_table(struct sl_meter_worker *m) {
   struct sl_meter_table *t;
-  if (sl_ring_pop(&m->spare, &t) == 0) return t;
-  return sl_meter_table_new(m->capacity);
+  if (sl_ring_pop(&m->spare, &t) == 0) return t; /* the flusher cleared it; refused_max is kept */
+  return worker_table_new(m);
+}
+
+/* Keeps a full table aside. Past SL_METER_ASIDE_MAX the array grows rather
+ * than a count being lost: only calls admitted before saturation and still
+ * in flight get here (bounded by --max-conns); said at most every 10 s. */
+static void keep_aside(struct sl_meter_worker *m, struct sl_meter_table *t) {
+  if (SL_UNLIKELY(m->noverflow == m->overflow_cap)) {
+    m->overflow_cap *= 2;
+    m->overflow = sl_realloc(m->overflow, m->overflow_cap * sizeof(*m->overflow));
+  }
+  if (SL_UNLIKELY(m->noverflow >= SL_METER_ASIDE_MAX)) {
+    m->over_bound++;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+    if (m->over_bound_said_ms == 0 || now - m->over_bound_said_ms >= 10000) {
+      m->over_bound_said_ms = now;
+      fprintf(stderr,
+              "sluice: metering: %u full tables of %u keys kept aside (bound %u): more admitted calls were in "
+              "flight when metering backed up than the bound holds; nothing is lost\n",
+              m->noverflow + 1, m->capacity, SL_METER_ASIDE_MAX);
+    }
+  }
+  m->overflow[m->noverflow++] = t;
 }
 
 unsigned sl_meter_handoff(struct sl_meter_worker *m) {
@@ -137,18 +198,21 @@ unsigned sl_meter_handoff(struct sl_meter_worker *m) {
 
 void sl_meter_count(struct sl_meter_worker *m, const struct sl_meter_key *k) {
   uint64_t h = sl_meter_key_hash(k);
-  if (SL_LIKELY(sl_meter_add(m->active, k, h, 1) == 0)) return;
-  /* The table is full: hand it off, or keep it aside, and start a new one. */
-  if (m->noverflow || sl_ring_push(&m->handoff, &m->active) != 0) {
-    if (m->noverflow == SL_ARRAY_SIZE(m->overflow)) {
-      /* Cannot happen while admission refuses work when saturated (the
-       * requests in flight are far fewer than 64 tables): say so and abort
-       * rather than lose a count silently. */
-      fprintf(stderr, "sluice: metering overflow beyond %zu tables\n", SL_ARRAY_SIZE(m->overflow));
-      abort();
-    }
-    m->overflow[m->noverflow++] = m->active;
+  int r = sl_meter_add(m->active, k, h, 1);
+  if (SL_LIKELY(r == 0)) return;
+  struct sl_meter_key shape;
+  if (r == -EDQUOT) {
+    /* The table holds its bound of refused keys: count this one under the
+     * fixed shape, where refused calls of that day and outcome merge. */
+    sl_meter_key_collapse(&shape, k);
+    k = &shape;
+    h = sl_meter_key_hash(k);
+    if (sl_meter_add(m->active, k, h, 1) == 0) return;
   }
+  /* The table is full: hand it off, or keep it aside, and start a new one. */
+  if (m->noverflow || sl_ring_push(&m->handoff, &m->active) != 0) keep_aside(m, m->active);
   m->active = fresh_table(m);
-  sl_meter_add(m->active, k, h, 1);
+  /* A fresh table is empty and holds at least 16 keys: this cannot fail. */
+  r = sl_meter_add(m->active, k, h, 1);
+  (void)r;
 }

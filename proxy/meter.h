@@ -14,6 +14,26 @@
 
 #define SL_METER_NO_FEATURE 255
 
+/* Refused calls (outcomes suspended, unauthenticated, bad_request and
+ * unavailable: answered without the backend, and without the saturation
+ * check that admitted calls pass) are counted under their own UID, feature
+ * and region for at most SL_METER_REFUSED_KEYS keys per table (a quarter of
+ * the table when that is smaller); beyond it a refused call is counted under
+ * the fixed shape (day, UID "-", feature "-", region "-", baseline tier,
+ * outcome). A flood of distinct refused requests therefore adds at most that
+ * many keys plus four per day to a table: it never fills one. The bits are
+ * the SL_OUT_* values of proxy.h (checked there by flusher.c). */
+#define SL_METER_REFUSED_KEYS 64
+#define SL_METER_REFUSED_MASK ((1u << 3) | (1u << 4) | (1u << 5) | (1u << 6))
+/* Full tables a worker keeps aside while the hand-off ring is full: the
+ * worker is saturated (admission answers 503) from the first one, so only
+ * calls admitted before that and still in flight add keys after it. Beyond
+ * this many the worker keeps more (one per --meter-keys such calls, so at
+ * most --max-conns keys) and says so, rather than lose a count or abort. */
+#define SL_METER_ASIDE_MAX 64
+/* Tables in each worker's hand-off and spare rings. */
+#define SL_METER_RING 16
+
 struct sl_meter_key {
   uint32_t day; /* yyyymmdd in the billing time zone, by arrival time */
   uint8_t feature, tier, outcome;
@@ -33,6 +53,8 @@ struct sl_meter_table {
   uint32_t n;     /* keys held */
   uint32_t limit; /* capacity in keys */
   uint64_t total; /* sum of counts */
+  uint32_t refused;     /* refused-call keys held under their own shape */
+  uint32_t refused_max; /* their bound (SL_METER_REFUSED_KEYS); 0: none (the flusher's accumulator) */
   struct sl_meter_entry *e;
   uint32_t *used; /* slot indices in insertion order: clearing and walking cost O(keys), not O(slots) */
 };
@@ -42,9 +64,18 @@ struct sl_meter_table *sl_meter_table_new(uint32_t capacity);
 void sl_meter_table_free(struct sl_meter_table *t);
 void sl_meter_table_clear(struct sl_meter_table *t);
 uint64_t sl_meter_key_hash(const struct sl_meter_key *k);
-/* Adds count to key k. Returns 0, or -ENOBUFS when the key is new and the
- * table already holds `capacity` keys (nothing is changed then). */
+/* Adds count to key k. Returns 0; -ENOBUFS when the key is new and the
+ * table already holds `capacity` keys; -EDQUOT when the key is a new refused
+ * key (not of the fixed shape) and the table holds refused_max of them.
+ * Nothing is changed on an error. */
 int sl_meter_add(struct sl_meter_table *t, const struct sl_meter_key *k, uint64_t hash, uint64_t count);
+
+/* 1 when outcome is a refused call's (SL_METER_REFUSED_MASK). */
+static inline int sl_meter_refused(uint8_t outcome) { return outcome < 32 && (SL_METER_REFUSED_MASK >> outcome & 1); }
+/* Writes into out the fixed shape that k is counted under when its table
+ * holds its bound of refused keys: same day and outcome, UID, feature and
+ * region "-", baseline tier. */
+void sl_meter_key_collapse(struct sl_meter_key *out, const struct sl_meter_key *k);
 
 /* yyyymmdd of unix time `secs` shifted by tz_offset_min minutes. */
 uint32_t sl_meter_day(int64_t secs, int tz_offset_min);
@@ -53,8 +84,10 @@ uint32_t sl_meter_day(int64_t secs, int tz_offset_min);
  * flusher, the spare ring brings them back cleared. */
 struct sl_meter_worker {
   struct sl_meter_table *active;
-  struct sl_meter_table *overflow[64]; /* full tables the handoff ring had no room for */
-  unsigned noverflow;
+  struct sl_meter_table **overflow; /* full tables the handoff ring had no room for, oldest first */
+  unsigned noverflow, overflow_cap;  /* held; room in the array (SL_METER_ASIDE_MAX, grown only past it) */
+  uint64_t over_bound;               /* tables kept aside past SL_METER_ASIDE_MAX (logged) */
+  uint64_t over_bound_said_ms;
   struct sl_ring handoff, spare;
   uint32_t capacity;
   _Alignas(64) _Atomic uint64_t round_req; /* flusher: hand your table over for this round */
@@ -69,8 +102,10 @@ int sl_meter_worker_init(struct sl_meter_worker *m, uint32_t capacity, int tz_of
 void sl_meter_worker_free(struct sl_meter_worker *m);
 /* The arrival day of a request arriving at unix time `secs`. */
 uint32_t sl_meter_worker_day(struct sl_meter_worker *m, int64_t secs);
-/* Counts one request. Never loses it: a full table is handed off (or kept
- * aside when the ring is full) and a fresh one started. */
+/* Counts one request. Never loses it and never aborts: a refused call past
+ * the table's refused-key bound is counted under the fixed shape; a full
+ * table is handed off (or kept aside when the ring is full) and a fresh one
+ * started. Worker thread. */
 void sl_meter_count(struct sl_meter_worker *m, const struct sl_meter_key *k);
 /* Hands the active table (if it holds anything) and any kept-aside ones to
  * the flusher. Returns the number handed over. Worker thread. */

@@ -62,3 +62,13 @@ int sl_ring_pop(struct sl_ring *r, void *elem) {
   r->head++;
   return 0;
 }
+
+int sl_ring_peek(struct sl_ring *r, void *elem) {
+  struct sl_ring_cell *c = cell(r, r->head);
+  /* acquire: as in pop, the producer's bytes are complete once seq says so;
+   * the cell stays ours (no release) until pop hands it back. */
+  size_t seq = atomic_load_explicit(&c->seq, memory_order_acquire);
+  if ((intptr_t)seq - (intptr_t)(r->head + 1) < 0) return -EAGAIN;
+  memcpy(elem, c + 1, r->elem_size);
+  return 0;
+}

@@ -31,5 +31,8 @@ void sl_ring_free(struct sl_ring *r);
 int sl_ring_push(struct sl_ring *r, const void *elem);
 /* The consumer thread only. Returns 0, or -EAGAIN when empty. */
 int sl_ring_pop(struct sl_ring *r, void *elem);
+/* The consumer thread only: copies the oldest element without taking it
+ * (the consumer may leave it for later). Returns 0, or -EAGAIN when empty. */
+int sl_ring_peek(struct sl_ring *r, void *elem);
 
 #endif
