@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -110,6 +111,103 @@ static void test_count_never_loses(void **state) {
   sl_meter_worker_free(&m);
 }
 
+/* A flood of distinct refused calls (made-up regions, unknown keys,
+ * suspended accounts) adds a bounded number of keys: the table never fills,
+ * nothing is handed off, and every call is counted. */
+static void test_refused_keys_bounded(void **state) {
+  (void)state;
+  struct sl_meter_worker m;
+  assert_int_equal(sl_meter_worker_init(&m, 16, 0), 0);
+  assert_int_equal(m.active->refused_max, 4); /* a quarter of a 16-key table */
+  char s[32];
+  for (int i = 0; i < 10000; i++) {
+    struct sl_meter_key k = key("-", (uint8_t)(4 + i % 3)); /* unauthenticated, bad_request, unavailable */
+    k.region_len = (uint8_t)snprintf(s, sizeof(s), "r%d", i);
+    memcpy(k.region, s, k.region_len);
+    sl_meter_count(&m, &k);
+    struct sl_meter_key susp = key(s, 3); /* suspended: a UID of its own each time */
+    sl_meter_count(&m, &susp);
+  }
+  /* 4 keys under their own shape, then one per outcome (4) for the day */
+  assert_true(m.active->n <= 4 + 4);
+  assert_int_equal(m.active->total, 20000);
+  struct sl_meter_table *t;
+  assert_int_not_equal(sl_ring_pop(&m.handoff, &t), 0); /* nothing handed off */
+  assert_false(sl_meter_saturated(&m));
+  /* the fixed shape: UID, feature and region "-", baseline tier */
+  struct sl_meter_key in = key("u9", 3), shape;
+  in.tier = 1;
+  sl_meter_key_collapse(&shape, &in);
+  assert_int_equal(shape.outcome, 3);
+  assert_int_equal(shape.day, in.day);
+  assert_int_equal(shape.feature, SL_METER_NO_FEATURE);
+  assert_int_equal(shape.tier, 0);
+  assert_int_equal(shape.uid_len, 1);
+  assert_int_equal(shape.uid[0], '-');
+  assert_int_equal(shape.region_len, 1);
+  /* admitted outcomes are never collapsed */
+  struct sl_meter_key ok = key("u1", 0);
+  sl_meter_count(&m, &ok);
+  uint64_t h = sl_meter_key_hash(&ok);
+  int found = 0;
+  for (uint32_t i = 0; i < m.active->n; i++) {
+    const struct sl_meter_entry *e = &m.active->e[m.active->used[i]];
+    if (e->hash == h && e->k.uid_len == 2 && !memcmp(e->k.uid, "u1", 2)) found = 1;
+  }
+  assert_true(found);
+  sl_meter_worker_free(&m);
+}
+
+/* Past SL_METER_ASIDE_MAX full tables kept aside (the ring full, nobody
+ * draining it) the worker neither aborts nor loses a count. */
+static void test_aside_past_its_bound(void **state) {
+  (void)state;
+  struct sl_meter_worker m;
+  assert_int_equal(sl_meter_worker_init(&m, 16, 0), 0);
+  unsigned n = 16 * (SL_METER_RING + SL_METER_ASIDE_MAX + 8) + 3;
+  char uid[16];
+  for (unsigned i = 0; i < n; i++) {
+    snprintf(uid, sizeof(uid), "u%u", i);
+    struct sl_meter_key k = key(uid, 0);
+    sl_meter_count(&m, &k);
+  }
+  assert_true(sl_meter_saturated(&m));
+  assert_true(m.noverflow > SL_METER_ASIDE_MAX);
+  assert_true(m.over_bound > 0);
+  assert_int_equal(drain_total(&m), n);
+  while (m.noverflow) { /* the flusher takes them all back, oldest first */
+    struct sl_meter_table *t;
+    while (sl_ring_pop(&m.handoff, &t) == 0) sl_meter_table_free(t);
+    sl_meter_handoff(&m);
+  }
+  assert_false(sl_meter_saturated(&m));
+  sl_meter_worker_free(&m);
+}
+
+/* peek leaves the element for the next pop. */
+static void test_ring_peek(void **state) {
+  (void)state;
+  struct sl_ring r;
+  assert_int_equal(sl_ring_init(&r, 2, sizeof(int)), 0);
+  int v = 0;
+  assert_int_equal(sl_ring_peek(&r, &v), -EAGAIN);
+  int a = 7, b = 8;
+  assert_int_equal(sl_ring_push(&r, &a), 0);
+  assert_int_equal(sl_ring_push(&r, &b), 0);
+  assert_int_equal(sl_ring_push(&r, &b), -ENOBUFS);
+  assert_int_equal(sl_ring_peek(&r, &v), 0);
+  assert_int_equal(v, 7);
+  assert_int_equal(sl_ring_peek(&r, &v), 0);
+  assert_int_equal(v, 7);
+  assert_int_equal(sl_ring_push(&r, &b), -ENOBUFS); /* a peeked cell is still taken */
+  assert_int_equal(sl_ring_pop(&r, &v), 0);
+  assert_int_equal(v, 7);
+  assert_int_equal(sl_ring_pop(&r, &v), 0);
+  assert_int_equal(v, 8);
+  assert_int_equal(sl_ring_peek(&r, &v), -EAGAIN);
+  sl_ring_free(&r);
+}
+
 static void test_spool_roundtrip(void **state) {
   (void)state;
   struct sl_batch *b = calloc(1, sizeof(*b) + 3 * sizeof(struct sl_batch_entry));
@@ -151,7 +249,8 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_days),        cmocka_unit_test(test_worker_day_cache),
       cmocka_unit_test(test_table_bound), cmocka_unit_test(test_count_never_loses),
-      cmocka_unit_test(test_spool_roundtrip),
+      cmocka_unit_test(test_refused_keys_bounded), cmocka_unit_test(test_aside_past_its_bound),
+      cmocka_unit_test(test_ring_peek),   cmocka_unit_test(test_spool_roundtrip),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
