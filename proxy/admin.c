@@ -134,6 +134,12 @@ void sl_admin_metrics(struct sl_admin *a, struct sl_buf *o) {
         {"sluice_directory_version", "gauge", "Version of the directory snapshot.", &ds->version},
         {"sluice_directory_evictions_total", "counter", "Accounts dropped at the max-accounts bound.",
          &ds->evictions},
+        {"sluice_redis_bad_keys", "gauge", "Keys seen unusable lately (wrong type or value); named in the log.",
+         &ds->bad_keys},
+        {"sluice_redis_bad_keys_total", "counter", "Reads that found a key unusable and set it aside.",
+         &ds->bad_key_reads},
+        {"sluice_redis_timeouts_total", "counter",
+         "Directory connections dropped: no connection or no reply within redis-timeout-ms.", &ds->redis_timeouts},
     };
     for (size_t i = 0; i < SL_ARRAY_SIZE(d); i++)
       appendf(o, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", d[i].name, d[i].help, d[i].name, d[i].type, d[i].name,

@@ -32,6 +32,8 @@ static const struct opt opts[] = {
    "HOST:PORT large-model pool member (repeatable; default: the default pool)"},
   {"redis", OPT_STR, F(redis), FSIZE(redis), 0, 0, "HOST:PORT or unix:PATH (127.0.0.1:6379)"},
   {"redis-prefix", OPT_STR, F(redis_prefix), FSIZE(redis_prefix), 0, 0, "key prefix (sluice:)"},
+  {"redis-timeout-ms", OPT_UINT, F(redis_timeout_ms), 0, 100, 600000,
+   "Redis connect and reply bound: past it the connection counts as down (2000)"},
   {"workers", OPT_UINT, F(workers), 0, 1, 256, "event-loop threads (number of CPUs)"},
   {"admin", OPT_ADDR, F(admin), 0, 0, 0, "HOST:PORT admin listener (127.0.0.1:9901)"},
   {"region", OPT_STR, F(region), FSIZE(region), 0, 0,
@@ -228,6 +230,7 @@ static void config_defaults(struct sl_config *c) {
   c->drain_timeout_ms = 10000;
   c->resync_ms = 30000;
   c->lookup_timeout_ms = 1000;
+  c->redis_timeout_ms = 2000;
   c->negative_ttl_ms = 5000;
   c->max_accounts = 200000;
   c->limiter_keys = 1000000;

@@ -8,6 +8,7 @@
 #include <hiredis/hiredis.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "redis_uv.h"
 
@@ -15,37 +16,62 @@
 #include "common.h"
 #include "proxy.h" /* sl__close */
 
-#define BATCH 100 /* accounts per EVAL */
+#define BATCH 100          /* accounts per EVAL */
+#define LOG_EVERY_MS 10000 /* "down" and error lines: at most one per this */
+#define BADKEY_LOG_MS 60000 /* a key that stays unusable is named again at most this often */
+#define STATE_RETRY_MS 1000 /* the suspended set never read yet: ask again this often */
+#define STR_(x) #x
+#define STR(x) STR_(x)
 
 /* One round trip per batch of accounts: the UID and every package of it,
  * read atomically (a script runs alone), so a record never mixes states.
  * A key starting with byte 0x01 is a UID given by a trusted header (no
- * AccessKeyId holds control bytes: the classifier refuses them). */
+ * AccessKeyId holds control bytes: the classifier refuses them).
+ * Every read is a pcall: a key of the wrong type is reported for that key
+ * alone instead of failing the whole batch. Per account:
+ *   {}                                    no `ak:` key
+ *   {2, err}                              the `ak:` key cannot be read
+ *   {1, uid, seterr, nids, pkg...}        seterr: '' or why `qpspkgs:<uid>`
+ *                                         cannot be read; nids: its size
+ *   pkg = {id, feature, region, qps, starts_at, expires_at} or {id, err} */
 static const char account_script[] =
+    "local function bad(r) return type(r) == 'table' and r.err end "
     "local p = ARGV[1] local out = {} "
     "for i = 2, #ARGV do "
-    "  local uid "
-    "  if string.byte(ARGV[i], 1) == 1 then uid = string.sub(ARGV[i], 2) "
-    "  else uid = redis.call('GET', p .. 'ak:' .. ARGV[i]) end "
-    "  if not uid then out[#out + 1] = {} else "
-    "    local r = {uid} "
-    "    for _, id in ipairs(redis.call('SMEMBERS', p .. 'qpspkgs:' .. uid)) do "
-    "      local h = redis.call('HMGET', p .. 'qpspkg:' .. uid .. ':' .. id, "
-    "                           'feature', 'region', 'qps', 'starts_at', 'expires_at') "
-    "      r[#r + 1] = id "
-    "      for j = 1, 5 do r[#r + 1] = h[j] or '' end "
+    "  local a = ARGV[i] local uid, e "
+    "  if string.byte(a, 1) == 1 then uid = string.sub(a, 2) "
+    "  else uid = redis.pcall('GET', p .. 'ak:' .. a) e = bad(uid) end "
+    "  if e then out[i - 1] = {2, e} "
+    "  elseif not uid then out[i - 1] = {} "
+    "  else "
+    "    local ids = redis.pcall('SMEMBERS', p .. 'qpspkgs:' .. uid) "
+    "    local r = {1, uid, bad(ids) or '', 0} "
+    "    if bad(ids) then ids = {} end "
+    "    r[4] = #ids "
+    "    for j = 1, math.min(#ids, " STR(SL_MAX_PKGS) ") do "
+    "      local id = ids[j] "
+    "      local h = redis.pcall('HMGET', p .. 'qpspkg:' .. uid .. ':' .. id, "
+    "                            'feature', 'region', 'qps', 'starts_at', 'expires_at') "
+    "      e = bad(h) "
+    "      if e then r[#r + 1] = {id, e} "
+    "      else r[#r + 1] = {id, h[1] or '', h[2] or '', h[3] or '', h[4] or '', h[5] or ''} end "
     "    end "
-    "    out[#out + 1] = r "
+    "    out[i - 1] = r "
     "  end "
     "end "
     "return out";
 
-/* The suspended set and every feature override, in one reply. */
+/* The suspended set and every feature override, in one reply: first the
+ * set (an array), or why it cannot be read (a string); then per feature
+ * default_qps and tier, or nil and why `feature:<f>` cannot be read. */
 static const char state_script[] =
-    "local p = ARGV[1] local out = {redis.call('SMEMBERS', p .. 'suspended')} "
+    "local function bad(r) return type(r) == 'table' and r.err end "
+    "local p = ARGV[1] local s = redis.pcall('SMEMBERS', p .. 'suspended') "
+    "local out = {bad(s) or s} "
     "for i = 2, #ARGV do "
-    "  local h = redis.call('HMGET', p .. 'feature:' .. ARGV[i], 'default_qps', 'tier') "
-    "  out[#out + 1] = h[1] or '' out[#out + 1] = h[2] or '' "
+    "  local h = redis.pcall('HMGET', p .. 'feature:' .. ARGV[i], 'default_qps', 'tier') "
+    "  if bad(h) then out[#out + 1] = false out[#out + 1] = bad(h) "
+    "  else out[#out + 1] = h[1] or '' out[#out + 1] = h[2] or '' end "
     "end "
     "return out";
 
@@ -58,6 +84,145 @@ static inline void sl_stat_add_dir(_Atomic uint64_t *c) { atomic_fetch_add_expli
 static void connect_redis(struct sl_dirsync *d);
 static void request_state(struct sl_dirsync *d);
 static void request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], const uint8_t *lens, unsigned n);
+
+/* ---- logging what Redis holds or says (bounded, rate-limited) ---- */
+
+/* s (n bytes) as a NUL-terminated printable string in out (cap >= 8):
+ * bytes outside printable ASCII, quotes and backslashes as \xHH (a value
+ * read from Redis must not forge log lines); cut with "..." at cap.
+ * Returns out. */
+static const char *printable(char *out, size_t cap, const char *s, size_t n) {
+  static const char hex[] = "0123456789abcdef";
+  size_t o = 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    size_t need = ch >= 0x20 && ch < 0x7f && ch != '\\' && ch != '\'' ? 1 : 4;
+    if (o + need + 4 > cap) { /* keep room for "..." and the NUL */
+      memcpy(out + o, "...", 3);
+      o += 3;
+      break;
+    }
+    if (need == 1) {
+      out[o++] = (char)ch;
+    } else {
+      out[o++] = '\\';
+      out[o++] = 'x';
+      out[o++] = hex[ch >> 4];
+      out[o++] = hex[ch & 15];
+    }
+  }
+  out[o] = '\0';
+  return out;
+}
+
+/* Returns 1 when a line may be written now (*held: lines held back since
+ * the last one), else counts this one as held back and returns 0. */
+static int ratelog_ok(struct sl_dirsync_ratelog *r, uint64_t now, uint32_t *held) {
+  if (now < r->next_ms) {
+    r->held++;
+    return 0;
+  }
+  *held = r->held;
+  r->held = 0;
+  r->next_ms = now + LOG_EVERY_MS;
+  return 1;
+}
+
+/* Appends s (n bytes) to a key name of `at` bytes, cut at the bound;
+ * returns the new length. */
+static size_t key_cat(char *name, size_t at, const char *s, size_t n) {
+  size_t room = SL_DIR_BADKEY_NAME - at;
+  if (n > room) n = room;
+  memcpy(name + at, s, n);
+  return at + n;
+}
+
+static struct sl_dirsync_badkey *badkey_find(struct sl_dirsync *d, const char *name, size_t len, uint64_t h) {
+  for (unsigned i = 0; i < d->nbad; i++)
+    if (d->bad[i].hash == h && d->bad[i].len == len && !memcmp(d->bad[i].name, name, len)) return &d->bad[i];
+  return NULL;
+}
+
+/* Key `name` (without the prefix) could not be used: `why` (wl bytes),
+ * and sluice does `instead`. Counted at every read; named in the log at
+ * first sight, then at most every BADKEY_LOG_MS while it stays so. */
+static void bad_key(struct sl_dirsync *d, const char *name, size_t len, const char *why, size_t wl,
+                    const char *instead) {
+  uint64_t now = mono_ms();
+  sl_stat_add_dir(&d->stats.bad_key_reads);
+  if (len > SL_DIR_BADKEY_NAME) len = SL_DIR_BADKEY_NAME;
+  uint64_t h = sl_dir_hash(name, len);
+  struct sl_dirsync_badkey *k = badkey_find(d, name, len, h);
+  char kn[256], w[200];
+  if (!k) {
+    if (d->nbad == SL_DIR_BADKEYS) { /* the table is full: one line per period for all the others */
+      uint32_t held;
+      if (ratelog_ok(&d->log_badfull, now, &held))
+        fprintf(stderr,
+                "sluice: redis: key '%s%s' cannot be used (%s): %s; more than %u keys are unusable, the others "
+                "are counted in sluice_redis_bad_keys_total but not named (%u reads)\n",
+                d->prefix, printable(kn, sizeof(kn), name, len), printable(w, sizeof(w), why, wl), instead,
+                SL_DIR_BADKEYS, held + 1);
+      return;
+    }
+    k = &d->bad[d->nbad++];
+    memset(k, 0, sizeof(*k));
+    k->hash = h;
+    k->len = (uint16_t)len;
+    memcpy(k->name, name, len);
+    atomic_store_explicit(&d->stats.bad_keys, d->nbad, memory_order_relaxed);
+  }
+  k->last_seen_ms = now;
+  if (now < k->next_log_ms) {
+    k->unlogged++;
+    return;
+  }
+  if (k->unlogged)
+    fprintf(stderr, "sluice: redis: key '%s%s' still cannot be used (%s): %s (read %u times since the last line)\n",
+            d->prefix, printable(kn, sizeof(kn), name, len), printable(w, sizeof(w), why, wl), instead,
+            k->unlogged + 1);
+  else
+    fprintf(stderr, "sluice: redis: key '%s%s' cannot be used (%s): %s\n", d->prefix,
+            printable(kn, sizeof(kn), name, len), printable(w, sizeof(w), why, wl), instead);
+  k->unlogged = 0;
+  k->next_log_ms = now + BADKEY_LOG_MS;
+}
+
+/* Key `name` was read and is usable: if it was not before, say so once. */
+static void key_ok(struct sl_dirsync *d, const char *name, size_t len) {
+  if (!d->nbad) return;
+  if (len > SL_DIR_BADKEY_NAME) len = SL_DIR_BADKEY_NAME;
+  struct sl_dirsync_badkey *k = badkey_find(d, name, len, sl_dir_hash(name, len));
+  if (!k) return;
+  char kn[256];
+  fprintf(stderr, "sluice: redis: key '%s%s' is usable again\n", d->prefix, printable(kn, sizeof(kn), name, len));
+  *k = d->bad[--d->nbad];
+  atomic_store_explicit(&d->stats.bad_keys, d->nbad, memory_order_relaxed);
+}
+
+/* Forgets keys not seen unusable for a while (an account no longer asked
+ * for is not read again): the gauge counts keys seen bad lately. */
+static void badkey_sweep(struct sl_dirsync *d, uint64_t now) {
+  uint64_t keep = 2ull * d->resync_ms > 60000 ? 2ull * d->resync_ms : 60000;
+  for (unsigned i = 0; i < d->nbad;) {
+    if (now - d->bad[i].last_seen_ms > keep)
+      d->bad[i] = d->bad[--d->nbad];
+    else
+      i++;
+  }
+  atomic_store_explicit(&d->stats.bad_keys, d->nbad, memory_order_relaxed);
+}
+
+/* A load that Redis refused as a whole (script error, OOM, BUSY...). */
+static void reply_error(struct sl_dirsync *d, const char *what, const redisReply *r) {
+  uint32_t held;
+  if (!ratelog_ok(&d->log_reply, mono_ms(), &held)) return;
+  char w[200];
+  fprintf(stderr, "sluice: redis: %s failed: %s", what,
+          r->type == REDIS_REPLY_ERROR ? printable(w, sizeof(w), r->str, r->len) : "an unexpected reply");
+  if (held) fprintf(stderr, " (%u similar failures not logged)", held);
+  fputc('\n', stderr);
+}
 
 /* ---- publishing ---- */
 
@@ -116,27 +281,104 @@ static int parse_i64(const char *s, size_t n, int64_t *out) {
 }
 
 static int str_of(const redisReply *r, const char **s, size_t *n) {
-  if (r->type != REDIS_REPLY_STRING && r->type != REDIS_REPLY_STATUS) return -1;
+  if (r->type != REDIS_REPLY_STRING && r->type != REDIS_REPLY_STATUS && r->type != REDIS_REPLY_ERROR) return -1;
   *s = r->str;
   *n = r->len;
   return 0;
 }
 
-/* Builds the record for ak from one element of the account script's reply. */
+/* An unknown AccessKeyId (also what an unusable `ak:` key answers). */
+static struct sl_acct *acct_negative(struct sl_dirsync *d, const char *ak, size_t len, uint64_t now) {
+  struct sl_acct *a = sl_acct_new(ak, len, 0);
+  a->kind = SL_ACCT_NOT_FOUND;
+  a->loaded_ms = now;
+  a->valid_until_ms = now + d->negative_ttl_ms;
+  return a;
+}
+
+/* Fills p from a package's fields e[1..5] (feature, region, qps,
+ * starts_at, expires_at). Returns NULL, or why the package cannot be used
+ * (in wb, wl bytes). */
+static const char *pkg_parse(redisReply *const *e, struct sl_pkg *p, char *wb, size_t wl) {
+  const char *feat, *region, *qps, *start, *exp;
+  size_t fl, rl, ql, sl, el;
+  int64_t q, st = 0, ex;
+  if (str_of(e[1], &feat, &fl) || str_of(e[2], &region, &rl) || str_of(e[3], &qps, &ql) ||
+      str_of(e[4], &start, &sl) || str_of(e[5], &exp, &el))
+    return "a field is not a string";
+  if (rl == 0 || rl > SL_REGION_MAX) {
+    snprintf(wb, wl, "region '%.*s' is empty or over %d bytes", (int)(rl > 32 ? 32 : rl), region, SL_REGION_MAX);
+    return wb;
+  }
+  if (parse_i64(qps, ql, &q) || q < 0 || q > UINT32_MAX) {
+    snprintf(wb, wl, "qps '%.*s' is not a number from 0 to %u", (int)(ql > 32 ? 32 : ql), qps, UINT32_MAX);
+    return wb;
+  }
+  if (sl && parse_i64(start, sl, &st)) {
+    snprintf(wb, wl, "starts_at '%.*s' is not unix seconds", (int)(sl > 32 ? 32 : sl), start);
+    return wb;
+  }
+  if (parse_i64(exp, el, &ex)) {
+    snprintf(wb, wl, "expires_at '%.*s' is not unix seconds", (int)(el > 32 ? 32 : el), exp);
+    return wb;
+  }
+  p->feature = sl_feature_id(feat, fl);
+  p->qps = (uint32_t)q;
+  p->starts_at = st;
+  p->expires_at = ex;
+  memcpy(p->region, region, rl);
+  p->region_len = (uint8_t)rl;
+  return NULL;
+}
+
+/* Builds the record for ak from its element of the account script's reply.
+ * Each key stands alone: an unusable `ak:` key (wrong type, an empty UID,
+ * a UID over SL_UID_MAX bytes) answers like an unknown AccessKeyId; an
+ * unusable package set leaves the account without packages; an unusable
+ * package is left out. Each is named (bad_key). Returns the record (the
+ * caller owns it), or NULL when the element is not what the script makes
+ * (the caller answers "unavailable"). */
 static struct sl_acct *acct_from_reply(struct sl_dirsync *d, const char *ak, size_t ak_len, const redisReply *r) {
   uint64_t now = mono_ms();
+  char kn[SL_DIR_BADKEY_NAME], wb[128];
+  size_t kl = key_cat(kn, key_cat(kn, 0, "ak:", 3), ak, ak_len);
   if (r->type != REDIS_REPLY_ARRAY) return NULL;
   if (r->elements == 0) {
-    struct sl_acct *a = sl_acct_new(ak, ak_len, 0);
-    a->kind = SL_ACCT_NOT_FOUND;
-    a->loaded_ms = now;
-    a->valid_until_ms = now + d->negative_ttl_ms;
-    return a;
+    key_ok(d, kn, kl); /* gone is not bad */
+    return acct_negative(d, ak, ak_len, now);
   }
-  const char *uid;
-  size_t uid_len;
-  if (str_of(r->element[0], &uid, &uid_len) != 0 || uid_len == 0 || uid_len > SL_UID_MAX) return NULL;
-  size_t npk = (r->elements - 1) / 6;
+  const redisReply *k0 = r->element[0];
+  if (k0->type != REDIS_REPLY_INTEGER) return NULL;
+  if (k0->integer == 2) {
+    const char *why = "unreadable";
+    size_t wl = strlen(why);
+    if (r->elements >= 2) str_of(r->element[1], &why, &wl);
+    bad_key(d, kn, kl, why, wl, "answered as an unknown AccessKeyId");
+    return acct_negative(d, ak, ak_len, now);
+  }
+  if (k0->integer != 1 || r->elements < 4) return NULL;
+  const char *uid, *se;
+  size_t uid_len, sel;
+  if (str_of(r->element[1], &uid, &uid_len) || str_of(r->element[2], &se, &sel)) return NULL;
+  if (uid_len == 0 || uid_len > SL_UID_MAX) {
+    int wl = uid_len ? snprintf(wb, sizeof(wb), "its UID is %zu bytes, over %d", uid_len, SL_UID_MAX)
+                     : snprintf(wb, sizeof(wb), "its UID is empty");
+    bad_key(d, kn, kl, wb, (size_t)wl, "answered as an unknown AccessKeyId");
+    return acct_negative(d, ak, ak_len, now);
+  }
+  key_ok(d, kn, kl);
+  /* the package set */
+  kl = key_cat(kn, key_cat(kn, 0, "qpspkgs:", 8), uid, uid_len);
+  long long nids = r->element[3]->type == REDIS_REPLY_INTEGER ? r->element[3]->integer : 0;
+  if (sel) {
+    bad_key(d, kn, kl, se, sel, "the account counts no package");
+  } else if (nids > SL_MAX_PKGS) {
+    int wl = snprintf(wb, sizeof(wb), "it lists %lld packages", nids);
+    bad_key(d, kn, kl, wb, (size_t)wl, "only " STR(SL_MAX_PKGS) " of them count");
+  } else {
+    key_ok(d, kn, kl);
+  }
+  size_t npk = r->elements - 4;
   if (npk > SL_MAX_PKGS) npk = SL_MAX_PKGS;
   struct sl_acct *a = sl_acct_new(ak, ak_len, (uint32_t)npk);
   a->kind = SL_ACCT_FOUND;
@@ -146,27 +388,43 @@ static struct sl_acct *acct_from_reply(struct sl_dirsync *d, const char *ak, siz
   a->uid_len = (uint8_t)uid_len;
   uint32_t used = 0;
   for (size_t k = 0; k < npk; k++) {
-    redisReply *const *e = r->element + 1 + k * 6;
-    const char *id, *feat, *region, *qps, *start, *exp;
-    size_t idl, fl, rl, ql, sl, el;
-    int64_t q, st = 0, ex;
-    if (str_of(e[0], &id, &idl) || str_of(e[1], &feat, &fl) || str_of(e[2], &region, &rl) ||
-        str_of(e[3], &qps, &ql) || str_of(e[4], &start, &sl) || str_of(e[5], &exp, &el) || idl > SL_PKGID_MAX ||
-        rl == 0 || rl > SL_REGION_MAX || parse_i64(qps, ql, &q) || q < 0 || q > UINT32_MAX ||
-        (sl && parse_i64(start, sl, &st)) || parse_i64(exp, el, &ex)) {
-      sl_stat_add_dir(&d->stats.invalid_packages);
+    const redisReply *e = r->element[4 + k];
+    const char *id, *why = NULL;
+    size_t idl, wl = 0;
+    if (e->type != REDIS_REPLY_ARRAY || e->elements < 2 || str_of(e->element[0], &id, &idl)) {
+      sl_stat_add_dir(&d->stats.invalid_packages); /* not what the script makes */
       continue;
     }
-    struct sl_pkg *p = &a->pkgs[used++];
-    p->feature = sl_feature_id(feat, fl);
-    p->qps = (uint32_t)q;
-    p->starts_at = st;
-    p->expires_at = ex;
-    memcpy(p->region, region, rl);
-    p->region_len = (uint8_t)rl;
+    kl = key_cat(kn, key_cat(kn, key_cat(kn, key_cat(kn, 0, "qpspkg:", 7), uid, uid_len), ":", 1), id, idl);
+    struct sl_pkg *p = &a->pkgs[used];
+    if (e->elements == 2) {
+      if (str_of(e->element[1], &why, &wl)) why = "unreadable";
+    } else if (e->elements != 6) {
+      why = "an unexpected reply";
+    } else if (idl > SL_PKGID_MAX) {
+      snprintf(wb, sizeof(wb), "its id is over %d bytes", SL_PKGID_MAX);
+      why = wb;
+    } else {
+      why = pkg_parse(e->element, p, wb, sizeof(wb));
+    }
+    if (why) {
+      sl_stat_add_dir(&d->stats.invalid_packages);
+      bad_key(d, kn, kl, why, wl ? wl : strlen(why), "the package is ignored");
+      continue;
+    }
     memcpy(p->id, id, idl);
     p->id_len = (uint8_t)idl;
-    if (p->feature < 0) sl_stat_add_dir(&d->stats.invalid_packages);
+    used++;
+    if (p->feature < 0) { /* kept (it shows in /explain) but never counts */
+      sl_stat_add_dir(&d->stats.invalid_packages);
+      const char *fs = "";
+      size_t fsl = 0;
+      str_of(e->element[1], &fs, &fsl);
+      int n = snprintf(wb, sizeof(wb), "feature '%.*s' is not a known feature", (int)(fsl > 32 ? 32 : fsl), fs);
+      bad_key(d, kn, kl, wb, (size_t)n, "the package never counts");
+    } else {
+      key_ok(d, kn, kl);
+    }
   }
   a->npkgs = used;
   return a;
@@ -178,8 +436,16 @@ struct batch {
   char ak[BATCH][SL_AK_MAX + 1];
 };
 
-static void on_accounts(redisAsyncContext *c, void *reply, void *priv) {
+/* The owner of a reply on the command connection (NULL: a context we
+ * dropped); a reply counts as progress for the reply timeout. */
+static struct sl_dirsync *cmd_owner(const redisAsyncContext *c, const void *reply) {
   struct sl_dirsync *d = c->data;
+  if (d && reply) d->cmd_replies++;
+  return d;
+}
+
+static void on_accounts(redisAsyncContext *c, void *reply, void *priv) {
+  struct sl_dirsync *d = cmd_owner(c, reply);
   struct batch *bt = priv;
   if (!d) { /* a context we dropped: its lookups time out into "unavailable" */
     free(bt);
@@ -187,7 +453,18 @@ static void on_accounts(redisAsyncContext *c, void *reply, void *priv) {
   }
   redisReply *r = reply;
   int ok = r && r->type == REDIS_REPLY_ARRAY && r->elements == bt->n;
-  if (!ok && r && r->type == REDIS_REPLY_ERROR) fprintf(stderr, "sluice: redis: account load: %s\n", r->str);
+  if (r && !ok) reply_error(d, "account load", r);
+  if (ok && !d->suspended_known) {
+    /* Never fail open on suspension: with no suspended set read yet, an
+     * account found could be a suspended one. */
+    uint32_t held;
+    if (ratelog_ok(&d->log_nosusp, mono_ms(), &held))
+      fprintf(stderr,
+              "sluice: redis: the suspended set '%ssuspended' has not been read: accounts are answered "
+              "'unavailable' until it is\n",
+              d->prefix);
+    ok = 0;
+  }
   for (unsigned i = 0; i < bt->n; i++) {
     uint64_t h = sl_dir_hash(bt->ak[i], bt->len[i]);
     int p = pending_find(d, bt->ak[i], bt->len[i], h);
@@ -205,57 +482,85 @@ static void on_accounts(redisAsyncContext *c, void *reply, void *priv) {
 
 static void on_state(redisAsyncContext *c, void *reply, void *priv) {
   (void)priv;
-  struct sl_dirsync *d = c->data;
-  if (!d) return;
+  struct sl_dirsync *d = cmd_owner(c, reply);
+  if (!d || !reply) return;
   redisReply *r = reply;
-  if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 1 + 2 * sl_nfeatures ||
-      r->element[0]->type != REDIS_REPLY_ARRAY) {
-    if (r && r->type == REDIS_REPLY_ERROR) fprintf(stderr, "sluice: redis: state load: %s\n", r->str);
+  if (r->type != REDIS_REPLY_ARRAY || r->elements != 1 + 2 * sl_nfeatures) {
+    reply_error(d, "state load", r);
     return;
   }
   const redisReply *m = r->element[0];
-  const char **strs = sl_calloc(m->elements + 1, sizeof(char *));
-  size_t *lens = sl_calloc(m->elements + 1, sizeof(size_t));
-  size_t n = 0;
-  for (size_t i = 0; i < m->elements; i++)
-    if (str_of(m->element[i], &strs[n], &lens[n]) == 0) n++;
-  sl_dir_set_suspended(&d->b, sl_strset_new(strs, lens, n));
-  free(strs);
-  free(lens);
+  if (m->type == REDIS_REPLY_ARRAY) {
+    const char **strs = sl_calloc(m->elements + 1, sizeof(char *));
+    size_t *lens = sl_calloc(m->elements + 1, sizeof(size_t));
+    size_t n = 0;
+    for (size_t i = 0; i < m->elements; i++)
+      if (str_of(m->element[i], &strs[n], &lens[n]) == 0) n++;
+    sl_dir_set_suspended(&d->b, sl_strset_new(strs, lens, n));
+    free(strs);
+    free(lens);
+    d->suspended_known = 1;
+    key_ok(d, "suspended", 9);
+  } else {
+    /* Never "nobody is suspended" for "could not read": keep what we had. */
+    const char *why = "an unexpected reply";
+    size_t wl = strlen(why);
+    str_of(m, &why, &wl);
+    bad_key(d, "suspended", 9, why, wl,
+            d->suspended_known ? "the set read last stays in force"
+                               : "no account is admitted until it can be read");
+  }
   for (unsigned f = 0; f < sl_nfeatures; f++) {
-    const char *qs, *ts;
+    char kn[SL_DIR_BADKEY_NAME], wb[128];
+    const char *fname = sl_features[f].name;
+    size_t kl = key_cat(kn, key_cat(kn, 0, "feature:", 8), fname, strlen(fname));
+    const redisReply *qr = r->element[1 + 2 * f], *tr = r->element[2 + 2 * f];
+    const char *qs, *ts, *why = NULL;
     size_t ql, tl;
     int64_t q;
     uint32_t qps = sl_features[f].default_qps;
     uint8_t tier = (uint8_t)sl_features[f].tier;
     int over = 0;
-    if (str_of(r->element[1 + 2 * f], &qs, &ql) == 0 && ql) {
+    if (qr->type == REDIS_REPLY_NIL) { /* the key cannot be read: as if absent */
+      size_t wl;
+      if (str_of(tr, &why, &wl)) why = "unreadable", wl = strlen(why);
+      bad_key(d, kn, kl, why, wl, "the built-in default applies");
+      sl_dir_set_feature(&d->b, f, qps, tier, 0);
+      continue;
+    }
+    if (str_of(qr, &qs, &ql) == 0 && ql) {
       if (parse_i64(qs, ql, &q) == 0 && q >= 0 && q <= UINT32_MAX) {
         qps = (uint32_t)q;
         over = 1;
       } else {
-        fprintf(stderr, "sluice: %sfeature:%s default_qps '%.*s' is not a number: ignored\n", d->prefix,
-                sl_features[f].name, (int)ql, qs);
+        snprintf(wb, sizeof(wb), "default_qps '%.*s' is not a number", (int)(ql > 32 ? 32 : ql), qs);
+        why = wb;
       }
     }
-    if (str_of(r->element[2 + 2 * f], &ts, &tl) == 0 && tl) {
+    if (str_of(tr, &ts, &tl) == 0 && tl) {
       if (tl == 3 && !memcmp(ts, "llm", 3)) {
         tier = SL_TIER_LLM;
         over = 1;
       } else if (tl == 8 && !memcmp(ts, "baseline", 8)) {
         tier = SL_TIER_BASELINE;
         over = 1;
+      } else if (!why) {
+        snprintf(wb, sizeof(wb), "tier '%.*s' is neither llm nor baseline", (int)(tl > 32 ? 32 : tl), ts);
+        why = wb;
       }
     }
+    if (why)
+      bad_key(d, kn, kl, why, strlen(why), "that field's built-in default applies");
+    else
+      key_ok(d, kn, kl);
     sl_dir_set_feature(&d->b, f, qps, tier, over);
   }
   publish(d);
 }
 
 static void on_resync_done(redisAsyncContext *c, void *reply, void *priv) {
-  (void)reply;
   (void)priv;
-  struct sl_dirsync *d = c->data;
+  struct sl_dirsync *d = cmd_owner(c, reply);
   if (!d) return;
   d->resync_running = 0;
   if (reply) sl_stat_add_dir(&d->stats.resyncs);
@@ -401,6 +706,7 @@ static void on_sub_message(redisAsyncContext *c, void *reply, void *priv) {
   if (kind->len == 8 && !memcmp(kind->str, "pmessage", 8) && r->elements == 4) {
     /* channel: __keyspace@<db>__:<prefix><key> */
     const redisReply *ch = r->element[2];
+    if (ch->type != REDIS_REPLY_STRING) return;
     const char *key = memchr(ch->str, ':', ch->len);
     if (!key) return;
     key++;
@@ -411,6 +717,7 @@ static void on_sub_message(redisAsyncContext *c, void *reply, void *priv) {
     /* P changes: the payload names a key (with or without the prefix);
      * anything else asks for a full resync. */
     const redisReply *msg = r->element[2];
+    if (msg->type != REDIS_REPLY_STRING) return;
     const char *k = msg->str;
     size_t kl = msg->len;
     if (kl >= d->prefix_len && !memcmp(k, d->prefix, d->prefix_len)) {
@@ -423,39 +730,48 @@ static void on_sub_message(redisAsyncContext *c, void *reply, void *priv) {
 
 /* ---- connections ---- */
 
-static void on_config_set_check(redisAsyncContext *c, void *reply, void *priv) {
-  (void)priv;
-  struct sl_dirsync *d = c->data;
-  if (!d) return;
-  redisReply *r = reply;
-  int ok = r && r->type == REDIS_REPLY_STATUS;
+/* Keyspace notifications: said when the state changes, not at every
+ * reconnect. */
+static void say_keyspace(struct sl_dirsync *d, int ok, const char *why) {
+  int state = ok ? 1 : 2;
   atomic_store_explicit(&d->stats.keyspace_enabled, ok, memory_order_relaxed);
-  if (!ok)
+  if (d->keyspace_said == state) return;
+  d->keyspace_said = state;
+  if (ok)
+    fprintf(stderr, "sluice: redis: keyspace notifications enabled\n");
+  else
     fprintf(stderr,
             "sluice: redis: cannot enable keyspace notifications (%s): changes reach sluice through '%schanges' "
             "messages and the %u ms resync only\n",
-            r && r->type == REDIS_REPLY_ERROR ? r->str : "no reply", d->prefix, d->resync_ms);
-  else
-    fprintf(stderr, "sluice: redis: keyspace notifications enabled\n");
+            why, d->prefix, d->resync_ms);
+}
+
+static void on_config_set_check(redisAsyncContext *c, void *reply, void *priv) {
+  (void)priv;
+  struct sl_dirsync *d = cmd_owner(c, reply);
+  if (!d) return;
+  redisReply *r = reply;
+  char w[160];
+  int ok = r && r->type == REDIS_REPLY_STATUS;
+  say_keyspace(d, ok, r && r->type == REDIS_REPLY_ERROR ? printable(w, sizeof(w), r->str, r->len) : "no reply");
 }
 
 static void on_config_get(redisAsyncContext *c, void *reply, void *priv) {
   (void)priv;
-  struct sl_dirsync *d = c->data;
+  struct sl_dirsync *d = cmd_owner(c, reply);
   if (!d) return;
   redisReply *r = reply;
   char flags[64] = "";
   if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 2 && r->element[1]->type == REDIS_REPLY_STRING &&
       r->element[1]->len < 40)
     memcpy(flags, r->element[1]->str, r->element[1]->len + 1);
-  else if (r && r->type == REDIS_REPLY_ERROR)
-    fprintf(stderr, "sluice: redis: CONFIG GET refused (%s)\n", r->str);
+  /* (a refused CONFIG GET shows in the CONFIG SET answer that follows) */
   /* K: keyspace channel; g$shxe: generic, string, set, hash, expired, evicted
    * (A covers all). Added to what the server already has. */
   int have = strchr(flags, 'K') && (strchr(flags, 'A') || (strchr(flags, 'g') && strchr(flags, '$') &&
                                                             strchr(flags, 's') && strchr(flags, 'h')));
   if (have) {
-    atomic_store_explicit(&d->stats.keyspace_enabled, 1, memory_order_relaxed);
+    say_keyspace(d, 1, NULL);
     return;
   }
   char want[96];
@@ -468,7 +784,7 @@ static void enable_notifications(struct sl_dirsync *d) {
 }
 
 static void mark_down(struct sl_dirsync *d) {
-  d->cmd_ready = d->sub_ready = 0;
+  d->cmd_conn = d->sub_conn = d->cmd_ready = 0;
   atomic_store_explicit(&d->stats.redis_up, 0, memory_order_relaxed);
   d->resync_running = 0;
   if (d->backoff_ms == 0) d->backoff_ms = 100;
@@ -481,52 +797,97 @@ static void mark_down(struct sl_dirsync *d) {
 }
 
 /* Drops a context we no longer want: it is forgotten first and its
- * callbacks then see no owner, so nothing runs twice. */
+ * callbacks then see no owner, so nothing runs twice. Freed, not
+ * disconnected: redisAsyncDisconnect waits for the replies outstanding,
+ * which a server that stopped answering never sends. (Called from inside
+ * one of its callbacks, hiredis frees it when the callback returns.) */
 static void drop_ctx(void **slot) {
   redisAsyncContext *c = *slot;
   if (!c) return;
   *slot = NULL;
   c->data = NULL;
-  redisAsyncDisconnect(c);
+  redisAsyncFree(c);
+}
+
+/* Every failure (a connect refused or timed out, a connection lost, no
+ * reply in time, not Redis) comes here: both connections go, lookups in
+ * flight are answered "unavailable", a reconnect follows the backoff. The
+ * log says the outage once with its reason, then at most one line per
+ * LOG_EVERY_MS while it lasts; went_up says "up again" if the outage was
+ * told. */
+static void went_down(struct sl_dirsync *d, const char *why) {
+  uint64_t now = mono_ms();
+  int first = d->failures++ == 0;
+  if (first) d->down_since_ms = now;
+  d->up = 0;
+  drop_ctx(&d->cmd);
+  drop_ctx(&d->sub);
+  mark_down(d);
+  if (atomic_load_explicit(&d->stop, memory_order_relaxed) || now < d->next_down_log_ms) return;
+  d->next_down_log_ms = now + LOG_EVERY_MS;
+  char w[200];
+  printable(w, sizeof(w), why, strlen(why));
+  if (first)
+    fprintf(stderr, "sluice: redis: %s%s%d is down: %s (retrying)\n", d->host, d->port ? ":" : "", d->port, w);
+  else
+    fprintf(stderr, "sluice: redis: %s%s%d still down after %llu s: %s (%u attempts failed)\n", d->host,
+            d->port ? ":" : "", d->port, (unsigned long long)(now - d->down_since_ms) / 1000, w, d->failures);
+  d->outage_logged = 1;
+}
+
+static void went_up(struct sl_dirsync *d) {
+  uint64_t now = mono_ms();
+  if (!d->ever_up)
+    fprintf(stderr, "sluice: redis: connected to %s%s%d\n", d->host, d->port ? ":" : "", d->port);
+  else if (d->outage_logged)
+    fprintf(stderr, "sluice: redis: %s%s%d is up again after %llu.%llu s (%u attempts failed)\n", d->host,
+            d->port ? ":" : "", d->port, (unsigned long long)(now - d->down_since_ms) / 1000,
+            (unsigned long long)(now - d->down_since_ms) % 1000 / 100, d->failures);
+  /* else: a short outage inside a logging period; counted, not told */
+  d->up = d->ever_up = 1;
+  d->outage_logged = 0;
+  d->failures = 0;
+  d->cmd_ready = 1;
+  d->progress_ms = now;
+  d->seen_replies = d->cmd_replies;
+  d->backoff_ms = 0;
+  atomic_store_explicit(&d->stats.redis_up, 1, memory_order_relaxed);
 }
 
 static void on_disconnect(const redisAsyncContext *c, int status) {
   struct sl_dirsync *d = c->data;
   if (!d) return;
-  if (c == d->cmd) d->cmd = NULL;
+  if (c == d->cmd) d->cmd = NULL; /* hiredis frees it after this */
   if (c == d->sub) d->sub = NULL;
-  if (!atomic_load_explicit(&d->stop, memory_order_relaxed) && !d->said_down) {
-    fprintf(stderr, "sluice: redis: connection lost (%s)\n", status == REDIS_OK ? "closed" : c->errstr);
-    d->said_down = 1;
-  }
-  /* Drop the other one too: both come back together, then a resync. */
-  drop_ctx(&d->cmd);
-  drop_ctx(&d->sub);
-  mark_down(d);
+  char why[200];
+  const char *refused = sl_redis_refused(c);
+  if (refused)
+    snprintf(why, sizeof(why), "the server sent %s", refused);
+  else if (status == REDIS_OK)
+    snprintf(why, sizeof(why), "connection closed by the server");
+  else
+    snprintf(why, sizeof(why), "connection lost: %s", c->errstr);
+  went_down(d, why);
 }
 
-static void on_connect(const redisAsyncContext *c, int status) {
-  struct sl_dirsync *d = c->data;
-  if (!d) return;
-  if (status != REDIS_OK) {
-    /* Said once per outage, not at every retry. */
-    if (!d->said_down) fprintf(stderr, "sluice: redis: cannot connect to %s%s%d: %s (retrying)\n", d->host,
-                               d->port ? ":" : "", d->port, c->errstr);
-    d->said_down = 1;
-    if (c == d->cmd) d->cmd = NULL;
-    if (c == d->sub) d->sub = NULL;
-    drop_ctx(&d->cmd);
-    drop_ctx(&d->sub);
-    mark_down(d);
+/* The first reply on a new connection: up only when the server answers
+ * PING as Redis does; a server that accepts and says nothing stays down
+ * (the connect timeout ends it), one that says something else is dropped. */
+static void on_hello(redisAsyncContext *c, void *reply, void *priv) {
+  (void)priv;
+  struct sl_dirsync *d = cmd_owner(c, reply);
+  if (!d || !reply) return;
+  redisReply *r = reply;
+  if (!(r->type == REDIS_REPLY_STATUS && r->len == 4 && !strncasecmp(r->str, "PONG", 4))) {
+    char why[200], w[120];
+    if (r->type == REDIS_REPLY_STATUS || r->type == REDIS_REPLY_ERROR || r->type == REDIS_REPLY_STRING)
+      snprintf(why, sizeof(why), "PING answered '%s'", printable(w, sizeof(w), r->str, r->len));
+    else
+      snprintf(why, sizeof(why), "PING answered with a reply of type %d", r->type);
+    went_down(d, why);
     return;
   }
-  if (c == d->cmd) d->cmd_ready = 1;
-  if (c == d->sub) d->sub_ready = 1;
-  if (!d->cmd_ready || !d->sub_ready) return;
-  fprintf(stderr, "sluice: redis: connected to %s%s%d\n", d->host, d->port ? ":" : "", d->port);
-  d->said_down = 0;
-  atomic_store_explicit(&d->stats.redis_up, 1, memory_order_relaxed);
-  d->backoff_ms = 0;
+  went_up(d);
   enable_notifications(d);
   /* Only the keys the directory follows: a wider pattern would bring every
    * metering write (usage, calls, batch markers) back as a notification. */
@@ -541,20 +902,51 @@ static void on_connect(const redisAsyncContext *c, int status) {
   full_resync(d);
 }
 
-static redisAsyncContext *open_ctx(struct sl_dirsync *d) {
+static void on_connect(const redisAsyncContext *c, int status) {
+  struct sl_dirsync *d = c->data;
+  if (!d) return;
+  if (status != REDIS_OK) {
+    char why[200];
+    snprintf(why, sizeof(why), "cannot connect: %s", c->errstr);
+    if (c == d->cmd) d->cmd = NULL; /* hiredis frees it after this */
+    if (c == d->sub) d->sub = NULL;
+    went_down(d, why);
+    return;
+  }
+  if (c == d->cmd) d->cmd_conn = 1;
+  if (c == d->sub) d->sub_conn = 1;
+  if (!d->cmd_conn || !d->sub_conn) return;
+  /* Connected is not up: a server that accepts and never answers would
+   * otherwise count as up. The connect timeout keeps running until PONG. */
+  redisAsyncCommand(d->cmd, on_hello, NULL, "PING");
+}
+
+/* Returns the context, or NULL with why (why_len bytes) filled in. */
+static redisAsyncContext *open_ctx(struct sl_dirsync *d, char *why, size_t why_len) {
   redisAsyncContext *c = d->port ? redisAsyncConnect(d->host, d->port) : redisAsyncConnectUnix(d->host);
-  if (!c) return NULL;
+  if (!c) {
+    snprintf(why, why_len, "cannot connect: out of memory");
+    return NULL;
+  }
   if (c->err) {
-    if (!d->said_down) fprintf(stderr, "sluice: redis: %s\n", c->errstr);
-    d->said_down = 1;
+    snprintf(why, why_len, "cannot connect: %s", c->errstr);
+    redisAsyncFree(c);
+    return NULL;
+  }
+  /* A peer that vanishes without a word (a cable, a frozen host) is found
+   * by the reply timeout when a reply is due, by keepalive otherwise (the
+   * subscriber connection mostly waits). */
+  if (d->port && redisEnableKeepAlive(&c->c) != REDIS_OK) {
+    snprintf(why, why_len, "cannot enable TCP keepalive: %s", c->c.errstr);
+    redisAsyncFree(c);
+    return NULL;
+  }
+  if (sl_redis_attach(c, &d->loop) != REDIS_OK) {
+    snprintf(why, why_len, "cannot watch the socket");
     redisAsyncFree(c);
     return NULL;
   }
   c->data = d;
-  if (sl_redis_attach(c, &d->loop) != REDIS_OK) {
-    redisAsyncFree(c);
-    return NULL;
-  }
   redisAsyncSetConnectCallback(c, on_connect);
   redisAsyncSetDisconnectCallback(c, on_disconnect);
   return c;
@@ -563,13 +955,41 @@ static redisAsyncContext *open_ctx(struct sl_dirsync *d) {
 static void connect_redis(struct sl_dirsync *d) {
   if (d->cmd || d->sub) return; /* an attempt is under way */
   sl_stat_add_dir(&d->stats.reconnects);
-  d->cmd = open_ctx(d);
-  d->sub = d->cmd ? open_ctx(d) : NULL;
-  if (!d->cmd || !d->sub) {
-    drop_ctx(&d->cmd);
-    drop_ctx(&d->sub);
-    mark_down(d);
+  d->cmd_conn = d->sub_conn = d->cmd_ready = 0;
+  d->connect_started_ms = mono_ms();
+  char why[200] = "cannot connect";
+  d->cmd = open_ctx(d, why, sizeof(why));
+  d->sub = d->cmd ? open_ctx(d, why, sizeof(why)) : NULL;
+  if (!d->cmd || !d->sub) went_down(d, why);
+}
+
+/* From the tick: a connection that is not up within redis_timeout_ms of
+ * its start, or a command connection with replies outstanding and none
+ * come for redis_timeout_ms, counts as down. */
+static void check_timeouts(struct sl_dirsync *d, uint64_t now) {
+  char why[200];
+  if ((d->cmd || d->sub) && !d->cmd_ready) {
+    if (now - d->connect_started_ms < d->redis_timeout_ms) return;
+    if (d->cmd_conn && d->sub_conn)
+      snprintf(why, sizeof(why), "connected, but no answer to PING within %u ms (not a Redis server?)",
+               d->redis_timeout_ms);
+    else
+      snprintf(why, sizeof(why), "no connection within %u ms", d->redis_timeout_ms);
+    sl_stat_add_dir(&d->stats.redis_timeouts);
+    went_down(d, why);
+    return;
   }
+  if (!d->cmd_ready || !d->cmd) return;
+  const redisAsyncContext *c = d->cmd;
+  if (!c->replies.head || d->cmd_replies != d->seen_replies) { /* idle, or replies came */
+    d->seen_replies = d->cmd_replies;
+    d->progress_ms = now;
+    return;
+  }
+  if (now - d->progress_ms < d->redis_timeout_ms) return;
+  snprintf(why, sizeof(why), "no reply within %u ms", d->redis_timeout_ms);
+  sl_stat_add_dir(&d->stats.redis_timeouts);
+  went_down(d, why);
 }
 
 /* ---- the loop ---- */
@@ -584,7 +1004,7 @@ static void on_wake(uv_async_t *a) {
     sl__close((uv_handle_t *)&d->wake, NULL);
     drop_ctx(&d->cmd);
     drop_ctx(&d->sub);
-    d->cmd_ready = d->sub_ready = 0;
+    d->cmd_conn = d->sub_conn = d->cmd_ready = 0;
     return;
   }
   struct sl_lookup_msg m;
@@ -627,7 +1047,20 @@ static void on_wake(uv_async_t *a) {
 static void on_tick(uv_timer_t *t) {
   struct sl_dirsync *d = t->data;
   uint64_t now = mono_ms();
-  if (!d->cmd && !d->sub && now >= d->next_connect_ms) connect_redis(d);
+  if (!d->cmd && !d->sub && now >= d->next_connect_ms)
+    connect_redis(d);
+  else
+    check_timeouts(d, now);
+  /* The suspended set never read (unusable at start): ask again soon, not
+   * at the next resync, since accounts wait for it. */
+  if (d->cmd_ready && !d->suspended_known && now >= d->next_state_retry_ms) {
+    d->next_state_retry_ms = now + STATE_RETRY_MS;
+    request_state(d);
+  }
+  if (now >= d->next_badkey_sweep_ms) {
+    d->next_badkey_sweep_ms = now + 1000;
+    badkey_sweep(d, now);
+  }
   /* Slow Redis: a first lookup waits at most lookup_timeout_ms. */
   for (unsigned i = 0; i < d->npending;) {
     if (now - d->pending[i].started_ms >= d->lookup_timeout_ms) {
@@ -667,6 +1100,7 @@ int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned
   }
   d->resync_ms = cfg->resync_ms;
   d->lookup_timeout_ms = cfg->lookup_timeout_ms;
+  d->redis_timeout_ms = cfg->redis_timeout_ms ? cfg->redis_timeout_ms : 2000;
   d->negative_ttl_ms = cfg->negative_ttl_ms;
   d->unavailable_ttl_ms = 1000;
   d->nworkers = nworkers;

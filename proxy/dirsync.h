@@ -35,6 +35,26 @@ struct sl_dirsync_stats {
   _Atomic uint64_t accounts;          /* gauge: records in the directory */
   _Atomic uint64_t version;           /* gauge: directory snapshot version */
   _Atomic uint64_t evictions;
+  _Atomic uint64_t bad_keys;       /* gauge: keys seen unusable lately (wrong type, bad value) */
+  _Atomic uint64_t bad_key_reads;  /* reads that found a key unusable and set it aside */
+  _Atomic uint64_t redis_timeouts; /* connections dropped: no connect or no reply within redis-timeout-ms */
+};
+
+/* A key that could not be used: named in the log at first sight, then at
+ * most every SL_DIR_BADKEY_LOG_MS while it stays so. */
+#define SL_DIR_BADKEYS 128
+#define SL_DIR_BADKEY_NAME 200
+struct sl_dirsync_badkey {
+  uint64_t hash, last_seen_ms, next_log_ms;
+  uint32_t unlogged; /* reads since the last line */
+  uint16_t len;
+  char name[SL_DIR_BADKEY_NAME]; /* without the prefix; cut at the bound */
+};
+
+/* At most one line per period; what was held back is counted. */
+struct sl_dirsync_ratelog {
+  uint64_t next_ms;
+  uint32_t held;
 };
 
 struct sl_dirsync_slot {
@@ -61,8 +81,26 @@ struct sl_dirsync {
   unsigned resync_ms, lookup_timeout_ms, negative_ttl_ms, unavailable_ttl_ms;
   /* Redis connections: commands, and the subscriber */
   void *cmd, *sub; /* redisAsyncContext */
-  int cmd_ready, sub_ready;
-  int said_down; /* the current outage was logged */
+  int cmd_conn, sub_conn; /* TCP (or unix) connect done */
+  int cmd_ready;          /* the server answered PING: commands may go */
+  unsigned redis_timeout_ms;
+  uint64_t connect_started_ms;
+  uint64_t cmd_replies, seen_replies, progress_ms; /* reply timeout: replies counted, last progress */
+  /* "down" logging: the transition once, then one line per period */
+  int up, ever_up, outage_logged;
+  unsigned failures; /* attempts failed in this outage */
+  uint64_t down_since_ms, next_down_log_ms;
+  struct sl_dirsync_ratelog log_reply; /* error replies to the loads */
+  int keyspace_said;                   /* 0, 1: said enabled, 2: said not */
+  /* suspension never fails open: accounts are not answered "found" until the
+   * suspended set has been read once; a later unreadable set keeps the last */
+  int suspended_known;
+  uint64_t next_state_retry_ms;
+  struct sl_dirsync_ratelog log_nosusp;
+  struct sl_dirsync_badkey bad[SL_DIR_BADKEYS];
+  unsigned nbad;
+  struct sl_dirsync_ratelog log_badfull;
+  uint64_t next_badkey_sweep_ms;
   uint64_t backoff_ms, next_connect_ms, next_resync_ms;
   int resync_running;
   /* lookups in flight */

@@ -98,6 +98,7 @@ static void reload(struct sl_main *m) {
   KEEP(billing_tz_offset_min, "billing-tz-offset-min");
   KEEP(time_offset_s, "time-offset-s");
   KEEP(resync_ms, "resync-ms");
+  KEEP(redis_timeout_ms, "redis-timeout-ms");
   KEEP(lookup_timeout_ms, "lookup-timeout-ms");
   KEEP(negative_ttl_ms, "negative-ttl-ms");
   KEEP(max_accounts, "max-accounts");
