@@ -3,7 +3,7 @@
 # ASan+UBSan trees, runs the whole CTest suite on both, then the tests
 # labelled `tsan` under ThreadSanitizer (the limiter's and lookup ring's
 # concurrency tests, and the proxy, admission and metering integration
-# tests, which drive every thread sluice runs).
+# tests, which drive every thread sluice runs), then short fuzz runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deps/install.sh
@@ -21,3 +21,9 @@ run_tree() { # dir sanitize label-filter
 run_tree build ""
 run_tree build-asan "address,undefined"
 run_tree build-tsan "thread" -L tsan
+
+# The libFuzzer harnesses (clang-14, build-fuzz), each for a short fixed
+# number of runs with a fixed seed after replaying tests/fuzz/regress/
+# (docs/fuzzing.md says how to run them long).
+echo "=== fuzz"
+bash scripts/fuzz.sh 20000
