@@ -37,8 +37,8 @@ static void hdr_value(const struct sl_conn *c, int idx, const char **p, size_t *
     *n = 0;
     return;
   }
-  *p = c->buf + c->hdrs.h[idx].val_off;
-  *n = c->hdrs.h[idx].val_len;
+  *p = c->req.buf + c->req.hdrs.h[idx].val_off;
+  *n = c->req.hdrs.h[idx].val_len;
 }
 
 /* With --trusted-uid-header: when the request carries that header, its
@@ -47,10 +47,11 @@ static void hdr_value(const struct sl_conn *c, int idx, const char **p, size_t *
 static int trusted_uid(struct sl_conn *c) {
   const char *name = c->w->cfg->trusted_uid_header;
   size_t nl = strlen(name);
-  for (unsigned i = 0; i < c->hdrs.n; i++) {
-    const struct sl_hdr *h = &c->hdrs.h[i];
-    if (h->name_len != nl || strncasecmp(c->buf + h->name_off, name, nl) != 0) continue;
-    const char *v = c->buf + h->val_off;
+  for (unsigned i = 0; i < c->req.hdrs.n; i++) {
+    const struct sl_hdr *h = &c->req.hdrs.h[i];
+    if (h->name_len != nl || strncasecmp(c->req.buf + h->name_off, name, nl) != 0) continue;
+    if (sl_req_conn_listed(&c->req, h)) continue; /* not forwarded, so not trusted either */
+    const char *v = c->req.buf + h->val_off;
     if (h->val_len == 0 || h->val_len > SL_UID_MAX) return 0;
     for (uint32_t k = 0; k < h->val_len; k++)
       if ((unsigned char)v[k] < 0x20 || v[k] == 0x7f) return 0; /* it becomes part of Redis keys */
@@ -68,12 +69,25 @@ static void reject(struct sl_conn *c, enum sl_outcome o, int status, const char 
   sl_conn_error(c, status, code, msg, extra, 0);
 }
 
+static void reject_not_found(struct sl_conn *c) {
+  reject(c, SL_OUT_UNAUTHENTICATED, 403, "InvalidAccessKeyId.NotFound", "Specified access key is not found.", NULL);
+}
+
+static void reject_suspended(struct sl_conn *c) {
+  reject(c, SL_OUT_SUSPENDED, 403, "Forbidden.AccountSuspended",
+         "The account is suspended for overdue payment. Settle the overdue bill to resume service.", NULL);
+}
+
+static void reject_no_key(struct sl_conn *c) {
+  reject(c, SL_OUT_UNAUTHENTICATED, 403, "InvalidAccessKeyId.NotFound",
+         "The request carries no AccessKeyId (query AccessKeyId or Authorization Credential).", NULL);
+}
+
 /* The account is known (found, unknown, or unreachable): finish the decision. */
 static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const struct sl_acct *a) {
   struct sl_worker *w = c->w;
   if (a->kind == SL_ACCT_NOT_FOUND) {
-    reject(c, SL_OUT_UNAUTHENTICATED, 403, "InvalidAccessKeyId.NotFound", "Specified access key is not found.",
-           NULL);
+    reject_not_found(c);
     return;
   }
   if (a->kind == SL_ACCT_UNAVAILABLE) {
@@ -84,8 +98,7 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
   memcpy(c->uid, a->uid, a->uid_len);
   c->uid_len = a->uid_len;
   if (sl_dir_is_suspended(s, a->uid, a->uid_len)) {
-    reject(c, SL_OUT_SUSPENDED, 403, "Forbidden.AccountSuspended",
-           "The account is suspended for overdue payment. Settle the overdue bill to resume service.", NULL);
+    reject_suspended(c);
     return;
   }
   if (sl_meter_saturated(&w->meter)) { /* a call that cannot be counted is not forwarded */
@@ -100,8 +113,12 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
   struct lim_decision d;
   lim_decide(w->shared->lim, key, kl, lim_hash(key, kl), limit, 1, lim_now_ns(), &d);
   if (d.result == LIM_REJECT) {
-    uint64_t ms = (d.retry_after_ns + 999999) / 1000000;
-    uint64_t secs = (d.retry_after_ns + 999999999) / 1000000000;
+    /* A limit of 0 never admits (LIM_NEVER): the hint then says a minute,
+     * so SDKs that read TimeLeft do not retry at once; the limit can be
+     * raised at any time, so "never" would be wrong too. */
+    uint64_t retry_ns = d.retry_after_ns > SL_RETRY_MAX_NS ? SL_RETRY_MAX_NS : d.retry_after_ns;
+    uint64_t ms = (retry_ns + 999999) / 1000000;
+    uint64_t secs = (retry_ns + 999999999) / 1000000000;
     uint64_t reset = (d.reset_ns + 999999999) / 1000000000;
     if (secs == 0) secs = 1;
     /* Appended by hand, not printf'd: under overload this is the hot path. */
@@ -196,23 +213,64 @@ void sl_admit_resume(struct sl_worker *w) {
   }
 }
 
+/* What classification reads: only what is forwarded (reqparse.c leaves out
+ * headers that the Connection header lists). */
+static void class_input(const struct sl_conn *c, struct sl_class_input *in) {
+  memset(in, 0, sizeof(*in));
+  in->url = c->req.buf + c->req.url_off;
+  in->url_len = c->req.url_len;
+  in->default_region = c->w->cfg->region;
+  in->regions = c->w->cfg->regions;
+  hdr_value(c, c->req.h_host, &in->host, &in->host_len);
+  hdr_value(c, c->req.h_auth, &in->authorization, &in->auth_len);
+  hdr_value(c, c->req.h_action, &in->acs_action, &in->acs_action_len);
+  hdr_value(c, c->req.h_ctype, &in->content_type, &in->ct_len);
+}
+
+int sl_admit_head(struct sl_conn *c) {
+  struct sl_worker *w = c->w;
+  struct sl_class_input in;
+  class_input(c, &in); /* no body yet: Service, and an Action in the body, come later */
+  enum sl_class_err e = sl_classify(&in, &c->cls);
+  if (e == SL_CLASS_BAD_ENCODING || e == SL_CLASS_FIELD_TOO_LONG || e == SL_CLASS_CONFLICT ||
+      e == SL_CLASS_UNKNOWN_REGION) {
+    c->cls.feature = -1; /* metered under "-": an unknown region gets no key of its own */
+    reject(c, SL_OUT_BAD_REQUEST, 400, sl_class_err_code(e), sl_class_err_message(e), NULL);
+    return 1;
+  }
+  c->cls.feature = -1; /* not known before the body: the early answers are metered under "-" */
+  if (w->cfg->trusted_uid_header[0] && trusted_uid(c)) {
+    /* looked up below like an AccessKeyId */
+  } else if (c->cls.ak_len == 0) {
+    reject_no_key(c);
+    return 1;
+  }
+  const struct sl_dir_snap *s = sl_dirsync_snap(&w->shared->dir);
+  const struct sl_acct *a = sl_dir_find(s, c->cls.ak, c->cls.ak_len, sl_dir_hash(c->cls.ak, c->cls.ak_len));
+  if (!usable(a, uv_now(&w->loop))) return 0; /* not known yet: the lookup waits for the body */
+  if (a->kind == SL_ACCT_NOT_FOUND) {
+    reject_not_found(c);
+    return 1;
+  }
+  if (a->kind == SL_ACCT_FOUND && sl_dir_is_suspended(s, a->uid, a->uid_len)) {
+    memcpy(c->uid, a->uid, a->uid_len);
+    c->uid_len = a->uid_len;
+    reject_suspended(c);
+    return 1;
+  }
+  return 0;
+}
+
 void sl_admit(struct sl_conn *c) {
   struct sl_worker *w = c->w;
-  struct sl_class_input in = {
-      .url = c->buf + c->url_off,
-      .url_len = c->url_len,
-      .default_region = w->cfg->region,
-  };
-  hdr_value(c, c->h_host, &in.host, &in.host_len);
-  hdr_value(c, c->h_auth, &in.authorization, &in.auth_len);
-  hdr_value(c, c->h_action, &in.acs_action, &in.acs_action_len);
-  hdr_value(c, c->h_ctype, &in.content_type, &in.ct_len);
-  if (c->chunked_req) {
-    in.body = c->body.data;
-    in.body_len = c->body.len;
-  } else if (c->has_body) {
-    in.body = c->buf + c->body_off;
-    in.body_len = c->body_len;
+  struct sl_class_input in;
+  class_input(c, &in);
+  if (c->req.chunked_req) {
+    in.body = c->req.body.data;
+    in.body_len = c->req.body.len;
+  } else if (c->req.has_body) {
+    in.body = c->req.buf + c->req.body_off;
+    in.body_len = c->req.body_len;
   }
   enum sl_class_err e = sl_classify(&in, &c->cls);
   if (e != SL_CLASS_OK) {
@@ -225,8 +283,7 @@ void sl_admit(struct sl_conn *c) {
     /* The operator trusts a header to name the account: look the UID up
      * as its own directory key (0x01 + UID), with the UID's packages. */
   } else if (c->cls.ak_len == 0) {
-    reject(c, SL_OUT_UNAUTHENTICATED, 403, "InvalidAccessKeyId.NotFound",
-           "The request carries no AccessKeyId (query AccessKeyId or Authorization Credential).", NULL);
+    reject_no_key(c);
     return;
   }
   c->ak_hash = sl_dir_hash(c->cls.ak, c->cls.ak_len);

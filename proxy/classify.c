@@ -10,6 +10,7 @@ struct span {
   const char *p;
   size_t n;
   int found;
+  int conflict; /* the name occurs again with another value */
 };
 
 enum { P_ACTION, P_AK, P_SERVICE, P_COUNT };
@@ -22,25 +23,38 @@ static const struct {
     [P_SERVICE] = {"Service", 7},
 };
 
+/* Whether two raw values decode to the same bytes (a value that fails to
+ * decode equals only its own raw bytes). */
+static int same_value(const char *a, size_t an, const char *b, size_t bn) {
+  char da[256], db[256];
+  if (an == bn && memcmp(a, b, an) == 0) return 1;
+  int la = sl_http_urldecode(a, an, da, sizeof(da));
+  int lb = sl_http_urldecode(b, bn, db, sizeof(db));
+  return la >= 0 && la == lb && memcmp(da, db, (size_t)la) == 0;
+}
+
 /* One pass over an application/x-www-form-urlencoded string (a query or a
  * form body) that records the raw value of the first occurrence of each name
- * in param_names[first..last]. Names are matched exactly before decoding,
- * as the API's parameter names are plain ASCII. Stops once all are found. */
-static void scan_params(const char *s, size_t n, unsigned first, unsigned last, struct span *out) {
-  unsigned left = last - first + 1;
+ * in param_names, and whether a later one differs. Names are matched exactly
+ * before decoding, as the API's parameter names are plain ASCII. */
+static void scan_params(const char *s, size_t n, struct span *out) {
   size_t i = 0;
-  if (n == 0) return;
-  while (i < n && left > 0) {
+  while (i < n) {
     const char *amp = memchr(s + i, '&', n - i);
     size_t e = amp ? (size_t)(amp - s) : n;
     const char *eq = memchr(s + i, '=', e - i);
     size_t kl = eq ? (size_t)(eq - (s + i)) : e - i;
-    for (unsigned k = first; k <= last; k++) {
-      if (out[k].found || kl != param_names[k].len || memcmp(s + i, param_names[k].name, kl) != 0) continue;
-      out[k].found = 1;
-      out[k].p = eq ? eq + 1 : s + e;
-      out[k].n = eq ? (size_t)(s + e - eq - 1) : 0;
-      left--;
+    for (unsigned k = 0; k < P_COUNT; k++) {
+      if (kl != param_names[k].len || memcmp(s + i, param_names[k].name, kl) != 0) continue;
+      const char *vp = eq ? eq + 1 : s + e;
+      size_t vn = eq ? (size_t)(s + e - eq - 1) : 0;
+      if (!out[k].found) {
+        out[k].found = 1;
+        out[k].p = vp;
+        out[k].n = vn;
+      } else if (!same_value(out[k].p, out[k].n, vp, vn)) {
+        out[k].conflict = 1;
+      }
       break;
     }
     i = e + 1;
@@ -171,25 +185,83 @@ static int is_form(const char *ct, size_t n) {
   return SL_IEQ(ct, n, "application/x-www-form-urlencoded");
 }
 
+/* Whether the comma-separated list holds region r (already lowercase). */
+static int region_known(const char *list, const char *r, size_t rn) {
+  const char *p = list;
+  while (*p) {
+    const char *comma = strchr(p, ',');
+    size_t n = comma ? (size_t)(comma - p) : strlen(p);
+    const char *q = p;
+    size_t qn = n;
+    trim(&q, &qn);
+    if (qn == rn && rn > 0 && sl_http_ieq(q, qn, r, rn)) return 1;
+    if (!comma) break;
+    p = comma + 1;
+  }
+  return 0;
+}
+
 static enum sl_class_err region_of(const struct sl_class_input *in, struct sl_class *out) {
   const char *r = NULL;
   size_t rn = 0;
-  if (in->host == NULL || !host_region(in->host, in->host_len, &r, &rn)) {
+  int from_host = in->host != NULL && host_region(in->host, in->host_len, &r, &rn);
+  if (!from_host) {
     r = in->default_region;
+    rn = 0; /* host_region may have set it before it failed */
     if (r != NULL)
       while (rn < sizeof(out->region) && r[rn] != '\0') rn++;
   }
   enum sl_class_err e = copy_into(r, rn, out->region, sizeof(out->region), &out->region_len);
   for (size_t i = 0; i < out->region_len; i++) /* region names are lowercase */
     if (out->region[i] >= 'A' && out->region[i] <= 'Z') out->region[i] = (char)(out->region[i] | 0x20);
+  /* Only the service's regions count: each other name would be a bucket
+   * (and a metering key) of its own. */
+  if (e == SL_CLASS_OK && from_host && in->regions != NULL &&
+      !region_known(in->regions, out->region, out->region_len)) {
+    out->region[0] = '\0';
+    out->region_len = 0;
+    e = SL_CLASS_UNKNOWN_REGION;
+  }
   return e;
+}
+
+/* Whether a raw value decodes to exactly v[0..vn). */
+static int decodes_to(const struct span *s, const char *v, size_t vn) {
+  char d[256];
+  int n = sl_http_urldecode(s->p, s->n, d, sizeof(d));
+  return n >= 0 && (size_t)n == vn && memcmp(d, v, vn) == 0;
+}
+
+/* Decodes the value found in the first place that has one (q, then f, then
+ * plain) into out; with `agree`, every other place that has one must hold
+ * the same value. */
+static enum sl_class_err pick(const struct span *q, const struct span *f, const char *plain, size_t plain_n,
+                              int agree, char *out, size_t cap, uint8_t *len) {
+  enum sl_class_err e = SL_CLASS_OK;
+  *len = 0;
+  out[0] = '\0';
+  if ((q && q->conflict) || (f && f->conflict)) return SL_CLASS_CONFLICT;
+  /* The first non-empty place wins; every other non-empty one must match it. */
+  if (q && q->found && q->n > 0)
+    e = decode_into(q, out, cap, len);
+  else if (f && f->found && f->n > 0)
+    e = decode_into(f, out, cap, len);
+  else if (plain && plain_n > 0)
+    return copy_into(plain, plain_n, out, cap, len);
+  else
+    return SL_CLASS_OK;
+  if (e != SL_CLASS_OK || !agree) return e;
+  if (q && q->found && q->n > 0 && !decodes_to(q, out, *len)) return SL_CLASS_CONFLICT;
+  if (f && f->found && f->n > 0 && !decodes_to(f, out, *len)) return SL_CLASS_CONFLICT;
+  if (plain && plain_n > 0 && (plain_n != *len || memcmp(plain, out, plain_n) != 0)) return SL_CLASS_CONFLICT;
+  return SL_CLASS_OK;
 }
 
 enum sl_class_err sl_classify(const struct sl_class_input *in, struct sl_class *out) {
   struct span q[P_COUNT] = {{0}}, f[P_COUNT] = {{0}};
   enum sl_class_err err = SL_CLASS_OK, e;
-  const char *qs = NULL, *v;
-  size_t qn = 0, vn;
+  const char *qs = NULL, *v = NULL;
+  size_t qn = 0, vn = 0;
   int action_ok, service_ok;
 
   out->action[0] = out->ak[0] = out->service[0] = out->region[0] = '\0';
@@ -202,41 +274,31 @@ enum sl_class_err sl_classify(const struct sl_class_input *in, struct sl_class *
     qs++;
     qn = in->url_len - (size_t)(qs - in->url);
     if ((v = memchr(qs, '#', qn)) != NULL) qn = (size_t)(v - qs);
-    scan_params(qs, qn, P_ACTION, P_SERVICE, q);
+    scan_params(qs, qn, q);
   }
+  /* Most Actions carry Service in the form body; the query is the fallback.
+   * A form body can carry Action and AccessKeyId too (RPC style). */
+  if (in->body_len > 0 && is_form(in->content_type, in->ct_len)) scan_params(in->body, in->body_len, f);
 
-  /* An empty value counts as absent, so that the next source is tried. */
-  if (q[P_ACTION].n > 0) {
-    e = decode_into(&q[P_ACTION], out->action, sizeof(out->action), &out->action_len);
-  } else {
-    v = in->acs_action;
-    vn = v ? in->acs_action_len : 0;
-    trim(&v, &vn);
-    e = vn > 0 ? copy_into(v, vn, out->action, sizeof(out->action), &out->action_len) : SL_CLASS_NO_ACTION;
-  }
+  v = in->acs_action;
+  vn = v ? in->acs_action_len : 0;
+  trim(&v, &vn);
+  e = pick(&q[P_ACTION], &f[P_ACTION], v, vn, 1, out->action, sizeof(out->action), &out->action_len);
+  if (e == SL_CLASS_OK && out->action_len == 0) e = SL_CLASS_NO_ACTION;
   action_ok = e == SL_CLASS_OK;
   err = e;
 
-  if (q[P_AK].n > 0)
-    e = decode_into(&q[P_AK], out->ak, sizeof(out->ak), &out->ak_len);
-  else if (in->authorization != NULL && v3_credential(in->authorization, in->auth_len, &v, &vn))
-    e = copy_into(v, vn, out->ak, sizeof(out->ak), &out->ak_len);
-  else
-    e = SL_CLASS_OK;
+  v = NULL;
+  vn = 0;
+  if (in->authorization != NULL && !v3_credential(in->authorization, in->auth_len, &v, &vn)) v = NULL;
+  e = pick(&q[P_AK], &f[P_AK], v, vn, 1, out->ak, sizeof(out->ak), &out->ak_len);
   if (err == SL_CLASS_OK) err = e;
 
   e = region_of(in, out);
   if (err == SL_CLASS_OK) err = e;
 
-  /* Most Actions carry Service in the form body; the query is the fallback. */
-  if (in->body_len > 0 && is_form(in->content_type, in->ct_len))
-    scan_params(in->body, in->body_len, P_SERVICE, P_SERVICE, f);
-  if (f[P_SERVICE].n > 0)
-    e = decode_into(&f[P_SERVICE], out->service, sizeof(out->service), &out->service_len);
-  else if (q[P_SERVICE].n > 0)
-    e = decode_into(&q[P_SERVICE], out->service, sizeof(out->service), &out->service_len);
-  else
-    e = SL_CLASS_OK;
+  /* SPEC 3: the form body's Service, else the query's (not a conflict). */
+  e = pick(&f[P_SERVICE], &q[P_SERVICE], NULL, 0, 0, out->service, sizeof(out->service), &out->service_len);
   service_ok = e == SL_CLASS_OK;
   if (err == SL_CLASS_OK) err = e;
 
@@ -257,6 +319,8 @@ const char *sl_class_err_code(enum sl_class_err e) {
     case SL_CLASS_UNKNOWN_ACTION: return "InvalidAction.NotFound";
     case SL_CLASS_BAD_ENCODING: return "InvalidParameter";
     case SL_CLASS_FIELD_TOO_LONG: return "InvalidParameter";
+    case SL_CLASS_CONFLICT: return "InvalidParameter";
+    case SL_CLASS_UNKNOWN_REGION: return "InvalidRegionId";
   }
   return "InvalidParameter";
 }
@@ -271,6 +335,9 @@ const char *sl_class_err_message(enum sl_class_err e) {
       return "A value of Action, AccessKeyId or Service is badly URL-encoded or holds control characters.";
     case SL_CLASS_FIELD_TOO_LONG:
       return "A value of Action, AccessKeyId, Service or the region is longer than the API allows.";
+    case SL_CLASS_CONFLICT:
+      return "The request gives AccessKeyId, Action or Service more than once with different values.";
+    case SL_CLASS_UNKNOWN_REGION: return "The region named by the Host header is not served here.";
   }
   return "The request could not be classified.";
 }

@@ -24,6 +24,7 @@ struct sl_class_input {
   const char *body;
   size_t body_len;            /* request body (already de-chunked); may be NULL when 0 */
   const char *default_region; /* --region, NUL-terminated; may be NULL */
+  const char *regions;        /* known regions, comma-separated, NUL-terminated; NULL: any */
 };
 
 enum sl_class_err {
@@ -31,7 +32,9 @@ enum sl_class_err {
   SL_CLASS_NO_ACTION,
   SL_CLASS_UNKNOWN_ACTION,
   SL_CLASS_BAD_ENCODING,
-  SL_CLASS_FIELD_TOO_LONG
+  SL_CLASS_FIELD_TOO_LONG,
+  SL_CLASS_CONFLICT,       /* AccessKeyId, Action or Service given twice with different values */
+  SL_CLASS_UNKNOWN_REGION, /* the Host names a region not in the known list */
 };
 
 /* Every string field is NUL-terminated and also has its length, so a value
@@ -53,8 +56,17 @@ struct sl_class {
 /* Classifies one request. Returns SL_CLASS_OK or the first problem met, in
  * field order Action, AccessKeyId, region, Service, then an Action missing from
  * the catalogue. On error `out` still holds every field that was found and
- * decoded (feature is set whenever Action and Service both decoded). A missing
- * AccessKeyId is not an error here (ak_len 0): the caller answers 403. */
+ * decoded (feature is set whenever Action and Service both decoded), except
+ * that an unknown region leaves region_len 0. A missing AccessKeyId is not an
+ * error here (ak_len 0): the caller answers 403.
+ *
+ * One identity, one Action: every place a value can come from must agree
+ * (AccessKeyId: query, form body, the Authorization Credential; Action:
+ * query, form body, x-acs-action), else SL_CLASS_CONFLICT: the backend could
+ * read another one than the proxy admitted. Within the query or the body
+ * every occurrence of a name (Service too) must be the same, an empty one
+ * included; across places an empty value counts as absent, so the next
+ * place is used. Service is the form body's, else the query's (SPEC 3). */
 enum sl_class_err sl_classify(const struct sl_class_input *in, struct sl_class *out);
 
 /* The JSON error Code for e ("MissingAction", "InvalidAction.NotFound",

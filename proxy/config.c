@@ -54,6 +54,12 @@ static const struct opt opts[] = {
   {"max-fails", OPT_UINT, F(max_fails), 0, 1, 1000, "consecutive failures that eject an upstream (1)"},
   {"fail-timeout-ms", OPT_UINT, F(fail_timeout_ms), 0, 10, 3600000, "ejection time before a probe (5000)"},
   {"drain-timeout-ms", OPT_UINT, F(drain_timeout_ms), 0, 10, 3600000, "SIGTERM drain bound (10000)"},
+  {"send-timeout-ms", OPT_UINT, F(send_timeout_ms), 0, 10, 3600000,
+   "close a client that reads nothing of a pending response for this long (30000)"},
+  {"max-body-buffer-bytes", OPT_U64, F(max_body_buffer_bytes), 0, 0, 1ull << 40,
+   "request body bytes buffered per worker, else 503 (67108864)"},
+  {"regions", OPT_STR, F(regions), FSIZE(regions), 0, 0,
+   "known regions, comma-separated; a Host naming another is 400 (the service's regions)"},
   {"metering", OPT_STR, F(metering), FSIZE(metering), 0, 0,
    "on|off: off counts nothing for billing; for measuring metering's cost only (on)"},
   {"spool-dir", OPT_STR, F(spool_dir), FSIZE(spool_dir), 0, 0,
@@ -228,6 +234,9 @@ static void config_defaults(struct sl_config *c) {
   c->max_fails = 1;
   c->fail_timeout_ms = 5000;
   c->drain_timeout_ms = 10000;
+  c->send_timeout_ms = 30000;
+  c->max_body_buffer_bytes = 64ull << 20;
+  strcpy(c->regions, SL_DEFAULT_REGIONS);
   c->resync_ms = 30000;
   c->lookup_timeout_ms = 1000;
   c->redis_timeout_ms = 2000;
@@ -315,6 +324,46 @@ out_parser:
   return rc;
 }
 
+/* --regions: lowercase names of letters, digits and '-', comma-separated
+ * (spaces around a name allowed), stored normalised; --region among them. */
+static int regions_check(struct sl_config *c, char *err, size_t errlen) {
+  char norm[sizeof(c->regions)];
+  size_t n = 0;
+  int found_default = 0;
+  const char *p = c->regions;
+  for (;;) {
+    while (*p == ' ') p++;
+    const char *s = p;
+    while (*p && *p != ',' && *p != ' ') p++;
+    size_t len = (size_t)(p - s);
+    while (*p == ' ') p++;
+    if (len == 0 || len > SL_REGION_NAME_MAX || (*p && *p != ',')) {
+      set_err(err, errlen, "regions: '%s' is not a comma-separated list of region names", c->regions);
+      return -1;
+    }
+    for (size_t i = 0; i < len; i++) {
+      char ch = s[i];
+      if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '-')) {
+        set_err(err, errlen, "regions: '%.*s' holds a character other than a-z, 0-9 and '-'", (int)len, s);
+        return -1;
+      }
+    }
+    if (strlen(c->region) == len && memcmp(c->region, s, len) == 0) found_default = 1;
+    if (n) norm[n++] = ',';
+    memcpy(norm + n, s, len);
+    n += len;
+    if (!*p) break;
+    p++;
+  }
+  norm[n] = '\0';
+  memcpy(c->regions, norm, n + 1);
+  if (!found_default) {
+    set_err(err, errlen, "region: '%s' is not in --regions (%s)", c->region, c->regions);
+    return -1;
+  }
+  return 0;
+}
+
 int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, size_t errlen) {
   config_defaults(out);
   if (cli->file && config_file(out, cli->file, err, errlen) != 0) return -1;
@@ -351,7 +400,7 @@ int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, s
     set_err(err, errlen, "no upstream: give --upstream HOST:PORT (or 'upstream:' in the file)");
     return -1;
   }
-  return 0;
+  return regions_check(out, err, errlen);
 }
 
 void sl_config_usage(FILE *f) {

@@ -11,6 +11,11 @@
 #include <sys/socket.h>
 
 #define SL_MAX_UPSTREAMS 32
+#define SL_REGION_NAME_MAX 63
+/* The regions Content Moderation 2.0 (green-cip) is served in. */
+#define SL_DEFAULT_REGIONS                                                                                \
+  "cn-shanghai,cn-beijing,cn-hangzhou,cn-shenzhen,cn-chengdu,cn-qingdao,ap-southeast-1,ap-southeast-3," \
+  "ap-southeast-5,ap-northeast-1,us-east-1,us-west-1,eu-central-1,eu-west-1"
 
 struct sl_addr {
   struct sockaddr_storage sa;
@@ -44,6 +49,9 @@ struct sl_config {
   unsigned max_fails;           /* consecutive failures that eject an address */
   unsigned fail_timeout_ms;     /* how long an ejected address rests before a probe */
   unsigned drain_timeout_ms;    /* SIGTERM: bound on finishing requests in flight */
+  unsigned send_timeout_ms;     /* a client that reads none of a pending response for this long is closed */
+  uint64_t max_body_buffer_bytes; /* request bodies buffered per worker, else 503 */
+  char regions[512];            /* known regions, comma-separated; a Host naming another is 400 */
   /* metering */
   char metering[8];             /* "on", or "off" for measuring its cost only (nothing is billed) */
   char spool_dir[256];

@@ -1,6 +1,8 @@
-/* Client connections: read and parse requests (strict llhttp), buffer the
- * body, hand complete requests to the upstream side, relay responses in
- * order (pipelining), and enforce the header/body/time bounds. */
+/* Client connections: read requests and parse them (reqparse.c), buffer the
+ * body within the worker's budget, hand complete requests to admission or
+ * the upstream side, relay responses in order (pipelining), and enforce the
+ * header/body/time bounds. The request loop is flat: answering a request
+ * synchronously returns to conn_parse's loop, never re-enters it. */
 #include <arpa/inet.h>
 #include <string.h>
 #include <time.h>
@@ -8,168 +10,41 @@
 #include "http_util.h"
 #include "proxy.h"
 
-static llhttp_settings_t req_settings;
-
 static void conn_parse(struct sl_conn *c);
 static void conn_write_done(uv_write_t *req, int status);
 static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 
 static inline uint64_t now_ms(struct sl_conn *c) { return uv_now(&c->w->loop); }
 
-/* ---- parser callbacks: record offsets into c->buf (contiguous for the
- * whole request, so a span split across reads just grows) ---- */
-
-static int on_message_begin(llhttp_t *p) {
-  struct sl_conn *c = p->data;
-  sl_hdrs_reset(&c->hdrs);
-  c->nconn_hdr = 0;
-  c->url_len = 0;
-  c->url_off = 0;
-  c->headers_done = 0;
-  c->body_len = c->body_off = 0;
-  c->need_cap = 0;
-  c->h_host = c->h_auth = c->h_action = c->h_ctype = -1;
-  c->has_body = c->chunked_req = 0;
-  c->expect_continue = 0;
-  c->body.len = 0;
-  return 0;
-}
-
-static int on_url(llhttp_t *p, const char *at, size_t n) {
-  struct sl_conn *c = p->data;
-  if (c->url_len == 0) c->url_off = (uint32_t)(at - c->buf);
-  c->url_len += (uint32_t)n;
-  c->last_span_end = (uint32_t)(at - c->buf + n);
-  return 0;
-}
-
-static int on_header_field(llhttp_t *p, const char *at, size_t n) {
-  struct sl_conn *c = p->data;
-  if (sl_hdrs_field(&c->hdrs, (uint32_t)(at - c->buf), (uint32_t)n) != 0) {
-    c->err_status = 431;
-    return -1;
-  }
-  c->last_span_end = (uint32_t)(at - c->buf + n);
-  return 0;
-}
-
-static int on_header_field_complete(llhttp_t *p) {
-  struct sl_conn *c = p->data;
-  sl_hdrs_field_done(&c->hdrs, c->buf);
-  return 0;
-}
-
-static int on_header_value(llhttp_t *p, const char *at, size_t n) {
-  struct sl_conn *c = p->data;
-  sl_hdrs_value(&c->hdrs, (uint32_t)(at - c->buf), (uint32_t)n);
-  c->last_span_end = (uint32_t)(at - c->buf + n);
-  return 0;
-}
-
-static int on_header_value_complete(llhttp_t *p) {
-  ((struct sl_conn *)p->data)->hdrs.value_open = 0;
-  return 0;
-}
-
-static int on_headers_complete(llhttp_t *p) {
-  struct sl_conn *c = p->data;
-  const struct sl_config *cfg = c->w->cfg;
-  /* The head ends at the blank line after the last span we saw. */
-  const char *s = c->buf + c->last_span_end, *end = c->buf + c->len;
-  const char *blank = memmem(s, (size_t)(end - s), "\r\n\r\n", 4);
-  c->head_len = blank ? (uint32_t)(blank + 4 - c->buf) : (uint32_t)c->len;
-  if (c->head_len > cfg->max_header_bytes) {
-    c->err_status = 431;
-    return -1;
-  }
-  c->headers_done = 1;
-  c->head_method = llhttp_get_method(p) == HTTP_HEAD;
-  c->keep_alive = llhttp_should_keep_alive(p) != 0;
-  for (unsigned i = 0; i < c->hdrs.n; i++) {
-    const struct sl_hdr *h = &c->hdrs.h[i];
-    switch (h->kind) {
-      case SL_H_CONNECTION:
-        if (c->nconn_hdr < SL_ARRAY_SIZE(c->conn_hdr)) c->conn_hdr[c->nconn_hdr++] = i;
-        break;
-      case SL_H_EXPECT:
-        if (SL_IEQ(c->buf + h->val_off, h->val_len, "100-continue")) c->expect_continue = 1;
-        break;
-      case SL_H_HOST:
-        c->h_host = (int16_t)i;
-        break;
-      case SL_H_AUTHORIZATION:
-        c->h_auth = (int16_t)i;
-        break;
-      case SL_H_X_ACS_ACTION:
-        c->h_action = (int16_t)i;
-        break;
-      case SL_H_CONTENT_TYPE:
-        c->h_ctype = (int16_t)i;
-        break;
-      default:
-        break;
-    }
-  }
-  if (p->flags & F_CHUNKED) {
-    c->has_body = c->chunked_req = 1;
-  } else if (p->flags & F_CONTENT_LENGTH) {
-    c->has_body = 1;
-    if (p->content_length > cfg->max_body_bytes) {
-      c->err_status = 413;
-      return -1;
-    }
-    c->body_off = c->head_len;
-    c->body_len = p->content_length;
-    /* Grown in alloc_cb, never here: llhttp is reading c->buf right now. */
-    c->need_cap = c->head_len + p->content_length;
-  }
-  if (c->expect_continue && c->has_body && !(c->need_cap && c->need_cap <= c->len)) {
-    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
-    uv_buf_t b = uv_buf_init((char *)cont, sizeof(cont) - 1);
-    (void)uv_try_write((uv_stream_t *)&c->tcp, &b, 1); /* best effort: the client sends the body anyway after a while */
-  }
-  return 0;
-}
-
-static int on_body(llhttp_t *p, const char *at, size_t n) {
-  struct sl_conn *c = p->data;
-  if (!c->chunked_req) return 0; /* Content-Length bodies stay where they are in c->buf */
-  if (sl_buf_append(&c->body, at, n) != 0) {
-    c->err_status = 413;
-    return -1;
-  }
-  return 0;
-}
-
-static int on_message_complete(llhttp_t *p) {
-  (void)p;
-  return HPE_PAUSED; /* one request at a time: responses go out in order */
-}
-
-/* Called once by main before any worker starts: the settings are then
- * read-only and shared by every parser. */
-void sl_conn_global_init(void) {
-  llhttp_settings_init(&req_settings);
-  req_settings.on_message_begin = on_message_begin;
-  req_settings.on_url = on_url;
-  req_settings.on_header_field = on_header_field;
-  req_settings.on_header_field_complete = on_header_field_complete;
-  req_settings.on_header_value = on_header_value;
-  req_settings.on_header_value_complete = on_header_value_complete;
-  req_settings.on_headers_complete = on_headers_complete;
-  req_settings.on_body = on_body;
-  req_settings.on_message_complete = on_message_complete;
-}
+/* Called once by main before any worker starts. */
+void sl_conn_global_init(void) { sl_req_global_init(); }
 
 /* ---- lifecycle ---- */
 
+/* Returns this request's body bytes to the worker's budget. */
+static void body_release(struct sl_conn *c) {
+  c->w->body_buffered -= c->body_reserved;
+  c->body_reserved = 0;
+}
+
+/* Counts `total` body bytes of this request against the worker's budget
+ * (--max-body-buffer-bytes). Returns 0, or -1 when it does not fit. */
+static int body_reserve(struct sl_conn *c, uint64_t total) {
+  if (total <= c->body_reserved) return 0;
+  uint64_t more = total - c->body_reserved;
+  if (c->w->body_buffered + more > c->w->cfg->max_body_buffer_bytes) return -1;
+  c->w->body_buffered += more;
+  c->body_reserved = total;
+  return 0;
+}
+
 static void conn_free(uv_handle_t *h) {
   struct sl_conn *c = sl_container_of(h, struct sl_conn, tcp);
-  free(c->buf);
-  free(c->hdrs.h);
+  free(c->req.buf);
+  free(c->req.hdrs.h);
   sl_buf_free(&c->out);
   sl_buf_free(&c->inflight);
-  sl_buf_free(&c->body);
+  sl_buf_free(&c->req.body);
   free(c);
 }
 
@@ -178,6 +53,7 @@ void sl_conn_close(struct sl_conn *c) {
   c->closing = 1;
   sl_admit_unpark(c);
   if (c->up) sl_upstream_abort(c->up);
+  body_release(c);
   sl_list_remove(&c->link);
   c->w->nconns--;
   sl_stat_sub(&c->w->stats.conns_open, 1);
@@ -187,18 +63,25 @@ void sl_conn_close(struct sl_conn *c) {
 static void alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b) {
   (void)hint;
   struct sl_conn *c = sl_container_of(h, struct sl_conn, tcp);
-  if (c->len == c->cap) {
+  struct sl_req *r = &c->req;
+  if (c->lingering) { /* what arrives now is discarded */
+    *b = uv_buf_init(r->buf, (unsigned)r->cap);
+    return;
+  }
+  if (r->len == r->cap && c->phase == SL_C_READING) {
     size_t want = 0;
-    if (c->phase == SL_C_READING && c->need_cap > c->cap)
-      want = c->need_cap; /* a Content-Length body: room for exactly the request */
-    else if (c->phase == SL_C_READING && !c->headers_done && c->cap <= c->w->cfg->max_header_bytes)
+    if (r->need_cap > r->cap)
+      want = r->need_cap; /* a Content-Length body: room for exactly the request */
+    else if (!r->headers_done && r->cap <= c->w->cfg->max_header_bytes)
       want = (size_t)c->w->cfg->max_header_bytes + 1; /* one byte past the bound detects 431 */
-    if (want > c->cap) {
-      c->buf = sl_realloc(c->buf, want);
-      c->cap = want;
+    else if (r->headers_done && r->chunked_req)
+      want = r->cap + SL_CONN_BUF; /* framing is dropped as it is parsed: this stays near head + one read */
+    if (want > r->cap) {
+      r->buf = sl_realloc(r->buf, want);
+      r->cap = want;
     }
   }
-  *b = uv_buf_init(c->buf + c->len, (unsigned)(c->cap - c->len));
+  *b = uv_buf_init(r->buf + r->len, (unsigned)(r->cap - r->len));
 }
 
 /* Sends a response the proxy makes itself; when a relayed response already
@@ -212,6 +95,7 @@ void sl_conn_error(struct sl_conn *c, int status, const char *code, const char *
   c->status = status;
   c->head_sent = 1;
   if (close) c->close_after = 1;
+  if (c->phase == SL_C_READING) c->body_unread = 1; /* answered before the request's end */
   if (sl_http_error(&c->out, status, code, msg, c->reqid, extra, c->close_after) != 0) {
     sl_conn_close(c);
     return;
@@ -239,7 +123,7 @@ static void conn_start_request(struct sl_conn *c) {
   c->resp_bytes = 0;
   c->retries = 0;
   c->head_sent = c->resp_done = 0;
-  c->err_status = 0;
+  c->body_unread = 0;
   c->decided = 0;
   c->cls.feature = -1;
   c->tier = SL_TIER_BASELINE;
@@ -284,6 +168,28 @@ static void conn_meter(struct sl_conn *c) {
   sl_meter_count(&c->w->meter, &k);
 }
 
+static void linger_shutdown_done(uv_shutdown_t *req, int status) {
+  (void)req;
+  (void)status; /* the deadline or the client's close ends the linger either way */
+}
+
+/* Answered before the request's end: send FIN, then read and discard what
+ * the client still sends for a bounded time before closing. Closing at once
+ * with unread bytes makes the kernel send RST, which can destroy the answer
+ * before the client reads it. */
+static void conn_linger(struct sl_conn *c) {
+  c->lingering = 1;
+  c->deadline = now_ms(c) + SL_LINGER_MS;
+  if (uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, linger_shutdown_done) != 0) {
+    sl_conn_close(c);
+    return;
+  }
+  if (c->read_paused) {
+    c->read_paused = 0;
+    uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
+  }
+}
+
 static void conn_finish(struct sl_conn *c) {
   struct sl_worker *w = c->w;
   if (c->status >= 100 && c->status < 600) sl_stat_add(&w->stats.status_class[c->status / 100], 1);
@@ -291,30 +197,30 @@ static void conn_finish(struct sl_conn *c) {
   sl_stat_add(&w->stats.outcome[c->outcome][c->cls.feature + 1][c->tier & 1], 1);
   if (SL_LIKELY(w->cfg->metering[1] == 'n')) conn_meter(c);
   sl_log_access(w, c);
-  int more = c->parsed < c->len;
-  if (c->close_after || !c->keep_alive || (c->eof && !more) || (w->draining && !more)) {
-    sl_conn_close(c);
+  body_release(c);
+  int more = c->req.parsed < c->req.len;
+  if (c->close_after || c->body_unread || !c->req.keep_alive || (c->eof && !more) || (w->draining && !more)) {
+    if (c->body_unread && !c->eof)
+      conn_linger(c);
+    else
+      sl_conn_close(c);
     return;
   }
-  /* Compact: the next request starts at offset 0. */
-  size_t rest = c->len - c->parsed;
-  if (rest) memmove(c->buf, c->buf + c->parsed, rest);
-  c->len = rest;
-  c->parsed = 0;
-  if (c->cap > SL_CONN_BUF && rest <= SL_CONN_BUF) {
-    c->buf = sl_realloc(c->buf, SL_CONN_BUF);
-    c->cap = SL_CONN_BUF;
+  sl_req_consume(&c->req); /* the next request starts at offset 0 */
+  if (c->req.cap > SL_CONN_BUF && c->req.len <= SL_CONN_BUF) {
+    c->req.buf = sl_realloc(c->req.buf, SL_CONN_BUF);
+    c->req.cap = SL_CONN_BUF;
   }
   sl_buf_shrink(&c->out, 4 * SL_UP_BUF);
   sl_buf_shrink(&c->inflight, 4 * SL_UP_BUF);
-  sl_buf_shrink(&c->body, SL_CONN_BUF);
+  sl_buf_shrink(&c->req.body, SL_CONN_BUF);
   c->phase = SL_C_IDLE;
   c->deadline = now_ms(c) + w->cfg->idle_timeout_ms;
   if (c->read_paused && !c->eof) {
     c->read_paused = 0;
     uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);
   }
-  conn_parse(c);
+  conn_parse(c); /* inside conn_parse's loop this returns at once: the loop goes on */
 }
 
 static void conn_write_done(uv_write_t *req, int status) {
@@ -322,6 +228,7 @@ static void conn_write_done(uv_write_t *req, int status) {
   c->write_pending = 0;
   c->inflight.len = 0;
   if (c->closing) return;
+  if (c->phase == SL_C_SENDING && !c->lingering) c->deadline = 0; /* progress: the send timeout starts again */
   if (status < 0) {
     sl_conn_close(c);
     return;
@@ -356,6 +263,7 @@ void sl_conn_upstream_flush(struct sl_conn *c) {
         return;
       }
       c->write_pending = 1;
+      c->deadline = now_ms(c) + c->w->cfg->send_timeout_ms; /* a client that stops reading */
       return;
     }
     c->out.len = 0;
@@ -378,8 +286,8 @@ static int up_hdr_listed(const struct sl_upconn *u, const char *name, size_t n) 
 void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u) {
   struct sl_buf *o = &c->out;
   int has_cl = (u->parser.flags & F_CONTENT_LENGTH) != 0;
-  int no_body = c->head_method || u->status == 204 || u->status == 304;
-  int http10 = c->parser.http_major == 1 && c->parser.http_minor == 0;
+  int no_body = c->req.head_method || u->status == 204 || u->status == 304;
+  int http10 = c->req.parser.http_major == 1 && c->req.parser.http_minor == 0;
   if (no_body || has_cl)
     c->resp_mode = SL_RESP_LENGTH;
   else if (!http10)
@@ -387,8 +295,8 @@ void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u) {
   else
     c->resp_mode = SL_RESP_EOF;
   if (c->resp_mode == SL_RESP_EOF) c->close_after = 1; /* the body's end is our close */
-  if (c->w->draining && c->parsed == c->len) c->close_after = 1;
-  int closing = c->close_after || !c->keep_alive;
+  if (c->w->draining && c->req.parsed == c->req.len) c->close_after = 1;
+  int closing = c->close_after || !c->req.keep_alive;
 
   /* Status codes are three digits (llhttp enforces it): no printf on this path. */
   char line[13] = "HTTP/1.1 000 ";
@@ -428,7 +336,7 @@ void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u) {
 }
 
 int sl_conn_upstream_body(struct sl_conn *c, const char *p, size_t n) {
-  if (c->head_method) return 0;
+  if (c->req.head_method) return 0;
   if (c->resp_mode == SL_RESP_CHUNKED) {
     static const char digits[] = "0123456789abcdef";
     char hex[20]; /* chunk size line: hex digits + CRLF, built from the end */
@@ -447,7 +355,7 @@ int sl_conn_upstream_body(struct sl_conn *c, const char *p, size_t n) {
 
 void sl_conn_upstream_done(struct sl_conn *c) {
   c->up = NULL;
-  if (c->resp_mode == SL_RESP_CHUNKED && !c->head_method) sl_buf_lit(&c->out, "0\r\n\r\n");
+  if (c->resp_mode == SL_RESP_CHUNKED && !c->req.head_method) sl_buf_lit(&c->out, "0\r\n\r\n");
   c->resp_done = 1;
   sl_conn_upstream_flush(c);
 }
@@ -467,39 +375,76 @@ static void conn_reject(struct sl_conn *c, int status) {
   }
 }
 
-static void conn_parse(struct sl_conn *c) {
-  while (!c->closing && c->parsed < c->len && (c->phase == SL_C_IDLE || c->phase == SL_C_READING)) {
-    if (c->phase == SL_C_IDLE) conn_start_request(c);
-    const char *start = c->buf + c->parsed;
-    llhttp_errno_t err = llhttp_execute(&c->parser, start, c->len - c->parsed);
-    if (err == HPE_OK) {
-      c->parsed = c->len;
-      if (c->chunked_req && c->headers_done) c->len = c->parsed = c->head_len; /* decoded copy kept in c->body */
-      else if (!c->headers_done && c->len > c->w->cfg->max_header_bytes) conn_reject(c, 431);
-      else if (c->eof) sl_conn_close(c); /* the client stopped sending half-way through a request */
-      return;
-    }
-    if (err == HPE_PAUSED) {
-      size_t pos = (size_t)(llhttp_get_error_pos(&c->parser) - c->buf);
-      llhttp_resume(&c->parser);
-      if (c->chunked_req) { /* drop the raw chunked framing, keep what follows */
-        memmove(c->buf + c->head_len, c->buf + pos, c->len - pos);
-        c->len = c->head_len + (c->len - pos);
-        pos = c->head_len;
-      }
-      c->parsed = pos;
-      conn_dispatch(c);
-      return;
-    }
-    conn_reject(c, c->err_status ? c->err_status : 400);
+/* More request bodies than the worker's budget allows are being received. */
+static void conn_busy(struct sl_conn *c) {
+  c->outcome = SL_OUT_UNAVAILABLE;
+  c->decided = 1;
+  sl_conn_error(c, 503, "ServiceUnavailable", "Too many request bodies are being received; retry later.",
+                "Retry-After: 1\r\n", 1);
+}
+
+/* The head is complete and valid. Identity and suspension are decided now,
+ * before a body is read (admission answers and closes), then the body is
+ * counted against the worker's budget. */
+static void conn_head(struct sl_conn *c) {
+  struct sl_req *r = &c->req;
+  if (!r->has_body) return;
+  if (c->w->cfg->admission[1] == 'n' && sl_admit_head(c)) return;
+  if (!r->chunked_req && body_reserve(c, r->body_len) != 0) {
+    conn_busy(c);
     return;
   }
+  if (r->expect_continue && !(r->need_cap && r->need_cap <= r->len)) {
+    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    uv_buf_t b = uv_buf_init((char *)cont, sizeof(cont) - 1);
+    (void)uv_try_write((uv_stream_t *)&c->tcp, &b, 1); /* best effort: the client sends the body anyway after a while */
+  }
+}
+
+/* The request loop: parses and answers every whole request the buffer
+ * holds. Requests answered at once (rejections) finish inside the loop
+ * (conn_finish does not call back in), so a pipelined burst of any length
+ * takes constant stack. */
+static void conn_parse(struct sl_conn *c) {
+  struct sl_req *r = &c->req;
+  if (c->in_parse) return;
+  c->in_parse = 1;
+  while (!c->closing && !c->lingering && (c->phase == SL_C_IDLE || c->phase == SL_C_READING) &&
+         sl_req_pending(r)) {
+    if (c->phase == SL_C_IDLE) conn_start_request(c);
+    switch (sl_req_parse(r)) {
+      case SL_REQ_HEAD:
+        conn_head(c);
+        break;
+      case SL_REQ_DONE:
+        if (r->chunked_req && body_reserve(c, r->body.len) != 0)
+          conn_busy(c);
+        else
+          conn_dispatch(c);
+        break;
+      case SL_REQ_ERROR:
+        conn_reject(c, r->err_status);
+        break;
+      case SL_REQ_MORE:
+        if (r->chunked_req && r->headers_done && body_reserve(c, r->body.len) != 0)
+          conn_busy(c);
+        else if (c->eof && c->phase == SL_C_READING)
+          sl_conn_close(c); /* the client stopped sending half-way through a request */
+        goto out;
+    }
+  }
+out:
+  c->in_parse = 0;
 }
 
 static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
   (void)b;
   struct sl_conn *c = sl_container_of(s, struct sl_conn, tcp);
   if (c->closing) return;
+  if (c->lingering) { /* discarded; the client's close or the deadline ends it */
+    if (nread < 0) sl_conn_close(c);
+    return;
+  }
   if (nread < 0) {
     if (nread == UV_ENOBUFS) { /* buffer full while a response is pending: wait */
       uv_read_stop(s);
@@ -513,10 +458,10 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
     return;
   }
   if (nread == 0) return;
-  c->len += (size_t)nread;
+  c->req.len += (size_t)nread;
   if (c->phase == SL_C_IDLE || c->phase == SL_C_READING) {
     conn_parse(c);
-  } else if (c->len == c->cap) { /* pipelined bytes fill the buffer: stop reading */
+  } else if (c->req.len == c->req.cap) { /* pipelined bytes fill the buffer: stop reading */
     uv_read_stop(s);
     c->read_paused = 1;
   }
@@ -555,13 +500,9 @@ void sl_conn_accept(struct sl_worker *w) {
     else
       uv_ip6_name((struct sockaddr_in6 *)&ss, c->peer, sizeof(c->peer));
   }
-  c->cap = SL_CONN_BUF;
-  c->buf = sl_malloc(c->cap);
-  c->hdrs.h = sl_malloc(w->cfg->max_headers * sizeof(*c->hdrs.h));
-  c->hdrs.max = w->cfg->max_headers;
-  c->body.max = w->cfg->max_body_bytes;
-  llhttp_init(&c->parser, HTTP_REQUEST, &req_settings);
-  c->parser.data = c;
+  sl_req_init(&c->req, &w->req_limits, sl_malloc(w->cfg->max_headers * sizeof(struct sl_hdr)), w->cfg->max_headers);
+  c->req.cap = SL_CONN_BUF;
+  c->req.buf = sl_malloc(c->req.cap);
   sl_list_push(&w->conns, &c->link);
   w->nconns++;
   sl_stat_add(&w->stats.conns_open, 1);
@@ -573,7 +514,11 @@ void sl_conn_accept(struct sl_worker *w) {
 
 void sl_conn_sweep(struct sl_conn *c, uint64_t now) {
   if (!c->deadline || now < c->deadline) return;
-  if (c->phase == SL_C_IDLE)
+  if (c->lingering) {
+    sl_conn_close(c);
+  } else if (c->phase == SL_C_SENDING && c->write_pending) {
+    sl_conn_close(c); /* the client stopped reading for --send-timeout-ms: free it and its backend */
+  } else if (c->phase == SL_C_IDLE)
     sl_conn_close(c); /* idle keep-alive: close quietly */
   else if (c->phase == SL_C_READING)
     conn_reject(c, 408);
@@ -586,5 +531,5 @@ void sl_conn_sweep(struct sl_conn *c, uint64_t now) {
 }
 
 void sl_conn_drain(struct sl_conn *c) {
-  if (c->phase == SL_C_IDLE && c->parsed == c->len) sl_conn_close(c);
+  if (c->phase == SL_C_IDLE && c->req.parsed == c->req.len) sl_conn_close(c);
 }

@@ -14,8 +14,10 @@
 #include "config.h"
 #include "dirsync.h"
 #include "flusher.h"
+#include "hdrs.h"
 #include "http_util.h"
 #include "meter.h"
+#include "reqparse.h"
 
 #define SL_POOL_DEFAULT 0
 #define SL_POOL_LLM 1
@@ -24,6 +26,8 @@
 #define SL_CONN_BUF 16384   /* client read buffer; grows only for large bodies */
 #define SL_UP_BUF 16384     /* upstream read buffer */
 #define SL_SWEEP_MS 50
+#define SL_RETRY_MAX_NS 60000000000ull /* Retry-After hint when a limit never admits (0 QPS) */
+#define SL_LINGER_MS 2000 /* reading and dropping the rest of a request answered early */
 #define SL_MAX_RESP_HEADERS 100 /* upstream response headers, else 502 */      /* timeout resolution */
 
 /* Upstream latency histogram bounds, in microseconds. */
@@ -115,53 +119,6 @@ enum sl_up_state {
   SL_UP_CLOSING,
 };
 
-struct sl_hdr {
-  uint32_t name_off, name_len, val_off, val_len;
-  uint8_t kind; /* enum sl_hdr_kind, classified once when the name is complete */
-};
-
-/* Header spans recorded as offsets from the start of the buffer that holds
- * the head. llhttp hands a name or value over in pieces when the head spans
- * several reads; the buffer keeps the whole head contiguous, so a piece
- * always extends the span that is open. */
-struct sl_hdrs {
-  struct sl_hdr *h;
-  unsigned n, max;
-  unsigned field_open : 1;
-  unsigned value_open : 1;
-};
-
-static inline void sl_hdrs_reset(struct sl_hdrs *r) {
-  r->n = 0;
-  r->field_open = r->value_open = 0;
-}
-/* A piece of a header name; returns -1 when a new header passes the bound. */
-static inline int sl_hdrs_field(struct sl_hdrs *r, uint32_t off, uint32_t len) {
-  if (!r->field_open) {
-    if (r->n >= r->max) return -1;
-    struct sl_hdr *h = &r->h[r->n++];
-    h->name_off = off;
-    h->name_len = h->val_off = h->val_len = 0;
-    r->field_open = 1;
-  }
-  r->h[r->n - 1].name_len += len;
-  return 0;
-}
-/* The name is complete: classify it once, for every later pass. */
-static inline void sl_hdrs_field_done(struct sl_hdrs *r, const char *base) {
-  struct sl_hdr *h = &r->h[r->n - 1];
-  r->field_open = 0;
-  h->kind = (uint8_t)sl_http_hdr_kind(base + h->name_off, h->name_len);
-}
-static inline void sl_hdrs_value(struct sl_hdrs *r, uint32_t off, uint32_t len) {
-  struct sl_hdr *h = &r->h[r->n - 1];
-  if (!r->value_open) {
-    h->val_off = off;
-    r->value_open = 1;
-  }
-  h->val_len += len;
-}
-
 struct sl_upconn {
   uv_tcp_t tcp;
   uv_connect_t connect_req;
@@ -202,59 +159,44 @@ enum sl_resp_mode { SL_RESP_LENGTH, SL_RESP_CHUNKED, SL_RESP_EOF };
 struct sl_conn {
   uv_tcp_t tcp;
   uv_write_t write_req;
+  uv_shutdown_t shutdown_req;
   struct sl_worker *w;
   struct sl_link link; /* in w->conns */
-  llhttp_t parser;
-  char *buf;          /* raw request bytes: [0, len) read, [parsed, len) unparsed */
-  size_t cap, len, parsed;
+  struct sl_req req;   /* the request being read or served; its buffer is ours */
   enum sl_conn_phase phase;
-  uint64_t deadline;  /* loop ms: header/idle timeout */
+  uint64_t deadline;  /* loop ms: header/idle/send timeout */
   struct sl_upconn *up;
   struct sl_buf out;  /* bytes to the client, not yet handed to the socket */
   struct sl_buf inflight; /* bytes in a pending uv_write */
-  struct sl_buf body; /* decoded body of a chunked request */
   char peer[48];      /* client IP for X-Forwarded-For and logs */
-  /* The request being read or served; offsets into buf. */
-  struct sl_hdrs hdrs;
-  unsigned conn_hdr[4]; /* indices of Connection headers, whose tokens are hop-by-hop too */
-  unsigned nconn_hdr;
-  uint64_t need_cap;  /* buffer size the current request needs (Content-Length body) */
-  int err_status;     /* set by a parser callback that rejects the request */
-  int16_t h_host, h_auth, h_action, h_ctype; /* header indices, -1 when absent */
   struct sl_class cls;
   struct sl_link park; /* in w->parked while waiting for an account lookup */
   uint64_t ak_hash;
+  uint64_t body_reserved; /* bytes of this request's body counted in w->body_buffered */
   uint8_t outcome;     /* enum sl_outcome once decided */
   uint8_t uid_len;
   char uid[SL_UID_MAX + 1]; /* the account's UID once known, for metering */
   uint32_t day;        /* arrival day (billing time zone) */
   int64_t arrival_s;   /* arrival wall-clock time, unix seconds */
   uint8_t tier;
-  uint32_t url_off, url_len;
-  uint32_t last_span_end;
-  uint32_t head_len;  /* bytes of request line + headers */
-  uint64_t body_off, body_len;
   uint64_t resp_bytes;
   int status;         /* status answered to the client */
   int pool;
   unsigned retries;
   enum sl_resp_mode resp_mode;
   char reqid[37];
-  unsigned headers_done : 1;
   unsigned resp_done : 1;   /* response complete; finish once written */
   unsigned head_sent : 1;   /* response head queued to the client */
-  unsigned chunked_req : 1;
-  unsigned has_body : 1;
-  unsigned keep_alive : 1;   /* client wants to keep the connection */
   unsigned close_after : 1;  /* close once the current response is out */
   unsigned eof : 1;          /* client sent FIN */
   unsigned closing : 1;
   unsigned read_paused : 1;
   unsigned write_pending : 1;
-  unsigned head_method : 1;
-  unsigned expect_continue : 1;
   unsigned parked : 1;
   unsigned decided : 1; /* outcome set by admission */
+  unsigned in_parse : 1; /* conn_parse is on the stack: finishing a request returns to its loop */
+  unsigned lingering : 1; /* answered before the body was read: draining it before the close */
+  unsigned body_unread : 1; /* answered while the request was still arriving */
 };
 
 struct sl_worker {
@@ -282,6 +224,8 @@ struct sl_worker {
   unsigned nupconns;
   uint64_t rid_hi, rid_seq;
   struct sl_stats stats;
+  uint64_t body_buffered; /* request body bytes held by this worker's connections */
+  struct sl_req_limits req_limits; /* from cfg, for every connection's parser */
   int log_fd;
   struct sl_buf log;
 };
@@ -321,6 +265,11 @@ size_t sl_bucket_key(char *out, const char *uid, size_t uid_len, int feature, co
 /* Classifies the complete request and decides it: answers it, parks it
  * for an account lookup, or forwards it. */
 void sl_admit(struct sl_conn *c);
+/* The head of a request with a body is complete: answers at once (and
+ * returns 1) when the head alone decides it (400 for a bad identity or
+ * region, 403 for a missing, unknown or suspended account), so that no
+ * body is read for it. Returns 0 when the request goes on. */
+int sl_admit_head(struct sl_conn *c);
 /* Resumes parked requests whose account the directory now holds. */
 void sl_admit_resume(struct sl_worker *w);
 void sl_admit_unpark(struct sl_conn *c);

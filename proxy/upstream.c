@@ -43,8 +43,7 @@ static int on_header_field_complete(llhttp_t *p) {
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n) {
   struct sl_upconn *u = p->data;
-  sl_hdrs_value(&u->hdrs, (uint32_t)(at - u->in), (uint32_t)n);
-  return 0;
+  return sl_hdrs_value(&u->hdrs, (uint32_t)(at - u->in), (uint32_t)n); /* obs-fold: 502 */
 }
 
 static int on_header_value_complete(llhttp_t *p) {
@@ -68,7 +67,7 @@ static int on_headers_complete(llhttp_t *p) {
   u->headers_done = 1;
   record_latency(u->w, (uv_hrtime() - u->started_ns) / 1000);
   sl_conn_upstream_head(u->conn, u);
-  return u->conn->head_method ? 1 : 0; /* a HEAD response has no body, whatever it says */
+  return u->conn->req.head_method ? 1 : 0; /* a HEAD response has no body, whatever it says */
 }
 
 static int on_body(llhttp_t *p, const char *at, size_t n) {
@@ -358,15 +357,15 @@ static void up_send_request(struct sl_upconn *u) {
   struct sl_conn *c = u->conn;
   struct sl_buf *o = &u->out;
   o->len = 0;
-  const char *method = llhttp_method_name(llhttp_get_method(&c->parser));
+  const char *method = llhttp_method_name(llhttp_get_method(&c->req.parser));
   sl_buf_append(o, method, strlen(method));
   sl_buf_lit(o, " ");
-  sl_buf_append(o, c->buf + c->url_off, c->url_len);
+  sl_buf_append(o, c->req.buf + c->req.url_off, c->req.url_len);
   sl_buf_lit(o, " HTTP/1.1\r\n");
   const struct sl_hdr *xff = NULL;
-  for (unsigned i = 0; i < c->hdrs.n; i++) {
-    const struct sl_hdr *h = &c->hdrs.h[i];
-    const char *name = c->buf + h->name_off;
+  for (unsigned i = 0; i < c->req.hdrs.n; i++) {
+    const struct sl_hdr *h = &c->req.hdrs.h[i];
+    const char *name = c->req.buf + h->name_off;
     switch ((enum sl_hdr_kind)h->kind) {
       case SL_H_HOP:
       case SL_H_CONNECTION:
@@ -381,24 +380,24 @@ static void up_send_request(struct sl_upconn *u) {
       default:
         break;
     }
-    if (c->nconn_hdr) {
+    if (c->req.nconn_hdr) {
       char tmp[64];
       size_t n = sl_http_lower(name, h->name_len, tmp, sizeof(tmp));
       int listed = 0;
-      for (unsigned j = 0; n && j < c->nconn_hdr && !listed; j++) {
-        const struct sl_hdr *ch = &c->hdrs.h[c->conn_hdr[j]];
-        listed = sl_http_has_token(c->buf + ch->val_off, ch->val_len, tmp, n);
+      for (unsigned j = 0; n && j < c->req.nconn_hdr && !listed; j++) {
+        const struct sl_hdr *ch = &c->req.hdrs.h[c->req.conn_hdr[j]];
+        listed = sl_http_has_token(c->req.buf + ch->val_off, ch->val_len, tmp, n);
       }
       if (listed) continue;
     }
     sl_buf_append(o, name, h->name_len);
     sl_buf_lit(o, ": ");
-    sl_buf_append(o, c->buf + h->val_off, h->val_len);
+    sl_buf_append(o, c->req.buf + h->val_off, h->val_len);
     sl_buf_lit(o, "\r\n");
   }
   sl_buf_lit(o, "X-Forwarded-For: ");
   if (xff && xff->val_len) {
-    sl_buf_append(o, c->buf + xff->val_off, xff->val_len);
+    sl_buf_append(o, c->req.buf + xff->val_off, xff->val_len);
     sl_buf_lit(o, ", ");
   }
   sl_buf_append(o, c->peer, strlen(c->peer));
@@ -406,13 +405,13 @@ static void up_send_request(struct sl_upconn *u) {
   sl_buf_append(o, c->reqid, 36);
   uv_buf_t bufs[2];
   unsigned nb = 1;
-  if (c->has_body) {
+  if (c->req.has_body) {
     char num[24];
     sl_buf_lit(o, "\r\nContent-Length: ");
-    if (c->chunked_req)
-      bufs[1] = uv_buf_init(c->body.data, (unsigned)c->body.len);
+    if (c->req.chunked_req)
+      bufs[1] = uv_buf_init(c->req.body.data, (unsigned)c->req.body.len);
     else
-      bufs[1] = uv_buf_init(c->buf + c->body_off, (unsigned)c->body_len);
+      bufs[1] = uv_buf_init(c->req.buf + c->req.body_off, (unsigned)c->req.body_len);
     sl_buf_append(o, num, sl_u64toa(bufs[1].len, num));
     nb = bufs[1].len ? 2 : 1;
   }

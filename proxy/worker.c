@@ -47,15 +47,15 @@ void sl_log_flush(struct sl_worker *w) {
 
 void sl_log_access(struct sl_worker *w, struct sl_conn *c) {
   if (w->log_fd < 0) return;
-  if (w->log.cap - w->log.len < 1024 + c->url_len) sl_log_flush(w);
+  if (w->log.cap - w->log.len < 1024 + c->req.url_len) sl_log_flush(w);
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME_COARSE, &ts);
   char head[160];
   int n = snprintf(head, sizeof(head), "%lld.%03ld %s %s \"%s ", (long long)ts.tv_sec, ts.tv_nsec / 1000000, c->peer,
-                   c->reqid[0] ? c->reqid : "-", llhttp_method_name(llhttp_get_method(&c->parser)));
+                   c->reqid[0] ? c->reqid : "-", llhttp_method_name(llhttp_get_method(&c->req.parser)));
   if (sl_buf_append(&w->log, head, (size_t)n) != 0) return;
-  size_t url_len = c->url_len > 2048 ? 2048 : c->url_len;
-  sl_buf_append(&w->log, c->buf + c->url_off, url_len);
+  size_t url_len = c->req.url_len > 2048 ? 2048 : c->req.url_len;
+  sl_buf_append(&w->log, c->req.buf + c->req.url_off, url_len);
   n = snprintf(head, sizeof(head), "\" %d %llu\n", c->status, (unsigned long long)c->resp_bytes);
   sl_buf_append(&w->log, head, (size_t)n);
 }
@@ -89,6 +89,13 @@ static void on_sweep(uv_timer_t *t) {
   if (w->draining && w->nconns == 0) worker_stop_handles(w);
 }
 
+/* The parser limits every connection of this worker reads (a reload
+ * applies them to requests that start after it). */
+static void worker_limits_set(struct sl_worker *w) {
+  w->req_limits.max_header_bytes = w->cfg->max_header_bytes;
+  w->req_limits.max_body_bytes = w->cfg->max_body_bytes;
+}
+
 static void on_wake(uv_async_t *a) {
   struct sl_worker *w = sl_container_of(a, struct sl_worker, wake);
   /* acquire: pairs with the main thread's release store, so the snapshot's
@@ -97,6 +104,7 @@ static void on_wake(uv_async_t *a) {
   if (next && next != w->cfg) {
     int log_changed = strcmp(next->access_log, w->cfg->access_log) != 0;
     w->cfg = next;
+    worker_limits_set(w);
     sl_worker_pools_build(w);
     if (log_changed) {
       sl_log_flush(w);
@@ -158,6 +166,7 @@ int sl_worker_init(struct sl_worker *w, unsigned id, const struct sl_config *cfg
   sl_list_init(&w->parked);
   if ((r = sl_meter_worker_init(&w->meter, cfg->meter_keys, cfg->billing_tz_offset_min)) != 0) return r;
   w->cfg = cfg;
+  worker_limits_set(w);
   atomic_store_explicit(&w->cfg_seen, cfg->version, memory_order_relaxed);
   w->log_fd = -1;
   w->log.max = 64 * 1024;

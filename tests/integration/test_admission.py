@@ -389,9 +389,12 @@ class Classification(AdmissionCase):
             for auth in forms:
                 r = call(c, ak=None, auth=auth)
                 self.assertEqual(r.status, 200, (auth, r.body))
-            # the query key (V1) wins over the header
-            assert_error(self, call(c, ak="AKNOPE", auth=forms[0]), 403, "InvalidAccessKeyId.NotFound")
-            self.assertEqual(call(c, ak="AKX", auth="ACS3-HMAC-SHA256 Credential=AKNOPE").status, 200)
+            # one identity (SPEC 3): a query key that differs from the Credential is 400
+            assert_error(self, call(c, ak="AKNOPE", auth=forms[0]), 400, "InvalidParameter")
+        with harness.HttpConn(self.sl.port) as c:
+            assert_error(self, call(c, ak="AKX", auth="ACS3-HMAC-SHA256 Credential=AKNOPE"), 400, "InvalidParameter")
+        with harness.HttpConn(self.sl.port) as c:
+            self.assertEqual(call(c, ak="AKX", auth=forms[0]).status, 200)
             # another scheme, or a scheme without Credential: no key
             assert_error(self, call(c, ak=None, auth="HMAC-SHA1 Credential=AKX"), 403,
                          "InvalidAccessKeyId.NotFound")
@@ -403,9 +406,12 @@ class Classification(AdmissionCase):
             r = call(c, action=None, headers=[("x-acs-action", " TextModerationPlus ")])
             self.assertEqual(r.status, 200, r.body)
             self.assertEqual(r.json()["url"], "/echo?AccessKeyId=AK1")
-            # query Action wins over the header
+            # one Action (SPEC 3): a query Action that differs from the header is 400
             r, pool = self.pool_of(c, action="TextModeration", headers=[("x-acs-action", "TextModerationPlus")])
-            self.assertEqual((r.status, pool), (200, "default"))
+            self.assertEqual((r.status, pool), (400, None))
+            self.assertEqual(r.json()["Code"], "InvalidParameter")
+            r, pool = self.pool_of(c, action="TextModerationPlus", headers=[("x-acs-action", "TextModerationPlus")])
+            self.assertEqual((r.status, pool), (200, "llm"))
             r, pool = self.pool_of(c, action=None, headers=[("x-acs-action", "TextModerationPlus")], v3=True)
             self.assertEqual((r.status, pool), (200, "llm"))
         self.assertTrue(self.explain("u1", "text_llm")["bucket"]["exists"])

@@ -202,7 +202,15 @@ class Forwarding(unittest.TestCase):
         self.assertEqual(r.status, 200)
         harness.http_request(self.sl.port, "GET", "/?Action=TextModeration")
         harness.http_request(self.sl.port, "GET", "/", {"x-modstub-status": "404"})
-        m = self.sl.metrics()
+        # A request is counted when it ends, just after its client has the
+        # answer: wait for both counts rather than read them at once.
+        deadline = time.monotonic() + 5
+        while True:
+            m = self.sl.metrics()
+            if m['sluice_requests_total{class="4xx"}'] + m['sluice_requests_total{class="2xx"}'] >= 2:
+                break
+            self.assertLess(time.monotonic(), deadline, m)
+            time.sleep(0.01)
         self.assertEqual(m['sluice_requests_total{class="2xx"}'], 1)
         self.assertEqual(m['sluice_requests_total{class="4xx"}'], 1)
         self.assertEqual(m['sluice_upstream_latency_seconds_count'], 2)

@@ -82,9 +82,31 @@ static void test_v1_query(void **state) {
                   .host = "green-cip.cn-beijing.aliyuncs.com"};
   expect_all(&r, "TextModeration", "LTAI5tAbc", "comment_detection", "cn-beijing", SL_FEAT_TEXT);
 
-  /* Parameters in any order, a fragment cut off, the first occurrence wins. */
-  r.url = "/?Version=2022-03-02&AccessKeyId=AK1&Action=ImageModeration&AccessKeyId=AK2&Action=X#Service=llm_x";
+  /* Parameters in any order, a fragment cut off, a repeat with the same value. */
+  r.url = "/?Version=2022-03-02&AccessKeyId=AK1&Action=ImageModeration&AccessKeyId=AK%31#Service=llm_x";
   expect_all(&r, "ImageModeration", "AK1", "", "cn-beijing", SL_FEAT_IMAGE);
+
+  /* One identity, one Action: a repeat with another value is refused. */
+  r.url = "/?AccessKeyId=AK1&Action=ImageModeration&AccessKeyId=AK2";
+  assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
+  r.url = "/?AccessKeyId=&Action=ImageModeration&AccessKeyId=AK2";
+  assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
+  r.url = "/?AccessKeyId=AK1&Action=ImageModeration&Action=X";
+  assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
+  r.url = "/?AccessKeyId=AK1&Action=ImageModeration";
+  r.auth = "ACS3-HMAC-SHA256 Credential=AK2,SignedHeaders=host,Signature=x";
+  assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
+  r.auth = "ACS3-HMAC-SHA256 Credential=AK1,SignedHeaders=host,Signature=x";
+  assert_int_equal(run(&r, &c), SL_CLASS_OK);
+  r.auth = NULL;
+  r.ct = "application/x-www-form-urlencoded";
+  r.body = "Service=baselineCheck&AccessKeyId=AK2";
+  assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
+  r.body = "Service=baselineCheck&Service=postImageCheckByVL";
+  assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
+  r.body = "Action=ImageModeration&AccessKeyId=AK1&Service=baselineCheck";
+  expect_all(&r, "ImageModeration", "AK1", "baselineCheck", "cn-beijing", SL_FEAT_IMAGE);
+  r.ct = r.body = NULL;
 
   /* Names match exactly: "action" and "ActionX" are other parameters. */
   r.url = "/?action=TextModeration&ActionX=TextModeration&XAction=TextModeration";
@@ -104,10 +126,13 @@ static void test_v3_header(void **state) {
                   .body = "Service=llm_query_moderation&ServiceParameters=%7B%7D"};
   expect_all(&r, "TextModerationPlus", "LTAI5tV3key", "llm_query_moderation", "cn-shanghai", SL_FEAT_TEXT_LLM);
 
-  /* The query Action wins over the header; an empty one falls back to it. */
+  /* A query Action that differs from the header is refused; the same one
+   * passes; an empty one falls back to the header. */
   r.url = "/?Action=VideoModeration";
+  assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
+  r.url = "/?Action=TextModerationPlus";
   assert_int_equal(run(&r, &c), SL_CLASS_OK);
-  assert_int_equal(c.feature, SL_FEAT_VIDEO);
+  assert_int_equal(c.feature, SL_FEAT_TEXT_LLM);
   r.url = "/?Action=";
   assert_int_equal(run(&r, &c), SL_CLASS_OK);
   assert_int_equal(c.feature, SL_FEAT_TEXT_LLM);
@@ -125,11 +150,14 @@ static void test_v3_header(void **state) {
   assert_int_equal(run(&r, &c), SL_CLASS_UNKNOWN_ACTION);
   FIELD_EQ(c, action, "Text%4Doderation");
 
-  /* The query AccessKeyId wins over Authorization. */
+  /* A query AccessKeyId that differs from the Credential is refused (one
+   * identity); the same one passes; an empty one falls back to it. */
   r.url = "/?AccessKeyId=V1KEY";
   r.acs_action = "TextModeration";
+  assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
+  r.url = "/?AccessKeyId=LTAI5tV3key";
   assert_int_equal(run(&r, &c), SL_CLASS_OK);
-  FIELD_EQ(c, ak, "V1KEY");
+  FIELD_EQ(c, ak, "LTAI5tV3key");
   r.url = "/?AccessKeyId=";
   assert_int_equal(run(&r, &c), SL_CLASS_OK);
   FIELD_EQ(c, ak, "LTAI5tV3key");
@@ -204,6 +232,60 @@ static void test_host(void **state) {
   struct sl_class_input in = {.url = "/?Action=TextModeration", .url_len = 23};
   assert_int_equal(sl_classify(&in, &c), SL_CLASS_OK);
   FIELD_EQ(c, region, "");
+}
+
+/* A Host that matches the shape up to a bad character falls back to the
+ * default region, read from its own start (the length found in the Host
+ * was once kept: a read past a short default region). */
+static void test_host_partial_match(void **state) {
+  (void)state;
+  static const char short_default[] = "eu";
+  static const char *hosts[] = {"green-cip.cn-shanghai!x.aliyuncs.com", "green-cip.a_b.aliyuncs.com",
+                                "green-cip-vpc.cn-beijing.aliyuncs.com\x01"};
+  for (size_t i = 0; i < sizeof(hosts) / sizeof(hosts[0]); i++) {
+    struct req r = {.url = "/?Action=TextModeration", .host = hosts[i], .region = short_default};
+    expect_ok(&r, 0, "eu", hosts[i]);
+  }
+  struct sl_class c;
+  char host[] = "green-cip.cn-shanghai!x.aliyuncs.com";
+  struct sl_class_input in = {.url = "/?Action=TextModeration", .url_len = 23, .host = host,
+                              .host_len = sizeof(host) - 1};
+  assert_int_equal(sl_classify(&in, &c), SL_CLASS_OK); /* no default at all: empty */
+  FIELD_EQ(c, region, "");
+}
+
+/* Only known regions count: another one is SL_CLASS_UNKNOWN_REGION with no
+ * region (so it gets no bucket or metering key of its own). */
+static void test_region_list(void **state) {
+  (void)state;
+  struct sl_class c;
+  static const char list[] = "cn-shanghai, cn-beijing,eu-west-9";
+  struct {
+    const char *host;
+    enum sl_class_err want;
+    const char *region;
+  } cases[] = {
+      {"green-cip.cn-beijing.aliyuncs.com", SL_CLASS_OK, "cn-beijing"},
+      {"GREEN-CIP.EU-WEST-9.aliyuncs.com", SL_CLASS_OK, "eu-west-9"},
+      {"green-cip.cn-hangzhou.aliyuncs.com", SL_CLASS_UNKNOWN_REGION, ""},
+      {"green-cip.cn-beijin.aliyuncs.com", SL_CLASS_UNKNOWN_REGION, ""},
+      {"green-cip.cn-beijing2.aliyuncs.com", SL_CLASS_UNKNOWN_REGION, ""},
+      {"green-cip.eu-west-9x.aliyuncs.com", SL_CLASS_UNKNOWN_REGION, ""},
+      {"example.com", SL_CLASS_OK, "cn-shanghai"}, /* no region in the Host: the default */
+  };
+  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+    char *keep[2] = {0};
+    struct sl_class_input in = {.default_region = "cn-shanghai", .regions = list};
+    in.url = exact("/?Action=TextModeration", &in.url_len, &keep[0]);
+    in.host = exact(cases[i].host, &in.host_len, &keep[1]);
+    enum sl_class_err e = sl_classify(&in, &c);
+    free(keep[0]);
+    free(keep[1]);
+    if (e != cases[i].want || strcmp(c.region, cases[i].region) != 0)
+      fail_msg("'%s': err %d region '%s'", cases[i].host, e, c.region);
+  }
+  assert_string_equal(sl_class_err_code(SL_CLASS_UNKNOWN_REGION), "InvalidRegionId");
+  assert_string_equal(sl_class_err_code(SL_CLASS_CONFLICT), "InvalidParameter");
 }
 
 static void test_service(void **state) {
@@ -441,7 +523,8 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_v1_query), cmocka_unit_test(test_v3_header), cmocka_unit_test(test_authorization),
       cmocka_unit_test(test_host),     cmocka_unit_test(test_service),   cmocka_unit_test(test_decoding),
-      cmocka_unit_test(test_bounds),   cmocka_unit_test(test_errors),
+      cmocka_unit_test(test_bounds),   cmocka_unit_test(test_errors),    cmocka_unit_test(test_host_partial_match),
+      cmocka_unit_test(test_region_list),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

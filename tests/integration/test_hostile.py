@@ -1,0 +1,510 @@
+"""Hostile input (issue 9): request smuggling, malformed framing, limit
+bypasses and resource pins, each tried through the real binary. The witness
+of every security fix is what reached the backend: RawBackend records each
+request exactly as it arrived, and every test compares that with what sluice
+answered.
+
+Each class starts its own redis-server, raw backends and sluice on loopback;
+every process is stopped by PID through addCleanup."""
+
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import unittest
+
+import harness
+from proxyenv import start_modstub, start_sluice
+
+P = "sluice:"
+FORM = "application/x-www-form-urlencoded"
+V1 = "/?Action=TextModeration&AccessKeyId=AK1"
+
+
+class RawBackend:
+    """A backend on 127.0.0.1 that keeps every request it is sent (head and
+    body bytes, as received) and answers each with a small JSON 200."""
+
+    def __init__(self, test):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.requests = []  # (head bytes, body bytes)
+        self.lock = threading.Lock()
+        self.stop = False
+        self.conns = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.close)
+
+    def close(self):
+        self.stop = True
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+    def _accept(self):
+        while not self.stop:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    d = c.recv(65536)
+                    if not d:
+                        return
+                    buf += d
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                m = re.search(rb"\r\ncontent-length: *(\d+)", head, re.I)
+                n = int(m.group(1)) if m else 0
+                while len(buf) < n:
+                    d = c.recv(65536)
+                    if not d:
+                        return
+                    buf += d
+                body, buf = buf[:n], buf[n:]
+                with self.lock:
+                    self.requests.append((head, body))
+                out = b'{"Code":200,"Data":{},"RequestId":"raw"}'
+                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(out), out))
+        except OSError:
+            return
+
+    def got(self):
+        with self.lock:
+            return list(self.requests)
+
+
+def poll(fn, timeout, what, interval=0.01):
+    t0 = time.monotonic()
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not seen within {timeout} s (last: {v!r})")
+        time.sleep(interval)
+
+
+def raw_exchange(port, data, timeout=5.0):
+    """Sends `data` on a fresh connection and returns every response sluice
+    sends before it closes (or the timeout)."""
+    with harness.HttpConn(port, timeout=timeout) as c:
+        c.send(data)
+        out = []
+        while True:
+            try:
+                out.append(c.read_response())
+            except (harness.IncompleteResponse, socket.timeout):
+                return out
+
+
+class HostileCase(unittest.TestCase):
+    SLUICE_ARGS = ()
+    WORKERS = 1
+
+    def setUp(self):
+        self.r = harness.start_redis()
+        self.addCleanup(self.r.stop)
+        for k, v in (("ak:AK1", "u1"), ("ak:AK2", "u2"), ("ak:AKS", "us")):
+            self.r.cli("SET", P + k, v)
+        self.r.cli("SADD", P + "suspended", "us")
+        self.be = RawBackend(self)
+        self.llm = RawBackend(self)
+        self.sl = start_sluice(self, [self.be.port], *self.SLUICE_ARGS, redis=self.r, llm=[self.llm.port],
+                               workers=self.WORKERS)
+        self.addCleanup(self.check_log)
+        poll(lambda: self.sl.metrics().get("sluice_directory_resyncs_total", 0) >= 1, 10, "first resync")
+
+    def check_log(self):
+        err = self.sl.stderr()
+        self.assertFalse(re.search(r"Sanitizer|runtime error:", err), err[-4000:])
+
+    def ok(self, path=V1, headers=None, body=b"", method=None):
+        return harness.http_request(self.sl.port, method or ("POST" if body else "GET"), path, headers, body)
+
+    def assert_refused(self, data, status=400, code=None):
+        """`data` gets one answer with `status` (and Code), the connection is
+        closed after it, and nothing reached the backend."""
+        before = len(self.be.got())
+        resps = raw_exchange(self.sl.port, data)
+        self.assertEqual(len(resps), 1, resps)
+        self.assertEqual(resps[0].status, status, resps[0].body)
+        if code:
+            self.assertEqual(resps[0].json()["Code"], code)
+        time.sleep(0.05)
+        self.assertEqual(self.be.got()[before:], [])
+        return resps[0]
+
+
+class Framing(HostileCase):
+    def test_trailers_dropped_never_forwarded(self):
+        # A chunked request with trailers, then a pipelined second request:
+        # the trailers must not be forwarded nor point into the next request.
+        first = (b"POST " + V1.encode() + b" HTTP/1.1\r\nHost: green-cip.cn-shanghai.aliyuncs.com\r\n"
+                 b"Content-Type: " + FORM.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"9\r\nService=a\r\n0\r\nX-Trailer: t1\r\nX-Uid: victim\r\n\r\n")
+        second = harness.HttpConn.build("GET", V1 + "&n=2", {"X-Second": "yes"})
+        with harness.HttpConn(self.sl.port) as c:
+            c.send(first + second)
+            r1, r2 = c.read_response(), c.read_response()
+        self.assertEqual((r1.status, r2.status), (200, 200))
+        got = self.be.got()
+        self.assertEqual(len(got), 2, got)
+        (h1, b1), (h2, b2) = got
+        self.assertEqual(b1, b"Service=a")
+        self.assertNotIn(b"X-Trailer", h1 + h2)
+        self.assertNotIn(b"victim", h1 + h2)
+        self.assertTrue(h2.startswith(b"GET /?Action=TextModeration&AccessKeyId=AK1&n=2 HTTP/1.1\r\n"), h2)
+        for h, _ in got:  # every forwarded head is well formed: one request line, CRLF lines
+            self.assertEqual(h.count(b" HTTP/1.1\r\n"), 1, h)
+            self.assertNotIn(b"\n\n", h)
+
+    def test_trailers_count_against_the_head_bound(self):
+        trailer = b"X-Pad: " + b"a" * 20000 + b"\r\n"
+        data = (b"POST " + V1.encode() + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"1\r\na\r\n0\r\n" + trailer + b"\r\n")
+        self.assert_refused(data, 431, "RequestHeaderTooLarge")
+
+    def test_head_ending_in_bare_lf(self):
+        # llhttp 8.1 accepts "\r\n\n" as the end of the head.
+        self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\nHost: a\r\n\nGET /x HTTP/1.1\r\n\r\n")
+        body = b"x" * 9000
+        self.assert_refused(b"POST " + V1.encode() + b" HTTP/1.1\r\nHost: a\r\nContent-Length: 9000\r\n\n" + body)
+
+    def test_request_line_ending_in_bare_lf(self):
+        self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\nHost: a\r\n\r\n")
+
+    def test_obs_fold(self):
+        self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n")
+        self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\tGET /smuggled HTTP/1.1\r\n\r\n")
+
+    def test_header_names_must_be_tokens(self):
+        self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\nHost : a\r\n\r\n")
+        self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\nX A: b\r\n\r\n")
+
+    def test_protocols_other_than_http_1x(self):
+        for proto in (b"ICE/1.0", b"RTSP/1.0", b"HTTP/2.0", b"HTTP/0.9"):
+            with self.subTest(proto=proto):
+                self.assert_refused(b"GET " + V1.encode() + b" " + proto + b"\r\nHost: a\r\n\r\n")
+        self.assert_refused(b"GET " + V1.encode() + b"\r\n\r\n")  # HTTP/0.9 style
+        self.assert_refused(b"SOURCE " + V1.encode() + b" ICE/1.0\r\nHost: a\r\n\r\n")
+
+    def test_chunk_data_without_crlf(self):
+        base = b"POST " + V1.encode() + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        self.assert_refused(base + b"3\r\nabcXX0\r\n\r\n")
+        self.assert_refused(base + b"3\r\nabc\n0\r\n\r\n")
+        self.assert_refused(base + b"3\r\nabc\r\n0\r\n\n")  # the last line
+        self.assert_refused(base + b"3\r\nabc\r\n0\r\nX-T: 1\r\n\n")
+
+    def test_chunk_crlf_split_across_reads(self):
+        # Valid framing whose CRLFs arrive in separate reads is accepted.
+        head = b"POST " + V1.encode() + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        parts = [head, b"3\r\nab", b"c\r", b"\n4\r\nwxyz\r", b"\n0\r\n\r", b"\n"]
+        with harness.HttpConn(self.sl.port) as c:
+            for p in parts:
+                c.send(p)
+                time.sleep(0.05)
+            r = c.read_response()
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(self.be.got()[-1][1], b"abcwxyz")
+
+    def test_chunked_head_exactly_at_the_bound(self):
+        # A chunked request whose head is exactly --max-header-bytes (16384)
+        # used to stall until 408: the read buffer had no room left.
+        start = b"POST " + V1.encode() + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\nX-Pad: "
+        pad = 16384 - len(start) - 4
+        head = start + b"p" * pad + b"\r\n\r\n"
+        self.assertEqual(len(head), 16384)
+        t0 = time.monotonic()
+        with harness.HttpConn(self.sl.port) as c:
+            c.send(head + b"5\r\nhello\r\n0\r\n\r\n")
+            r = c.read_response()
+        self.assertEqual(r.status, 200, r.body)
+        self.assertLess(time.monotonic() - t0, 5.0)  # the 408 would come after --header-timeout-ms (10 s)
+        self.assertEqual(self.be.got()[-1][1], b"hello")
+
+    def test_duplicate_identity_headers(self):
+        for name in ("Host", "Authorization", "x-acs-action", "Content-Type"):
+            with self.subTest(name=name):
+                self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\n" + name.encode() + b": a\r\n" +
+                                    name.encode() + b": b\r\n\r\n")
+
+    def test_pipelined_burst_answered_in_order(self):
+        pipelined_burst(self)
+
+
+class SmallStack(HostileCase):
+    """sluice's threads on small stacks (the limit is inherited from the
+    environment): a request loop that recursed once per pipelined answer
+    overflowed here; a flat one does not care."""
+
+    def setUp(self):
+        old = resource.getrlimit(resource.RLIMIT_STACK)
+        sanitized = os.environ.get("ASAN_OPTIONS") or os.environ.get("TSAN_OPTIONS")
+        small = (2048 if sanitized else 256) * 1024
+        resource.setrlimit(resource.RLIMIT_STACK, (small, old[1]))
+        try:
+            super().setUp()
+        finally:
+            resource.setrlimit(resource.RLIMIT_STACK, old)
+
+    def test_pipelined_burst_answered_in_order(self):
+        pipelined_burst(self)
+
+
+def pipelined_burst(test, n=100000):
+    """n pipelined requests that sluice answers itself (no Action: 400) in
+    one write: every answer arrives, in order, and nothing reaches the
+    backend."""
+    one = b"GET /?n=%d HTTP/1.1\r\nHost: a\r\n\r\n"
+    data = b"".join(one % i for i in range(n))
+    got = []
+
+    def reader(sock):
+        buf = b""
+        while len(got) < n:
+            try:
+                d = sock.recv(1 << 20)
+            except OSError:
+                return
+            if not d:
+                return
+            buf += d
+            while True:
+                i = buf.find(b"\r\n\r\n")
+                if i < 0:
+                    break
+                m = re.search(rb"Content-Length: (\d+)", buf[:i])
+                end = i + 4 + int(m.group(1))
+                if len(buf) < end:
+                    break
+                got.append((buf[:12], buf[i + 4:end]))
+                buf = buf[end:]
+
+    s = socket.create_connection(("127.0.0.1", test.sl.port), timeout=60)
+    test.addCleanup(s.close)
+    t = threading.Thread(target=reader, args=(s,))
+    t.start()
+    s.sendall(data)
+    t.join(120)
+    test.assertEqual(len(got), n)
+    test.assertEqual({g[0] for g in got}, {b"HTTP/1.1 400"})
+    test.assertIn(b"MissingAction", got[-1][1])
+    test.assertEqual(test.be.got(), [])
+    test.assertEqual(test.sl.proc.poll(), None)
+
+
+class Identity(HostileCase):
+    def test_conflicting_access_key_ids(self):
+        for path, hdrs in (
+            ("/?Action=TextModeration&AccessKeyId=AK1&AccessKeyId=AK2", {}),
+            ("/?Action=TextModeration&AccessKeyId=&AccessKeyId=AK2", {}),
+            ("/?Action=TextModeration&AccessKeyId=AK2",
+             {"Authorization": "ACS3-HMAC-SHA256 Credential=AK1,SignedHeaders=host,Signature=00"}),
+        ):
+            with self.subTest(path=path):
+                data = harness.HttpConn.build("GET", path, hdrs)
+                self.assert_refused(data, 400, "InvalidParameter")
+        # in the form body against the query
+        body = b"Service=chat_detection&AccessKeyId=AK2"
+        data = harness.HttpConn.build("POST", V1, {"Content-Type": FORM}, body)
+        self.assert_refused(data, 400, "InvalidParameter")
+
+    def test_conflicting_actions(self):
+        data = harness.HttpConn.build("GET", V1, {"x-acs-action": "ImageModeration"})
+        self.assert_refused(data, 400, "InvalidParameter")
+        data = harness.HttpConn.build("GET", V1 + "&Action=ImageModeration")
+        self.assert_refused(data, 400, "InvalidParameter")
+
+    def test_agreeing_values_pass(self):
+        hdrs = {"x-acs-action": "TextModeration",
+                "Authorization": "ACS3-HMAC-SHA256 Credential=AK1,SignedHeaders=host,Signature=00"}
+        self.assertEqual(self.ok(V1 + "&AccessKeyId=AK1", hdrs).status, 200)
+        self.assertEqual(self.ok(V1 + "&AccessKeyId=A%4B1").status, 200)  # same value once decoded
+        self.assertEqual(len(self.be.got()), 2)
+
+    def test_connection_listed_headers_do_not_classify(self):
+        # Content-Type listed in Connection is not forwarded, so the form body
+        # is not read for Service: the call is an image (baseline) call, as
+        # the backend will see it, not image_llm.
+        body = b"Service=postImageCheckByVL_global&ServiceParameters=%7B%7D"
+        r = self.ok("/?Action=ImageModeration&AccessKeyId=AK1", {"Content-Type": FORM, "Connection": "Content-Type"},
+                    body)
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(len(self.llm.got()), 0)
+        head, _ = self.be.got()[-1]
+        self.assertNotIn(b"content-type", head.lower())
+        # Host listed in Connection: the region is the default one, not the Host's
+        r = self.ok(V1, {"Host": "green-cip.made-up-9.aliyuncs.com", "Connection": "Host"})
+        self.assertEqual(r.status, 200, r.body)
+
+    def test_trailer_cannot_name_the_account(self):
+        # --trusted-uid-header is off here; TrustedHeader checks it on.
+        data = (b"POST /?Action=TextModeration HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"1\r\na\r\n0\r\nX-Uid: u1\r\n\r\n")
+        self.assert_refused(data, 403, "InvalidAccessKeyId.NotFound")
+
+
+class TrustedHeader(HostileCase):
+    SLUICE_ARGS = ("--trusted-uid-header", "X-Uid")
+
+    def test_trailer_is_not_the_trusted_header(self):
+        data = (b"POST /?Action=TextModeration HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"1\r\na\r\n0\r\nX-Uid: u1\r\n\r\n")
+        self.assert_refused(data, 403, "InvalidAccessKeyId.NotFound")
+
+    def test_connection_listed_trusted_header_is_ignored(self):
+        data = harness.HttpConn.build("GET", "/?Action=TextModeration", {"X-Uid": "u1", "Connection": "X-Uid"})
+        self.assert_refused(data, 403, "InvalidAccessKeyId.NotFound")
+        # and the header itself works
+        self.assertEqual(self.ok("/?Action=TextModeration", {"X-Uid": "u1"}).status, 200)
+
+
+class Regions(HostileCase):
+    def test_unknown_region_is_400_and_has_no_bucket(self):
+        self.r.cli("HSET", P + "feature:text", "default_qps", "2")
+        time.sleep(0.3)
+        statuses = []
+        for i in range(10):
+            r = self.ok(V1, {"Host": f"green-cip.made-up-{i}.aliyuncs.com"})
+            statuses.append(r.status)
+            if r.status == 400:
+                self.assertEqual(r.json()["Code"], "InvalidRegionId")
+        self.assertEqual(statuses, [400] * 10)
+        self.assertEqual(self.be.got(), [])
+        # a known region in another spelling is fine
+        self.assertEqual(self.ok(V1, {"Host": "GREEN-CIP-VPC.CN-Beijing.aliyuncs.com:443"}).status, 200)
+        self.assertEqual(self.sl.stop(), 0)
+        fields = []
+        for key in self.r.cli("KEYS", P + "calls:*").split():
+            fields += self.r.cli("HKEYS", key).split()
+        self.assertFalse([f for f in fields if "made-up" in f], fields)
+        self.assertIn("text:-:bad_request", fields)  # all ten in one field, region "-"
+
+    def test_regions_option_checked(self):
+        for args, ok in ((["--regions", "cn-shanghai,eu-west-9"], True),
+                         (["--regions", "eu-west-9"], False),  # --region not in the list
+                         (["--regions", "cn-shanghai,,x"], False),
+                         (["--regions", "cn-shanghai,Bad_Name"], False)):
+            with self.subTest(args=args):
+                p = subprocess.run([harness.bin_path("sluice"), "-t", "--upstream", "127.0.0.1:1", *args],
+                                   capture_output=True, text=True, timeout=10)
+                self.assertEqual(p.returncode == 0, ok, p.stderr)
+                if not ok:
+                    self.assertIn("region", p.stderr)
+
+
+class CustomRegions(HostileCase):
+    SLUICE_ARGS = ("--regions", "cn-shanghai, eu-west-9")
+
+    def test_listed_region_served_other_refused(self):
+        self.assertEqual(self.ok(V1, {"Host": "green-cip.eu-west-9.aliyuncs.com"}).status, 200)
+        r = self.ok(V1, {"Host": "green-cip.cn-beijing.aliyuncs.com"})
+        self.assertEqual(r.status, 400)
+        self.assertEqual(r.json()["Code"], "InvalidRegionId")
+
+
+class EarlyAnswers(HostileCase):
+    SLUICE_ARGS = ("--max-body-buffer-bytes", "1000000", "--max-body-bytes", "900000")
+
+    def head_only(self, path, length=800000, headers=()):
+        """Sends only the head of a request with a body; returns the answer
+        read before any body byte was sent, and whether sluice then closed."""
+        hdrs = [("Content-Type", FORM), ("Content-Length", str(length)), *headers]
+        with harness.HttpConn(self.sl.port, timeout=5) as c:
+            c.send(harness.HttpConn.build("POST", path, hdrs))
+            r = c.read_response()
+            return r, c.closed_by_peer(wait=4.0)
+
+    def test_403_before_the_body(self):
+        r, closed = self.head_only("/?Action=TextModeration")
+        self.assertEqual((r.status, r.json()["Code"]), (403, "InvalidAccessKeyId.NotFound"))
+        self.assertTrue(closed)
+        # unknown key: once the directory knows it is unknown
+        self.assertEqual(self.ok("/?Action=TextModeration&AccessKeyId=NOPE").status, 403)
+        r, closed = self.head_only("/?Action=TextModeration&AccessKeyId=NOPE")
+        self.assertEqual(r.status, 403)
+        # suspended
+        self.assertEqual(self.ok("/?Action=TextModeration&AccessKeyId=AKS").status, 403)
+        r, closed = self.head_only("/?Action=TextModeration&AccessKeyId=AKS")
+        self.assertEqual((r.status, r.json()["Code"]), (403, "Forbidden.AccountSuspended"))
+        # conflicting identities and unknown regions: 400 before the body too
+        r, _ = self.head_only(V1 + "&AccessKeyId=AK2")
+        self.assertEqual(r.status, 400)
+        r, _ = self.head_only(V1, headers=[("Host", "green-cip.nowhere-1.aliyuncs.com")])
+        self.assertEqual(r.status, 400)
+        self.assertEqual(self.be.got(), [])
+
+    def test_early_answer_readable_while_body_is_sent(self):
+        # The client sends its whole body anyway: the answer must not be
+        # destroyed by a reset (sluice reads and drops the rest, then closes).
+        body = b"Service=a&x=" + b"y" * 600000
+        with harness.HttpConn(self.sl.port, timeout=10) as c:
+            c.send(harness.HttpConn.build("POST", "/?Action=TextModeration", {"Content-Type": FORM}, body))
+            r = c.read_response()
+        self.assertEqual(r.status, 403)
+
+    def test_body_budget_per_worker(self):
+        # Known account, bodies buffered: 600,000 + 600,000 > 1,000,000.
+        hdrs = {"Content-Type": FORM, "Content-Length": "600000"}
+        a = harness.HttpConn(self.sl.port)
+        self.addCleanup(a.close)
+        a.send(harness.HttpConn.build("POST", V1, hdrs) + b"Service=a&x=" + b"y" * 1000)
+        time.sleep(0.3)
+        with harness.HttpConn(self.sl.port) as b:
+            b.send(harness.HttpConn.build("POST", V1, hdrs))
+            r = b.read_response()
+        self.assertEqual((r.status, r.json()["Code"]), (503, "ServiceUnavailable"))
+        self.assertEqual(r.header("Retry-After"), "1")
+        # the first one completes, and its bytes go back to the budget
+        a.send(b"y" * (600000 - 12 - 1000))
+        self.assertEqual(a.read_response().status, 200)
+        body = b"Service=a&x=" + b"z" * (600000 - 12)
+        self.assertEqual(self.ok(V1, {"Content-Type": FORM}, body).status, 200)
+        self.assertEqual(len(self.be.got()), 2)
+
+
+class Limits(HostileCase):
+    def test_zero_qps_hints_a_minute(self):
+        self.r.cli("HSET", P + "feature:text", "default_qps", "0")
+        r = poll(lambda: (lambda x: x if x.status == 429 else None)(self.ok(V1)), 5, "429 at 0 QPS")
+        self.assertEqual(r.header("Retry-After"), "60")
+        self.assertEqual(r.header("x-ratelimit-user"), "TimeLeft:60000")
+        self.assertEqual(self.be.got(), [])
+
+
+class SendTimeout(unittest.TestCase):
+    def test_client_that_stops_reading_is_closed(self):
+        _, up = start_modstub(self)
+        sl = start_sluice(self, [up], "--send-timeout-ms", "500", workers=1)
+        s = socket.create_connection(("127.0.0.1", sl.port))
+        self.addCleanup(s.close)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(harness.HttpConn.build("GET", "/?Action=TextModeration", {"x-modstub-size": str(64 << 20)}))
+        # sluice holds the client and a backend connection while blocked on
+        # the write; the send timeout frees both.
+        poll(lambda: sl.metrics()["sluice_connections_open"] == 0, 10, "connection closed by the send timeout")
+        st = harness.http_request(up, "GET", "/stats").json()
+        self.assertEqual(harness.http_request(sl.port, "GET", "/?Action=TextModeration").status, 200)
+        self.assertGreaterEqual(st["requests"], 1)
+
+
+if __name__ == "__main__":
+    unittest.main()
