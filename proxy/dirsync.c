@@ -88,15 +88,14 @@ static void request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], c
 /* ---- logging what Redis holds or says (bounded, rate-limited) ---- */
 
 /* s (n bytes) as a NUL-terminated printable string in out (cap >= 8):
- * bytes outside printable ASCII, quotes and backslashes as \xHH (a value
- * read from Redis must not forge log lines); cut with "..." at cap.
- * Returns out. */
+ * bytes outside printable ASCII and backslashes as \xHH (a value read from
+ * Redis must not forge log lines); cut with "..." at cap. Returns out. */
 static const char *printable(char *out, size_t cap, const char *s, size_t n) {
   static const char hex[] = "0123456789abcdef";
   size_t o = 0;
   for (size_t i = 0; i < n; i++) {
     unsigned char ch = (unsigned char)s[i];
-    size_t need = ch >= 0x20 && ch < 0x7f && ch != '\\' && ch != '\'' ? 1 : 4;
+    size_t need = ch >= 0x20 && ch < 0x7f && ch != '\\' ? 1 : 4;
     if (o + need + 4 > cap) { /* keep room for "..." and the NUL */
       memcpy(out + o, "...", 3);
       o += 3;
@@ -850,7 +849,7 @@ static void went_up(struct sl_dirsync *d) {
   d->cmd_ready = 1;
   d->progress_ms = now;
   d->seen_replies = d->cmd_replies;
-  d->backoff_ms = 0;
+  d->up_since_ms = now; /* the backoff resets once it stays up (check_timeouts) */
   atomic_store_explicit(&d->stats.redis_up, 1, memory_order_relaxed);
 }
 
@@ -963,6 +962,11 @@ static void connect_redis(struct sl_dirsync *d) {
   if (!d->cmd || !d->sub) went_down(d, why);
 }
 
+static void on_probe(redisAsyncContext *c, void *reply, void *priv) {
+  (void)priv;
+  cmd_owner(c, reply); /* progress is all it is for */
+}
+
 /* From the tick: a connection that is not up within redis_timeout_ms of
  * its start, or a command connection with replies outstanding and none
  * come for redis_timeout_ms, counts as down. */
@@ -980,10 +984,19 @@ static void check_timeouts(struct sl_dirsync *d, uint64_t now) {
     return;
   }
   if (!d->cmd_ready || !d->cmd) return;
-  const redisAsyncContext *c = d->cmd;
+  /* A server that answers PING and then fails goes up and down: the
+   * backoff grows across such short stays, and resets after a long one. */
+  if (d->backoff_ms && now - d->up_since_ms >= LOG_EVERY_MS) d->backoff_ms = 0;
+  redisAsyncContext *c = d->cmd;
   if (!c->replies.head || d->cmd_replies != d->seen_replies) { /* idle, or replies came */
     d->seen_replies = d->cmd_replies;
     d->progress_ms = now;
+    /* Idle for a while: a PING, so that a server gone silent is found
+     * even when nothing else is asked (the resync may be far off). */
+    if (!c->replies.head && now >= d->next_probe_ms) {
+      d->next_probe_ms = now + d->redis_timeout_ms;
+      redisAsyncCommand(c, on_probe, NULL, "PING");
+    }
     return;
   }
   if (now - d->progress_ms < d->redis_timeout_ms) return;

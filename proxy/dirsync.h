@@ -86,6 +86,8 @@ struct sl_dirsync {
   unsigned redis_timeout_ms;
   uint64_t connect_started_ms;
   uint64_t cmd_replies, seen_replies, progress_ms; /* reply timeout: replies counted, last progress */
+  uint64_t next_probe_ms;                          /* idle command connection: PING then */
+  uint64_t up_since_ms;
   /* "down" logging: the transition once, then one line per period */
   int up, ever_up, outage_logged;
   unsigned failures; /* attempts failed in this outage */
