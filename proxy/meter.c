@@ -196,11 +196,41 @@ unsigned sl_meter_handoff(struct sl_meter_worker *m) {
   return n;
 }
 
+_Static_assert((SL_ARRAY_SIZE(((struct sl_meter_worker *)0)->refused_seen) &
+                (SL_ARRAY_SIZE(((struct sl_meter_worker *)0)->refused_seen) - 1)) == 0,
+               "the refused-key set is a power of two");
+
+/* 1 when refused key k (hash h) may be counted under its own shape: it was
+ * seen today already, or today's set has room for it (then it is added). */
+static int refused_admit(struct sl_meter_worker *m, const struct sl_meter_key *k, uint64_t h) {
+  if (k->day != m->refused_day) {
+    if (k->day < m->refused_day) return 0; /* a call from before midnight, answered after: rare */
+    memset(m->refused_seen, 0, sizeof(m->refused_seen));
+    m->refused_n = 0;
+    m->refused_day = k->day;
+  }
+  const uint32_t mask = SL_ARRAY_SIZE(m->refused_seen) - 1;
+  for (uint32_t i = (uint32_t)h & mask;; i = (i + 1) & mask) {
+    if (m->refused_seen[i] == h) return 1;
+    if (m->refused_seen[i] == 0) {
+      if (m->refused_n >= SL_METER_REFUSED_PER_DAY) return 0; /* half full at most: probes end */
+      m->refused_seen[i] = h;
+      m->refused_n++;
+      return 1;
+    }
+  }
+}
+
 void sl_meter_count(struct sl_meter_worker *m, const struct sl_meter_key *k) {
   uint64_t h = sl_meter_key_hash(k);
+  struct sl_meter_key shape;
+  if (SL_UNLIKELY(sl_meter_refused(k->outcome)) && !key_collapsed(k) && !refused_admit(m, k, h)) {
+    sl_meter_key_collapse(&shape, k);
+    k = &shape;
+    h = sl_meter_key_hash(k);
+  }
   int r = sl_meter_add(m->active, k, h, 1);
   if (SL_LIKELY(r == 0)) return;
-  struct sl_meter_key shape;
   if (r == -EDQUOT) {
     /* The table holds its bound of refused keys: count this one under the
      * fixed shape, where refused calls of that day and outcome merge. */

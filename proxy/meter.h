@@ -24,6 +24,12 @@
  * many keys plus four per day to a table: it never fills one. The bits are
  * the SL_OUT_* values of proxy.h (checked there by flusher.c). */
 #define SL_METER_REFUSED_KEYS 64
+/* And over time: a worker counts at most this many distinct refused keys
+ * under their own shape per billing day (a set of their hashes, emptied
+ * when the day turns); later new ones take the fixed shape. So a flood of
+ * distinct refused requests adds at most workers * this + 4 keys per day
+ * to the queue, the spool and Redis, however long it lasts. */
+#define SL_METER_REFUSED_PER_DAY 256
 #define SL_METER_REFUSED_MASK ((1u << 3) | (1u << 4) | (1u << 5) | (1u << 6))
 /* Full tables a worker keeps aside while the hand-off ring is full: the
  * worker is saturated (admission answers 503) from the first one, so only
@@ -87,6 +93,9 @@ struct sl_meter_worker {
   struct sl_meter_table **overflow; /* full tables the handoff ring had no room for, oldest first */
   unsigned noverflow, overflow_cap;  /* held; room in the array (SL_METER_ASIDE_MAX, grown only past it) */
   uint64_t over_bound;               /* tables kept aside past SL_METER_ASIDE_MAX (logged) */
+  uint32_t refused_day;              /* the day refused_seen is for */
+  uint32_t refused_n;                /* hashes in refused_seen */
+  uint64_t refused_seen[2 * SL_METER_REFUSED_PER_DAY]; /* open addressing; 0 is empty */
   uint64_t over_bound_said_ms;
   struct sl_ring handoff, spare;
   uint32_t capacity;

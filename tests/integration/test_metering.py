@@ -705,6 +705,291 @@ class SpoolBound(MeteringCase):
         self.assertEqual(back["spool_full"], 0, f"spool still full with every batch acked: {back}")
 
 
+def rss_kb(pid):
+    """VmRSS of a process, in kB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+class RejectedFlood:
+    """`threads` connections sending refused requests, each one different:
+    an unknown AccessKeyId in a made-up region (its own metering key if
+    nothing bounded them) or a request without Action, until `duration`
+    seconds pass. Tallies the outcomes the answers tell of."""
+
+    def __init__(self, port, threads=4, duration=3.0):
+        self.port, self.nthreads, self.duration = port, threads, duration
+        self.outcomes = collections.Counter()
+        self.statuses = collections.Counter()
+        self.lock = threading.Lock()
+        self.unanswered = 0
+
+    def run(self, test):
+        threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.nthreads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(self.duration + 30)
+        test.assertFalse(any(t.is_alive() for t in threads), "flood threads did not end")
+        return self
+
+    def _run(self, idx):
+        deadline = time.monotonic() + self.duration
+        conn, i = None, 0
+        out, st, lost = collections.Counter(), collections.Counter(), 0
+        try:
+            while time.monotonic() < deadline:
+                if conn is None:
+                    conn = harness.HttpConn(self.port, timeout=10)
+                i += 1
+                n = idx * 10_000_000 + i
+                if i % 4:
+                    req = _req(ak=f"AKFLOOD{n}", host=f"green-cip.zz-{n}.aliyuncs.com")
+                else:
+                    req = _req(ak=f"AKFLOOD{n}", action=None, host=f"green-cip.zz-{n}.aliyuncs.com")
+                try:
+                    conn.send(req)
+                    resp = conn.read_response()
+                except (harness.IncompleteResponse, OSError):
+                    lost += 1
+                    conn.close()
+                    conn = None
+                    continue
+                out[outcome_of(resp)] += 1
+                st[resp.status] += 1
+                if (resp.header("Connection") or "").lower() == "close":
+                    conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                conn.close()
+            with self.lock:
+                self.outcomes.update(out)
+                self.statuses.update(st)
+                self.unanswered += lost
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts, reads and never answers (a
+    Redis that hangs, or something that is no Redis). .addr for --redis;
+    .connections counts the connections it accepted."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((harness.HOST, 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.addr = f"{harness.HOST}:{self.port}"
+        self.connections = 0
+        self.bytes = 0
+        self.conns = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ)
+        while not self._stop.is_set():
+            for key, _ in sel.select(0.1):
+                if key.fileobj is self.sock:
+                    try:
+                        c, _ = self.sock.accept()
+                    except OSError:
+                        continue
+                    c.setblocking(False)
+                    self.connections += 1
+                    self.conns.append(c)
+                    sel.register(c, selectors.EVENT_READ)
+                else:
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        sel.unregister(key.fileobj)
+                        key.fileobj.close()
+                    self.bytes += len(data)
+        sel.close()
+
+    def close(self):
+        self._stop.set()
+        self.thread.join(5)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+class Bounds(MeteringCase):
+    """Issue 9 item 7 and 11: metering stays bounded while Redis is away and
+    finds a Redis that stops answering."""
+
+    def check_totals(self, what, outcomes):
+        """Every count arrived once, by outcome (refused calls past their
+        bound are counted under the fixed shape, so not by key); billable
+        counts exactly, by key."""
+        meter = Meter(self.r.port)
+        backend = self.backend_200()
+        calls = meter.calls_by_outcome()
+        note(f"{what}: answered {dict(sorted(outcomes.items()))}; backend 200s {backend}, usage sum "
+             f"{meter.usage_total()}, calls {dict(sorted(calls.items()))}, {len(meter.calls)} calls fields")
+        self.assertEqual(meter.usage_total(), backend, "usage sum != backend 200s")
+        self.assertEqual(outcomes["ok"], backend, "client 200s != backend 200s")
+        self.assertEqual({k: v for k, v in calls.items() if v}, {k: v for k, v in outcomes.items() if v})
+        self.check_consistent(meter)
+        return meter
+
+    def test_rejected_flood_with_redis_down_stays_bounded(self):
+        """Redis down, small bounds (--meter-keys 16, --meter-queue-batches
+        4, a flush every 20 ms) and 4 s of refused requests that each name
+        another made-up region and AccessKeyId: no abort, RSS and the spool
+        stay small, the queue at its bound; once Redis is back every count
+        arrives exactly once, under a bounded number of keys."""
+        sl = self.start("--flush-ms", "20", "--meter-keys", "16", "--meter-queue-batches", "4",
+                        "--lookup-timeout-ms", "50", "--negative-ttl-ms", "0")
+        harness.stop_process(self.r.proc)
+        poll(lambda: sl.metrics().get("sluice_meter_redis_up") == 0, 5, "flusher sees redis down")
+        rss0 = rss_kb(sl.proc.pid)
+        flood = RejectedFlood(sl.port, threads=4, duration=4.0).run(self)
+        self.assertIsNone(sl.proc.poll(), "sluice died under the flood:\n" + sl.stderr()[-2000:])
+        rss1 = rss_kb(sl.proc.pid)
+        during = self.meter_metrics(sl)
+        spool = os.stat(os.path.join(sl.tmpdir, "spool", "meter.spool")).st_size
+        n = sum(flood.outcomes.values())
+        note(f"refused flood, redis down, small bounds: {n} requests {dict(flood.statuses)} in 4 s; RSS "
+             f"{rss0} -> {rss1} kB; spool {spool} bytes; queue {during['queue_batches']} batches / "
+             f"{during['unflushed_requests']} requests")
+        self.assertGreater(n, 1000)
+        self.assertEqual(flood.outcomes["ok"], 0)
+        self.assertLess(rss1 - rss0, 64 * 1024, "RSS grew by more than 64 MB")
+        self.assertLess(spool, 1 << 20, "spool over 1 MB")
+        self.assertLessEqual(during["queue_batches"], 4)
+        self.assertNotIn("overflow", sl.stderr())
+        restart_redis(self.r)
+        self.drained(sl, timeout=20)
+        self.stop_sluice(sl)
+        meter = self.check_totals("refused flood", flood.outcomes)
+        # SL_METER_REFUSED_PER_DAY (256) per worker under their own shape, then the fixed shape
+        self.assertLessEqual(len(meter.calls), 2 * 256 + 8, "refused calls made a key each")
+
+    def test_admitted_calls_refused_at_the_bound(self):
+        """Redis down and small bounds (--meter-keys 16, --meter-queue-batches
+        2): 3,000 accounts, each called once, make more distinct billable
+        keys than the queue, the flusher's accumulator and the rings hold.
+        sluice does not abort: once metering is backed up admitted calls get
+        503 (never forwarded, so never billable); after Redis returns every
+        backend 200 is in usage exactly once."""
+        n = 3000
+        args = []
+        for i in range(n):
+            args += [f"{P}ak:AKM{i}", f"m{i}"]
+        self.r.cli("MSET", *args)
+        sl = self.start("--flush-ms", "20", "--meter-keys", "16", "--meter-queue-batches", "2")
+        outcomes = collections.Counter()
+        backed_up = collections.Counter()
+
+        def call(lo, hi):
+            with harness.HttpConn(sl.port) as c:
+                for i in range(lo, hi):
+                    c.send(_req(ak=f"AKM{i}"))
+                    resp = c.read_response()
+                    o = outcome_of(resp)
+                    with lock:
+                        outcomes[o] += 1
+                        if o == "unavailable" and b"backed up" in resp.body:
+                            backed_up[0] += 1
+
+        lock = threading.Lock()
+
+        def each_account():
+            ts = [threading.Thread(target=call, args=(k * n // 4, (k + 1) * n // 4)) for k in range(4)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(60)
+
+        each_account()  # every account known while Redis is up
+        self.drained(sl)
+        harness.stop_process(self.r.proc)
+        poll(lambda: sl.metrics().get("sluice_meter_redis_up") == 0, 5, "flusher sees redis down")
+        each_account()
+        each_account()
+        self.assertIsNone(sl.proc.poll(), "sluice died:\n" + sl.stderr()[-2000:])
+        during = self.meter_metrics(sl)
+        restart_redis(self.r)
+        self.drained(sl, timeout=20)
+        self.stop_sluice(sl)
+        note(f"admitted calls at small bounds, redis down: {dict(outcomes)}, {backed_up[0]} answered 503 "
+             f"'metering is backed up'; queue {during['queue_batches']} batches")
+        self.assertEqual(sum(outcomes.values()), 3 * n)
+        self.assertGreater(backed_up[0], 0, "metering never backed up")
+        self.assertGreater(outcomes["ok"], n)
+        self.assertLessEqual(during["queue_batches"], 2)
+        self.check_totals("admitted calls at small bounds", outcomes)
+
+    def test_silent_redis_is_down(self):
+        """--redis names a server that accepts and never answers: the
+        flusher says so within the reply bound, never reports it up, tries
+        again with backoff, and logs the state once (not per attempt)."""
+        fake = SilentServer()
+        self.addCleanup(fake.close)
+        t0 = time.monotonic()
+        sl = start_sluice(self, [self.up], "--redis-timeout-ms", "300", "--flush-ms", "100",
+                          redis=fake, admission="off", workers=2)
+        self.addCleanup(shutil.rmtree, sl.tmpdir, True)
+        _, took = poll(lambda: "metering: redis down: no" in sl.stderr(), 10, "silent redis found")
+        detect = time.monotonic() - t0
+        for _ in range(20):  # counts wait in the queue meanwhile
+            with harness.HttpConn(sl.port) as c:
+                c.send(build("ok"))
+                self.assertEqual(c.read_response().status, 200)
+        ups = set()
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            ups.add(sl.metrics().get("sluice_meter_redis_up"))
+            time.sleep(0.1)
+        lines = [ln for ln in sl.stderr().splitlines() if "metering: redis" in ln]
+        mm = self.meter_metrics(sl)
+        note(f"silent redis: found after {detect:.2f} s (--redis-timeout-ms 300); {fake.connections} connections "
+             f"in {time.monotonic() - t0:.1f} s; {len(lines)} log line(s): {lines[:2]}")
+        self.assertEqual(ups, {0}, "the flusher reported a silent server up")
+        self.assertLess(detect, 5.0)
+        self.assertGreaterEqual(fake.connections, 2, "no reconnect")
+        self.assertLessEqual(len(lines), 2, lines)
+        self.assertGreaterEqual(mm["queue_batches"], 1, mm)
+        status = sl.stop(timeout=30)
+        self.assertEqual(status, 0, sl.stderr()[-2000:])
+
+    def test_reply_timeout_then_exact(self):
+        """A Redis that stops answering for 2 s (CLIENT PAUSE) under load
+        with --redis-timeout-ms 300: the flusher takes it as down within
+        the bound, reconnects, sends the batch again with the same id, says
+        so in three lines at most, and the totals are exact."""
+        sl = self.start("--flush-ms", "100", "--redis-timeout-ms", "300")
+        load = Load(sl.port, self.tally, threads=4, duration=4.0).start(self)
+        time.sleep(1.0)
+        self.r.cli("CLIENT", "PAUSE", "2000", "ALL")
+        t0 = time.monotonic()
+        _, took = poll(lambda: sl.metrics().get("sluice_meter_redis_up") == 0, 2.0, "paused redis found", 0.01)
+        self.assertTrue(load.join(), "load threads did not end")
+        self.drained(sl)
+        mm = self.meter_metrics(sl)
+        self.stop_sluice(sl)
+        lines = [ln for ln in sl.stderr().splitlines() if "metering: redis" in ln]
+        note(f"redis paused 2 s, --redis-timeout-ms 300: down after {took:.2f} s; retried "
+             f"{mm['batches_retried_total']}, deduplicated {mm['batches_deduplicated_total']}, applied "
+             f"{mm['batches_applied_total']}; log {lines}")
+        self.assertLessEqual(len(lines), 3, lines)
+        self.assertTrue(any("up again" in ln for ln in lines), lines)
+        self.assertEqual(mm["batches_applied_total"] + mm["batches_deduplicated_total"], mm["batches_total"])
+        self.check_exact("reply timeout")
+
+
 class Days(MeteringCase):
     STUB_ARGS = ()
 

@@ -158,6 +158,42 @@ static void test_refused_keys_bounded(void **state) {
   sl_meter_worker_free(&m);
 }
 
+/* Tables turn over every round: the day's set still holds the distinct
+ * refused keys under their own shape to SL_METER_REFUSED_PER_DAY per worker,
+ * however many rounds a flood lasts; a new day starts a new set. */
+static void test_refused_keys_per_day(void **state) {
+  (void)state;
+  struct sl_meter_worker m;
+  assert_int_equal(sl_meter_worker_init(&m, 1024, 0), 0);
+  uint32_t own = 0; /* keys under their own shape, summed over every table handed off */
+  uint64_t total = 0;
+  char s[32];
+  for (uint32_t day = 20261127; day <= 20261128; day++) {
+    own = 0;
+    for (int i = 0; i < 20000; i++) {
+      struct sl_meter_key k = key("-", 4);
+      k.day = day;
+      k.region_len = (uint8_t)snprintf(s, sizeof(s), "r%d", i);
+      memcpy(k.region, s, k.region_len);
+      sl_meter_count(&m, &k);
+      if (i % 50 == 49 || i == 19999) { /* a round: hand off and drain, as the flusher does */
+        sl_meter_handoff(&m);
+        struct sl_meter_table *t;
+        while (sl_ring_pop(&m.handoff, &t) == 0) {
+          for (uint32_t j = 0; j < t->n; j++)
+            if (t->e[t->used[j]].k.region_len != 1) own++;
+          total += t->total;
+          sl_meter_table_clear(t);
+          assert_int_equal(sl_ring_push(&m.spare, &t), 0);
+        }
+      }
+    }
+    assert_int_equal(own, SL_METER_REFUSED_PER_DAY);
+  }
+  assert_int_equal(total, 40000);
+  sl_meter_worker_free(&m);
+}
+
 /* Past SL_METER_ASIDE_MAX full tables kept aside (the ring full, nobody
  * draining it) the worker neither aborts nor loses a count. */
 static void test_aside_past_its_bound(void **state) {
@@ -250,6 +286,7 @@ int main(void) {
       cmocka_unit_test(test_days),        cmocka_unit_test(test_worker_day_cache),
       cmocka_unit_test(test_table_bound), cmocka_unit_test(test_count_never_loses),
       cmocka_unit_test(test_refused_keys_bounded), cmocka_unit_test(test_aside_past_its_bound),
+      cmocka_unit_test(test_refused_keys_per_day),
       cmocka_unit_test(test_ring_peek),   cmocka_unit_test(test_spool_roundtrip),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
