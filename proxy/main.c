@@ -165,6 +165,16 @@ int main(int argc, char **argv) {
   atomic_store(&m.version, cfg->version);
   m.nworkers = cfg->workers;
   m.workers = sl_calloc(m.nworkers, sizeof(*m.workers));
+  m.loop = uv_default_loop();
+  /* Caught from here on (and acted on once the loop runs): the client
+   * socket listens next, so a SIGTERM from now must drain, not kill. */
+  uv_signal_init(m.loop, &m.sig_term);
+  uv_signal_init(m.loop, &m.sig_int);
+  uv_signal_init(m.loop, &m.sig_hup);
+  m.sig_term.data = m.sig_int.data = m.sig_hup.data = &m;
+  uv_signal_start(&m.sig_term, on_signal, SIGTERM);
+  uv_signal_start(&m.sig_int, on_signal, SIGINT);
+  uv_signal_start(&m.sig_hup, on_signal, SIGHUP);
   for (unsigned i = 0; i < m.nworkers; i++) {
     int fd = listen_socket(&cfg->listen);
     if (fd < 0) {
@@ -173,7 +183,6 @@ int main(int argc, char **argv) {
     }
     m.workers[i].listen_fd = fd;
   }
-  m.loop = uv_default_loop();
   m.admin.workers = m.workers;
   m.admin.nworkers = m.nworkers;
   m.admin.config_version = &m.version;
@@ -215,13 +224,6 @@ int main(int argc, char **argv) {
       return 1;
     }
   }
-  uv_signal_init(m.loop, &m.sig_term);
-  uv_signal_init(m.loop, &m.sig_int);
-  uv_signal_init(m.loop, &m.sig_hup);
-  m.sig_term.data = m.sig_int.data = m.sig_hup.data = &m;
-  uv_signal_start(&m.sig_term, on_signal, SIGTERM);
-  uv_signal_start(&m.sig_int, on_signal, SIGINT);
-  uv_signal_start(&m.sig_hup, on_signal, SIGHUP);
   uv_timer_init(m.loop, &m.reclaim);
   m.reclaim.data = &m;
   uv_timer_start(&m.reclaim, on_reclaim, 1000, 1000);
