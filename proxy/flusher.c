@@ -583,7 +583,8 @@ static void on_disconnect(const redisAsyncContext *c, int status) {
   f->inflight = NULL; /* on_applied ran with no reply and counted the retry */
   f->io_deadline_ms = 0;
   arm_watchdog(f);
-  redis_down(f, status == REDIS_OK ? "connection closed" : c->errstr);
+  const char *refused = sl_redis_refused(c); /* its errstr would only say "Out of memory" */
+  redis_down(f, refused ? refused : status == REDIS_OK ? "connection closed" : c->errstr);
   retry_later(f);
 }
 
