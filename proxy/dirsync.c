@@ -10,6 +10,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "dirsync_int.h"
 #include "redis_uv.h"
 
 #include "catalog.h"
@@ -337,7 +338,7 @@ static const char *pkg_parse(redisReply *const *e, struct sl_pkg *p, char *wb, s
  * package is left out. Each is named (bad_key). Returns the record (the
  * caller owns it), or NULL when the element is not what the script makes
  * (the caller answers "unavailable"). */
-static struct sl_acct *acct_from_reply(struct sl_dirsync *d, const char *ak, size_t ak_len, const redisReply *r) {
+struct sl_acct *sl__dirsync_acct_from_reply(struct sl_dirsync *d, const char *ak, size_t ak_len, const redisReply *r) {
   uint64_t now = mono_ms();
   char kn[SL_DIR_BADKEY_NAME], wb[128];
   size_t kl = key_cat(kn, key_cat(kn, 0, "ak:", 3), ak, ak_len);
@@ -443,15 +444,9 @@ static struct sl_dirsync *cmd_owner(const redisAsyncContext *c, const void *repl
   return d;
 }
 
-static void on_accounts(redisAsyncContext *c, void *reply, void *priv) {
-  struct sl_dirsync *d = cmd_owner(c, reply);
-  struct batch *bt = priv;
-  if (!d) { /* a context we dropped: its lookups time out into "unavailable" */
-    free(bt);
-    return;
-  }
-  redisReply *r = reply;
-  int ok = r && r->type == REDIS_REPLY_ARRAY && r->elements == bt->n;
+void sl__dirsync_accounts_reply(struct sl_dirsync *d, unsigned n, const char (*aks)[SL_AK_MAX + 1],
+                                const uint8_t *lens, const redisReply *r) {
+  int ok = r && r->type == REDIS_REPLY_ARRAY && r->elements == n;
   if (r && !ok) reply_error(d, "account load", r);
   if (ok && !d->suspended_known) {
     /* Never fail open on suspension: with no suspended set read yet, an
@@ -464,26 +459,29 @@ static void on_accounts(redisAsyncContext *c, void *reply, void *priv) {
               d->prefix);
     ok = 0;
   }
-  for (unsigned i = 0; i < bt->n; i++) {
-    uint64_t h = sl_dir_hash(bt->ak[i], bt->len[i]);
-    int p = pending_find(d, bt->ak[i], bt->len[i], h);
-    struct sl_acct *a = ok ? acct_from_reply(d, bt->ak[i], bt->len[i], r->element[i]) : NULL;
+  for (unsigned i = 0; i < n; i++) {
+    uint64_t h = sl_dir_hash(aks[i], lens[i]);
+    int p = pending_find(d, aks[i], lens[i], h);
+    struct sl_acct *a = ok ? sl__dirsync_acct_from_reply(d, aks[i], lens[i], r->element[i]) : NULL;
     if (a) {
       sl_dir_put(&d->b, a);
     } else if (p >= 0) { /* a first lookup that failed: say so, do not guess */
-      put_unavailable(d, bt->ak[i], bt->len[i]);
+      put_unavailable(d, aks[i], lens[i]);
     }
     if (p >= 0) pending_drop(d, (unsigned)p);
   }
-  free(bt);
   publish(d);
 }
 
-static void on_state(redisAsyncContext *c, void *reply, void *priv) {
-  (void)priv;
+static void on_accounts(redisAsyncContext *c, void *reply, void *priv) {
   struct sl_dirsync *d = cmd_owner(c, reply);
-  if (!d || !reply) return;
-  redisReply *r = reply;
+  struct batch *bt = priv;
+  if (d) sl__dirsync_accounts_reply(d, bt->n, (const char(*)[SL_AK_MAX + 1])bt->ak, bt->len, reply);
+  /* else a context we dropped: its lookups time out into "unavailable" */
+  free(bt);
+}
+
+void sl__dirsync_state_reply(struct sl_dirsync *d, const redisReply *r) {
   if (r->type != REDIS_REPLY_ARRAY || r->elements != 1 + 2 * sl_nfeatures) {
     reply_error(d, "state load", r);
     return;
@@ -555,6 +553,12 @@ static void on_state(redisAsyncContext *c, void *reply, void *priv) {
     sl_dir_set_feature(&d->b, f, qps, tier, over);
   }
   publish(d);
+}
+
+static void on_state(redisAsyncContext *c, void *reply, void *priv) {
+  (void)priv;
+  struct sl_dirsync *d = cmd_owner(c, reply);
+  if (d && reply) sl__dirsync_state_reply(d, reply);
 }
 
 static void on_resync_done(redisAsyncContext *c, void *reply, void *priv) {
