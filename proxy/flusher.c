@@ -20,8 +20,8 @@
 #include "proxy.h" /* sl__close */
 
 #define SPOOL_MAGIC 0x314d4c53u /* "SLM1" */
-#define REC_BATCH 1
-#define REC_ACK 2
+#define REC_BATCH SL_SPOOL_REC_BATCH
+#define REC_ACK SL_SPOOL_REC_ACK
 
 /* Applies one batch exactly once: the id is recorded with SET NX (kept 7
  * days) in the same atomic script as the counts, so a batch sent again
@@ -147,7 +147,9 @@ struct sl_batch *sl_spool_decode_batch(const unsigned char *p, size_t len) {
     k->uid_len = q[7];
     k->region_len = q[8];
     q += 9;
+    /* send_next names the feature, tier and outcome from these bytes */
     if (k->uid_len > SL_UID_MAX || k->region_len > SL_REGION_MAX || k->outcome >= SL_ARRAY_SIZE(outcome_names) ||
+        (k->feature >= sl_nfeatures && k->feature != SL_METER_NO_FEATURE) || k->tier > SL_TIER_LLM ||
         end - q < k->uid_len + k->region_len + 8)
       goto bad;
     memcpy(k->uid, q, k->uid_len);
@@ -157,11 +159,37 @@ struct sl_batch *sl_spool_decode_batch(const unsigned char *p, size_t len) {
     memcpy(&b->e[i].count, q, 8);
     q += 8;
   }
+  if (q != end) goto bad; /* what encode writes, and nothing else */
   b->n = n;
   return b;
 bad:
   free(b);
   return NULL;
+}
+
+int sl_spool_decode_ack(const unsigned char *p, size_t len, const unsigned char **id, uint8_t *id_len) {
+  if (len < 2 || p[0] == 0 || p[0] >= sizeof(((struct sl_batch *)0)->id) || (size_t)p[0] + 1 != len) return -1;
+  *id = p + 1;
+  *id_len = p[0];
+  return 0;
+}
+
+size_t sl_spool_scan(const unsigned char *data, size_t len,
+                     int (*on_record)(void *arg, int type, const unsigned char *payload, uint32_t plen), void *arg) {
+  size_t off = 0;
+  while (len - off >= HDR) {
+    uint32_t magic, plen, crc;
+    memcpy(&magic, data + off, 4);
+    memcpy(&plen, data + off + 8, 4);
+    memcpy(&crc, data + off + 12, 4);
+    uint8_t type = data[off + 4];
+    if (magic != SPOOL_MAGIC || (type != REC_BATCH && type != REC_ACK) || plen > len - off - HDR ||
+        sl_crc32(data + off + HDR, plen) != crc)
+      break;
+    if (on_record(arg, type, data + off + HDR, plen) != 0) break;
+    off += HDR + plen;
+  }
+  return off;
 }
 
 static void spool_write(struct sl_flusher *f, const void *p, size_t n) {
@@ -500,6 +528,14 @@ static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
   send_next(f);
 }
 
+void sl_flusher_key_names(const struct sl_meter_key *k, const char **feature, const char **tier,
+                          const char **outcome) {
+  int known = k->feature < sl_nfeatures;
+  *feature = known ? sl_features[k->feature].name : "-";
+  *tier = known ? sl_tier_name((enum sl_tier)k->tier) : "-";
+  *outcome = k->outcome < SL_ARRAY_SIZE(outcome_names) ? outcome_names[k->outcome] : "-";
+}
+
 static void send_next(struct sl_flusher *f) {
   if (!f->ready || f->inflight || !f->head || mono_ms() < f->retry_at_ms) return;
   struct sl_batch *b = f->head;
@@ -523,13 +559,12 @@ static void send_next(struct sl_flusher *f) {
     l = sl_u64toa(k->day, np);
     ARG(np, l);
     np += l + 1;
+    const char *fname, *tier, *o;
+    sl_flusher_key_names(k, &fname, &tier, &o);
     ARG(k->uid, k->uid_len);
-    const char *fname = k->feature < sl_nfeatures ? sl_features[k->feature].name : "-";
     ARG(fname, strlen(fname));
     ARG(k->region, k->region_len);
-    const char *tier = k->feature < sl_nfeatures ? sl_tier_name((enum sl_tier)k->tier) : "-";
     ARG(tier, strlen(tier));
-    const char *o = outcome_names[k->outcome];
     ARG(o, strlen(o));
     l = sl_u64toa(b->e[i].count, np);
     ARG(np, l);
@@ -789,6 +824,39 @@ static int load_instance(struct sl_flusher *f, const char *dir, const char *conf
   return 0;
 }
 
+/* One record read back from the spool: a batch goes on the queue, an ack
+ * takes its batch off. Returns 0, or -1 (stop: the record is not one of
+ * ours). */
+static int replay_record(void *arg, int type, const unsigned char *p, uint32_t len) {
+  struct sl_flusher *f = arg;
+  if (type == REC_BATCH) {
+    struct sl_batch *b = sl_spool_decode_batch(p, len);
+    if (!b) return -1;
+    b->spooled = 1;
+    b->created_ms = mono_ms();
+    enqueue(f, b);
+    stat_add(&f->stats.replayed, 1);
+    return 0;
+  }
+  const unsigned char *id;
+  uint8_t idl;
+  if (sl_spool_decode_ack(p, len, &id, &idl) != 0) return -1;
+  /* Acks come in queue order: the acked batch is the oldest with that id. */
+  struct sl_batch **pp = &f->head, *prev = NULL;
+  for (; *pp; prev = *pp, pp = &(*pp)->next)
+    if ((*pp)->id_len == idl && !memcmp((*pp)->id, id, idl)) {
+      struct sl_batch *b = *pp;
+      *pp = b->next;
+      if (f->tail == b) f->tail = prev;
+      f->nqueued--;
+      f->queued_counts -= batch_counts(b);
+      stat_set(&f->stats.replayed, atomic_load(&f->stats.replayed) - 1);
+      free(b);
+      break;
+    }
+  return 0;
+}
+
 /* Reads the spool: batches without an ack go back on the queue, in order; a
  * torn record at the end (a crash mid-write) is cut off. */
 static int replay_spool(struct sl_flusher *f, char *err, size_t errlen) {
@@ -805,40 +873,7 @@ static int replay_spool(struct sl_flusher *f, char *err, size_t errlen) {
     if (r <= 0) break;
     got += (size_t)r;
   }
-  size_t off = 0;
-  while (off + HDR <= got) {
-    uint32_t magic, len, crc;
-    memcpy(&magic, data + off, 4);
-    memcpy(&len, data + off + 8, 4);
-    memcpy(&crc, data + off + 12, 4);
-    if (magic != SPOOL_MAGIC || off + HDR + len > got || sl_crc32(data + off + HDR, len) != crc) break;
-    const unsigned char *p = data + off + HDR;
-    if (data[off + 4] == REC_BATCH) {
-      struct sl_batch *b = sl_spool_decode_batch(p, len);
-      if (!b) break;
-      b->spooled = 1;
-      b->created_ms = mono_ms();
-      enqueue(f, b);
-      stat_add(&f->stats.replayed, 1);
-    } else if (data[off + 4] == REC_ACK && len >= 1 && (size_t)p[0] + 1 <= len) {
-      /* Acks come in queue order: the acked batch is the oldest with that id. */
-      struct sl_batch **pp = &f->head, *prev = NULL;
-      for (; *pp; prev = *pp, pp = &(*pp)->next)
-        if ((*pp)->id_len == p[0] && !memcmp((*pp)->id, p + 1, p[0])) {
-          struct sl_batch *b = *pp;
-          *pp = b->next;
-          if (f->tail == b) f->tail = prev;
-          f->nqueued--;
-          f->queued_counts -= batch_counts(b);
-          stat_set(&f->stats.replayed, atomic_load(&f->stats.replayed) - 1);
-          free(b);
-          break;
-        }
-    } else {
-      break;
-    }
-    off += HDR + len;
-  }
+  size_t off = sl_spool_scan(data, got, replay_record, f);
   free(data);
   if (off < size) {
     fprintf(stderr, "sluice: spool %s: %zu trailing bytes are not a whole record (a write cut short): dropped\n",

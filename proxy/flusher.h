@@ -120,7 +120,22 @@ size_t sl_spool_batch_size(const struct sl_batch *b);
 size_t sl_spool_encode_batch(const struct sl_batch *b, unsigned char *out);
 uint32_t sl_crc32(const void *p, size_t n);
 /* Decodes a batch record's payload (after the 16-byte header); NULL when
- * malformed. The caller frees the batch. */
+ * malformed (anything encode would not write). The caller frees the batch. */
 struct sl_batch *sl_spool_decode_batch(const unsigned char *payload, size_t len);
+/* Decodes an ack record's payload: 0 with the acked batch's id (pointing
+ * into payload), or -1 when malformed. */
+int sl_spool_decode_ack(const unsigned char *payload, size_t len, const unsigned char **id, uint8_t *id_len);
+/* Walks the records of a spool image data[0..len): calls on_record(arg,
+ * type, payload, payload length) for each whole record whose framing and
+ * CRC hold, in order, until one does not or on_record returns non-zero.
+ * Returns the offset just past the last record taken (the rest is cut off
+ * at start as a torn write). */
+size_t sl_spool_scan(const unsigned char *data, size_t len,
+                     int (*on_record)(void *arg, int type, const unsigned char *payload, uint32_t plen), void *arg);
+#define SL_SPOOL_REC_BATCH 1
+#define SL_SPOOL_REC_ACK 2
+/* The names a key is written to Redis under (feature, tier, outcome). */
+void sl_flusher_key_names(const struct sl_meter_key *k, const char **feature, const char **tier,
+                          const char **outcome);
 
 #endif

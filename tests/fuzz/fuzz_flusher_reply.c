@@ -1,0 +1,66 @@
+/* Fuzzes what reads the replies to the metering flusher's commands (EVAL of
+ * a batch, PING): hiredis 0.14's reply reader, as the flusher's connection
+ * uses it, and sl_flusher_reply_kind, which decides from a reply whether a
+ * batch was applied, was a duplicate, or must be sent again. Byte 0 chooses
+ * how the rest is fed (in one piece, or in pieces of 1-8 bytes); every
+ * reply the reader builds is classified. Never a crash or a leak, and the
+ * classification is the one the flusher's exactly-once rests on: applied
+ * only for the integer 1, a duplicate only for the integer 0. */
+#include <hiredis/hiredis.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "flusher.h"
+#include "fuzz.h"
+#include "proxy.h"
+
+void sl__close(uv_handle_t *h, uv_close_cb cb) {
+  (void)h;
+  (void)cb;
+}
+
+static void classify(const redisReply *r) {
+  int k = sl_flusher_reply_kind(r);
+  if (r->type == REDIS_REPLY_INTEGER && r->integer == 1)
+    FZ_CHECK(k == SL_REPLY_APPLIED);
+  else if (r->type == REDIS_REPLY_INTEGER && r->integer == 0)
+    FZ_CHECK(k == SL_REPLY_DUPLICATE);
+  else
+    FZ_CHECK(k == SL_REPLY_ERROR);
+  /* nested replies are never taken for a batch's answer */
+  if (r->type == REDIS_REPLY_ARRAY)
+    for (size_t i = 0; i < r->elements; i++)
+      if (r->element[i]) FZ_CHECK(sl_flusher_reply_kind(r->element[i]) != SL_REPLY_LOST);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+  FZ_CHECK(sl_flusher_reply_kind(NULL) == SL_REPLY_LOST);
+  if (size < 1) return 0;
+  unsigned piece = data[0] & 7 ? (data[0] & 7) : 0; /* 0: in one piece */
+  const char *p = (const char *)data + 1;
+  size_t n = size - 1;
+  redisReader *rd = redisReaderCreate();
+  if (!rd) abort();
+  int broken = 0;
+  while (n && !broken) {
+    size_t k = piece && piece < n ? piece : n;
+    char *chunk = fz_dup(p, k); /* the reader copies it; ASan sees a read past it */
+    if (redisReaderFeed(rd, chunk, k) != REDIS_OK) broken = 1;
+    free(chunk);
+    p += k;
+    n -= k;
+    for (;;) {
+      void *reply = NULL;
+      if (redisReaderGetReply(rd, &reply) != REDIS_OK) { /* a protocol error: the flusher drops the connection */
+        broken = 1;
+        break;
+      }
+      if (!reply) break;
+      classify(reply);
+      freeReplyObject(reply);
+    }
+  }
+  redisReaderFree(rd);
+  return 0;
+}
