@@ -39,16 +39,20 @@ static inline int sl_hdrs_field(struct sl_hdrs *r, uint32_t off, uint32_t len) {
   r->h[r->n - 1].name_len += len;
   return 0;
 }
-/* The name is complete: classify it once, for every later pass. */
-static inline void sl_hdrs_field_done(struct sl_hdrs *r, const char *base) {
+/* The name is complete: classify it once, for every later pass. Returns -1
+ * for an empty name (llhttp 8.1 takes ": value"), which no side forwards. */
+static inline int sl_hdrs_field_done(struct sl_hdrs *r, const char *base) {
+  if (!r->field_open) return -1; /* no piece of a name was seen */
   struct sl_hdr *h = &r->h[r->n - 1];
   r->field_open = 0;
   h->kind = (uint8_t)sl_http_hdr_kind(base + h->name_off, h->name_len);
+  return h->name_len ? 0 : -1;
 }
 /* A piece of a value. Returns -1 when it does not continue the open span:
  * llhttp reports an obs-fold continuation line as a second piece after the
  * line's CRLF, and forwarding the span would carry that CRLF along. */
 static inline int sl_hdrs_value(struct sl_hdrs *r, uint32_t off, uint32_t len) {
+  if (r->n == 0) return -1;
   struct sl_hdr *h = &r->h[r->n - 1];
   if (!r->value_open) {
     h->val_off = off;

@@ -63,8 +63,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n) {
 
 static int on_header_field_complete(llhttp_t *p) {
   struct sl_req *r = req_of(p);
-  if (!r->headers_done) sl_hdrs_field_done(&r->hdrs, r->buf);
-  return 0;
+  return r->headers_done ? 0 : sl_hdrs_field_done(&r->hdrs, r->buf);
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n) {

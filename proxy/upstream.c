@@ -37,8 +37,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n) {
 
 static int on_header_field_complete(llhttp_t *p) {
   struct sl_upconn *u = p->data;
-  sl_hdrs_field_done(&u->hdrs, u->in);
-  return 0;
+  return sl_hdrs_field_done(&u->hdrs, u->in); /* an empty name: a broken backend, 502 */
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n) {

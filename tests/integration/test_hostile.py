@@ -198,6 +198,8 @@ class Framing(HostileCase):
     def test_header_names_must_be_tokens(self):
         self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\nHost : a\r\n\r\n")
         self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\nX A: b\r\n\r\n")
+        self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\n: b\r\n\r\n")  # llhttp 8.1 takes an empty name
+        self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\nHost: a\r\n: b\r\n\r\n")
 
     def test_protocols_other_than_http_1x(self):
         for proto in (b"ICE/1.0", b"RTSP/1.0", b"HTTP/2.0", b"HTTP/0.9"):
