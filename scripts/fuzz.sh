@@ -48,7 +48,7 @@ failed=()
 for h in "${harnesses[@]}"; do
   bin=$dir/bin/$h
   [[ -x $bin ]] || { echo "fuzz: $bin not built" >&2; failed+=("$h"); continue; }
-  log=$dir/fuzz-logs/$h.log
+  log=$dir/fuzz-logs/$h${time_s:+.long}.log # a short run keeps the last long run's log
   opts=(-artifact_prefix="$dir/fuzz-crashes/$h-" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1)
   [[ -f $src/$h.dict ]] && opts+=(-dict="$src/$h.dict")
   regress=()
