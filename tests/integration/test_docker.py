@@ -5,6 +5,7 @@ passes `sluice -t`, and the compose file wires the services by name."""
 
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import unittest
@@ -37,6 +38,32 @@ class Docker(unittest.TestCase):
         self.assertRegex(df, r"--target sluice modstub sluice-rate")
         self.assertIn("USER sluice", df)
         self.assertRegex(df, r'ENTRYPOINT \["/usr/local/bin/sluice"')
+
+    def test_release_build_needs_no_test_package(self):
+        """The build stage installs only `deps/install.sh build`: CMake must
+        configure without cmocka (the tests are then off, and it says so).
+        cmocka is hidden from pkg-config here; the binaries' targets exist."""
+        pcdir = tempfile.mkdtemp(prefix="sluice-pc-")
+        self.addCleanup(shutil.rmtree, pcdir, True)
+        path = subprocess.run(["pkg-config", "--variable", "pc_path", "pkg-config"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        for d in path.split(":"):
+            if os.path.isdir(d):
+                for name in os.listdir(d):
+                    if name.endswith(".pc") and name != "cmocka.pc" and not os.path.exists(os.path.join(pcdir, name)):
+                        os.symlink(os.path.join(d, name), os.path.join(pcdir, name))
+        build = tempfile.mkdtemp(prefix="sluice-release-")
+        self.addCleanup(shutil.rmtree, build, True)
+        env = dict(os.environ, PKG_CONFIG_LIBDIR=pcdir)
+        r = subprocess.run(["cmake", "-S", SRC, "-B", build, "-DCMAKE_BUILD_TYPE=Release"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stdout[-2000:] + r.stderr[-2000:])
+        self.assertIn("tests OFF", r.stdout)
+        r = subprocess.run(["cmake", "--build", build, "--target", "help"], capture_output=True, text=True,
+                           timeout=60)
+        for target in ("sluice", "modstub", "sluice-rate"):
+            self.assertRegex(r.stdout, rf"\.\.\. {re.escape(target)}\n")
+        self.assertNotIn("test_meter", r.stdout)
 
     def test_runtime_stage_has_every_library(self):
         install = read("deps", "install.sh")

@@ -244,6 +244,14 @@ static void test_ring_peek(void **state) {
   sl_ring_free(&r);
 }
 
+static int count_record(void *arg, int type, const unsigned char *p, uint32_t len) {
+  (void)p;
+  (void)len;
+  assert_int_equal(type, SL_SPOOL_REC_BATCH);
+  ++*(unsigned *)arg;
+  return 0;
+}
+
 static void test_spool_roundtrip(void **state) {
   (void)state;
   struct sl_batch *b = calloc(1, sizeof(*b) + 3 * sizeof(struct sl_batch_entry));
@@ -273,9 +281,22 @@ static void test_spool_roundtrip(void **state) {
     assert_memory_equal(&d->e[i].k, &b->e[i].k, sizeof(struct sl_meter_key));
   }
   free(d);
-  /* A record cut short is refused, not half-read. */
+  /* A record cut short is refused, not half-read; so is one with bytes
+   * encode never writes (trailing bytes, a tier beyond llm). */
   assert_null(sl_spool_decode_batch(buf + 16, len - 1));
   assert_null(sl_spool_decode_batch(buf + 16, 3));
+  unsigned char *longer = malloc(len + 1);
+  memcpy(longer, buf + 16, len);
+  longer[len] = 0;
+  assert_null(sl_spool_decode_batch(longer, len + 1));
+  longer[1 + 11 + 4 + 5] = 7; /* the first key's tier */
+  assert_null(sl_spool_decode_batch(longer, len));
+  free(longer);
+  /* the record walk takes the whole record, and stops at a torn one */
+  unsigned records = 0;
+  assert_int_equal(sl_spool_scan(buf, sz, count_record, &records), sz);
+  assert_int_equal(records, 1);
+  assert_int_equal(sl_spool_scan(buf, sz - 1, count_record, &records), 0);
   free(buf);
   free(b);
   assert_int_equal(sl_crc32("123456789", 9), 0xcbf43926u); /* the standard check value */
