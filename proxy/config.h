@@ -66,7 +66,7 @@ struct sl_config {
   char admission[8];           /* "on", or "off" to proxy without classifying (benchmarks of the core) */
   unsigned resync_ms;          /* full reload of what the directory holds */
   unsigned lookup_timeout_ms;  /* a first lookup of an account waits at most this */
-  unsigned redis_timeout_ms;   /* directory's Redis: connect, and a reply outstanding, at most this */
+  unsigned redis_timeout_ms;   /* every Redis connection (directory, flusher): connect, and a reply outstanding, at most this */
   unsigned negative_ttl_ms;    /* an unknown AccessKeyId is remembered this long */
   unsigned max_accounts;       /* AccessKeyIds the directory holds */
   unsigned limiter_keys;       /* (UID, feature, region) buckets */
