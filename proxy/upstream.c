@@ -58,15 +58,19 @@ static void record_latency(struct sl_worker *w, uint64_t us) {
   sl_stat_add(&w->stats.lat_sum_us, us);
 }
 
+/* Return 1 tells llhttp the message has no body: 1xx, 204 and 304 have
+ * none whatever their headers say (RFC 9110 6.4.1), nor does the answer to
+ * HEAD; llhttp 8.1 would otherwise read a Content-Length body for them. */
 static int on_headers_complete(llhttp_t *p) {
   struct sl_upconn *u = p->data;
   u->status = llhttp_get_status_code(p);
-  if (u->status < 200) return 0; /* interim (100, 103): dropped, the final answer follows */
+  if (u->status < 100) return -1; /* llhttp takes "HTTP/1.1 20 OK": a broken backend, 502 */
+  if (u->status < 200) return 1;  /* interim (100, 103): dropped, the final answer follows */
   if (!u->conn) return -1;
   u->headers_done = 1;
   record_latency(u->w, (uv_hrtime() - u->started_ns) / 1000);
   sl_conn_upstream_head(u->conn, u);
-  return u->conn->req.head_method ? 1 : 0; /* a HEAD response has no body, whatever it says */
+  return u->conn->req.head_method || u->status == 204 || u->status == 304 ? 1 : 0;
 }
 
 static int on_body(llhttp_t *p, const char *at, size_t n) {
@@ -256,8 +260,10 @@ static void up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
   struct sl_conn *c = u->conn;
   if (nread == 0) return;
   if (nread < 0) {
-    if (nread == UV_EOF && u->headers_done && llhttp_message_needs_eof(&u->parser)) {
-      llhttp_finish(&u->parser); /* a close-delimited body ends here */
+    /* A close-delimited body ends here; llhttp_finish says whether the
+     * close was a valid end (not inside trailers, say). */
+    if (nread == UV_EOF && u->headers_done && llhttp_message_needs_eof(&u->parser) &&
+        llhttp_finish(&u->parser) == HPE_OK) {
       u->reusable = 0;
       if (c) sl_conn_upstream_done(c);
       u->conn = NULL;
