@@ -10,9 +10,6 @@
 #include "limiter.h"
 #include "proxy.h"
 
-const char *const sl_outcome_names[SL_NOUTCOMES] = {"ok",        "upstream_error",  "throttled",  "suspended",
-                                                    "unauthenticated", "bad_request", "unavailable"};
-
 size_t sl_bucket_key(char *out, const char *uid, size_t uid_len, int feature, const char *region,
                      size_t region_len) {
   size_t fl = strlen(sl_features[feature].name), n = 0;

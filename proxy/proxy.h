@@ -18,6 +18,7 @@
 #include "http_util.h"
 #include "meter.h"
 #include "reqparse.h"
+#include "uv_util.h"
 
 #define SL_POOL_DEFAULT 0
 #define SL_POOL_LLM 1
@@ -34,19 +35,6 @@
 #define SL_LAT_BUCKETS 14
 extern const uint64_t sl_lat_bounds_us[SL_LAT_BUCKETS];
 
-/* How every request ends (SPEC section 6), plus the admission answers that
- * are not in the billing vocabulary (`unavailable`: Redis could not be asked). */
-enum sl_outcome {
-  SL_OUT_OK = 0,         /* the backend answered 200: billable */
-  SL_OUT_UPSTREAM_ERROR, /* another status, or the backend failed */
-  SL_OUT_THROTTLED,
-  SL_OUT_SUSPENDED,
-  SL_OUT_UNAUTHENTICATED,
-  SL_OUT_BAD_REQUEST,
-  SL_OUT_UNAVAILABLE,
-  SL_NOUTCOMES
-};
-extern const char *const sl_outcome_names[SL_NOUTCOMES];
 
 /* Shared by all workers: only thread-safe things live here. */
 struct sl_shared {
@@ -237,8 +225,6 @@ int sl_worker_run(struct sl_worker *w);
 /* After the thread has ended and nothing sends to it any more. */
 void sl_worker_destroy(struct sl_worker *w);
 void sl_worker_pools_build(struct sl_worker *w);
-/* Closes (with uv_close) a handle unless already closing. */
-void sl__close(uv_handle_t *h, uv_close_cb cb);
 
 /* conn.c */
 void sl_conn_global_init(void);

@@ -14,10 +14,6 @@
 const uint64_t sl_lat_bounds_us[SL_LAT_BUCKETS] = {250,   500,    1000,   2500,   5000,    10000,   25000,
                                                    50000, 100000, 250000, 500000, 1000000, 2500000, 10000000};
 
-void sl__close(uv_handle_t *h, uv_close_cb cb) {
-  if (!uv_is_closing(h)) uv_close(h, cb);
-}
-
 static void on_connection(uv_stream_t *s, int status) {
   struct sl_worker *w = sl_container_of(s, struct sl_worker, listener);
   if (status < 0) {

@@ -16,13 +16,6 @@
 #include "catalog.h"
 #include "dirsync_int.h"
 #include "fuzz.h"
-#include "proxy.h"
-
-/* dirsync.c closes its handles with worker.c's helper; no loop runs here. */
-void sl__close(uv_handle_t *h, uv_close_cb cb) {
-  (void)h;
-  (void)cb;
-}
 
 struct in {
   const uint8_t *p;

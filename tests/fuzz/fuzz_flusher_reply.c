@@ -13,12 +13,6 @@
 
 #include "flusher.h"
 #include "fuzz.h"
-#include "proxy.h"
-
-void sl__close(uv_handle_t *h, uv_close_cb cb) {
-  (void)h;
-  (void)cb;
-}
 
 static void classify(const redisReply *r) {
   int k = sl_flusher_reply_kind(r);

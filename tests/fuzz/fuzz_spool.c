@@ -11,13 +11,6 @@
 
 #include "flusher.h"
 #include "fuzz.h"
-#include "proxy.h"
-
-/* flusher.c closes its handles with worker.c's helper; no loop runs here. */
-void sl__close(uv_handle_t *h, uv_close_cb cb) {
-  (void)h;
-  (void)cb;
-}
 
 struct walk {
   unsigned records, batches, acks;

@@ -10,6 +10,7 @@
 #include <time.h>
 
 #include "dir.h"
+#include "outcome.h"
 #include "ring.h"
 
 #define SL_METER_NO_FEATURE 255
@@ -22,7 +23,7 @@
  * the fixed shape (day, UID "-", feature "-", region "-", baseline tier,
  * outcome). A flood of distinct refused requests therefore adds at most that
  * many keys plus four per day to a table: it never fills one. The bits are
- * the SL_OUT_* values of proxy.h (checked there by flusher.c). */
+ * the outcomes of outcome.h. */
 #define SL_METER_REFUSED_KEYS 64
 /* And over time: a worker counts at most this many distinct refused keys
  * under their own shape per billing day (a set of their hashes, emptied
@@ -30,7 +31,7 @@
  * distinct refused requests adds at most workers * this + 4 keys per day
  * to the queue, the spool and Redis, however long it lasts. */
 #define SL_METER_REFUSED_PER_DAY 256
-#define SL_METER_REFUSED_MASK ((1u << 3) | (1u << 4) | (1u << 5) | (1u << 6))
+#define SL_METER_REFUSED_MASK SL_OUTCOMES_REFUSED
 /* Full tables a worker keeps aside while the hand-off ring is full: the
  * worker is saturated (admission answers 503) from the first one, so only
  * calls admitted before that and still in flight add keys after it. Beyond

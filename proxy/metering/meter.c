@@ -8,6 +8,9 @@
 
 #include "common.h"
 
+const char *const sl_outcome_names[SL_NOUTCOMES] = {"ok",         "upstream_error", "throttled",  "suspended",
+                                                    "unauthenticated", "bad_request", "unavailable"};
+
 struct sl_meter_table *sl_meter_table_new(uint32_t capacity) {
   struct sl_meter_table *t = sl_calloc(1, sizeof(*t));
   uint32_t slots = 16;

@@ -17,7 +17,7 @@
 
 #include "catalog.h"
 #include "common.h"
-#include "proxy.h" /* sl__close */
+#include "uv_util.h"
 
 #define SPOOL_MAGIC 0x314d4c53u /* "SLM1" */
 #define REC_BATCH SL_SPOOL_REC_BATCH
@@ -44,15 +44,8 @@ static const char apply_script[] =
     "end "
     "return 1";
 
-/* meter.h names the refused outcomes by their numbers. */
-_Static_assert(SL_METER_REFUSED_MASK == ((1u << SL_OUT_SUSPENDED) | (1u << SL_OUT_UNAUTHENTICATED) |
-                                         (1u << SL_OUT_BAD_REQUEST) | (1u << SL_OUT_UNAVAILABLE)),
-               "meter.h's refused outcomes are proxy.h's");
 
-static const char *const outcome_names[] = {"ok",        "upstream_error",  "throttled",  "suspended",
-                                            "unauthenticated", "bad_request", "unavailable"};
 
-static uint64_t mono_ms(void) { return uv_hrtime() / 1000000; }
 
 static inline void stat_add(_Atomic uint64_t *c, uint64_t v) { atomic_fetch_add_explicit(c, v, memory_order_relaxed); }
 static inline void stat_set(_Atomic uint64_t *c, uint64_t v) { atomic_store_explicit(c, v, memory_order_relaxed); }
@@ -148,7 +141,7 @@ struct sl_batch *sl_spool_decode_batch(const unsigned char *p, size_t len) {
     k->region_len = q[8];
     q += 9;
     /* send_next names the feature, tier and outcome from these bytes */
-    if (k->uid_len > SL_UID_MAX || k->region_len > SL_REGION_MAX || k->outcome >= SL_ARRAY_SIZE(outcome_names) ||
+    if (k->uid_len > SL_UID_MAX || k->region_len > SL_REGION_MAX || k->outcome >= SL_NOUTCOMES ||
         (k->feature >= sl_nfeatures && k->feature != SL_METER_NO_FEATURE) || k->tier > SL_TIER_LLM ||
         end - q < k->uid_len + k->region_len + 8)
       goto bad;
@@ -222,7 +215,7 @@ static void spool_batch(struct sl_flusher *f, struct sl_batch *b) {
   size_t need = sl_spool_batch_size(b);
   if (f->spool_bytes + need > f->spool_max) {
     stat_set(&f->stats.spool_full, 1);
-    uint64_t now = mono_ms();
+    uint64_t now = sl_mono_ms();
     if (now - f->spool_full_said_ms > 60000 || f->spool_full_said_ms == 0) {
       fprintf(stderr,
               "sluice: METERING SPOOL FULL (%llu of %llu bytes in %s): batches are kept in memory only and are "
@@ -308,7 +301,7 @@ static void finalize(struct sl_flusher *f) {
     if (!b) {
       uint32_t left = t->n - j;
       b = batch_new(left < SL_BATCH_MAX ? left : SL_BATCH_MAX);
-      b->created_ms = mono_ms();
+      b->created_ms = sl_mono_ms();
       int l = snprintf(b->id, sizeof(b->id), "%s:%016llx:%llu", f->instance, (unsigned long long)f->epoch,
                        (unsigned long long)++f->seq);
       b->id_len = (uint8_t)l;
@@ -379,7 +372,7 @@ static void arm_watchdog(struct sl_flusher *f);
 /* The connection is unusable (why): the metric at once; the log says the
  * change once, then at most one line per DOWN_LOG_MS while it lasts. */
 static void redis_down(struct sl_flusher *f, const char *why) {
-  uint64_t now = mono_ms();
+  uint64_t now = sl_mono_ms();
   f->ready = 0;
   f->final_fail = 1;
   stat_set(&f->stats.redis_up, 0);
@@ -400,12 +393,12 @@ static void redis_down(struct sl_flusher *f, const char *why) {
 
 static void retry_later(struct sl_flusher *f) {
   if (!f->backoff_ms) f->backoff_ms = 100;
-  f->next_connect_ms = mono_ms() + f->backoff_ms;
+  f->next_connect_ms = sl_mono_ms() + f->backoff_ms;
   f->backoff_ms = f->backoff_ms * 2 > 2000 ? 2000 : f->backoff_ms * 2;
 }
 
 static void redis_up(struct sl_flusher *f) {
-  uint64_t now = mono_ms();
+  uint64_t now = sl_mono_ms();
   if (f->down && !atomic_load_explicit(&f->final, memory_order_acquire))
     fprintf(stderr, "sluice: metering: redis up again after %.1f s\n", (double)(now - f->down_since_ms) / 1000.0);
   f->down = 0;
@@ -416,13 +409,13 @@ static void redis_up(struct sl_flusher *f) {
 
 /* A command was sent: its reply is due within the bound. */
 static void await_begin(struct sl_flusher *f) {
-  if (f->awaiting++ == 0) f->io_deadline_ms = mono_ms() + f->timeout_ms;
+  if (f->awaiting++ == 0) f->io_deadline_ms = sl_mono_ms() + f->timeout_ms;
   arm_watchdog(f);
 }
 
 /* A reply came: the next one awaited (replies come in order) gets a new bound. */
 static void await_end(struct sl_flusher *f) {
-  uint64_t now = mono_ms();
+  uint64_t now = sl_mono_ms();
   if (f->awaiting) f->awaiting--;
   f->io_deadline_ms = f->awaiting ? now + f->timeout_ms : 0;
   f->last_io_ms = now;
@@ -455,7 +448,7 @@ static void redis_drop(struct sl_flusher *f, const char *why) {
 static void on_watchdog(uv_timer_t *t) {
   struct sl_flusher *f = t->data;
   if (!f->ctx || !f->io_deadline_ms) return;
-  uint64_t now = mono_ms();
+  uint64_t now = sl_mono_ms();
   if (now < f->io_deadline_ms) {
     arm_watchdog(f);
     return;
@@ -472,7 +465,7 @@ static void arm_watchdog(struct sl_flusher *f) {
     uv_timer_stop(&f->watchdog);
     return;
   }
-  uint64_t now = mono_ms();
+  uint64_t now = sl_mono_ms();
   uv_timer_start(&f->watchdog, on_watchdog, f->io_deadline_ms > now ? f->io_deadline_ms - now : 0, 0);
 }
 
@@ -498,7 +491,7 @@ static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
   await_end(f);
   if (!b) return;
   if (kind == SL_REPLY_ERROR) {
-    uint64_t now = mono_ms();
+    uint64_t now = sl_mono_ms();
     f->errors++;
     if (f->err_said_ms == 0 || now - f->err_said_ms >= DOWN_LOG_MS) {
       fprintf(stderr, "sluice: metering batch %.*s: %.*s (retrying; %llu error(s) so far, said at most every %d s)\n",
@@ -512,7 +505,7 @@ static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
     return;
   }
   stat_add(kind == SL_REPLY_APPLIED ? &f->stats.applied : &f->stats.deduplicated, 1);
-  uint64_t lat = (mono_ms() - b->created_ms) * 1000;
+  uint64_t lat = (sl_mono_ms() - b->created_ms) * 1000;
   stat_add(&f->stats.flush_latency_us_sum, lat);
   if (lat > atomic_load_explicit(&f->stats.flush_latency_us_max, memory_order_relaxed))
     stat_set(&f->stats.flush_latency_us_max, lat);
@@ -533,11 +526,11 @@ void sl_flusher_key_names(const struct sl_meter_key *k, const char **feature, co
   int known = k->feature < sl_nfeatures;
   *feature = known ? sl_features[k->feature].name : "-";
   *tier = known ? sl_tier_name((enum sl_tier)k->tier) : "-";
-  *outcome = k->outcome < SL_ARRAY_SIZE(outcome_names) ? outcome_names[k->outcome] : "-";
+  *outcome = k->outcome < SL_NOUTCOMES ? sl_outcome_names[k->outcome] : "-";
 }
 
 static void send_next(struct sl_flusher *f) {
-  if (!f->ready || f->inflight || !f->head || mono_ms() < f->retry_at_ms) return;
+  if (!f->ready || f->inflight || !f->head || sl_mono_ms() < f->retry_at_ms) return;
   struct sl_batch *b = f->head;
   size_t argc = 6 + 7 * (size_t)b->n;
   const char **argv = sl_malloc(argc * sizeof(char *));
@@ -664,7 +657,7 @@ static void connect_redis(struct sl_flusher *f) {
   redisAsyncSetDisconnectCallback(c, on_disconnect);
   f->ctx = c;
   f->connecting = 1;
-  f->io_deadline_ms = mono_ms() + f->timeout_ms;
+  f->io_deadline_ms = sl_mono_ms() + f->timeout_ms;
   arm_watchdog(f);
 }
 
@@ -705,7 +698,7 @@ static void stop_loop(struct sl_flusher *f) {
 static void final_step(struct sl_flusher *f) {
   if (!f->final_started) {
     f->final_started = 1;
-    f->final_deadline = mono_ms() + f->final_ms;
+    f->final_deadline = sl_mono_ms() + f->final_ms;
     /* Redis may be back since the last try: ask now, not after the backoff.
      * A failure from here on ends the wait (the counts go to the spool). */
     f->final_fail = 0;
@@ -727,7 +720,7 @@ static void final_step(struct sl_flusher *f) {
   /* A connect tried during the final flush failed: the counts are in the
    * spool, waiting helps nothing. */
   int hopeless = !f->ready && !f->ctx && f->final_fail;
-  if (!f->head || hopeless || mono_ms() >= f->final_deadline) {
+  if (!f->head || hopeless || sl_mono_ms() >= f->final_deadline) {
     uint64_t left = 0;
     for (struct sl_batch *b = f->head; b; b = b->next)
       if (!b->spooled)
@@ -748,14 +741,14 @@ static void final_step(struct sl_flusher *f) {
 static void on_tick(uv_timer_t *t) {
   struct sl_flusher *f = t->data;
   if (atomic_load_explicit(&f->final, memory_order_acquire)) {
-    if (!f->ctx && mono_ms() >= f->next_connect_ms) connect_redis(f);
+    if (!f->ctx && sl_mono_ms() >= f->next_connect_ms) connect_redis(f);
     final_step(f);
     return;
   }
-  if (!f->ctx && mono_ms() >= f->next_connect_ms) connect_redis(f);
+  if (!f->ctx && sl_mono_ms() >= f->next_connect_ms) connect_redis(f);
   /* An idle connection is still asked: a Redis that stopped answering is
    * found by the reply bound even when there is nothing to send. */
-  if (f->ready && !f->awaiting && mono_ms() - f->last_io_ms >= PROBE_MS) send_ping(f);
+  if (f->ready && !f->awaiting && sl_mono_ms() - f->last_io_ms >= PROBE_MS) send_ping(f);
   end_round(f); /* whatever came since: a slow worker's table joins the next batch */
   if (f->nqueued >= f->queue_max) {
     /* Backlog at its bound: leave the tables with the workers (who refuse new
@@ -833,7 +826,7 @@ static int replay_record(void *arg, int type, const unsigned char *p, uint32_t l
     struct sl_batch *b = sl_spool_decode_batch(p, len);
     if (!b) return -1;
     b->spooled = 1;
-    b->created_ms = mono_ms();
+    b->created_ms = sl_mono_ms();
     enqueue(f, b);
     stat_add(&f->stats.replayed, 1);
     return 0;

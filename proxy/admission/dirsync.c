@@ -15,7 +15,7 @@
 
 #include "catalog.h"
 #include "common.h"
-#include "proxy.h" /* sl__close */
+#include "uv_util.h"
 
 #define BATCH 100          /* accounts per EVAL */
 #define LOG_EVERY_MS 10000 /* "down" and error lines: at most one per this */
@@ -76,7 +76,6 @@ static const char state_script[] =
     "end "
     "return out";
 
-static uint64_t mono_ms(void) { return uv_hrtime() / 1000000; }
 
 
 /* The directory thread is each counter's only writer. */
@@ -148,7 +147,7 @@ static struct sl_dirsync_badkey *badkey_find(struct sl_dirsync *d, const char *n
  * first sight, then at most every BADKEY_LOG_MS while it stays so. */
 static void bad_key(struct sl_dirsync *d, const char *name, size_t len, const char *why, size_t wl,
                     const char *instead) {
-  uint64_t now = mono_ms();
+  uint64_t now = sl_mono_ms();
   sl_stat_add_dir(&d->stats.bad_key_reads);
   if (len > SL_DIR_BADKEY_NAME) len = SL_DIR_BADKEY_NAME;
   uint64_t h = sl_dir_hash(name, len);
@@ -216,7 +215,7 @@ static void badkey_sweep(struct sl_dirsync *d, uint64_t now) {
 /* A load that Redis refused as a whole (script error, OOM, BUSY...). */
 static void reply_error(struct sl_dirsync *d, const char *what, const redisReply *r) {
   uint32_t held;
-  if (!ratelog_ok(&d->log_reply, mono_ms(), &held)) return;
+  if (!ratelog_ok(&d->log_reply, sl_mono_ms(), &held)) return;
   char w[200];
   fprintf(stderr, "sluice: redis: %s failed: %s", what,
           r->type == REDIS_REPLY_ERROR ? printable(w, sizeof(w), r->str, r->len) : "an unexpected reply");
@@ -251,7 +250,7 @@ static void reclaim(struct sl_dirsync *d) {
 static void put_unavailable(struct sl_dirsync *d, const char *ak, size_t len) {
   struct sl_acct *a = sl_acct_new(ak, len, 0);
   a->kind = SL_ACCT_UNAVAILABLE;
-  a->loaded_ms = mono_ms();
+  a->loaded_ms = sl_mono_ms();
   a->valid_until_ms = a->loaded_ms + d->unavailable_ttl_ms;
   sl_dir_put(&d->b, a);
   sl_stat_add_dir(&d->stats.lookup_failures);
@@ -339,7 +338,7 @@ static const char *pkg_parse(redisReply *const *e, struct sl_pkg *p, char *wb, s
  * caller owns it), or NULL when the element is not what the script makes
  * (the caller answers "unavailable"). */
 struct sl_acct *sl__dirsync_acct_from_reply(struct sl_dirsync *d, const char *ak, size_t ak_len, const redisReply *r) {
-  uint64_t now = mono_ms();
+  uint64_t now = sl_mono_ms();
   char kn[SL_DIR_BADKEY_NAME], wb[128];
   size_t kl = key_cat(kn, key_cat(kn, 0, "ak:", 3), ak, ak_len);
   if (r->type != REDIS_REPLY_ARRAY) return NULL;
@@ -452,7 +451,7 @@ void sl__dirsync_accounts_reply(struct sl_dirsync *d, unsigned n, const char (*a
     /* Never fail open on suspension: with no suspended set read yet, an
      * account found could be a suspended one. */
     uint32_t held;
-    if (ratelog_ok(&d->log_nosusp, mono_ms(), &held))
+    if (ratelog_ok(&d->log_nosusp, sl_mono_ms(), &held))
       fprintf(stderr,
               "sluice: redis: the suspended set '%ssuspended' has not been read: accounts are answered "
               "'unavailable' until it is\n",
@@ -624,7 +623,7 @@ static void reload_push(struct sl_dirsync *d, const char *ak, size_t len) {
  * uid (its packages changed; uid == NULL: all). */
 static void reload_accounts(struct sl_dirsync *d, const char *uid, size_t uid_len) {
   const struct sl_dir_snap *s = atomic_load_explicit(&d->b.current, memory_order_relaxed);
-  uint64_t now = mono_ms();
+  uint64_t now = sl_mono_ms();
   for (unsigned k = 0; k < SL_DIR_SHARDS; k++) {
     const struct sl_acct_shard *sh = s->shards[k];
     if (!sh) continue;
@@ -674,7 +673,7 @@ static void full_resync(struct sl_dirsync *d) {
   on_flush(&d->flush);
   /* Replies come in order on one connection: this one marks the end. */
   redisAsyncCommand(d->cmd, on_resync_done, NULL, "PING");
-  d->next_resync_ms = mono_ms() + d->resync_ms;
+  d->next_resync_ms = sl_mono_ms() + d->resync_ms;
 }
 
 /* Dispatches a changed key (without the prefix) to what must be reloaded. */
@@ -791,7 +790,7 @@ static void mark_down(struct sl_dirsync *d) {
   atomic_store_explicit(&d->stats.redis_up, 0, memory_order_relaxed);
   d->resync_running = 0;
   if (d->backoff_ms == 0) d->backoff_ms = 100;
-  d->next_connect_ms = mono_ms() + d->backoff_ms;
+  d->next_connect_ms = sl_mono_ms() + d->backoff_ms;
   d->backoff_ms = d->backoff_ms * 2 > 2000 ? 2000 : d->backoff_ms * 2;
   /* Lookups in flight can no longer be answered: fail them now. */
   for (unsigned i = 0; i < d->npending; i++) put_unavailable(d, d->pending[i].ak, d->pending[i].len);
@@ -819,7 +818,7 @@ static void drop_ctx(void **slot) {
  * LOG_EVERY_MS while it lasts; went_up says "up again" if the outage was
  * told. */
 static void went_down(struct sl_dirsync *d, const char *why) {
-  uint64_t now = mono_ms();
+  uint64_t now = sl_mono_ms();
   int first = d->failures++ == 0;
   if (first) d->down_since_ms = now;
   d->up = 0;
@@ -839,7 +838,7 @@ static void went_down(struct sl_dirsync *d, const char *why) {
 }
 
 static void went_up(struct sl_dirsync *d) {
-  uint64_t now = mono_ms();
+  uint64_t now = sl_mono_ms();
   if (!d->ever_up)
     fprintf(stderr, "sluice: redis: connected to %s%s%d\n", d->host, d->port ? ":" : "", d->port);
   else if (d->outage_logged)
@@ -959,7 +958,7 @@ static void connect_redis(struct sl_dirsync *d) {
   if (d->cmd || d->sub) return; /* an attempt is under way */
   sl_stat_add_dir(&d->stats.reconnects);
   d->cmd_conn = d->sub_conn = d->cmd_ready = 0;
-  d->connect_started_ms = mono_ms();
+  d->connect_started_ms = sl_mono_ms();
   char why[200] = "cannot connect";
   d->cmd = open_ctx(d, why, sizeof(why));
   d->sub = d->cmd ? open_ctx(d, why, sizeof(why)) : NULL;
@@ -1029,7 +1028,7 @@ static void on_wake(uv_async_t *a) {
   uint8_t *lens = NULL;
   unsigned n = 0, cap = 0;
   const struct sl_dir_snap *s = atomic_load_explicit(&d->b.current, memory_order_relaxed);
-  uint64_t now = mono_ms();
+  uint64_t now = sl_mono_ms();
   while (sl_ring_pop(&d->ring, &m) == 0) {
     sl_stat_add_dir(&d->stats.lookups);
     const struct sl_acct *have = sl_dir_find(s, m.ak, m.len, m.hash);
@@ -1063,7 +1062,7 @@ static void on_wake(uv_async_t *a) {
 
 static void on_tick(uv_timer_t *t) {
   struct sl_dirsync *d = t->data;
-  uint64_t now = mono_ms();
+  uint64_t now = sl_mono_ms();
   if (!d->cmd && !d->sub && now >= d->next_connect_ms)
     connect_redis(d);
   else
