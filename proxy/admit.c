@@ -143,7 +143,7 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
   }
   if (d.result == LIM_FULL) {
     sl_stat_add(&w->stats.limiter_full, 1);
-    if (w->cfg->limiter_full[0] == 'c') {
+    if (w->cfg->limiter_full == SL_LIMITER_FULL_CLOSED) {
       reject(c, SL_OUT_UNAVAILABLE, 503, "ServiceUnavailable", "The rate limiter is full; retry later.",
              "Retry-After: 1\r\n");
       return;

@@ -137,7 +137,7 @@ static void conn_dispatch(struct sl_conn *c) {
   sl_stat_add(&w->stats.requests, 1);
   sl_http_request_id(c->reqid, w->rid_hi, ++w->rid_seq);
   c->pool = SL_POOL_DEFAULT;
-  if (w->cfg->admission[1] == 'n')
+  if (w->cfg->admission_on)
     sl_admit(c);
   else
     sl_upstream_send(w, c);
@@ -195,7 +195,7 @@ static void conn_finish(struct sl_conn *c) {
   if (c->status >= 100 && c->status < 600) sl_stat_add(&w->stats.status_class[c->status / 100], 1);
   if (!c->decided) c->outcome = c->status == 200 ? SL_OUT_OK : SL_OUT_UPSTREAM_ERROR;
   sl_stat_add(&w->stats.outcome[c->outcome][c->cls.feature + 1][c->tier & 1], 1);
-  if (SL_LIKELY(w->cfg->metering[1] == 'n')) conn_meter(c);
+  if (SL_LIKELY(w->cfg->metering_on)) conn_meter(c);
   sl_log_access(w, c);
   body_release(c);
   int more = c->req.parsed < c->req.len;
@@ -389,7 +389,7 @@ static void conn_busy(struct sl_conn *c) {
 static void conn_head(struct sl_conn *c) {
   struct sl_req *r = &c->req;
   if (!r->has_body) return;
-  if (c->w->cfg->admission[1] == 'n' && sl_admit_head(c)) return;
+  if (c->w->cfg->admission_on && sl_admit_head(c)) return;
   if (!r->chunked_req && body_reserve(c, r->body_len) != 0) {
     conn_busy(c);
     return;

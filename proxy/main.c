@@ -156,7 +156,7 @@ int main(int argc, char **argv) {
     free(m.cli.argv);
     return 0;
   }
-  if (cfg->metering[1] != 'n')
+  if (!cfg->metering_on)
     fprintf(stderr, "sluice: WARNING: --metering off: no call is counted for billing (measurement only)\n");
   signal(SIGPIPE, SIG_IGN);
   sl_conn_global_init();

@@ -12,14 +12,26 @@
 
 #include "common.h"
 
-enum opt_type { OPT_ADDR, OPT_ADDR_LIST, OPT_STR, OPT_UINT, OPT_U64, OPT_INT };
+/* OPT_CHOICE: one of two words, stored as its value in an int field (a
+ * switch's 1 or 0, or an enum), so that nothing tests option strings later. */
+enum opt_type { OPT_ADDR, OPT_ADDR_LIST, OPT_STR, OPT_UINT, OPT_U64, OPT_INT, OPT_CHOICE };
+
+struct choice {
+  const char *word;
+  int value;
+};
+enum { CHOICES_ON_OFF, CHOICES_OPEN_CLOSED }; /* an OPT_CHOICE's `min` */
+static const struct choice choice_sets[][2] = {
+    [CHOICES_ON_OFF] = {{"on", 1}, {"off", 0}},
+    [CHOICES_OPEN_CLOSED] = {{"open", SL_LIMITER_FULL_OPEN}, {"closed", SL_LIMITER_FULL_CLOSED}},
+};
 
 struct opt {
   const char *name; /* long option and YAML key ('_' and '-' are the same) */
   enum opt_type type;
   size_t off;
   size_t size_or_count_off; /* OPT_STR: buffer size; OPT_ADDR_LIST: offset of the count */
-  uint64_t min, max;
+  uint64_t min, max; /* OPT_CHOICE: min names the choice set */
   const char *help;
 };
 
@@ -60,7 +72,7 @@ static const struct opt opts[] = {
    "request body bytes buffered per worker, else 503 (67108864)"},
   {"regions", OPT_STR, F(regions), FSIZE(regions), 0, 0,
    "known regions, comma-separated; a Host naming another is 400 (the service's regions)"},
-  {"metering", OPT_STR, F(metering), FSIZE(metering), 0, 0,
+  {"metering", OPT_CHOICE, F(metering_on), 0, CHOICES_ON_OFF, 0,
    "on|off: off counts nothing for billing; for measuring metering's cost only (on)"},
   {"spool-dir", OPT_STR, F(spool_dir), FSIZE(spool_dir), 0, 0,
    "metering spool and instance id directory (/var/lib/sluice)"},
@@ -75,7 +87,7 @@ static const struct opt opts[] = {
    "billing day's time zone, minutes east of UTC (0)"},
   {"time-offset-s", OPT_INT, F(time_offset_s), 0, 1000000000, 1000000000,
    "testing aid: shift sluice's wall clock by N seconds (0)"},
-  {"admission", OPT_STR, F(admission), FSIZE(admission), 0, 0,
+  {"admission", OPT_CHOICE, F(admission_on), 0, CHOICES_ON_OFF, 0,
    "on|off: off forwards every request to the default pool unchecked (on)"},
   {"resync-ms", OPT_UINT, F(resync_ms), 0, 100, 86400000, "full resync from Redis (30000)"},
   {"lookup-timeout-ms", OPT_UINT, F(lookup_timeout_ms), 0, 10, 60000,
@@ -84,7 +96,7 @@ static const struct opt opts[] = {
   {"max-accounts", OPT_UINT, F(max_accounts), 0, 1, 100000000, "AccessKeyIds held in memory (200000)"},
   {"limiter-keys", OPT_UINT, F(limiter_keys), 0, 16, 100000000, "(UID, feature, region) buckets (1000000)"},
   {"max-parked", OPT_UINT, F(max_parked), 0, 1, 1000000, "requests per worker waiting for a lookup (10000)"},
-  {"limiter-full", OPT_STR, F(limiter_full), FSIZE(limiter_full), 0, 0,
+  {"limiter-full", OPT_CHOICE, F(limiter_full), 0, CHOICES_OPEN_CLOSED, 0,
    "open|closed: admit or 503 when the bucket table is full (open)"},
   {"trusted-uid-header", OPT_STR, F(trusted_uid_header), FSIZE(trusted_uid_header), 0, 0,
    "header trusted to carry the UID, skipping the AccessKeyId lookup (off)"},
@@ -180,6 +192,16 @@ static int opt_apply(struct sl_config *c, const struct opt *o, const char *val, 
       memcpy(base + o->off, val, l + 1);
       return 0;
     }
+    case OPT_CHOICE: {
+      const struct choice *ch = choice_sets[o->min];
+      for (int i = 0; i < 2; i++)
+        if (strcmp(val, ch[i].word) == 0) {
+          *(int *)(base + o->off) = ch[i].value;
+          return 0;
+        }
+      set_err(err, errlen, "%s: '%s' is neither '%s' nor '%s'", o->name, val, ch[0].word, ch[1].word);
+      return -1;
+    }
     case OPT_INT: {
       char *end;
       errno = 0;
@@ -244,10 +266,10 @@ static void config_defaults(struct sl_config *c) {
   c->max_accounts = 200000;
   c->limiter_keys = 1000000;
   c->max_parked = 10000;
-  strcpy(c->limiter_full, "open");
-  strcpy(c->admission, "on");
+  c->limiter_full = SL_LIMITER_FULL_OPEN;
+  c->admission_on = 1;
   strcpy(c->spool_dir, "/var/lib/sluice");
-  strcpy(c->metering, "on");
+  c->metering_on = 1;
   c->spool_max_bytes = 1ull << 30;
   c->meter_keys = 16384;
   c->meter_queue_batches = 10000;
@@ -374,18 +396,6 @@ int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, s
     int fresh = !seen[o - opts];
     seen[o - opts] = 1;
     if (opt_apply(out, o, cli->argv[i + 1], fresh, err, errlen) != 0) return -1;
-  }
-  if (strcmp(out->metering, "on") && strcmp(out->metering, "off")) {
-    set_err(err, errlen, "metering: '%s' is neither 'on' nor 'off'", out->metering);
-    return -1;
-  }
-  if (strcmp(out->admission, "on") && strcmp(out->admission, "off")) {
-    set_err(err, errlen, "admission: '%s' is neither 'on' nor 'off'", out->admission);
-    return -1;
-  }
-  if (strcmp(out->limiter_full, "open") && strcmp(out->limiter_full, "closed")) {
-    set_err(err, errlen, "limiter-full: '%s' is neither 'open' nor 'closed'", out->limiter_full);
-    return -1;
   }
   if (strncmp(out->redis, "unix:", 5) != 0) {
     const char *colon = strrchr(out->redis, ':');

@@ -12,6 +12,8 @@
 
 #define SL_MAX_UPSTREAMS 32
 #define SL_REGION_NAME_MAX 63
+
+enum sl_limiter_full { SL_LIMITER_FULL_OPEN, SL_LIMITER_FULL_CLOSED };
 /* The regions Content Moderation 2.0 (green-cip) is served in. */
 #define SL_DEFAULT_REGIONS                                                                                \
   "cn-shanghai,cn-beijing,cn-hangzhou,cn-shenzhen,cn-chengdu,cn-qingdao,ap-southeast-1,ap-southeast-3," \
@@ -53,7 +55,7 @@ struct sl_config {
   uint64_t max_body_buffer_bytes; /* request bodies buffered per worker, else 503 */
   char regions[512];            /* known regions, comma-separated; a Host naming another is 400 */
   /* metering */
-  char metering[8];             /* "on", or "off" for measuring its cost only (nothing is billed) */
+  int metering_on;              /* 0 ("off") only for measuring metering's cost: nothing is billed */
   char spool_dir[256];
   char instance_id[48];
   uint64_t spool_max_bytes;
@@ -63,7 +65,7 @@ struct sl_config {
   int billing_tz_offset_min;    /* minutes east of UTC for the billing day */
   int time_offset_s;            /* testing aid: added to the wall clock */
   /* admission */
-  char admission[8];           /* "on", or "off" to proxy without classifying (benchmarks of the core) */
+  int admission_on;            /* 0 ("off") to proxy without classifying (benchmarks of the core) */
   unsigned resync_ms;          /* full reload of what the directory holds */
   unsigned lookup_timeout_ms;  /* a first lookup of an account waits at most this */
   unsigned redis_timeout_ms;   /* every Redis connection (directory, flusher): connect, and a reply outstanding, at most this */
@@ -71,7 +73,7 @@ struct sl_config {
   unsigned max_accounts;       /* AccessKeyIds the directory holds */
   unsigned limiter_keys;       /* (UID, feature, region) buckets */
   unsigned max_parked;         /* requests per worker waiting for a lookup */
-  char limiter_full[8];        /* "open" or "closed": admit or refuse when the bucket table is full */
+  int limiter_full;            /* enum sl_limiter_full: admit or refuse when the bucket table is full */
   char trusted_uid_header[64]; /* a header trusted to carry the UID (empty: none) */
 };
 

@@ -46,7 +46,7 @@ static void test_defaults_and_cli(void **state) {
   assert_int_equal(load(&c, NULL, 6, tz, err), 0);
   assert_int_equal(c.billing_tz_offset_min, -480);
   assert_int_equal(c.time_offset_s, -86400);
-  assert_string_equal(c.metering, "on");
+  assert_int_equal(c.metering_on, 1);
   assert_string_equal(c.spool_dir, "/var/lib/sluice");
 }
 
