@@ -150,7 +150,7 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
     }
   }
   c->pool = c->tier == SL_TIER_LLM ? SL_POOL_LLM : SL_POOL_DEFAULT;
-  sl_upstream_send(w, c);
+  sl_conn_forward(c);
 }
 
 static void park(struct sl_conn *c) {

@@ -11,6 +11,7 @@
 #include "proxy.h"
 
 static void conn_parse(struct sl_conn *c);
+static void conn_flush(struct sl_conn *c);
 static void conn_write_done(uv_write_t *req, int status);
 static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 
@@ -43,6 +44,7 @@ static void conn_free(uv_handle_t *h) {
   free(c->req.buf);
   free(c->req.hdrs.h);
   sl_buf_free(&c->out);
+  sl_buf_free(&c->fwd);
   sl_buf_free(&c->inflight);
   sl_buf_free(&c->req.body);
   free(c);
@@ -52,7 +54,7 @@ void sl_conn_close(struct sl_conn *c) {
   if (c->closing) return;
   c->closing = 1;
   sl_admit_unpark(c);
-  if (c->up) sl_upstream_abort(c->up);
+  sl_upstream_cancel(&c->up);
   body_release(c);
   sl_list_remove(&c->link);
   c->w->nconns--;
@@ -102,13 +104,9 @@ void sl_conn_error(struct sl_conn *c, int status, const char *code, const char *
   }
   c->phase = SL_C_SENDING;
   c->resp_done = 1;
-  sl_conn_upstream_flush(c);
+  conn_flush(c);
 }
 
-void sl_conn_upstream_failed(struct sl_conn *c, int status, const char *code, const char *msg) {
-  c->up = NULL;
-  sl_conn_error(c, status, code, msg, status == 503 ? "Retry-After: 1\r\n" : NULL, 0);
-}
 
 static void conn_start_request(struct sl_conn *c) {
   struct timespec ts;
@@ -121,7 +119,6 @@ static void conn_start_request(struct sl_conn *c) {
   c->reqid[0] = '\0';
   c->status = 0;
   c->resp_bytes = 0;
-  c->retries = 0;
   c->head_sent = c->resp_done = 0;
   c->body_unread = 0;
   c->decided = 0;
@@ -140,7 +137,7 @@ static void conn_dispatch(struct sl_conn *c) {
   if (w->cfg->admission_on)
     sl_admit(c);
   else
-    sl_upstream_send(w, c);
+    sl_conn_forward(c);
 }
 
 /* Counts the request for billing: UID "-" when no account was found,
@@ -233,15 +230,15 @@ static void conn_write_done(uv_write_t *req, int status) {
     sl_conn_close(c);
     return;
   }
-  if (c->up) sl_upstream_resume(c->up);
-  sl_conn_upstream_flush(c);
+  sl_upstream_resume(&c->up);
+  conn_flush(c);
 }
 
 /* Writes c->out to the client: a direct write first; what the socket did not
  * take moves (by swapping buffers, not copying) to c->inflight for uv_write,
  * so c->out stays free for appends, and the upstream is held until the write
  * completes, which is the backpressure. */
-void sl_conn_upstream_flush(struct sl_conn *c) {
+static void conn_flush(struct sl_conn *c) {
   if (c->closing || c->write_pending) return;
   if (c->out.len) {
     uv_buf_t b = uv_buf_init(c->out.data, (unsigned)c->out.len);
@@ -271,24 +268,26 @@ void sl_conn_upstream_flush(struct sl_conn *c) {
   if (c->resp_done) conn_finish(c);
 }
 
-/* ---- the response head ---- */
+/* ---- forwarding: the request out, the response back (upstream.h) ---- */
 
-static int up_hdr_listed(const struct sl_upconn *u, const char *name, size_t n) {
-  for (unsigned i = 0; i < u->hdrs.n; i++) {
-    const struct sl_hdr *h = &u->hdrs.h[i];
-    if (h->kind == SL_H_CONNECTION &&
-        sl_http_has_token(u->in + h->val_off, h->val_len, name, n))
-      return 1;
+static const struct sl_upstream_cbs up_cbs;
+
+/* Whether a response header is named by a token of the response's own
+ * Connection header(s) (hop-by-hop, so not relayed). */
+static int head_conn_listed(const struct sl_upstream_head *hd, const char *name, size_t n) {
+  for (unsigned i = 0; i < hd->n; i++) {
+    const struct sl_hdr *h = &hd->h[i];
+    if (h->kind == SL_H_CONNECTION && sl_http_has_token(hd->base + h->val_off, h->val_len, name, n)) return 1;
   }
   return 0;
 }
 
-void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u) {
+static void up_on_head(void *ctx, const struct sl_upstream_head *hd) {
+  struct sl_conn *c = ctx;
   struct sl_buf *o = &c->out;
-  int has_cl = (u->parser.flags & F_CONTENT_LENGTH) != 0;
-  int no_body = c->req.head_method || u->status == 204 || u->status == 304;
+  int no_body = c->req.head_method || hd->status == 204 || hd->status == 304;
   int http10 = c->req.parser.http_major == 1 && c->req.parser.http_minor == 0;
-  if (no_body || has_cl)
+  if (no_body || hd->content_length)
     c->resp_mode = SL_RESP_LENGTH;
   else if (!http10)
     c->resp_mode = SL_RESP_CHUNKED;
@@ -298,30 +297,30 @@ void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u) {
   if (c->w->draining && c->req.parsed == c->req.len) c->close_after = 1;
   int closing = c->close_after || !c->req.keep_alive;
 
-  /* Status codes are three digits (llhttp enforces it): no printf on this path. */
+  /* Status codes are three digits (upstream.c refuses others): no printf on this path. */
   char line[13] = "HTTP/1.1 000 ";
-  line[9] = (char)('0' + u->status / 100 % 10);
-  line[10] = (char)('0' + u->status / 10 % 10);
-  line[11] = (char)('0' + u->status % 10);
+  line[9] = (char)('0' + hd->status / 100 % 10);
+  line[10] = (char)('0' + hd->status / 10 % 10);
+  line[11] = (char)('0' + hd->status % 10);
   sl_buf_append(o, line, sizeof(line));
-  sl_buf_append(o, u->in + u->reason_off, u->reason_len);
+  sl_buf_append(o, hd->reason, hd->reason_len);
   sl_buf_lit(o, "\r\n");
   int has_conn_tokens = 0;
-  for (unsigned i = 0; i < u->hdrs.n; i++)
-    if (u->hdrs.h[i].kind == SL_H_CONNECTION) has_conn_tokens = 1;
-  for (unsigned i = 0; i < u->hdrs.n; i++) {
-    const struct sl_hdr *h = &u->hdrs.h[i];
-    const char *name = u->in + h->name_off;
+  for (unsigned i = 0; i < hd->n; i++)
+    if (hd->h[i].kind == SL_H_CONNECTION) has_conn_tokens = 1;
+  for (unsigned i = 0; i < hd->n; i++) {
+    const struct sl_hdr *h = &hd->h[i];
+    const char *name = hd->base + h->name_off;
     enum sl_hdr_kind k = (enum sl_hdr_kind)h->kind;
     if (k == SL_H_HOP || k == SL_H_CONNECTION || k == SL_H_TRANSFER_ENCODING) continue;
     if (has_conn_tokens) {
       char tmp[64];
       size_t ln = sl_http_lower(name, h->name_len, tmp, sizeof(tmp));
-      if (ln && up_hdr_listed(u, tmp, ln)) continue;
+      if (ln && head_conn_listed(hd, tmp, ln)) continue;
     }
     sl_buf_append(o, name, h->name_len);
     sl_buf_lit(o, ": ");
-    sl_buf_append(o, u->in + h->val_off, h->val_len);
+    sl_buf_append(o, hd->base + h->val_off, h->val_len);
     sl_buf_lit(o, "\r\n");
   }
   if (c->resp_mode == SL_RESP_CHUNKED) sl_buf_lit(o, "Transfer-Encoding: chunked\r\n");
@@ -330,12 +329,13 @@ void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u) {
   else if (http10)
     sl_buf_lit(o, "Connection: keep-alive\r\n");
   sl_buf_lit(o, "\r\n");
-  c->status = u->status;
+  c->status = hd->status;
   c->head_sent = 1;
   c->phase = SL_C_SENDING;
 }
 
-int sl_conn_upstream_body(struct sl_conn *c, const char *p, size_t n) {
+static int up_on_body(void *ctx, const char *p, size_t n) {
+  struct sl_conn *c = ctx;
   if (c->req.head_method) return 0;
   if (c->resp_mode == SL_RESP_CHUNKED) {
     static const char digits[] = "0123456789abcdef";
@@ -353,11 +353,105 @@ int sl_conn_upstream_body(struct sl_conn *c, const char *p, size_t n) {
   return sl_buf_append(&c->out, p, n);
 }
 
-void sl_conn_upstream_done(struct sl_conn *c) {
-  c->up = NULL;
+/* After a read's worth of body: out to the client; 1 (pause the backend)
+ * while the client has not taken it. */
+static int up_on_flush(void *ctx) {
+  struct sl_conn *c = ctx;
+  conn_flush(c);
+  return c->closing || c->write_pending;
+}
+
+static void up_on_done(void *ctx) {
+  struct sl_conn *c = ctx;
   if (c->resp_mode == SL_RESP_CHUNKED && !c->req.head_method) sl_buf_lit(&c->out, "0\r\n\r\n");
   c->resp_done = 1;
-  sl_conn_upstream_flush(c);
+  conn_flush(c);
+}
+
+static void up_on_error(void *ctx, int status, const char *code, const char *msg) {
+  sl_conn_error(ctx, status, code, msg, NULL, 0);
+}
+
+static const struct sl_upstream_cbs up_cbs = {
+    .on_head = up_on_head, .on_body = up_on_body, .on_flush = up_on_flush, .on_done = up_on_done,
+    .on_error = up_on_error,
+};
+
+/* Serialises the request for the backend: the client's headers less the
+ * hop-by-hop ones (and those Connection names), X-Forwarded-For with the
+ * client's address appended, sluice's X-Request-Id, the body de-chunked
+ * with a Content-Length. Built once; a retry sends the same bytes. */
+static int fwd_build(struct sl_conn *c) {
+  const struct sl_req *r = &c->req;
+  struct sl_buf *o = &c->fwd;
+  o->len = 0;
+  const char *method = llhttp_method_name((llhttp_method_t)r->parser.method);
+  sl_buf_append(o, method, strlen(method));
+  sl_buf_lit(o, " ");
+  sl_buf_append(o, r->buf + r->url_off, r->url_len);
+  sl_buf_lit(o, " HTTP/1.1\r\n");
+  const struct sl_hdr *xff = NULL;
+  for (unsigned i = 0; i < r->hdrs.n; i++) {
+    const struct sl_hdr *h = &r->hdrs.h[i];
+    switch ((enum sl_hdr_kind)h->kind) {
+      case SL_H_HOP:
+      case SL_H_CONNECTION:
+      case SL_H_CONTENT_LENGTH:
+      case SL_H_TRANSFER_ENCODING:
+      case SL_H_EXPECT:
+      case SL_H_X_REQUEST_ID:
+        continue;
+      case SL_H_X_FORWARDED_FOR:
+        xff = h; /* merged below; several XFF lines are one list, the last one wins here */
+        continue;
+      default:
+        break;
+    }
+    if (r->nconn_hdr && sl_req_conn_listed(r, h)) continue;
+    sl_buf_append(o, r->buf + h->name_off, h->name_len);
+    sl_buf_lit(o, ": ");
+    sl_buf_append(o, r->buf + h->val_off, h->val_len);
+    sl_buf_lit(o, "\r\n");
+  }
+  sl_buf_lit(o, "X-Forwarded-For: ");
+  if (xff && xff->val_len) {
+    sl_buf_append(o, r->buf + xff->val_off, xff->val_len);
+    sl_buf_lit(o, ", ");
+  }
+  sl_buf_append(o, c->peer, strlen(c->peer));
+  sl_buf_lit(o, "\r\nX-Request-Id: ");
+  sl_buf_append(o, c->reqid, 36);
+  c->up.nbufs = 1;
+  if (r->has_body) {
+    char num[24];
+    sl_buf_lit(o, "\r\nContent-Length: ");
+    if (r->chunked_req)
+      c->up.bufs[1] = uv_buf_init(r->body.data, (unsigned)r->body.len);
+    else
+      c->up.bufs[1] = uv_buf_init(r->buf + r->body_off, (unsigned)r->body_len);
+    sl_buf_append(o, num, sl_u64toa(c->up.bufs[1].len, num));
+    c->up.nbufs = c->up.bufs[1].len ? 2 : 1;
+  }
+  if (sl_buf_lit(o, "\r\n\r\n") != 0) return -1;
+  c->up.bufs[0] = uv_buf_init(o->data, (unsigned)o->len);
+  return 0;
+}
+
+void sl_conn_forward(struct sl_conn *c) {
+  if (fwd_build(c) != 0) {
+    sl_conn_error(c, 502, "BadGateway", "The request could not be forwarded.", NULL, 0);
+    return;
+  }
+  c->up.pool = c->pool;
+  c->up.head_method = c->req.head_method;
+  c->up.cbs = &up_cbs;
+  c->up.ctx = c;
+  int r = sl_upstream_start(c->w, &c->up);
+  if (r == UV_EAGAIN)
+    sl_conn_error(c, 503, "ServiceUnavailable", "No moderation backend is available; retry later.",
+                  "Retry-After: 1\r\n", 0);
+  else if (r != 0)
+    sl_conn_error(c, 502, "BadGateway", "The moderation backend failed.", NULL, 0);
 }
 
 /* ---- reading ---- */
@@ -477,7 +571,7 @@ void sl_conn_accept(struct sl_worker *w) {
   }
   sl_list_init(&c->link);
   sl_list_init(&c->park);
-  c->out.max = c->inflight.max = 1u << 20;
+  c->out.max = c->inflight.max = c->fwd.max = 1u << 20;
   if (w->nconns >= w->cfg->max_conns || w->draining) {
     /* Refused cleanly: a JSON 503 the client can read, then close. */
     char rid[37];

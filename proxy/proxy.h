@@ -18,18 +18,13 @@
 #include "http_util.h"
 #include "meter.h"
 #include "reqparse.h"
+#include "upstream.h"
 #include "uv_util.h"
 
-#define SL_POOL_DEFAULT 0
-#define SL_POOL_LLM 1
-#define SL_NPOOLS 2
-
 #define SL_CONN_BUF 16384   /* client read buffer; grows only for large bodies */
-#define SL_UP_BUF 16384     /* upstream read buffer */
-#define SL_SWEEP_MS 50
+#define SL_SWEEP_MS 50 /* timeout resolution */
 #define SL_RETRY_MAX_NS 60000000000ull /* Retry-After hint when a limit never admits (0 QPS) */
 #define SL_LINGER_MS 2000 /* reading and dropping the rest of a request answered early */
-#define SL_MAX_RESP_HEADERS 100 /* upstream response headers, else 502 */      /* timeout resolution */
 
 /* Upstream latency histogram bounds, in microseconds. */
 #define SL_LAT_BUCKETS 14
@@ -81,60 +76,6 @@ static inline void sl_stat_sub(_Atomic uint64_t *c, uint64_t v) {
 struct sl_worker;
 struct sl_conn;
 
-/* One upstream address as seen by one worker (health is per worker, so no
- * sharing: a worker learns of a dead backend from its own traffic). */
-struct sl_upaddr {
-  struct sl_addr addr;
-  unsigned fails;          /* consecutive */
-  uint64_t down_until;     /* loop ms; 0 when healthy */
-  struct sl_link idle;     /* idle keep-alive connections */
-  unsigned nidle;
-};
-
-/* A pool is replaced, not edited, when a reload changes its addresses;
- * connections hold a reference so the old one lives until they finish. */
-struct sl_pool {
-  struct sl_upaddr addrs[SL_MAX_UPSTREAMS];
-  unsigned n;
-  unsigned rr;
-  unsigned refs;
-};
-
-enum sl_up_state {
-  SL_UP_CONNECTING,
-  SL_UP_IDLE,
-  SL_UP_BUSY, /* request written or being written, response due */
-  SL_UP_CLOSING,
-};
-
-struct sl_upconn {
-  uv_tcp_t tcp;
-  uv_connect_t connect_req;
-  uv_write_t write_req;
-  struct sl_worker *w;
-  struct sl_pool *pool;
-  struct sl_upaddr *ua;
-  struct sl_link link; /* in ua->idle while idle */
-  struct sl_link all;  /* in w->upconns, for timeouts and shutdown */
-  struct sl_conn *conn; /* client being served, NULL when idle */
-  enum sl_up_state state;
-  llhttp_t parser;
-  struct sl_buf out;  /* request head being sent */
-  char *in;           /* response bytes */
-  size_t in_len;
-  uint64_t deadline;  /* loop ms; 0 = none */
-  uint64_t started_ns;
-  unsigned requests;  /* served on this connection */
-  struct sl_hdr hdr_store[SL_MAX_RESP_HEADERS];
-  struct sl_hdrs hdrs;
-  uint32_t reason_off, reason_len;
-  int status;
-  unsigned got_bytes : 1; /* any response byte for the current request */
-  unsigned headers_done : 1;
-  unsigned reusable : 1;
-  unsigned write_pending : 1;
-};
-
 enum sl_conn_phase {
   SL_C_IDLE,     /* between requests, nothing buffered */
   SL_C_READING,  /* a request has started arriving */
@@ -153,7 +94,8 @@ struct sl_conn {
   struct sl_req req;   /* the request being read or served; its buffer is ours */
   enum sl_conn_phase phase;
   uint64_t deadline;  /* loop ms: header/idle/send timeout */
-  struct sl_upconn *up;
+  struct sl_upreq up; /* the request forwarded upstream, when in flight (up.conn) */
+  struct sl_buf fwd;  /* the head of that request */
   struct sl_buf out;  /* bytes to the client, not yet handed to the socket */
   struct sl_buf inflight; /* bytes in a pending uv_write */
   char peer[48];      /* client IP for X-Forwarded-For and logs */
@@ -170,7 +112,6 @@ struct sl_conn {
   uint64_t resp_bytes;
   int status;         /* status answered to the client */
   int pool;
-  unsigned retries;
   enum sl_resp_mode resp_mode;
   char reqid[37];
   unsigned resp_done : 1;   /* response complete; finish once written */
@@ -224,23 +165,18 @@ int sl_worker_init(struct sl_worker *w, unsigned id, const struct sl_config *cfg
 int sl_worker_run(struct sl_worker *w);
 /* After the thread has ended and nothing sends to it any more. */
 void sl_worker_destroy(struct sl_worker *w);
-void sl_worker_pools_build(struct sl_worker *w);
 
 /* conn.c */
 void sl_conn_global_init(void);
 void sl_conn_accept(struct sl_worker *w);
-/* Called by upstream.c: response head parsed / body bytes / end / failure. */
-void sl_conn_upstream_head(struct sl_conn *c, struct sl_upconn *u);
-int sl_conn_upstream_body(struct sl_conn *c, const char *p, size_t n);
-void sl_conn_upstream_done(struct sl_conn *c);
-void sl_conn_upstream_flush(struct sl_conn *c);
-void sl_conn_upstream_failed(struct sl_conn *c, int status, const char *code, const char *msg);
 /* Answers the current request with a JSON error (extra: CRLF-terminated
  * header lines or NULL); close: close the connection after it. */
 void sl_conn_error(struct sl_conn *c, int status, const char *code, const char *msg, const char *extra, int close);
 void sl_conn_sweep(struct sl_conn *c, uint64_t now);
 void sl_conn_drain(struct sl_conn *c);
 void sl_conn_close(struct sl_conn *c);
+/* The request was admitted (c->pool says where): forward it upstream. */
+void sl_conn_forward(struct sl_conn *c);
 
 /* admit.c */
 /* The limiter key of a bucket: UID, feature and region joined by a byte
@@ -259,15 +195,6 @@ int sl_admit_head(struct sl_conn *c);
 /* Resumes parked requests whose account the directory now holds. */
 void sl_admit_resume(struct sl_worker *w);
 void sl_admit_unpark(struct sl_conn *c);
-
-/* upstream.c */
-void sl_upstream_global_init(void);
-void sl_upstream_send(struct sl_worker *w, struct sl_conn *c);
-void sl_upstream_resume(struct sl_upconn *u);
-void sl_upstream_abort(struct sl_upconn *u);
-void sl_upstream_sweep(struct sl_worker *w, uint64_t now);
-void sl_upstream_close_idle(struct sl_worker *w);
-void sl_upconn_sweep(struct sl_upconn *u, uint64_t now);
 
 /* access log */
 void sl_log_access(struct sl_worker *w, struct sl_conn *c);

@@ -1,16 +1,20 @@
-/* Upstream side: per-worker pools of keep-alive connections, round-robin
- * over the pool's addresses, passive health (eject after max-fails, probe
- * after fail-timeout), connect/response timeouts, and relaying of the
- * response (Content-Length, chunked or close-delimited) to the client. */
+/* The upstream client (upstream.h): per-worker pools of keep-alive
+ * connections, round-robin over the pool's addresses, passive health,
+ * connect/response timeouts, retries, and the response parsed and handed
+ * to the caller through its callbacks. */
+#include "upstream.h"
+
 #include <string.h>
 
 #include "http_util.h"
-#include "proxy.h"
+#include "proxy.h" /* struct sl_worker: loop, configuration, statistics, pools */
 
 static llhttp_settings_t resp_settings;
 
 static void up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 static void up_send_request(struct sl_upconn *u);
+static int up_start_on(struct sl_worker *w, struct sl_upreq *r);
+static void up_close(struct sl_upconn *u);
 
 static inline uint64_t now_ms(struct sl_worker *w) { return uv_now(&w->loop); }
 
@@ -66,16 +70,26 @@ static int on_headers_complete(llhttp_t *p) {
   u->status = llhttp_get_status_code(p);
   if (u->status < 100) return -1; /* llhttp takes "HTTP/1.1 20 OK": a broken backend, 502 */
   if (u->status < 200) return 1;  /* interim (100, 103): dropped, the final answer follows */
-  if (!u->conn) return -1;
+  struct sl_upreq *r = u->req;
+  if (!r) return -1;
   u->headers_done = 1;
   record_latency(u->w, (uv_hrtime() - u->started_ns) / 1000);
-  sl_conn_upstream_head(u->conn, u);
-  return u->conn->req.head_method || u->status == 204 || u->status == 304 ? 1 : 0;
+  struct sl_upstream_head h = {
+      .status = u->status,
+      .reason = u->in + u->reason_off,
+      .reason_len = u->reason_len,
+      .base = u->in,
+      .h = u->hdrs.h,
+      .n = u->hdrs.n,
+      .content_length = (p->flags & F_CONTENT_LENGTH) != 0,
+  };
+  r->cbs->on_head(r->ctx, &h);
+  return r->head_method || u->status == 204 || u->status == 304 ? 1 : 0;
 }
 
 static int on_body(llhttp_t *p, const char *at, size_t n) {
   struct sl_upconn *u = p->data;
-  return u->conn && sl_conn_upstream_body(u->conn, at, n) == 0 ? 0 : -1;
+  return u->req && u->req->cbs->on_body(u->req->ctx, at, n) == 0 ? 0 : -1;
 }
 
 static int on_message_complete(llhttp_t *p) {
@@ -133,7 +147,7 @@ void sl_worker_pools_build(struct sl_worker *w) {
       for (unsigned i = 0; i < old->n; i++)
         while (!sl_list_empty(&old->addrs[i].idle)) {
           struct sl_upconn *u = sl_container_of(old->addrs[i].idle.next, struct sl_upconn, link);
-          sl_upstream_abort(u);
+          up_close(u);
         }
       pool_unref(old);
     }
@@ -169,7 +183,6 @@ static void addr_ok(struct sl_upaddr *ua) {
 
 static void up_free(uv_handle_t *h) {
   struct sl_upconn *u = sl_container_of(h, struct sl_upconn, tcp);
-  sl_buf_free(&u->out);
   free(u->in);
   pool_unref(u->pool);
   free(u);
@@ -182,15 +195,19 @@ static void up_close(struct sl_upconn *u) {
   sl_list_remove(&u->link);
   sl_list_remove(&u->all);
   u->w->nupconns--;
-  u->conn = NULL;
+  if (u->req) u->req->conn = NULL;
+  u->req = NULL;
   sl__close((uv_handle_t *)&u->tcp, up_free);
 }
 
-/* The client went away (or a reload drops an idle connection): a half-read
- * response makes the connection useless, so it is closed. */
-void sl_upstream_abort(struct sl_upconn *u) {
-  if (u->conn) u->conn->up = NULL;
-  up_close(u);
+void sl_upstream_cancel(struct sl_upreq *r) {
+  if (r->conn) up_close(r->conn);
+}
+
+/* Detaches the request from u and tells its caller that it failed. */
+static void up_error(struct sl_upreq *r, int status, const char *code, const char *msg) {
+  r->conn = NULL;
+  r->cbs->on_error(r->ctx, status, code, msg);
 }
 
 static void up_alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b) {
@@ -205,7 +222,7 @@ static void up_alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b) {
  * classic race) or the connect itself failed; else answers the client. */
 static void up_fail(struct sl_upconn *u, int connect_failed, int timed_out) {
   struct sl_worker *w = u->w;
-  struct sl_conn *c = u->conn;
+  struct sl_upreq *r = u->req;
   int reused = u->requests > 0;
   if (!reused || timed_out) addr_failed(w, u->ua);
   if (timed_out)
@@ -214,24 +231,25 @@ static void up_fail(struct sl_upconn *u, int connect_failed, int timed_out) {
     sl_stat_add(&w->stats.up_connect_errors, 1);
   else
     sl_stat_add(&w->stats.up_errors, 1);
-  if (c) c->up = NULL;
-  up_close(u);
-  if (!c) return;
-  if (!u->got_bytes && !timed_out && (connect_failed || reused) && c->retries < 1 + u->pool->n) {
-    c->retries++;
+  up_close(u); /* detaches r */
+  if (!r) return;
+  if (!u->got_bytes && !timed_out && (connect_failed || reused) && r->retries < 1 + u->pool->n) {
+    r->retries++;
     sl_stat_add(&w->stats.up_retries, 1);
-    sl_upstream_send(w, c);
+    /* A retry that finds every member ejected reports the failure it met. */
+    if (up_start_on(w, r) != 0) up_error(r, 502, "BadGateway", "The moderation backend failed.");
     return;
   }
   if (timed_out)
-    sl_conn_upstream_failed(c, 504, "GatewayTimeout", "The moderation backend did not answer in time.");
+    up_error(r, 504, "GatewayTimeout", "The moderation backend did not answer in time.");
   else
-    sl_conn_upstream_failed(c, 502, "BadGateway", "The moderation backend failed.");
+    up_error(r, 502, "BadGateway", "The moderation backend failed.");
 }
 
 static void up_release(struct sl_upconn *u) {
   struct sl_worker *w = u->w;
-  u->conn = NULL;
+  if (u->req) u->req->conn = NULL;
+  u->req = NULL;
   u->requests++;
   addr_ok(u->ua);
   int stale_pool = u->pool != w->pools[0] && u->pool != w->pools[1];
@@ -244,7 +262,7 @@ static void up_release(struct sl_upconn *u) {
   u->state = SL_UP_IDLE;
   u->deadline = 0;
   u->in_len = 0;
-  u->got_bytes = u->headers_done = 0;
+  u->got_bytes = u->headers_done = u->paused = 0;
   sl_list_push(&u->ua->idle, &u->link);
   u->ua->nidle++;
 }
@@ -257,18 +275,20 @@ static void up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
     up_close(u);
     return;
   }
-  struct sl_conn *c = u->conn;
+  struct sl_upreq *r = u->req;
   if (nread == 0) return;
   if (nread < 0) {
     /* A close-delimited body ends here; llhttp_finish says whether the
-     * close was a valid end (not inside trailers, say). */
-    if (nread == UV_EOF && u->headers_done && llhttp_message_needs_eof(&u->parser) &&
-        llhttp_finish(&u->parser) == HPE_OK) {
+     * close was a valid end (not inside trailers, say): HPE_PAUSED is our
+     * on_message_complete's answer, so the message did complete. */
+    llhttp_errno_t fin = HPE_INVALID_EOF_STATE;
+    if (nread == UV_EOF && u->headers_done && llhttp_message_needs_eof(&u->parser))
+      fin = llhttp_finish(&u->parser);
+    if (fin == HPE_OK || fin == HPE_PAUSED) {
       u->reusable = 0;
-      if (c) sl_conn_upstream_done(c);
-      u->conn = NULL;
       addr_ok(u->ua);
-      up_close(u);
+      up_close(u); /* detaches r */
+      if (r) r->cbs->on_done(r->ctx);
       return;
     }
     up_fail(u, 0, 0);
@@ -282,30 +302,35 @@ static void up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
   if (err == HPE_PAUSED) {
     const char *pos = llhttp_get_error_pos(&u->parser);
     u->reusable = llhttp_should_keep_alive(&u->parser) && pos == u->in + u->in_len;
-    /* Back to the pool first, so a pipelined next request can reuse it. */
-    if (c) c->up = NULL;
+    /* Back to the pool first (detaching r), so that the caller's next
+     * request, started from on_done, can reuse it. */
     up_release(u);
-    if (c) sl_conn_upstream_done(c);
+    if (r) r->cbs->on_done(r->ctx);
     return;
   }
-  if (err != HPE_OK || !c || c->closing) {
+  if (err != HPE_OK || !r) {
     if (err != HPE_OK) fprintf(stderr, "sluice[%u]: upstream %s: bad response: %s\n", u->w->id, u->ua->addr.text,
                                llhttp_get_error_reason(&u->parser));
     up_fail(u, 0, 0);
     return;
   }
   if (u->headers_done) {
-    u->in_len = 0; /* everything was copied out to the client */
-    sl_conn_upstream_flush(c);
-    if (c->write_pending) uv_read_stop(s); /* resumed by sl_upstream_resume */
+    u->in_len = 0; /* everything was handed to the caller */
+    if (r->cbs->on_flush(r->ctx) && u->state == SL_UP_BUSY) {
+      u->paused = 1;
+      uv_read_stop(s); /* until sl_upstream_resume */
+    }
   } else if (u->in_len == SL_UP_BUF) {
     fprintf(stderr, "sluice[%u]: upstream %s: response head over %d bytes\n", u->w->id, u->ua->addr.text, SL_UP_BUF);
     up_fail(u, 0, 0);
   }
 }
 
-void sl_upstream_resume(struct sl_upconn *u) {
-  if (u->state == SL_UP_BUSY) uv_read_start((uv_stream_t *)&u->tcp, up_alloc_cb, up_read_cb);
+void sl_upstream_resume(struct sl_upreq *r) {
+  struct sl_upconn *u = r->conn;
+  if (!u || !u->paused || u->state != SL_UP_BUSY) return;
+  u->paused = 0;
+  uv_read_start((uv_stream_t *)&u->tcp, up_alloc_cb, up_read_cb);
 }
 
 static void up_write_done(uv_write_t *req, int status) {
@@ -327,7 +352,7 @@ static void up_connect_cb(uv_connect_t *req, int status) {
   sl_stat_add(&u->w->stats.up_connects, 1);
   uv_read_start((uv_stream_t *)&u->tcp, up_alloc_cb, up_read_cb);
   u->state = SL_UP_BUSY;
-  if (u->conn) up_send_request(u);
+  if (u->req) up_send_request(u);
   else up_release(u);
 }
 
@@ -343,7 +368,6 @@ static int up_connect(struct sl_worker *w, struct sl_pool *pool, struct sl_upadd
   u->in = sl_malloc(SL_UP_BUF);
   u->hdrs.h = u->hdr_store;
   u->hdrs.max = SL_MAX_RESP_HEADERS;
-  u->out.max = 1u << 20;
   sl_list_init(&u->link);
   sl_list_push(&w->upconns, &u->all);
   w->nupconns++;
@@ -357,76 +381,13 @@ static int up_connect(struct sl_worker *w, struct sl_pool *pool, struct sl_upadd
   return r;
 }
 
-/* Serialises the request head for the upstream and writes head + body. */
+/* Writes the request (head + body, as the caller serialised it). */
 static void up_send_request(struct sl_upconn *u) {
-  struct sl_conn *c = u->conn;
-  struct sl_buf *o = &u->out;
-  o->len = 0;
-  const char *method = llhttp_method_name(llhttp_get_method(&c->req.parser));
-  sl_buf_append(o, method, strlen(method));
-  sl_buf_lit(o, " ");
-  sl_buf_append(o, c->req.buf + c->req.url_off, c->req.url_len);
-  sl_buf_lit(o, " HTTP/1.1\r\n");
-  const struct sl_hdr *xff = NULL;
-  for (unsigned i = 0; i < c->req.hdrs.n; i++) {
-    const struct sl_hdr *h = &c->req.hdrs.h[i];
-    const char *name = c->req.buf + h->name_off;
-    switch ((enum sl_hdr_kind)h->kind) {
-      case SL_H_HOP:
-      case SL_H_CONNECTION:
-      case SL_H_CONTENT_LENGTH:
-      case SL_H_TRANSFER_ENCODING:
-      case SL_H_EXPECT:
-      case SL_H_X_REQUEST_ID:
-        continue;
-      case SL_H_X_FORWARDED_FOR:
-        xff = h; /* merged below; several XFF lines are one list, the last one wins here */
-        continue;
-      default:
-        break;
-    }
-    if (c->req.nconn_hdr) {
-      char tmp[64];
-      size_t n = sl_http_lower(name, h->name_len, tmp, sizeof(tmp));
-      int listed = 0;
-      for (unsigned j = 0; n && j < c->req.nconn_hdr && !listed; j++) {
-        const struct sl_hdr *ch = &c->req.hdrs.h[c->req.conn_hdr[j]];
-        listed = sl_http_has_token(c->req.buf + ch->val_off, ch->val_len, tmp, n);
-      }
-      if (listed) continue;
-    }
-    sl_buf_append(o, name, h->name_len);
-    sl_buf_lit(o, ": ");
-    sl_buf_append(o, c->req.buf + h->val_off, h->val_len);
-    sl_buf_lit(o, "\r\n");
-  }
-  sl_buf_lit(o, "X-Forwarded-For: ");
-  if (xff && xff->val_len) {
-    sl_buf_append(o, c->req.buf + xff->val_off, xff->val_len);
-    sl_buf_lit(o, ", ");
-  }
-  sl_buf_append(o, c->peer, strlen(c->peer));
-  sl_buf_lit(o, "\r\nX-Request-Id: ");
-  sl_buf_append(o, c->reqid, 36);
-  uv_buf_t bufs[2];
-  unsigned nb = 1;
-  if (c->req.has_body) {
-    char num[24];
-    sl_buf_lit(o, "\r\nContent-Length: ");
-    if (c->req.chunked_req)
-      bufs[1] = uv_buf_init(c->req.body.data, (unsigned)c->req.body.len);
-    else
-      bufs[1] = uv_buf_init(c->req.buf + c->req.body_off, (unsigned)c->req.body_len);
-    sl_buf_append(o, num, sl_u64toa(bufs[1].len, num));
-    nb = bufs[1].len ? 2 : 1;
-  }
-  if (sl_buf_lit(o, "\r\n\r\n") != 0) {
-    up_fail(u, 0, 0);
-    return;
-  }
-  bufs[0] = uv_buf_init(o->data, (unsigned)o->len);
+  struct sl_upreq *r = u->req;
+  uv_buf_t bufs[2] = {r->bufs[0], r->bufs[1]};
+  unsigned nb = r->nbufs;
   u->state = SL_UP_BUSY;
-  u->got_bytes = u->headers_done = 0;
+  u->got_bytes = u->headers_done = u->paused = 0;
   u->started_ns = uv_hrtime();
   u->deadline = now_ms(u->w) + u->w->cfg->response_timeout_ms;
   int n = uv_try_write((uv_stream_t *)&u->tcp, bufs, nb);
@@ -448,33 +409,46 @@ static void up_send_request(struct sl_upconn *u) {
   u->write_pending = 1;
 }
 
-void sl_upstream_send(struct sl_worker *w, struct sl_conn *c) {
-  struct sl_pool *pool = w->pools[c->pool];
-  struct sl_upaddr *ua = pool_pick(pool, now_ms(w));
-  if (!ua) {
-    /* A retry that finds every member ejected reports the failure it met;
-     * a request that finds none usable from the start gets 503. */
-    if (c->retries)
-      sl_conn_upstream_failed(c, 502, "BadGateway", "The moderation backend failed.");
-    else
-      sl_conn_upstream_failed(c, 503, "ServiceUnavailable", "No moderation backend is available; retry later.");
-    return;
+/* Puts r on an idle connection of a usable member, or a new one. Returns
+ * 0, UV_EAGAIN when no member is usable, or the error of the last connect
+ * that failed at once (each such failure counts, and the next member is
+ * tried, as a retry would). */
+static int up_start_on(struct sl_worker *w, struct sl_upreq *r) {
+  struct sl_pool *pool = w->pools[r->pool];
+  for (;;) {
+    struct sl_upaddr *ua = pool_pick(pool, now_ms(w));
+    if (!ua) return UV_EAGAIN;
+    struct sl_upconn *u;
+    if (!sl_list_empty(&ua->idle)) {
+      u = sl_container_of(ua->idle.next, struct sl_upconn, link);
+      sl_list_remove(&u->link);
+      ua->nidle--;
+      sl_stat_add(&w->stats.up_reused, 1);
+      u->req = r;
+      r->conn = u;
+      up_send_request(u);
+      return 0;
+    }
+    int e = up_connect(w, pool, ua, &u);
+    if (e == 0) {
+      u->req = r;
+      r->conn = u;
+      return 0;
+    }
+    /* Refused at once: counted like a failed connect, then the next member. */
+    addr_failed(w, ua);
+    sl_stat_add(&w->stats.up_connect_errors, 1);
+    up_close(u);
+    if (r->retries >= 1 + pool->n) return e;
+    r->retries++;
+    sl_stat_add(&w->stats.up_retries, 1);
   }
-  struct sl_upconn *u;
-  if (!sl_list_empty(&ua->idle)) {
-    u = sl_container_of(ua->idle.next, struct sl_upconn, link);
-    sl_list_remove(&u->link);
-    ua->nidle--;
-    sl_stat_add(&w->stats.up_reused, 1);
-    u->conn = c;
-    c->up = u;
-    up_send_request(u);
-    return;
-  }
-  int r = up_connect(w, pool, ua, &u);
-  u->conn = c;
-  c->up = u;
-  if (r != 0) up_fail(u, 1, 0); /* refused at once: retried or answered like a failed connect */
+}
+
+int sl_upstream_start(struct sl_worker *w, struct sl_upreq *r) {
+  r->conn = NULL;
+  r->retries = 0;
+  return up_start_on(w, r);
 }
 
 void sl_upconn_sweep(struct sl_upconn *u, uint64_t now) {
@@ -483,7 +457,7 @@ void sl_upconn_sweep(struct sl_upconn *u, uint64_t now) {
     fprintf(stderr, "sluice[%u]: upstream %s: connect timed out\n", u->w->id, u->ua->addr.text);
     up_fail(u, 1, 1);
   } else if (u->state == SL_UP_BUSY) {
-    if (u->conn && u->conn->write_pending) { /* the client is slow, not the upstream */
+    if (u->paused) { /* the caller's client is slow, not the upstream */
       u->deadline = now + u->w->cfg->response_timeout_ms;
       return;
     }
@@ -497,6 +471,6 @@ void sl_upstream_close_idle(struct sl_worker *w) {
     if (!p) continue;
     for (unsigned i = 0; i < p->n; i++)
       while (!sl_list_empty(&p->addrs[i].idle))
-        sl_upstream_abort(sl_container_of(p->addrs[i].idle.next, struct sl_upconn, link));
+        up_close(sl_container_of(p->addrs[i].idle.next, struct sl_upconn, link));
   }
 }
