@@ -208,8 +208,8 @@ static void conn_finish(struct sl_conn *c) {
     c->req.buf = sl_realloc(c->req.buf, SL_CONN_BUF);
     c->req.cap = SL_CONN_BUF;
   }
-  sl_buf_shrink(&c->out, 4 * SL_UP_BUF);
-  sl_buf_shrink(&c->inflight, 4 * SL_UP_BUF);
+  sl_buf_shrink(&c->out, 4 * SL_RESP_BUF);
+  sl_buf_shrink(&c->inflight, 4 * SL_RESP_BUF);
   sl_buf_shrink(&c->req.body, SL_CONN_BUF);
   c->phase = SL_C_IDLE;
   c->deadline = now_ms(c) + w->cfg->idle_timeout_ms;
@@ -274,7 +274,7 @@ static const struct sl_upstream_cbs up_cbs;
 
 /* Whether a response header is named by a token of the response's own
  * Connection header(s) (hop-by-hop, so not relayed). */
-static int head_conn_listed(const struct sl_upstream_head *hd, const char *name, size_t n) {
+static int head_conn_listed(const struct sl_resp_head *hd, const char *name, size_t n) {
   for (unsigned i = 0; i < hd->n; i++) {
     const struct sl_hdr *h = &hd->h[i];
     if (h->kind == SL_H_CONNECTION && sl_http_has_token(hd->base + h->val_off, h->val_len, name, n)) return 1;
@@ -282,7 +282,7 @@ static int head_conn_listed(const struct sl_upstream_head *hd, const char *name,
   return 0;
 }
 
-static void up_on_head(void *ctx, const struct sl_upstream_head *hd) {
+static void up_on_head(void *ctx, const struct sl_resp_head *hd) {
   struct sl_conn *c = ctx;
   struct sl_buf *o = &c->out;
   int no_body = c->req.head_method || hd->status == 204 || hd->status == 304;

@@ -9,7 +9,6 @@
 #include "http_util.h"
 #include "proxy.h" /* struct sl_worker: loop, configuration, statistics, pools */
 
-static llhttp_settings_t resp_settings;
 
 static void up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 static void up_send_request(struct sl_upconn *u);
@@ -17,42 +16,6 @@ static int up_start_on(struct sl_worker *w, struct sl_upreq *r);
 static void up_close(struct sl_upconn *u);
 
 static inline uint64_t now_ms(struct sl_worker *w) { return uv_now(&w->loop); }
-
-/* ---- response parser callbacks (offsets into u->in) ---- */
-
-static int on_message_begin(llhttp_t *p) {
-  struct sl_upconn *u = p->data;
-  sl_hdrs_reset(&u->hdrs);
-  u->reason_len = 0;
-  return 0;
-}
-
-static int on_status(llhttp_t *p, const char *at, size_t n) {
-  struct sl_upconn *u = p->data;
-  if (u->reason_len == 0) u->reason_off = (uint32_t)(at - u->in);
-  u->reason_len += (uint32_t)n;
-  return 0;
-}
-
-static int on_header_field(llhttp_t *p, const char *at, size_t n) {
-  struct sl_upconn *u = p->data;
-  return sl_hdrs_field(&u->hdrs, (uint32_t)(at - u->in), (uint32_t)n);
-}
-
-static int on_header_field_complete(llhttp_t *p) {
-  struct sl_upconn *u = p->data;
-  return sl_hdrs_field_done(&u->hdrs, u->in); /* an empty name: a broken backend, 502 */
-}
-
-static int on_header_value(llhttp_t *p, const char *at, size_t n) {
-  struct sl_upconn *u = p->data;
-  return sl_hdrs_value(&u->hdrs, (uint32_t)(at - u->in), (uint32_t)n); /* obs-fold: 502 */
-}
-
-static int on_header_value_complete(llhttp_t *p) {
-  ((struct sl_upconn *)p->data)->hdrs.value_open = 0;
-  return 0;
-}
 
 static void record_latency(struct sl_worker *w, uint64_t us) {
   unsigned i = 0;
@@ -62,56 +25,22 @@ static void record_latency(struct sl_worker *w, uint64_t us) {
   sl_stat_add(&w->stats.lat_sum_us, us);
 }
 
-/* Return 1 tells llhttp the message has no body: 1xx, 204 and 304 have
- * none whatever their headers say (RFC 9110 6.4.1), nor does the answer to
- * HEAD; llhttp 8.1 would otherwise read a Content-Length body for them. */
-static int on_headers_complete(llhttp_t *p) {
-  struct sl_upconn *u = p->data;
-  u->status = llhttp_get_status_code(p);
-  if (u->status < 100) return -1; /* llhttp takes "HTTP/1.1 20 OK": a broken backend, 502 */
-  if (u->status < 200) return 1;  /* interim (100, 103): dropped, the final answer follows */
-  struct sl_upreq *r = u->req;
-  if (!r) return -1;
-  u->headers_done = 1;
+/* The parser's callbacks (ctx: the connection), passed on to the request's
+ * owner with the latency recorded. */
+static void resp_on_head(void *ctx, const struct sl_resp_head *h) {
+  struct sl_upconn *u = ctx;
   record_latency(u->w, (uv_hrtime() - u->started_ns) / 1000);
-  struct sl_upstream_head h = {
-      .status = u->status,
-      .reason = u->in + u->reason_off,
-      .reason_len = u->reason_len,
-      .base = u->in,
-      .h = u->hdrs.h,
-      .n = u->hdrs.n,
-      .content_length = (p->flags & F_CONTENT_LENGTH) != 0,
-  };
-  r->cbs->on_head(r->ctx, &h);
-  return r->head_method || u->status == 204 || u->status == 304 ? 1 : 0;
+  if (u->req) u->req->cbs->on_head(u->req->ctx, h);
 }
 
-static int on_body(llhttp_t *p, const char *at, size_t n) {
-  struct sl_upconn *u = p->data;
-  return u->req && u->req->cbs->on_body(u->req->ctx, at, n) == 0 ? 0 : -1;
+static int resp_on_body(void *ctx, const char *p, size_t n) {
+  struct sl_upconn *u = ctx;
+  return u->req ? u->req->cbs->on_body(u->req->ctx, p, n) : -1;
 }
 
-static int on_message_complete(llhttp_t *p) {
-  struct sl_upconn *u = p->data;
-  if (u->status < 200) return 0;
-  return HPE_PAUSED;
-}
+static const struct sl_resp_cbs resp_cbs = {.on_head = resp_on_head, .on_body = resp_on_body};
 
-/* Called once by main before any worker starts: the settings are then
- * read-only and shared by every parser. */
-void sl_upstream_global_init(void) {
-  llhttp_settings_init(&resp_settings);
-  resp_settings.on_message_begin = on_message_begin;
-  resp_settings.on_status = on_status;
-  resp_settings.on_header_field = on_header_field;
-  resp_settings.on_header_field_complete = on_header_field_complete;
-  resp_settings.on_header_value = on_header_value;
-  resp_settings.on_header_value_complete = on_header_value_complete;
-  resp_settings.on_headers_complete = on_headers_complete;
-  resp_settings.on_body = on_body;
-  resp_settings.on_message_complete = on_message_complete;
-}
+void sl_upstream_global_init(void) { sl_resp_global_init(); }
 
 /* ---- pools and health ---- */
 
@@ -183,7 +112,6 @@ static void addr_ok(struct sl_upaddr *ua) {
 
 static void up_free(uv_handle_t *h) {
   struct sl_upconn *u = sl_container_of(h, struct sl_upconn, tcp);
-  free(u->in);
   pool_unref(u->pool);
   free(u);
 }
@@ -213,7 +141,7 @@ static void up_error(struct sl_upreq *r, int status, const char *code, const cha
 static void up_alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b) {
   (void)hint;
   struct sl_upconn *u = sl_container_of(h, struct sl_upconn, tcp);
-  *b = uv_buf_init(u->in + u->in_len, (unsigned)(SL_UP_BUF - u->in_len));
+  *b = uv_buf_init(u->resp.in + u->resp.in_len, (unsigned)sl_resp_room(&u->resp));
 }
 
 /* The request could not be completed on u. Retries on another connection
@@ -246,23 +174,21 @@ static void up_fail(struct sl_upconn *u, int connect_failed, int timed_out) {
     up_error(r, 502, "BadGateway", "The moderation backend failed.");
 }
 
-static void up_release(struct sl_upconn *u) {
+/* The response is complete: back to the pool when `reusable`. */
+static void up_release(struct sl_upconn *u, int reusable) {
   struct sl_worker *w = u->w;
   if (u->req) u->req->conn = NULL;
   u->req = NULL;
   u->requests++;
   addr_ok(u->ua);
   int stale_pool = u->pool != w->pools[0] && u->pool != w->pools[1];
-  if (!u->reusable || u->ua->nidle >= w->cfg->upstream_keepalive || w->draining || stale_pool) {
+  if (!reusable || u->ua->nidle >= w->cfg->upstream_keepalive || w->draining || stale_pool) {
     up_close(u);
     return;
   }
-  llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
-  u->parser.data = u;
   u->state = SL_UP_IDLE;
   u->deadline = 0;
-  u->in_len = 0;
-  u->got_bytes = u->headers_done = u->paused = 0;
+  u->got_bytes = u->paused = 0;
   sl_list_push(&u->ua->idle, &u->link);
   u->ua->nidle++;
 }
@@ -278,14 +204,9 @@ static void up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
   struct sl_upreq *r = u->req;
   if (nread == 0) return;
   if (nread < 0) {
-    /* A close-delimited body ends here; llhttp_finish says whether the
-     * close was a valid end (not inside trailers, say): HPE_PAUSED is our
-     * on_message_complete's answer, so the message did complete. */
-    llhttp_errno_t fin = HPE_INVALID_EOF_STATE;
-    if (nread == UV_EOF && u->headers_done && llhttp_message_needs_eof(&u->parser))
-      fin = llhttp_finish(&u->parser);
-    if (fin == HPE_OK || fin == HPE_PAUSED) {
-      u->reusable = 0;
+    /* A close-delimited body ends here (sl_resp_eof says whether the close
+     * was a valid end: not inside trailers, say). */
+    if (nread == UV_EOF && sl_resp_eof(&u->resp) == SL_RESP_DONE) {
       addr_ok(u->ua);
       up_close(u); /* detaches r */
       if (r) r->cbs->on_done(r->ctx);
@@ -296,33 +217,32 @@ static void up_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
   }
   u->got_bytes = 1;
   u->deadline = now_ms(u->w) + u->w->cfg->response_timeout_ms;
-  size_t from = u->in_len;
-  u->in_len += (size_t)nread;
-  llhttp_errno_t err = llhttp_execute(&u->parser, u->in + from, u->in_len - from);
-  if (err == HPE_PAUSED) {
-    const char *pos = llhttp_get_error_pos(&u->parser);
-    u->reusable = llhttp_should_keep_alive(&u->parser) && pos == u->in + u->in_len;
-    /* Back to the pool first (detaching r), so that the caller's next
-     * request, started from on_done, can reuse it. */
-    up_release(u);
-    if (r) r->cbs->on_done(r->ctx);
-    return;
-  }
-  if (err != HPE_OK || !r) {
-    if (err != HPE_OK) fprintf(stderr, "sluice[%u]: upstream %s: bad response: %s\n", u->w->id, u->ua->addr.text,
-                               llhttp_get_error_reason(&u->parser));
-    up_fail(u, 0, 0);
-    return;
-  }
-  if (u->headers_done) {
-    u->in_len = 0; /* everything was handed to the caller */
-    if (r->cbs->on_flush(r->ctx) && u->state == SL_UP_BUSY) {
-      u->paused = 1;
-      uv_read_stop(s); /* until sl_upstream_resume */
-    }
-  } else if (u->in_len == SL_UP_BUF) {
-    fprintf(stderr, "sluice[%u]: upstream %s: response head over %d bytes\n", u->w->id, u->ua->addr.text, SL_UP_BUF);
-    up_fail(u, 0, 0);
+  switch (sl_resp_feed(&u->resp, (size_t)nread)) {
+    case SL_RESP_DONE:
+      /* Back to the pool first (detaching r), so that the caller's next
+       * request, started from on_done, can reuse it. */
+      up_release(u, u->resp.keep_alive);
+      if (r) r->cbs->on_done(r->ctx);
+      return;
+    case SL_RESP_ERROR:
+      if (!u->resp.headers_done && u->resp.in_len == SL_RESP_BUF)
+        fprintf(stderr, "sluice[%u]: upstream %s: response head over %d bytes\n", u->w->id, u->ua->addr.text,
+                SL_RESP_BUF);
+      else if (r)
+        fprintf(stderr, "sluice[%u]: upstream %s: bad response: %s\n", u->w->id, u->ua->addr.text,
+                llhttp_get_error_reason(&u->resp.parser));
+      up_fail(u, 0, 0);
+      return;
+    case SL_RESP_MORE:
+      if (!r) {
+        up_fail(u, 0, 0);
+        return;
+      }
+      if (u->resp.headers_done && r->cbs->on_flush(r->ctx) && u->state == SL_UP_BUSY) {
+        u->paused = 1;
+        uv_read_stop(s); /* until sl_upstream_resume */
+      }
+      return;
   }
 }
 
@@ -353,7 +273,7 @@ static void up_connect_cb(uv_connect_t *req, int status) {
   uv_read_start((uv_stream_t *)&u->tcp, up_alloc_cb, up_read_cb);
   u->state = SL_UP_BUSY;
   if (u->req) up_send_request(u);
-  else up_release(u);
+  else up_release(u, 0); /* cancelled while connecting */
 }
 
 /* A new connection to ua in *out (always set). Returns 0, or the libuv
@@ -365,14 +285,9 @@ static int up_connect(struct sl_worker *w, struct sl_pool *pool, struct sl_upadd
   u->pool = pool;
   pool->refs++;
   u->ua = ua;
-  u->in = sl_malloc(SL_UP_BUF);
-  u->hdrs.h = u->hdr_store;
-  u->hdrs.max = SL_MAX_RESP_HEADERS;
   sl_list_init(&u->link);
   sl_list_push(&w->upconns, &u->all);
   w->nupconns++;
-  llhttp_init(&u->parser, HTTP_RESPONSE, &resp_settings);
-  u->parser.data = u;
   u->state = SL_UP_CONNECTING;
   u->deadline = now_ms(w) + w->cfg->connect_timeout_ms;
   uv_tcp_init(&w->loop, &u->tcp);
@@ -387,7 +302,8 @@ static void up_send_request(struct sl_upconn *u) {
   uv_buf_t bufs[2] = {r->bufs[0], r->bufs[1]};
   unsigned nb = r->nbufs;
   u->state = SL_UP_BUSY;
-  u->got_bytes = u->headers_done = u->paused = 0;
+  u->got_bytes = u->paused = 0;
+  sl_resp_start(&u->resp, r->head_method, &resp_cbs, u);
   u->started_ns = uv_hrtime();
   u->deadline = now_ms(u->w) + u->w->cfg->response_timeout_ms;
   int n = uv_try_write((uv_stream_t *)&u->tcp, bufs, nb);

@@ -22,30 +22,16 @@
 
 #include "common.h"
 #include "config.h"
-#include "hdrs.h"
+#include "respparse.h"
 
 #define SL_POOL_DEFAULT 0
 #define SL_POOL_LLM 1
 #define SL_NPOOLS 2
 
-#define SL_UP_BUF 16384         /* upstream read buffer; a response head must fit */
-#define SL_MAX_RESP_HEADERS 100 /* upstream response headers, else 502 */
-
 struct sl_worker;
 
-/* A final response head, valid during on_head only. */
-struct sl_upstream_head {
-  int status;
-  const char *reason;
-  size_t reason_len;
-  const char *base;        /* header spans are offsets into base */
-  const struct sl_hdr *h;
-  unsigned n;
-  unsigned content_length : 1; /* framed by Content-Length */
-};
-
 struct sl_upstream_cbs {
-  void (*on_head)(void *ctx, const struct sl_upstream_head *head);
+  void (*on_head)(void *ctx, const struct sl_resp_head *head); /* valid during the call only */
   /* A piece of the body; -1 when the caller cannot take it (the exchange
    * then fails: the connection is closed). */
   int (*on_body)(void *ctx, const char *p, size_t n);
@@ -109,19 +95,11 @@ struct sl_upconn {
   struct sl_link all;   /* in w->upconns, for timeouts and shutdown */
   struct sl_upreq *req; /* request being served, NULL when idle or cancelled */
   enum sl_up_state state;
-  llhttp_t parser;
-  char *in; /* response bytes */
-  size_t in_len;
   uint64_t deadline; /* loop ms; 0 = none */
   uint64_t started_ns;
   unsigned requests; /* served on this connection */
-  struct sl_hdr hdr_store[SL_MAX_RESP_HEADERS];
-  struct sl_hdrs hdrs;
-  uint32_t reason_off, reason_len;
-  int status;
+  struct sl_resp resp; /* the response being read (http/respparse.h) */
   unsigned got_bytes : 1; /* any response byte for the current request */
-  unsigned headers_done : 1;
-  unsigned reusable : 1;
   unsigned write_pending : 1;
   unsigned paused : 1; /* the caller is not ready for more: reading stopped */
 };
