@@ -17,9 +17,6 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *b);
 
 static inline uint64_t now_ms(struct sl_conn *c) { return uv_now(&c->w->loop); }
 
-/* Called once by main before any worker starts. */
-void sl_conn_global_init(void) { sl_req_global_init(); }
-
 /* ---- lifecycle ---- */
 
 /* Returns this request's body bytes to the worker's budget. */

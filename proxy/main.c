@@ -159,8 +159,6 @@ int main(int argc, char **argv) {
   if (!cfg->metering_on)
     fprintf(stderr, "sluice: WARNING: --metering off: no call is counted for billing (measurement only)\n");
   signal(SIGPIPE, SIG_IGN);
-  sl_conn_global_init();
-  sl_upstream_global_init();
   m.snapshots[m.nsnap++] = cfg;
   atomic_store(&m.version, cfg->version);
   m.nworkers = cfg->workers;

@@ -167,7 +167,6 @@ int sl_worker_run(struct sl_worker *w);
 void sl_worker_destroy(struct sl_worker *w);
 
 /* conn.c */
-void sl_conn_global_init(void);
 void sl_conn_accept(struct sl_worker *w);
 /* Answers the current request with a JSON error (extra: CRLF-terminated
  * header lines or NULL); close: close the connection after it. */

@@ -40,8 +40,6 @@ static int resp_on_body(void *ctx, const char *p, size_t n) {
 
 static const struct sl_resp_cbs resp_cbs = {.on_head = resp_on_head, .on_body = resp_on_body};
 
-void sl_upstream_global_init(void) { sl_resp_global_init(); }
-
 /* ---- pools and health ---- */
 
 static void pool_unref(struct sl_pool *p) {

@@ -104,8 +104,6 @@ struct sl_upconn {
   unsigned paused : 1; /* the caller is not ready for more: reading stopped */
 };
 
-/* Called once by main before any worker starts. */
-void sl_upstream_global_init(void);
 /* Starts r on a connection of pool r->pool. Returns 0, UV_EAGAIN when no
  * member of the pool is usable now (the caller answers 503), or another
  * negative errno when every connect failed at once (502). */

@@ -13,8 +13,6 @@ enum { PAUSE_NONE, PAUSE_HEAD, PAUSE_CHUNK, PAUSE_DONE };
  * even when it arrived at the end of the previous read. */
 #define KEEP 2
 
-static llhttp_settings_t settings;
-
 static inline struct sl_req *req_of(llhttp_t *p) { return p->data; }
 static inline uint32_t off_of(const struct sl_req *r, const char *at) { return (uint32_t)(at - r->buf); }
 
@@ -114,20 +112,20 @@ static int on_message_complete(llhttp_t *p) {
   return HPE_PAUSED;
 }
 
-void sl_req_global_init(void) {
-  llhttp_settings_init(&settings);
-  settings.on_message_begin = on_message_begin;
-  settings.on_url = on_url;
-  settings.on_header_field = on_header_field;
-  settings.on_header_field_complete = on_header_field_complete;
-  settings.on_header_value = on_header_value;
-  settings.on_header_value_complete = on_header_value_complete;
-  settings.on_headers_complete = on_headers_complete;
-  settings.on_body = on_body;
-  settings.on_chunk_header = on_chunk_header;
-  settings.on_chunk_complete = on_chunk_complete;
-  settings.on_message_complete = on_message_complete;
-}
+/* Read-only from the start: every parser shares them, from any thread. */
+static const llhttp_settings_t settings = {
+    .on_message_begin = on_message_begin,
+    .on_url = on_url,
+    .on_header_field = on_header_field,
+    .on_header_field_complete = on_header_field_complete,
+    .on_header_value = on_header_value,
+    .on_header_value_complete = on_header_value_complete,
+    .on_headers_complete = on_headers_complete,
+    .on_body = on_body,
+    .on_chunk_header = on_chunk_header,
+    .on_chunk_complete = on_chunk_complete,
+    .on_message_complete = on_message_complete,
+};
 
 void sl_req_init(struct sl_req *r, const struct sl_req_limits *lim, struct sl_hdr *store, unsigned max_headers) {
   llhttp_init(&r->parser, HTTP_REQUEST, &settings);

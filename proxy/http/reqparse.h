@@ -65,8 +65,6 @@ struct sl_req {
   unsigned last_chunk : 1;
 };
 
-/* Called once before any parser runs: the settings are then read-only. */
-void sl_req_global_init(void);
 /* store: room for max_headers header spans. buf/cap are set by the caller. */
 void sl_req_init(struct sl_req *r, const struct sl_req_limits *lim, struct sl_hdr *store, unsigned max_headers);
 /* Parses what buf holds past `parsed`. See enum sl_req_event. */

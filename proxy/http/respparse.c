@@ -2,8 +2,6 @@
 
 #include <string.h>
 
-static llhttp_settings_t settings;
-
 static inline struct sl_resp *resp_of(llhttp_t *p) { return p->data; }
 
 static int on_message_begin(llhttp_t *p) {
@@ -71,18 +69,18 @@ static int on_message_complete(llhttp_t *p) {
   return resp_of(p)->status < 200 ? 0 : HPE_PAUSED; /* one final response per request */
 }
 
-void sl_resp_global_init(void) {
-  llhttp_settings_init(&settings);
-  settings.on_message_begin = on_message_begin;
-  settings.on_status = on_status;
-  settings.on_header_field = on_header_field;
-  settings.on_header_field_complete = on_header_field_complete;
-  settings.on_header_value = on_header_value;
-  settings.on_header_value_complete = on_header_value_complete;
-  settings.on_headers_complete = on_headers_complete;
-  settings.on_body = on_body;
-  settings.on_message_complete = on_message_complete;
-}
+/* Read-only from the start: every parser shares them, from any thread. */
+static const llhttp_settings_t settings = {
+    .on_message_begin = on_message_begin,
+    .on_status = on_status,
+    .on_header_field = on_header_field,
+    .on_header_field_complete = on_header_field_complete,
+    .on_header_value = on_header_value,
+    .on_header_value_complete = on_header_value_complete,
+    .on_headers_complete = on_headers_complete,
+    .on_body = on_body,
+    .on_message_complete = on_message_complete,
+};
 
 void sl_resp_start(struct sl_resp *r, int head_method, const struct sl_resp_cbs *cbs, void *ctx) {
   llhttp_init(&r->parser, HTTP_RESPONSE, &settings);

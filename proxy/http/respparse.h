@@ -55,7 +55,6 @@ struct sl_resp {
   unsigned keep_alive : 1;   /* after SL_RESP_DONE */
 };
 
-void sl_resp_global_init(void);
 /* Makes r ready for the response to one request. */
 void sl_resp_start(struct sl_resp *r, int head_method, const struct sl_resp_cbs *cbs, void *ctx);
 /* n more bytes were read into in[in_len..). */

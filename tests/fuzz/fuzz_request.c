@@ -111,11 +111,6 @@ static void grow(struct sl_req *r) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (size < 1) return 0;
-  static int init;
-  if (!init) {
-    sl_req_global_init();
-    init = 1;
-  }
   unsigned seed = data[0];
   data++;
   size--;

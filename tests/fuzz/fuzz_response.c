@@ -56,11 +56,6 @@ static const struct sl_resp_cbs cbs = {.on_head = on_head, .on_body = on_body};
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (size < 1) return 0;
-  static int init;
-  if (!init) {
-    sl_resp_global_init();
-    init = 1;
-  }
   int head = data[0] >> 7;
   unsigned seed = data[0] & 0x7f;
   data++;
