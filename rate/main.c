@@ -17,6 +17,7 @@
 
 #include <hiredis/hiredis.h>
 
+#include "keys.h" /* proxy/redis/keys.h: the key names sluice shares */
 #include "rating.h"
 
 #define MAX_ATTEMPTS 5
@@ -43,7 +44,8 @@ static const char apply_lua[] =
     "for i = 1, n do\n"
     "  local a = 3 + (i - 1) * 7\n"
     "  if ids[i] ~= ARGV[a + 1] then return 'retry' end\n"
-    "  local cur = redis.call('HMGET', KEYS[3 + i], 'quota', 'remaining', 'purchased_at', 'expires_at')\n"
+    "  local cur = redis.call('HMGET', KEYS[3 + i], '" SL_FIELD_QUOTA "', '" SL_FIELD_REMAINING "', '"
+    SL_FIELD_PURCHASED_AT "', '" SL_FIELD_EXPIRES_AT "')\n"
     "  for j = 1, 4 do\n"
     "    local want = ARGV[a + 1 + j]\n"
     "    if cur[j] then\n"
@@ -53,7 +55,7 @@ static const char apply_lua[] =
     "end\n"
     "for i = 1, n do\n"
     "  local a = 3 + (i - 1) * 7\n"
-    "  if ARGV[a + 6] ~= '' then redis.call('HSET', KEYS[3 + i], 'remaining', ARGV[a + 6]) end\n"
+    "  if ARGV[a + 6] ~= '' then redis.call('HSET', KEYS[3 + i], '" SL_FIELD_REMAINING "', ARGV[a + 6]) end\n"
     "end\n"
     "local bill = {}\n"
     "for k = 4 + n * 7, #ARGV do bill[#bill + 1] = ARGV[k] end\n"
@@ -188,7 +190,7 @@ static int has_nul(const redisReply *rep) { return strlen(rep->str) != rep->len;
 static const struct coef *coef_get(struct rater *r, const char *feature) {
   for (size_t i = 0; i < r->ncoefs; i++)
     if (strcmp(r->coefs[i].feature, feature) == 0) return &r->coefs[i];
-  char *key = xformat("%scoef:%s", r->o->prefix, feature);
+  char *key = xformat("%s" SL_KEY_COEF "%s", r->o->prefix, feature);
   redisReply *rep = commandv(r, "GET", key, NULL);
   free(key);
   if (rep == NULL) return NULL; /* not cached: a later account tries again */
@@ -211,7 +213,7 @@ static const struct coef *coef_get(struct rater *r, const char *feature) {
 static int read_account(struct rater *r, const char *uid, struct rate_account *a) {
   const char *p = r->o->prefix;
   int ret = -1;
-  char *key = xformat("%susage:%s:%s", p, r->o->day, uid);
+  char *key = xformat("%s" SL_KEY_USAGE "%s:%s", p, r->o->day, uid);
   redisReply *rep = commandv(r, "HGETALL", key, NULL), *list = NULL;
   free(key);
   if (rep == NULL) goto err;
@@ -228,13 +230,13 @@ static int read_account(struct rater *r, const char *uid, struct rate_account *a
     const struct coef *c = coef_get(r, a->features[i].name);
     if (c == NULL) goto err;
     if (c->err != 0) {
-      fail(r, "%scoef:%s = '%s' is %s", p, c->feature, c->raw,
+      fail(r, "%s" SL_KEY_COEF "%s = '%s' is %s", p, c->feature, c->raw,
            c->err == -EDOM ? "negative" : c->err == -ERANGE ? "too large" : "not a decimal number");
       goto err;
     }
     a->features[i].coef = c->coef;
   }
-  key = xformat("%srespkgs:%s", p, uid);
+  key = xformat("%s" SL_KEY_RESPKGS "%s", p, uid);
   list = commandv(r, "LRANGE", key, "0", "-1", NULL);
   free(key);
   if (list == NULL) goto err;
@@ -242,10 +244,10 @@ static int read_account(struct rater *r, const char *uid, struct rate_account *a
   for (size_t i = 0; i < list->elements; i++) {
     const redisReply *id = list->element[i];
     if (has_nul(id)) {
-      fail(r, "%srespkgs:%s holds an id with a NUL byte", p, uid);
+      fail(r, "%s" SL_KEY_RESPKGS "%s holds an id with a NUL byte", p, uid);
       goto err;
     }
-    key = xformat("%srespkg:%s:%s", p, uid, id->str);
+    key = xformat("%s" SL_KEY_RESPKG "%s:%s", p, uid, id->str);
     const char *argv[] = {"HMGET", key, rate_pkg_fields[0], rate_pkg_fields[1], rate_pkg_fields[2],
                           rate_pkg_fields[3]};
     int e = redisAppendCommandArgv(r->c, 6, argv, NULL);
@@ -317,15 +319,15 @@ static void test_interfere(struct rater *r) {
 static enum rate_outcome apply_account(struct rater *r, const char *uid, const struct rate_account *a) {
   const char *p = r->o->prefix, *day = r->o->day;
   struct strv keys = {0}, args = {0};
-  strv_pushf(&keys, "%sbill:%s:%s", p, day, uid);
-  strv_pushf(&keys, "%salerts", p);
-  strv_pushf(&keys, "%srespkgs:%s", p, uid);
+  strv_pushf(&keys, "%s" SL_KEY_BILL "%s:%s", p, day, uid);
+  strv_pushf(&keys, "%s" SL_KEY_ALERTS, p);
+  strv_pushf(&keys, "%s" SL_KEY_RESPKGS "%s", p, uid);
   strv_pushf(&args, "%s", uid);
   strv_pushf(&args, "%s", day);
   strv_pushf(&args, "%zu", a->npkgs);
   for (size_t i = 0; i < a->npkgs; i++) {
     const struct rate_pkg *k = &a->pkgs[i];
-    strv_pushf(&keys, "%srespkg:%s:%s", p, uid, k->id);
+    strv_pushf(&keys, "%s" SL_KEY_RESPKG "%s:%s", p, uid, k->id);
     strv_pushf(&args, "%s", k->id);
     for (int f = 0; f < RATE_PF_N; f++)
       strv_push(&args, k->raw[f] ? xformat("=%s", k->raw[f]) : xformat("!"));
@@ -419,7 +421,7 @@ static void rate_one(struct rater *r, const char *uid) {
   rate_account_init(&j.acct);
   r->err[0] = '\0';
   enum rate_outcome o;
-  char *key = xformat("%sbill:%s:%s", r->o->prefix, r->o->day, uid);
+  char *key = xformat("%s" SL_KEY_BILL "%s:%s", r->o->prefix, r->o->day, uid);
   redisReply *rep = commandv(r, "EXISTS", key, NULL);
   free(key);
   if (rep == NULL) {
@@ -466,7 +468,7 @@ static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *
 /* The day's UIDs, sorted and unique, from SSCAN of P usage:<day>. Returns 0
  * or -1 with r->err set. */
 static int read_uids(struct rater *r, struct strv *uids) {
-  char *key = xformat("%susage:%s", r->o->prefix, r->o->day);
+  char *key = xformat("%s" SL_KEY_USAGE "%s", r->o->prefix, r->o->day);
   char cursor[32] = "0";
   int ret = -1;
   do {

@@ -49,7 +49,7 @@ uint64_t sl_dir_limit(const struct sl_dir_snap *s, const struct sl_acct *a, int 
   uint64_t limit = s->feature_qps[feature];
   for (uint32_t i = 0; i < a->npkgs; i++) {
     const struct sl_pkg *p = &a->pkgs[i];
-    if (p->feature == feature && p->starts_at <= now_s && now_s < p->expires_at && p->region_len == region_len &&
+    if (p->feature == feature && sl_pkg_active(p, now_s) && p->region_len == region_len &&
         memcmp(p->region, region, region_len) == 0)
       limit += p->qps;
   }

@@ -33,6 +33,12 @@ struct sl_pkg {
   char id[SL_PKGID_MAX + 1];
 };
 
+/* Whether package p counts at now_s (unix seconds): the one rule for the
+ * limit (sl_dir_limit) and for what /explain shows. */
+static inline int sl_pkg_active(const struct sl_pkg *p, int64_t now_s) {
+  return p->starts_at <= now_s && now_s < p->expires_at;
+}
+
 enum sl_acct_kind {
   SL_ACCT_FOUND = 0,
   SL_ACCT_NOT_FOUND,   /* no P ak:<AK>: cached briefly */

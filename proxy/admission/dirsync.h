@@ -10,6 +10,7 @@
 #include <stdatomic.h>
 #include <uv.h>
 
+#include "common.h"
 #include "config.h"
 #include "dir.h"
 #include "ring.h"
@@ -51,11 +52,7 @@ struct sl_dirsync_badkey {
   char name[SL_DIR_BADKEY_NAME]; /* without the prefix; cut at the bound */
 };
 
-/* At most one line per period; what was held back is counted. */
-struct sl_dirsync_ratelog {
-  uint64_t next_ms;
-  uint32_t held;
-};
+struct sl_redis;
 
 struct sl_dirsync_slot {
   _Alignas(64) _Atomic uint64_t seen; /* one worker's quiescent version */
@@ -76,34 +73,22 @@ struct sl_dirsync {
   /* configuration (copied at start) */
   char prefix[64];
   size_t prefix_len;
-  char host[256];
-  int port; /* 0: unix socket at host */
   unsigned resync_ms, lookup_timeout_ms, negative_ttl_ms, unavailable_ttl_ms;
-  /* Redis connections: commands, and the subscriber */
-  void *cmd, *sub; /* redisAsyncContext */
-  int cmd_conn, sub_conn; /* TCP (or unix) connect done */
-  int cmd_ready;          /* the server answered PING: commands may go */
-  unsigned redis_timeout_ms;
-  uint64_t connect_started_ms;
-  uint64_t cmd_replies, seen_replies, progress_ms; /* reply timeout: replies counted, last progress */
-  uint64_t next_probe_ms;                          /* idle command connection: PING then */
-  uint64_t up_since_ms;
-  /* "down" logging: the transition once, then one line per period */
-  int up, ever_up, outage_logged;
-  unsigned failures; /* attempts failed in this outage */
-  uint64_t down_since_ms, next_down_log_ms;
-  struct sl_dirsync_ratelog log_reply; /* error replies to the loads */
-  int keyspace_said;                   /* 0, 1: said enabled, 2: said not */
+  /* Redis: commands, and the subscriber (client.h) */
+  struct sl_redis *redis;
+  char log_subject[300];
+  struct sl_ratelog log_reply; /* error replies to the loads */
+  int keyspace_said;           /* 0, 1: said enabled, 2: said not */
   /* suspension never fails open: accounts are not answered "found" until the
    * suspended set has been read once; a later unreadable set keeps the last */
   int suspended_known;
   uint64_t next_state_retry_ms;
-  struct sl_dirsync_ratelog log_nosusp;
+  struct sl_ratelog log_nosusp;
   struct sl_dirsync_badkey bad[SL_DIR_BADKEYS];
   unsigned nbad;
-  struct sl_dirsync_ratelog log_badfull;
+  struct sl_ratelog log_badfull;
   uint64_t next_badkey_sweep_ms;
-  uint64_t backoff_ms, next_connect_ms, next_resync_ms;
+  uint64_t next_resync_ms;
   int resync_running;
   /* lookups in flight */
   struct {
@@ -117,7 +102,6 @@ struct sl_dirsync {
   char (*reload_ak)[SL_AK_MAX + 1];
   uint8_t *reload_len;
   unsigned nreload, capreload;
-  int dirty;
 };
 
 /* Starts the thread. `worker_wakes` are the workers' async handles, woken

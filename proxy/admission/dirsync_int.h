@@ -1,6 +1,8 @@
-/* The directory thread's reply parsers, for the fuzz harness
- * (tests/fuzz/fuzz_dir_reply.c) only: the thread itself calls them from
- * its hiredis callbacks. Directory thread (or the harness's one thread). */
+/* What the directory thread's two files share (dirsync.c: the thread,
+ * lookups, notifications, the connection; dirsync_load.c: the scripts and
+ * their replies), and the reply parsers for the fuzz harness
+ * (tests/fuzz/fuzz_dir_reply.c). Directory thread only (or the harness's
+ * one thread). */
 #ifndef SL_DIRSYNC_INT_H
 #define SL_DIRSYNC_INT_H
 
@@ -18,5 +20,22 @@ void sl__dirsync_accounts_reply(struct sl_dirsync *d, unsigned n, const char (*a
 /* Applies the state script's reply r: the suspended set and the feature
  * overrides; published. */
 void sl__dirsync_state_reply(struct sl_dirsync *d, const redisReply *r);
+
+/* Asks for the suspended set and the feature overrides (no-op unless the
+ * connection is ready). */
+void sl__dirsync_request_state(struct sl_dirsync *d);
+/* Asks for the n accounts aks (lengths akl) in batches; only while ready. */
+void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], const uint8_t *akl, unsigned n);
+/* Forgets bad keys not seen for a while (the gauge counts recent ones). */
+void sl__dirsync_badkey_sweep(struct sl_dirsync *d, uint64_t now);
+
+/* dirsync.c: publishes the builder's next snapshot (if any) and wakes the
+ * workers. */
+void sl__dirsync_publish(struct sl_dirsync *d);
+/* Puts an "unavailable" record for ak (a lookup that could not be done). */
+void sl__dirsync_unavailable(struct sl_dirsync *d, const char *ak, size_t len);
+/* The index of ak's lookup in flight, or -1. */
+int sl__dirsync_pending_find(struct sl_dirsync *d, const char *ak, size_t len, uint64_t hash);
+void sl__dirsync_pending_drop(struct sl_dirsync *d, unsigned i);
 
 #endif

@@ -40,3 +40,38 @@ size_t sl_u64toa(uint64_t v, char *out) {
   out[n] = '\0';
   return n;
 }
+
+const char *sl_printable(char *out, size_t cap, const char *s, size_t n) {
+  static const char hex[] = "0123456789abcdef";
+  size_t o = 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char ch = (unsigned char)s[i];
+    size_t need = ch >= 0x20 && ch < 0x7f && ch != '\\' ? 1 : 4;
+    if (o + need + 4 > cap) { /* keep room for "..." and the NUL */
+      memcpy(out + o, "...", 3);
+      o += 3;
+      break;
+    }
+    if (need == 1) {
+      out[o++] = (char)ch;
+    } else {
+      out[o++] = '\\';
+      out[o++] = 'x';
+      out[o++] = hex[ch >> 4];
+      out[o++] = hex[ch & 15];
+    }
+  }
+  out[o] = '\0';
+  return out;
+}
+
+int sl_ratelog_ok(struct sl_ratelog *r, uint64_t now_ms, uint64_t period_ms, uint32_t *held) {
+  if (now_ms < r->next_ms) {
+    r->held++;
+    return 0;
+  }
+  *held = r->held;
+  r->held = 0;
+  r->next_ms = now_ms + period_ms;
+  return 1;
+}

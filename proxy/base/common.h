@@ -78,4 +78,19 @@ void sl_buf_shrink(struct sl_buf *b, size_t keep);
 /* Writes the decimal form of v into out (>= 21 bytes); returns its length. */
 size_t sl_u64toa(uint64_t v, char *out);
 
+/* s (n bytes) as a NUL-terminated printable string in out (cap >= 8):
+ * bytes outside printable ASCII and backslashes as \xHH (a value read from
+ * a peer must not forge log lines); cut with "..." at cap. Returns out. */
+const char *sl_printable(char *out, size_t cap, const char *s, size_t n);
+
+/* At most one log line per period; what was held back is counted. */
+struct sl_ratelog {
+  uint64_t next_ms;
+  uint32_t held;
+};
+/* Returns 1 when a line may be written at now_ms (*held: lines held back
+ * since the last one; the next may come period_ms later), else counts this
+ * one as held back and returns 0. The caller's thread owns r. */
+int sl_ratelog_ok(struct sl_ratelog *r, uint64_t now_ms, uint64_t period_ms, uint32_t *held);
+
 #endif

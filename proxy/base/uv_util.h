@@ -13,4 +13,9 @@ static inline void sl__close(uv_handle_t *h, uv_close_cb cb) {
 /* Monotonic milliseconds, from any thread (uv_now is per loop). */
 static inline uint64_t sl_mono_ms(void) { return uv_hrtime() / 1000000; }
 
+/* Starts a thread that runs `loop` until it has nothing left to do, at a
+ * lower priority (background work: the directory, the flusher). Returns 0
+ * or a negative errno (uv_thread_create's). */
+int sl_loop_thread_start(uv_thread_t *t, uv_loop_t *loop);
+
 #endif

@@ -11,25 +11,10 @@
 #include <stdatomic.h>
 #include <uv.h>
 
+#include "common.h"
 #include "config.h"
 #include "meter.h"
-
-#define SL_BATCH_MAX 1000 /* keys per batch (one EVAL) */
-
-struct sl_batch_entry {
-  struct sl_meter_key k;
-  uint64_t count;
-};
-
-struct sl_batch {
-  struct sl_batch *next;
-  uint64_t created_ms;
-  uint32_t n;
-  uint8_t id_len;
-  uint8_t spooled;
-  char id[96];
-  struct sl_batch_entry e[];
-};
+#include "spool.h"
 
 struct sl_flusher_stats {
   _Atomic uint64_t batches;          /* made */
@@ -50,6 +35,8 @@ struct sl_flusher_stats {
   _Atomic uint64_t lost;             /* requests dropped (spool full and shut down without Redis) */
 };
 
+struct sl_redis;
+
 struct sl_flusher {
   uv_thread_t thread;
   uv_loop_t loop;
@@ -65,32 +52,17 @@ struct sl_flusher {
   unsigned nqueued;
   uint64_t queued_counts; /* requests counted in the queued batches */
   struct sl_batch *inflight;
-  /* spool */
-  int spool_fd;
-  char spool_path[512];
-  uint64_t spool_bytes, spool_max;
-  int spool_dirty;
-  uint64_t spool_full_said_ms;
+  struct sl_spool spool;
   /* identity */
   char instance[64];
   uint64_t epoch, seq;
-  /* redis */
-  void *ctx; /* redisAsyncContext */
-  int ready;
-  char host[256];
-  int port;
+  /* Redis (client.h) */
+  struct sl_redis *redis;
   char prefix[64];
-  uint64_t backoff_ms, next_connect_ms, retry_at_ms;
-  uv_timer_t watchdog;     /* the connect or reply deadline (hiredis 0.14 async has none) */
-  unsigned timeout_ms;     /* --redis-timeout-ms */
-  uint64_t io_deadline_ms; /* 0: nothing awaited */
-  uint64_t last_io_ms;     /* last reply: an idle connection is probed with PING */
-  unsigned awaiting;       /* commands sent, replies not yet come */
-  int connecting, pinging;
-  int down;                /* down (said once), until a PING is answered */
-  uint64_t down_since_ms, down_said_ms;
-  uint64_t errors, err_said_ms; /* error replies to batches; their log is rate-limited */
-  int final_fail;          /* a connection failed since the final flush began */
+  uint64_t retry_at_ms;         /* after an error reply, the batch goes again then */
+  uint64_t errors;              /* error replies to batches */
+  struct sl_ratelog log_err;    /* their lines */
+  int final_fail;               /* a connection failed since the final flush began */
   unsigned flush_ms, queue_max, final_ms;
   _Atomic int final; /* set by sl_flusher_stop */
   int final_started;
@@ -98,8 +70,8 @@ struct sl_flusher {
 };
 
 /* Opens (or creates, 0700) the spool directory, the instance id and the
- * spool, replays unacked batches, and starts the thread. Returns 0 or -1
- * with a message in err. */
+ * spool, replays unacked batches, and starts the thread. Returns 0, or a
+ * negative errno with a message in err (nothing is left behind then). */
 int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct sl_meter_worker **workers,
                      uv_async_t **worker_wakes, unsigned nworkers, char *err, size_t errlen);
 /* After the workers have stopped: takes what their tables hold, writes it
@@ -114,26 +86,6 @@ struct redisReply;
 enum { SL_REPLY_LOST, SL_REPLY_APPLIED, SL_REPLY_DUPLICATE, SL_REPLY_ERROR };
 int sl_flusher_reply_kind(const struct redisReply *r);
 
-/* Spool record encoding, exposed for tests. Returns the bytes written into
- * out (which must hold sl_spool_batch_size(b)). */
-size_t sl_spool_batch_size(const struct sl_batch *b);
-size_t sl_spool_encode_batch(const struct sl_batch *b, unsigned char *out);
-uint32_t sl_crc32(const void *p, size_t n);
-/* Decodes a batch record's payload (after the 16-byte header); NULL when
- * malformed (anything encode would not write). The caller frees the batch. */
-struct sl_batch *sl_spool_decode_batch(const unsigned char *payload, size_t len);
-/* Decodes an ack record's payload: 0 with the acked batch's id (pointing
- * into payload), or -1 when malformed. */
-int sl_spool_decode_ack(const unsigned char *payload, size_t len, const unsigned char **id, uint8_t *id_len);
-/* Walks the records of a spool image data[0..len): calls on_record(arg,
- * type, payload, payload length) for each whole record whose framing and
- * CRC hold, in order, until one does not or on_record returns non-zero.
- * Returns the offset just past the last record taken (the rest is cut off
- * at start as a torn write). */
-size_t sl_spool_scan(const unsigned char *data, size_t len,
-                     int (*on_record)(void *arg, int type, const unsigned char *payload, uint32_t plen), void *arg);
-#define SL_SPOOL_REC_BATCH 1
-#define SL_SPOOL_REC_ACK 2
 /* The names a key is written to Redis under (feature, tier, outcome). */
 void sl_flusher_key_names(const struct sl_meter_key *k, const char **feature, const char **tier,
                           const char **outcome);

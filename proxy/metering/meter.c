@@ -8,7 +8,7 @@
 
 #include "common.h"
 
-const char *const sl_outcome_names[SL_NOUTCOMES] = {"ok",         "upstream_error", "throttled",  "suspended",
+const char *const sl_outcome_names[SL_NOUTCOMES] = {SL_OUT_OK_NAME,       "upstream_error", "throttled",  "suspended",
                                                     "unauthenticated", "bad_request", "unavailable"};
 
 struct sl_meter_table *sl_meter_table_new(uint32_t capacity) {

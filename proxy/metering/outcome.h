@@ -16,7 +16,10 @@ enum sl_outcome {
   SL_NOUTCOMES
 };
 
-/* The names metering writes into Redis (`calls` fields) and /metrics uses. */
+/* The names metering writes into Redis (`calls` fields) and /metrics uses.
+ * The billable one is also a literal: the flusher's Lua script is built
+ * from it (only `ok` calls count in `usage`). */
+#define SL_OUT_OK_NAME "ok"
 extern const char *const sl_outcome_names[SL_NOUTCOMES];
 
 /* Outcomes of calls refused before a backend was asked: their metering keys

@@ -1,4 +1,4 @@
-/* Fuzzes the directory thread's reply parsers (proxy/dirsync_int.h): the
+/* Fuzzes the directory thread's reply parsers (proxy/admission/dirsync_int.h): the
  * account script's and the state script's replies, as redisReply trees
  * built from the input, go through the same functions the hiredis
  * callbacks call. Any tree is either used or set aside; never a crash, a
@@ -136,7 +136,6 @@ static void setup(void) {
   d.resync_ms = 30000;
   d.negative_ttl_ms = 5000;
   d.unavailable_ttl_ms = 1000;
-  d.redis_timeout_ms = 2000;
   uint32_t qps[SL_MAX_FEATURES];
   uint8_t tier[SL_MAX_FEATURES];
   for (unsigned f = 0; f < sl_nfeatures; f++) {

@@ -1,0 +1,506 @@
+/* The directory's loads from Redis: the two Lua scripts (accounts, and the
+ * suspended set with the feature overrides), sending them, and reading
+ * their replies into the directory builder. Each key stands alone: one
+ * that cannot be used is named in the log (rate-limited) and counted, and
+ * never stops the others. Directory thread only (or the fuzz harness's one
+ * thread: dirsync_int.h). */
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "client.h"
+#include "dirsync_int.h"
+#include "keys.h"
+
+#include "catalog.h"
+#include "common.h"
+#include "stat.h"
+#include "uv_util.h"
+
+#define BATCH 100          /* accounts per EVAL */
+#define LOG_EVERY_MS 10000 /* error lines: at most one per this */
+#define BADKEY_LOG_MS 60000 /* a key that stays unusable is named again at most this often */
+#define STR_(x) #x
+#define STR(x) STR_(x)
+
+/* One round trip per batch of accounts: the UID and every package of it,
+ * read atomically (a script runs alone), so a record never mixes states.
+ * A key starting with byte 0x01 is a UID given by a trusted header (no
+ * AccessKeyId holds control bytes: the classifier refuses them).
+ * Every read is a pcall: a key of the wrong type is reported for that key
+ * alone instead of failing the whole batch. Per account:
+ *   {}                                    no `ak:` key (the names: keys.h)
+ *   {2, err}                              the `ak:` key cannot be read
+ *   {1, uid, seterr, nids, pkg...}        seterr: '' or why `qpspkgs:<uid>`
+ *                                         cannot be read; nids: its size
+ *   pkg = {id, feature, region, qps, starts_at, expires_at} or {id, err} */
+static const char account_script[] =
+    "local function bad(r) return type(r) == 'table' and r.err end "
+    "local p = ARGV[1] local out = {} "
+    "for i = 2, #ARGV do "
+    "  local a = ARGV[i] local uid, e "
+    "  if string.byte(a, 1) == 1 then uid = string.sub(a, 2) "
+    "  else uid = redis.pcall('GET', p .. '" SL_KEY_AK "' .. a) e = bad(uid) end "
+    "  if e then out[i - 1] = {2, e} "
+    "  elseif not uid then out[i - 1] = {} "
+    "  else "
+    "    local ids = redis.pcall('SMEMBERS', p .. '" SL_KEY_QPSPKGS "' .. uid) "
+    "    local r = {1, uid, bad(ids) or '', 0} "
+    "    if bad(ids) then ids = {} end "
+    "    r[4] = #ids "
+    "    for j = 1, math.min(#ids, " STR(SL_MAX_PKGS) ") do "
+    "      local id = ids[j] "
+    "      local h = redis.pcall('HMGET', p .. '" SL_KEY_QPSPKG "' .. uid .. ':' .. id, '" SL_FIELD_FEATURE "', "
+    "                            '" SL_FIELD_REGION "', '" SL_FIELD_QPS "', '" SL_FIELD_STARTS_AT "', "
+    "                            '" SL_FIELD_EXPIRES_AT "') "
+    "      e = bad(h) "
+    "      if e then r[#r + 1] = {id, e} "
+    "      else r[#r + 1] = {id, h[1] or '', h[2] or '', h[3] or '', h[4] or '', h[5] or ''} end "
+    "    end "
+    "    out[i - 1] = r "
+    "  end "
+    "end "
+    "return out";
+
+/* The suspended set and every feature override, in one reply: first the
+ * set (an array), or why it cannot be read (a string); then per feature
+ * default_qps and tier, or nil and why `feature:<f>` cannot be read. */
+static const char state_script[] =
+    "local function bad(r) return type(r) == 'table' and r.err end "
+    "local p = ARGV[1] local s = redis.pcall('SMEMBERS', p .. '" SL_KEY_SUSPENDED "') "
+    "local out = {bad(s) or s} "
+    "for i = 2, #ARGV do "
+    "  local h = redis.pcall('HMGET', p .. '" SL_KEY_FEATURE "' .. ARGV[i], '" SL_FIELD_DEFAULT_QPS "', "
+    "                        '" SL_FIELD_TIER "') "
+    "  if bad(h) then out[#out + 1] = false out[#out + 1] = bad(h) "
+    "  else out[#out + 1] = h[1] or '' out[#out + 1] = h[2] or '' end "
+    "end "
+    "return out";
+
+/* ---- logging what Redis holds or says (bounded, rate-limited) ---- */
+
+/* Appends s (n bytes) to a key name of `at` bytes, cut at the bound;
+ * returns the new length. */
+static size_t key_cat(char *name, size_t at, const char *s, size_t n) {
+  size_t room = SL_DIR_BADKEY_NAME - at;
+  if (n > room) n = room;
+  memcpy(name + at, s, n);
+  return at + n;
+}
+
+static struct sl_dirsync_badkey *badkey_find(struct sl_dirsync *d, const char *name, size_t len, uint64_t h) {
+  for (unsigned i = 0; i < d->nbad; i++)
+    if (d->bad[i].hash == h && d->bad[i].len == len && !memcmp(d->bad[i].name, name, len)) return &d->bad[i];
+  return NULL;
+}
+
+/* Key `name` (without the prefix) could not be used: `why` (wl bytes),
+ * and sluice does `instead`. Counted at every read; named in the log at
+ * first sight, then at most every BADKEY_LOG_MS while it stays so. */
+static void bad_key(struct sl_dirsync *d, const char *name, size_t len, const char *why, size_t wl,
+                    const char *instead) {
+  uint64_t now = sl_mono_ms();
+  sl_stat_inc(&d->stats.bad_key_reads, 1);
+  if (len > SL_DIR_BADKEY_NAME) len = SL_DIR_BADKEY_NAME;
+  uint64_t h = sl_dir_hash(name, len);
+  struct sl_dirsync_badkey *k = badkey_find(d, name, len, h);
+  char kn[256], w[200];
+  if (!k) {
+    if (d->nbad == SL_DIR_BADKEYS) { /* the table is full: one line per period for all the others */
+      uint32_t held;
+      if (sl_ratelog_ok(&d->log_badfull, now, LOG_EVERY_MS, &held))
+        fprintf(stderr,
+                "sluice: redis: key '%s%s' cannot be used (%s): %s; more than %u keys are unusable, the others "
+                "are counted in sluice_redis_bad_keys_total but not named (%u reads)\n",
+                d->prefix, sl_printable(kn, sizeof(kn), name, len), sl_printable(w, sizeof(w), why, wl), instead,
+                SL_DIR_BADKEYS, held + 1);
+      return;
+    }
+    k = &d->bad[d->nbad++];
+    memset(k, 0, sizeof(*k));
+    k->hash = h;
+    k->len = (uint16_t)len;
+    memcpy(k->name, name, len);
+    atomic_store_explicit(&d->stats.bad_keys, d->nbad, memory_order_relaxed);
+  }
+  k->last_seen_ms = now;
+  if (now < k->next_log_ms) {
+    k->unlogged++;
+    return;
+  }
+  if (k->unlogged)
+    fprintf(stderr, "sluice: redis: key '%s%s' still cannot be used (%s): %s (read %u times since the last line)\n",
+            d->prefix, sl_printable(kn, sizeof(kn), name, len), sl_printable(w, sizeof(w), why, wl), instead,
+            k->unlogged + 1);
+  else
+    fprintf(stderr, "sluice: redis: key '%s%s' cannot be used (%s): %s\n", d->prefix,
+            sl_printable(kn, sizeof(kn), name, len), sl_printable(w, sizeof(w), why, wl), instead);
+  k->unlogged = 0;
+  k->next_log_ms = now + BADKEY_LOG_MS;
+}
+
+/* Key `name` was read and is usable: if it was not before, say so once. */
+static void key_ok(struct sl_dirsync *d, const char *name, size_t len) {
+  if (!d->nbad) return;
+  if (len > SL_DIR_BADKEY_NAME) len = SL_DIR_BADKEY_NAME;
+  struct sl_dirsync_badkey *k = badkey_find(d, name, len, sl_dir_hash(name, len));
+  if (!k) return;
+  char kn[256];
+  fprintf(stderr, "sluice: redis: key '%s%s' is usable again\n", d->prefix, sl_printable(kn, sizeof(kn), name, len));
+  *k = d->bad[--d->nbad];
+  atomic_store_explicit(&d->stats.bad_keys, d->nbad, memory_order_relaxed);
+}
+
+/* Forgets keys not seen unusable for a while (an account no longer asked
+ * for is not read again): the gauge counts keys seen bad lately. */
+void sl__dirsync_badkey_sweep(struct sl_dirsync *d, uint64_t now) {
+  uint64_t keep = 2ull * d->resync_ms > 60000 ? 2ull * d->resync_ms : 60000;
+  for (unsigned i = 0; i < d->nbad;) {
+    if (now - d->bad[i].last_seen_ms > keep)
+      d->bad[i] = d->bad[--d->nbad];
+    else
+      i++;
+  }
+  atomic_store_explicit(&d->stats.bad_keys, d->nbad, memory_order_relaxed);
+}
+
+/* A load that Redis refused as a whole (script error, OOM, BUSY...). */
+static void reply_error(struct sl_dirsync *d, const char *what, const redisReply *r) {
+  uint32_t held;
+  if (!sl_ratelog_ok(&d->log_reply, sl_mono_ms(), LOG_EVERY_MS, &held)) return;
+  char w[200];
+  fprintf(stderr, "sluice: redis: %s failed: %s", what,
+          r->type == REDIS_REPLY_ERROR ? sl_printable(w, sizeof(w), r->str, r->len) : "an unexpected reply");
+  if (held) fprintf(stderr, " (%u similar failures not logged)", held);
+  fputc('\n', stderr);
+}
+
+/* ---- parsing replies ---- */
+
+static int parse_i64(const char *s, size_t n, int64_t *out) {
+  if (n == 0 || n > 19) return -1;
+  int neg = s[0] == '-';
+  int64_t v = 0;
+  for (size_t i = neg; i < n; i++) {
+    if (s[i] < '0' || s[i] > '9') return -1;
+    v = v * 10 + (s[i] - '0');
+  }
+  if (neg && n == 1) return -1;
+  *out = neg ? -v : v;
+  return 0;
+}
+
+static int str_of(const redisReply *r, const char **s, size_t *n) {
+  if (r->type != REDIS_REPLY_STRING && r->type != REDIS_REPLY_STATUS && r->type != REDIS_REPLY_ERROR) return -1;
+  *s = r->str;
+  *n = r->len;
+  return 0;
+}
+
+/* An unknown AccessKeyId (also what an unusable `ak:` key answers). */
+static struct sl_acct *acct_negative(struct sl_dirsync *d, const char *ak, size_t len, uint64_t now) {
+  struct sl_acct *a = sl_acct_new(ak, len, 0);
+  a->kind = SL_ACCT_NOT_FOUND;
+  a->loaded_ms = now;
+  a->valid_until_ms = now + d->negative_ttl_ms;
+  return a;
+}
+
+/* Fills p from a package's fields e[1..5] (feature, region, qps,
+ * starts_at, expires_at). Returns NULL, or why the package cannot be used
+ * (in wb, wl bytes). */
+static const char *pkg_parse(redisReply *const *e, struct sl_pkg *p, char *wb, size_t wl) {
+  const char *feat, *region, *qps, *start, *exp;
+  size_t fl, rl, ql, sl, el;
+  int64_t q, st = 0, ex;
+  if (str_of(e[1], &feat, &fl) || str_of(e[2], &region, &rl) || str_of(e[3], &qps, &ql) ||
+      str_of(e[4], &start, &sl) || str_of(e[5], &exp, &el))
+    return "a field is not a string";
+  if (rl == 0 || rl > SL_REGION_MAX) {
+    snprintf(wb, wl, "region '%.*s' is empty or over %d bytes", (int)(rl > 32 ? 32 : rl), region, SL_REGION_MAX);
+    return wb;
+  }
+  if (parse_i64(qps, ql, &q) || q < 0 || q > UINT32_MAX) {
+    snprintf(wb, wl, "qps '%.*s' is not a number from 0 to %u", (int)(ql > 32 ? 32 : ql), qps, UINT32_MAX);
+    return wb;
+  }
+  if (sl && parse_i64(start, sl, &st)) {
+    snprintf(wb, wl, "starts_at '%.*s' is not unix seconds", (int)(sl > 32 ? 32 : sl), start);
+    return wb;
+  }
+  if (parse_i64(exp, el, &ex)) {
+    snprintf(wb, wl, "expires_at '%.*s' is not unix seconds", (int)(el > 32 ? 32 : el), exp);
+    return wb;
+  }
+  p->feature = sl_feature_id(feat, fl);
+  p->qps = (uint32_t)q;
+  p->starts_at = st;
+  p->expires_at = ex;
+  memcpy(p->region, region, rl);
+  p->region_len = (uint8_t)rl;
+  return NULL;
+}
+
+/* Builds the record for ak from its element of the account script's reply.
+ * Each key stands alone: an unusable `ak:` key (wrong type, an empty UID,
+ * a UID over SL_UID_MAX bytes) answers like an unknown AccessKeyId; an
+ * unusable package set leaves the account without packages; an unusable
+ * package is left out. Each is named (bad_key). Returns the record (the
+ * caller owns it), or NULL when the element is not what the script makes
+ * (the caller answers "unavailable"). */
+struct sl_acct *sl__dirsync_acct_from_reply(struct sl_dirsync *d, const char *ak, size_t ak_len, const redisReply *r) {
+  uint64_t now = sl_mono_ms();
+  char kn[SL_DIR_BADKEY_NAME], wb[128];
+  size_t kl = key_cat(kn, key_cat(kn, 0, SL_KEY_AK, SL_KEYLEN(SL_KEY_AK)), ak, ak_len);
+  if (r->type != REDIS_REPLY_ARRAY) return NULL;
+  if (r->elements == 0) {
+    key_ok(d, kn, kl); /* gone is not bad */
+    return acct_negative(d, ak, ak_len, now);
+  }
+  const redisReply *k0 = r->element[0];
+  if (k0->type != REDIS_REPLY_INTEGER) return NULL;
+  if (k0->integer == 2) {
+    const char *why = "unreadable";
+    size_t wl = strlen(why);
+    if (r->elements >= 2) str_of(r->element[1], &why, &wl);
+    bad_key(d, kn, kl, why, wl, "answered as an unknown AccessKeyId");
+    return acct_negative(d, ak, ak_len, now);
+  }
+  if (k0->integer != 1 || r->elements < 4) return NULL;
+  const char *uid, *se;
+  size_t uid_len, sel;
+  if (str_of(r->element[1], &uid, &uid_len) || str_of(r->element[2], &se, &sel)) return NULL;
+  if (uid_len == 0 || uid_len > SL_UID_MAX) {
+    int wl = uid_len ? snprintf(wb, sizeof(wb), "its UID is %zu bytes, over %d", uid_len, SL_UID_MAX)
+                     : snprintf(wb, sizeof(wb), "its UID is empty");
+    bad_key(d, kn, kl, wb, (size_t)wl, "answered as an unknown AccessKeyId");
+    return acct_negative(d, ak, ak_len, now);
+  }
+  key_ok(d, kn, kl);
+  /* the package set */
+  kl = key_cat(kn, key_cat(kn, 0, SL_KEY_QPSPKGS, SL_KEYLEN(SL_KEY_QPSPKGS)), uid, uid_len);
+  long long nids = r->element[3]->type == REDIS_REPLY_INTEGER ? r->element[3]->integer : 0;
+  if (sel) {
+    bad_key(d, kn, kl, se, sel, "the account counts no package");
+  } else if (nids > SL_MAX_PKGS) {
+    int wl = snprintf(wb, sizeof(wb), "it lists %lld packages", nids);
+    bad_key(d, kn, kl, wb, (size_t)wl, "only " STR(SL_MAX_PKGS) " of them count");
+  } else {
+    key_ok(d, kn, kl);
+  }
+  size_t npk = r->elements - 4;
+  if (npk > SL_MAX_PKGS) npk = SL_MAX_PKGS;
+  struct sl_acct *a = sl_acct_new(ak, ak_len, (uint32_t)npk);
+  a->kind = SL_ACCT_FOUND;
+  a->loaded_ms = now;
+  a->valid_until_ms = UINT64_MAX;
+  memcpy(a->uid, uid, uid_len);
+  a->uid_len = (uint8_t)uid_len;
+  uint32_t used = 0;
+  for (size_t k = 0; k < npk; k++) {
+    const redisReply *e = r->element[4 + k];
+    const char *id, *why = NULL;
+    size_t idl, wl = 0;
+    if (e->type != REDIS_REPLY_ARRAY || e->elements < 2 || str_of(e->element[0], &id, &idl)) {
+      sl_stat_inc(&d->stats.invalid_packages, 1); /* not what the script makes */
+      continue;
+    }
+    kl = key_cat(kn, key_cat(kn, key_cat(kn, key_cat(kn, 0, SL_KEY_QPSPKG, SL_KEYLEN(SL_KEY_QPSPKG)), uid, uid_len), ":", 1), id, idl);
+    struct sl_pkg *p = &a->pkgs[used];
+    if (e->elements == 2) {
+      if (str_of(e->element[1], &why, &wl)) why = "unreadable";
+    } else if (e->elements != 6) {
+      why = "an unexpected reply";
+    } else if (idl > SL_PKGID_MAX) {
+      snprintf(wb, sizeof(wb), "its id is over %d bytes", SL_PKGID_MAX);
+      why = wb;
+    } else {
+      why = pkg_parse(e->element, p, wb, sizeof(wb));
+    }
+    if (why) {
+      sl_stat_inc(&d->stats.invalid_packages, 1);
+      bad_key(d, kn, kl, why, wl ? wl : strlen(why), "the package is ignored");
+      continue;
+    }
+    memcpy(p->id, id, idl);
+    p->id_len = (uint8_t)idl;
+    used++;
+    if (p->feature < 0) { /* kept (it shows in /explain) but never counts */
+      sl_stat_inc(&d->stats.invalid_packages, 1);
+      const char *fs = "";
+      size_t fsl = 0;
+      str_of(e->element[1], &fs, &fsl);
+      int n = snprintf(wb, sizeof(wb), "feature '%.*s' is not a known feature", (int)(fsl > 32 ? 32 : fsl), fs);
+      bad_key(d, kn, kl, wb, (size_t)n, "the package never counts");
+    } else {
+      key_ok(d, kn, kl);
+    }
+  }
+  a->npkgs = used;
+  return a;
+}
+
+struct batch {
+  unsigned n;
+  uint8_t len[BATCH];
+  char ak[BATCH][SL_AK_MAX + 1];
+};
+
+void sl__dirsync_accounts_reply(struct sl_dirsync *d, unsigned n, const char (*aks)[SL_AK_MAX + 1],
+                                const uint8_t *lens, const redisReply *r) {
+  int ok = r && r->type == REDIS_REPLY_ARRAY && r->elements == n;
+  if (r && !ok) reply_error(d, "account load", r);
+  if (ok && !d->suspended_known) {
+    /* Never fail open on suspension: with no suspended set read yet, an
+     * account found could be a suspended one. */
+    uint32_t held;
+    if (sl_ratelog_ok(&d->log_nosusp, sl_mono_ms(), LOG_EVERY_MS, &held))
+      fprintf(stderr,
+              "sluice: redis: the suspended set '%s" SL_KEY_SUSPENDED "' has not been read: accounts are answered "
+              "'unavailable' until it is\n",
+              d->prefix);
+    ok = 0;
+  }
+  for (unsigned i = 0; i < n; i++) {
+    uint64_t h = sl_dir_hash(aks[i], lens[i]);
+    int p = sl__dirsync_pending_find(d, aks[i], lens[i], h);
+    struct sl_acct *a = ok ? sl__dirsync_acct_from_reply(d, aks[i], lens[i], r->element[i]) : NULL;
+    if (a) {
+      sl_dir_put(&d->b, a);
+    } else if (p >= 0) { /* a first lookup that failed: say so, do not guess */
+      sl__dirsync_unavailable(d, aks[i], lens[i]);
+    }
+    if (p >= 0) sl__dirsync_pending_drop(d, (unsigned)p);
+  }
+  sl__dirsync_publish(d);
+}
+
+static void on_accounts(redisAsyncContext *c, void *reply, void *priv) {
+  struct sl_dirsync *d = sl_redis_owner(c, reply);
+  struct batch *bt = priv;
+  if (d) sl__dirsync_accounts_reply(d, bt->n, (const char(*)[SL_AK_MAX + 1])bt->ak, bt->len, reply);
+  /* else a context we dropped: its lookups time out into "unavailable" */
+  free(bt);
+}
+
+void sl__dirsync_state_reply(struct sl_dirsync *d, const redisReply *r) {
+  if (r->type != REDIS_REPLY_ARRAY || r->elements != 1 + 2 * sl_nfeatures) {
+    reply_error(d, "state load", r);
+    return;
+  }
+  const redisReply *m = r->element[0];
+  if (m->type == REDIS_REPLY_ARRAY) {
+    const char **strs = sl_calloc(m->elements + 1, sizeof(char *));
+    size_t *lens = sl_calloc(m->elements + 1, sizeof(size_t));
+    size_t n = 0;
+    for (size_t i = 0; i < m->elements; i++)
+      if (str_of(m->element[i], &strs[n], &lens[n]) == 0) n++;
+    sl_dir_set_suspended(&d->b, sl_strset_new(strs, lens, n));
+    free(strs);
+    free(lens);
+    d->suspended_known = 1;
+    key_ok(d, SL_KEY_SUSPENDED, SL_KEYLEN(SL_KEY_SUSPENDED));
+  } else {
+    /* Never "nobody is suspended" for "could not read": keep what we had. */
+    const char *why = "an unexpected reply";
+    size_t wl = strlen(why);
+    str_of(m, &why, &wl);
+    bad_key(d, SL_KEY_SUSPENDED, SL_KEYLEN(SL_KEY_SUSPENDED), why, wl,
+            d->suspended_known ? "the set read last stays in force"
+                               : "no account is admitted until it can be read");
+  }
+  for (unsigned f = 0; f < sl_nfeatures; f++) {
+    char kn[SL_DIR_BADKEY_NAME], wb[128];
+    const char *fname = sl_features[f].name;
+    size_t kl = key_cat(kn, key_cat(kn, 0, SL_KEY_FEATURE, SL_KEYLEN(SL_KEY_FEATURE)), fname, strlen(fname));
+    const redisReply *qr = r->element[1 + 2 * f], *tr = r->element[2 + 2 * f];
+    const char *qs, *ts, *why = NULL;
+    size_t ql, tl;
+    int64_t q;
+    uint32_t qps = sl_features[f].default_qps;
+    uint8_t tier = (uint8_t)sl_features[f].tier;
+    int over = 0;
+    if (qr->type == REDIS_REPLY_NIL) { /* the key cannot be read: as if absent */
+      size_t wl;
+      if (str_of(tr, &why, &wl)) why = "unreadable", wl = strlen(why);
+      bad_key(d, kn, kl, why, wl, "the built-in default applies");
+      sl_dir_set_feature(&d->b, f, qps, tier, 0);
+      continue;
+    }
+    if (str_of(qr, &qs, &ql) == 0 && ql) {
+      if (parse_i64(qs, ql, &q) == 0 && q >= 0 && q <= UINT32_MAX) {
+        qps = (uint32_t)q;
+        over = 1;
+      } else {
+        snprintf(wb, sizeof(wb), "default_qps '%.*s' is not a number", (int)(ql > 32 ? 32 : ql), qs);
+        why = wb;
+      }
+    }
+    if (str_of(tr, &ts, &tl) == 0 && tl) {
+      if (tl == 3 && !memcmp(ts, "llm", 3)) {
+        tier = SL_TIER_LLM;
+        over = 1;
+      } else if (tl == 8 && !memcmp(ts, "baseline", 8)) {
+        tier = SL_TIER_BASELINE;
+        over = 1;
+      } else if (!why) {
+        snprintf(wb, sizeof(wb), "tier '%.*s' is neither llm nor baseline", (int)(tl > 32 ? 32 : tl), ts);
+        why = wb;
+      }
+    }
+    if (why)
+      bad_key(d, kn, kl, why, strlen(why), "that field's built-in default applies");
+    else
+      key_ok(d, kn, kl);
+    sl_dir_set_feature(&d->b, f, qps, tier, over);
+  }
+  sl__dirsync_publish(d);
+}
+
+static void on_state(redisAsyncContext *c, void *reply, void *priv) {
+  (void)priv;
+  struct sl_dirsync *d = sl_redis_owner(c, reply);
+  if (d && reply) sl__dirsync_state_reply(d, reply);
+}
+
+void sl__dirsync_request_state(struct sl_dirsync *d) {
+  redisAsyncContext *c = sl_redis_cmd(d->redis);
+  if (!c) return;
+  const char *argv[2 + SL_MAX_FEATURES + 1];
+  size_t lens[2 + SL_MAX_FEATURES + 1];
+  int argc = 0;
+  argv[argc] = "EVAL", lens[argc++] = 4;
+  argv[argc] = state_script, lens[argc++] = sizeof(state_script) - 1;
+  argv[argc] = "0", lens[argc++] = 1;
+  argv[argc] = d->prefix, lens[argc++] = d->prefix_len;
+  for (unsigned f = 0; f < sl_nfeatures && argc < (int)SL_ARRAY_SIZE(argv); f++) {
+    argv[argc] = sl_features[f].name;
+    lens[argc++] = strlen(sl_features[f].name);
+  }
+  redisAsyncCommandArgv(c, on_state, NULL, argc, argv, lens);
+}
+
+void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], const uint8_t *akl, unsigned n) {
+  redisAsyncContext *c = sl_redis_cmd(d->redis);
+  if (!c) return; /* the callers ask only while ready */
+  for (unsigned off = 0; off < n; off += BATCH) {
+    unsigned k = n - off < BATCH ? n - off : BATCH;
+    struct batch *bt = sl_calloc(1, sizeof(*bt));
+    bt->n = k;
+    const char *argv[4 + BATCH];
+    size_t lens[4 + BATCH];
+    int argc = 0;
+    argv[argc] = "EVAL", lens[argc++] = 4;
+    argv[argc] = account_script, lens[argc++] = sizeof(account_script) - 1;
+    argv[argc] = "0", lens[argc++] = 1;
+    argv[argc] = d->prefix, lens[argc++] = d->prefix_len;
+    for (unsigned i = 0; i < k; i++) {
+      memcpy(bt->ak[i], aks[off + i], akl[off + i]);
+      bt->len[i] = akl[off + i];
+      argv[argc] = bt->ak[i];
+      lens[argc++] = bt->len[i];
+    }
+    if (redisAsyncCommandArgv(c, on_accounts, bt, argc, argv, lens) != REDIS_OK) free(bt);
+  }
+}

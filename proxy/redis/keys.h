@@ -1,0 +1,50 @@
+/* Every Redis key, channel and hash field that sluice, its flusher and
+ * sluice-rate share (docs/redis.md describes the values). Each is a string
+ * literal so that the Lua scripts can be built from it at compile time
+ * ("... GET', p .. '" SL_KEY_AK "' .. a ..."): a key renamed here is renamed
+ * in every script and every C reader at once. Every name is relative to the
+ * configured prefix (--redis-prefix, "sluice:" by default).
+ *
+ * Header only, no dependency: sluice-rate (rate/) includes it without
+ * linking the proxy's libraries. Metering's outcome names are in
+ * proxy/metering/outcome.h. */
+#ifndef SL_REDIS_KEYS_H
+#define SL_REDIS_KEYS_H
+
+/* Bytes of a key literal, without the NUL. */
+#define SL_KEYLEN(lit) (sizeof(lit) - 1)
+
+/* ---- the account directory (read by sluice) ---- */
+#define SL_KEY_AK "ak:"               /* ak:<AccessKeyId> -> UID (string) */
+#define SL_KEY_SUSPENDED "suspended"  /* set of suspended UIDs */
+#define SL_KEY_FEATURE "feature:"     /* feature:<name> hash: the fields below */
+#define SL_FIELD_DEFAULT_QPS "default_qps"
+#define SL_FIELD_TIER "tier"
+#define SL_KEY_QPSPKGS "qpspkgs:"     /* qpspkgs:<uid> set of QPS package ids */
+#define SL_KEY_QPSPKG "qpspkg:"       /* qpspkg:<uid>:<id> hash: the fields below */
+#define SL_FIELD_FEATURE "feature"
+#define SL_FIELD_REGION "region"
+#define SL_FIELD_QPS "qps"
+#define SL_FIELD_STARTS_AT "starts_at"   /* unix seconds */
+#define SL_FIELD_EXPIRES_AT "expires_at" /* unix seconds */
+#define SL_CHANNEL_CHANGES "changes"  /* pub/sub: a message names a changed key */
+
+/* ---- metering (written by sluice's flusher, read by sluice-rate) ---- */
+#define SL_KEY_USAGE "usage:"              /* usage:<day>:<uid> hash <feature>:<region> -> ok calls;
+                                            * usage:<day> set of the day's UIDs */
+#define SL_KEY_CALLS "calls:"              /* calls:<day>:<uid> hash <feature>:<region>:<outcome> -> calls */
+#define SL_KEY_USAGE_STREAM "usage:stream" /* one entry per batch key */
+#define SL_KEY_METER_BATCH "meter:batch:"  /* meter:batch:<id>: a batch applied (kept 7 days) */
+
+/* ---- rating (sluice-rate) ---- */
+#define SL_KEY_COEF "coef:"       /* coef:<feature> decimal coefficient */
+#define SL_KEY_RESPKGS "respkgs:" /* respkgs:<uid> list of resource package ids */
+#define SL_KEY_RESPKG "respkg:"   /* respkg:<uid>:<id> hash: the fields below (rate/rating.c reads them in
+                                   * this order: rate_pkg_fields) */
+#define SL_FIELD_QUOTA "quota"
+#define SL_FIELD_REMAINING "remaining"
+#define SL_FIELD_PURCHASED_AT "purchased_at" /* unix seconds; expires_at: SL_FIELD_EXPIRES_AT */
+#define SL_KEY_BILL "bill:"       /* bill:<day>:<uid> hash */
+#define SL_KEY_ALERTS "alerts"    /* stream of quota alerts */
+
+#endif
