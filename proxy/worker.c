@@ -154,6 +154,8 @@ void sl_worker_destroy(struct sl_worker *w) {
 
 int sl_worker_run(struct sl_worker *w) { return uv_thread_create(&w->thread, worker_main, w); }
 
+/* Returns 0, or a negative errno with everything it had set up undone
+ * (listen_fd is closed with the listener once uv_tcp_open has taken it). */
 int sl_worker_init(struct sl_worker *w, unsigned id, const struct sl_config *cfg, int listen_fd,
                    struct sl_shared *shared) {
   int r;
@@ -170,14 +172,23 @@ int sl_worker_init(struct sl_worker *w, unsigned id, const struct sl_config *cfg
   sl_list_init(&w->upconns);
   if (getrandom(&w->rid_hi, sizeof(w->rid_hi), 0) != sizeof(w->rid_hi)) w->rid_hi = (uint64_t)time(NULL);
   w->rid_hi = (w->rid_hi & ~0xffull) | id; /* ids stay unique across workers */
-  if ((r = uv_loop_init(&w->loop)) != 0) return r;
+  if ((r = uv_loop_init(&w->loop)) != 0) goto err_meter;
   uv_tcp_init(&w->loop, &w->listener);
-  if ((r = uv_tcp_open(&w->listener, listen_fd)) != 0) return r;
-  if ((r = uv_listen((uv_stream_t *)&w->listener, 1024, on_connection)) != 0) return r;
+  if ((r = uv_tcp_open(&w->listener, listen_fd)) != 0 ||
+      (r = uv_listen((uv_stream_t *)&w->listener, 1024, on_connection)) != 0)
+    goto err_loop;
   uv_async_init(&w->loop, &w->wake, on_wake);
   uv_timer_init(&w->loop, &w->sweep);
   uv_timer_start(&w->sweep, on_sweep, SL_SWEEP_MS, SL_SWEEP_MS);
   sl_worker_pools_build(w);
   log_open(w);
   return 0;
+
+err_loop:
+  uv_close((uv_handle_t *)&w->listener, NULL);
+  uv_run(&w->loop, UV_RUN_DEFAULT); /* runs the close */
+  uv_loop_close(&w->loop);
+err_meter:
+  sl_meter_worker_free(&w->meter);
+  return r;
 }
