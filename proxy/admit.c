@@ -3,6 +3,8 @@
  * admitted calls to their tier's pool. The order of the checks is the order
  * of the answers: 400 (cannot classify), 403 (no such AccessKeyId), 403
  * (suspended), 429 (over the limit). */
+#include "admit.h"
+
 #include <string.h>
 #include <strings.h>
 
@@ -24,8 +26,8 @@ size_t sl_bucket_key(char *out, const char *uid, size_t uid_len, int feature, co
 }
 
 static void decide(struct sl_conn *c, enum sl_outcome o) {
-  c->outcome = (uint8_t)o;
-  c->decided = 1;
+  c->call.outcome = (uint8_t)o;
+  c->call.decided = 1;
 }
 
 static void hdr_value(const struct sl_conn *c, int idx, const char **p, size_t *n) {
@@ -52,9 +54,9 @@ static int trusted_uid(struct sl_conn *c) {
     if (h->val_len == 0 || h->val_len > SL_UID_MAX) return 0;
     for (uint32_t k = 0; k < h->val_len; k++)
       if ((unsigned char)v[k] < 0x20 || v[k] == 0x7f) return 0; /* it becomes part of Redis keys */
-    c->cls.ak[0] = '\x01';
-    memcpy(c->cls.ak + 1, v, h->val_len);
-    c->cls.ak_len = (uint8_t)(h->val_len + 1);
+    c->call.cls.ak[0] = '\x01';
+    memcpy(c->call.cls.ak + 1, v, h->val_len);
+    c->call.cls.ak_len = (uint8_t)(h->val_len + 1);
     return 1;
   }
   return 0;
@@ -92,8 +94,8 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
            "The account directory cannot be reached; retry later.", "Retry-After: 1\r\n");
     return;
   }
-  memcpy(c->uid, a->uid, a->uid_len);
-  c->uid_len = a->uid_len;
+  memcpy(c->call.uid, a->uid, a->uid_len);
+  c->call.uid_len = a->uid_len;
   if (sl_dir_is_suspended(s, a->uid, a->uid_len)) {
     reject_suspended(c);
     return;
@@ -103,10 +105,10 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
            "Retry-After: 1\r\n");
     return;
   }
-  int f = c->cls.feature;
-  uint64_t limit = sl_dir_limit(s, a, f, c->cls.region, c->cls.region_len, c->arrival_s);
+  int f = c->call.cls.feature;
+  uint64_t limit = sl_dir_limit(s, a, f, c->call.cls.region, c->call.cls.region_len, c->call.arrival_s);
   char key[SL_BUCKET_KEY_MAX];
-  size_t kl = sl_bucket_key(key, a->uid, a->uid_len, f, c->cls.region, c->cls.region_len);
+  size_t kl = sl_bucket_key(key, a->uid, a->uid_len, f, c->call.cls.region, c->call.cls.region_len);
   struct lim_decision d;
   lim_decide(w->shared->lim, key, kl, lim_hash(key, kl), limit, 1, lim_now_ns(), &d);
   if (d.result == LIM_REJECT) {
@@ -149,7 +151,7 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
       return;
     }
   }
-  c->pool = c->tier == SL_TIER_LLM ? SL_POOL_LLM : SL_POOL_DEFAULT;
+  c->pool = c->call.tier == SL_TIER_LLM ? SL_POOL_LLM : SL_POOL_DEFAULT;
   sl_conn_forward(c);
 }
 
@@ -163,16 +165,16 @@ static void park(struct sl_conn *c) {
   /* One ask per worker and account: the directory thread merges the rest. */
   int asked = 0;
   for (struct sl_link *l = w->parked.next; l != &w->parked && !asked; l = l->next) {
-    const struct sl_conn *o = sl_container_of(l, struct sl_conn, park);
-    asked = o->ak_hash == c->ak_hash && o->cls.ak_len == c->cls.ak_len && !memcmp(o->cls.ak, c->cls.ak, c->cls.ak_len);
+    const struct sl_conn *o = sl_container_of(l, struct sl_conn, call.park);
+    asked = o->call.ak_hash == c->call.ak_hash && o->call.cls.ak_len == c->call.cls.ak_len && !memcmp(o->call.cls.ak, c->call.cls.ak, c->call.cls.ak_len);
   }
-  if (!asked && sl_dirsync_lookup(&w->shared->dir, w->id, c->cls.ak, c->cls.ak_len, c->ak_hash) != 0) {
+  if (!asked && sl_dirsync_lookup(&w->shared->dir, w->id, c->call.cls.ak, c->call.cls.ak_len, c->call.ak_hash) != 0) {
     reject(c, SL_OUT_UNAVAILABLE, 503, "ServiceUnavailable", "Too many account lookups are queued.",
            "Retry-After: 1\r\n");
     return;
   }
-  sl_list_push(&w->parked, &c->park);
-  c->parked = 1;
+  sl_list_push(&w->parked, &c->call.park);
+  c->call.parked = 1;
   w->nparked++;
   sl_stat_add(&w->stats.parked, 1);
   sl_stat_add(&w->stats.parked_now, 1);
@@ -181,9 +183,9 @@ static void park(struct sl_conn *c) {
 }
 
 void sl_admit_unpark(struct sl_conn *c) {
-  if (!c->parked) return;
-  sl_list_remove(&c->park);
-  c->parked = 0;
+  if (!c->call.parked) return;
+  sl_list_remove(&c->call.park);
+  c->call.parked = 0;
   c->w->nparked--;
   sl_stat_sub(&c->w->stats.parked_now, 1);
   c->deadline = 0;
@@ -200,8 +202,8 @@ void sl_admit_resume(struct sl_worker *w) {
   struct sl_link *l, *next;
   for (l = w->parked.next; l != &w->parked; l = next) {
     next = l->next;
-    struct sl_conn *c = sl_container_of(l, struct sl_conn, park);
-    const struct sl_acct *a = sl_dir_find(s, c->cls.ak, c->cls.ak_len, c->ak_hash);
+    struct sl_conn *c = sl_container_of(l, struct sl_conn, call.park);
+    const struct sl_acct *a = sl_dir_find(s, c->call.cls.ak, c->call.cls.ak_len, c->call.ak_hash);
     if (!usable(a, now)) continue;
     sl_admit_unpark(c);
     /* May answer c, and so parse (and park) its next pipelined request:
@@ -228,30 +230,30 @@ int sl_admit_head(struct sl_conn *c) {
   struct sl_worker *w = c->w;
   struct sl_class_input in;
   class_input(c, &in); /* no body yet: Service, and an Action in the body, come later */
-  enum sl_class_err e = sl_classify(&in, &c->cls);
+  enum sl_class_err e = sl_classify(&in, &c->call.cls);
   if (e == SL_CLASS_BAD_ENCODING || e == SL_CLASS_FIELD_TOO_LONG || e == SL_CLASS_CONFLICT ||
       e == SL_CLASS_UNKNOWN_REGION) {
-    c->cls.feature = -1; /* metered under "-": an unknown region gets no key of its own */
+    c->call.cls.feature = -1; /* metered under "-": an unknown region gets no key of its own */
     reject(c, SL_OUT_BAD_REQUEST, 400, sl_class_err_code(e), sl_class_err_message(e), NULL);
     return 1;
   }
-  c->cls.feature = -1; /* not known before the body: the early answers are metered under "-" */
+  c->call.cls.feature = -1; /* not known before the body: the early answers are metered under "-" */
   if (w->cfg->trusted_uid_header[0] && trusted_uid(c)) {
     /* looked up below like an AccessKeyId */
-  } else if (c->cls.ak_len == 0) {
+  } else if (c->call.cls.ak_len == 0) {
     reject_no_key(c);
     return 1;
   }
   const struct sl_dir_snap *s = sl_dirsync_snap(&w->shared->dir);
-  const struct sl_acct *a = sl_dir_find(s, c->cls.ak, c->cls.ak_len, sl_dir_hash(c->cls.ak, c->cls.ak_len));
+  const struct sl_acct *a = sl_dir_find(s, c->call.cls.ak, c->call.cls.ak_len, sl_dir_hash(c->call.cls.ak, c->call.cls.ak_len));
   if (!usable(a, uv_now(&w->loop))) return 0; /* not known yet: the lookup waits for the body */
   if (a->kind == SL_ACCT_NOT_FOUND) {
     reject_not_found(c);
     return 1;
   }
   if (a->kind == SL_ACCT_FOUND && sl_dir_is_suspended(s, a->uid, a->uid_len)) {
-    memcpy(c->uid, a->uid, a->uid_len);
-    c->uid_len = a->uid_len;
+    memcpy(c->call.uid, a->uid, a->uid_len);
+    c->call.uid_len = a->uid_len;
     reject_suspended(c);
     return 1;
   }
@@ -269,22 +271,22 @@ void sl_admit(struct sl_conn *c) {
     in.body = c->req.buf + c->req.body_off;
     in.body_len = c->req.body_len;
   }
-  enum sl_class_err e = sl_classify(&in, &c->cls);
+  enum sl_class_err e = sl_classify(&in, &c->call.cls);
   if (e != SL_CLASS_OK) {
     reject(c, SL_OUT_BAD_REQUEST, 400, sl_class_err_code(e), sl_class_err_message(e), NULL);
     return;
   }
   const struct sl_dir_snap *s = sl_dirsync_snap(&w->shared->dir);
-  c->tier = s->feature_tier[c->cls.feature]; /* with any override: what the call is routed (and counted) by */
+  c->call.tier = s->feature_tier[c->call.cls.feature]; /* with any override: what the call is routed (and counted) by */
   if (w->cfg->trusted_uid_header[0] && trusted_uid(c)) {
     /* The operator trusts a header to name the account: look the UID up
      * as its own directory key (0x01 + UID), with the UID's packages. */
-  } else if (c->cls.ak_len == 0) {
+  } else if (c->call.cls.ak_len == 0) {
     reject_no_key(c);
     return;
   }
-  c->ak_hash = sl_dir_hash(c->cls.ak, c->cls.ak_len);
-  const struct sl_acct *a = sl_dir_find(s, c->cls.ak, c->cls.ak_len, c->ak_hash);
+  c->call.ak_hash = sl_dir_hash(c->call.cls.ak, c->call.cls.ak_len);
+  const struct sl_acct *a = sl_dir_find(s, c->call.cls.ak, c->call.cls.ak_len, c->call.ak_hash);
   if (!usable(a, uv_now(&w->loop))) {
     park(c);
     return;

@@ -108,9 +108,9 @@ void sl_conn_error(struct sl_conn *c, int status, const char *code, const char *
 static void conn_start_request(struct sl_conn *c) {
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME_COARSE, &ts);
-  c->arrival_s = (int64_t)ts.tv_sec + c->w->cfg->time_offset_s;
-  c->day = sl_meter_worker_day(&c->w->meter, c->arrival_s);
-  c->uid_len = 0;
+  c->call.arrival_s = (int64_t)ts.tv_sec + c->w->cfg->time_offset_s;
+  c->call.day = sl_meter_worker_day(&c->w->meter, c->call.arrival_s);
+  c->call.uid_len = 0;
   c->phase = SL_C_READING;
   c->deadline = now_ms(c) + c->w->cfg->header_timeout_ms;
   c->reqid[0] = '\0';
@@ -118,9 +118,9 @@ static void conn_start_request(struct sl_conn *c) {
   c->resp_bytes = 0;
   c->head_sent = c->resp_done = 0;
   c->body_unread = 0;
-  c->decided = 0;
-  c->cls.feature = -1;
-  c->tier = SL_TIER_BASELINE;
+  c->call.decided = 0;
+  c->call.cls.feature = -1;
+  c->call.tier = SL_TIER_BASELINE;
 }
 
 /* The request is complete: hand it to the upstream side. */
@@ -141,20 +141,20 @@ static void conn_dispatch(struct sl_conn *c) {
  * feature and region "-" when the request could not be classified. */
 static void conn_meter(struct sl_conn *c) {
   struct sl_meter_key k; /* bytes past uid_len and region_len are never read */
-  k.day = c->day;
-  k.feature = c->cls.feature >= 0 ? (uint8_t)c->cls.feature : SL_METER_NO_FEATURE;
-  k.tier = c->tier;
-  k.outcome = c->outcome;
-  if (c->uid_len) {
-    k.uid_len = c->uid_len;
-    memcpy(k.uid, c->uid, c->uid_len);
+  k.day = c->call.day;
+  k.feature = c->call.cls.feature >= 0 ? (uint8_t)c->call.cls.feature : SL_METER_NO_FEATURE;
+  k.tier = c->call.tier;
+  k.outcome = c->call.outcome;
+  if (c->call.uid_len) {
+    k.uid_len = c->call.uid_len;
+    memcpy(k.uid, c->call.uid, c->call.uid_len);
   } else {
     k.uid_len = 1;
     k.uid[0] = '-';
   }
-  if (c->cls.feature >= 0 && c->cls.region_len) {
-    k.region_len = c->cls.region_len;
-    memcpy(k.region, c->cls.region, c->cls.region_len);
+  if (c->call.cls.feature >= 0 && c->call.cls.region_len) {
+    k.region_len = c->call.cls.region_len;
+    memcpy(k.region, c->call.cls.region, c->call.cls.region_len);
   } else {
     k.region_len = 1;
     k.region[0] = '-';
@@ -187,8 +187,8 @@ static void conn_linger(struct sl_conn *c) {
 static void conn_finish(struct sl_conn *c) {
   struct sl_worker *w = c->w;
   if (c->status >= 100 && c->status < 600) sl_stat_add(&w->stats.status_class[c->status / 100], 1);
-  if (!c->decided) c->outcome = c->status == 200 ? SL_OUT_OK : SL_OUT_UPSTREAM_ERROR;
-  sl_stat_add(&w->stats.outcome[c->outcome][c->cls.feature + 1][c->tier & 1], 1);
+  if (!c->call.decided) c->call.outcome = c->status == 200 ? SL_OUT_OK : SL_OUT_UPSTREAM_ERROR;
+  sl_stat_add(&w->stats.outcome[c->call.outcome][c->call.cls.feature + 1][c->call.tier & 1], 1);
   if (SL_LIKELY(w->cfg->metering_on)) conn_meter(c);
   sl_log_access(w, c);
   body_release(c);
@@ -454,8 +454,8 @@ void sl_conn_forward(struct sl_conn *c) {
 /* ---- reading ---- */
 
 static void conn_reject(struct sl_conn *c, int status) {
-  c->outcome = SL_OUT_BAD_REQUEST;
-  c->decided = 1;
+  c->call.outcome = SL_OUT_BAD_REQUEST;
+  c->call.decided = 1;
   switch (status) {
     case 408: sl_conn_error(c, 408, "RequestTimeout", "The request was not received in time.", NULL, 1); break;
     case 413: sl_conn_error(c, 413, "RequestTooLarge", "The request body is larger than allowed.", NULL, 1); break;
@@ -468,8 +468,8 @@ static void conn_reject(struct sl_conn *c, int status) {
 
 /* More request bodies than the worker's budget allows are being received. */
 static void conn_busy(struct sl_conn *c) {
-  c->outcome = SL_OUT_UNAVAILABLE;
-  c->decided = 1;
+  c->call.outcome = SL_OUT_UNAVAILABLE;
+  c->call.decided = 1;
   sl_conn_error(c, 503, "ServiceUnavailable", "Too many request bodies are being received; retry later.",
                 "Retry-After: 1\r\n", 1);
 }
@@ -567,7 +567,7 @@ void sl_conn_accept(struct sl_worker *w) {
     return;
   }
   sl_list_init(&c->link);
-  sl_list_init(&c->park);
+  sl_list_init(&c->call.park);
   c->out.max = c->inflight.max = c->fwd.max = 1u << 20;
   if (w->nconns >= w->cfg->max_conns || w->draining) {
     /* Refused cleanly: a JSON 503 the client can read, then close. */
@@ -613,10 +613,10 @@ void sl_conn_sweep(struct sl_conn *c, uint64_t now) {
     sl_conn_close(c); /* idle keep-alive: close quietly */
   else if (c->phase == SL_C_READING)
     conn_reject(c, 408);
-  else if (c->parked) { /* the directory never answered: do not guess */
+  else if (c->call.parked) { /* the directory never answered: do not guess */
     sl_admit_unpark(c);
-    c->outcome = SL_OUT_UNAVAILABLE;
-    c->decided = 1;
+    c->call.outcome = SL_OUT_UNAVAILABLE;
+    c->call.decided = 1;
     sl_conn_error(c, 503, "ServiceUnavailable", "The account lookup timed out; retry later.", "Retry-After: 1\r\n", 0);
   }
 }

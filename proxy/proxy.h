@@ -9,6 +9,7 @@
 #include <stdatomic.h>
 #include <uv.h>
 
+#include "admit.h"
 #include "classify.h"
 #include "common.h"
 #include "config.h"
@@ -99,16 +100,8 @@ struct sl_conn {
   struct sl_buf out;  /* bytes to the client, not yet handed to the socket */
   struct sl_buf inflight; /* bytes in a pending uv_write */
   char peer[48];      /* client IP for X-Forwarded-For and logs */
-  struct sl_class cls;
-  struct sl_link park; /* in w->parked while waiting for an account lookup */
-  uint64_t ak_hash;
+  struct sl_call call;  /* admission's state for the request (admit.h) */
   uint64_t body_reserved; /* bytes of this request's body counted in w->body_buffered */
-  uint8_t outcome;     /* enum sl_outcome once decided */
-  uint8_t uid_len;
-  char uid[SL_UID_MAX + 1]; /* the account's UID once known, for metering */
-  uint32_t day;        /* arrival day (billing time zone) */
-  int64_t arrival_s;   /* arrival wall-clock time, unix seconds */
-  uint8_t tier;
   uint64_t resp_bytes;
   int status;         /* status answered to the client */
   int pool;
@@ -121,8 +114,6 @@ struct sl_conn {
   unsigned closing : 1;
   unsigned read_paused : 1;
   unsigned write_pending : 1;
-  unsigned parked : 1;
-  unsigned decided : 1; /* outcome set by admission */
   unsigned in_parse : 1; /* conn_parse is on the stack: finishing a request returns to its loop */
   unsigned lingering : 1; /* answered before the body was read: draining it before the close */
   unsigned body_unread : 1; /* answered while the request was still arriving */
@@ -176,24 +167,6 @@ void sl_conn_drain(struct sl_conn *c);
 void sl_conn_close(struct sl_conn *c);
 /* The request was admitted (c->pool says where): forward it upstream. */
 void sl_conn_forward(struct sl_conn *c);
-
-/* admit.c */
-/* The limiter key of a bucket: UID, feature and region joined by a byte
- * none of them holds. Returns its length; out holds SL_BUCKET_KEY_MAX. */
-#define SL_BUCKET_KEY_MAX (SL_UID_MAX + 1 + 32 + 1 + SL_REGION_MAX)
-size_t sl_bucket_key(char *out, const char *uid, size_t uid_len, int feature, const char *region,
-                     size_t region_len);
-/* Classifies the complete request and decides it: answers it, parks it
- * for an account lookup, or forwards it. */
-void sl_admit(struct sl_conn *c);
-/* The head of a request with a body is complete: answers at once (and
- * returns 1) when the head alone decides it (400 for a bad identity or
- * region, 403 for a missing, unknown or suspended account), so that no
- * body is read for it. Returns 0 when the request goes on. */
-int sl_admit_head(struct sl_conn *c);
-/* Resumes parked requests whose account the directory now holds. */
-void sl_admit_resume(struct sl_worker *w);
-void sl_admit_unpark(struct sl_conn *c);
 
 /* access log */
 void sl_log_access(struct sl_worker *w, struct sl_conn *c);
