@@ -2,6 +2,7 @@
  * the main thread; the request path lives in the worker threads. */
 #include <errno.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -203,6 +204,17 @@ int main(int argc, char **argv) {
     }
     wakes[i] = &m.workers[i].wake;
   }
+  /* The threads started below inherit a mask that blocks the signals sluice
+   * handles, so the kernel delivers those to the main thread, whose loop
+   * acts on them: a signal taken by a thread asleep in its own loop (under
+   * ThreadSanitizer, one whose delivery is deferred until that thread
+   * wakes) could otherwise wait for that thread's next timer. */
+  sigset_t handled, before;
+  sigemptyset(&handled);
+  sigaddset(&handled, SIGTERM);
+  sigaddset(&handled, SIGINT);
+  sigaddset(&handled, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &handled, &before);
   if ((r = sl_dirsync_start(&m.shared.dir, cfg, m.nworkers, wakes)) != 0) {
     fprintf(stderr, "sluice: directory thread: %s\n", strerror(-r));
     return 1;
@@ -222,6 +234,7 @@ int main(int argc, char **argv) {
       return 1;
     }
   }
+  pthread_sigmask(SIG_SETMASK, &before, NULL);
   uv_timer_init(m.loop, &m.reclaim);
   m.reclaim.data = &m;
   uv_timer_start(&m.reclaim, on_reclaim, 1000, 1000);
