@@ -49,9 +49,10 @@ static void check_config(const struct sl_config *c) {
   FZ_CHECK(terminated(c->region, sizeof(c->region)) && terminated(c->access_log, sizeof(c->access_log)));
   FZ_CHECK(terminated(c->spool_dir, sizeof(c->spool_dir)) && terminated(c->instance_id, sizeof(c->instance_id)));
   FZ_CHECK(terminated(c->trusted_uid_header, sizeof(c->trusted_uid_header)));
-  FZ_CHECK(!strcmp(c->metering, "on") || !strcmp(c->metering, "off"));
-  FZ_CHECK(!strcmp(c->admission, "on") || !strcmp(c->admission, "off"));
-  FZ_CHECK(!strcmp(c->limiter_full, "open") || !strcmp(c->limiter_full, "closed"));
+  FZ_CHECK(c->metering_on == 0 || c->metering_on == 1);
+  FZ_CHECK(c->admission_on == 0 || c->admission_on == 1);
+  FZ_CHECK(c->limiter_full == SL_LIMITER_FULL_OPEN || c->limiter_full == SL_LIMITER_FULL_CLOSED);
+  FZ_CHECK(terminated(c->regions, sizeof(c->regions)) && c->regions[0] != '\0');
   FZ_CHECK(c->workers >= 1 && c->workers <= 256);
   FZ_CHECK(c->max_header_bytes >= 1024 && c->max_headers >= 8 && c->max_headers <= 256);
   FZ_CHECK(c->billing_tz_offset_min >= -720 && c->billing_tz_offset_min <= 840);
