@@ -113,7 +113,7 @@ static void reload(struct sl_main *m) {
   for (unsigned i = 0; i < m->nworkers; i++) {
     /* release: the snapshot's contents are complete before a worker can see it. */
     atomic_store_explicit(&m->workers[i].next_cfg, next, memory_order_release);
-    uv_async_send(&m->workers[i].wake);
+    sl_inbox_post(&m->workers[i].inbox, SL_MSG_CONFIG);
   }
   fprintf(stderr, "sluice: configuration version %llu loaded\n", (unsigned long long)next->version);
 }
@@ -127,7 +127,7 @@ static void on_signal(uv_signal_t *s, int signum) {
   fprintf(stderr, "sluice: %s: draining\n", signum == SIGTERM ? "SIGTERM" : "SIGINT");
   for (unsigned i = 0; i < m->nworkers; i++) {
     atomic_store_explicit(&m->workers[i].drain, 1, memory_order_release);
-    uv_async_send(&m->workers[i].wake);
+    sl_inbox_post(&m->workers[i].inbox, SL_MSG_DRAIN);
   }
   sl_admin_stop(&m->admin);
   uv_close((uv_handle_t *)&m->sig_term, NULL);
@@ -196,13 +196,13 @@ int main(int argc, char **argv) {
     fprintf(stderr, "sluice: cannot allocate the limiter table for %u keys\n", cfg->limiter_keys);
     return 1;
   }
-  uv_async_t **wakes = sl_calloc(m.nworkers, sizeof(*wakes));
+  struct sl_inbox **inboxes = sl_calloc(m.nworkers, sizeof(*inboxes));
   for (unsigned i = 0; i < m.nworkers; i++) {
     if ((r = sl_worker_init(&m.workers[i], i, cfg, m.workers[i].listen_fd, &m.shared)) != 0) {
       fprintf(stderr, "sluice: worker %u: %s\n", i, uv_strerror(r));
       return 1;
     }
-    wakes[i] = &m.workers[i].wake;
+    inboxes[i] = &m.workers[i].inbox;
   }
   /* The threads started below inherit a mask that blocks the signals sluice
    * handles, so the kernel delivers those to the main thread, whose loop
@@ -215,13 +215,13 @@ int main(int argc, char **argv) {
   sigaddset(&handled, SIGINT);
   sigaddset(&handled, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &handled, &before);
-  if ((r = sl_dirsync_start(&m.shared.dir, cfg, m.nworkers, wakes)) != 0) {
+  if ((r = sl_dirsync_start(&m.shared.dir, cfg, m.nworkers, inboxes)) != 0) {
     fprintf(stderr, "sluice: directory thread: %s\n", strerror(-r));
     return 1;
   }
   struct sl_meter_worker **meters = sl_calloc(m.nworkers, sizeof(*meters));
   for (unsigned i = 0; i < m.nworkers; i++) meters[i] = &m.workers[i].meter;
-  if (sl_flusher_start(&m.shared.flusher, cfg, meters, wakes, m.nworkers, err, sizeof(err)) != 0) {
+  if (sl_flusher_start(&m.shared.flusher, cfg, meters, inboxes, m.nworkers, err, sizeof(err)) != 0) {
     fprintf(stderr, "sluice: metering: %s\n", err);
     return 1;
   }
@@ -246,7 +246,7 @@ int main(int argc, char **argv) {
   sl_dirsync_stop(&m.shared.dir);
   for (unsigned i = 0; i < m.nworkers; i++) sl_worker_destroy(&m.workers[i]);
   lim_table_free(m.shared.lim);
-  free(wakes);
+  free(inboxes);
   free(meters);
   fprintf(stderr, "sluice: stopped\n");
   for (unsigned i = 0; i < m.nsnap; i++) free(m.snapshots[i]);

@@ -16,6 +16,7 @@
 #include "dirsync.h"
 #include "flusher.h"
 #include "hdrs.h"
+#include "inbox.h"
 #include "http_util.h"
 #include "meter.h"
 #include "reqparse.h"
@@ -125,7 +126,7 @@ struct sl_worker {
   uv_thread_t thread;
   uv_tcp_t listener;
   int listen_fd;
-  uv_async_t wake;
+  struct sl_inbox inbox; /* messages from main, the directory and the flusher */
   uv_timer_t sweep;
   const struct sl_config *cfg; /* snapshot in use by this worker */
   _Atomic(const struct sl_config *) next_cfg; /* published by the main thread */

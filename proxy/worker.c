@@ -61,7 +61,7 @@ void sl_log_access(struct sl_worker *w, struct sl_conn *c) {
 static void worker_stop_handles(struct sl_worker *w) {
   sl_upstream_close_idle(w);
   sl__close((uv_handle_t *)&w->sweep, NULL);
-  uv_unref((uv_handle_t *)&w->wake);
+  uv_unref((uv_handle_t *)&w->inbox.async);
 }
 
 static void on_sweep(uv_timer_t *t) {
@@ -92,45 +92,57 @@ static void worker_limits_set(struct sl_worker *w) {
   w->req_limits.max_body_bytes = w->cfg->max_body_bytes;
 }
 
-static void on_wake(uv_async_t *a) {
-  struct sl_worker *w = sl_container_of(a, struct sl_worker, wake);
+/* ---- the inbox: one handler per message kind (base/inbox.h) ---- */
+
+static void on_config(struct sl_worker *w) {
   /* acquire: pairs with the main thread's release store, so the snapshot's
    * contents are visible before we use the pointer. */
   const struct sl_config *next = atomic_load_explicit(&w->next_cfg, memory_order_acquire);
-  if (next && next != w->cfg) {
-    int log_changed = strcmp(next->access_log, w->cfg->access_log) != 0;
-    w->cfg = next;
-    worker_limits_set(w);
-    sl_worker_pools_build(w);
-    if (log_changed) {
-      sl_log_flush(w);
-      log_open(w);
-    }
-    /* release: the main thread frees older snapshots only after seeing this. */
-    atomic_store_explicit(&w->cfg_seen, next->version, memory_order_release);
+  if (!next || next == w->cfg) return;
+  int log_changed = strcmp(next->access_log, w->cfg->access_log) != 0;
+  w->cfg = next;
+  worker_limits_set(w);
+  sl_worker_pools_build(w);
+  if (log_changed) {
+    sl_log_flush(w);
+    log_open(w);
   }
-  sl_admit_resume(w);
-  sl_dirsync_quiescent(&w->shared->dir, w->id);
+  /* release: the main thread frees older snapshots only after seeing this. */
+  atomic_store_explicit(&w->cfg_seen, next->version, memory_order_release);
+}
+
+static void on_meter_round(struct sl_worker *w) {
   /* acquire: pairs with the flusher's round store. */
   uint64_t round = atomic_load_explicit(&w->meter.round_req, memory_order_acquire);
-  if (round != atomic_load_explicit(&w->meter.round_done, memory_order_relaxed)) {
-    sl_meter_handoff(&w->meter);
-    /* release: the handed-off tables are in the ring before the flusher sees the round done. */
-    atomic_store_explicit(&w->meter.round_done, round, memory_order_release);
-    sl_flusher_notify(&w->shared->flusher);
+  if (round == atomic_load_explicit(&w->meter.round_done, memory_order_relaxed)) return;
+  sl_meter_handoff(&w->meter);
+  /* release: the handed-off tables are in the ring before the flusher sees the round done. */
+  atomic_store_explicit(&w->meter.round_done, round, memory_order_release);
+  sl_flusher_notify(&w->shared->flusher);
+}
+
+static void on_drain(struct sl_worker *w) {
+  if (!atomic_load_explicit(&w->drain, memory_order_acquire) || w->draining) return;
+  w->draining = 1;
+  w->drain_deadline = uv_now(&w->loop) + w->cfg->drain_timeout_ms;
+  sl__close((uv_handle_t *)&w->listener, NULL);
+  struct sl_link *l, *next_l;
+  for (l = w->conns.next; l != &w->conns; l = next_l) {
+    next_l = l->next;
+    sl_conn_drain(sl_container_of(l, struct sl_conn, link));
   }
-  if (atomic_load_explicit(&w->drain, memory_order_acquire) && !w->draining) {
-    w->draining = 1;
-    w->drain_deadline = uv_now(&w->loop) + w->cfg->drain_timeout_ms;
-    sl__close((uv_handle_t *)&w->listener, NULL);
-    struct sl_link *l, *next_l;
-    for (l = w->conns.next; l != &w->conns; l = next_l) {
-      next_l = l->next;
-      sl_conn_drain(sl_container_of(l, struct sl_conn, link));
-    }
-    sl_upstream_close_idle(w);
-    if (w->nconns == 0) worker_stop_handles(w);
-  }
+  sl_upstream_close_idle(w);
+  if (w->nconns == 0) worker_stop_handles(w);
+}
+
+static void on_inbox(uv_async_t *a) {
+  struct sl_worker *w = sl_container_of(a, struct sl_worker, inbox.async);
+  uint32_t kinds = sl_inbox_take(&w->inbox);
+  if (kinds & SL_MSG_CONFIG) on_config(w);
+  if (kinds & SL_MSG_DIRECTORY) sl_admit_resume(w); /* parked requests whose account is now known */
+  if (kinds & SL_MSG_METER_ROUND) on_meter_round(w);
+  if (kinds & SL_MSG_DRAIN) on_drain(w);
+  sl_dirsync_quiescent(&w->shared->dir, w->id); /* on every wake: older snapshots can go sooner */
 }
 
 static void worker_main(void *arg) {
@@ -146,7 +158,7 @@ static void worker_main(void *arg) {
 }
 
 void sl_worker_destroy(struct sl_worker *w) {
-  uv_close((uv_handle_t *)&w->wake, NULL);
+  uv_close((uv_handle_t *)&w->inbox.async, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
   uv_loop_close(&w->loop);
   sl_meter_worker_free(&w->meter);
@@ -177,7 +189,7 @@ int sl_worker_init(struct sl_worker *w, unsigned id, const struct sl_config *cfg
   if ((r = uv_tcp_open(&w->listener, listen_fd)) != 0 ||
       (r = uv_listen((uv_stream_t *)&w->listener, 1024, on_connection)) != 0)
     goto err_loop;
-  uv_async_init(&w->loop, &w->wake, on_wake);
+  uv_async_init(&w->loop, &w->inbox.async, on_inbox);
   uv_timer_init(&w->loop, &w->sweep);
   uv_timer_start(&w->sweep, on_sweep, SL_SWEEP_MS, SL_SWEEP_MS);
   sl_worker_pools_build(w);

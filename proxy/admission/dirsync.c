@@ -28,7 +28,7 @@ void sl__dirsync_publish(struct sl_dirsync *d) {
   atomic_store_explicit(&d->stats.version, s->version, memory_order_relaxed);
   atomic_store_explicit(&d->stats.accounts, s->naccts, memory_order_relaxed);
   atomic_store_explicit(&d->stats.evictions, d->b.evictions, memory_order_relaxed);
-  for (unsigned i = 0; i < d->nworkers; i++) uv_async_send(d->worker_wakes[i]);
+  for (unsigned i = 0; i < d->nworkers; i++) sl_inbox_post(d->worker_inboxes[i], SL_MSG_DIRECTORY);
 }
 
 static void reclaim(struct sl_dirsync *d) {
@@ -303,7 +303,7 @@ static void on_wake(uv_async_t *a) {
     sl_stat_inc(&d->stats.lookups, 1);
     const struct sl_acct *have = sl_dir_find(s, m.ak, m.len, m.hash);
     if (have && (have->kind == SL_ACCT_FOUND || have->valid_until_ms > now)) {
-      uv_async_send(d->worker_wakes[m.worker]); /* answered meanwhile */
+      sl_inbox_post(d->worker_inboxes[m.worker], SL_MSG_DIRECTORY); /* answered meanwhile */
       continue;
     }
     if (sl__dirsync_pending_find(d, m.ak, m.len, m.hash) >= 0) continue; /* shared with an earlier ask */
@@ -358,7 +358,8 @@ static void on_tick(uv_timer_t *t) {
   reclaim(d);
 }
 
-int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned nworkers, uv_async_t **wakes) {
+int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned nworkers,
+                     struct sl_inbox **inboxes) {
   int r;
   size_t pl = strlen(cfg->redis_prefix);
   memcpy(d->prefix, cfg->redis_prefix, pl + 1);
@@ -368,7 +369,7 @@ int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned
   d->negative_ttl_ms = cfg->negative_ttl_ms;
   d->unavailable_ttl_ms = 1000;
   d->nworkers = nworkers;
-  d->worker_wakes = wakes;
+  d->worker_inboxes = inboxes;
   d->seen = sl_calloc(nworkers + 1, sizeof(*d->seen)); /* + the occasional reader */
   uint32_t qps[SL_MAX_FEATURES];
   uint8_t tier[SL_MAX_FEATURES];

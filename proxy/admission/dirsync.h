@@ -13,6 +13,7 @@
 #include "common.h"
 #include "config.h"
 #include "dir.h"
+#include "inbox.h"
 #include "ring.h"
 
 #define SL_DIR_MAX_PENDING 4096 /* distinct accounts being looked up at once */
@@ -67,7 +68,7 @@ struct sl_dirsync {
   struct sl_dir_builder b;
   struct sl_dirsync_stats stats;
   struct sl_dirsync_slot *seen;
-  uv_async_t **worker_wakes;
+  struct sl_inbox **worker_inboxes;
   unsigned nworkers;
   _Atomic int stop;
   /* configuration (copied at start) */
@@ -104,9 +105,11 @@ struct sl_dirsync {
   unsigned nreload, capreload;
 };
 
-/* Starts the thread. `worker_wakes` are the workers' async handles, woken
- * after each publish. Returns 0 or a negative errno. */
-int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned nworkers, uv_async_t **worker_wakes);
+/* Starts the thread. `worker_inboxes` are the workers' inboxes: each is
+ * posted SL_MSG_DIRECTORY when lookups it asked for are answered or a new
+ * snapshot is published. Returns 0 or a negative errno. */
+int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned nworkers,
+                     struct sl_inbox **worker_inboxes);
 /* Stops the thread and frees everything; no worker may read afterwards. */
 void sl_dirsync_stop(struct sl_dirsync *d);
 

@@ -358,7 +358,7 @@ static void on_tick(uv_timer_t *t) {
     /* release: nothing to publish but the number; the worker answers with
      * an async wake. */
     atomic_store_explicit(&f->workers[i]->round_req, f->round, memory_order_release);
-    uv_async_send(f->worker_wakes[i]);
+    sl_inbox_post(f->worker_inboxes[i], SL_MSG_METER_ROUND);
   }
 }
 
@@ -453,10 +453,10 @@ static int replay_record(void *arg, int type, const unsigned char *p, uint32_t l
 }
 
 int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct sl_meter_worker **workers,
-                     uv_async_t **worker_wakes, unsigned nworkers, char *err, size_t errlen) {
+                     struct sl_inbox **worker_inboxes, unsigned nworkers, char *err, size_t errlen) {
   int r;
   f->workers = workers;
-  f->worker_wakes = worker_wakes;
+  f->worker_inboxes = worker_inboxes;
   f->nworkers = nworkers;
   f->flush_ms = cfg->flush_ms;
   f->queue_max = cfg->meter_queue_batches;

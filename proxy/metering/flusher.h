@@ -13,6 +13,7 @@
 
 #include "common.h"
 #include "config.h"
+#include "inbox.h"
 #include "meter.h"
 #include "spool.h"
 
@@ -44,7 +45,7 @@ struct sl_flusher {
   uv_timer_t tick;
   struct sl_flusher_stats stats;
   struct sl_meter_worker **workers;
-  uv_async_t **worker_wakes;
+  struct sl_inbox **worker_inboxes;
   unsigned nworkers;
   uint64_t round;
   struct sl_meter_table *acc;
@@ -73,7 +74,7 @@ struct sl_flusher {
  * spool, replays unacked batches, and starts the thread. Returns 0, or a
  * negative errno with a message in err (nothing is left behind then). */
 int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct sl_meter_worker **workers,
-                     uv_async_t **worker_wakes, unsigned nworkers, char *err, size_t errlen);
+                     struct sl_inbox **worker_inboxes, unsigned nworkers, char *err, size_t errlen);
 /* After the workers have stopped: takes what their tables hold, writes it
  * to Redis (waiting at most the final-flush bound) or the spool, and stops. */
 void sl_flusher_stop(struct sl_flusher *f);
