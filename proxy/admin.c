@@ -260,7 +260,7 @@ int sl_admin_explain(struct sl_admin *a, const char *query, struct sl_buf *o) {
   for (uint32_t i = 0; acct && i < acct->npkgs; i++) {
     const struct sl_pkg *p = &acct->pkgs[i];
     if (p->feature != f || p->region_len != (size_t)rl || memcmp(p->region, region, (size_t)rl)) continue;
-    int active = p->starts_at <= ts.tv_sec && ts.tv_sec < p->expires_at;
+    int active = sl_pkg_active(p, ts.tv_sec);
     if (!first) sl_buf_lit(o, ",");
     sl_buf_lit(o, "{\"id\":");
     first = 0;

@@ -144,7 +144,7 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
     return;
   }
   if (d.result == LIM_FULL) {
-    sl_stat_add(&w->stats.limiter_full, 1);
+    sl_stat_inc(&w->stats.limiter_full, 1);
     if (w->cfg->limiter_full == SL_LIMITER_FULL_CLOSED) {
       reject(c, SL_OUT_UNAVAILABLE, 503, "ServiceUnavailable", "The rate limiter is full; retry later.",
              "Retry-After: 1\r\n");
@@ -176,8 +176,8 @@ static void park(struct sl_conn *c) {
   sl_list_push(&w->parked, &c->call.park);
   c->call.parked = 1;
   w->nparked++;
-  sl_stat_add(&w->stats.parked, 1);
-  sl_stat_add(&w->stats.parked_now, 1);
+  sl_stat_inc(&w->stats.parked, 1);
+  sl_stat_inc(&w->stats.parked_now, 1);
   /* A safety net: the directory answers within lookup-timeout-ms. */
   c->deadline = uv_now(&w->loop) + w->cfg->lookup_timeout_ms + 2000;
 }
@@ -187,7 +187,7 @@ void sl_admit_unpark(struct sl_conn *c) {
   sl_list_remove(&c->call.park);
   c->call.parked = 0;
   c->w->nparked--;
-  sl_stat_sub(&c->w->stats.parked_now, 1);
+  sl_stat_dec(&c->w->stats.parked_now, 1);
   c->deadline = 0;
 }
 

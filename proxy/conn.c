@@ -55,7 +55,7 @@ void sl_conn_close(struct sl_conn *c) {
   body_release(c);
   sl_list_remove(&c->link);
   c->w->nconns--;
-  sl_stat_sub(&c->w->stats.conns_open, 1);
+  sl_stat_dec(&c->w->stats.conns_open, 1);
   sl__close((uv_handle_t *)&c->tcp, conn_free);
 }
 
@@ -128,7 +128,7 @@ static void conn_dispatch(struct sl_conn *c) {
   struct sl_worker *w = c->w;
   c->phase = SL_C_WAITING;
   c->deadline = 0;
-  sl_stat_add(&w->stats.requests, 1);
+  sl_stat_inc(&w->stats.requests, 1);
   sl_http_request_id(c->reqid, w->rid_hi, ++w->rid_seq);
   c->pool = SL_POOL_DEFAULT;
   if (w->cfg->admission_on)
@@ -186,9 +186,9 @@ static void conn_linger(struct sl_conn *c) {
 
 static void conn_finish(struct sl_conn *c) {
   struct sl_worker *w = c->w;
-  if (c->status >= 100 && c->status < 600) sl_stat_add(&w->stats.status_class[c->status / 100], 1);
+  if (c->status >= 100 && c->status < 600) sl_stat_inc(&w->stats.status_class[c->status / 100], 1);
   if (!c->call.decided) c->call.outcome = c->status == 200 ? SL_OUT_OK : SL_OUT_UPSTREAM_ERROR;
-  sl_stat_add(&w->stats.outcome[c->call.outcome][c->call.cls.feature + 1][c->call.tier & 1], 1);
+  sl_stat_inc(&w->stats.outcome[c->call.outcome][c->call.cls.feature + 1][c->call.tier & 1], 1);
   if (SL_LIKELY(w->cfg->metering_on)) conn_meter(c);
   sl_log_access(w, c);
   body_release(c);
@@ -577,7 +577,7 @@ void sl_conn_accept(struct sl_worker *w) {
                   "The proxy has reached its connection limit; retry later.", rid, "Retry-After: 1\r\n", 1);
     uv_buf_t b = uv_buf_init(c->out.data, (unsigned)c->out.len);
     (void)uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
-    sl_stat_add(&w->stats.conns_refused, 1);
+    sl_stat_inc(&w->stats.conns_refused, 1);
     c->closing = 1;
     uv_close((uv_handle_t *)&c->tcp, conn_free);
     return;
@@ -596,8 +596,8 @@ void sl_conn_accept(struct sl_worker *w) {
   c->req.buf = sl_malloc(c->req.cap);
   sl_list_push(&w->conns, &c->link);
   w->nconns++;
-  sl_stat_add(&w->stats.conns_open, 1);
-  sl_stat_add(&w->stats.conns_accepted, 1);
+  sl_stat_inc(&w->stats.conns_open, 1);
+  sl_stat_inc(&w->stats.conns_accepted, 1);
   c->phase = SL_C_IDLE;
   c->deadline = uv_now(&w->loop) + w->cfg->idle_timeout_ms;
   uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, read_cb);

@@ -20,6 +20,7 @@
 #include "http_util.h"
 #include "meter.h"
 #include "reqparse.h"
+#include "stat.h"
 #include "upstream.h"
 #include "uv_util.h"
 
@@ -67,13 +68,6 @@ struct sl_stats {
   _Atomic uint64_t limiter_full;  /* decisions the bucket table could not hold */
 };
 
-static inline void sl_stat_add(_Atomic uint64_t *c, uint64_t v) {
-  /* Single writer: a relaxed load+store pair is a plain add, no lock prefix. */
-  atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + v, memory_order_relaxed);
-}
-static inline void sl_stat_sub(_Atomic uint64_t *c, uint64_t v) {
-  atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) - v, memory_order_relaxed);
-}
 
 struct sl_worker;
 struct sl_conn;

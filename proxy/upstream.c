@@ -20,9 +20,9 @@ static inline uint64_t now_ms(struct sl_worker *w) { return uv_now(&w->loop); }
 static void record_latency(struct sl_worker *w, uint64_t us) {
   unsigned i = 0;
   while (i < SL_LAT_BUCKETS && us > sl_lat_bounds_us[i]) i++;
-  sl_stat_add(&w->stats.lat_bucket[i], 1);
-  sl_stat_add(&w->stats.lat_count, 1);
-  sl_stat_add(&w->stats.lat_sum_us, us);
+  sl_stat_inc(&w->stats.lat_bucket[i], 1);
+  sl_stat_inc(&w->stats.lat_count, 1);
+  sl_stat_inc(&w->stats.lat_sum_us, us);
 }
 
 /* The parser's callbacks (ctx: the connection), passed on to the request's
@@ -95,7 +95,7 @@ static struct sl_upaddr *pool_pick(struct sl_pool *p, uint64_t now) {
 static void addr_failed(struct sl_worker *w, struct sl_upaddr *ua) {
   if (++ua->fails >= w->cfg->max_fails && ua->down_until <= now_ms(w)) {
     ua->down_until = now_ms(w) + w->cfg->fail_timeout_ms;
-    sl_stat_add(&w->stats.up_ejections, 1);
+    sl_stat_inc(&w->stats.up_ejections, 1);
     fprintf(stderr, "sluice[%u]: upstream %s ejected for %u ms after %u failure(s)\n", w->id, ua->addr.text,
             w->cfg->fail_timeout_ms, ua->fails);
   }
@@ -152,16 +152,16 @@ static void up_fail(struct sl_upconn *u, int connect_failed, int timed_out) {
   int reused = u->requests > 0;
   if (!reused || timed_out) addr_failed(w, u->ua);
   if (timed_out)
-    sl_stat_add(&w->stats.up_timeouts, 1);
+    sl_stat_inc(&w->stats.up_timeouts, 1);
   else if (connect_failed)
-    sl_stat_add(&w->stats.up_connect_errors, 1);
+    sl_stat_inc(&w->stats.up_connect_errors, 1);
   else
-    sl_stat_add(&w->stats.up_errors, 1);
+    sl_stat_inc(&w->stats.up_errors, 1);
   up_close(u); /* detaches r */
   if (!r) return;
   if (!u->got_bytes && !timed_out && (connect_failed || reused) && r->retries < 1 + u->pool->n) {
     r->retries++;
-    sl_stat_add(&w->stats.up_retries, 1);
+    sl_stat_inc(&w->stats.up_retries, 1);
     /* A retry that finds every member ejected reports the failure it met. */
     if (up_start_on(w, r) != 0) up_error(r, 502, "BadGateway", "The moderation backend failed.");
     return;
@@ -267,7 +267,7 @@ static void up_connect_cb(uv_connect_t *req, int status) {
     return;
   }
   uv_tcp_nodelay(&u->tcp, 1);
-  sl_stat_add(&u->w->stats.up_connects, 1);
+  sl_stat_inc(&u->w->stats.up_connects, 1);
   uv_read_start((uv_stream_t *)&u->tcp, up_alloc_cb, up_read_cb);
   u->state = SL_UP_BUSY;
   if (u->req) up_send_request(u);
@@ -337,7 +337,7 @@ static int up_start_on(struct sl_worker *w, struct sl_upreq *r) {
       u = sl_container_of(ua->idle.next, struct sl_upconn, link);
       sl_list_remove(&u->link);
       ua->nidle--;
-      sl_stat_add(&w->stats.up_reused, 1);
+      sl_stat_inc(&w->stats.up_reused, 1);
       u->req = r;
       r->conn = u;
       up_send_request(u);
@@ -351,11 +351,11 @@ static int up_start_on(struct sl_worker *w, struct sl_upreq *r) {
     }
     /* Refused at once: counted like a failed connect, then the next member. */
     addr_failed(w, ua);
-    sl_stat_add(&w->stats.up_connect_errors, 1);
+    sl_stat_inc(&w->stats.up_connect_errors, 1);
     up_close(u);
     if (r->retries >= 1 + pool->n) return e;
     r->retries++;
-    sl_stat_add(&w->stats.up_retries, 1);
+    sl_stat_inc(&w->stats.up_retries, 1);
   }
 }
 
