@@ -188,6 +188,16 @@ static void note_ident(struct sl_req *r, int16_t *slot, unsigned i) {
   *slot = (int16_t)i;
 }
 
+/* The request target holds no control byte, space, DEL or '#': llhttp
+ * 8.1 takes a tab and a fragment, which a backend could read otherwise
+ * (a tab as the end of the target, a fragment as more query). */
+static int target_ok(const struct sl_req *r) {
+  const unsigned char *u = (const unsigned char *)r->buf + r->url_off;
+  for (uint32_t i = 0; i < r->url_len; i++)
+    if (u[i] <= 0x20 || u[i] == 0x7f || u[i] == '#') return 0;
+  return 1;
+}
+
 /* The head ends at `pos`. Returns 0, or -1 with err_status set. */
 static int head_done(struct sl_req *r, size_t pos) {
   r->head_len = (uint32_t)pos;
@@ -195,7 +205,9 @@ static int head_done(struct sl_req *r, size_t pos) {
     r->err_status = 431;
     return -1;
   }
-  if (!head_lines_ok(r->buf, pos) || !protocol_ok(r)) return -1;
+  if (!head_lines_ok(r->buf, pos) || !protocol_ok(r) || !target_ok(r)) return -1;
+  /* CONNECT asks for a tunnel: nothing a moderation API is called with. */
+  if (llhttp_get_method(&r->parser) == HTTP_CONNECT) return -1;
   r->headers_done = 1;
   r->head_method = llhttp_get_method(&r->parser) == HTTP_HEAD;
   r->keep_alive = llhttp_should_keep_alive(&r->parser) != 0;
@@ -210,6 +222,16 @@ static int head_done(struct sl_req *r, size_t pos) {
       case SL_H_EXPECT:
         if (SL_IEQ(r->buf + h->val_off, h->val_len, "100-continue")) r->expect_continue = 1;
         break;
+      case SL_H_TRANSFER_ENCODING: {
+        /* Only "chunked" alone: llhttp 8.1 takes "gzip, chunked", whose
+         * body would be forwarded de-chunked but still gzip-coded. */
+        const char *v = r->buf + h->val_off;
+        size_t n = h->val_len;
+        while (n && (*v == ' ' || *v == '\t')) v++, n--;
+        while (n && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
+        if (!SL_IEQ(v, n, "chunked")) return -1;
+        break;
+      }
       case SL_H_HOST: note_ident(r, &r->h_host, i); break;
       case SL_H_AUTHORIZATION: note_ident(r, &r->h_auth, i); break;
       case SL_H_X_ACS_ACTION: note_ident(r, &r->h_action, i); break;

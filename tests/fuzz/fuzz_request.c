@@ -43,7 +43,10 @@ static void check_head(const struct sl_req *r) {
     if (r->buf[i] == '\n') FZ_CHECK(i > 0 && r->buf[i - 1] == '\r');
   FZ_CHECK((size_t)r->url_off + r->url_len <= r->head_len && r->url_len > 0);
   FZ_CHECK(memchr(r->buf + r->url_off, '\r', r->url_len) == NULL);
-  FZ_CHECK(memchr(r->buf + r->url_off, '\n', r->url_len) == NULL);
+  for (uint32_t i = 0; i < r->url_len; i++) { /* no control byte, space, DEL or fragment */
+    unsigned char u = (unsigned char)r->buf[r->url_off + i];
+    FZ_CHECK(u > 0x20 && u != 0x7f && u != '#');
+  }
   for (unsigned i = 0; i < r->hdrs.n; i++) {
     const struct sl_hdr *h = &r->hdrs.h[i];
     FZ_CHECK((size_t)h->name_off + h->name_len <= r->head_len);

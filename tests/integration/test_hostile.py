@@ -208,6 +208,22 @@ class Framing(HostileCase):
         self.assert_refused(b"GET " + V1.encode() + b"\r\n\r\n")  # HTTP/0.9 style
         self.assert_refused(b"SOURCE " + V1.encode() + b" ICE/1.0\r\nHost: a\r\n\r\n")
 
+    def test_request_target_and_method(self):
+        for target in (b"/?Action=TextModeration&AccessKeyId=AK1\tx", b"/?AccessKeyId=AK1#&AccessKeyId=AK2&Action=TextModeration",
+                       b"/?Action=TextModeration\x01&AccessKeyId=AK1"):
+            with self.subTest(target=target):
+                self.assert_refused(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assert_refused(b"CONNECT green-cip.cn-shanghai.aliyuncs.com:443 HTTP/1.1\r\nHost: a\r\n\r\n")
+
+    def test_transfer_codings_other_than_chunked(self):
+        for te in (b"gzip, chunked", b"chunked, chunked", b"identity", b"x-chunked"):
+            with self.subTest(te=te):
+                self.assert_refused(b"POST " + V1.encode() + b" HTTP/1.1\r\nTransfer-Encoding: " + te +
+                                    b"\r\n\r\n1\r\na\r\n0\r\n\r\n")
+        with harness.HttpConn(self.sl.port) as c:  # "chunked" in any case, around spaces: fine
+            c.send(b"POST " + V1.encode() + b" HTTP/1.1\r\nTransfer-Encoding:  Chunked \r\n\r\n1\r\na\r\n0\r\n\r\n")
+            self.assertEqual(c.read_response().status, 200)
+
     def test_chunk_data_without_crlf(self):
         base = b"POST " + V1.encode() + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
         self.assert_refused(base + b"3\r\nabcXX0\r\n\r\n")
