@@ -44,8 +44,18 @@ static void scan_params(const char *s, size_t n, struct span *out) {
     size_t e = amp ? (size_t)(amp - s) : n;
     const char *eq = memchr(s + i, '=', e - i);
     size_t kl = eq ? (size_t)(eq - (s + i)) : e - i;
+    /* A name is compared as the backend reads it, decoded: "Access%4BeyId"
+     * is AccessKeyId too. Names of the API are short and plain: a longer
+     * or undecodable one is none of them. */
+    const char *name = s + i;
+    char dn[16];
+    if (kl < 40 && (memchr(name, '%', kl) || memchr(name, '+', kl))) {
+      int dl = sl_http_urldecode(name, kl, dn, sizeof(dn));
+      name = dn;
+      kl = dl < 0 ? 0 : (size_t)dl;
+    }
     for (unsigned k = 0; k < P_COUNT; k++) {
-      if (kl != param_names[k].len || memcmp(s + i, param_names[k].name, kl) != 0) continue;
+      if (kl != param_names[k].len || memcmp(name, param_names[k].name, kl) != 0) continue;
       const char *vp = eq ? eq + 1 : s + e;
       size_t vn = eq ? (size_t)(s + e - eq - 1) : 0;
       if (!out[k].found) {
@@ -124,9 +134,11 @@ static void trim(const char **p, size_t *n) {
 /* Finds the Credential of "ACS3-HMAC-SHA256 Credential=AK,SignedHeaders=...,
  * Signature=..." (V3 signature). The scheme and parameter name match
  * case-insensitively (RFC 9110 11.1); the value ends at ',', whitespace or
- * the end. Returns 1 and the value (possibly empty), or 0 when there is none. */
+ * the end. Returns 1 and the value (possibly empty), 0 when there is none,
+ * -1 when Credential is given twice with different values. */
 static int v3_credential(const char *p, size_t n, const char **v, size_t *vn) {
   size_t i = 0, s;
+  int found = 0;
   while (i < n && is_ows(p[i])) i++;
   s = i;
   while (i < n && !is_ows(p[i])) i++;
@@ -138,13 +150,15 @@ static int v3_credential(const char *p, size_t n, const char **v, size_t *vn) {
     if (i < n && p[i] == '=' && SL_IEQ(p + s, i - s, "credential")) {
       s = ++i;
       while (i < n && p[i] != ',' && !is_ows(p[i])) i++;
+      if (found && (*vn != i - s || memcmp(*v, p + s, i - s) != 0)) return -1;
       *v = p + s;
       *vn = i - s;
-      return 1;
+      found = 1;
+      continue;
     }
     while (i < n && p[i] != ',') i++;
   }
-  return 0;
+  return found;
 }
 
 static int is_label_char(char c) {
@@ -290,8 +304,9 @@ enum sl_class_err sl_classify(const struct sl_class_input *in, struct sl_class *
 
   v = NULL;
   vn = 0;
-  if (in->authorization != NULL && !v3_credential(in->authorization, in->auth_len, &v, &vn)) v = NULL;
-  e = pick(&q[P_AK], &f[P_AK], v, vn, 1, out->ak, sizeof(out->ak), &out->ak_len);
+  int cred = in->authorization != NULL ? v3_credential(in->authorization, in->auth_len, &v, &vn) : 0;
+  if (cred <= 0) v = NULL;
+  e = cred < 0 ? SL_CLASS_CONFLICT : pick(&q[P_AK], &f[P_AK], v, vn, 1, out->ak, sizeof(out->ak), &out->ak_len);
   if (err == SL_CLASS_OK) err = e;
 
   e = region_of(in, out);

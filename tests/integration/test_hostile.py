@@ -334,6 +334,9 @@ class Identity(HostileCase):
         for path, hdrs in (
             ("/?Action=TextModeration&AccessKeyId=AK1&AccessKeyId=AK2", {}),
             ("/?Action=TextModeration&AccessKeyId=&AccessKeyId=AK2", {}),
+            ("/?Action=TextModeration&AccessKeyId=AK1&Access%4BeyId=AK2", {}),  # a name is read decoded
+            ("/?Action=TextModeration",
+             {"Authorization": "ACS3-HMAC-SHA256 Credential=AK1,SignedHeaders=host,Credential=AK2,Signature=00"}),
             ("/?Action=TextModeration&AccessKeyId=AK2",
              {"Authorization": "ACS3-HMAC-SHA256 Credential=AK1,SignedHeaders=host,Signature=00"}),
         ):

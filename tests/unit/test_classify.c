@@ -93,6 +93,15 @@ static void test_v1_query(void **state) {
   assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
   r.url = "/?AccessKeyId=AK1&Action=ImageModeration&Action=X";
   assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
+  /* Names are compared decoded, as the backend reads them. */
+  r.url = "/?AccessKeyId=AK1&Action=ImageModeration&Access%4BeyId=AK2";
+  assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
+  r.url = "/?Acti%6Fn=ImageModeration&AccessKeyId=AK1";
+  expect_all(&r, "ImageModeration", "AK1", "", "cn-beijing", SL_FEAT_IMAGE);
+  r.url = "/?AccessKeyId=AK1&Action=ImageModeration";
+  r.auth = "ACS3-HMAC-SHA256 Credential=AK1,SignedHeaders=host,Credential=AK2,Signature=x";
+  assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
+  r.auth = NULL;
   r.url = "/?AccessKeyId=AK1&Action=ImageModeration";
   r.auth = "ACS3-HMAC-SHA256 Credential=AK2,SignedHeaders=host,Signature=x";
   assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT);
