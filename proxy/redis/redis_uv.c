@@ -109,7 +109,8 @@ static void *g_string(const redisReadTask *t, char *s, size_t n) {
 
 static void *g_array(const redisReadTask *t, int elements) {
   struct sl_redis_ev *e = t->privdata;
-  const char *why = check(e, t, REDIS_REPLY_ARRAY, elements);
+  const char *why = sl_redis_array_ok(elements) ? check(e, t, REDIS_REPLY_ARRAY, elements)
+                                                : "an array reply of more elements than any sluice asks for";
   return why ? refuse(e, why) : e->orig->createArray(t, elements);
 }
 

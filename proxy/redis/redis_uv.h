@@ -10,8 +10,9 @@
  * is built: hiredis then drops the connection as on a protocol error (its
  * errstr says "Out of memory"; sl_redis_refused says what happened). And
  * reading stops while more than SL_REDIS_MAX_BUFFER bytes of one reply are
- * buffered, so a peer cannot grow memory without bound: the owner's reply
- * timeout then drops the connection. */
+ * buffered, and an array header of more than SL_REDIS_MAX_ELEMENTS is
+ * refused, so a peer cannot grow memory without bound: the owner's reply
+ * timeout, or the refusal, then drops the connection. */
 #ifndef SL_REDIS_UV_H
 #define SL_REDIS_UV_H
 
@@ -19,6 +20,14 @@
 #include <uv.h>
 
 #define SL_REDIS_MAX_BUFFER (256u << 20) /* bytes of unparsed reply held at most */
+/* Elements of one array reply at most: hiredis 0.14 allocates an array's
+ * element pointers when it reads the header ("*666666666" is 5 GB at once,
+ * found by fuzz_flusher_reply), before any element arrives. 4M elements is
+ * 32 MiB of pointers; with hiredis' nesting limit (7) at most 224 MiB. */
+#define SL_REDIS_MAX_ELEMENTS (1 << 22)
+
+/* Whether an array header of `elements` may be built (the guard's rule). */
+static inline int sl_redis_array_ok(long long elements) { return elements <= SL_REDIS_MAX_ELEMENTS; }
 
 /* Attaches ac to loop. Returns REDIS_OK or REDIS_ERR. */
 int sl_redis_attach(redisAsyncContext *ac, uv_loop_t *loop);

@@ -207,7 +207,9 @@ class FakeServer:
     'http'    answers the first bytes like an HTTP server, then closes;
     'junk'    answers every read with replies nobody asked for and malformed
               pub/sub messages (what made hiredis 0.14 assert);
-    'pong'    answers the first command +PONG like Redis, then junk.
+    'pong'    answers the first command +PONG like Redis, then junk;
+    'huge'    answers with array headers of 600 million elements (hiredis
+              0.14 allocates 4.8 GB of element pointers for one at once).
     `connections` counts accepted connections."""
 
     JUNK = b"+OK\r\n*1\r\n$3\r\nfoo\r\n*0\r\n*3\r\n:1\r\n:2\r\n:3\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n$1\r\ny\r\n"
@@ -263,6 +265,8 @@ class FakeServer:
                     return
                 if self.mode == "junk":
                     s.sendall(self.JUNK)
+                elif self.mode == "huge":
+                    s.sendall(b"*600000000\r\n:1\r\n")
                 elif self.mode == "pong":
                     s.sendall(b"+PONG\r\n" if first else self.JUNK)
                 first = False
@@ -435,6 +439,9 @@ class NotRedis(unittest.TestCase):
             self.assertEqual(resp.status, 503, resp.body)
         time.sleep(self.WINDOW)
         self.assertIsNone(sl.proc.poll(), sl.stderr()[-3000:])
+        with open(f"/proc/{sl.proc.pid}/status") as f:  # nothing a peer says makes sluice allocate gigabytes
+            rss_kb = int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1])
+        self.assertLess(rss_kb, 1 << 20, f"{mode}: RSS {rss_kb} kB")
         err = sl.stderr()
         dir_lines = [ln for ln in err.splitlines() if ln.startswith("sluice: redis:")]
         print(f"\n  {mode}: {len(err.splitlines())} log lines in all ({len(dir_lines)} from the directory) over "
@@ -460,6 +467,9 @@ class NotRedis(unittest.TestCase):
 
     def test_pong_then_junk(self):
         self.run_against("pong")
+
+    def test_huge_array_headers(self):
+        self.run_against("huge")
 
 
 if __name__ == "__main__":
