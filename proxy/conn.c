@@ -93,8 +93,10 @@ void sl_conn_error(struct sl_conn *c, int status, const char *code, const char *
   if (!c->reqid[0]) sl_http_request_id(c->reqid, c->w->rid_hi, ++c->w->rid_seq);
   c->status = status;
   c->head_sent = 1;
-  if (close) c->close_after = 1;
-  if (c->phase == SL_C_READING) c->body_unread = 1; /* answered before the request's end */
+  /* Answered before the request's end: the rest of it is never read, so
+   * the connection ends with this answer, and says so. */
+  if (c->phase == SL_C_READING) c->body_unread = 1;
+  if (close || c->body_unread) c->close_after = 1;
   if (sl_http_error(&c->out, status, code, msg, c->reqid, extra, c->close_after) != 0) {
     sl_conn_close(c);
     return;
@@ -103,7 +105,6 @@ void sl_conn_error(struct sl_conn *c, int status, const char *code, const char *
   c->resp_done = 1;
   conn_flush(c);
 }
-
 
 static void conn_start_request(struct sl_conn *c) {
   struct timespec ts;

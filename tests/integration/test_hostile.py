@@ -457,6 +457,7 @@ class EarlyAnswers(HostileCase):
     def test_403_before_the_body(self):
         r, closed = self.head_only("/?Action=TextModeration")
         self.assertEqual((r.status, r.json()["Code"]), (403, "InvalidAccessKeyId.NotFound"))
+        self.assertEqual(r.header("Connection"), "close")
         self.assertTrue(closed)
         # unknown key: once the directory knows it is unknown
         self.assertEqual(self.ok("/?Action=TextModeration&AccessKeyId=NOPE").status, 403)
