@@ -277,6 +277,18 @@ static void on_redis_ready(void *data) {
   redisAsyncCommand(sub, on_sub_message, NULL, "SUBSCRIBE %s" SL_CHANNEL_CHANGES, d->prefix);
   d->resync_running = 0;
   full_resync(d);
+  /* First lookups that waited for the connection. */
+  if (d->npending) {
+    char(*aks)[SL_AK_MAX + 1] = sl_malloc(d->npending * sizeof(*aks));
+    uint8_t *lens = sl_malloc(d->npending);
+    for (unsigned i = 0; i < d->npending; i++) {
+      memcpy(aks[i], d->pending[i].ak, d->pending[i].len);
+      lens[i] = d->pending[i].len;
+    }
+    sl__dirsync_request_accounts(d, aks, lens, d->npending);
+    free(aks);
+    free(lens);
+  }
 }
 
 /* ---- the loop ---- */
@@ -307,7 +319,11 @@ static void on_wake(uv_async_t *a) {
       continue;
     }
     if (sl__dirsync_pending_find(d, m.ak, m.len, m.hash) >= 0) continue; /* shared with an earlier ask */
-    if (!sl_redis_cmd(d->redis) || d->npending == SL_DIR_MAX_PENDING) {
+    /* While the connection is being made (at start, or after a drop), a
+     * first lookup waits for it, within lookup_timeout_ms like any other;
+     * with Redis known down it is answered "unavailable" at once. */
+    int ready = sl_redis_cmd(d->redis) != NULL;
+    if ((!ready && sl_redis_state(d->redis) != SL_REDIS_CONNECTING) || d->npending == SL_DIR_MAX_PENDING) {
       sl__dirsync_unavailable(d, m.ak, m.len);
       continue;
     }
@@ -316,6 +332,7 @@ static void on_wake(uv_async_t *a) {
     d->pending[d->npending].started_ms = now;
     memcpy(d->pending[d->npending].ak, m.ak, m.len);
     d->npending++;
+    if (!ready) continue; /* asked once the connection is up (on_redis_ready) */
     if (n == cap) {
       cap = cap ? 2 * cap : 64;
       aks = sl_realloc(aks, cap * sizeof(*aks));

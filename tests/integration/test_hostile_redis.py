@@ -357,6 +357,26 @@ class Freezer:
             t.join(5)
 
 
+class SlowFirstConnect(unittest.TestCase):
+    """A first lookup while the connection is still being made (Redis slow
+    to answer the first PING) waits for it, within --lookup-timeout-ms,
+    instead of being answered 503 at once."""
+
+    def test_first_lookup_waits_for_the_connection(self):
+        r = harness.start_redis()
+        self.addCleanup(r.stop)
+        r.cli("SET", P + "ak:AKW", "uw")
+        _, up = start_modstub(self)
+        from proxyenv import start_sluice
+        r.cli("CLIENT", "PAUSE", "700", "ALL")  # sluice's first PING waits out the pause
+        sl = start_sluice(self, [up], "--lookup-timeout-ms", "3000", redis=r, workers=1)
+        t0 = time.monotonic()
+        resp = one(sl.port, ak="AKW")
+        self.assertEqual(resp.status, 200, resp.body)
+        self.assertLess(time.monotonic() - t0, 3.0)
+        self.assertEqual(sl.stop(), 0)
+
+
 class SilentRedis(AdmissionCase):
     """A Redis that stops answering, and a server that never answered."""
 
