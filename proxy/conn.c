@@ -481,7 +481,11 @@ static void conn_busy(struct sl_conn *c) {
 static void conn_head(struct sl_conn *c) {
   struct sl_req *r = &c->req;
   if (!r->has_body) return;
-  if (c->w->cfg->admission_on && sl_admit_head(c)) return;
+  /* A body that is already in (the usual small call, read with its head)
+   * costs nothing more to read: the full decision comes at once, without
+   * classifying twice on the hot path. */
+  int body_here = !r->chunked_req && r->need_cap <= r->len;
+  if (c->w->cfg->admission_on && !body_here && sl_admit_head(c)) return;
   if (!r->chunked_req && body_reserve(c, r->body_len) != 0) {
     conn_busy(c);
     return;
