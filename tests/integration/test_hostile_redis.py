@@ -443,7 +443,7 @@ class NotRedis(unittest.TestCase):
     """Servers that speak something else: sluice stays up (hiredis 0.14
     would assert on some of these), its log stays small, it exits 0."""
 
-    WINDOW = 6.0
+    WINDOW = 3.0
 
     def run_against(self, mode):
         fake = FakeServer(mode)
