@@ -80,11 +80,20 @@ class RawBackend:
                 body, buf = buf[:n], buf[n:]
                 with self.lock:
                     self.requests.append((head, body))
-                out = b'{"Code":200,"Data":{},"RequestId":"raw"}'
-                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                          % (len(out), out))
+                reply, close = self.answer(head)
+                c.sendall(reply)
+                if close:
+                    c.close()
+                    return
         except OSError:
             return
+
+    def answer(self, head):
+        """The bytes to send for a request with this head, and whether to
+        close after them."""
+        out = b'{"Code":200,"Data":{},"RequestId":"raw"}'
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(out), out)), False
 
     def got(self):
         with self.lock:
@@ -520,25 +529,9 @@ class ScriptedBackend(RawBackend):
     }
     CLOSE = {"eof_trailers"}
 
-    def _serve(self, c):
-        buf = b""
-        try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    d = c.recv(65536)
-                    if not d:
-                        return
-                    buf += d
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                name = head.split(b" ")[1].split(b"/r/")[-1].split(b"?")[0].decode()
-                with self.lock:
-                    self.requests.append((head, b""))
-                c.sendall(self.RESPONSES[name])
-                if name in self.CLOSE:
-                    c.close()
-                    return
-        except OSError:
-            return
+    def answer(self, head):
+        name = head.split(b" ")[1].split(b"/r/")[-1].split(b"?")[0].decode()
+        return self.RESPONSES[name], name in self.CLOSE
 
 
 class BackendAnswers(unittest.TestCase):

@@ -179,7 +179,7 @@ static void fixture_end(struct fixture *f) {
   assert_int_equal(uv_loop_close(&f->w.loop), 0);
 }
 
-static void caller_start(struct fixture *f, struct caller *c) {
+static void caller_init(struct fixture *f, struct caller *c) {
   memset(c, 0, sizeof(*c));
   c->loop = &f->w.loop;
   c->r.bufs[0] = uv_buf_init((char *)request, sizeof(request) - 1);
@@ -187,6 +187,10 @@ static void caller_start(struct fixture *f, struct caller *c) {
   c->r.pool = SL_POOL_DEFAULT;
   c->r.cbs = &cbs;
   c->r.ctx = c;
+}
+
+static void caller_start(struct fixture *f, struct caller *c) {
+  caller_init(f, c);
   assert_int_equal(sl_upstream_start(&f->w, &c->r), 0);
   assert_non_null(c->r.conn);
 }
@@ -254,12 +258,7 @@ static void test_no_member_usable_fails_at_once(void **state) {
    * the member is ejected, and the next start finds none usable. */
   fixture_init(&f, "", 0, 1);
   struct caller c;
-  memset(&c, 0, sizeof(c));
-  c.loop = &f.w.loop;
-  c.r.bufs[0] = uv_buf_init((char *)request, sizeof(request) - 1);
-  c.r.nbufs = 1;
-  c.r.cbs = &cbs;
-  c.r.ctx = &c;
+  caller_init(&f, &c);
   int r = sl_upstream_start(&f.w, &c.r);
   if (r == 0) {
     uv_run(&f.w.loop, UV_RUN_DEFAULT);
@@ -268,12 +267,7 @@ static void test_no_member_usable_fails_at_once(void **state) {
   } else {
     assert_int_equal(c.errors, 0); /* a synchronous failure calls nothing */
   }
-  memset(&c, 0, sizeof(c));
-  c.loop = &f.w.loop;
-  c.r.bufs[0] = uv_buf_init((char *)request, sizeof(request) - 1);
-  c.r.nbufs = 1;
-  c.r.cbs = &cbs;
-  c.r.ctx = &c;
+  caller_init(&f, &c);
   assert_int_equal(sl_upstream_start(&f.w, &c.r), UV_EAGAIN);
   assert_int_equal(c.errors + c.dones + c.heads, 0);
   assert_null(c.r.conn);
