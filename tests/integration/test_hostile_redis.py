@@ -201,25 +201,13 @@ class BadAccountsInABatch(AdmissionCase):
 
 # ---- servers that are not (or no longer) a working Redis ----
 
-class FakeServer:
-    """A TCP server on 127.0.0.1 that is not Redis. mode:
-    'silent'  accepts and reads, never writes;
-    'http'    answers the first bytes like an HTTP server, then closes;
-    'junk'    answers every read with replies nobody asked for and malformed
-              pub/sub messages (what made hiredis 0.14 assert);
-    'pong'    answers the first command +PONG like Redis, then junk;
-    'huge'    answers with array headers of 600 million elements (hiredis
-              0.14 allocates 4.8 GB of element pointers for one at once).
-    `connections` counts accepted connections."""
+class LoopbackServer:
+    """A TCP server on 127.0.0.1 run by threads (stopped and joined by
+    close()); a subclass handles each accepted connection in on_accept."""
 
-    JUNK = b"+OK\r\n*1\r\n$3\r\nfoo\r\n*0\r\n*3\r\n:1\r\n:2\r\n:3\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n$1\r\ny\r\n"
-
-    def __init__(self, mode):
-        self.mode = mode
-        self.connections = 0
+    def __init__(self):
         self._stop = threading.Event()
         self._threads = []
-        self._socks = []
         self._lock = threading.Lock()
         self._ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -244,11 +232,41 @@ class FakeServer:
                 continue
             except OSError:
                 return
-            s.settimeout(0.2)
-            with self._lock:
-                self.connections += 1
-                self._socks.append(s)
-            self._spawn(self._serve, s)
+            self.on_accept(s)
+
+    def on_accept(self, s):
+        raise NotImplementedError
+
+    def close(self):
+        self._stop.set()
+        self._ls.close()
+        for t in list(self._threads):
+            t.join(5)
+
+
+class FakeServer(LoopbackServer):
+    """A TCP server on 127.0.0.1 that is not Redis. mode:
+    'silent'  accepts and reads, never writes;
+    'http'    answers the first bytes like an HTTP server, then closes;
+    'junk'    answers every read with replies nobody asked for and malformed
+              pub/sub messages (what made hiredis 0.14 assert);
+    'pong'    answers the first command +PONG like Redis, then junk;
+    'huge'    answers with array headers of 600 million elements (hiredis
+              0.14 allocates 4.8 GB of element pointers for one at once).
+    `connections` counts accepted connections."""
+
+    JUNK = b"+OK\r\n*1\r\n$3\r\nfoo\r\n*0\r\n*3\r\n:1\r\n:2\r\n:3\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n$1\r\ny\r\n"
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.connections = 0
+        super().__init__()
+
+    def on_accept(self, s):
+        s.settimeout(0.2)
+        with self._lock:
+            self.connections += 1
+        self._spawn(self._serve, s)
 
     def _serve(self, s):
         first = True
@@ -275,14 +293,8 @@ class FakeServer:
         finally:
             s.close()
 
-    def close(self):
-        self._stop.set()
-        self._ls.close()
-        for t in list(self._threads):
-            t.join(5)
 
-
-class Freezer:
+class Freezer(LoopbackServer):
     """A relay on 127.0.0.1 to a real Redis that can freeze: then it keeps
     every connection open and passes nothing either way (and so does a new
     connection), as a hung server or a silent network would."""
@@ -290,42 +302,19 @@ class Freezer:
     def __init__(self, target_port):
         self.target_port = target_port
         self.frozen = threading.Event()
-        self._stop = threading.Event()
-        self._threads = []
-        self._lock = threading.Lock()
-        self._ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._ls.bind(("127.0.0.1", 0))
-        self._ls.listen(64)
-        self._ls.settimeout(0.2)
-        self.port = self._ls.getsockname()[1]
-        self.addr = f"127.0.0.1:{self.port}"
-        self._spawn(self._accept)
+        super().__init__()
 
-    def _spawn(self, fn, *args):
-        t = threading.Thread(target=fn, args=args, daemon=True)
-        t.start()
-        with self._lock:
-            self._threads.append(t)
-
-    def _accept(self):
-        while not self._stop.is_set():
-            try:
-                c, _ = self._ls.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            try:
-                s = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
-            except OSError:
-                c.close()
-                continue
-            for x in (c, s):
-                x.settimeout(0.1)
-            closed = threading.Event()
-            self._spawn(self._pump, c, s, closed)
-            self._spawn(self._pump, s, c, closed)
+    def on_accept(self, c):
+        try:
+            s = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
+        except OSError:
+            c.close()
+            return
+        for x in (c, s):
+            x.settimeout(0.1)
+        closed = threading.Event()
+        self._spawn(self._pump, c, s, closed)
+        self._spawn(self._pump, s, c, closed)
 
     def _pump(self, src, dst, closed):
         try:
@@ -349,12 +338,6 @@ class Freezer:
                     x.close()
                 except OSError:
                     pass
-
-    def close(self):
-        self._stop.set()
-        self._ls.close()
-        for t in list(self._threads):
-            t.join(5)
 
 
 class SlowFirstConnect(unittest.TestCase):
