@@ -77,6 +77,14 @@ void sl_admin_metrics(struct sl_admin *a, struct sl_buf *o) {
        offsetof(struct sl_stats, up_retries)},
       {"sluice_upstream_ejections_total", "counter", "Upstream addresses ejected by passive health checks.",
        offsetof(struct sl_stats, up_ejections)},
+      {"sluice_requests_malformed_total", "counter", "Requests refused as malformed or over a bound (400/413/431/408).",
+       offsetof(struct sl_stats, refused_malformed)},
+      {"sluice_requests_answered_at_head_total", "counter", "Requests answered before their body was read.",
+       offsetof(struct sl_stats, early_answers)},
+      {"sluice_body_budget_full_total", "counter", "Requests refused (503) because the worker buffered max-body-buffer-bytes.",
+       offsetof(struct sl_stats, body_budget_full)},
+      {"sluice_send_timeouts_total", "counter", "Clients closed after reading nothing for send-timeout-ms.",
+       offsetof(struct sl_stats, send_timeouts)},
   };
   for (size_t i = 0; i < SL_ARRAY_SIZE(plain); i++)
     appendf(o, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", plain[i].name, plain[i].help, plain[i].name, plain[i].type,

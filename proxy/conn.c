@@ -455,6 +455,7 @@ void sl_conn_forward(struct sl_conn *c) {
 /* ---- reading ---- */
 
 static void conn_reject(struct sl_conn *c, int status) {
+  sl_stat_inc(&c->w->stats.refused_malformed, 1);
   c->call.outcome = SL_OUT_BAD_REQUEST;
   c->call.decided = 1;
   switch (status) {
@@ -469,6 +470,7 @@ static void conn_reject(struct sl_conn *c, int status) {
 
 /* More request bodies than the worker's budget allows are being received. */
 static void conn_busy(struct sl_conn *c) {
+  sl_stat_inc(&c->w->stats.body_budget_full, 1);
   c->call.outcome = SL_OUT_UNAVAILABLE;
   c->call.decided = 1;
   sl_conn_error(c, 503, "ServiceUnavailable", "Too many request bodies are being received; retry later.",
@@ -485,7 +487,10 @@ static void conn_head(struct sl_conn *c) {
    * costs nothing more to read: the full decision comes at once, without
    * classifying twice on the hot path. */
   int body_here = !r->chunked_req && r->need_cap <= r->len;
-  if (c->w->cfg->admission_on && !body_here && sl_admit_head(c)) return;
+  if (c->w->cfg->admission_on && !body_here && sl_admit_head(c)) {
+    sl_stat_inc(&c->w->stats.early_answers, 1);
+    return;
+  }
   if (!r->chunked_req && body_reserve(c, r->body_len) != 0) {
     conn_busy(c);
     return;
@@ -613,6 +618,7 @@ void sl_conn_sweep(struct sl_conn *c, uint64_t now) {
   if (c->lingering) {
     sl_conn_close(c);
   } else if (c->phase == SL_C_SENDING && c->write_pending) {
+    sl_stat_inc(&c->w->stats.send_timeouts, 1);
     sl_conn_close(c); /* the client stopped reading for --send-timeout-ms: free it and its backend */
   } else if (c->phase == SL_C_IDLE)
     sl_conn_close(c); /* idle keep-alive: close quietly */

@@ -66,6 +66,10 @@ struct sl_stats {
   _Atomic uint64_t parked;        /* requests that waited for an account lookup */
   _Atomic uint64_t parked_now;    /* gauge */
   _Atomic uint64_t limiter_full;  /* decisions the bucket table could not hold */
+  _Atomic uint64_t refused_malformed; /* requests refused by the parser (400/413/431/408) */
+  _Atomic uint64_t early_answers;     /* answered at the head, before the body was read */
+  _Atomic uint64_t body_budget_full;  /* 503: the worker's body budget was spent */
+  _Atomic uint64_t send_timeouts;     /* clients closed for not reading (send-timeout-ms) */
 };
 
 

@@ -193,7 +193,9 @@ class Framing(HostileCase):
         self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\nHost: a\r\n\r\n")
 
     def test_obs_fold(self):
+        before = self.sl.metrics()["sluice_requests_malformed_total"]
         self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n")
+        self.assertEqual(self.sl.metrics()["sluice_requests_malformed_total"], before + 1)
         self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\nHost: a\r\nX-A: b\r\n\tGET /smuggled HTTP/1.1\r\n\r\n")
 
     def test_header_names_must_be_tokens(self):
@@ -471,6 +473,7 @@ class EarlyAnswers(HostileCase):
         r, _ = self.head_only(V1, headers=[("Host", "green-cip.nowhere-1.aliyuncs.com")])
         self.assertEqual(r.status, 400)
         self.assertEqual(self.be.got(), [])
+        self.assertEqual(self.sl.metrics()["sluice_requests_answered_at_head_total"], 5)
 
     def test_early_answer_readable_while_body_is_sent(self):
         # The client sends its whole body anyway: the answer must not be
@@ -493,6 +496,7 @@ class EarlyAnswers(HostileCase):
             r = b.read_response()
         self.assertEqual((r.status, r.json()["Code"]), (503, "ServiceUnavailable"))
         self.assertEqual(r.header("Retry-After"), "1")
+        self.assertEqual(self.sl.metrics()["sluice_body_budget_full_total"], 1)
         # the first one completes, and its bytes go back to the budget
         a.send(b"y" * (600000 - 12 - 1000))
         self.assertEqual(a.read_response().status, 200)
@@ -593,6 +597,7 @@ class SendTimeout(unittest.TestCase):
         self.assertEqual(sl.metrics()["sluice_connections_open"], 1)
         # without the send timeout it stays open for as long as the client lives
         poll(lambda: sl.metrics()["sluice_connections_open"] == 0, 10, "connection closed by the send timeout")
+        self.assertEqual(sl.metrics()["sluice_send_timeouts_total"], 1)
         self.assertEqual(harness.http_request(sl.port, "GET", "/?Action=TextModeration").status, 200)
 
 
