@@ -44,6 +44,7 @@ OUTPUT=${BENCH_OUTPUT:-}                 # also write the markdown report here (
 PLOT=${BENCH_PLOT:-1}
 BIN_DIR=${BENCH_BIN_DIR:-$root/build/bin}
 SLUICE_BIN=${SLUICE_BIN:-}
+BASE_BIN=${BENCH_BASE_BIN:-}             # contender sluice_base: another sluice binary (e.g. an older commit)
 MODSTUB_BIN=${MODSTUB_BIN:-}
 NGINX_BIN=${NGINX_BIN:-$(command -v nginx || echo /usr/sbin/nginx)}
 HAPROXY_BIN=${HAPROXY_BIN:-$(command -v haproxy || echo /usr/sbin/haproxy)}
@@ -68,8 +69,9 @@ usage: $0 [options]
   -t, --threads N       wrk threads                              [BENCH_THREADS=$THREADS]
   -w, --warmup S        probe + warm-up run per contender and scenario [BENCH_WARMUP=$WARMUP]
   -s, --scenarios LIST  from "pass zipf reject forward"          [BENCH_SCENARIOS="$SCENARIOS"]
-  --contenders LIST     from "sluice sluice_plain sluice_nometer nginx haproxy" [BENCH_CONTENDERS="$CONTENDERS"]
-                        (sluice_plain: sluice --admission off; pass scenarios only)
+  --contenders LIST     from "sluice sluice_plain sluice_nometer sluice_base nginx haproxy" [BENCH_CONTENDERS="$CONTENDERS"]
+                        (sluice_plain: sluice --admission off; pass scenarios only;
+                         sluice_base: BENCH_BASE_BIN run as sluice, to compare two builds in one run)
   --scale LIST          sluice --workers counts for the scaling run, "" for none [BENCH_SCALE="$SCALE"]
   --scale-scenario S    scenario of the scaling run              [BENCH_SCALE_SCENARIO=$SCALE_SCENARIO]
   --backend B           modstub | nginx (fixed 200 JSON)          [BENCH_BACKEND=$BACKEND]
@@ -156,10 +158,11 @@ fi
 for c in $CONTENDERS; do
   case $c in
     sluice|sluice_plain|sluice_nometer) ;;
+    sluice_base) need_exec sluice_base "$BASE_BIN" " (set BENCH_BASE_BIN to the baseline sluice binary)" ;;
     nginx) [[ -r $here/nginx.conf.in ]] || die "template $here/nginx.conf.in missing" ;;
     haproxy) need_exec haproxy "$HAPROXY_BIN" " (apt-get install haproxy, or set HAPROXY_BIN)"
       [[ -r $here/haproxy.cfg.in ]] || die "template $here/haproxy.cfg.in missing" ;;
-    *) die "unknown contender '$c' (known: sluice sluice_plain sluice_nometer nginx haproxy)" ;;
+    *) die "unknown contender '$c' (known: sluice sluice_plain sluice_nometer sluice_base nginx haproxy)" ;;
   esac
 done
 if [[ $PLOT == 1 ]] && ! command -v gnuplot >/dev/null; then
@@ -434,8 +437,8 @@ start_redis() {
 # start_<contender> id group: one instance (sets inst_* of id).
 # pids_of id: the processes whose CPU is charged to it.
 
-launch_sluice() { # id group cpus workers [extra args...]
-  local id=$1 group=$2 cpus=$3 workers=$4 listen admin pid rc prefix=sluice:
+launch_sluice() { # id group cpus workers [extra args...]; LAUNCH_BIN: another binary
+  local id=$1 group=$2 cpus=$3 workers=$4 listen admin pid rc prefix=sluice: bin=${LAUNCH_BIN:-$SLUICE_BIN}
   shift 4
   local -a extra=("$@")
   [[ -n ${redis_port:-} ]] || start_redis
@@ -445,7 +448,7 @@ launch_sluice() { # id group cpus workers [extra args...]
   for _ in 1 2 3; do
     pick_port; listen=$port
     pick_port; admin=$port
-    taskset -c "$cpus" "$SLUICE_BIN" --listen "127.0.0.1:$listen" --admin "127.0.0.1:$admin" \
+    taskset -c "$cpus" "$bin" --listen "127.0.0.1:$listen" --admin "127.0.0.1:$admin" \
       --workers "$workers" --upstream "127.0.0.1:$backend_port" --upstream-llm "127.0.0.1:$backend_port" \
       --upstream-keepalive "$UPSTREAM_KEEPALIVE" --redis "127.0.0.1:$redis_port" --redis-prefix "$prefix" \
       --spool-dir "$dir/spool" "${extra[@]}" >"$dir/sluice.log" 2>&1 &
@@ -475,6 +478,8 @@ start_sluice_nometer() {
     die "contender sluice_nometer needs a sluice with --metering ($SLUICE_BIN has none)"
   launch_sluice "$1" "$2" "$PROXY_CPUS" 1 --metering off
 }
+start_sluice_base() { LAUNCH_BIN=$BASE_BIN launch_sluice "$1" "$2" "$PROXY_CPUS" 1; }
+describe_sluice_base() { echo "sluice_base: $BASE_BIN ($("$BASE_BIN" --version 2>&1 | sed -n 1p)) run exactly as sluice: two builds compared in the same run"; }
 describe_sluice_nometer() { echo "sluice_nometer: the same sluice, admission on, with --metering off (a measuring aid: nothing is counted for billing); its difference to sluice is metering's cost"; }
 
 start_nginx() { # id group
