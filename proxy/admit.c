@@ -231,13 +231,14 @@ int sl_admit_head(struct sl_conn *c) {
   struct sl_class_input in;
   class_input(c, &in); /* no body yet: Service, and an Action in the body, come later */
   enum sl_class_err e = sl_classify(&in, &c->call.cls);
+  /* The feature is not known before the body: an answer given here is
+   * metered under "-" (and an unknown region gets no key of its own). */
+  c->call.cls.feature = -1;
   if (e == SL_CLASS_BAD_ENCODING || e == SL_CLASS_FIELD_TOO_LONG || e == SL_CLASS_CONFLICT ||
       e == SL_CLASS_UNKNOWN_REGION) {
-    c->call.cls.feature = -1; /* metered under "-": an unknown region gets no key of its own */
     reject(c, SL_OUT_BAD_REQUEST, 400, sl_class_err_code(e), sl_class_err_message(e), NULL);
     return 1;
   }
-  c->call.cls.feature = -1; /* not known before the body: the early answers are metered under "-" */
   if (w->cfg->trusted_uid_header[0] && trusted_uid(c)) {
     /* looked up below like an AccessKeyId */
   } else if (c->call.cls.ak_len == 0) {

@@ -11,7 +11,11 @@
  * either, on_head once, then on_body and on_flush any number of times. When
  * on_done or on_error runs, the request is already detached (r->conn is
  * NULL), so the callback may start the next request on the same struct. A
- * start that fails at once returns a negative errno and calls nothing.
+ * start that finds no usable member, or whose every connect fails at once,
+ * returns a negative errno and calls nothing; a start that returns 0 may
+ * already have called on_error (a kept-alive connection that fails as the
+ * request is written, with no retry left), so the caller must not touch
+ * the request's state after it without checking.
  * Everything runs on the worker's loop thread. */
 #ifndef SL_UPSTREAM_H
 #define SL_UPSTREAM_H

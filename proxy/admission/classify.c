@@ -255,19 +255,20 @@ static enum sl_class_err pick(const struct span *q, const struct span *f, const 
   *len = 0;
   out[0] = '\0';
   if ((q && q->conflict) || (f && f->conflict)) return SL_CLASS_CONFLICT;
-  /* The first non-empty place wins; every other non-empty one must match it. */
-  if (q && q->found && q->n > 0)
+  /* The first non-empty place wins; every later non-empty one must match
+   * it (the winner is not compared with itself). */
+  int has_q = q && q->found && q->n > 0, has_f = f && f->found && f->n > 0, has_p = plain && plain_n > 0;
+  if (has_q)
     e = decode_into(q, out, cap, len);
-  else if (f && f->found && f->n > 0)
+  else if (has_f)
     e = decode_into(f, out, cap, len);
-  else if (plain && plain_n > 0)
+  else if (has_p)
     return copy_into(plain, plain_n, out, cap, len);
   else
     return SL_CLASS_OK;
   if (e != SL_CLASS_OK || !agree) return e;
-  if (q && q->found && q->n > 0 && !decodes_to(q, out, *len)) return SL_CLASS_CONFLICT;
-  if (f && f->found && f->n > 0 && !decodes_to(f, out, *len)) return SL_CLASS_CONFLICT;
-  if (plain && plain_n > 0 && (plain_n != *len || memcmp(plain, out, plain_n) != 0)) return SL_CLASS_CONFLICT;
+  if (has_q && has_f && !decodes_to(f, out, *len)) return SL_CLASS_CONFLICT;
+  if (has_p && (plain_n != *len || memcmp(plain, out, plain_n) != 0)) return SL_CLASS_CONFLICT;
   return SL_CLASS_OK;
 }
 
