@@ -49,7 +49,7 @@ static void scan_params(const char *s, size_t n, struct span *out) {
      * or undecodable one is none of them. */
     const char *name = s + i;
     char dn[16];
-    if (kl < 40 && (memchr(name, '%', kl) || memchr(name, '+', kl))) {
+    if (kl >= 6 && kl < 40 && (memchr(name, '%', kl) || memchr(name, '+', kl))) { /* 6: "Action", the shortest */
       int dl = sl_http_urldecode(name, kl, dn, sizeof(dn));
       name = dn;
       kl = dl < 0 ? 0 : (size_t)dl;
