@@ -67,11 +67,14 @@ struct lim_table {
   size_t map_len;
 };
 
-/* GCRA parameters for one rate: emission interval I = ceil(1e9 / R) ns and
- * tolerance tau = R * I ns (>= 1 s), so that exactly R requests fit in a
- * burst and the long-run rate 1e9 / I never exceeds R. */
+/* GCRA parameters for one rate of M milli-requests per second: emission
+ * interval I = ceil(1e12 / M) ns and tolerance tau = B * I ns with the burst
+ * B = max(1, floor(M / 1000)), so that exactly B requests fit in a burst
+ * (about one second's worth) and the long-run rate 1e12 / I never exceeds M.
+ * A whole rate R (M = 1000 R) gives I = ceil(1e9 / R) and tau = R * I. */
 struct lim__gcra {
-  uint64_t rate;
+  uint64_t rate;     /* whole requests per second, as reported */
+  uint64_t burst;    /* requests that fit in tau */
   uint64_t interval;
   uint64_t tau;
 };
@@ -159,9 +162,24 @@ static inline void lim__gcra_init(struct lim__gcra *g, uint64_t rate) {
   if (rate > LIM_RATE_MAX)
     rate = LIM_RATE_MAX;
   g->rate = rate;
+  g->burst = rate;
   /* 32-bit division (rate <= 1e9, so 1e9 + rate - 1 < 2^32): faster. */
   g->interval = (uint32_t)(LIM__NS_PER_S + rate - 1) / (uint32_t)rate;
   g->tau = rate * g->interval;
+}
+
+/* The same for a rate in milli-requests per second (>= 1). A whole rate
+ * takes the 32-bit path above; only a fractional one pays a 64-bit division
+ * (and its interval may exceed a second: a rate under 1/s). */
+static inline void lim__gcra_init_milli(struct lim__gcra *g, uint64_t milli) {
+  if (milli % 1000 == 0 || milli >= LIM_RATE_MAX * 1000) {
+    lim__gcra_init(g, milli / 1000);
+    return;
+  }
+  g->rate = milli / 1000;
+  g->burst = g->rate ? g->rate : 1;
+  g->interval = (LIM__NS_PER_S * 1000 + milli - 1) / milli; /* <= 1e12 */
+  g->tau = g->burst * g->interval; /* < 1e12 + 1e9: fits with any TAT below LIM_NOW_MAX */
 }
 
 /* Fills *out (all but result) for a bucket whose TAT is `tat` at `now`, as
@@ -172,9 +190,12 @@ static inline void lim__describe(const struct lim__gcra *g, uint64_t tat,
 
   out->limit = g->rate;
   out->reset_ns = debt;
-  /* tau - debt <= tau < 2^31 and interval <= 1e9: a 32-bit division. */
-  out->remaining =
-      debt < g->tau ? (uint32_t)(g->tau - debt) / (uint32_t)g->interval : 0;
+  if (debt >= g->tau)
+    out->remaining = 0;
+  else if (g->tau <= UINT32_MAX) /* whole rates: tau < 2^31, interval <= 1e9 */
+    out->remaining = (uint32_t)(g->tau - debt) / (uint32_t)g->interval;
+  else /* a rate under 1/s: tau is one interval of over a second */
+    out->remaining = (g->tau - debt) / g->interval;
   out->retry_after_ns =
       out->remaining > 0 ? 0 : debt + g->interval - g->tau;
 }
@@ -188,13 +209,13 @@ static inline uint64_t lim__gcra_eval(const struct lim__gcra *g, uint64_t tat,
   uint64_t start = tat > now ? tat : now;
   uint64_t inc;
 
-  if (cost > g->rate) { /* larger than the whole burst: never admissible */
+  if (cost > g->burst) { /* larger than the whole burst: never admissible */
     lim__describe(g, tat, now, out);
     out->result = LIM_REJECT;
     out->retry_after_ns = LIM_NEVER;
     return tat;
   }
-  inc = (uint64_t)cost * g->interval; /* <= tau < 2^31 */
+  inc = (uint64_t)cost * g->interval; /* <= tau */
   if (start + inc - now <= g->tau) {
     lim__describe(g, start + inc, now, out);
     out->result = LIM_ADMIT;
@@ -413,26 +434,25 @@ static int lim__reclaim(struct lim_table *t, unsigned shard, uint64_t home,
   return rc == 0 ? 0 : 1;
 }
 
-int lim_decide(struct lim_table *t, const void *key, size_t keylen,
-               uint64_t hash, uint64_t rate_per_s, uint32_t cost,
-               uint64_t now_ns, struct lim_decision *out) {
+/* lim_decide() and lim_decide_milli() once the arguments are checked and
+ * the rate is not 0: `milli` set says the rate is in milli-requests/s. */
+static int lim__decide(struct lim_table *t, const void *key, size_t keylen,
+                       uint64_t hash, uint64_t rate, int milli, uint32_t cost,
+                       uint64_t now_ns, struct lim_decision *out) {
   struct lim__gcra g;
   unsigned shard;
   uint64_t tag, home;
 
-  if (!t || !out || (!key && keylen) || cost == 0)
-    return -EINVAL;
-  if (rate_per_s == 0) {
-    lim__never(out);
-    return 0;
-  }
   shard = lim__shard_of(t, hash);
   home = hash & t->slot_mask;
   /* Ask for the home slot's line in exclusive state now: the fingerprint
    * and GCRA set-up below overlap the memory wait, and the CAS later needs
    * no second coherence round to upgrade a shared copy. */
   __builtin_prefetch(lim__slot(t, shard, home, 0), 1, 3);
-  lim__gcra_init(&g, rate_per_s);
+  if (milli)
+    lim__gcra_init_milli(&g, rate);
+  else
+    lim__gcra_init(&g, rate);
   if (now_ns > LIM_NOW_MAX)
     now_ns = LIM_NOW_MAX;
   tag = lim__tag(t, key, keylen);
@@ -467,6 +487,30 @@ int lim_decide(struct lim_table *t, const void *key, size_t keylen,
   }
 }
 
+int lim_decide(struct lim_table *t, const void *key, size_t keylen,
+               uint64_t hash, uint64_t rate_per_s, uint32_t cost,
+               uint64_t now_ns, struct lim_decision *out) {
+  if (!t || !out || (!key && keylen) || cost == 0)
+    return -EINVAL;
+  if (rate_per_s == 0) {
+    lim__never(out);
+    return 0;
+  }
+  return lim__decide(t, key, keylen, hash, rate_per_s, 0, cost, now_ns, out);
+}
+
+int lim_decide_milli(struct lim_table *t, const void *key, size_t keylen,
+                     uint64_t hash, uint64_t rate_milli, uint32_t cost,
+                     uint64_t now_ns, struct lim_decision *out) {
+  if (!t || !out || (!key && keylen) || cost == 0)
+    return -EINVAL;
+  if (rate_milli == 0) {
+    lim__never(out);
+    return 0;
+  }
+  return lim__decide(t, key, keylen, hash, rate_milli, 1, cost, now_ns, out);
+}
+
 void lim_prefetch(const struct lim_table *t, uint64_t hash) {
   /* For writing (rw = 1): a decision will CAS the state word. */
   __builtin_prefetch(lim__slot(t, lim__shard_of(t, hash), hash & t->slot_mask,
@@ -477,6 +521,14 @@ void lim_prefetch(const struct lim_table *t, uint64_t hash) {
 int lim_peek(const struct lim_table *t, const void *key, size_t keylen,
              uint64_t hash, uint64_t rate_per_s, uint64_t now_ns,
              struct lim_decision *out) {
+  uint64_t milli = rate_per_s > LIM_RATE_MAX ? LIM_RATE_MAX * 1000
+                                             : rate_per_s * 1000;
+  return lim_peek_milli(t, key, keylen, hash, milli, now_ns, out);
+}
+
+int lim_peek_milli(const struct lim_table *t, const void *key, size_t keylen,
+                   uint64_t hash, uint64_t rate_milli, uint64_t now_ns,
+                   struct lim_decision *out) {
   struct lim__gcra g;
   struct lim_slot *sl;
   uint64_t s, tat = 0;
@@ -491,11 +543,11 @@ int lim_peek(const struct lim_table *t, const void *key, size_t keylen,
     tat = lim__st_tat(s);
     rc = 0;
   }
-  if (rate_per_s == 0) {
+  if (rate_milli == 0) {
     lim__never(out);
     return rc;
   }
-  lim__gcra_init(&g, rate_per_s);
+  lim__gcra_init_milli(&g, rate_milli);
   lim__describe(&g, tat, now_ns, out);
   out->result = out->remaining > 0 ? LIM_ADMIT : LIM_REJECT;
   return rc;

@@ -109,6 +109,15 @@ int lim_decide(struct lim_table *t, const void *key, size_t keylen,
                uint64_t hash, uint64_t rate_per_s, uint32_t cost,
                uint64_t now_ns, struct lim_decision *out);
 
+/* lim_decide() for a rate in milli-requests per second (a fleet's share of a
+ * limit is rarely whole): the burst is floor(rate), at least 1 request, and
+ * a rate under 1/s admits one request per 1000/rate_milli seconds. A whole
+ * rate (a multiple of 1000) decides exactly as lim_decide() does, so both
+ * may be used on the same key. out->limit is the whole part of the rate. */
+int lim_decide_milli(struct lim_table *t, const void *key, size_t keylen,
+                     uint64_t hash, uint64_t rate_milli, uint32_t cost,
+                     uint64_t now_ns, struct lim_decision *out);
+
 /* Starts loading the key's home slot into the cache, for a lim_decide() on
  * the same hash a little later. With many keys the table outgrows the CPU
  * caches and a decision waits for memory (about 100 ns); a caller that knows
@@ -123,6 +132,11 @@ void lim_prefetch(const struct lim_table *t, uint64_t hash);
 int lim_peek(const struct lim_table *t, const void *key, size_t keylen,
              uint64_t hash, uint64_t rate_per_s, uint64_t now_ns,
              struct lim_decision *out);
+
+/* lim_peek() for a rate in milli-requests per second. */
+int lim_peek_milli(const struct lim_table *t, const void *key, size_t keylen,
+                   uint64_t hash, uint64_t rate_milli, uint64_t now_ns,
+                   struct lim_decision *out);
 
 /* Fills *out with the table's counters. Any thread, lock-free. */
 void lim_table_stats(const struct lim_table *t, struct lim_stats *out);

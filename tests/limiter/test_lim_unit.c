@@ -403,6 +403,67 @@ static void test_now_ns(void **state) {
   assert_true(b >= a);
 }
 
+static struct lim_decision milli_decide(struct lim_table *t, unsigned uid, uint64_t milli, uint64_t now) {
+  char k[48];
+  size_t n = lim_t_key(k, uid);
+  struct lim_decision d;
+
+  assert_int_equal(lim_decide_milli(t, k, n, lim_hash(k, n), milli, 1, now, &d), 0);
+  return d;
+}
+
+/* A fractional rate (a fleet's share): the burst is its whole part, the
+ * long-run rate never exceeds it, and steady overload gets all of it. */
+static void test_milli_rate(void **state) {
+  struct lim_table *t = new_table(64, 4);
+  struct lim_decision d;
+  uint64_t admitted = 0;
+
+  (void)state;
+  /* 33.333/s: a burst of 33, then one every 30.0003 ms */
+  for (unsigned i = 0; i < 40; i++)
+    admitted += milli_decide(t, 1, 33333, T0).result == LIM_ADMIT;
+  assert_int_equal(admitted, 33);
+  d = milli_decide(t, 1, 33333, T0);
+  assert_int_equal(d.limit, 33);
+  assert_int_equal(d.result, LIM_REJECT);
+  /* 100 s of one try per ms from an empty bucket: 3333 more at most, and
+   * all but one interval's worth of them */
+  admitted = 0;
+  for (uint64_t ms = 1; ms <= 100000; ms++)
+    admitted += milli_decide(t, 1, 33333, T0 + ms * MS).result == LIM_ADMIT;
+  assert_true(admitted <= 3334);
+  assert_true(admitted >= 3332);
+  /* a whole rate given in milli decides exactly as lim_decide() */
+  for (unsigned i = 0; i < 12; i++) {
+    struct lim_decision a = milli_decide(t, 2, 10000, T0 + i * MS);
+    struct lim_decision b = lim_t_decide(t, 3, 10, 1, T0 + i * MS);
+    lim_t_same(&a, &b);
+  }
+  lim_table_free(t);
+}
+
+/* Under 1/s (a small limit split between instances): one request, then one
+ * per 1000/rate seconds; zero never admits. */
+static void test_milli_rate_under_one(void **state) {
+  struct lim_table *t = new_table(64, 4);
+  struct lim_decision d;
+
+  (void)state;
+  d = milli_decide(t, 1, 333, T0);
+  assert_int_equal(d.result, LIM_ADMIT);
+  assert_int_equal(d.limit, 0);
+  d = milli_decide(t, 1, 333, T0 + LIM_T_S);
+  assert_int_equal(d.result, LIM_REJECT);
+  assert_true(d.retry_after_ns > 2 * LIM_T_S && d.retry_after_ns < 3100 * MS);
+  d = milli_decide(t, 1, 333, T0 + 3004 * MS);
+  assert_int_equal(d.result, LIM_ADMIT);
+  d = milli_decide(t, 4, 0, T0);
+  assert_int_equal(d.result, LIM_REJECT);
+  assert_true(d.retry_after_ns == LIM_NEVER);
+  lim_table_free(t);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_burst_then_reject),
@@ -420,6 +481,8 @@ int main(void) {
       cmocka_unit_test(test_bad_args),
       cmocka_unit_test(test_hash),
       cmocka_unit_test(test_now_ns),
+      cmocka_unit_test(test_milli_rate),
+      cmocka_unit_test(test_milli_rate_under_one),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
