@@ -191,6 +191,47 @@ void sl_admin_metrics(struct sl_admin *a, struct sl_buf *o) {
                "# TYPE sluice_meter_flush_latency_seconds_avg gauge\nsluice_meter_flush_latency_seconds_avg %.6f\n",
             applied ? (double)LOAD(fs->flush_latency_us_sum) / 1e6 / (double)applied : 0.0);
   }
+  if (a->fleet) {
+    struct sl_fleet_stats *gs = &a->fleet->stats;
+    uint64_t last = LOAD(gs->last_sync_ms);
+    double lag = last ? (double)(uv_hrtime() / 1000000 - last) / 1000.0 : -1.0;
+    struct {
+      const char *name, *type, *help;
+      uint64_t v;
+    } g[] = {
+        {"sluice_global_limits_mode", "gauge",
+         "Global limits: 1 shared, 2 fallback (Redis unreachable: R/N per key here), 3 joining (0: off).",
+         LOAD(gs->mode)},
+        {"sluice_global_instances", "gauge", "Live instances on this Redis and prefix, as last seen.",
+         LOAD(gs->instances)},
+        {"sluice_global_coordinated_keys", "gauge", "Keys whose share of the limit comes from Redis.",
+         LOAD(gs->coordinated)},
+        {"sluice_global_syncs_total", "counter", "Share syncs answered by Redis.", LOAD(gs->syncs)},
+        {"sluice_global_sync_errors_total", "counter", "Share syncs answered with an error or garbage.",
+         LOAD(gs->sync_errors)},
+        {"sluice_global_key_updates_total", "counter", "Keys sent in share syncs (Redis's per-key work).",
+         LOAD(gs->key_updates)},
+        {"sluice_global_keys_full_total", "counter",
+         "Keys not coordinated: the table (--global-keys) was full; they keep R/N here.", LOAD(gs->keys_full)},
+        {"sluice_global_wants_dropped_total", "counter", "Asks to coordinate a key lost to a full ring.",
+         LOAD(gs->wants_dropped)},
+        {"sluice_global_fallbacks_total", "counter", "Switches to fallback shares (Redis unreachable).",
+         LOAD(gs->fallbacks)},
+        {"sluice_global_releases_total", "counter", "Keys given back to local shares when idle.",
+         LOAD(gs->releases)},
+        {"sluice_global_redis_up", "gauge", "1 while the global limits' Redis connection is up.",
+         LOAD(gs->redis_up)},
+    };
+    for (size_t i = 0; i < SL_ARRAY_SIZE(g); i++)
+      appendf(o, "# HELP %s %s\n# TYPE %s %s\n%s %llu\n", g[i].name, g[i].help, g[i].name, g[i].type, g[i].name,
+              (unsigned long long)g[i].v);
+    appendf(o, "# HELP sluice_global_sync_lag_seconds Time since the last share sync answered (-1: never).\n"
+               "# TYPE sluice_global_sync_lag_seconds gauge\nsluice_global_sync_lag_seconds %.3f\n",
+            lag);
+  } else {
+    appendf(o, "# HELP sluice_global_limits_mode Global limits: 0 off (limits per instance).\n"
+               "# TYPE sluice_global_limits_mode gauge\nsluice_global_limits_mode 0\n");
+  }
   if (a->lim) {
     struct lim_stats ls;
     lim_table_stats(a->lim, &ls);
@@ -279,11 +320,27 @@ int sl_admin_explain(struct sl_admin *a, const char *query, struct sl_buf *o) {
   uint64_t limit = acct ? sl_dir_limit(s, acct, f, region, (size_t)rl, ts.tv_sec) : s->feature_qps[f];
   char key[SL_BUCKET_KEY_MAX];
   size_t kl = sl_bucket_key(key, uid, (size_t)ul, f, region, (size_t)rl);
+  uint64_t hash = lim_hash(key, kl);
+  struct sl_fleet_view gv = {.mode = SL_FLEET_OFF, .share = SL_FLEET_PPM};
+  if (a->fleet) sl_fleet_view(a->fleet, hash, &gv);
+  uint64_t rate_milli = limit * gv.share / 1000; /* what the workers apply here (admit.c) */
   struct lim_decision d;
-  int pr = lim_peek(a->lim, key, kl, lim_hash(key, kl), limit, lim_now_ns(), &d);
-  appendf(o, "],\"effective_qps\":%llu,\"bucket\":{\"exists\":%s,\"limit\":%llu,\"remaining\":%llu,"
+  int pr = lim_peek_milli(a->lim, key, kl, hash, rate_milli, lim_now_ns(), &d);
+  appendf(o, "],\"effective_qps\":%llu,\"global\":{\"mode\":\"%s\",\"instance\":", (unsigned long long)limit,
+          sl_fleet_mode_name(gv.mode));
+  json_str(o, a->fleet ? a->fleet->id : "", a->fleet ? strlen(a->fleet->id) : 0);
+  char inst[SL_FLEET_INSTANCES_TEXT];
+  if (a->fleet)
+    sl_fleet_instances(a->fleet, inst, sizeof(inst));
+  else
+    strcpy(inst, "[]");
+  appendf(o, ",\"instances\":%u,\"instances_known\":%s,\"coordinated\":%s,\"registered\":%u,"
+             "\"share_ppm\":%u,\"share_qps\":%.3f,\"local_demand_qps\":%.3f,\"fleet_demand_qps\":%.3f}",
+          gv.instances, inst, gv.coordinated ? "true" : "false", gv.registered, gv.share,
+          (double)rate_milli / 1000.0, (double)gv.local_demand / 1000.0, (double)gv.fleet_demand / 1000.0);
+  appendf(o, ",\"bucket\":{\"exists\":%s,\"limit\":%llu,\"remaining\":%llu,"
              "\"retry_after_ms\":%llu,\"reset_ms\":%llu},\"directory_version\":%llu,\"config_version\":%llu}",
-          (unsigned long long)limit, pr == 0 ? "true" : "false", (unsigned long long)d.limit,
+          pr == 0 ? "true" : "false", (unsigned long long)d.limit,
           (unsigned long long)d.remaining,
           (unsigned long long)(d.result == LIM_ADMIT ? 0 : (d.retry_after_ns + 999999) / 1000000),
           (unsigned long long)(d.reset_ns / 1000000), (unsigned long long)s->version,

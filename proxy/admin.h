@@ -15,6 +15,7 @@ struct sl_admin {
   struct sl_dirsync *dir;
   struct sl_flusher *flusher;
   struct lim_table *lim;
+  struct sl_fleet *fleet; /* NULL: global limits off */
   int time_offset_s; /* the testing aid of the configuration, as admission applies it */
 };
 

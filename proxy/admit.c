@@ -12,6 +12,8 @@
 #include "limiter.h"
 #include "proxy.h"
 
+_Static_assert(SL_BUCKET_KEY_MAX <= SL_FLEET_KEY_MAX, "a bucket key fits the fleet's table");
+
 size_t sl_bucket_key(char *out, const char *uid, size_t uid_len, int feature, const char *region,
                      size_t region_len) {
   size_t fl = strlen(sl_features[feature].name), n = 0;
@@ -109,8 +111,23 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
   uint64_t limit = sl_dir_limit(s, a, f, c->call.cls.region, c->call.cls.region_len, c->call.arrival_s);
   char key[SL_BUCKET_KEY_MAX];
   size_t kl = sl_bucket_key(key, a->uid, a->uid_len, f, c->call.cls.region, c->call.cls.region_len);
+  uint64_t hash = lim_hash(key, kl);
   struct lim_decision d;
-  lim_decide(w->shared->lim, key, kl, lim_hash(key, kl), limit, 1, lim_now_ns(), &d);
+  struct sl_fleet *fleet = w->shared->fleet;
+  if (!fleet) {
+    lim_decide(w->shared->lim, key, kl, hash, limit, 1, lim_now_ns(), &d);
+  } else {
+    /* This instance's share of the fleet's limit (fleet.h): its lease when
+     * the key is coordinated, else R/N. */
+    struct sl_fleet_slot *slot;
+    uint64_t share = sl_fleet_share(fleet, hash, limit, &slot);
+    lim_decide_milli(w->shared->lim, key, kl, hash, limit * share / 1000, 1, lim_now_ns(), &d);
+    /* A key busy here (its bucket more than half used) needs the fleet to
+     * agree on shares; a quiet one never costs a Redis command. */
+    if (!slot && limit && (d.result == LIM_REJECT || d.remaining * 2 < d.limit))
+      sl_fleet_want(fleet, w->id, hash, key, kl, uv_now(&w->loop));
+    d.limit = limit; /* the headers state the account's limit, not this instance's part of it */
+  }
   if (d.result == LIM_REJECT) {
     /* A limit of 0 never admits (LIM_NEVER): the hint then says a minute,
      * so SDKs that read TimeLeft do not retry at once; the limit can be

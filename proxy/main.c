@@ -225,6 +225,15 @@ int main(int argc, char **argv) {
     fprintf(stderr, "sluice: metering: %s\n", err);
     return 1;
   }
+  if (cfg->global_limits && cfg->admission_on) {
+    if (sl_fleet_start(&m.shared.fleet_store, cfg, m.nworkers, err, sizeof(err)) != 0) {
+      fprintf(stderr, "sluice: %s\n", err);
+      return 1;
+    }
+    m.shared.fleet = &m.shared.fleet_store;
+    sl_fleet_wait_first(m.shared.fleet, cfg->redis_timeout_ms < 1000 ? cfg->redis_timeout_ms : 1000);
+  }
+  m.admin.fleet = m.shared.fleet;
   m.admin.flusher = &m.shared.flusher;
   m.admin.dir = &m.shared.dir;
   m.admin.lim = m.shared.lim;
@@ -244,6 +253,7 @@ int main(int argc, char **argv) {
   for (unsigned i = 0; i < m.nworkers; i++) uv_thread_join(&m.workers[i].thread);
   sl_flusher_stop(&m.shared.flusher); /* every count to Redis, or to the spool */
   sl_dirsync_stop(&m.shared.dir);
+  if (m.shared.fleet) sl_fleet_stop(m.shared.fleet);
   for (unsigned i = 0; i < m.nworkers; i++) sl_worker_destroy(&m.workers[i]);
   lim_table_free(m.shared.lim);
   free(inboxes);

@@ -14,6 +14,7 @@
 #include "common.h"
 #include "config.h"
 #include "dirsync.h"
+#include "fleet.h"
 #include "flusher.h"
 #include "hdrs.h"
 #include "inbox.h"
@@ -39,6 +40,8 @@ struct sl_shared {
   struct sl_dirsync dir;
   struct lim_table *lim;
   struct sl_flusher flusher;
+  struct sl_fleet *fleet; /* global limits; NULL when off (per-instance limits) */
+  struct sl_fleet fleet_store;
 };
 
 /* Per-worker counters: written by the owning worker only, read by the admin

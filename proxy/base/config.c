@@ -98,6 +98,13 @@ static const struct opt opts[] = {
   {"max-parked", OPT_UINT, F(max_parked), 0, 1, 1000000, "requests per worker waiting for a lookup (10000)"},
   {"limiter-full", OPT_CHOICE, F(limiter_full), 0, CHOICES_OPEN_CLOSED, 0,
    "open|closed: admit or 503 when the bucket table is full (open)"},
+  {"global-limits", OPT_CHOICE, F(global_limits), 0, CHOICES_ON_OFF, 0,
+   "on|off: one limit per key across every instance on this Redis and prefix (on)"},
+  {"global-sync-ms", OPT_UINT, F(global_sync_ms), 0, 10, 10000, "global limits: share sync interval (100)"},
+  {"global-ttl-ms", OPT_UINT, F(global_ttl_ms), 0, 100, 60000,
+   "global limits: a silent instance's share is given back after this (1500)"},
+  {"global-keys", OPT_UINT, F(global_keys), 0, 1, 10000000,
+   "global limits: keys coordinated at once; past it a key keeps R/N here (4096)"},
   {"trusted-uid-header", OPT_STR, F(trusted_uid_header), FSIZE(trusted_uid_header), 0, 0,
    "header trusted to carry the UID, skipping the AccessKeyId lookup (off)"},
 };
@@ -268,6 +275,10 @@ static void config_defaults(struct sl_config *c) {
   c->max_parked = 10000;
   c->limiter_full = SL_LIMITER_FULL_OPEN;
   c->admission_on = 1;
+  c->global_limits = 1;
+  c->global_sync_ms = 100;
+  c->global_ttl_ms = 1500;
+  c->global_keys = 4096;
   strcpy(c->spool_dir, "/var/lib/sluice");
   c->metering_on = 1;
   c->spool_max_bytes = 1ull << 30;
@@ -405,6 +416,11 @@ int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, s
       set_err(err, errlen, "redis: '%s' is neither HOST:PORT nor unix:PATH", out->redis);
       return -1;
     }
+  }
+  if (out->global_ttl_ms < 3 * out->global_sync_ms) {
+    set_err(err, errlen, "global-ttl-ms (%u) must be at least 3 x global-sync-ms (%u): a share lives through two lost syncs",
+            out->global_ttl_ms, out->global_sync_ms);
+    return -1;
   }
   if (out->n_upstream == 0) {
     set_err(err, errlen, "no upstream: give --upstream HOST:PORT (or 'upstream:' in the file)");

@@ -75,6 +75,11 @@ struct sl_config {
   unsigned max_parked;         /* requests per worker waiting for a lookup */
   int limiter_full;            /* enum sl_limiter_full: admit or refuse when the bucket table is full */
   char trusted_uid_header[64]; /* a header trusted to carry the UID (empty: none) */
+  /* global limits (SPEC 9) */
+  int global_limits;           /* 1: one limit per key for every instance on this Redis and prefix */
+  unsigned global_sync_ms;     /* how often shares are synced */
+  unsigned global_ttl_ms;      /* an instance's heartbeat and leases live this long unrefreshed */
+  unsigned global_keys;        /* keys coordinated at once, at most */
 };
 
 /* What the command line said; kept so that a SIGHUP reload re-applies it. */

@@ -100,7 +100,8 @@ static void went_down(struct sl_redis *r, const char *why) {
   stat_set(r->o.up, 0);
   if (r->backoff_ms == 0) r->backoff_ms = BACKOFF_FIRST_MS;
   r->next_connect_ms = now + r->backoff_ms;
-  r->backoff_ms = r->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : r->backoff_ms * 2;
+  unsigned cap = r->o.backoff_max_ms ? r->o.backoff_max_ms : BACKOFF_MAX_MS;
+  r->backoff_ms = r->backoff_ms * 2 > cap ? cap : r->backoff_ms * 2;
   if (r->o.on_down) r->o.on_down(r->o.data, why);
   if (r->quiet || now < r->next_down_log_ms) return;
   r->next_down_log_ms = now + SL_REDIS_LOG_MS;

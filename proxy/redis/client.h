@@ -30,6 +30,7 @@ struct sl_redis_opts {
   const char *addr;        /* --redis: HOST:PORT, [V6]:PORT or unix:PATH */
   unsigned timeout_ms;     /* --redis-timeout-ms: connected and PONG within this; a reply outstanding at most this */
   int subscriber;          /* also keep a second connection for (P)SUBSCRIBE, up and down with the first */
+  unsigned backoff_max_ms; /* reconnect backoff cap (0: 2000); a client whose users wait on it keeps it short */
   /* The subject of the log lines "sluice: <subject> down: <why> ...",
    * "... still down after", "... up again after" (copied; e.g.
    * "redis: 10.0.0.1:6379 is" or "metering: redis"). */

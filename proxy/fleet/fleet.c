@@ -1,0 +1,630 @@
+/* Global limits: the fleet thread (see fleet.h and docs/limits.md). */
+#include "fleet.h"
+
+#include <errno.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include "client.h"
+#include "keys.h"
+#include "limiter.h"
+#include "redis_uv.h"
+
+#include "stat.h"
+#include "uv_util.h"
+
+#define JOIN_MS_MIN 500        /* after a reconnect: heartbeats only, until the others are back too */
+#define RELEASE_IDLE_MS 5000   /* a key idle here this long is offered back to local shares */
+#define KEYS_PER_CALL 512      /* keys in one script call (more go in more calls) */
+#define ANNOUNCE_MAX 256       /* announcements read per call */
+#define DEMAND_FLOOR 100       /* milli-requests/s under which a demand counts as none */
+
+/* The fleet thread's own state of a slot. */
+struct sl_fleet_key {
+  uint64_t last_attempts;
+  uint64_t demand;        /* milli-requests/s, smoothed */
+  uint64_t idle_since_ms; /* since when the demand here is none (0: busy) */
+  uint32_t pos;           /* index in f->used */
+  uint8_t len;
+  char name[SL_FLEET_KEY_MAX]; /* <uid>:<feature>:<region> */
+};
+
+struct sl_fleet_recent {
+  uint64_t tag[SL_FLEET_RECENT];
+  uint64_t ms[SL_FLEET_RECENT];
+};
+
+struct wantmsg {
+  uint64_t tag;
+  uint32_t len;
+  char key[SL_FLEET_KEY_MAX]; /* the bucket key: uid 0x1f feature 0x1f region */
+};
+
+/* A script call in flight: which slots it named (the tag tells whether a
+ * slot still holds the same key when the reply comes). */
+struct call {
+  struct sl_fleet *f;
+  uint32_t n;
+  int keys_allowed;
+  struct {
+    uint32_t idx;
+    uint64_t tag;
+  } k[];
+};
+
+/* One call: heartbeat, announcements, and the leases of the keys named.
+ * ARGV: prefix, instance, ttl ms, last announcement id read ('' at first),
+ * key count, then per key: name, limit and demand (milli-requests/s),
+ * release (1: this instance would give the key back to local shares).
+ * A key's hash holds, per registered instance, "lease:demand:expiry" (lease
+ * in ppm of the limit, expiry in ms of the server's clock), and "~a", when
+ * the key was last announced. Invariant kept for every key: the leases plus
+ * floor(1e6 / N) for every live instance not registered on it (which
+ * admits that much without asking) never exceed 1e6. Shares follow demand
+ * by water-filling (each instance wants its demand + 25%; what is left goes
+ * equally), above a floor of pool / (50 n) each. Key names: keys.h. */
+static const char sync_script[] =
+    "local p, me, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]) "
+    "local t = redis.call('TIME') "
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
+    "local ik = p .. '" SL_KEY_SHARE_INSTANCES "' "
+    "redis.call('ZADD', ik, now + ttl, me) "
+    "redis.call('ZREMRANGEBYSCORE', ik, '-inf', now) "
+    "local nlive = redis.call('ZCARD', ik) "
+    "local ids = redis.call('ZRANGE', ik, 0, 63) "
+    "local ak = p .. '" SL_KEY_SHARE_ANNOUNCE "' "
+    "local last, ann = ARGV[4], {} "
+    "if last == '' then "
+    "  local top = redis.call('XREVRANGE', ak, '+', '-', 'COUNT', 1) "
+    "  if #top > 0 then last = top[1][1] else last = '0-0' end "
+    "else "
+    "  local got = redis.call('XRANGE', ak, '(' .. last, '+', 'COUNT', 256) "
+    "  for i = 1, #got do ann[#ann + 1] = got[i][2][2]; last = got[i][1] end "
+    "end "
+    "local q = math.floor(1000000 / nlive) "
+    "local out = {nlive, last, ann, ids} "
+    "for i = 0, tonumber(ARGV[5]) - 1 do "
+    "  local b = 6 + i * 4 "
+    "  local name, lim, dem = ARGV[b], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]) "
+    "  local hk = p .. '" SL_KEY_SHARE "' .. name "
+    "  local h = redis.call('HGETALL', hk) "
+    "  local others, odem, regs, annt = 0, 0, {}, 0 "
+    "  for j = 1, #h, 2 do "
+    "    local f, v = h[j], h[j + 1] "
+    "    if f == '~a' then annt = tonumber(v) or 0 "
+    "    elseif f ~= me then "
+    "      local l, d, e = string.match(v, '^(%d+):(%d+):(%d+)$') "
+    "      l, d, e = tonumber(l), tonumber(d), tonumber(e) "
+    "      if not e or e <= now then redis.call('HDEL', hk, f) "
+    "      else others = others + l; odem = odem + d; regs[#regs + 1] = d end "
+    "    end "
+    "  end "
+    "  local nreg = #regs + 1 "
+    "  local unreg = nlive - nreg "
+    "  if unreg < 0 then unreg = 0 end "
+    "  if ARGV[b + 3] == '1' and odem == 0 and others + (unreg + 1) * q <= 1000000 then "
+    "    redis.call('HDEL', hk, me) "
+    "    out[#out + 1] = {0, 0, nreg - 1, 1} "
+    "  else "
+    "    local pool = 1000000 - unreg * q "
+    "    if pool < 0 then pool = 0 end "
+    "    local fl = math.floor(pool / (50 * nreg)) "
+    "    local avail = pool - fl * nreg "
+    "    local function want(d) if lim > 0 then return d * 1250000 / lim end return 0 end "
+    "    local mine, wants = want(dem), {} "
+    "    for j = 1, #regs do wants[j] = want(regs[j]) end "
+    "    wants[#wants + 1] = mine "
+    "    table.sort(wants) "
+    "    local rem, k, level = avail, #wants, nil "
+    "    for j = 1, #wants do "
+    "      local fair = rem / k "
+    "      if wants[j] <= fair then rem = rem - wants[j]; k = k - 1 else level = fair; break end "
+    "    end "
+    "    local target "
+    "    if lim == 0 then target = fl "
+    "    elseif level then target = fl + math.min(mine, level) else target = fl + mine + rem / #wants end "
+    "    local g = math.floor(math.min(target, pool - others)) "
+    "    if g < 0 then g = 0 end "
+    "    redis.call('HSET', hk, me, g .. ':' .. dem .. ':' .. (now + ttl)) "
+    "    redis.call('PEXPIRE', hk, 2 * ttl) "
+    "    if unreg > 0 and now - annt >= 1000 then "
+    "      redis.call('XADD', ak, 'MAXLEN', '~', 1000, '*', 'key', name) "
+    "      redis.call('HSET', hk, '~a', now) "
+    "    end "
+    "    out[#out + 1] = {g, odem + dem, nreg, 0} "
+    "  end "
+    "end "
+    "redis.call('PEXPIRE', ik, 10 * ttl) "
+    "redis.call('PEXPIRE', ak, 3600000) "
+    "return out";
+
+const char *sl_fleet_mode_name(enum sl_fleet_mode m) {
+  switch (m) {
+  case SL_FLEET_SHARED: return "shared";
+  case SL_FLEET_FALLBACK: return "fallback";
+  case SL_FLEET_JOINING: return "joining";
+  default: return "off";
+  }
+}
+
+static void set_word(struct sl_fleet *f, enum sl_fleet_mode m, unsigned n) {
+  if (n == 0) n = 1;
+  /* relaxed: workers read the word as one value (fleet.h). */
+  atomic_store_explicit(&f->word, (uint64_t)m << 32 | (SL_FLEET_PPM / n), memory_order_relaxed);
+  sl_stat_set(&f->stats.mode, (uint64_t)m);
+}
+
+static enum sl_fleet_mode mode_now(const struct sl_fleet *f) {
+  return sl_fleet_mode_of(atomic_load_explicit(&f->word, memory_order_relaxed));
+}
+
+/* ---- workers ---- */
+
+void sl_fleet_want(struct sl_fleet *f, unsigned worker, uint64_t tag, const char *key, size_t len,
+                   uint64_t now_ms) {
+  if (len > SL_FLEET_KEY_MAX || worker >= f->nworkers) return;
+  struct sl_fleet_recent *r = &f->recent[worker];
+  unsigned i = (unsigned)(tag % SL_FLEET_RECENT);
+  if (r->tag[i] == tag && now_ms - r->ms[i] < 1000) return;
+  r->tag[i] = tag;
+  r->ms[i] = now_ms;
+  struct wantmsg m;
+  m.tag = tag;
+  m.len = (uint32_t)len;
+  memcpy(m.key, key, len);
+  if (sl_ring_push(&f->wants, &m) != 0) sl_stat_inc(&f->stats.wants_dropped, 1);
+}
+
+void sl_fleet_view(struct sl_fleet *f, uint64_t tag, struct sl_fleet_view *v) {
+  memset(v, 0, sizeof(*v));
+  uint64_t w = atomic_load_explicit(&f->word, memory_order_relaxed);
+  v->mode = sl_fleet_mode_of(w);
+  v->instances = (unsigned)atomic_load_explicit(&f->stats.instances, memory_order_relaxed);
+  v->share = (uint32_t)w;
+  struct sl_fleet_slot *s = sl_fleet_find(f, tag);
+  if (!s) return;
+  v->coordinated = 1;
+  if (v->mode == SL_FLEET_SHARED) v->share = atomic_load_explicit(&s->share, memory_order_relaxed);
+  v->local_demand = atomic_load_explicit(&s->local_demand, memory_order_relaxed);
+  v->fleet_demand = atomic_load_explicit(&s->fleet_demand, memory_order_relaxed);
+  v->registered = atomic_load_explicit(&s->registered, memory_order_relaxed);
+}
+
+void sl_fleet_instances(struct sl_fleet *f, char *buf, size_t cap) {
+  pthread_mutex_lock(&f->text_lock);
+  snprintf(buf, cap, "%s", f->instances_text[0] ? f->instances_text : "[]");
+  pthread_mutex_unlock(&f->text_lock);
+}
+
+/* ---- the table (the fleet thread only writes it) ---- */
+
+static uint64_t norm_tag(uint64_t tag) { return tag == 0 || tag == SL_FLEET_TOMB ? 1 : tag; }
+
+/* Makes a slot for the key, holding the default share until Redis grants
+ * one (the same R/N the key had uncoordinated, so nothing changes for the
+ * workers yet). Returns 0, or -1 when the table is full. */
+static int insert(struct sl_fleet *f, uint64_t tag, const char *key, size_t len) {
+  tag = norm_tag(tag);
+  if (sl_fleet_find(f, tag)) return 0;
+  if (f->nused >= f->cap) return -1;
+  for (uint32_t i = 0; i < SL_FLEET_PROBE; i++) {
+    uint32_t idx = (uint32_t)((tag + i) & f->mask);
+    struct sl_fleet_slot *s = &f->slots[idx];
+    uint64_t t = atomic_load_explicit(&s->tag, memory_order_relaxed);
+    if (t != 0 && t != SL_FLEET_TOMB) continue;
+    struct sl_fleet_key *k = &f->keys[idx];
+    memset(k, 0, sizeof(*k));
+    for (size_t j = 0; j < len; j++) k->name[j] = key[j] == '\x1f' ? ':' : key[j];
+    k->len = (uint8_t)len;
+    k->pos = f->nused;
+    k->last_attempts = atomic_load_explicit(&s->attempts, memory_order_relaxed);
+    f->used[f->nused++] = idx;
+    uint64_t w = atomic_load_explicit(&f->word, memory_order_relaxed);
+    atomic_store_explicit(&s->share, (uint32_t)w, memory_order_relaxed);
+    atomic_store_explicit(&s->local_demand, 0, memory_order_relaxed);
+    atomic_store_explicit(&s->fleet_demand, 0, memory_order_relaxed);
+    atomic_store_explicit(&s->registered, 0, memory_order_relaxed);
+    /* release: a worker that sees the tag sees the share above. */
+    atomic_store_explicit(&s->tag, tag, memory_order_release);
+    sl_stat_set(&f->stats.coordinated, f->nused);
+    return 0;
+  }
+  return -1;
+}
+
+static void release_slot(struct sl_fleet *f, uint32_t idx) {
+  struct sl_fleet_key *k = &f->keys[idx];
+  /* release: nothing to publish; a worker that still finds the old tag
+   * applies the old share once more, which was this key's anyway. */
+  atomic_store_explicit(&f->slots[idx].tag, SL_FLEET_TOMB, memory_order_release);
+  uint32_t last = f->used[--f->nused];
+  f->used[k->pos] = last;
+  f->keys[last].pos = k->pos;
+  sl_stat_set(&f->stats.coordinated, f->nused);
+  sl_stat_inc(&f->stats.releases, 1);
+}
+
+/* Builds a key's name back from an announcement ("<uid>:<feature>:<region>";
+ * the feature and region hold no ':') into a bucket key. Returns its length,
+ * or 0 when the name cannot be one. */
+static size_t bucket_key_of(const char *name, size_t n, char *out) {
+  if (n == 0 || n > SL_FLEET_KEY_MAX) return 0;
+  const char *r = memrchr(name, ':', n);
+  if (!r || r == name) return 0;
+  const char *fe = memrchr(name, ':', (size_t)(r - name));
+  if (!fe || fe == name || r - fe < 2 || (size_t)(name + n - r) < 2) return 0;
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)name[i];
+    if (c < 0x20 || c == 0x7f) return 0;
+  }
+  memcpy(out, name, n);
+  out[fe - name] = '\x1f';
+  out[r - name] = '\x1f';
+  return n;
+}
+
+static void take_wants(struct sl_fleet *f) {
+  struct wantmsg m;
+  while (sl_ring_pop(&f->wants, &m) == 0)
+    if (insert(f, m.tag, m.key, m.len) != 0) sl_stat_inc(&f->stats.keys_full, 1);
+}
+
+/* The demand of each key here since the last tick, smoothed over about two
+ * ticks: a share follows a change within a few sync intervals. */
+static void measure(struct sl_fleet *f, uint64_t now, uint64_t dt_ms) {
+  if (dt_ms == 0) return;
+  for (uint32_t i = 0; i < f->nused; i++) {
+    uint32_t idx = f->used[i];
+    struct sl_fleet_key *k = &f->keys[idx];
+    uint64_t a = atomic_load_explicit(&f->slots[idx].attempts, memory_order_relaxed);
+    uint64_t rate = (a - k->last_attempts) * 1000000 / dt_ms; /* milli-requests/s */
+    k->last_attempts = a;
+    k->demand = (k->demand + rate) / 2;
+    if (rate == 0 && k->demand < DEMAND_FLOOR) k->demand = 0;
+    if (k->demand == 0) {
+      if (!k->idle_since_ms) k->idle_since_ms = now;
+    } else {
+      k->idle_since_ms = 0;
+    }
+    atomic_store_explicit(&f->slots[idx].local_demand, k->demand, memory_order_relaxed);
+  }
+}
+
+/* ---- Redis ---- */
+
+static void on_down_mode(struct sl_fleet *f, const char *why) {
+  f->outage = 1;
+  atomic_store_explicit(&f->outage_seen, 1, memory_order_relaxed);
+  if (mode_now(f) != SL_FLEET_FALLBACK) {
+    set_word(f, SL_FLEET_FALLBACK, f->n_last);
+    sl_stat_inc(&f->stats.fallbacks, 1);
+  }
+  if (f->outage_logged) return;
+  f->outage_logged = 1;
+  fprintf(stderr,
+          "sluice: global limits: redis unreachable (%s); each key is limited to 1/%u of its limit here "
+          "(%u instance(s) last seen) until it is back\n",
+          why, f->n_last ? f->n_last : 1, f->n_last ? f->n_last : 1);
+}
+
+static int reply_int(const redisReply *r, long long *v) {
+  if (!r || r->type != REDIS_REPLY_INTEGER) return -1;
+  *v = r->integer;
+  return 0;
+}
+
+static void set_instances_text(struct sl_fleet *f, const redisReply *ids) {
+  char buf[SL_FLEET_INSTANCES_TEXT];
+  size_t n = 0;
+  buf[n++] = '[';
+  for (size_t i = 0; i < ids->elements; i++) {
+    const redisReply *e = ids->element[i];
+    if (e->type != REDIS_REPLY_STRING) continue;
+    if (n + e->len * 2 + 8 >= sizeof(buf)) break;
+    if (n > 1) buf[n++] = ',';
+    buf[n++] = '"';
+    for (size_t j = 0; j < e->len; j++) {
+      unsigned char c = (unsigned char)e->str[j];
+      if (c == '"' || c == '\\' || c < 0x20 || c >= 0x7f) c = '?'; /* ids are ours: host/pid/hex */
+      buf[n++] = (char)c;
+    }
+    buf[n++] = '"';
+  }
+  buf[n++] = ']';
+  buf[n] = '\0';
+  pthread_mutex_lock(&f->text_lock);
+  memcpy(f->instances_text, buf, n + 1);
+  pthread_mutex_unlock(&f->text_lock);
+}
+
+static void on_synced(redisAsyncContext *c, void *reply, void *priv) {
+  struct call *cl = priv;
+  struct sl_fleet *f = sl_redis_owner(c, reply);
+  if (!f) {
+    free(cl);
+    return;
+  }
+  f->inflight--;
+  const redisReply *r = reply;
+  long long nlive;
+  if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 4 + (size_t)cl->n || reply_int(r->element[0], &nlive) ||
+      nlive < 1 || r->element[1]->type != REDIS_REPLY_STRING || r->element[1]->len >= sizeof(f->ann_last) ||
+      r->element[2]->type != REDIS_REPLY_ARRAY || r->element[3]->type != REDIS_REPLY_ARRAY) {
+    sl_stat_inc(&f->stats.sync_errors, 1);
+    if (r && r->type == REDIS_REPLY_ERROR)
+      fprintf(stderr, "sluice: global limits: redis answered the sync with an error: %.200s\n", r->str);
+    free(cl);
+    return;
+  }
+  uint64_t now = sl_mono_ms();
+  unsigned n_before = f->n_last;
+  f->n_last = (unsigned)(nlive > 100000 ? 100000 : nlive);
+  memcpy(f->ann_last, r->element[1]->str, r->element[1]->len);
+  f->ann_last[r->element[1]->len] = '\0';
+  /* Announcements: keys busy elsewhere, which this instance registers on
+   * (with its demand, maybe none) so that its R/N of them is freed. */
+  const redisReply *ann = r->element[2];
+  for (size_t i = 0; i < ann->elements && i < ANNOUNCE_MAX; i++) {
+    const redisReply *e = ann->element[i];
+    char key[SL_FLEET_KEY_MAX];
+    size_t kl;
+    if (e->type != REDIS_REPLY_STRING || !(kl = bucket_key_of(e->str, e->len, key))) continue;
+    uint64_t tag = norm_tag(lim_hash(key, kl));
+    if (!sl_fleet_find(f, tag) && insert(f, tag, key, kl) != 0) sl_stat_inc(&f->stats.keys_full, 1);
+  }
+  set_instances_text(f, r->element[3]);
+  for (uint32_t i = 0; i < cl->n; i++) {
+    const redisReply *e = r->element[4 + i];
+    long long g, dem, nreg, released;
+    if (e->type != REDIS_REPLY_ARRAY || e->elements != 4 || reply_int(e->element[0], &g) ||
+        reply_int(e->element[1], &dem) || reply_int(e->element[2], &nreg) || reply_int(e->element[3], &released) ||
+        g < 0 || g > SL_FLEET_PPM || dem < 0 || nreg < 0)
+      continue;
+    uint32_t idx = cl->k[i].idx;
+    struct sl_fleet_slot *s = &f->slots[idx];
+    if (atomic_load_explicit(&s->tag, memory_order_relaxed) != cl->k[i].tag) continue; /* released meanwhile */
+    if (released) {
+      release_slot(f, idx);
+      continue;
+    }
+    atomic_store_explicit(&s->share, (uint32_t)g, memory_order_relaxed);
+    atomic_store_explicit(&s->fleet_demand, (uint64_t)dem, memory_order_relaxed);
+    atomic_store_explicit(&s->registered, (uint32_t)nreg, memory_order_relaxed);
+  }
+  sl_stat_inc(&f->stats.syncs, 1);
+  sl_stat_set(&f->stats.last_sync_ms, now);
+  sl_stat_set(&f->stats.instances, f->n_last);
+  enum sl_fleet_mode m = mode_now(f);
+  if (cl->keys_allowed) {
+    if (m != SL_FLEET_SHARED) {
+      if (f->outage_logged)
+        fprintf(stderr, "sluice: global limits: redis is back; limits shared again (%u instance(s))\n", f->n_last);
+      f->outage_logged = 0;
+      f->ever_synced = 1;
+      f->outage = 0;
+    }
+    set_word(f, SL_FLEET_SHARED, f->n_last);
+  } else {
+    /* joining: still the fallback share, now of whichever N is larger */
+    set_word(f, SL_FLEET_JOINING, f->n_last > n_before ? f->n_last : n_before);
+    f->n_last = f->n_last > n_before ? f->n_last : n_before;
+  }
+  free(cl);
+}
+
+static void send_call(struct sl_fleet *f, redisAsyncContext *c, uint32_t from, uint32_t n, int keys_allowed,
+                      uint64_t now) {
+  struct call *cl = sl_malloc(sizeof(*cl) + (size_t)n * sizeof(cl->k[0]));
+  cl->f = f;
+  cl->n = n;
+  cl->keys_allowed = keys_allowed;
+  size_t argc = 8 + 4 * (size_t)n;
+  const char **argv = sl_malloc(argc * sizeof(char *));
+  size_t *lens = sl_malloc(argc * sizeof(size_t));
+  char *nums = sl_malloc(((size_t)n * 2 + 2) * 24);
+  char *np = nums;
+  size_t a = 0, l;
+#define ARG(s, len) (argv[a] = (s), lens[a++] = (len))
+#define NUM(v) (l = sl_u64toa((v), np), ARG(np, l), np += l + 1)
+  ARG("EVAL", 4);
+  ARG(sync_script, sizeof(sync_script) - 1);
+  ARG("0", 1);
+  ARG(f->prefix, strlen(f->prefix));
+  ARG(f->id, strlen(f->id));
+  NUM(f->ttl_ms);
+  ARG(f->ann_last, strlen(f->ann_last));
+  NUM(n);
+  for (uint32_t i = 0; i < n; i++) {
+    uint32_t idx = f->used[from + i];
+    struct sl_fleet_key *k = &f->keys[idx];
+    struct sl_fleet_slot *s = &f->slots[idx];
+    cl->k[i].idx = idx;
+    cl->k[i].tag = atomic_load_explicit(&s->tag, memory_order_relaxed);
+    ARG(k->name, k->len);
+    NUM((uint64_t)atomic_load_explicit(&s->limit, memory_order_relaxed) * 1000);
+    NUM(k->demand);
+    int release = k->idle_since_ms && now - k->idle_since_ms >= RELEASE_IDLE_MS;
+    ARG(release ? "1" : "0", 1);
+  }
+#undef ARG
+#undef NUM
+  if (redisAsyncCommandArgv(c, on_synced, cl, (int)a, argv, lens) == REDIS_OK) {
+    f->inflight++;
+    sl_stat_inc(&f->stats.key_updates, n);
+  } else {
+    free(cl);
+  }
+  free(argv);
+  free(lens);
+  free(nums);
+}
+
+static void sync_now(struct sl_fleet *f, uint64_t now) {
+  redisAsyncContext *c = sl_redis_cmd(f->redis);
+  if (!c || f->inflight) return;
+  int keys_allowed = !f->outage || !f->ever_synced || now >= f->joined_at_ms;
+  if (!keys_allowed || f->nused == 0) {
+    send_call(f, c, 0, 0, keys_allowed, now);
+    return;
+  }
+  for (uint32_t from = 0; from < f->nused; from += KEYS_PER_CALL)
+    send_call(f, c, from, f->nused - from < KEYS_PER_CALL ? f->nused - from : KEYS_PER_CALL, 1, now);
+}
+
+static void on_redis_ready(void *data) {
+  struct sl_fleet *f = data;
+  f->inflight = 0;
+  if (f->outage && f->ever_synced) {
+    /* Back after an outage: the others may come back a little later (and a
+     * restarted Redis holds no registrations): heartbeat first, so that the
+     * leases granted count every instance. */
+    f->joined_at_ms = sl_mono_ms() + (f->ttl_ms / 2 > JOIN_MS_MIN ? JOIN_MS_MIN : f->ttl_ms / 2);
+    set_word(f, SL_FLEET_JOINING, f->n_last);
+  }
+  sync_now(f, sl_mono_ms());
+}
+
+static void on_redis_down(void *data, const char *why) {
+  struct sl_fleet *f = data;
+  f->inflight = 0;
+  on_down_mode(f, why);
+}
+
+static void on_tick(uv_timer_t *t) {
+  struct sl_fleet *f = t->data;
+  uint64_t now = sl_mono_ms();
+  take_wants(f);
+  measure(f, now, now - f->last_tick_ms);
+  f->last_tick_ms = now;
+  /* Replies that stop coming (a script error each time, a stuck server the
+   * client has not dropped yet): past the lease's life, shares mean nothing. */
+  uint64_t last = atomic_load_explicit(&f->stats.last_sync_ms, memory_order_relaxed);
+  if (mode_now(f) == SL_FLEET_SHARED && now - last > f->ttl_ms) on_down_mode(f, "no sync within the ttl");
+  sync_now(f, now);
+}
+
+static void on_stop(uv_async_t *a) {
+  struct sl_fleet *f = a->data;
+  uv_timer_stop(&f->tick);
+  sl__close((uv_handle_t *)&f->tick, NULL);
+  sl__close((uv_handle_t *)&f->stop, NULL);
+  if (f->redis) {
+    sl_redis_stop(f->redis);
+    f->redis = NULL;
+  }
+}
+
+static void make_id(struct sl_fleet *f) {
+  char host[64] = "host";
+  uint32_t rnd;
+  gethostname(host, sizeof(host) - 1);
+  host[sizeof(host) - 1] = '\0';
+  for (char *p = host; *p; p++)
+    if (*p == ':' || *p == '"' || *p == '\\' || (unsigned char)*p < 0x21 || (unsigned char)*p > 0x7e) *p = '_';
+  if (getrandom(&rnd, sizeof(rnd), 0) != sizeof(rnd)) rnd = (uint32_t)uv_hrtime();
+  snprintf(f->id, sizeof(f->id), "%s/%d/%08x", host, (int)getpid(), rnd);
+}
+
+int sl_fleet_start(struct sl_fleet *f, const struct sl_config *cfg, unsigned nworkers, char *err, size_t errlen) {
+  int r;
+  f->cap = cfg->global_keys;
+  uint32_t slots = 16;
+  while (slots < 2 * f->cap) slots <<= 1;
+  f->mask = slots - 1;
+  f->nworkers = nworkers;
+  f->sync_ms = cfg->global_sync_ms;
+  f->ttl_ms = cfg->global_ttl_ms;
+  f->n_last = 1;
+  snprintf(f->prefix, sizeof(f->prefix), "%s", cfg->redis_prefix);
+  make_id(f);
+  pthread_mutex_init(&f->text_lock, NULL);
+  if (posix_memalign((void **)&f->slots, 64, (size_t)slots * sizeof(*f->slots)) != 0) {
+    snprintf(err, errlen, "global limits: no memory for %u keys", f->cap);
+    return -ENOMEM;
+  }
+  memset(f->slots, 0, (size_t)slots * sizeof(*f->slots));
+  f->keys = sl_calloc(slots, sizeof(*f->keys));
+  f->used = sl_calloc(f->cap, sizeof(*f->used));
+  f->recent = sl_calloc(nworkers, sizeof(*f->recent));
+  if ((r = sl_ring_init(&f->wants, SL_FLEET_WANTS, sizeof(struct wantmsg))) != 0) {
+    snprintf(err, errlen, "global limits: ring: %s", strerror(-r));
+    goto err_mem;
+  }
+  /* Until Redis answers: alone (the whole limit), as with --global-limits off. */
+  set_word(f, SL_FLEET_FALLBACK, 1);
+  if ((r = uv_loop_init(&f->loop)) != 0) {
+    snprintf(err, errlen, "global limits loop: %s", uv_strerror(r));
+    goto err_ring;
+  }
+  uv_async_init(&f->loop, &f->stop, on_stop);
+  f->stop.data = f;
+  uv_timer_init(&f->loop, &f->tick);
+  f->tick.data = f;
+  struct sl_redis_opts o = {
+      .addr = cfg->redis,
+      .timeout_ms = cfg->redis_timeout_ms,
+      .backoff_max_ms = 250, /* the fleet is on fallback shares meanwhile: come back soon */
+      .log_subject = "global limits: redis",
+      .up = &f->stats.redis_up,
+      .on_ready = on_redis_ready,
+      .on_down = on_redis_down,
+      .data = f,
+  };
+  if ((r = sl_redis_init(&f->redis, &f->loop, &o)) != 0) {
+    snprintf(err, errlen, "redis: '%s': %s", cfg->redis, uv_strerror(r));
+    goto err_handles;
+  }
+  f->last_tick_ms = sl_mono_ms();
+  sl_redis_start(f->redis);
+  uv_timer_start(&f->tick, on_tick, f->sync_ms, f->sync_ms);
+  if ((r = sl_loop_thread_start(&f->thread, &f->loop)) != 0) {
+    snprintf(err, errlen, "global limits thread: %s", uv_strerror(r));
+    sl_redis_stop(f->redis);
+    f->redis = NULL;
+    goto err_handles;
+  }
+  return 0;
+err_handles:
+  uv_close((uv_handle_t *)&f->tick, NULL);
+  uv_close((uv_handle_t *)&f->stop, NULL);
+  uv_run(&f->loop, UV_RUN_DEFAULT);
+  uv_loop_close(&f->loop);
+err_ring:
+  sl_ring_free(&f->wants);
+err_mem:
+  free(f->slots);
+  free(f->keys);
+  free(f->used);
+  free(f->recent);
+  f->slots = NULL;
+  return r;
+}
+
+void sl_fleet_wait_first(struct sl_fleet *f, unsigned timeout_ms) {
+  uint64_t end = sl_mono_ms() + timeout_ms;
+  /* relaxed: a counter polled; the word it precedes is read relaxed too. */
+  while (atomic_load_explicit(&f->stats.syncs, memory_order_relaxed) == 0 &&
+         atomic_load_explicit(&f->stats.fallbacks, memory_order_relaxed) == 0 && !f->outage_seen &&
+         sl_mono_ms() < end)
+    uv_sleep(2);
+}
+
+void sl_fleet_stop(struct sl_fleet *f) {
+  if (!f->slots) return;
+  uv_async_send(&f->stop);
+  uv_thread_join(&f->thread);
+  uv_run(&f->loop, UV_RUN_DEFAULT); /* close callbacks of what hiredis and the client left */
+  uv_loop_close(&f->loop);
+  sl_ring_free(&f->wants);
+  free(f->slots);
+  free(f->keys);
+  free(f->used);
+  free(f->recent);
+  pthread_mutex_destroy(&f->text_lock);
+  f->slots = NULL;
+}
