@@ -125,7 +125,7 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
     /* A key busy here (its bucket more than half used) needs the fleet to
      * agree on shares; a quiet one never costs a Redis command. */
     if (!slot && limit && (d.result == LIM_REJECT || d.remaining * 2 < d.limit))
-      sl_fleet_want(fleet, w->id, hash, key, kl, uv_now(&w->loop));
+      sl_fleet_want(fleet, w->id, hash, key, kl, limit, uv_now(&w->loop));
     d.limit = limit; /* the headers state the account's limit, not this instance's part of it */
   }
   if (d.result == LIM_REJECT) {

@@ -41,6 +41,7 @@ struct sl_fleet_recent {
 
 struct wantmsg {
   uint64_t tag;
+  uint32_t limit; /* R as the worker applied it: the script weighs demand against it */
   uint32_t len;
   char key[SL_FLEET_KEY_MAX]; /* the bucket key: uid 0x1f feature 0x1f region */
 };
@@ -166,7 +167,7 @@ static enum sl_fleet_mode mode_now(const struct sl_fleet *f) {
 /* ---- workers ---- */
 
 void sl_fleet_want(struct sl_fleet *f, unsigned worker, uint64_t tag, const char *key, size_t len,
-                   uint64_t now_ms) {
+                   uint64_t limit, uint64_t now_ms) {
   if (len > SL_FLEET_KEY_MAX || worker >= f->nworkers) return;
   struct sl_fleet_recent *r = &f->recent[worker];
   unsigned i = (unsigned)(tag % SL_FLEET_RECENT);
@@ -175,6 +176,7 @@ void sl_fleet_want(struct sl_fleet *f, unsigned worker, uint64_t tag, const char
   r->ms[i] = now_ms;
   struct wantmsg m;
   m.tag = tag;
+  m.limit = limit > UINT32_MAX ? UINT32_MAX : (uint32_t)limit;
   m.len = (uint32_t)len;
   memcpy(m.key, key, len);
   if (sl_ring_push(&f->wants, &m) != 0) sl_stat_inc(&f->stats.wants_dropped, 1);
@@ -208,7 +210,7 @@ static uint64_t norm_tag(uint64_t tag) { return tag == 0 || tag == SL_FLEET_TOMB
 /* Makes a slot for the key, holding the default share until Redis grants
  * one (the same R/N the key had uncoordinated, so nothing changes for the
  * workers yet). Returns 0, or -1 when the table is full. */
-static int insert(struct sl_fleet *f, uint64_t tag, const char *key, size_t len) {
+static int insert(struct sl_fleet *f, uint64_t tag, const char *key, size_t len, uint32_t limit) {
   tag = norm_tag(tag);
   if (sl_fleet_find(f, tag)) return 0;
   if (f->nused >= f->cap) return -1;
@@ -229,6 +231,7 @@ static int insert(struct sl_fleet *f, uint64_t tag, const char *key, size_t len)
     atomic_store_explicit(&s->local_demand, 0, memory_order_relaxed);
     atomic_store_explicit(&s->fleet_demand, 0, memory_order_relaxed);
     atomic_store_explicit(&s->registered, 0, memory_order_relaxed);
+    atomic_store_explicit(&s->limit, limit, memory_order_relaxed);
     /* release: a worker that sees the tag sees the share above. */
     atomic_store_explicit(&s->tag, tag, memory_order_release);
     sl_stat_set(&f->stats.coordinated, f->nused);
@@ -271,7 +274,7 @@ static size_t bucket_key_of(const char *name, size_t n, char *out) {
 static void take_wants(struct sl_fleet *f) {
   struct wantmsg m;
   while (sl_ring_pop(&f->wants, &m) == 0)
-    if (insert(f, m.tag, m.key, m.len) != 0) sl_stat_inc(&f->stats.keys_full, 1);
+    if (insert(f, m.tag, m.key, m.len, m.limit) != 0) sl_stat_inc(&f->stats.keys_full, 1);
 }
 
 /* The demand of each key here since the last tick, smoothed over about two
@@ -375,7 +378,7 @@ static void on_synced(redisAsyncContext *c, void *reply, void *priv) {
     size_t kl;
     if (e->type != REDIS_REPLY_STRING || !(kl = bucket_key_of(e->str, e->len, key))) continue;
     uint64_t tag = norm_tag(lim_hash(key, kl));
-    if (!sl_fleet_find(f, tag) && insert(f, tag, key, kl) != 0) sl_stat_inc(&f->stats.keys_full, 1);
+    if (!sl_fleet_find(f, tag) && insert(f, tag, key, kl, 0) != 0) sl_stat_inc(&f->stats.keys_full, 1);
   }
   set_instances_text(f, r->element[3]);
   for (uint32_t i = 0; i < cl->n; i++) {

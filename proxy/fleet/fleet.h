@@ -165,7 +165,7 @@ static inline uint32_t sl_fleet_share(struct sl_fleet *f, uint64_t tag, uint64_t
  * to coordinate it (at most once a second per worker and key; a full ring
  * drops the ask, made again later). now_ms: the worker's loop time. */
 void sl_fleet_want(struct sl_fleet *f, unsigned worker, uint64_t tag, const char *key, size_t len,
-                   uint64_t now_ms);
+                   uint64_t limit, uint64_t now_ms);
 
 /* For /explain: what this instance knows of a key. */
 struct sl_fleet_view {
