@@ -345,24 +345,20 @@ static void set_instances_text(struct sl_fleet *f, const redisReply *ids) {
   pthread_mutex_unlock(&f->text_lock);
 }
 
-static void on_synced(redisAsyncContext *c, void *reply, void *priv) {
-  struct call *cl = priv;
-  struct sl_fleet *f = sl_redis_owner(c, reply);
-  if (!f) {
-    free(cl);
-    return;
-  }
-  f->inflight--;
-  const redisReply *r = reply;
+/* Takes a sync's reply: the instances, announcements and each key's lease.
+ * Returns 0, or -1 (counted, nothing changed) when it is not the shape the
+ * script returns. */
+static int apply_reply(struct sl_fleet *f, const struct call *cl, const redisReply *r) {
   long long nlive;
   if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 4 + (size_t)cl->n || reply_int(r->element[0], &nlive) ||
       nlive < 1 || r->element[1]->type != REDIS_REPLY_STRING || r->element[1]->len >= sizeof(f->ann_last) ||
       r->element[2]->type != REDIS_REPLY_ARRAY || r->element[3]->type != REDIS_REPLY_ARRAY) {
     sl_stat_inc(&f->stats.sync_errors, 1);
-    if (r && r->type == REDIS_REPLY_ERROR)
-      fprintf(stderr, "sluice: global limits: redis answered the sync with an error: %.200s\n", r->str);
-    free(cl);
-    return;
+    uint32_t held;
+    if (r && r->type == REDIS_REPLY_ERROR && sl_ratelog_ok(&f->log_err, sl_mono_ms(), 10000, &held))
+      fprintf(stderr, "sluice: global limits: redis answered the sync with an error (%u more held back): %.200s\n",
+              held, r->str);
+    return -1;
   }
   uint64_t now = sl_mono_ms();
   unsigned n_before = f->n_last;
@@ -417,7 +413,31 @@ static void on_synced(redisAsyncContext *c, void *reply, void *priv) {
     set_word(f, SL_FLEET_JOINING, f->n_last > n_before ? f->n_last : n_before);
     f->n_last = f->n_last > n_before ? f->n_last : n_before;
   }
+  return 0;
+}
+
+static void on_synced(redisAsyncContext *c, void *reply, void *priv) {
+  struct call *cl = priv;
+  struct sl_fleet *f = sl_redis_owner(c, reply);
+  if (f) {
+    f->inflight--;
+    apply_reply(f, cl, reply);
+  }
   free(cl);
+}
+
+int sl_fleet_apply_reply_test(struct sl_fleet *f, const uint32_t *idx, uint32_t n, const struct redisReply *r) {
+  struct call *cl = sl_malloc(sizeof(*cl) + (size_t)n * sizeof(cl->k[0]));
+  cl->f = f;
+  cl->n = n;
+  cl->keys_allowed = 1;
+  for (uint32_t i = 0; i < n; i++) {
+    cl->k[i].idx = idx[i] & f->mask;
+    cl->k[i].tag = atomic_load_explicit(&f->slots[cl->k[i].idx].tag, memory_order_relaxed);
+  }
+  int rc = apply_reply(f, cl, r);
+  free(cl);
+  return rc;
 }
 
 static void send_call(struct sl_fleet *f, redisAsyncContext *c, uint32_t from, uint32_t n, int keys_allowed,
@@ -533,36 +553,68 @@ static void make_id(struct sl_fleet *f) {
   snprintf(f->id, sizeof(f->id), "%s/%d/%08x", host, (int)getpid(), rnd);
 }
 
-int sl_fleet_start(struct sl_fleet *f, const struct sl_config *cfg, unsigned nworkers, char *err, size_t errlen) {
-  int r;
-  f->cap = cfg->global_keys;
+/* The table and what the workers use, without the thread. */
+static int table_init(struct sl_fleet *f, unsigned cap, unsigned nworkers) {
+  f->cap = cap;
   uint32_t slots = 16;
   while (slots < 2 * f->cap) slots <<= 1;
   f->mask = slots - 1;
   f->nworkers = nworkers;
-  f->sync_ms = cfg->global_sync_ms;
-  f->ttl_ms = cfg->global_ttl_ms;
   f->n_last = 1;
-  snprintf(f->prefix, sizeof(f->prefix), "%s", cfg->redis_prefix);
-  make_id(f);
   pthread_mutex_init(&f->text_lock, NULL);
-  if (posix_memalign((void **)&f->slots, 64, (size_t)slots * sizeof(*f->slots)) != 0) {
-    snprintf(err, errlen, "global limits: no memory for %u keys", f->cap);
-    return -ENOMEM;
-  }
+  if (posix_memalign((void **)&f->slots, 64, (size_t)slots * sizeof(*f->slots)) != 0) return -ENOMEM;
   memset(f->slots, 0, (size_t)slots * sizeof(*f->slots));
   f->keys = sl_calloc(slots, sizeof(*f->keys));
   f->used = sl_calloc(f->cap, sizeof(*f->used));
   f->recent = sl_calloc(nworkers, sizeof(*f->recent));
-  if ((r = sl_ring_init(&f->wants, SL_FLEET_WANTS, sizeof(struct wantmsg))) != 0) {
-    snprintf(err, errlen, "global limits: ring: %s", strerror(-r));
-    goto err_mem;
+  int r = sl_ring_init(&f->wants, SL_FLEET_WANTS, sizeof(struct wantmsg));
+  if (r != 0) {
+    free(f->slots);
+    free(f->keys);
+    free(f->used);
+    free(f->recent);
+    f->slots = NULL;
+    return r;
   }
   /* Until Redis answers: alone (the whole limit), as with --global-limits off. */
   set_word(f, SL_FLEET_FALLBACK, 1);
+  return 0;
+}
+
+static void table_free(struct sl_fleet *f) {
+  sl_ring_free(&f->wants);
+  free(f->slots);
+  free(f->keys);
+  free(f->used);
+  free(f->recent);
+  pthread_mutex_destroy(&f->text_lock);
+  f->slots = NULL;
+}
+
+int sl_fleet_table_init_test(struct sl_fleet *f, unsigned cap, unsigned nworkers) {
+  memset(f, 0, sizeof(*f));
+  snprintf(f->id, sizeof(f->id), "test/1/00000000");
+  f->ttl_ms = 1500;
+  return table_init(f, cap, nworkers);
+}
+
+void sl_fleet_table_free_test(struct sl_fleet *f) { table_free(f); }
+
+void sl_fleet_take_wants_test(struct sl_fleet *f) { take_wants(f); }
+
+int sl_fleet_start(struct sl_fleet *f, const struct sl_config *cfg, unsigned nworkers, char *err, size_t errlen) {
+  int r;
+  f->sync_ms = cfg->global_sync_ms;
+  f->ttl_ms = cfg->global_ttl_ms;
+  snprintf(f->prefix, sizeof(f->prefix), "%s", cfg->redis_prefix);
+  make_id(f);
+  if ((r = table_init(f, cfg->global_keys, nworkers)) != 0) {
+    snprintf(err, errlen, "global limits: no memory for %u keys", cfg->global_keys);
+    return r;
+  }
   if ((r = uv_loop_init(&f->loop)) != 0) {
     snprintf(err, errlen, "global limits loop: %s", uv_strerror(r));
-    goto err_ring;
+    goto err_table;
   }
   uv_async_init(&f->loop, &f->stop, on_stop);
   f->stop.data = f;
@@ -597,14 +649,8 @@ err_handles:
   uv_close((uv_handle_t *)&f->stop, NULL);
   uv_run(&f->loop, UV_RUN_DEFAULT);
   uv_loop_close(&f->loop);
-err_ring:
-  sl_ring_free(&f->wants);
-err_mem:
-  free(f->slots);
-  free(f->keys);
-  free(f->used);
-  free(f->recent);
-  f->slots = NULL;
+err_table:
+  table_free(f);
   return r;
 }
 
@@ -623,11 +669,5 @@ void sl_fleet_stop(struct sl_fleet *f) {
   uv_thread_join(&f->thread);
   uv_run(&f->loop, UV_RUN_DEFAULT); /* close callbacks of what hiredis and the client left */
   uv_loop_close(&f->loop);
-  sl_ring_free(&f->wants);
-  free(f->slots);
-  free(f->keys);
-  free(f->used);
-  free(f->recent);
-  pthread_mutex_destroy(&f->text_lock);
-  f->slots = NULL;
+  table_free(f);
 }

@@ -109,6 +109,7 @@ struct sl_fleet {
   unsigned n_last;           /* live instances in the last reply */
   int inflight, ever_synced, outage, outage_logged;
   _Atomic int outage_seen; /* for sl_fleet_wait_first */
+  struct sl_ratelog log_err; /* error replies: a line at most every 10 s */
   char ann_last[48];         /* the newest announcement read */
   /* ---- read by the admin thread under lock ---- */
   pthread_mutex_t text_lock;
@@ -181,5 +182,14 @@ void sl_fleet_view(struct sl_fleet *f, uint64_t tag, struct sl_fleet_view *v);
 void sl_fleet_instances(struct sl_fleet *f, char *buf, size_t cap);
 
 const char *sl_fleet_mode_name(enum sl_fleet_mode m);
+
+/* For unit tests and the fuzz harness: the table without the thread; the
+ * fleet thread's steps on it. */
+struct redisReply;
+int sl_fleet_table_init_test(struct sl_fleet *f, unsigned cap, unsigned nworkers);
+void sl_fleet_table_free_test(struct sl_fleet *f);
+void sl_fleet_take_wants_test(struct sl_fleet *f);
+/* Applies a reply to a sync that named the slots idx[0..n). */
+int sl_fleet_apply_reply_test(struct sl_fleet *f, const uint32_t *idx, uint32_t n, const struct redisReply *r);
 
 #endif
