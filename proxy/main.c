@@ -104,6 +104,10 @@ static void reload(struct sl_main *m) {
   KEEP(negative_ttl_ms, "negative-ttl-ms");
   KEEP(max_accounts, "max-accounts");
   KEEP(limiter_keys, "limiter-keys");
+  KEEP(global_limits, "global-limits");
+  KEEP(global_sync_ms, "global-sync-ms");
+  KEEP(global_ttl_ms, "global-ttl-ms");
+  KEEP(global_keys, "global-keys");
 #undef KEEP
   next->listen = cur->listen;
   next->admin = cur->admin;
