@@ -22,6 +22,7 @@
 #define RELEASE_IDLE_MS 5000   /* a key idle here this long is offered back to local shares */
 #define KEYS_PER_CALL 512      /* keys in one script call (more go in more calls) */
 #define ANNOUNCE_MAX 256       /* announcements read per call */
+#define LEAVE_WAIT_MS 300      /* a clean stop waits this long at most for Redis to take the leave */
 #define DEMAND_FLOOR 100       /* milli-requests/s under which a demand counts as none */
 
 /* The fleet thread's own state of a slot. */
@@ -531,8 +532,16 @@ static void on_tick(uv_timer_t *t) {
   sync_now(f, now);
 }
 
-static void on_stop(uv_async_t *a) {
-  struct sl_fleet *f = a->data;
+/* Leaving (a clean stop): the heartbeat and every lease of this instance
+ * go at once, so the others' next syncs take its share (a kill -9 leaves
+ * that to the ttl). */
+static const char leave_script[] =
+    "local p, me = ARGV[1], ARGV[2] "
+    "redis.call('ZREM', p .. '" SL_KEY_SHARE_INSTANCES "', me) "
+    "for i = 3, #ARGV do redis.call('HDEL', p .. '" SL_KEY_SHARE "' .. ARGV[i], me) end "
+    "return 1";
+
+static void close_all(struct sl_fleet *f) {
   uv_timer_stop(&f->tick);
   sl__close((uv_handle_t *)&f->tick, NULL);
   sl__close((uv_handle_t *)&f->stop, NULL);
@@ -540,6 +549,44 @@ static void on_stop(uv_async_t *a) {
     sl_redis_stop(f->redis);
     f->redis = NULL;
   }
+}
+
+static void on_left(redisAsyncContext *c, void *reply, void *priv) {
+  (void)priv;
+  struct sl_fleet *f = sl_redis_owner(c, reply);
+  if (f) close_all(f);
+}
+
+static void on_leave_timeout(uv_timer_t *t) { close_all(t->data); }
+
+static int send_leave(struct sl_fleet *f) {
+  redisAsyncContext *c = sl_redis_cmd(f->redis);
+  if (!c) return -1;
+  size_t argc = 5 + (size_t)f->nused;
+  const char **argv = sl_malloc(argc * sizeof(char *));
+  size_t *lens = sl_malloc(argc * sizeof(size_t)), a = 0;
+  argv[a] = "EVAL", lens[a++] = 4;
+  argv[a] = leave_script, lens[a++] = sizeof(leave_script) - 1;
+  argv[a] = "0", lens[a++] = 1;
+  argv[a] = f->prefix, lens[a++] = strlen(f->prefix);
+  argv[a] = f->id, lens[a++] = strlen(f->id);
+  for (uint32_t i = 0; i < f->nused; i++) {
+    const struct sl_fleet_key *k = &f->keys[f->used[i]];
+    argv[a] = k->name, lens[a++] = k->len;
+  }
+  int rc = redisAsyncCommandArgv(c, on_left, NULL, (int)a, argv, lens) == REDIS_OK ? 0 : -1;
+  free(argv);
+  free(lens);
+  return rc;
+}
+
+static void on_stop(uv_async_t *a) {
+  struct sl_fleet *f = a->data;
+  if (send_leave(f) == 0) {
+    uv_timer_start(&f->tick, on_leave_timeout, LEAVE_WAIT_MS, 0); /* the reply closes, or this */
+    return;
+  }
+  close_all(f);
 }
 
 static void make_id(struct sl_fleet *f) {

@@ -429,5 +429,61 @@ class Single(GlobalCase):
         self.assertGreaterEqual(admitted, 0.99 * R * t_inner)
 
 
+class Leave(GlobalCase):
+    """A clean stop (SIGTERM) gives the instance's share back at once, not
+    after --global-ttl-ms: the survivor's view of the fleet and its share
+    change before the ttl could have expired anything."""
+
+    def test_sigterm_gives_share_back_at_once(self):
+        inst, ld = self.start(2, "--global-ttl-ms", "10000")
+        ld[0].on.set()
+        ld[1].on.set()
+        poll(lambda: self.explain(inst[0])["global"]["registered"] == 2, 5, "both registered on the key")
+        ld[1].on.clear()
+        ld[1].stop()
+        t0 = time.monotonic()
+        self.assertEqual(inst[1].stop(), 0)
+        stopped = time.monotonic() - t0
+        _, secs = poll(lambda: self.metric(inst[0], "sluice_global_instances") == 1, 3, "one instance left")
+        g, secs2 = poll(lambda: (lambda g: g if g["registered"] == 1 and g["share_ppm"] > 900000 else None)(
+            self.explain(inst[0])["global"]), 3, "the whole share to the survivor")
+        note(f"leave: SIGTERM took {stopped:.2f} s; survivor alone after {secs * 1000:.0f} ms, "
+             f"its share {g['share_ppm']} ppm after {secs2 * 1000:.0f} ms (ttl 10 s)")
+        ld[0].on.clear()
+
+
+class KeysBound(GlobalCase):
+    """--global-keys at its bound: a busy key that finds the table full is
+    not coordinated, is counted, and keeps R/N on each instance (never more
+    than its part of the limit)."""
+
+    def test_table_full_key_keeps_r_over_n(self):
+        self.r.cli("SET", P + "ak:AKH", "uh")
+        inst, ld = self.start(2, "--global-keys", "1")
+        ld[0].on.set()  # ug's key takes the one slot of instance 0
+        poll(lambda: self.explain(inst[0])["global"]["coordinated"], 5, "ug coordinated")
+        ld[0].on.clear()
+        req = harness.HttpConn.build("GET", "/?Action=TextModeration&AccessKeyId=AKH")
+        got = []
+        with harness.HttpConn(inst[0].port) as c:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 2.0:
+                c.send(req)
+                got.append(c.read_response().status)
+                time.sleep(0.002)
+            el = time.monotonic() - t0
+        self.assertGreaterEqual(self.metric(inst[0], "sluice_global_keys_full_total"), 1)
+        r = harness.http_request(inst[0].admin, "GET", "/explain?uid=uh&feature=text&region=cn-shanghai")
+        g = json.loads(r.body.decode())["global"]
+        self.assertFalse(g["coordinated"], g)
+        self.assertEqual(g["share_ppm"], 500000, g)
+        ok = got.count(200)
+        note(f"keys bound: uncoordinated key on 1 of 2 instances: {ok} of {len(got)} admitted in {el:.2f} s "
+             f"(R/2 = {R // 2}/s, burst {R // 2})")
+        self.assertGreater(len(got), 2 * ok)
+        self.assertLessEqual(ok, R / 2 * el + R / 2 + 1)
+        self.assertGreaterEqual(ok, 0.9 * R / 2 * el)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
