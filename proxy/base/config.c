@@ -50,7 +50,9 @@ static const struct opt opts[] = {
   {"admin", OPT_ADDR, F(admin), 0, 0, 0, "HOST:PORT admin listener (127.0.0.1:9901)"},
   {"region", OPT_STR, F(region), FSIZE(region), 0, 0,
    "region when Host names none (cn-shanghai)"},
-  {"flush-ms", OPT_UINT, F(flush_ms), 0, 10, 600000, "metering flush interval (1000)"},
+  {"flush-ms", OPT_UINT, F(flush_ms), 0, 10, 600000, "metering: counts go to Redis at least this often (1000)"},
+  {"spool-ms", OPT_UINT, F(spool_ms), 0, 10, 600000,
+   "metering: counts are made durable in the spool this often; kill -9 loses at most this (1000)"},
   {"access-log", OPT_STR, F(access_log), FSIZE(access_log), 0, 0,
    "access log file (off when empty)"},
   {"max-header-bytes", OPT_UINT, F(max_header_bytes), 0, 1024, 1 << 20, "request head bound, else 431 (16384)"},
@@ -251,6 +253,7 @@ static void config_defaults(struct sl_config *c) {
   long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
   c->workers = ncpu > 0 ? (unsigned)ncpu : 1;
   c->flush_ms = 1000;
+  c->spool_ms = 1000;
   c->max_header_bytes = 16384;
   c->max_headers = 100;
   c->max_body_bytes = 8u << 20;

@@ -38,7 +38,8 @@ struct sl_config {
   char region[64];
   char access_log[256];
   unsigned workers;
-  unsigned flush_ms;
+  unsigned flush_ms;  /* metering: counts go to Redis at least this often */
+  unsigned spool_ms;  /* metering: counts are gathered and made durable in the spool this often */
   unsigned max_header_bytes;  /* request line + headers, else 431 */
   unsigned max_headers;       /* header count, else 431 */
   uint64_t max_body_bytes;    /* request body, else 413 */

@@ -23,23 +23,32 @@
 
 /* Applies one batch exactly once: the id is recorded with SET NX (kept 7
  * days) in the same atomic script as the counts, so a batch sent again
- * after a lost reply changes nothing. Key names: keys.h. */
+ * after a lost reply changes nothing. Redis's work is per key, and as little
+ * as the schema allows: the flusher sends every key and field name built
+ * (no string work in Lua), one or two HINCRBY per key, one SADD per day with
+ * the batch's UIDs, and one stream entry for the whole batch. ARGV: prefix,
+ * id, key count, then per key: calls key, calls field, count, usage key (''
+ * when the call is not billable), usage field; then the number of SADDs and
+ * per SADD: the set, member count, members; then the stream entry's deltas.
+ * Key names: keys.h. */
 static const char apply_script[] =
     "local p, id = ARGV[1], ARGV[2] "
     "if not redis.call('SET', p .. '" SL_KEY_METER_BATCH "' .. id, '1', 'NX', 'EX', 604800) then return 0 end "
-    "local n = tonumber(ARGV[3]) "
-    "for i = 0, n - 1 do "
-    "  local b = 4 + i * 7 "
-    "  local day, uid, f, r, tier, o, c = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], "
-    "                                     ARGV[b + 5], ARGV[b + 6] "
-    "  redis.call('HINCRBY', p .. '" SL_KEY_CALLS "' .. day .. ':' .. uid, f .. ':' .. r .. ':' .. o, c) "
-    "  if o == '" SL_OUT_OK_NAME "' then "
-    "    redis.call('HINCRBY', p .. '" SL_KEY_USAGE "' .. day .. ':' .. uid, f .. ':' .. r, c) "
-    "    redis.call('SADD', p .. '" SL_KEY_USAGE "' .. day, uid) "
-    "  end "
-    "  redis.call('XADD', p .. '" SL_KEY_USAGE_STREAM "', 'MAXLEN', '~', '1000000', '*', 'batch', id, 'day', day, "
-    "             'uid', uid, 'feature', f, 'region', r, 'tier', tier, 'outcome', o, 'count', c) "
+    "local n, b = tonumber(ARGV[3]), 4 "
+    "for i = 1, n do "
+    "  redis.call('HINCRBY', ARGV[b], ARGV[b + 1], ARGV[b + 2]) "
+    "  if ARGV[b + 3] ~= '' then redis.call('HINCRBY', ARGV[b + 3], ARGV[b + 4], ARGV[b + 2]) end "
+    "  b = b + 5 "
     "end "
+    "local m = tonumber(ARGV[b]) "
+    "b = b + 1 "
+    "for i = 1, m do "
+    "  local k = tonumber(ARGV[b + 1]) "
+    "  redis.call('SADD', ARGV[b], unpack(ARGV, b + 2, b + 1 + k)) "
+    "  b = b + 2 + k "
+    "end "
+    "redis.call('XADD', p .. '" SL_KEY_USAGE_STREAM "', 'MAXLEN', '~', '" SL_USAGE_STREAM_MAXLEN "', '*', "
+    "           'batch', id, 'keys', n, 'deltas', ARGV[b]) "
     "return 1";
 
 /* ---- the queue ---- */
@@ -67,6 +76,7 @@ static void enqueue(struct sl_flusher *f, struct sl_batch *b) {
 }
 
 static void send_next(struct sl_flusher *f);
+static void on_pace(uv_timer_t *t) { send_next(t->data); }
 
 /* Batches the accumulator's keys would make. */
 static unsigned acc_batches(const struct sl_flusher *f) { return (f->acc->n + SL_BATCH_MAX - 1) / SL_BATCH_MAX; }
@@ -79,12 +89,37 @@ static int queue_has_room(const struct sl_flusher *f) {
   return f->final_started || f->nqueued == 0 || f->nqueued + acc_batches(f) <= f->queue_max;
 }
 
+/* Writes t's keys to the spool as delta records: counts gathered but not
+ * yet in a batch (the Redis interval is longer than the spool interval), so
+ * that a crash loses at most one spool interval. */
+static void journal(struct sl_flusher *f, const struct sl_meter_table *t) {
+  struct sl_batch *d = NULL;
+  for (uint32_t j = 0; j < t->n; j++) {
+    const struct sl_meter_entry *e = &t->e[t->used[j]];
+    if (!d) {
+      uint32_t left = t->n - j;
+      d = sl_batch_new(left < SL_BATCH_MAX ? left : SL_BATCH_MAX);
+    }
+    d->e[d->n].k = e->k;
+    d->e[d->n].count = e->count;
+    if (++d->n == SL_BATCH_MAX || j + 1 == t->n) {
+      sl_spool_delta(&f->spool, d);
+      free(d);
+      d = NULL;
+    }
+  }
+}
+
 /* Turns what the accumulator holds into batches of at most SL_BATCH_MAX
- * keys, each allocated for the keys it holds. */
+ * keys, each allocated for the keys it holds, spools and queues them. When
+ * nothing older waits and the spool has grown, the new batches replace the
+ * whole file (they cover every delta in it; every batch in it is acked). */
 static void finalize(struct sl_flusher *f) {
   struct sl_meter_table *t = f->acc;
   if (t->n == 0) return;
-  struct sl_batch *b = NULL;
+  struct sl_batch *b = NULL, *first = NULL, **link = &first;
+  unsigned nb = 0;
+  size_t bytes = 0;
   for (uint32_t j = 0; j < t->n; j++) {
     const struct sl_meter_entry *e = &t->e[t->used[j]];
     if (!b) {
@@ -99,25 +134,48 @@ static void finalize(struct sl_flusher *f) {
     b->e[b->n].count = e->count;
     sl_stat_inc(&f->stats.counted, e->count);
     if (++b->n == SL_BATCH_MAX || j + 1 == t->n) {
-      sl_spool_batch(&f->spool, b);
-      enqueue(f, b);
-      sl_stat_inc(&f->stats.batches, 1);
+      bytes += sl_spool_batch_size(b);
+      *link = b;
+      link = &b->next;
+      nb++;
       b = NULL;
     }
   }
   sl_meter_table_clear(t);
+  int rewritten = 0;
+  if (f->nqueued == 0 && sl_spool_should_compact(&f->spool) && bytes <= f->spool.max) {
+    unsigned char *buf = sl_malloc(bytes), *p = buf;
+    for (struct sl_batch *x = first; x; x = x->next) p += sl_spool_encode_batch(x, p);
+    if (sl_spool_rewrite(&f->spool, buf, (size_t)(p - buf)) == 0) {
+      rewritten = 1;
+      for (struct sl_batch *x = first; x; x = x->next) x->spooled = 1;
+    }
+    free(buf);
+  }
+  /* Paced: one interval's batches go over the first half of the next
+   * interval, not in one burst of Redis work; a backlog goes at once. */
+  f->pace_ms = nb > 1 && f->nqueued == 0 ? f->flush_ms / (2 * nb) : 0;
+  while (first) {
+    struct sl_batch *x = first;
+    first = x->next;
+    x->next = NULL;
+    if (!rewritten) sl_spool_batch(&f->spool, x);
+    enqueue(f, x);
+    sl_stat_inc(&f->stats.batches, 1);
+  }
   queue_stats(f);
 }
 
-/* Merges a worker's table into the accumulator. Returns 0, or -ENOBUFS
- * (nothing merged) when the accumulator might not hold its keys and the
- * queue has no room for what the accumulator holds: the table then stays
- * with its worker. */
+/* Merges a worker's table into the accumulator (journaled first when this
+ * round makes no batches). Returns 0, or -ENOBUFS (nothing merged) when the
+ * accumulator might not hold its keys and the queue has no room for what
+ * the accumulator holds: the table then stays with its worker. */
 static int merge_table(struct sl_flusher *f, const struct sl_meter_table *t) {
   if (f->acc->n + t->n > f->acc->limit) {
     if (!queue_has_room(f)) return -ENOBUFS;
     finalize(f); /* what the accumulator holds becomes batches */
   }
+  if (f->journal) journal(f, t);
   for (uint32_t j = 0; j < t->n; j++) {
     const struct sl_meter_entry *e = &t->e[t->used[j]];
     /* Fits: the accumulator is at least one worker table's size (start). */
@@ -192,7 +250,10 @@ static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
   f->queued_counts -= batch_counts(b);
   sl_spool_ack(&f->spool, b);
   free(b);
-  if (!f->head) sl_spool_compact(&f->spool); /* everything acked: start afresh so that it does not grow */
+  /* Everything acked and nothing journaled waits: start afresh so that the
+   * spool does not grow. */
+  if (!f->head && f->acc->n == 0) sl_spool_compact(&f->spool);
+  f->next_send_ms = sl_mono_ms() + f->pace_ms;
   queue_stats(f);
   send_next(f);
 }
@@ -205,46 +266,150 @@ void sl_flusher_key_names(const struct sl_meter_key *k, const char **feature, co
   *outcome = k->outcome < SL_NOUTCOMES ? sl_outcome_names[k->outcome] : "-";
 }
 
+/* Appends s[0..n) to the argument buffer and names it as the next arg. */
+struct args {
+  const char **argv;
+  size_t *lens;
+  size_t a;
+  char *buf, *p;
+};
+
+static void arg(struct args *x, const char *s, size_t n) {
+  x->argv[x->a] = s;
+  x->lens[x->a++] = n;
+}
+
+/* Copies the pieces into the buffer and names them as one arg. */
+static void arg_cat(struct args *x, const char *a, size_t an, const char *b, size_t bn, const char *c, size_t cn) {
+  char *start = x->p;
+  memcpy(x->p, a, an), x->p += an;
+  memcpy(x->p, b, bn), x->p += bn;
+  memcpy(x->p, c, cn), x->p += cn;
+  arg(x, start, (size_t)(x->p - start));
+}
+
+static void arg_num(struct args *x, uint64_t v) {
+  size_t l = sl_u64toa(v, x->p);
+  arg(x, x->p, l);
+  x->p += l + 1;
+}
+
+/* The names a key is written under: "<feature>:<region>" (into out, the
+ * usage field; the calls field appends ":<outcome>"). Returns its length. */
+static size_t field_fr(const struct sl_meter_key *k, char *out) {
+  const char *fname, *tier, *o;
+  sl_flusher_key_names(k, &fname, &tier, &o);
+  size_t fl = strlen(fname);
+  memcpy(out, fname, fl);
+  out[fl] = ':';
+  memcpy(out + fl + 1, k->region, k->region_len);
+  return fl + 1 + k->region_len;
+}
+
 static void send_next(struct sl_flusher *f) {
   redisAsyncContext *c = sl_redis_cmd(f->redis);
-  if (!c || f->inflight || !f->head || sl_mono_ms() < f->retry_at_ms) return;
+  if (!c || f->inflight || !f->head) return;
+  uint64_t now = sl_mono_ms();
+  if (now < f->retry_at_ms) return;
+  if (now < f->next_send_ms && !f->final_started) { /* paced: Redis's work spread over the interval */
+    uv_timer_start(&f->pace, on_pace, f->next_send_ms - now, 0);
+    return;
+  }
   struct sl_batch *b = f->head;
-  size_t argc = 6 + 7 * (size_t)b->n;
-  const char **argv = sl_malloc(argc * sizeof(char *));
-  size_t *lens = sl_malloc(argc * sizeof(size_t));
-  char *nums = sl_malloc(((size_t)b->n * 2 + 1) * 24);
-  size_t a = 0;
-  char *np = nums;
-#define ARG(s, l) (argv[a] = (s), lens[a++] = (l))
-  ARG("EVAL", 4);
-  ARG(apply_script, sizeof(apply_script) - 1);
-  ARG("0", 1);
-  ARG(f->prefix, strlen(f->prefix));
-  ARG(b->id, b->id_len);
-  size_t l = sl_u64toa(b->n, np);
-  ARG(np, l);
-  np += l + 1;
-  for (uint32_t i = 0; i < b->n; i++) {
+  size_t plen = strlen(f->prefix), n = b->n;
+  /* per key 5 args (+ at most 1 SADD member, + 2 per SADD group) */
+  size_t argc = 8 + 5 * n + 3 * n + 2;
+  struct args x = {.argv = sl_malloc(argc * sizeof(char *)), .lens = sl_malloc(argc * sizeof(size_t))};
+  /* names: calls key and usage key (prefix + "usage:" + day + ":" + uid),
+   * fields, counts; the deltas text: a line per key */
+  size_t cap = 64 + n * (2 * (plen + 16 + SL_UID_MAX) + 2 * (48 + SL_REGION_MAX) + 24) +
+               n * (SL_UID_MAX + SL_REGION_MAX + 96) + n * (plen + 72);
+  x.buf = x.p = sl_malloc(cap);
+  arg(&x, "EVAL", 4);
+  arg(&x, apply_script, sizeof(apply_script) - 1);
+  arg(&x, "0", 1);
+  arg(&x, f->prefix, plen);
+  arg(&x, b->id, b->id_len);
+  arg_num(&x, n);
+  char daybuf[16], fr[64 + SL_REGION_MAX];
+  for (uint32_t i = 0; i < n; i++) {
     const struct sl_meter_key *k = &b->e[i].k;
-    l = sl_u64toa(k->day, np);
-    ARG(np, l);
-    np += l + 1;
     const char *fname, *tier, *o;
     sl_flusher_key_names(k, &fname, &tier, &o);
-    ARG(k->uid, k->uid_len);
-    ARG(fname, strlen(fname));
-    ARG(k->region, k->region_len);
-    ARG(tier, strlen(tier));
-    ARG(o, strlen(o));
-    l = sl_u64toa(b->e[i].count, np);
-    ARG(np, l);
-    np += l + 1;
+    size_t dl = sl_u64toa(k->day, daybuf);
+    daybuf[dl++] = ':';
+    arg_cat(&x, f->prefix, plen, SL_KEY_CALLS, SL_KEYLEN(SL_KEY_CALLS), daybuf, dl);
+    memcpy(x.p, k->uid, k->uid_len), x.p += k->uid_len;
+    x.lens[x.a - 1] += k->uid_len;
+    size_t frl = field_fr(k, fr);
+    arg_cat(&x, fr, frl, ":", 1, o, strlen(o));
+    arg_num(&x, b->e[i].count);
+    if (k->outcome == SL_OUT_OK) {
+      arg_cat(&x, f->prefix, plen, SL_KEY_USAGE, SL_KEYLEN(SL_KEY_USAGE), daybuf, dl);
+      memcpy(x.p, k->uid, k->uid_len), x.p += k->uid_len;
+      x.lens[x.a - 1] += k->uid_len;
+      arg_cat(&x, fr, frl, "", 0, "", 0);
+    } else {
+      arg(&x, "", 0);
+      arg(&x, "", 0);
+    }
   }
-#undef ARG
-  if (redisAsyncCommandArgv(c, on_applied, NULL, (int)a, argv, lens) == REDIS_OK) f->inflight = b;
-  free(argv);
-  free(lens);
-  free(nums);
+  /* One SADD per day with the batch's UIDs that had billable calls (each
+   * once: keys of one UID are many, its member is one). */
+  size_t ngroups_at = x.a, ngroups = 0;
+  arg(&x, "", 0); /* the group count, set below */
+  for (uint32_t i = 0; i < n; i++) {
+    const struct sl_meter_key *k = &b->e[i].k;
+    if (k->outcome != SL_OUT_OK || b->e[i].sadd_done) continue;
+    size_t dl = sl_u64toa(k->day, daybuf);
+    arg_cat(&x, f->prefix, plen, SL_KEY_USAGE, SL_KEYLEN(SL_KEY_USAGE), daybuf, dl);
+    size_t count_at = x.a, members = 0;
+    arg(&x, "", 0);
+    for (uint32_t j = i; j < n; j++) {
+      struct sl_batch_entry *e = &b->e[j];
+      if (e->k.outcome != SL_OUT_OK || e->k.day != k->day || e->sadd_done) continue;
+      for (uint32_t q = i; q < j; q++) /* an earlier key of this UID and day already named it */
+        if (b->e[q].k.outcome == SL_OUT_OK && b->e[q].k.day == k->day && b->e[q].k.uid_len == e->k.uid_len &&
+            !memcmp(b->e[q].k.uid, e->k.uid, e->k.uid_len)) {
+          e->sadd_done = 1;
+          break;
+        }
+      if (e->sadd_done) continue;
+      e->sadd_done = 1;
+      arg(&x, e->k.uid, e->k.uid_len);
+      members++;
+    }
+    size_t l = sl_u64toa(members, x.p);
+    x.argv[count_at] = x.p;
+    x.lens[count_at] = l;
+    x.p += l + 1;
+    ngroups++;
+  }
+  for (uint32_t i = 0; i < n; i++) b->e[i].sadd_done = 0; /* sent again whole after a lost reply */
+  size_t l = sl_u64toa(ngroups, x.p);
+  x.argv[ngroups_at] = x.p;
+  x.lens[ngroups_at] = l;
+  x.p += l + 1;
+  /* the stream entry: "<day>:<uid>:<feature>:<region>:<tier>:<outcome> <count>" a line per key */
+  char *d0 = x.p;
+  for (uint32_t i = 0; i < n; i++) {
+    const struct sl_meter_key *k = &b->e[i].k;
+    const char *fname, *tier, *o;
+    sl_flusher_key_names(k, &fname, &tier, &o);
+    x.p += sl_u64toa(k->day, x.p);
+    *x.p++ = ':';
+    memcpy(x.p, k->uid, k->uid_len), x.p += k->uid_len;
+    *x.p++ = ':';
+    x.p += field_fr(k, x.p);
+    x.p += sprintf(x.p, ":%s:%s ", tier, o);
+    x.p += sl_u64toa(b->e[i].count, x.p);
+    *x.p++ = '\n';
+  }
+  arg(&x, d0, (size_t)(x.p - d0));
+  if (redisAsyncCommandArgv(c, on_applied, NULL, (int)x.a, x.argv, x.lens) == REDIS_OK) f->inflight = b;
+  free(x.argv);
+  free(x.lens);
+  free(x.buf);
 }
 
 /* PING answered (client.h): what waits goes. */
@@ -276,11 +441,24 @@ static int round_complete(struct sl_flusher *f) {
   return 1;
 }
 
+/* Every spool interval: the workers' tables into the accumulator, made
+ * durable (journaled, or as batches); every flush interval: batches for
+ * Redis. */
 static void end_round(struct sl_flusher *f) {
+  uint64_t now = sl_mono_ms();
+  int due = now >= f->next_flush_ms;
+  /* Counts that do not become batches now are journaled: a crash loses at
+   * most one spool interval. */
+  f->journal = !(due && queue_has_room(f));
   collect(f);
+  f->journal = 0;
   /* At the queue's bound the counts stay in the accumulator, merged by key,
    * until Redis takes batches. */
-  if (queue_has_room(f)) finalize(f);
+  if (due && queue_has_room(f)) {
+    finalize(f);
+    f->next_flush_ms = now + f->flush_ms;
+  }
+  sl_stat_set(&f->stats.accumulated, f->acc->total);
   sl_spool_sync(&f->spool);
   send_next(f);
 }
@@ -288,6 +466,7 @@ static void end_round(struct sl_flusher *f) {
 static void stop_loop(struct sl_flusher *f) {
   uv_timer_stop(&f->tick);
   sl__close((uv_handle_t *)&f->tick, NULL);
+  sl__close((uv_handle_t *)&f->pace, NULL);
   sl__close((uv_handle_t *)&f->wake, NULL);
   if (f->redis) {
     sl_redis_stop(f->redis); /* freed by the loop's close callbacks (sl_flusher_stop runs them) */
@@ -376,6 +555,14 @@ static void on_wake(uv_async_t *a) {
 
 /* ---- start-up ---- */
 
+static void free_pending(struct sl_flusher *f) {
+  while (f->pending) {
+    struct sl_batch *d = f->pending;
+    f->pending = d->next;
+    free(d);
+  }
+}
+
 static void free_queue(struct sl_flusher *f) {
   while (f->head) {
     struct sl_batch *b = f->head;
@@ -424,9 +611,17 @@ static int load_instance(struct sl_flusher *f, const char *dir, const char *conf
  * ours). */
 static int replay_record(void *arg, int type, const unsigned char *p, uint32_t len) {
   struct sl_flusher *f = arg;
+  if (type == SL_SPOOL_REC_DELTA) { /* counts not in a batch yet, unless a batch record follows */
+    struct sl_batch *d = sl_spool_decode_delta(p, len);
+    if (!d) return -1;
+    d->next = f->pending;
+    f->pending = d;
+    return 0;
+  }
   if (type == SL_SPOOL_REC_BATCH) {
     struct sl_batch *b = sl_spool_decode_batch(p, len);
     if (!b) return -1;
+    free_pending(f); /* a batch covers every delta before it */
     b->spooled = 1;
     b->created_ms = sl_mono_ms();
     enqueue(f, b);
@@ -459,6 +654,11 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   f->worker_inboxes = worker_inboxes;
   f->nworkers = nworkers;
   f->flush_ms = cfg->flush_ms;
+  /* Rounds gather the workers' counts into the spool every spool interval;
+   * batches for Redis are made every flush interval (never less often than
+   * a round). */
+  f->spool_ms = cfg->spool_ms < cfg->flush_ms ? cfg->spool_ms : cfg->flush_ms;
+  f->next_flush_ms = sl_mono_ms() + f->flush_ms;
   f->queue_max = cfg->meter_queue_batches;
   f->final_ms = cfg->final_flush_ms;
   f->spool.fd = -1;
@@ -476,11 +676,24 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   if (getrandom(&f->epoch, sizeof(f->epoch), 0) != sizeof(f->epoch)) f->epoch = uv_hrtime();
   /* Batches without an ack go back on the queue, in order. */
   if ((r = sl_spool_open(&f->spool, cfg->spool_dir, replay_record, f, err, errlen)) != 0) goto err_queue;
-  if (f->nqueued)
-    fprintf(stderr, "sluice: metering: %u batch(es) from the spool will be sent first\n", f->nqueued);
-  queue_stats(f);
   uint32_t acc_keys = cfg->meter_keys * (nworkers < 4 ? nworkers : 4);
   f->acc = sl_meter_table_new(acc_keys < SL_BATCH_MAX ? SL_BATCH_MAX : acc_keys);
+  /* Journaled counts no batch covers: back into the accumulator (they stay
+   * in the spool until a batch covers them). */
+  uint64_t replayed_counts = 0;
+  for (struct sl_batch *d = f->pending; d; d = d->next)
+    for (uint32_t i = 0; i < d->n; i++) {
+      const struct sl_meter_key *k = &d->e[i].k;
+      if (f->acc->n >= f->acc->limit) finalize(f);
+      sl_meter_add(f->acc, k, sl_meter_key_hash(k), d->e[i].count);
+      replayed_counts += d->e[i].count;
+    }
+  free_pending(f);
+  if (f->nqueued || replayed_counts)
+    fprintf(stderr, "sluice: metering: %u batch(es) and %llu journaled count(s) from the spool will be sent first\n",
+            f->nqueued, (unsigned long long)replayed_counts);
+  queue_stats(f);
+  sl_stat_set(&f->stats.accumulated, f->acc->total);
   if ((r = uv_loop_init(&f->loop)) != 0) {
     snprintf(err, errlen, "flusher loop: %s", uv_strerror(r));
     goto err_acc;
@@ -492,6 +705,8 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   f->wake.data = f;
   uv_timer_init(&f->loop, &f->tick);
   f->tick.data = f;
+  uv_timer_init(&f->loop, &f->pace);
+  f->pace.data = f;
   struct sl_redis_opts o = {
       .addr = cfg->redis,
       .timeout_ms = cfg->redis_timeout_ms,
@@ -507,7 +722,7 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
     goto err_handles;
   }
   sl_redis_start(f->redis);
-  uv_timer_start(&f->tick, on_tick, f->flush_ms, f->flush_ms);
+  uv_timer_start(&f->tick, on_tick, f->spool_ms, f->spool_ms);
   if ((r = sl_loop_thread_start(&f->thread, &f->loop)) != 0) {
     snprintf(err, errlen, "flusher thread: %s", uv_strerror(r));
     goto err_redis;
@@ -518,6 +733,7 @@ err_redis:
   f->redis = NULL;
 err_handles:
   uv_close((uv_handle_t *)&f->tick, NULL);
+  uv_close((uv_handle_t *)&f->pace, NULL);
   uv_close((uv_handle_t *)&f->wake, NULL);
   uv_run(&f->loop, UV_RUN_DEFAULT); /* the close callbacks */
 err_loop:
@@ -528,6 +744,7 @@ err_acc:
   sl_spool_close(&f->spool);
 err_queue:
   free_queue(f);
+  free_pending(f);
   return r;
 }
 

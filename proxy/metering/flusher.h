@@ -25,6 +25,7 @@ struct sl_flusher_stats {
   _Atomic uint64_t replayed;         /* read back from the spool at start */
   _Atomic uint64_t queued;           /* gauge: batches not yet applied */
   _Atomic uint64_t queued_counts;    /* gauge: requests counted in them */
+  _Atomic uint64_t accumulated;      /* gauge: requests gathered (and journaled) for the next flush, not in a batch yet */
   _Atomic uint64_t oldest_ms;        /* gauge: creation time of the oldest unapplied batch (0: none) */
   _Atomic uint64_t spool_bytes;      /* gauge */
   _Atomic uint64_t spool_full;       /* gauge 0/1 */
@@ -42,7 +43,8 @@ struct sl_flusher {
   uv_thread_t thread;
   uv_loop_t loop;
   uv_async_t wake;
-  uv_timer_t tick;
+  uv_timer_t tick;  /* rounds, every spool interval */
+  uv_timer_t pace;  /* the next batch's turn (sends spread over the interval) */
   struct sl_flusher_stats stats;
   struct sl_meter_worker **workers;
   struct sl_inbox **worker_inboxes;
@@ -65,6 +67,12 @@ struct sl_flusher {
   struct sl_ratelog log_err;    /* their lines */
   int final_fail;               /* a connection failed since the final flush began */
   unsigned flush_ms, queue_max, final_ms;
+  unsigned spool_ms;            /* rounds: counts gathered and made durable */
+  uint64_t next_flush_ms;       /* when the accumulator next becomes batches */
+  unsigned pace_ms;             /* between two batch sends (0: at once) */
+  uint64_t next_send_ms;
+  int journal;                  /* tables merged now are journaled as deltas */
+  struct sl_batch *pending;     /* at start: journaled deltas not covered by a batch */
   _Atomic int final; /* set by sl_flusher_stop */
   int final_started;
   uint64_t final_deadline;

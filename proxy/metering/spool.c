@@ -16,6 +16,7 @@
 #define SPOOL_MAGIC 0x314d4c53u /* "SLM1" */
 #define REC_BATCH SL_SPOOL_REC_BATCH
 #define REC_ACK SL_SPOOL_REC_ACK
+#define REC_DELTA SL_SPOOL_REC_DELTA
 #define FULL_SAY_MS 60000 /* "spool full" at most once per this */
 
 uint32_t sl_crc32(const void *p, size_t n) {
@@ -53,11 +54,11 @@ static void put_hdr(unsigned char *o, uint8_t type, uint32_t len, const unsigned
   memcpy(o + 12, &crc, 4);
 }
 
-size_t sl_spool_encode_batch(const struct sl_batch *b, unsigned char *out) {
+static size_t encode(const struct sl_batch *b, uint8_t type, const char *id, uint8_t id_len, unsigned char *out) {
   unsigned char *p = out + HDR;
-  *p++ = b->id_len;
-  memcpy(p, b->id, b->id_len);
-  p += b->id_len;
+  *p++ = id_len;
+  memcpy(p, id, id_len);
+  p += id_len;
   memcpy(p, &b->n, 4);
   p += 4;
   for (uint32_t i = 0; i < b->n; i++) {
@@ -76,9 +77,15 @@ size_t sl_spool_encode_batch(const struct sl_batch *b, unsigned char *out) {
     memcpy(p, &b->e[i].count, 8);
     p += 8;
   }
-  put_hdr(out, REC_BATCH, (uint32_t)(p - out - HDR), out + HDR);
+  put_hdr(out, type, (uint32_t)(p - out - HDR), out + HDR);
   return (size_t)(p - out);
 }
+
+size_t sl_spool_encode_batch(const struct sl_batch *b, unsigned char *out) {
+  return encode(b, REC_BATCH, b->id, b->id_len, out);
+}
+
+size_t sl_spool_encode_delta(const struct sl_batch *b, unsigned char *out) { return encode(b, REC_DELTA, "d", 1, out); }
 
 struct sl_batch *sl_batch_new(uint32_t n) { return sl_calloc(1, sizeof(struct sl_batch) + n * sizeof(struct sl_batch_entry)); }
 
@@ -125,6 +132,11 @@ bad:
   return NULL;
 }
 
+struct sl_batch *sl_spool_decode_delta(const unsigned char *p, size_t len) {
+  if (len < 2 || p[0] != 1 || p[1] != 'd') return NULL; /* what sl_spool_encode_delta writes */
+  return sl_spool_decode_batch(p, len);
+}
+
 int sl_spool_decode_ack(const unsigned char *p, size_t len, const unsigned char **id, uint8_t *id_len) {
   if (len < 2 || p[0] == 0 || p[0] >= sizeof(((struct sl_batch *)0)->id) || (size_t)p[0] + 1 != len) return -1;
   *id = p + 1;
@@ -141,7 +153,7 @@ size_t sl_spool_scan(const unsigned char *data, size_t len,
     memcpy(&plen, data + off + 8, 4);
     memcpy(&crc, data + off + 12, 4);
     uint8_t type = data[off + 4];
-    if (magic != SPOOL_MAGIC || (type != REC_BATCH && type != REC_ACK) || plen > len - off - HDR ||
+    if (magic != SPOOL_MAGIC || (type != REC_BATCH && type != REC_ACK && type != REC_DELTA) || plen > len - off - HDR ||
         sl_crc32(data + off + HDR, plen) != crc)
       break;
     if (on_record(arg, type, data + off + HDR, plen) != 0) break;
@@ -178,8 +190,9 @@ void sl_spool_sync(struct sl_spool *s) {
   }
 }
 
-void sl_spool_batch(struct sl_spool *s, struct sl_batch *b) {
-  size_t need = sl_spool_batch_size(b);
+/* Says the spool is full (at most once a minute). Returns 1 when s->bytes +
+ * need is past the bound. */
+static int full(struct sl_spool *s, size_t need) {
   if (s->bytes + need > s->max) {
     sl_stat_set(s->st_full, 1);
     uint64_t now = sl_mono_ms();
@@ -190,13 +203,68 @@ void sl_spool_batch(struct sl_spool *s, struct sl_batch *b) {
               (unsigned long long)s->bytes, (unsigned long long)s->max, s->path);
       s->full_said_ms = now;
     }
-    return;
+    return 1;
   }
+  return 0;
+}
+
+void sl_spool_batch(struct sl_spool *s, struct sl_batch *b) {
+  size_t need = sl_spool_batch_size(b);
+  if (full(s, need)) return;
   unsigned char *buf = sl_malloc(need);
   size_t n = sl_spool_encode_batch(b, buf);
   spool_write(s, buf, n);
   free(buf);
   b->spooled = 1;
+}
+
+int sl_spool_delta(struct sl_spool *s, const struct sl_batch *b) {
+  size_t need = sl_spool_batch_size(b);
+  if (full(s, need)) return -1;
+  unsigned char *buf = sl_malloc(need);
+  size_t n = sl_spool_encode_delta(b, buf);
+  spool_write(s, buf, n);
+  free(buf);
+  return 0;
+}
+
+int sl_spool_rewrite(struct sl_spool *s, const unsigned char *buf, size_t n) {
+  if (s->fd < 0) return -1;
+  char tmp[sizeof(s->path) + 8];
+  snprintf(tmp, sizeof(tmp), "%s.new", s->path);
+  int fd = open(tmp, O_RDWR | O_APPEND | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) goto fail;
+  for (size_t off = 0; off < n;) {
+    ssize_t w = write(fd, buf + off, n - off);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) goto fail_fd;
+    off += (size_t)w;
+  }
+  if (fdatasync(fd) != 0 || rename(tmp, s->path) != 0) goto fail_fd;
+  /* the rename itself is durable once the directory is synced */
+  char dir[sizeof(s->path)];
+  snprintf(dir, sizeof(dir), "%s", s->path);
+  char *slash = strrchr(dir, '/');
+  if (slash) *slash = '\0';
+  int dfd = open(slash ? dir : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    if (fsync(dfd) != 0) sl_stat_inc(s->st_errors, 1);
+    close(dfd);
+  }
+  close(s->fd);
+  s->fd = fd;
+  s->bytes = n;
+  s->dirty = 0;
+  sl_stat_set(s->st_bytes, n);
+  sl_stat_set(s->st_full, 0);
+  return 0;
+fail_fd:
+  close(fd);
+  unlink(tmp);
+fail:
+  fprintf(stderr, "sluice: spool %s: rewrite: %s (the old file stays)\n", s->path, strerror(errno));
+  sl_stat_inc(s->st_errors, 1);
+  return -1;
 }
 
 void sl_spool_ack(struct sl_spool *s, const struct sl_batch *b) {
@@ -208,9 +276,13 @@ void sl_spool_ack(struct sl_spool *s, const struct sl_batch *b) {
   spool_write(s, rec, HDR + 1 + b->id_len);
 }
 
-void sl_spool_compact(struct sl_spool *s) {
+int sl_spool_should_compact(const struct sl_spool *s) {
   uint64_t threshold = s->max / 2 < (1u << 20) ? s->max / 2 : (1u << 20);
-  if (s->fd < 0 || s->bytes < threshold) return;
+  return s->fd >= 0 && s->bytes >= threshold;
+}
+
+void sl_spool_compact(struct sl_spool *s) {
+  if (!sl_spool_should_compact(s)) return;
   if (ftruncate(s->fd, 0) == 0) {
     s->bytes = 0;
     s->dirty = 1;

@@ -22,6 +22,7 @@
 struct sl_batch_entry {
   struct sl_meter_key k;
   uint64_t count;
+  uint8_t sadd_done; /* scratch of the flusher while it names the batch's SADD members */
 };
 
 struct sl_batch {
@@ -36,6 +37,11 @@ struct sl_batch {
 
 #define SL_SPOOL_REC_BATCH 1
 #define SL_SPOOL_REC_ACK 2
+/* Counts gathered in a round that are not in a batch yet (the Redis
+ * interval is longer than the spool interval): same payload as a batch,
+ * id "d". A batch record covers every delta record before it (the batches
+ * made at a flush hold everything gathered until then). */
+#define SL_SPOOL_REC_DELTA 3
 
 struct sl_spool {
   int fd; /* -1: none */
@@ -63,6 +69,13 @@ void sl_spool_close(struct sl_spool *s);
  * (then said in the log, at most once a minute, and b stays in memory
  * only). */
 void sl_spool_batch(struct sl_spool *s, struct sl_batch *b);
+/* Appends a delta record (b's id is ignored). Returns 0, or -1 when the
+ * spool is at its bound (said as for batches). */
+int sl_spool_delta(struct sl_spool *s, const struct sl_batch *b);
+/* Replaces the whole file by the records in buf[0..n) (a new file written,
+ * synced and renamed over the old one, so that a crash leaves either).
+ * Returns 0 or -1 (the old file stays). */
+int sl_spool_rewrite(struct sl_spool *s, const unsigned char *buf, size_t n);
 /* Appends the ack of a spooled batch that Redis applied. */
 void sl_spool_ack(struct sl_spool *s, const struct sl_batch *b);
 /* fdatasync if anything was written since the last one. */
@@ -70,15 +83,20 @@ void sl_spool_sync(struct sl_spool *s);
 /* Starts the file afresh once it is big enough; only when every batch in
  * it is acked (the caller's queue is empty). */
 void sl_spool_compact(struct sl_spool *s);
+/* 1 when the file is big enough to be started afresh. */
+int sl_spool_should_compact(const struct sl_spool *s);
 
 /* Spool record encoding, exposed for tests. Returns the bytes written into
  * out (which must hold sl_spool_batch_size(b)). */
 size_t sl_spool_batch_size(const struct sl_batch *b);
 size_t sl_spool_encode_batch(const struct sl_batch *b, unsigned char *out);
+size_t sl_spool_encode_delta(const struct sl_batch *b, unsigned char *out); /* at most sl_spool_batch_size(b) */
 uint32_t sl_crc32(const void *p, size_t n);
 /* Decodes a batch record's payload (after the 16-byte header); NULL when
  * malformed (anything encode would not write). The caller frees the batch. */
 struct sl_batch *sl_spool_decode_batch(const unsigned char *payload, size_t len);
+/* Decodes a delta record's payload (id "d"); NULL when malformed. */
+struct sl_batch *sl_spool_decode_delta(const unsigned char *payload, size_t len);
 /* Decodes an ack record's payload: 0 with the acked batch's id (pointing
  * into payload), or -1 when malformed. */
 int sl_spool_decode_ack(const unsigned char *payload, size_t len, const unsigned char **id, uint8_t *id_len);

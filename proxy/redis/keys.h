@@ -39,7 +39,8 @@
 #define SL_KEY_USAGE "usage:"              /* usage:<day>:<uid> hash <feature>:<region> -> ok calls;
                                             * usage:<day> set of the day's UIDs */
 #define SL_KEY_CALLS "calls:"              /* calls:<day>:<uid> hash <feature>:<region>:<outcome> -> calls */
-#define SL_KEY_USAGE_STREAM "usage:stream" /* one entry per batch key */
+#define SL_KEY_USAGE_STREAM "usage:stream" /* one entry per batch: batch, keys, deltas (a line per key) */
+#define SL_USAGE_STREAM_MAXLEN "2000"      /* entries kept, about (each up to SL_BATCH_MAX keys) */
 #define SL_KEY_METER_BATCH "meter:batch:"  /* meter:batch:<id>: a batch applied (kept 7 days) */
 
 /* ---- rating (sluice-rate) ---- */

@@ -1,5 +1,5 @@
 /* Fuzzes the metering spool reader (proxy/flusher.c): the record walk that
- * replays a spool at start (sl_spool_scan), the batch and ack decoders, and
+ * replays a spool at start (sl_spool_scan), the batch, delta and ack decoders, and
  * the names a decoded key is sent to Redis under. Any bytes are either
  * taken as whole records or cut off at the first that is not one; never a
  * crash, an over-read or a leak. A batch that decodes encodes back to
@@ -22,8 +22,9 @@ static int on_record(void *arg, int type, const unsigned char *p, uint32_t len) 
   /* the payload handed over is a private copy of exactly len bytes */
   unsigned char *copy = (unsigned char *)fz_dup(p, len);
   int rc = 0;
-  if (type == SL_SPOOL_REC_BATCH) {
-    struct sl_batch *b = sl_spool_decode_batch(copy, len);
+  if (type == SL_SPOOL_REC_BATCH || type == SL_SPOOL_REC_DELTA) {
+    int delta = type == SL_SPOOL_REC_DELTA;
+    struct sl_batch *b = delta ? sl_spool_decode_delta(copy, len) : sl_spool_decode_batch(copy, len);
     if (!b) {
       rc = -1;
     } else {
@@ -39,7 +40,8 @@ static int on_record(void *arg, int type, const unsigned char *p, uint32_t len) 
       size_t sz = sl_spool_batch_size(b);
       unsigned char *out = malloc(sz);
       if (!out) abort();
-      FZ_CHECK(sl_spool_encode_batch(b, out) == sz);
+      FZ_CHECK((delta ? sl_spool_encode_delta(b, out) : sl_spool_encode_batch(b, out)) == sz);
+      FZ_CHECK(out[4] == type);
       FZ_CHECK(sz == 16 + (size_t)len && memcmp(out + 16, copy, len) == 0);
       free(out);
       free(b);

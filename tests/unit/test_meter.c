@@ -252,6 +252,40 @@ static int count_record(void *arg, int type, const unsigned char *p, uint32_t le
   return 0;
 }
 
+/* A delta record (counts journaled, not yet in a batch): the batch payload
+ * with id "d", its own record type; decode_delta takes only that. */
+static void test_spool_delta(void **state) {
+  (void)state;
+  struct sl_batch *b = calloc(1, sizeof(*b) + 2 * sizeof(struct sl_batch_entry));
+  memcpy(b->id, "inst:00ff:7", 11);
+  b->id_len = 11;
+  b->n = 2;
+  b->e[0].k = key("1001", 0);
+  b->e[0].count = 5;
+  b->e[1].k = key("1002", 1);
+  b->e[1].count = 9;
+  unsigned char *buf = malloc(sl_spool_batch_size(b));
+  size_t sz = sl_spool_encode_delta(b, buf);
+  assert_true(sz <= sl_spool_batch_size(b));
+  assert_int_equal(buf[4], SL_SPOOL_REC_DELTA);
+  uint32_t len;
+  memcpy(&len, buf + 8, 4);
+  assert_int_equal(len, sz - 16);
+  struct sl_batch *d = sl_spool_decode_delta(buf + 16, len);
+  assert_non_null(d);
+  assert_int_equal(d->n, 2);
+  assert_int_equal(d->e[1].count, 9);
+  assert_memory_equal(&d->e[0].k, &b->e[0].k, sizeof(struct sl_meter_key));
+  free(d);
+  /* a batch's payload is not a delta */
+  unsigned char *bb = malloc(sl_spool_batch_size(b));
+  size_t bsz = sl_spool_encode_batch(b, bb);
+  assert_null(sl_spool_decode_delta(bb + 16, bsz - 16));
+  free(bb);
+  free(buf);
+  free(b);
+}
+
 static void test_spool_roundtrip(void **state) {
   (void)state;
   struct sl_batch *b = calloc(1, sizeof(*b) + 3 * sizeof(struct sl_batch_entry));
@@ -309,6 +343,7 @@ int main(void) {
       cmocka_unit_test(test_refused_keys_bounded), cmocka_unit_test(test_aside_past_its_bound),
       cmocka_unit_test(test_refused_keys_per_day),
       cmocka_unit_test(test_ring_peek),   cmocka_unit_test(test_spool_roundtrip),
+      cmocka_unit_test(test_spool_delta),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
