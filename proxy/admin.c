@@ -120,6 +120,10 @@ void sl_admin_metrics(struct sl_admin *a, struct sl_buf *o) {
              "# HELP sluice_parked Requests waiting for an account lookup now.\n"
              "# TYPE sluice_parked gauge\nsluice_parked %llu\n",
           (unsigned long long)SUM(parked), (unsigned long long)SUM(parked_now));
+  appendf(o, "# HELP sluice_requests_orphaned_total Requests whose client left while the backend's answer was due "
+             "(the answer is still awaited and counted: a 200 is billable).\n"
+             "# TYPE sluice_requests_orphaned_total counter\nsluice_requests_orphaned_total %llu\n",
+          (unsigned long long)SUM(orphans));
   if (a->dir) {
     struct sl_dirsync_stats *ds = &a->dir->stats;
     struct {

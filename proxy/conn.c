@@ -36,8 +36,7 @@ static int body_reserve(struct sl_conn *c, uint64_t total) {
   return 0;
 }
 
-static void conn_free(uv_handle_t *h) {
-  struct sl_conn *c = sl_container_of(h, struct sl_conn, tcp);
+static void conn_free_mem(struct sl_conn *c) {
   free(c->req.buf);
   free(c->req.hdrs.h);
   sl_buf_free(&c->out);
@@ -47,16 +46,62 @@ static void conn_free(uv_handle_t *h) {
   free(c);
 }
 
+static void conn_free(uv_handle_t *h) {
+  struct sl_conn *c = sl_container_of(h, struct sl_conn, tcp);
+  if (c->orphan) { /* the backend's answer is still due: freed when it comes (orphan_end) */
+    c->tcp_closed = 1;
+    return;
+  }
+  conn_free_mem(c);
+}
+
+static void conn_count(struct sl_conn *c);
+
+/* An orphan's backend exchange ended (or was cut): its outcome is counted
+ * and, once its socket is closed too, it is freed. */
+static void orphan_end(struct sl_conn *c) {
+  struct sl_worker *w = c->w;
+  conn_count(c);
+  c->orphan = 0;
+  sl_list_remove(&c->link);
+  w->norphans--;
+  if (c->tcp_closed) conn_free_mem(c);
+}
+
 void sl_conn_close(struct sl_conn *c) {
   if (c->closing) return;
   c->closing = 1;
   sl_admit_unpark(c);
-  sl_upstream_cancel(&c->up);
+  /* A request dispatched and not counted yet ends here: every request ends
+   * in one outcome (SPEC 6). One whose backend has not answered yet stays
+   * an orphan: its exchange goes on without a client, so that a 200 is
+   * counted ok (the moderation was done). */
+  int dispatched = c->phase == SL_C_WAITING || c->phase == SL_C_SENDING;
+  if (dispatched && !c->counted && c->up.conn && c->w->cfg->metering_on) {
+    c->orphan = 1;
+    sl_upstream_resume(&c->up); /* paused for a slow client: nobody waits for it now */
+  } else {
+    sl_upstream_cancel(&c->up);
+    if (dispatched && !c->counted) conn_count(c);
+  }
   body_release(c);
   sl_list_remove(&c->link);
   c->w->nconns--;
   sl_stat_dec(&c->w->stats.conns_open, 1);
+  if (c->orphan) {
+    sl_list_push(&c->w->orphans, &c->link);
+    c->w->norphans++;
+    sl_stat_inc(&c->w->stats.orphans, 1);
+  }
   sl__close((uv_handle_t *)&c->tcp, conn_free);
+}
+
+void sl_conn_orphans_cut(struct sl_worker *w) {
+  while (w->orphans.next != &w->orphans) {
+    struct sl_conn *c = sl_container_of(w->orphans.next, struct sl_conn, link);
+    sl_upstream_cancel(&c->up); /* no 200 came: counted as the failure it is to us */
+    orphan_end(c);
+  }
 }
 
 static void alloc_cb(uv_handle_t *h, size_t hint, uv_buf_t *b) {
@@ -122,6 +167,7 @@ static void conn_start_request(struct sl_conn *c) {
   c->call.decided = 0;
   c->call.cls.feature = -1;
   c->call.tier = SL_TIER_BASELINE;
+  c->counted = 0;
 }
 
 /* The request is complete: hand it to the upstream side. */
@@ -185,13 +231,21 @@ static void conn_linger(struct sl_conn *c) {
   }
 }
 
-static void conn_finish(struct sl_conn *c) {
+/* The request's outcome, counted once: in the metrics, for billing, in the
+ * access log. At its end, or when its client went away first. */
+static void conn_count(struct sl_conn *c) {
   struct sl_worker *w = c->w;
+  c->counted = 1;
   if (c->status >= 100 && c->status < 600) sl_stat_inc(&w->stats.status_class[c->status / 100], 1);
   if (!c->call.decided) c->call.outcome = c->status == 200 ? SL_OUT_OK : SL_OUT_UPSTREAM_ERROR;
   sl_stat_inc(&w->stats.outcome[c->call.outcome][c->call.cls.feature + 1][c->call.tier & 1], 1);
   if (SL_LIKELY(w->cfg->metering_on)) conn_meter(c);
   sl_log_access(w, c);
+}
+
+static void conn_finish(struct sl_conn *c) {
+  struct sl_worker *w = c->w;
+  conn_count(c);
   body_release(c);
   int more = c->req.parsed < c->req.len;
   if (c->close_after || c->body_unread || !c->req.keep_alive || (c->eof && !more) || (w->draining && !more)) {
@@ -283,6 +337,10 @@ static int head_conn_listed(const struct sl_resp_head *hd, const char *name, siz
 static void up_on_head(void *ctx, const struct sl_resp_head *hd) {
   struct sl_conn *c = ctx;
   struct sl_buf *o = &c->out;
+  if (c->orphan) { /* no client: only the status matters (what is counted) */
+    c->status = hd->status;
+    return;
+  }
   int no_body = c->req.head_method || hd->status == 204 || hd->status == 304;
   int http10 = c->req.parser.http_major == 1 && c->req.parser.http_minor == 0;
   if (no_body || hd->content_length)
@@ -334,7 +392,7 @@ static void up_on_head(void *ctx, const struct sl_resp_head *hd) {
 
 static int up_on_body(void *ctx, const char *p, size_t n) {
   struct sl_conn *c = ctx;
-  if (c->req.head_method) return 0;
+  if (c->req.head_method || c->orphan) return 0; /* an orphan's body is read and dropped */
   if (c->resp_mode == SL_RESP_CHUNKED) {
     static const char digits[] = "0123456789abcdef";
     char hex[20]; /* chunk size line: hex digits + CRLF, built from the end */
@@ -355,19 +413,29 @@ static int up_on_body(void *ctx, const char *p, size_t n) {
  * while the client has not taken it. */
 static int up_on_flush(void *ctx) {
   struct sl_conn *c = ctx;
-  conn_flush(c);
+  if (!c->orphan) conn_flush(c); /* which may make it one (the client is gone) */
+  if (c->orphan) return 0;       /* its answer is read to the end, and dropped */
   return c->closing || c->write_pending;
 }
 
 static void up_on_done(void *ctx) {
   struct sl_conn *c = ctx;
+  if (c->orphan) {
+    orphan_end(c);
+    return;
+  }
   if (c->resp_mode == SL_RESP_CHUNKED && !c->req.head_method) sl_buf_lit(&c->out, "0\r\n\r\n");
   c->resp_done = 1;
   conn_flush(c);
 }
 
 static void up_on_error(void *ctx, int status, const char *code, const char *msg) {
-  sl_conn_error(ctx, status, code, msg, NULL, 0);
+  struct sl_conn *c = ctx;
+  if (c->orphan) { /* a 200 head already seen still counts ok (c->status) */
+    orphan_end(c);
+    return;
+  }
+  sl_conn_error(c, status, code, msg, NULL, 0);
 }
 
 static const struct sl_upstream_cbs up_cbs = {

@@ -68,6 +68,7 @@ struct sl_stats {
   _Atomic uint64_t outcome[SL_NOUTCOMES][SL_MAX_FEATURES + 1][2];
   _Atomic uint64_t parked;        /* requests that waited for an account lookup */
   _Atomic uint64_t parked_now;    /* gauge */
+  _Atomic uint64_t orphans;       /* requests whose client left while the backend's answer was due */
   _Atomic uint64_t limiter_full;  /* decisions the bucket table could not hold */
   _Atomic uint64_t refused_malformed; /* requests refused by the parser (400/413/431/408) */
   _Atomic uint64_t early_answers;     /* answered at the head, before the body was read */
@@ -119,6 +120,9 @@ struct sl_conn {
   unsigned in_parse : 1; /* conn_parse is on the stack: finishing a request returns to its loop */
   unsigned lingering : 1; /* answered before the body was read: draining it before the close */
   unsigned body_unread : 1; /* answered while the request was still arriving */
+  unsigned counted : 1;     /* the current request's outcome is counted */
+  unsigned orphan : 1;      /* closed while its backend answer is due: kept until it comes (w->orphans) */
+  unsigned tcp_closed : 1;  /* an orphan's socket is closed: free it when the answer comes */
 };
 
 struct sl_worker {
@@ -141,6 +145,8 @@ struct sl_worker {
   unsigned nparked;
   struct sl_pool *pools[SL_NPOOLS];
   struct sl_link conns;
+  struct sl_link orphans; /* connections closed while their backend answer is due (conn.c) */
+  unsigned norphans;
   struct sl_link upconns;
   unsigned nconns;
   unsigned nupconns;
@@ -167,6 +173,9 @@ void sl_conn_error(struct sl_conn *c, int status, const char *code, const char *
 void sl_conn_sweep(struct sl_conn *c, uint64_t now);
 void sl_conn_drain(struct sl_conn *c);
 void sl_conn_close(struct sl_conn *c);
+/* The drain's bound: orphans stop waiting for their backend (counted as
+ * upstream errors unless a 200 head came). */
+void sl_conn_orphans_cut(struct sl_worker *w);
 /* The request was admitted (c->pool says where): forward it upstream. */
 void sl_conn_forward(struct sl_conn *c);
 

@@ -76,13 +76,14 @@ static void on_sweep(uv_timer_t *t) {
     else
       sl_conn_sweep(c, now);
   }
+  if (w->draining && now >= w->drain_deadline) sl_conn_orphans_cut(w);
   for (l = w->upconns.next; l != &w->upconns; l = next) {
     next = l->next;
     sl_upconn_sweep(sl_container_of(l, struct sl_upconn, all), now);
   }
   if (now / 1000 != (now - SL_SWEEP_MS) / 1000) sl_log_flush(w);
   sl_dirsync_quiescent(&w->shared->dir, w->id);
-  if (w->draining && w->nconns == 0) worker_stop_handles(w);
+  if (w->draining && w->nconns == 0 && w->norphans == 0) worker_stop_handles(w);
 }
 
 /* The parser limits every connection of this worker reads (a reload
@@ -132,7 +133,7 @@ static void on_drain(struct sl_worker *w) {
     sl_conn_drain(sl_container_of(l, struct sl_conn, link));
   }
   sl_upstream_close_idle(w);
-  if (w->nconns == 0) worker_stop_handles(w);
+  if (w->nconns == 0 && w->norphans == 0) worker_stop_handles(w);
 }
 
 static void on_inbox(uv_async_t *a) {
@@ -181,6 +182,7 @@ int sl_worker_init(struct sl_worker *w, unsigned id, const struct sl_config *cfg
   w->log_fd = -1;
   w->log.max = 64 * 1024;
   sl_list_init(&w->conns);
+  sl_list_init(&w->orphans);
   sl_list_init(&w->upconns);
   if (getrandom(&w->rid_hi, sizeof(w->rid_hi), 0) != sizeof(w->rid_hi)) w->rid_hi = (uint64_t)time(NULL);
   w->rid_hi = (w->rid_hi & ~0xffull) | id; /* ids stay unique across workers */

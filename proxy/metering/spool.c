@@ -218,8 +218,10 @@ void sl_spool_batch(struct sl_spool *s, struct sl_batch *b) {
   b->spooled = 1;
 }
 
+size_t sl_spool_delta_size(const struct sl_batch *b) { return sl_spool_batch_size(b) - b->id_len + 1; }
+
 int sl_spool_delta(struct sl_spool *s, const struct sl_batch *b) {
-  size_t need = sl_spool_batch_size(b);
+  size_t need = sl_spool_delta_size(b);
   if (full(s, need)) return -1;
   unsigned char *buf = sl_malloc(need);
   size_t n = sl_spool_encode_delta(b, buf);

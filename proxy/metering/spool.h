@@ -90,7 +90,8 @@ int sl_spool_should_compact(const struct sl_spool *s);
  * out (which must hold sl_spool_batch_size(b)). */
 size_t sl_spool_batch_size(const struct sl_batch *b);
 size_t sl_spool_encode_batch(const struct sl_batch *b, unsigned char *out);
-size_t sl_spool_encode_delta(const struct sl_batch *b, unsigned char *out); /* at most sl_spool_batch_size(b) */
+size_t sl_spool_delta_size(const struct sl_batch *b); /* b's id is not written: "d" is */
+size_t sl_spool_encode_delta(const struct sl_batch *b, unsigned char *out); /* sl_spool_delta_size(b) bytes */
 uint32_t sl_crc32(const void *p, size_t n);
 /* Decodes a batch record's payload (after the 16-byte header); NULL when
  * malformed (anything encode would not write). The caller frees the batch. */

@@ -43,15 +43,26 @@
 #define SL_USAGE_STREAM_MAXLEN "2000"      /* entries kept, about (each up to SL_BATCH_MAX keys) */
 #define SL_KEY_METER_BATCH "meter:batch:"  /* meter:batch:<id>: a batch applied (kept 7 days) */
 
-/* ---- rating (sluice-rate) ---- */
-#define SL_KEY_COEF "coef:"       /* coef:<feature> decimal coefficient */
-#define SL_KEY_RESPKGS "respkgs:" /* respkgs:<uid> list of resource package ids */
+/* ---- rating (sluice-rate; docs/rating.md) ---- */
+#define SL_KEY_COEF "coef:"       /* coef:<service> or coef:<feature>: decimal units per call */
+#define SL_KEY_PRICE "price:"     /* price:<service> or price:<feature>: decimal currency per 1,000 calls */
+#define SL_KEY_RESPKGS "respkgs:" /* respkgs:<uid> set or list of resource package ids */
 #define SL_KEY_RESPKG "respkg:"   /* respkg:<uid>:<id> hash: the fields below (rate/rating.c reads them in
                                    * this order: rate_pkg_fields) */
 #define SL_FIELD_QUOTA "quota"
 #define SL_FIELD_REMAINING "remaining"
-#define SL_FIELD_PURCHASED_AT "purchased_at" /* unix seconds; expires_at: SL_FIELD_EXPIRES_AT */
-#define SL_KEY_BILL "bill:"       /* bill:<day>:<uid> hash */
-#define SL_KEY_ALERTS "alerts"    /* stream of quota alerts */
+#define SL_FIELD_PURCHASED_AT "purchased_at" /* unix seconds; expires_at: SL_FIELD_EXPIRES_AT (optional:
+                                              * purchased_at + 365 days) */
+#define SL_KEY_BILL "bill:"         /* bill:<day>:<uid> hash */
+#define SL_KEY_RATED "rated:"       /* rated:<day> hash: the day was rated without failures (at, accounts) */
+#define SL_KEY_ALERTS "alerts"      /* stream: quota_low and late_usage entries */
+#define SL_KEY_ALERTPCT "alertpct:" /* alertpct:<uid>: decimal percent of quota (default 10) */
+#define SL_KEY_BALANCE "balance:"   /* balance:<uid>: integer micro-units of the currency (may be < 0) */
+#define SL_KEY_SUSPENSION "suspension:" /* suspension:<uid> hash: reason, since (unix seconds), ... */
+#define SL_FIELD_REASON "reason"
+#define SL_FIELD_SINCE "since"
+#define SL_REASON_OVERDUE "overdue"     /* the only reason that a payment lifts */
+#define SL_KEY_PAYMENTS "payments:" /* payments:<uid> stream: amount, balance, ref, suspension */
+#define SL_KEY_PAYREFS "payrefs:"   /* payrefs:<uid> set: the payment references already credited */
 
 #endif

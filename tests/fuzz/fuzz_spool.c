@@ -37,7 +37,7 @@ static int on_record(void *arg, int type, const unsigned char *p, uint32_t len) 
         sl_flusher_key_names(k, &f, &t, &o);
         FZ_CHECK(f && t && o && strcmp(o, "-") != 0);
       }
-      size_t sz = sl_spool_batch_size(b);
+      size_t sz = delta ? sl_spool_delta_size(b) : sl_spool_batch_size(b);
       unsigned char *out = malloc(sz);
       if (!out) abort();
       FZ_CHECK((delta ? sl_spool_encode_delta(b, out) : sl_spool_encode_batch(b, out)) == sz);

@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -728,6 +729,70 @@ class Intervals(MeteringCase):
         self.assertGreater(self.meter_metrics(sl)["accumulated_requests"], 0)
         self.stop_sluice(sl)
         self.check_exact("--flush-ms 60000 then SIGTERM")
+
+
+class ClientGone(MeteringCase):
+    """SPEC 6: a backend's 200 is ok also when the client went away before
+    or while it was relayed (the moderation was done). The client resets
+    (RST) while waiting for a slow backend, or in the middle of a large
+    body; each call is counted once, as the backend answered it."""
+
+    def reset(self, conn):
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    def test_reset_while_waiting_and_while_relayed(self):
+        sl = self.start("--flush-ms", "200")
+        waits = 4
+        for i in range(waits):  # the backend answers 200 after 300 ms; the client is gone after 50
+            c = harness.HttpConn(sl.port)
+            c.send(_req(headers=[("x-modstub-delay-ms", "300")]))
+            time.sleep(0.05)
+            self.reset(c)
+        # one whose 500 comes after the client left: upstream_error, not billed
+        c = harness.HttpConn(sl.port)
+        c.send(_req(headers=[("x-modstub-delay-ms", "300"), ("x-modstub-status", "500")]))
+        time.sleep(0.05)
+        self.reset(c)
+        # one reset after the head of a 4 MiB answer arrived
+        c = harness.HttpConn(sl.port)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.send(_req(headers=[("x-modstub-size", str(4 << 20))]))
+        got = c.sock.recv(100)
+        self.assertTrue(got.startswith(b"HTTP/1.1 200"), got)
+        self.reset(c)
+        poll(lambda: sl.metrics().get("sluice_requests_orphaned_total", 0) >= waits + 1, 5, "orphans counted")
+        poll(lambda: self.backend_200() == waits + 1, 5, "the backend answered them all")
+        poll(lambda: Meter(self.r.port).usage_total() == waits + 1 and
+             Meter(self.r.port).calls_by_outcome().get("upstream_error") == 1, 5, "the orphans' outcomes in Redis")
+        m = Meter(self.r.port)
+        calls = m.calls_by_outcome()
+        note(f"client gone: backend 200s {self.backend_200()}, usage {m.usage_total()}, calls {dict(calls)}, "
+             f"orphaned {sl.metrics().get('sluice_requests_orphaned_total')}")
+        self.assertEqual(calls["ok"], waits + 1)
+        self.assertEqual(calls["upstream_error"], 1)
+        self.assertEqual(sl.metrics().get('sluice_requests_outcome_total{outcome="ok",feature="text",tier="baseline"}'),
+                         waits + 1)
+        # and the backend connection stays usable: a normal call afterwards
+        with harness.HttpConn(sl.port) as c:
+            c.send(_req())
+            self.assertEqual(c.read_response().status, 200)
+        self.stop_sluice(sl)
+        self.assertEqual(Meter(self.r.port).usage_total(), waits + 2)
+
+    def test_drain_cuts_orphans_at_its_bound(self):
+        sl = self.start("--drain-timeout-ms", "300")
+        c = harness.HttpConn(sl.port)
+        c.send(_req(headers=[("x-modstub-delay-ms", "3000")]))
+        time.sleep(0.1)
+        self.reset(c)
+        poll(lambda: sl.metrics().get("sluice_requests_orphaned_total", 0) == 1, 5, "orphan")
+        t0 = time.monotonic()
+        self.stop_sluice(sl)  # exit 0, no leak report
+        self.assertLess(time.monotonic() - t0, 2.5)
+        calls = Meter(self.r.port).calls_by_outcome()
+        self.assertEqual(calls.get("upstream_error"), 1, calls)
+        self.assertEqual(Meter(self.r.port).usage_total(), 0)
 
 
 class SpoolBound(MeteringCase):
