@@ -206,6 +206,13 @@ static void conn_meter(struct sl_conn *c) {
     k.region_len = 1;
     k.region[0] = '-';
   }
+  /* Unclassified (admission off): no catalogue verdict, billed as before. */
+  k.billable = c->call.cls.feature >= 0 ? c->call.cls.billable : 1;
+  k.service_len = 0;
+  if (k.outcome == SL_OUT_OK && k.billable && c->call.cls.feature >= 0 && c->call.cls.service_len) {
+    k.service_len = c->call.cls.service_len;
+    memcpy(k.service, c->call.cls.service, k.service_len);
+  }
   sl_meter_count(&c->w->meter, &k);
 }
 

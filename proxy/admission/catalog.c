@@ -28,10 +28,12 @@ const unsigned sl_nfeatures = SL_FEAT_COUNT;
 struct action_def {
   const char *name;
   uint8_t len;
-  uint8_t feature; /* an sl_feature_ids value, or IMG */
+  uint8_t feature;  /* an sl_feature_ids value, or IMG */
+  uint8_t billable; /* a moderation submission (SPEC 3); result queries, cancels, tokens are not */
 };
 
-#define A(n, f) {n, sizeof(n) - 1, f}
+#define A(n, f) {n, sizeof(n) - 1, f, 1}
+#define Q(n, f) {n, sizeof(n) - 1, f, 0} /* not billable: limited and counted in calls, never in usage */
 
 /* Sorted in byte order (LC_ALL=C sort; test_catalog checks it) for the
  * binary search. A sorted table was chosen over a switch on length because it
@@ -41,27 +43,27 @@ struct action_def {
  * Alibaba's SDKs (those use VoiceModerationResult/VideoModerationResult) but
  * are accepted as spellings clients use. */
 static const struct action_def actions[] = {
-    A("DescribeFileModerationResult", SL_FEAT_DOCUMENT),
-    A("DescribeImageModerationResult", IMG),
-    A("DescribeImageResultExt", IMG),
-    A("DescribeMultimodalModerationResult", SL_FEAT_MULTIMODAL),
-    A("DescribeUploadToken", SL_FEAT_UPLOAD),
-    A("DescribeUrlModerationResult", SL_FEAT_URL),
-    A("DescribeVideoModerationResult", SL_FEAT_VIDEO),
-    A("DescribeVoiceModerationResult", SL_FEAT_VOICE),
+    Q("DescribeFileModerationResult", SL_FEAT_DOCUMENT),
+    Q("DescribeImageModerationResult", IMG),
+    Q("DescribeImageResultExt", IMG),
+    Q("DescribeMultimodalModerationResult", SL_FEAT_MULTIMODAL),
+    Q("DescribeUploadToken", SL_FEAT_UPLOAD),
+    Q("DescribeUrlModerationResult", SL_FEAT_URL),
+    Q("DescribeVideoModerationResult", SL_FEAT_VIDEO),
+    Q("DescribeVoiceModerationResult", SL_FEAT_VOICE),
     A("FileModeration", SL_FEAT_DOCUMENT),
     A("ImageAsyncModeration", IMG),
     A("ImageBatchModeration", IMG),
     A("ImageModeration", IMG),
     A("ImageQueueModeration", IMG),
-    A("ManualCallback", SL_FEAT_MANUAL),
+    Q("ManualCallback", SL_FEAT_MANUAL),
     A("ManualModeration", SL_FEAT_MANUAL),
-    A("ManualModerationResult", SL_FEAT_MANUAL),
+    Q("ManualModerationResult", SL_FEAT_MANUAL),
     A("MultiModalAgent", SL_FEAT_GUARD),
     A("MultiModalAgentSSE", SL_FEAT_GUARD),
     A("MultiModalGuard", SL_FEAT_GUARD),
     A("MultiModalGuardAsync", SL_FEAT_GUARD),
-    A("MultiModalGuardAsyncResult", SL_FEAT_GUARD),
+    Q("MultiModalGuardAsyncResult", SL_FEAT_GUARD),
     A("MultiModalGuardForBase64", SL_FEAT_GUARD),
     A("MultiModalGuardWs", SL_FEAT_GUARD),
     A("MultimodalAsyncModeration", SL_FEAT_MULTIMODAL),
@@ -69,11 +71,11 @@ static const struct action_def actions[] = {
     A("TextModerationPlus", SL_FEAT_TEXT_LLM),
     A("UrlAsyncModeration", SL_FEAT_URL),
     A("VideoModeration", SL_FEAT_VIDEO),
-    A("VideoModerationCancel", SL_FEAT_VIDEO),
-    A("VideoModerationResult", SL_FEAT_VIDEO),
+    Q("VideoModerationCancel", SL_FEAT_VIDEO),
+    Q("VideoModerationResult", SL_FEAT_VIDEO),
     A("VoiceModeration", SL_FEAT_VOICE),
-    A("VoiceModerationCancel", SL_FEAT_VOICE),
-    A("VoiceModerationResult", SL_FEAT_VOICE),
+    Q("VoiceModerationCancel", SL_FEAT_VOICE),
+    Q("VoiceModerationResult", SL_FEAT_VOICE),
 };
 const unsigned sl_catalog_nactions = SL_ARRAY_SIZE(actions);
 
@@ -115,13 +117,16 @@ static int resolve(uint8_t f, const char *service, size_t slen) {
   return sl_catalog_llm_service(service, slen) ? SL_FEAT_IMAGE_LLM : SL_FEAT_IMAGE;
 }
 
-int sl_catalog_lookup(const char *action, size_t alen, const char *service, size_t slen) {
+int sl_catalog_lookup(const char *action, size_t alen, const char *service, size_t slen, int *billable) {
   size_t lo = 0, hi = SL_ARRAY_SIZE(actions);
   if (alen == 0 || alen > UINT8_MAX) return -1;
   while (lo < hi) {
     size_t mid = lo + (hi - lo) / 2;
     int c = cmp(action, alen, actions[mid].name, actions[mid].len);
-    if (c == 0) return resolve(actions[mid].feature, service, slen);
+    if (c == 0) {
+      if (billable) *billable = actions[mid].billable;
+      return resolve(actions[mid].feature, service, slen);
+    }
     if (c < 0)
       hi = mid;
     else
@@ -130,8 +135,9 @@ int sl_catalog_lookup(const char *action, size_t alen, const char *service, size
   return -1;
 }
 
-int sl_catalog_action_at(unsigned i, const char **name) {
+int sl_catalog_action_at(unsigned i, const char **name, int *billable) {
   if (i >= SL_ARRAY_SIZE(actions)) return -1;
   *name = actions[i].name;
+  if (billable) *billable = actions[i].billable;
   return resolve(actions[i].feature, NULL, 0);
 }

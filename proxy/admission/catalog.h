@@ -48,8 +48,10 @@ const char *sl_tier_name(enum sl_tier t);
  * in the catalogue. Actions match exactly (case-sensitive, as the API does);
  * service may be empty (slen 0, service may then be NULL). Cost: a binary
  * search over the sorted Action table (about 6 memcmp) plus, for the image
- * family only, one case-insensitive scan of the Service. */
-int sl_catalog_lookup(const char *action, size_t alen, const char *service, size_t slen);
+ * family only, one case-insensitive scan of the Service. *billable (if not
+ * NULL) is set for a known Action: 1 for a moderation submission, 0 for a
+ * result query, a cancel or an upload token (SPEC 3: never in usage). */
+int sl_catalog_lookup(const char *action, size_t alen, const char *service, size_t slen, int *billable);
 
 /* Whether a Service names a large-model (llm) variant: it contains "byvl" or
  * "byllm", or starts with "llm_", all case-insensitively. */
@@ -58,6 +60,6 @@ int sl_catalog_llm_service(const char *service, size_t slen);
 /* The Action table, for tests and docs: entry i (0 <= i < sl_catalog_nactions)
  * has its name in *name and returns its feature id for an empty Service. */
 extern const unsigned sl_catalog_nactions;
-int sl_catalog_action_at(unsigned i, const char **name);
+int sl_catalog_action_at(unsigned i, const char **name, int *billable);
 
 #endif

@@ -319,7 +319,9 @@ enum sl_class_err sl_classify(const struct sl_class_input *in, struct sl_class *
   if (err == SL_CLASS_OK) err = e;
 
   if (action_ok && service_ok) {
-    out->feature = sl_catalog_lookup(out->action, out->action_len, out->service, out->service_len);
+    int billable = 1;
+    out->feature = sl_catalog_lookup(out->action, out->action_len, out->service, out->service_len, &billable);
+    out->billable = (uint8_t)billable;
     if (out->feature >= 0)
       out->tier = sl_features[out->feature].tier;
     else if (err == SL_CLASS_OK)

@@ -50,6 +50,7 @@ struct sl_class {
   char region[64];
   uint8_t region_len;
   int feature; /* id in sl_features, -1 when unknown */
+  uint8_t billable; /* the Action is a moderation submission (catalog.h); set with feature */
   enum sl_tier tier;
 };
 

@@ -25,20 +25,22 @@
  * days) in the same atomic script as the counts, so a batch sent again
  * after a lost reply changes nothing. Redis's work is per key, and as little
  * as the schema allows: the flusher sends every key and field name built
- * (no string work in Lua), one or two HINCRBY per key, one SADD per day with
- * the batch's UIDs, and one stream entry for the whole batch. ARGV: prefix,
- * id, key count, then per key: calls key, calls field, count, usage key (''
- * when the call is not billable), usage field; then the number of SADDs and
- * per SADD: the set, member count, members; then the stream entry's deltas.
- * Key names: keys.h. */
+ * (no string work in Lua), one HINCRBY per key into calls and one per
+ * billed service into usage, one SADD per day with the batch's UIDs, and
+ * one stream entry for the whole batch. ARGV: prefix, id, key count, then
+ * per key: calls key, calls field, count, usage key ('' when nothing is
+ * billed), the number of usage fields and the fields; then the number of
+ * SADDs and per SADD: the set, member count, members; then the stream
+ * entry's deltas. Key names: keys.h. */
 static const char apply_script[] =
     "local p, id = ARGV[1], ARGV[2] "
     "if not redis.call('SET', p .. '" SL_KEY_METER_BATCH "' .. id, '1', 'NX', 'EX', 604800) then return 0 end "
     "local n, b = tonumber(ARGV[3]), 4 "
     "for i = 1, n do "
     "  redis.call('HINCRBY', ARGV[b], ARGV[b + 1], ARGV[b + 2]) "
-    "  if ARGV[b + 3] ~= '' then redis.call('HINCRBY', ARGV[b + 3], ARGV[b + 4], ARGV[b + 2]) end "
-    "  b = b + 5 "
+    "  local u = tonumber(ARGV[b + 4]) "
+    "  for j = 1, u do redis.call('HINCRBY', ARGV[b + 3], ARGV[b + 4 + j], ARGV[b + 2]) end "
+    "  b = b + 5 + u "
     "end "
     "local m = tonumber(ARGV[b]) "
     "b = b + 1 "
@@ -306,6 +308,35 @@ static size_t field_fr(const struct sl_meter_key *k, char *out) {
   return fl + 1 + k->region_len;
 }
 
+/* Whether a key's count goes to usage: an ok of a billable Action. */
+static int billed(const struct sl_meter_key *k) { return k->outcome == SL_OUT_OK && k->billable; }
+
+/* The services a billed key names, each once, in order: the Service split
+ * at commas, empty items skipped; "-" when it names none (SPEC 6). Returns
+ * their number (at least 1). */
+static size_t services(const struct sl_meter_key *k, const char **svc, size_t *svl) {
+  size_t ns = 0;
+  for (size_t i = 0; i < k->service_len;) {
+    size_t j = i;
+    while (j < k->service_len && k->service[j] != ',') j++;
+    if (j > i) {
+      int dup = 0;
+      for (size_t q = 0; q < ns && !dup; q++) dup = svl[q] == j - i && !memcmp(svc[q], k->service + i, j - i);
+      if (!dup) {
+        svc[ns] = k->service + i;
+        svl[ns++] = j - i;
+      }
+    }
+    i = j + 1;
+  }
+  if (ns == 0) {
+    svc[0] = "-";
+    svl[0] = 1;
+    ns = 1;
+  }
+  return ns;
+}
+
 static void send_next(struct sl_flusher *f) {
   redisAsyncContext *c = sl_redis_cmd(f->redis);
   if (!c || f->inflight || !f->head) return;
@@ -317,13 +348,27 @@ static void send_next(struct sl_flusher *f) {
   }
   struct sl_batch *b = f->head;
   size_t plen = strlen(f->prefix), n = b->n;
-  /* per key 5 args (+ at most 1 SADD member, + 2 per SADD group) */
-  size_t argc = 8 + 5 * n + 3 * n + 2;
+  /* per key 5 args and a usage field per service (at most 64: a Service
+   * is at most 127 bytes), + at most 1 SADD member, + 2 per SADD group */
+  size_t argc = 8 + (5 + SL_METER_SERVICE_MAX / 2 + 1) * n + 3 * n + 2;
   struct args x = {.argv = sl_malloc(argc * sizeof(char *)), .lens = sl_malloc(argc * sizeof(size_t))};
   /* names: calls key and usage key (prefix + "usage:" + day + ":" + uid),
    * fields, counts; the deltas text: a line per key */
-  size_t cap = 64 + n * (2 * (plen + 16 + SL_UID_MAX) + 2 * (48 + SL_REGION_MAX) + 24) +
-               n * (SL_UID_MAX + SL_REGION_MAX + 96) + n * (plen + 72);
+  /* The buffer every name is built in, sized per key: calls and usage key
+   * names, fields, numbers, the SADD set names, the stream line. */
+  size_t cap = 64;
+  for (uint32_t i = 0; i < n; i++) {
+    const struct sl_meter_key *k = &b->e[i].k;
+    size_t key_name = plen + 16 + k->uid_len, field = 40 + k->region_len;
+    size_t per = 3 * key_name + 2 * field + 3 * 24 + (field + k->uid_len + 64) + k->service_len + 8;
+    if (billed(k)) {
+      const char *svc[SL_METER_SERVICE_MAX / 2 + 1];
+      size_t svl[SL_METER_SERVICE_MAX / 2 + 1];
+      size_t ns = services(k, svc, svl);
+      per += ns * (field + 2) + k->service_len + 2;
+    }
+    cap += per;
+  }
   x.buf = x.p = sl_malloc(cap);
   arg(&x, "EVAL", 4);
   arg(&x, apply_script, sizeof(apply_script) - 1);
@@ -344,14 +389,35 @@ static void send_next(struct sl_flusher *f) {
     size_t frl = field_fr(k, fr);
     arg_cat(&x, fr, frl, ":", 1, o, strlen(o));
     arg_num(&x, b->e[i].count);
-    if (k->outcome == SL_OUT_OK) {
+    if (billed(k)) {
       arg_cat(&x, f->prefix, plen, SL_KEY_USAGE, SL_KEYLEN(SL_KEY_USAGE), daybuf, dl);
       memcpy(x.p, k->uid, k->uid_len), x.p += k->uid_len;
       x.lens[x.a - 1] += k->uid_len;
-      arg_cat(&x, fr, frl, "", 0, "", 0);
+      /* usage field per service: "<feature>:<service>:<region>" */
+      size_t count_at = x.a, nf = 0;
+      arg(&x, "", 0);
+      const char *svc[SL_METER_SERVICE_MAX / 2 + 1];
+      size_t svl[SL_METER_SERVICE_MAX / 2 + 1];
+      size_t ns = services(k, svc, svl);
+      const char *fn = fname;
+      size_t fnl = strlen(fname);
+      for (size_t j = 0; j < ns; j++) {
+        char *start = x.p;
+        memcpy(x.p, fn, fnl), x.p += fnl;
+        *x.p++ = ':';
+        memcpy(x.p, svc[j], svl[j]), x.p += svl[j];
+        *x.p++ = ':';
+        memcpy(x.p, k->region, k->region_len), x.p += k->region_len;
+        arg(&x, start, (size_t)(x.p - start));
+        nf++;
+      }
+      size_t l = sl_u64toa(nf, x.p);
+      x.argv[count_at] = x.p;
+      x.lens[count_at] = l;
+      x.p += l + 1;
     } else {
       arg(&x, "", 0);
-      arg(&x, "", 0);
+      arg(&x, "0", 1);
     }
   }
   /* One SADD per day with the batch's UIDs that had billable calls (each
@@ -360,16 +426,16 @@ static void send_next(struct sl_flusher *f) {
   arg(&x, "", 0); /* the group count, set below */
   for (uint32_t i = 0; i < n; i++) {
     const struct sl_meter_key *k = &b->e[i].k;
-    if (k->outcome != SL_OUT_OK || b->e[i].sadd_done) continue;
+    if (!billed(k) || b->e[i].sadd_done) continue;
     size_t dl = sl_u64toa(k->day, daybuf);
     arg_cat(&x, f->prefix, plen, SL_KEY_USAGE, SL_KEYLEN(SL_KEY_USAGE), daybuf, dl);
     size_t count_at = x.a, members = 0;
     arg(&x, "", 0);
     for (uint32_t j = i; j < n; j++) {
       struct sl_batch_entry *e = &b->e[j];
-      if (e->k.outcome != SL_OUT_OK || e->k.day != k->day || e->sadd_done) continue;
+      if (!billed(&e->k) || e->k.day != k->day || e->sadd_done) continue;
       for (uint32_t q = i; q < j; q++) /* an earlier key of this UID and day already named it */
-        if (b->e[q].k.outcome == SL_OUT_OK && b->e[q].k.day == k->day && b->e[q].k.uid_len == e->k.uid_len &&
+        if (billed(&b->e[q].k) && b->e[q].k.day == k->day && b->e[q].k.uid_len == e->k.uid_len &&
             !memcmp(b->e[q].k.uid, e->k.uid, e->k.uid_len)) {
           e->sadd_done = 1;
           break;
@@ -403,6 +469,16 @@ static void send_next(struct sl_flusher *f) {
     x.p += field_fr(k, x.p);
     x.p += sprintf(x.p, ":%s:%s ", tier, o);
     x.p += sl_u64toa(b->e[i].count, x.p);
+    if (billed(k)) { /* the services billed, once each ("-": none named) */
+      *x.p++ = ' ';
+      const char *svc[SL_METER_SERVICE_MAX / 2 + 1];
+      size_t svl[SL_METER_SERVICE_MAX / 2 + 1];
+      size_t ns = services(k, svc, svl);
+      for (size_t j = 0; j < ns; j++) {
+        if (j) *x.p++ = ',';
+        memcpy(x.p, svc[j], svl[j]), x.p += svl[j];
+      }
+    }
     *x.p++ = '\n';
   }
   arg(&x, d0, (size_t)(x.p - d0));
@@ -618,8 +694,8 @@ static int replay_record(void *arg, int type, const unsigned char *p, uint32_t l
     f->pending = d;
     return 0;
   }
-  if (type == SL_SPOOL_REC_BATCH) {
-    struct sl_batch *b = sl_spool_decode_batch(p, len);
+  if (type == SL_SPOOL_REC_BATCH || type == SL_SPOOL_REC_BATCH_V1) {
+    struct sl_batch *b = type == SL_SPOOL_REC_BATCH ? sl_spool_decode_batch(p, len) : sl_spool_decode_batch_v1(p, len);
     if (!b) return -1;
     free_pending(f); /* a batch covers every delta before it */
     b->spooled = 1;

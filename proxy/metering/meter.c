@@ -39,8 +39,10 @@ void sl_meter_table_clear(struct sl_meter_table *t) {
 uint64_t sl_meter_key_hash(const struct sl_meter_key *k) {
   uint64_t h = sl_dir_hash(k->uid, k->uid_len);
   h ^= sl_dir_hash(k->region, k->region_len) * 0x9e3779b97f4a7c15ull;
-  h ^= ((uint64_t)k->day << 24 | (uint64_t)k->feature << 16 | (uint64_t)k->tier << 8 | k->outcome) *
+  h ^= ((uint64_t)k->billable << 56 | (uint64_t)k->day << 24 | (uint64_t)k->feature << 16 | (uint64_t)k->tier << 8 |
+        k->outcome) *
        0xc2b2ae3d27d4eb4full;
+  if (k->service_len) h ^= sl_dir_hash(k->service, k->service_len) * 0xd6e8feb86659fd93ull;
   h ^= h >> 29;
   return h ? h : 1; /* 0 marks an empty slot */
 }
@@ -62,12 +64,15 @@ void sl_meter_key_collapse(struct sl_meter_key *out, const struct sl_meter_key *
   out->uid[0] = '-';
   out->region_len = 1;
   out->region[0] = '-';
+  out->billable = 0;
+  out->service_len = 0;
 }
 
 static int key_eq(const struct sl_meter_key *a, const struct sl_meter_key *b) {
   return a->day == b->day && a->feature == b->feature && a->tier == b->tier && a->outcome == b->outcome &&
-         a->uid_len == b->uid_len && a->region_len == b->region_len && !memcmp(a->uid, b->uid, a->uid_len) &&
-         !memcmp(a->region, b->region, a->region_len);
+         a->billable == b->billable && a->uid_len == b->uid_len && a->region_len == b->region_len &&
+         a->service_len == b->service_len && !memcmp(a->uid, b->uid, a->uid_len) &&
+         !memcmp(a->region, b->region, a->region_len) && !memcmp(a->service, b->service, a->service_len);
 }
 
 int sl_meter_add(struct sl_meter_table *t, const struct sl_meter_key *k, uint64_t hash, uint64_t count) {

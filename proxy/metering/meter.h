@@ -41,12 +41,21 @@
 /* Tables in each worker's hand-off and spare rings. */
 #define SL_METER_RING 16
 
+#define SL_METER_SERVICE_MAX 127 /* the Service as classified (classify.h) */
+
 struct sl_meter_key {
   uint32_t day; /* yyyymmdd in the billing time zone, by arrival time */
   uint8_t feature, tier, outcome;
   uint8_t uid_len, region_len;
+  /* An ok of a billable Action (catalog.h) goes to usage, once per service
+   * its Service names (comma-separated; none: "-"). The service is kept
+   * only for such keys (else service_len 0): other outcomes are counted
+   * per feature, so a client's made-up Services make no keys of their own. */
+  uint8_t billable;
+  uint8_t service_len;
   char uid[SL_UID_MAX + 1];
   char region[SL_REGION_MAX + 1];
+  char service[SL_METER_SERVICE_MAX + 1];
 };
 
 struct sl_meter_entry {

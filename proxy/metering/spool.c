@@ -15,6 +15,7 @@
 
 #define SPOOL_MAGIC 0x314d4c53u /* "SLM1" */
 #define REC_BATCH SL_SPOOL_REC_BATCH
+#define REC_BATCH_V1 SL_SPOOL_REC_BATCH_V1
 #define REC_ACK SL_SPOOL_REC_ACK
 #define REC_DELTA SL_SPOOL_REC_DELTA
 #define FULL_SAY_MS 60000 /* "spool full" at most once per this */
@@ -41,7 +42,8 @@ uint32_t sl_crc32(const void *p, size_t n) {
 #define HDR 16
 size_t sl_spool_batch_size(const struct sl_batch *b) {
   size_t n = HDR + 1 + b->id_len + 4;
-  for (uint32_t i = 0; i < b->n; i++) n += 4 + 5 + b->e[i].k.uid_len + b->e[i].k.region_len + 8;
+  for (uint32_t i = 0; i < b->n; i++)
+    n += 4 + 7 + b->e[i].k.uid_len + b->e[i].k.region_len + b->e[i].k.service_len + 8;
   return n;
 }
 
@@ -70,10 +72,14 @@ static size_t encode(const struct sl_batch *b, uint8_t type, const char *id, uin
     *p++ = k->outcome;
     *p++ = k->uid_len;
     *p++ = k->region_len;
+    *p++ = k->billable;
+    *p++ = k->service_len;
     memcpy(p, k->uid, k->uid_len);
     p += k->uid_len;
     memcpy(p, k->region, k->region_len);
     p += k->region_len;
+    memcpy(p, k->service, k->service_len);
+    p += k->service_len;
     memcpy(p, &b->e[i].count, 8);
     p += 8;
   }
@@ -89,9 +95,12 @@ size_t sl_spool_encode_delta(const struct sl_batch *b, unsigned char *out) { ret
 
 struct sl_batch *sl_batch_new(uint32_t n) { return sl_calloc(1, sizeof(struct sl_batch) + n * sizeof(struct sl_batch_entry)); }
 
-/* Decodes a batch payload; NULL when malformed. */
-struct sl_batch *sl_spool_decode_batch(const unsigned char *p, size_t len) {
+/* Decodes a batch payload of format v1 (the first spool format: no
+ * billable flag, no service; read at a start after an upgrade) or v2;
+ * NULL when malformed. */
+static struct sl_batch *decode(const unsigned char *p, size_t len, int v2) {
   const unsigned char *end = p + len;
+  size_t fixed = v2 ? 11 : 9;
   if (len < 5 || p[0] == 0 || p[0] >= sizeof(((struct sl_batch *)0)->id) || (size_t)(1 + p[0] + 4) > len)
     return NULL;
   uint8_t idl = p[0];
@@ -104,23 +113,30 @@ struct sl_batch *sl_spool_decode_batch(const unsigned char *p, size_t len) {
   const unsigned char *q = p + 1 + idl + 4;
   for (uint32_t i = 0; i < n; i++) {
     struct sl_meter_key *k = &b->e[i].k;
-    if (end - q < 9) goto bad;
+    if ((size_t)(end - q) < fixed) goto bad;
     memcpy(&k->day, q, 4);
     k->feature = q[4];
     k->tier = q[5];
     k->outcome = q[6];
     k->uid_len = q[7];
     k->region_len = q[8];
-    q += 9;
+    /* v1: every ok was billable, and usage had no service */
+    k->billable = v2 ? q[9] : 1;
+    k->service_len = v2 ? q[10] : 0;
+    q += fixed;
     /* send_next names the feature, tier and outcome from these bytes */
     if (k->uid_len > SL_UID_MAX || k->region_len > SL_REGION_MAX || k->outcome >= SL_NOUTCOMES ||
         (k->feature >= sl_nfeatures && k->feature != SL_METER_NO_FEATURE) || k->tier > SL_TIER_LLM ||
-        end - q < k->uid_len + k->region_len + 8)
+        k->billable > 1 || k->service_len > SL_METER_SERVICE_MAX ||
+        (k->service_len && (k->outcome != SL_OUT_OK || !k->billable)) ||
+        (size_t)(end - q) < (size_t)k->uid_len + k->region_len + k->service_len + 8)
       goto bad;
     memcpy(k->uid, q, k->uid_len);
     q += k->uid_len;
     memcpy(k->region, q, k->region_len);
     q += k->region_len;
+    memcpy(k->service, q, k->service_len);
+    q += k->service_len;
     memcpy(&b->e[i].count, q, 8);
     q += 8;
   }
@@ -131,6 +147,10 @@ bad:
   free(b);
   return NULL;
 }
+
+struct sl_batch *sl_spool_decode_batch(const unsigned char *p, size_t len) { return decode(p, len, 1); }
+
+struct sl_batch *sl_spool_decode_batch_v1(const unsigned char *p, size_t len) { return decode(p, len, 0); }
 
 struct sl_batch *sl_spool_decode_delta(const unsigned char *p, size_t len) {
   if (len < 2 || p[0] != 1 || p[1] != 'd') return NULL; /* what sl_spool_encode_delta writes */
@@ -153,7 +173,9 @@ size_t sl_spool_scan(const unsigned char *data, size_t len,
     memcpy(&plen, data + off + 8, 4);
     memcpy(&crc, data + off + 12, 4);
     uint8_t type = data[off + 4];
-    if (magic != SPOOL_MAGIC || (type != REC_BATCH && type != REC_ACK && type != REC_DELTA) || plen > len - off - HDR ||
+    if (magic != SPOOL_MAGIC ||
+        (type != REC_BATCH && type != REC_ACK && type != REC_DELTA && type != REC_BATCH_V1) ||
+        plen > len - off - HDR ||
         sl_crc32(data + off + HDR, plen) != crc)
       break;
     if (on_record(arg, type, data + off + HDR, plen) != 0) break;

@@ -35,8 +35,12 @@ struct sl_batch {
   struct sl_batch_entry e[];
 };
 
-#define SL_SPOOL_REC_BATCH 1
+/* Record types. Keys are written in format v2 (with the billable flag and
+ * the service); v1 batch records, as earlier versions wrote them, are
+ * still read (replayed after an upgrade). */
+#define SL_SPOOL_REC_BATCH_V1 1
 #define SL_SPOOL_REC_ACK 2
+#define SL_SPOOL_REC_BATCH 4
 /* Counts gathered in a round that are not in a batch yet (the Redis
  * interval is longer than the spool interval): same payload as a batch,
  * id "d". A batch record covers every delta record before it (the batches
@@ -96,6 +100,8 @@ uint32_t sl_crc32(const void *p, size_t n);
 /* Decodes a batch record's payload (after the 16-byte header); NULL when
  * malformed (anything encode would not write). The caller frees the batch. */
 struct sl_batch *sl_spool_decode_batch(const unsigned char *payload, size_t len);
+/* The same for a v1 batch record (SL_SPOOL_REC_BATCH_V1): billable 1, no service. */
+struct sl_batch *sl_spool_decode_batch_v1(const unsigned char *payload, size_t len);
 /* Decodes a delta record's payload (id "d"); NULL when malformed. */
 struct sl_batch *sl_spool_decode_delta(const unsigned char *payload, size_t len);
 /* Decodes an ack record's payload: 0 with the acked batch's id (pointing

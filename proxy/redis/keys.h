@@ -36,7 +36,7 @@
 #define SL_KEY_SHARE_ANNOUNCE "share:announce"   /* stream: keys that instances not registered should join */
 
 /* ---- metering (written by sluice's flusher, read by sluice-rate) ---- */
-#define SL_KEY_USAGE "usage:"              /* usage:<day>:<uid> hash <feature>:<region> -> ok calls;
+#define SL_KEY_USAGE "usage:"              /* usage:<day>:<uid> hash <feature>:<service>:<region> -> billable calls;
                                             * usage:<day> set of the day's UIDs */
 #define SL_KEY_CALLS "calls:"              /* calls:<day>:<uid> hash <feature>:<region>:<outcome> -> calls */
 #define SL_KEY_USAGE_STREAM "usage:stream" /* one entry per batch: batch, keys, deltas (a line per key) */
@@ -54,7 +54,7 @@
 #define SL_FIELD_PURCHASED_AT "purchased_at" /* unix seconds; expires_at: SL_FIELD_EXPIRES_AT (optional:
                                               * purchased_at + 365 days) */
 #define SL_KEY_BILL "bill:"         /* bill:<day>:<uid> hash */
-#define SL_KEY_RATED "rated:"       /* rated:<day> hash: the day was rated without failures (at, accounts) */
+#define SL_KEY_RATED "rated:"       /* rated:<day> hash: at (unix seconds) the day was first rated without failures */
 #define SL_KEY_ALERTS "alerts"      /* stream: quota_low and late_usage entries */
 #define SL_KEY_ALERTPCT "alertpct:" /* alertpct:<uid>: decimal percent of quota (default 10) */
 #define SL_KEY_BALANCE "balance:"   /* balance:<uid>: integer micro-units of the currency (may be < 0) */

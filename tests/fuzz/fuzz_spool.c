@@ -22,9 +22,11 @@ static int on_record(void *arg, int type, const unsigned char *p, uint32_t len) 
   /* the payload handed over is a private copy of exactly len bytes */
   unsigned char *copy = (unsigned char *)fz_dup(p, len);
   int rc = 0;
-  if (type == SL_SPOOL_REC_BATCH || type == SL_SPOOL_REC_DELTA) {
-    int delta = type == SL_SPOOL_REC_DELTA;
-    struct sl_batch *b = delta ? sl_spool_decode_delta(copy, len) : sl_spool_decode_batch(copy, len);
+  if (type == SL_SPOOL_REC_BATCH || type == SL_SPOOL_REC_DELTA || type == SL_SPOOL_REC_BATCH_V1) {
+    int delta = type == SL_SPOOL_REC_DELTA, v1 = type == SL_SPOOL_REC_BATCH_V1;
+    struct sl_batch *b = delta ? sl_spool_decode_delta(copy, len)
+                         : v1  ? sl_spool_decode_batch_v1(copy, len)
+                               : sl_spool_decode_batch(copy, len);
     if (!b) {
       rc = -1;
     } else {
@@ -37,13 +39,18 @@ static int on_record(void *arg, int type, const unsigned char *p, uint32_t len) 
         sl_flusher_key_names(k, &f, &t, &o);
         FZ_CHECK(f && t && o && strcmp(o, "-") != 0);
       }
-      size_t sz = delta ? sl_spool_delta_size(b) : sl_spool_batch_size(b);
-      unsigned char *out = malloc(sz);
-      if (!out) abort();
-      FZ_CHECK((delta ? sl_spool_encode_delta(b, out) : sl_spool_encode_batch(b, out)) == sz);
-      FZ_CHECK(out[4] == type);
-      FZ_CHECK(sz == 16 + (size_t)len && memcmp(out + 16, copy, len) == 0);
-      free(out);
+      for (uint32_t i = 0; i < b->n; i++) /* a service only on billed keys */
+        FZ_CHECK(b->e[i].k.service_len <= SL_METER_SERVICE_MAX && b->e[i].k.billable <= 1 &&
+                 (!b->e[i].k.service_len || (b->e[i].k.outcome == SL_OUT_OK && b->e[i].k.billable)));
+      if (!v1) { /* v1 is read, never written: v2 encodes back to exactly its bytes */
+        size_t sz = delta ? sl_spool_delta_size(b) : sl_spool_batch_size(b);
+        unsigned char *out = malloc(sz);
+        if (!out) abort();
+        FZ_CHECK((delta ? sl_spool_encode_delta(b, out) : sl_spool_encode_batch(b, out)) == sz);
+        FZ_CHECK(out[4] == type);
+        FZ_CHECK(sz == 16 + (size_t)len && memcmp(out + 16, copy, len) == 0);
+        free(out);
+      }
       free(b);
     }
   } else {

@@ -894,7 +894,7 @@ class UnixSocket(AdmissionCase):
         assert_error(self, one(sl.port, ak="AKNONE"), 403, "InvalidAccessKeyId.NotFound")
         self.assertEqual(sl.stop(), 0)  # the final flush writes the counts through the socket
         day = time.strftime("%Y%m%d", time.gmtime())
-        self.assertEqual(r2.cli("HGET", f"{P}usage:{day}:uu", "text:cn-shanghai").strip(), "1")
+        self.assertEqual(r2.cli("HGET", f"{P}usage:{day}:uu", "text:-:cn-shanghai").strip(), "1")  # no Service: "-"
 
 
 class Accuracy(AdmissionCase):

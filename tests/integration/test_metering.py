@@ -137,11 +137,17 @@ class Meter:
                 lines = e["deltas"].splitlines()
                 assert int(e["keys"]) == len(lines), e
                 for line in lines:
-                    name, count = line.rsplit(" ", 1)
+                    # "<key> <count>", and for a billed key " <services>" (comma-separated)
+                    parts = line.split(" ")
+                    services = parts.pop() if len(parts) > 2 and ":" not in parts[-1] and not parts[-1].isdigit() \
+                        else None
+                    count = parts.pop()
+                    name = " ".join(parts)
                     day, rest = name[:8], name[9:]
                     uid, feature, region, tier, outcome = rest.rsplit(":", 4)
                     self.stream.append({"batch": e["batch"], "day": day, "uid": uid, "feature": feature,
-                                        "region": region, "tier": tier, "outcome": outcome, "count": count})
+                                        "region": region, "tier": tier, "outcome": outcome, "count": count,
+                                        "services": services})
         finally:
             c.close()
 
@@ -452,13 +458,20 @@ class MeteringCase(unittest.TestCase):
         return meter
 
     def check_consistent(self, meter):
-        """The hashes, the sets, the stream and the markers agree."""
+        """The hashes, the sets, the stream and the markers agree. (The load's
+        calls name one Service each and are all billable Actions: usage
+        summed over services is calls ok, per feature and region.)"""
+        by_fr = collections.Counter()
         for (day, uid, field), n in meter.usage.items():
-            self.assertEqual(meter.calls.get((day, uid, field + ":ok")), n, (day, uid, field))
+            feature, service, region = field.split(":")
+            self.assertTrue(service, field)
+            by_fr[(day, uid, f"{feature}:{region}")] += n
             self.assertIn(uid, meter.sets.get(day, set()), (day, uid))
+        for (day, uid, fr), n in by_fr.items():
+            self.assertEqual(meter.calls.get((day, uid, fr + ":ok")), n, (day, uid, fr))
         for (day, uid, field), n in meter.calls.items():
             if field.endswith(":ok"):
-                self.assertEqual(meter.usage.get((day, uid, field[:-3])), n, (day, uid, field))
+                self.assertEqual(by_fr.get((day, uid, field[:-3])), n, (day, uid, field))
         sums, seen = collections.Counter(), set()
         for e in meter.stream:
             key = (e["batch"], e["day"], e["uid"], e["feature"], e["region"], e["outcome"])
@@ -793,6 +806,44 @@ class ClientGone(MeteringCase):
         calls = Meter(self.r.port).calls_by_outcome()
         self.assertEqual(calls.get("upstream_error"), 1, calls)
         self.assertEqual(Meter(self.r.port).usage_total(), 0)
+
+
+class Billable(MeteringCase):
+    """SPEC 3 and 6: usage is keyed <feature>:<service>:<region>; result
+    queries, cancels and upload tokens are counted in calls, never in usage;
+    a call naming several Services is billed once per (distinct) service."""
+
+    def test_usage_by_service_and_billable_actions(self):
+        sl = self.start("--flush-ms", "200")
+        sent = [
+            _req(action="VideoModeration", service="videoDetection"),
+            *[_req(action="VideoModerationResult", service="videoDetection") for _ in range(4)],
+            _req(action="VideoModerationCancel", service="videoDetection"),
+            _req(action="DescribeUploadToken", service=None),
+            _req(service="chat_detection"),
+            _req(service="comment_detection,chat_detection"),
+            _req(service="ad_compliance_detection,ad_compliance_detection,,"),
+            _req(service=None),
+        ]
+        with harness.HttpConn(sl.port) as c:
+            for raw in sent:
+                c.send(raw)
+                self.assertEqual(c.read_response().status, 200)
+        day = time.strftime("%Y%m%d", time.gmtime())
+        want_usage = {"video:videoDetection:cn-shanghai": 1, "text:chat_detection:cn-shanghai": 2,
+                      "text:comment_detection:cn-shanghai": 1, "text:ad_compliance_detection:cn-shanghai": 1,
+                      "text:-:cn-shanghai": 1}
+        poll(lambda: {f: n for (d, u, f), n in Meter(self.r.port).usage.items()} == want_usage, 5,
+             "usage by service")
+        m = Meter(self.r.port)
+        self.assertEqual(m.calls.get((day, "u1", "video:cn-shanghai:ok")), 6)
+        self.assertEqual(m.calls.get((day, "u1", "upload:cn-shanghai:ok")), 1)
+        self.assertEqual(m.calls.get((day, "u1", "text:cn-shanghai:ok")), 4)
+        self.assertEqual(m.sets.get(day), {"u1"})
+        billed = [e for e in m.stream if e["services"]]
+        note(f"billable: usage {want_usage}; stream lines billed {[(e['feature'], e['services']) for e in billed]}")
+        self.assertEqual(sorted(e["services"] for e in billed if e["feature"] == "text"),
+                         sorted(["-", "ad_compliance_detection", "chat_detection", "comment_detection,chat_detection"]))
 
 
 class SpoolBound(MeteringCase):
@@ -1159,11 +1210,11 @@ class Days(MeteringCase):
         note(f"midnight: before (shifted {t_before - midnight:+.2f} s) -> {old}, after -> {new}; "
              f"usage {sorted(meter.usage.items())}")
         self.assertEqual(self.tally.statuses[200], 11)
-        self.assertEqual(meter.usage, {(old, "u1", "text:cn-shanghai"): 5,
-                                       (new, "u1", "text:cn-shanghai"): 2,
-                                       (new, "u1", "text:cn-beijing"): 2,
-                                       (old, "u2", "voice:cn-shanghai"): 1,
-                                       (new, "u2", "voice:cn-shanghai"): 1})
+        self.assertEqual(meter.usage, {(old, "u1", "text:chat_detection:cn-shanghai"): 5,
+                                       (new, "u1", "text:chat_detection:cn-shanghai"): 2,
+                                       (new, "u1", "text:chat_detection:cn-beijing"): 2,
+                                       (old, "u2", "voice:audio_media_detection:cn-shanghai"): 1,
+                                       (new, "u2", "voice:audio_media_detection:cn-shanghai"): 1})
         self.assertEqual(meter.calls[(old, "u1", "text:cn-shanghai:upstream_error")], 1)
         self.assertEqual(meter.calls[(new, "-", "text:cn-shanghai:unauthenticated")], 1)
         self.assertEqual(meter.calls[(new, "-", "-:-:bad_request")], 1)
@@ -1182,7 +1233,7 @@ class Days(MeteringCase):
             one(sl.port, "ok", self.tally)
             self.stop_sluice(sl)
             meter = Meter(self.r.port)
-            self.assertEqual(meter.usage.get((want, "u1", "text:cn-shanghai")), 1, (tz, want, meter.usage))
+            self.assertEqual(meter.usage.get((want, "u1", "text:chat_detection:cn-shanghai")), 1, (tz, want, meter.usage))
             self.r.cli("FLUSHDB")
             for args in (("SET", P + "ak:AK1", "u1"), ("SET", P + "ak:AK2", "u2")):
                 self.r.cli(*args)

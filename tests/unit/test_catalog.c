@@ -48,7 +48,7 @@ static const struct {
 };
 
 static int lookup(const char *action, const char *service) {
-  return sl_catalog_lookup(action, strlen(action), service, service ? strlen(service) : 0);
+  return sl_catalog_lookup(action, strlen(action), service, service ? strlen(service) : 0, NULL);
 }
 
 static int fid(const char *name) { return sl_feature_id(name, strlen(name)); }
@@ -101,11 +101,11 @@ static void test_every_action(void **state) {
    * each of its entries is one of the expected ones. */
   for (unsigned i = 0; i < sl_catalog_nactions; i++) {
     const char *name = NULL;
-    int f = sl_catalog_action_at(i, &name);
+    int f = sl_catalog_action_at(i, &name, NULL);
     assert_non_null(name);
     if (i > 0) {
       const char *prev = NULL;
-      sl_catalog_action_at(i - 1, &prev);
+      sl_catalog_action_at(i - 1, &prev, NULL);
       if (strcmp(prev, name) >= 0) fail_msg("actions out of order: %s before %s", prev, name);
     }
     size_t k = 0;
@@ -114,7 +114,7 @@ static void test_every_action(void **state) {
     assert_int_equal(f, fid(expected[k].feature));
   }
   const char *name = "x";
-  assert_int_equal(sl_catalog_action_at(sl_catalog_nactions, &name), -1);
+  assert_int_equal(sl_catalog_action_at(sl_catalog_nactions, &name, NULL), -1);
   assert_string_equal(name, "x");
 }
 
@@ -135,8 +135,8 @@ static void test_llm_services(void **state) {
     }
   }
   /* The Service length bounds the scan: "...ByVL" cut before the pattern. */
-  assert_int_equal(sl_catalog_lookup("ImageModeration", 15, "postImageCheckByVL", 16), SL_FEAT_IMAGE);
-  assert_int_equal(sl_catalog_lookup("ImageModeration", 15, "llm_", 3), SL_FEAT_IMAGE);
+  assert_int_equal(sl_catalog_lookup("ImageModeration", 15, "postImageCheckByVL", 16, NULL), SL_FEAT_IMAGE);
+  assert_int_equal(sl_catalog_lookup("ImageModeration", 15, "llm_", 3, NULL), SL_FEAT_IMAGE);
   /* Other families ignore the Service. */
   assert_int_equal(lookup("TextModeration", "llm_query_moderation"), SL_FEAT_TEXT);
   assert_int_equal(lookup("TextModerationPlus", "baselineCheck"), SL_FEAT_TEXT_LLM);
@@ -155,16 +155,49 @@ static void test_unknown(void **state) {
   for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
     if (lookup(bad[i], "") != -1) fail_msg("'%s' found", bad[i]);
   /* The length bounds the compare on both sides. */
-  assert_int_equal(sl_catalog_lookup("TextModerationPlus", 14, NULL, 0), SL_FEAT_TEXT);
-  assert_int_equal(sl_catalog_lookup("TextModeration", 13, NULL, 0), -1);
+  assert_int_equal(sl_catalog_lookup("TextModerationPlus", 14, NULL, 0, NULL), SL_FEAT_TEXT);
+  assert_int_equal(sl_catalog_lookup("TextModeration", 13, NULL, 0, NULL), -1);
   char big[300];
   memset(big, 'T', sizeof(big));
-  assert_int_equal(sl_catalog_lookup(big, sizeof(big), NULL, 0), -1);
-  assert_int_equal(sl_catalog_lookup(NULL, 0, NULL, 0), -1);
+  assert_int_equal(sl_catalog_lookup(big, sizeof(big), NULL, 0, NULL), -1);
+  assert_int_equal(sl_catalog_lookup(NULL, 0, NULL, 0, NULL), -1);
+}
+
+/* SPEC 3: moderation submissions are billable; result queries (*Result,
+ * Describe*), cancels, callbacks and upload tokens are not. */
+static void test_billable(void **state) {
+  (void)state;
+  const char *yes[] = {"TextModeration", "TextModerationPlus", "ImageModeration", "ImageBatchModeration",
+                       "VideoModeration", "VoiceModeration", "FileModeration", "UrlAsyncModeration",
+                       "MultiModalGuard", "MultimodalAsyncModeration", "ManualModeration"};
+  const char *no[] = {"VideoModerationResult", "VoiceModerationResult", "DescribeImageModerationResult",
+                      "DescribeUploadToken", "VideoModerationCancel", "VoiceModerationCancel",
+                      "MultiModalGuardAsyncResult", "ManualModerationResult", "ManualCallback",
+                      "DescribeFileModerationResult", "DescribeUrlModerationResult"};
+  for (size_t i = 0; i < sizeof(yes) / sizeof(yes[0]); i++) {
+    int b = -1;
+    assert_true(sl_catalog_lookup(yes[i], strlen(yes[i]), NULL, 0, &b) >= 0);
+    assert_int_equal(b, 1);
+  }
+  for (size_t i = 0; i < sizeof(no) / sizeof(no[0]); i++) {
+    int b = -1;
+    assert_true(sl_catalog_lookup(no[i], strlen(no[i]), NULL, 0, &b) >= 0);
+    assert_int_equal(b, 0);
+  }
+  /* every Action whose name says result, cancel or token is marked so */
+  for (unsigned i = 0; i < sl_catalog_nactions; i++) {
+    const char *name;
+    int b;
+    sl_catalog_action_at(i, &name, &b);
+    int query = strstr(name, "Result") || strstr(name, "Describe") == name || strstr(name, "Cancel") ||
+                strstr(name, "Token") || strstr(name, "Callback");
+    assert_int_equal(b, !query);
+  }
 }
 
 int main(void) {
   const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_billable),
       cmocka_unit_test(test_features),
       cmocka_unit_test(test_every_action),
       cmocka_unit_test(test_llm_services),
