@@ -1,11 +1,16 @@
-/* sluice-rate: the daily rating job (SPEC section 8).
+/* sluice-rate: the rating job and the billing loop (SPEC section 8).
  *
- * Reads one ended day's usage from Redis, rates each account with rating.c
- * and applies each account's result with ONE Lua script (apply_lua), so an
- * account is billed all or nothing: the script refuses when the bill already
- * exists ("already") or when a package changed since it was read ("retry",
- * and the account is read and computed again, MAX_ATTEMPTS times at most).
- * A rerun after a crash therefore rates only the accounts not yet billed.
+ * `--day D` rates one ended day, `--due` every ended day not yet rated (and
+ * re-examines the last few rated ones for late usage); `topup` (topup.c)
+ * and `statement` (statement.c) are the rest of the loop.
+ *
+ * Rating one account: one pipelined round trip reads its usage, its bill
+ * (if any), its package list, balance and alert threshold; one more reads
+ * its packages; rating.c computes what is new since the bill (all of the
+ * usage when there is none: late usage becomes an adjustment); one Lua
+ * script (apply_lua) writes the bill, the packages, the balance, the
+ * suspension and the alerts, all or nothing, after checking that nothing it
+ * read has changed ("retry": read and compute again, MAX_ATTEMPTS at most).
  * See docs/rating.md. Single-threaded; synchronous hiredis. */
 #include <errno.h>
 #include <inttypes.h>
@@ -17,255 +22,382 @@
 
 #include <hiredis/hiredis.h>
 
+#include "driver.h"
 #include "keys.h" /* proxy/redis/keys.h: the key names sluice shares */
 #include "rating.h"
 
 #define MAX_ATTEMPTS 5
-#define CONNECT_TIMEOUT_S 5
-#define COMMAND_TIMEOUT_S 30
-#define EXIT_USAGE 2
+#define BILL_FORMAT "2"        /* bills with per-service lines and a usage snapshot */
+#define DUE_LOOKBACK_DAYS 35   /* --due looks this many days back, at most */
+#define DUE_RECHECK_DAYS 3     /* --due re-examines the last rated days for late usage */
+#define DUE_GRACE_HOURS 10
 
-/* KEYS: 1 bill hash, 2 alerts stream, 3 package list, 4.. the packages in
- * list order. ARGV: 1 uid, 2 day, 3 n packages, then 7 per package: id, the
- * four fields as read ("=value", or "!" when absent), the new remaining (""
- * when untouched), the quota for an alert ("" when none); then the bill's
- * field/value pairs. Every check comes before the first write, and no write
- * can fail on a type the checks have not seen, so the script changes all or
- * nothing. */
+/* KEYS: 1 bill, 2 alerts stream, 3 package set or list, 4 balance,
+ * 5 suspended set, 6 suspension hash, 7.. the packages.
+ * ARGV: 1 uid, 2 day, 3 the bill's rev as read ("" when there was no bill),
+ * 4 the balance as read ("=value", "!" when absent), 5 the new balance,
+ * 6 now (unix seconds), 7 the changes channel, 8 n packages; then 6 per
+ * package: id, its four fields as read ("=value" or "!"), the new remaining
+ * ("" when untouched); then n alerts and 4 per alert: package, remaining,
+ * quota, threshold; then 3 for late usage (units, amount, calls; "" when
+ * this is no adjustment); then the bill's field/value pairs.
+ * Every check comes before the first write, and no write can fail on a type
+ * the checks have not seen, so the script changes all or nothing. A
+ * negative balance suspends the account for overdue unless it is suspended
+ * already (whatever the reason: a manual suspension keeps its reason). */
 static const char apply_lua[] =
-    "if redis.call('EXISTS', KEYS[1]) == 1 then return 'already' end\n"
-    "local t = redis.call('TYPE', KEYS[2])['ok']\n"
-    "if t ~= 'none' and t ~= 'stream' then\n"
-    "  return redis.error_reply('ERR ' .. KEYS[2] .. ' is not a stream')\n"
+    "local rev = ARGV[3]\n"
+    "if rev == '' then\n"
+    "  if redis.call('EXISTS', KEYS[1]) == 1 then return 'retry' end\n"
+    "elseif redis.call('HGET', KEYS[1], 'rev') ~= rev then return 'retry' end\n"
+    "local function want(k, ok1, ok2)\n"
+    "  local t = redis.call('TYPE', KEYS[k])['ok']\n"
+    "  if t ~= 'none' and t ~= ok1 and t ~= ok2 then\n"
+    "    return redis.error_reply('ERR ' .. KEYS[k] .. ' is a ' .. t .. ', not a ' .. ok1)\n"
+    "  end\n"
     "end\n"
-    "local n = tonumber(ARGV[3])\n"
-    "local ids = redis.call('LRANGE', KEYS[3], 0, -1)\n"
-    "if #ids ~= n then return 'retry' end\n"
+    "local e = want(2, 'stream') or want(5, 'set') or want(6, 'hash') or want(4, 'string')\n"
+    "if e then return e end\n"
+    "local b = redis.call('GET', KEYS[4])\n"
+    "if (b and ('=' .. b) or '!') ~= ARGV[4] then return 'retry' end\n"
+    "local t = redis.call('TYPE', KEYS[3])['ok']\n"
+    "local ids = {}\n"
+    "if t == 'set' then ids = redis.call('SMEMBERS', KEYS[3])\n"
+    "elseif t == 'list' then ids = redis.call('LRANGE', KEYS[3], 0, -1)\n"
+    "elseif t ~= 'none' then return redis.error_reply('ERR ' .. KEYS[3] .. ' is neither a set nor a list') end\n"
+    "local n = tonumber(ARGV[8])\n"
+    "local seen, distinct = {}, 0\n"
+    "for _, id in ipairs(ids) do if not seen[id] then seen[id] = true; distinct = distinct + 1 end end\n"
+    "if distinct ~= n then return 'retry' end\n"
     "for i = 1, n do\n"
-    "  local a = 3 + (i - 1) * 7\n"
-    "  if ids[i] ~= ARGV[a + 1] then return 'retry' end\n"
-    "  local cur = redis.call('HMGET', KEYS[3 + i], '" SL_FIELD_QUOTA "', '" SL_FIELD_REMAINING "', '"
+    "  local a = 8 + (i - 1) * 6\n"
+    "  if not seen[ARGV[a + 1]] then return 'retry' end\n"
+    "  local cur = redis.call('HMGET', KEYS[6 + i], '" SL_FIELD_QUOTA "', '" SL_FIELD_REMAINING "', '"
     SL_FIELD_PURCHASED_AT "', '" SL_FIELD_EXPIRES_AT "')\n"
     "  for j = 1, 4 do\n"
-    "    local want = ARGV[a + 1 + j]\n"
-    "    if cur[j] then\n"
-    "      if want ~= '=' .. cur[j] then return 'retry' end\n"
-    "    elseif want ~= '!' then return 'retry' end\n"
+    "    if (cur[j] and ('=' .. cur[j]) or '!') ~= ARGV[a + 1 + j] then return 'retry' end\n"
     "  end\n"
     "end\n"
+    /* Writes. */
     "for i = 1, n do\n"
-    "  local a = 3 + (i - 1) * 7\n"
-    "  if ARGV[a + 6] ~= '' then redis.call('HSET', KEYS[3 + i], '" SL_FIELD_REMAINING "', ARGV[a + 6]) end\n"
+    "  local a = 8 + (i - 1) * 6\n"
+    "  if ARGV[a + 6] ~= '' then redis.call('HSET', KEYS[6 + i], '" SL_FIELD_REMAINING "', ARGV[a + 6]) end\n"
     "end\n"
+    "local k = 9 + n * 6\n"
+    "local nalerts = tonumber(ARGV[k])\n"
+    "local late = k + 1 + nalerts * 4\n"
     "local bill = {}\n"
-    "for k = 4 + n * 7, #ARGV do bill[#bill + 1] = ARGV[k] end\n"
+    "for j = late + 3, #ARGV do bill[#bill + 1] = ARGV[j] end\n"
     "redis.call('HSET', KEYS[1], unpack(bill))\n"
-    "for i = 1, n do\n"
-    "  local a = 3 + (i - 1) * 7\n"
-    "  if ARGV[a + 7] ~= '' then\n"
-    "    redis.call('XADD', KEYS[2], '*', 'type', 'quota_low', 'uid', ARGV[1], 'package', ARGV[a + 1],\n"
-    "                'remaining', ARGV[a + 6], 'quota', ARGV[a + 7], 'day', ARGV[2])\n"
-    "  end\n"
+    "redis.call('SET', KEYS[4], ARGV[5])\n"
+    "for j = 1, nalerts do\n"
+    "  local a = k + 1 + (j - 1) * 4\n"
+    "  redis.call('XADD', KEYS[2], '*', 'type', 'quota_low', 'uid', ARGV[1], 'package', ARGV[a],\n"
+    "              'remaining', ARGV[a + 1], 'quota', ARGV[a + 2], 'threshold_pct', ARGV[a + 3], 'day', ARGV[2])\n"
+    "end\n"
+    "if ARGV[late] ~= '' then\n"
+    "  redis.call('XADD', KEYS[2], '*', 'type', 'late_usage', 'uid', ARGV[1], 'day', ARGV[2],\n"
+    "              'calls', ARGV[late + 2], 'units', ARGV[late], 'amount', ARGV[late + 1])\n"
+    "end\n"
+    "if string.sub(ARGV[5], 1, 1) == '-' and redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 then\n"
+    "  redis.call('SADD', KEYS[5], ARGV[1])\n"
+    "  redis.call('DEL', KEYS[6])\n"
+    "  redis.call('HSET', KEYS[6], '" SL_FIELD_REASON "', '" SL_REASON_OVERDUE "', '" SL_FIELD_SINCE "', ARGV[6],\n"
+    "              'day', ARGV[2], 'balance', ARGV[5])\n"
+    "  redis.call('PUBLISH', ARGV[7], KEYS[5])\n"
+    "  return 'suspended'\n"
     "end\n"
     "return 'ok'\n";
 
-struct opts {
-  const char *day;
-  const char *redis; /* as given; host and port split out, port 0 for unix: */
-  char host[256];
-  int port;
-  const char *prefix;
-  int tz_offset_min;
-  int dry_run, force;
+/* A coefficient and a price of one name (a service or a feature), read
+ * once per run so that every account of a run is rated with the same. */
+struct named {
+  char *name;
+  char *raw[2]; /* coef:<name>, price:<name> as read; NULL: absent */
+  int err[2];   /* 0, or why the value cannot be used */
+  int64_t v[2]; /* micro-units */
 };
+enum { N_COEF, N_PRICE };
 
-/* A growable vector of owned NUL-terminated strings. */
-struct strv {
-  char **v;
-  size_t n, cap;
-};
-
-static void strv_push(struct strv *s, char *owned) {
-  s->v = rate__grow(s->v, s->n, &s->cap, sizeof(*s->v));
-  s->v[s->n++] = owned;
-}
-
-static char *xvformat(const char *fmt, va_list ap) {
-  char *out;
-  if (vasprintf(&out, fmt, ap) < 0) {
-    fprintf(stderr, "sluice-rate: out of memory\n");
-    abort();
-  }
-  return out;
-}
-
-/* A newly allocated formatted string; the caller frees it. */
-static char *xformat(const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  char *s = xvformat(fmt, ap);
-  va_end(ap);
-  return s;
-}
-
-static void strv_pushf(struct strv *s, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  strv_push(s, xvformat(fmt, ap));
-  va_end(ap);
-}
-
-static void strv_push_dec(struct strv *s, int64_t v) {
-  char buf[RATE_DEC_MAX];
-  size_t n = rate_dec_format(v, buf);
-  strv_push(s, rate__xstrndup(buf, n));
-}
-
-static void strv_free(struct strv *s) {
-  for (size_t i = 0; i < s->n; i++) free(s->v[i]);
-  free(s->v);
-  memset(s, 0, sizeof(*s));
-}
-
-/* A feature's coefficient as read once per run, so every account of the
- * run is rated with the same one. */
-struct coef {
-  char *feature;
-  int err;      /* 0, or why the value cannot be used */
-  char *raw;    /* the value as read (NULL: absent) */
-  int64_t coef; /* micro-units */
-};
-
-struct rater {
+struct run {
   redisContext *c;
-  const struct opts *o;
-  int64_t day_start, day_end;
-  struct coef *coefs;
-  size_t ncoefs, coefs_cap;
+  struct common_opts co;
+  const char *day;
+  int64_t day_start, day_end, now;
+  int dry_run, due;
+  char sha[48]; /* the apply script's SHA1 once loaded */
+  struct named *names;
+  size_t nnames, names_cap;
   const char *interfere; /* test hook: SLUICE_RATE_TEST_BEFORE_APPLY */
   char err[512];         /* why the current account failed */
-  unsigned rated, already, failed;
+  unsigned rated, adjusted, already, failed, suspended;
 };
 
-static void fail(struct rater *r, const char *fmt, ...) {
+static void fail(struct run *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void fail(struct run *r, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(r->err, sizeof(r->err), fmt, ap);
   va_end(ap);
 }
 
-/* Runs one command (argv of NUL-terminated strings). Returns the reply, or
- * NULL with r->err set when the connection failed or Redis answered an
- * error. The caller frees the reply. */
-static redisReply *command(struct rater *r, const struct strv *args) {
-  redisReply *rep = redisCommandArgv(r->c, (int)args->n, (const char **)args->v, NULL);
-  if (rep == NULL) {
-    fail(r, "redis: %s", r->c->errstr[0] ? r->c->errstr : "connection lost");
-    return NULL;
-  }
-  if (rep->type == REDIS_REPLY_ERROR) {
-    fail(r, "redis: %s: %s", args->v[0], rep->str);
-    freeReplyObject(rep);
-    return NULL;
-  }
-  return rep;
+/* field/value pairs of an HGETALL reply, looked up linearly (an account's
+ * usage and bill hold tens of fields). */
+static const redisReply *hget(const redisReply *h, const char *field) {
+  if (h == NULL || h->type != REDIS_REPLY_ARRAY) return NULL;
+  for (size_t i = 0; i + 1 < h->elements; i += 2)
+    if (strcmp(h->element[i]->str, field) == 0) return h->element[i + 1];
+  return NULL;
 }
 
-/* command() with the arguments given inline, NULL-terminated. */
-static redisReply *commandv(struct rater *r, const char *arg0, ...) {
-  struct strv args = {0};
-  va_list ap;
-  va_start(ap, arg0);
-  for (const char *a = arg0; a != NULL; a = va_arg(ap, const char *))
-    strv_push(&args, rate__xstrndup(a, strlen(a)));
-  va_end(ap);
-  redisReply *rep = command(r, &args);
-  strv_free(&args);
-  return rep;
-}
-
-static int has_nul(const redisReply *rep) { return strlen(rep->str) != rep->len; }
-
-/* The coefficient of `feature`, read on first use. Returns the entry. */
-static const struct coef *coef_get(struct rater *r, const char *feature) {
-  for (size_t i = 0; i < r->ncoefs; i++)
-    if (strcmp(r->coefs[i].feature, feature) == 0) return &r->coefs[i];
-  char *key = xformat("%s" SL_KEY_COEF "%s", r->o->prefix, feature);
-  redisReply *rep = commandv(r, "GET", key, NULL);
-  free(key);
-  if (rep == NULL) return NULL; /* not cached: a later account tries again */
-  r->coefs = rate__grow(r->coefs, r->ncoefs, &r->coefs_cap, sizeof(*r->coefs));
-  struct coef *c = &r->coefs[r->ncoefs++];
-  memset(c, 0, sizeof(*c));
-  c->feature = rate__xstrndup(feature, strlen(feature));
-  c->coef = RATE_SCALE;
-  if (rep->type == REDIS_REPLY_STRING) {
-    c->raw = rate__xstrndup(rep->str, rep->len);
-    c->err = rate_dec_parse(rep->str, rep->len, &c->coef);
-    if (c->err == 0 && c->coef < 0) c->err = -EDOM;
-  }
-  freeReplyObject(rep);
-  return c;
-}
-
-/* Reads one account's usage, coefficients and packages into a. Returns 0,
- * or -1 with r->err set. */
-static int read_account(struct rater *r, const char *uid, struct rate_account *a) {
-  const char *p = r->o->prefix;
-  int ret = -1;
-  char *key = xformat("%s" SL_KEY_USAGE "%s:%s", p, r->o->day, uid);
-  redisReply *rep = commandv(r, "HGETALL", key, NULL), *list = NULL;
-  free(key);
-  if (rep == NULL) goto err;
-  for (size_t i = 0; i + 1 < rep->elements; i += 2) {
-    const redisReply *f = rep->element[i], *v = rep->element[i + 1];
-    int e = rate_account_add_usage(a, f->str, f->len, v->str, v->len);
-    if (e != 0) {
-      fail(r, "usage field '%s' = '%s': %s", f->str, v->str,
-           e == -ERANGE ? "the sum of calls overflows" : "not a count of calls");
-      goto err;
+/* The entry of `name`, read on first use (two GETs pipelined). Returns
+ * NULL with r->err set when Redis fails. */
+static const struct named *named_get(struct run *r, const char *name) {
+  for (size_t i = 0; i < r->nnames; i++)
+    if (strcmp(r->names[i].name, name) == 0) return &r->names[i];
+  static const char *const kp[2] = {SL_KEY_COEF, SL_KEY_PRICE};
+  for (int k = 0; k < 2; k++) {
+    char *key = xformat("%s%s%s", r->co.prefix, kp[k], name);
+    const char *argv[] = {"GET", key};
+    int e = redisAppendCommandArgv(r->c, 2, argv, NULL);
+    free(key);
+    if (e != REDIS_OK) {
+      fail(r, "redis: %s", r->c->errstr);
+      return NULL;
     }
   }
-  for (size_t i = 0; i < a->nfeatures; i++) {
-    const struct coef *c = coef_get(r, a->features[i].name);
-    if (c == NULL) goto err;
-    if (c->err != 0) {
-      fail(r, "%s" SL_KEY_COEF "%s = '%s' is %s", p, c->feature, c->raw,
-           c->err == -EDOM ? "negative" : c->err == -ERANGE ? "too large" : "not a decimal number");
-      goto err;
+  redisReply *rep[2] = {NULL, NULL};
+  for (int k = 0; k < 2; k++) {
+    if (redisGetReply(r->c, (void **)&rep[k]) != REDIS_OK) {
+      fail(r, "redis: %s", r->c->errstr);
+      if (k) freeReplyObject(rep[0]);
+      return NULL;
     }
-    a->features[i].coef = c->coef;
   }
-  key = xformat("%s" SL_KEY_RESPKGS "%s", p, uid);
-  list = commandv(r, "LRANGE", key, "0", "-1", NULL);
-  free(key);
-  if (list == NULL) goto err;
-  /* One round trip for all the packages: pipeline the HMGETs. */
-  for (size_t i = 0; i < list->elements; i++) {
-    const redisReply *id = list->element[i];
-    if (has_nul(id)) {
+  r->names = rate__grow(r->names, r->nnames, &r->names_cap, sizeof(*r->names));
+  struct named *n = &r->names[r->nnames++];
+  memset(n, 0, sizeof(*n));
+  n->name = rate__xstrndup(name, strlen(name));
+  for (int k = 0; k < 2; k++) {
+    if (rep[k]->type == REDIS_REPLY_STRING) {
+      n->raw[k] = rate__xstrndup(rep[k]->str, rep[k]->len);
+      n->err[k] = rate_dec_parse(rep[k]->str, rep[k]->len, &n->v[k]);
+      if (n->err[k] == 0 && n->v[k] < 0) n->err[k] = -EDOM;
+    } else if (rep[k]->type == REDIS_REPLY_ERROR) {
+      n->raw[k] = rate__xstrndup(rep[k]->str, rep[k]->len);
+      n->err[k] = -EPROTO;
+    }
+    freeReplyObject(rep[k]);
+  }
+  return n;
+}
+
+/* Sets an item's coefficient and price: <service> first, else <feature>.
+ * Returns 0, or -1 with r->err set. */
+static int item_rates(struct run *r, struct rate_item *it) {
+  const struct named *byname[2] = {NULL, NULL};
+  int has_service = strcmp(it->service, RATE_NO_SERVICE) != 0;
+  if (has_service && (byname[0] = named_get(r, it->service)) == NULL) return -1;
+  if ((byname[1] = named_get(r, it->feature)) == NULL) return -1;
+  static const char *const what[2] = {SL_KEY_COEF, SL_KEY_PRICE};
+  for (int k = 0; k < 2; k++) {
+    const struct named *n = byname[0] && byname[0]->raw[k] ? byname[0] : byname[1]->raw[k] ? byname[1] : NULL;
+    if (n == NULL) continue;
+    if (n->err[k]) {
+      fail(r, "%s%s%s = '%s' is %s", r->co.prefix, what[k], n->name, n->raw[k],
+           n->err[k] == -EDOM ? "negative" : n->err[k] == -ERANGE ? "too large"
+           : n->err[k] == -EPROTO ? "not a string" : "not a decimal number");
+      return -1;
+    }
+    if (k == N_COEF) {
+      it->coef = n->v[k];
+      it->coef_default = 0;
+    } else {
+      it->price = n->v[k];
+      it->price_set = 1;
+    }
+  }
+  return 0;
+}
+
+/* One account being rated. */
+struct acct {
+  const char *uid;
+  struct rate_account a;
+  redisReply *usage, *bill, *pkgs; /* HGETALL, HGETALL, SMEMBERS or LRANGE */
+  const char *rev;                 /* the bill's rev as read; "" when no bill */
+  char *balance_raw;               /* NULL: absent */
+  int64_t balance, balance_after;
+  int64_t late_calls;              /* > 0: an adjustment of a bill */
+  struct strv snap;                /* u:<field>, value pairs to write */
+};
+
+static void acct_reset(struct acct *x) {
+  rate_account_free(&x->a);
+  if (x->usage) freeReplyObject(x->usage);
+  if (x->bill) freeReplyObject(x->bill);
+  if (x->pkgs) freeReplyObject(x->pkgs);
+  free(x->balance_raw);
+  strv_free(&x->snap);
+  const char *uid = x->uid;
+  memset(x, 0, sizeof(*x));
+  x->uid = uid;
+  rate_account_init(&x->a);
+}
+
+/* Reads one account and computes what there is to bill. Returns RATE_RATED
+ * (something to apply), RATE_ALREADY (the bill holds all the usage), or
+ * RATE_FAILED with r->err set. */
+static enum rate_outcome read_account(struct run *r, struct acct *x) {
+  const char *p = r->co.prefix, *uid = x->uid;
+  char *keys[6] = {
+      xformat("%s" SL_KEY_USAGE "%s:%s", p, r->day, uid), xformat("%s" SL_KEY_BILL "%s:%s", p, r->day, uid),
+      xformat("%s" SL_KEY_RESPKGS "%s", p, uid), xformat("%s" SL_KEY_RESPKGS "%s", p, uid),
+      xformat("%s" SL_KEY_BALANCE "%s", p, uid), xformat("%s" SL_KEY_ALERTPCT "%s", p, uid)};
+  static const char *const cmds[6] = {"HGETALL", "HGETALL", "SMEMBERS", "LRANGE", "GET", "GET"};
+  int sent = 0;
+  for (int i = 0; i < 6; i++) {
+    const char *argv[] = {cmds[i], keys[i], "0", "-1"};
+    if (redisAppendCommandArgv(r->c, i == 3 ? 4 : 2, argv, NULL) == REDIS_OK) sent++;
+    free(keys[i]);
+  }
+  redisReply *rep[6] = {0};
+  enum rate_outcome o = RATE_FAILED;
+  for (int i = 0; i < sent; i++) {
+    if (redisGetReply(r->c, (void **)&rep[i]) != REDIS_OK) {
+      fail(r, "redis: %s", r->c->errstr);
+      goto out;
+    }
+  }
+  if (sent < 6) {
+    fail(r, "redis: %s", r->c->errstr);
+    goto out;
+  }
+  static const char *const names[6] = {SL_KEY_USAGE "<day>:<uid>", SL_KEY_BILL "<day>:<uid>", "", "",
+                                       SL_KEY_BALANCE "<uid>", SL_KEY_ALERTPCT "<uid>"};
+  for (int i = 0; i < 6; i++) {
+    if (i == 2 || i == 3 || rep[i]->type != REDIS_REPLY_ERROR) continue;
+    fail(r, "%s%s is of the wrong type (%s)", p, names[i], rep[i]->str);
+    goto out;
+  }
+  x->usage = rep[0], x->bill = rep[1];
+  rep[0] = rep[1] = NULL;
+  if (rep[2]->type == REDIS_REPLY_ERROR && rep[3]->type == REDIS_REPLY_ERROR) {
+    fail(r, "%s" SL_KEY_RESPKGS "%s is neither a set nor a list", p, uid);
+    goto out;
+  }
+  int which = rep[2]->type == REDIS_REPLY_ERROR ? 3 : 2;
+  x->pkgs = rep[which];
+  rep[which] = NULL;
+
+  /* The bill, if any: what it holds already. */
+  x->rev = "";
+  if (x->bill->elements > 0) {
+    const redisReply *rv = hget(x->bill, "rev");
+    if (rv == NULL) {
+      /* A bill of the first format has no usage snapshot: leave it. */
+      o = RATE_ALREADY;
+      goto out;
+    }
+    x->rev = rv->str;
+  }
+  /* The usage not billed yet: all of it, or what came since the bill. */
+  for (size_t i = 0; i + 1 < x->usage->elements; i += 2) {
+    const redisReply *f = x->usage->element[i], *v = x->usage->element[i + 1];
+    int64_t calls, billed = 0;
+    if (has_nul(f) || rate_int_parse(v->str, v->len, &calls) != 0 || calls < 0) {
+      fail(r, "usage field '%s' = '%s' is not a count of calls", f->str, v->str);
+      goto out;
+    }
+    char *sf = xformat("u:%s", f->str);
+    const redisReply *b = hget(x->bill, sf);
+    if (b && (rate_int_parse(b->str, b->len, &billed) != 0 || billed < 0)) {
+      fail(r, "the bill's %s = '%s' is not a count of calls", sf, b->str);
+      free(sf);
+      goto out;
+    }
+    if (calls < billed) {
+      fail(r, "usage field '%s' went down from %" PRId64 " billed to %" PRId64 ": not rated, check it by hand",
+           f->str, billed, calls);
+      free(sf);
+      goto out;
+    }
+    if (calls == billed && b != NULL) {
+      free(sf);
+      continue;
+    }
+    strv_push(&x->snap, sf);
+    strv_pushf(&x->snap, "%" PRId64, calls);
+    if (rate_account_add_usage(&x->a, f->str, f->len, calls - billed) != 0) {
+      fail(r, "%s", x->a.why);
+      goto out;
+    }
+    x->late_calls += calls - billed;
+  }
+  for (size_t i = 0; i + 1 < x->bill->elements; i += 2) {
+    const redisReply *f = x->bill->element[i];
+    if (strncmp(f->str, "u:", 2) != 0) continue;
+    if (hget(x->usage, f->str + 2) == NULL && strcmp(x->bill->element[i + 1]->str, "0") != 0) {
+      fail(r, "usage field '%s' billed %s is gone: not rated, check it by hand", f->str + 2,
+           x->bill->element[i + 1]->str);
+      goto out;
+    }
+  }
+  if (x->rev[0] != '\0' && x->snap.n == 0) {
+    o = RATE_ALREADY;
+    goto out;
+  }
+  if (x->rev[0] == '\0') x->late_calls = 0;
+
+  for (size_t i = 0; i < x->a.nitems; i++)
+    if (item_rates(r, &x->a.items[i]) != 0) goto out;
+
+  /* The alert threshold and the balance. */
+  if (rep[5]->type == REDIS_REPLY_STRING) {
+    int64_t pct;
+    if (rate_dec_parse(rep[5]->str, rep[5]->len, &pct) != 0 || pct < 0 || pct > 100 * RATE_SCALE) {
+      fail(r, "%s" SL_KEY_ALERTPCT "%s = '%s' is not a percentage from 0 to 100", p, uid, rep[5]->str);
+      goto out;
+    }
+    x->a.alert_pct = pct;
+  }
+  if (rep[4]->type == REDIS_REPLY_STRING) {
+    x->balance_raw = rate__xstrndup(rep[4]->str, rep[4]->len);
+    if (has_nul(rep[4]) || rate_int_parse(rep[4]->str, rep[4]->len, &x->balance) != 0) {
+      fail(r, "%s" SL_KEY_BALANCE "%s = '%s' is not an integer of micro-units", p, uid, rep[4]->str);
+      goto out;
+    }
+  }
+
+  /* The packages: one round trip for all the HMGETs. */
+  const redisReply *ids = x->pkgs;
+  for (size_t i = 0; i < ids->elements; i++) {
+    if (has_nul(ids->element[i])) {
       fail(r, "%s" SL_KEY_RESPKGS "%s holds an id with a NUL byte", p, uid);
-      goto err;
+      goto out;
     }
-    key = xformat("%s" SL_KEY_RESPKG "%s:%s", p, uid, id->str);
+    char *key = xformat("%s" SL_KEY_RESPKG "%s:%s", p, uid, ids->element[i]->str);
     const char *argv[] = {"HMGET", key, rate_pkg_fields[0], rate_pkg_fields[1], rate_pkg_fields[2],
                           rate_pkg_fields[3]};
     int e = redisAppendCommandArgv(r->c, 6, argv, NULL);
     free(key);
     if (e != REDIS_OK) {
       fail(r, "redis: %s", r->c->errstr);
-      goto err;
+      goto out;
     }
   }
   int bad = 0;
-  for (size_t i = 0; i < list->elements; i++) {
+  for (size_t i = 0; i < ids->elements; i++) {
     redisReply *h;
     if (redisGetReply(r->c, (void **)&h) != REDIS_OK) {
       fail(r, "redis: %s", r->c->errstr);
-      goto err; /* the connection is broken: the other replies are lost anyway */
+      goto out; /* the connection is broken: the other replies are lost anyway */
     }
-    if (h->type == REDIS_REPLY_ERROR && !bad) {
-      fail(r, "package %s: redis: %s", list->element[i]->str, h->str);
+    const char *id = ids->element[i]->str;
+    if (bad) {
+      /* reported already */
+    } else if (h->type == REDIS_REPLY_ERROR) {
+      fail(r, "package %s: %s" SL_KEY_RESPKG "%s:%s is not a hash", id, p, uid, id);
       bad = 1;
     } else if (h->type == REDIS_REPLY_ARRAY && h->elements == RATE_PF_N) {
       const char *raw[RATE_PF_N];
@@ -273,33 +405,168 @@ static int read_account(struct rater *r, const char *uid, struct rate_account *a
         const redisReply *v = h->element[f];
         raw[f] = v->type == REDIS_REPLY_STRING ? v->str : NULL;
         if (raw[f] && has_nul(v) && !bad) {
-          /* The apply script could never match it: fail rather than retry. */
-          fail(r, "package %s: field %s holds a NUL byte", list->element[i]->str, rate_pkg_fields[f]);
+          fail(r, "package %s: field %s holds a NUL byte", id, rate_pkg_fields[f]);
           bad = 1;
         }
       }
-      rate_account_add_pkg(a, list->element[i]->str, raw);
+      if (!bad && rate_account_add_pkg(&x->a, id, raw) < 0) {
+        fail(r, "%s", x->a.why);
+        bad = 1;
+      }
     }
     freeReplyObject(h);
   }
-  if (bad) goto err;
-  int e = rate_account_compute(a, r->day_start, r->day_end);
-  if (e != 0) {
-    fail(r, "%s", e == -ERANGE ? "overflow: the units do not fit 64-bit micro-units"
-                               : "a coefficient is negative");
-    goto err;
+  if (bad) goto out;
+  if (rate_account_compute(&x->a, r->day_start, r->day_end) != 0) {
+    fail(r, "%s", x->a.why);
+    goto out;
   }
-  ret = 0;
-err:
-  if (list) freeReplyObject(list);
-  if (rep) freeReplyObject(rep);
-  return ret;
+  if (__builtin_sub_overflow(x->balance, x->a.amount, &x->balance_after)) {
+    fail(r, "overflow: the balance does not fit 64-bit micro-units");
+    goto out;
+  }
+  o = RATE_RATED;
+out:
+  for (int i = 0; i < 6; i++)
+    if (rep[i]) freeReplyObject(rep[i]);
+  return o;
+}
+
+/* Pushes `field` and the bill's value of it plus delta (kind: 'i' integer,
+ * 'd' decimal, 'm' money). Returns 0, or -1 with r->err set when the
+ * bill's value is not a number or the sum overflows. */
+static int push_sum(struct run *r, struct strv *args, const redisReply *bill, char *field, int64_t delta,
+                    char kind) {
+  const redisReply *old = hget(bill, field);
+  int64_t v = 0, s;
+  if (old) {
+    int e = kind == 'i' ? rate_int_parse(old->str, old->len, &v) : rate_dec_parse(old->str, old->len, &v);
+    if (e != 0) {
+      fail(r, "the bill's %s = '%s' is not a number", field, old->str);
+      free(field);
+      return -1;
+    }
+  }
+  if (__builtin_add_overflow(v, delta, &s)) {
+    fail(r, "overflow: the bill's %s", field);
+    free(field);
+    return -1;
+  }
+  strv_push(args, field);
+  if (kind == 'i') strv_pushf(args, "%" PRId64, s);
+  else if (kind == 'm') strv_push_money(args, s);
+  else strv_push_dec(args, s);
+  return 0;
+}
+
+/* Appends the bill's field/value pairs: the rating of x added to the bill
+ * read (when this is an adjustment). Returns 0 or -1 with r->err set. */
+static int bill_fields(struct run *r, struct acct *x, struct strv *args) {
+  const struct rate_account *a = &x->a;
+  const redisReply *old = x->rev[0] ? x->bill : NULL;
+  int64_t rev = 0;
+  if (old && (rate_int_parse(x->rev, strlen(x->rev), &rev) != 0 || rev < 1)) {
+    fail(r, "the bill's rev '%s' is not a positive integer", x->rev);
+    return -1;
+  }
+  char money[RATE_DEC_MAX];
+  rate_money_format(x->balance_after, money);
+  strv_pushf(args, "rev");
+  strv_pushf(args, "%" PRId64, rev + 1);
+  strv_pushf(args, "balance_after");
+  strv_pushf(args, "%s", money);
+  if (old) {
+    strv_pushf(args, "adjustments");
+    strv_pushf(args, "%" PRId64, rev);
+    strv_pushf(args, "adjusted_at");
+    strv_pushf(args, "%" PRId64, r->now);
+  } else {
+    strv_pushf(args, "format");
+    strv_pushf(args, BILL_FORMAT);
+    strv_pushf(args, "day");
+    strv_pushf(args, "%s", r->day);
+    strv_pushf(args, "tz_offset_min");
+    strv_pushf(args, "%d", r->co.tz_offset_min);
+    strv_pushf(args, "rated_at");
+    strv_pushf(args, "%" PRId64, r->now);
+  }
+  if (push_sum(r, args, old, xformat("units_total"), a->units_total, 'd') ||
+      push_sum(r, args, old, xformat("units_from_packages"), a->units_from_packages, 'd') ||
+      push_sum(r, args, old, xformat("payg_units"), a->payg_units, 'd') ||
+      push_sum(r, args, old, xformat("amount"), a->amount, 'm'))
+    return -1;
+  /* The services named at the default coefficient, with those of the bill. */
+  const redisReply *od = hget(old, "default_coef");
+  char *defaults = xformat("%s", od ? od->str : "");
+  /* Items of one name (the same service under two features) are one line. */
+  for (size_t i = 0; i < a->nitems;) {
+    const struct rate_item *first = &a->items[i];
+    int64_t calls = 0, units = 0, fromp = 0, pu = 0, pc = 0, amount = 0;
+    int is_default = 0;
+    size_t j = i;
+    for (; j < a->nitems && strcmp(a->items[j].name, first->name) == 0; j++) {
+      const struct rate_item *it = &a->items[j];
+      if (__builtin_add_overflow(calls, it->calls, &calls) || __builtin_add_overflow(units, it->units, &units) ||
+          __builtin_add_overflow(fromp, it->from_packages, &fromp) ||
+          __builtin_add_overflow(pu, it->payg_units, &pu) || __builtin_add_overflow(pc, it->payg_calls, &pc) ||
+          __builtin_add_overflow(amount, it->amount, &amount)) {
+        fail(r, "overflow: the line of %s", first->name);
+        free(defaults);
+        return -1;
+      }
+      is_default |= it->coef_default;
+    }
+    const char *n = first->name;
+    if (push_sum(r, args, old, xformat("calls:%s", n), calls, 'i') ||
+        push_sum(r, args, old, xformat("units:%s", n), units, 'd') ||
+        push_sum(r, args, old, xformat("units_from_packages:%s", n), fromp, 'd') ||
+        push_sum(r, args, old, xformat("payg_units:%s", n), pu, 'd') ||
+        push_sum(r, args, old, xformat("payg_calls:%s", n), pc, 'd') ||
+        push_sum(r, args, old, xformat("amount:%s", n), amount, 'm')) {
+      free(defaults);
+      return -1;
+    }
+    strv_pushf(args, "coef:%s", n);
+    strv_push_dec(args, first->coef);
+    if (first->price_set) {
+      strv_pushf(args, "price:%s", n);
+      strv_push_dec(args, first->price);
+    }
+    if (is_default) {
+      /* Add n to the comma-separated list unless it is there. */
+      size_t nl = strlen(n);
+      int there = 0;
+      for (const char *s = defaults; *s;) {
+        const char *c = strchr(s, ',');
+        size_t l = c ? (size_t)(c - s) : strlen(s);
+        if (l == nl && memcmp(s, n, nl) == 0) there = 1;
+        s += l + (c != NULL);
+      }
+      if (!there) {
+        char *d = xformat("%s%s%s", defaults, defaults[0] ? "," : "", n);
+        free(defaults);
+        defaults = d;
+      }
+    }
+    i = j;
+  }
+  if (defaults[0]) {
+    strv_pushf(args, "default_coef");
+    strv_push(args, defaults);
+  } else {
+    free(defaults);
+  }
+  for (size_t i = 0; i < a->npkgs; i++)
+    if (a->pkgs[i].drawn > 0 && push_sum(r, args, old, xformat("drawn:%s", a->pkgs[i].id), a->pkgs[i].drawn, 'd'))
+      return -1;
+  for (size_t i = 0; i < x->snap.n; i++) strv_pushf(args, "%s", x->snap.v[i]);
+  return 0;
 }
 
 /* Runs the test hook once per run: the Redis command in
  * $SLUICE_RATE_TEST_BEFORE_APPLY (words split on spaces) just before the
- * first apply, so tests can change a package between read and apply. */
-static void test_interfere(struct rater *r) {
+ * first apply, so tests can change something between read and apply. */
+static void test_interfere(struct run *r) {
   if (r->interfere == NULL) return;
   struct strv args = {0};
   char *copy = rate__xstrndup(r->interfere, strlen(r->interfere)), *save = NULL;
@@ -308,171 +575,191 @@ static void test_interfere(struct rater *r) {
   free(copy);
   r->interfere = NULL;
   if (args.n > 0) {
-    redisReply *rep = command(r, &args);
+    char err[256];
+    redisReply *rep = command(r->c, &args, err, sizeof(err));
     if (rep) freeReplyObject(rep);
   }
   strv_free(&args);
 }
 
-/* Applies a computed account with apply_lua. Returns the script's outcome;
- * RATE_FAILED with r->err set on errors. */
-static enum rate_outcome apply_account(struct rater *r, const char *uid, const struct rate_account *a) {
-  const char *p = r->o->prefix, *day = r->o->day;
+/* Loads apply_lua (SCRIPT LOAD) into r->sha. Returns 0 or -1 with r->err. */
+static int load_script(struct run *r) {
+  struct strv args = {0};
+  strv_pushf(&args, "SCRIPT");
+  strv_pushf(&args, "LOAD");
+  strv_pushf(&args, "%s", apply_lua);
+  redisReply *rep = command(r->c, &args, r->err, sizeof(r->err));
+  strv_free(&args);
+  if (rep == NULL) return -1;
+  int ok = rep->type == REDIS_REPLY_STRING && rep->len < sizeof(r->sha);
+  if (ok) memcpy(r->sha, rep->str, rep->len + 1);
+  else fail(r, "unexpected reply to SCRIPT LOAD");
+  freeReplyObject(rep);
+  return ok ? 0 : -1;
+}
+
+/* Applies a computed account with apply_lua. Returns the script's outcome
+ * (*suspended set when it suspended the account); RATE_FAILED with r->err
+ * set on errors. */
+static enum rate_outcome apply_account(struct run *r, struct acct *x, int *suspended) {
+  const char *p = r->co.prefix, *day = r->day, *uid = x->uid;
+  const struct rate_account *a = &x->a;
   struct strv keys = {0}, args = {0};
   strv_pushf(&keys, "%s" SL_KEY_BILL "%s:%s", p, day, uid);
   strv_pushf(&keys, "%s" SL_KEY_ALERTS, p);
   strv_pushf(&keys, "%s" SL_KEY_RESPKGS "%s", p, uid);
+  strv_pushf(&keys, "%s" SL_KEY_BALANCE "%s", p, uid);
+  strv_pushf(&keys, "%s" SL_KEY_SUSPENDED, p);
+  strv_pushf(&keys, "%s" SL_KEY_SUSPENSION "%s", p, uid);
   strv_pushf(&args, "%s", uid);
   strv_pushf(&args, "%s", day);
+  strv_pushf(&args, "%s", x->rev);
+  if (x->balance_raw) strv_pushf(&args, "=%s", x->balance_raw);
+  else strv_pushf(&args, "!");
+  strv_pushf(&args, "%" PRId64, x->balance_after);
+  strv_pushf(&args, "%" PRId64, r->now);
+  strv_pushf(&args, "%s" SL_CHANNEL_CHANGES, p);
   strv_pushf(&args, "%zu", a->npkgs);
+  size_t nalerts = 0;
   for (size_t i = 0; i < a->npkgs; i++) {
     const struct rate_pkg *k = &a->pkgs[i];
     strv_pushf(&keys, "%s" SL_KEY_RESPKG "%s:%s", p, uid, k->id);
     strv_pushf(&args, "%s", k->id);
-    for (int f = 0; f < RATE_PF_N; f++)
-      strv_push(&args, k->raw[f] ? xformat("=%s", k->raw[f]) : xformat("!"));
+    for (int f = 0; f < RATE_PF_N; f++) strv_push(&args, k->raw[f] ? xformat("=%s", k->raw[f]) : xformat("!"));
     if (k->drawn > 0) strv_push_dec(&args, k->remaining_after);
     else strv_pushf(&args, "%s", "");
-    if (k->alert) strv_push_dec(&args, k->quota);
-    else strv_pushf(&args, "%s", "");
+    nalerts += k->alert != 0;
   }
-  /* The bill. */
-  strv_pushf(&args, "day");
-  strv_pushf(&args, "%s", day);
-  strv_pushf(&args, "tz_offset_min");
-  strv_pushf(&args, "%d", r->o->tz_offset_min);
-  strv_pushf(&args, "rated_at");
-  strv_pushf(&args, "%lld", (long long)time(NULL));
-  strv_pushf(&args, "units_total");
-  strv_push_dec(&args, a->units_total);
-  strv_pushf(&args, "units_from_packages");
-  strv_push_dec(&args, a->units_from_packages);
-  strv_pushf(&args, "payg_units");
-  strv_push_dec(&args, a->payg_units);
-  for (size_t i = 0; i < a->nfeatures; i++) {
-    const struct rate_feature *f = &a->features[i];
-    strv_pushf(&args, "calls:%s", f->name);
-    strv_pushf(&args, "%" PRId64, f->calls);
-    strv_pushf(&args, "coef:%s", f->name);
-    strv_push_dec(&args, f->coef);
-    strv_pushf(&args, "units:%s", f->name);
-    strv_push_dec(&args, f->units);
-    strv_pushf(&args, "units_from_packages:%s", f->name);
-    strv_push_dec(&args, f->from_packages);
-    strv_pushf(&args, "payg_units:%s", f->name);
-    strv_push_dec(&args, f->payg_units);
-    strv_pushf(&args, "payg_calls:%s", f->name);
-    strv_push_dec(&args, f->payg_calls);
-  }
+  strv_pushf(&args, "%zu", nalerts);
   for (size_t i = 0; i < a->npkgs; i++) {
-    if (a->pkgs[i].drawn == 0) continue;
-    strv_pushf(&args, "drawn:%s", a->pkgs[i].id);
-    strv_push_dec(&args, a->pkgs[i].drawn);
+    const struct rate_pkg *k = &a->pkgs[i];
+    if (!k->alert) continue;
+    strv_pushf(&args, "%s", k->id);
+    strv_push_dec(&args, k->remaining_after);
+    strv_push_dec(&args, k->quota);
+    strv_push_dec(&args, a->alert_pct);
   }
-
+  if (x->late_calls > 0) {
+    strv_push_dec(&args, a->units_total);
+    strv_push_money(&args, a->amount);
+    strv_pushf(&args, "%" PRId64, x->late_calls);
+  } else {
+    for (int i = 0; i < 3; i++) strv_pushf(&args, "%s", "");
+  }
+  enum rate_outcome o = RATE_FAILED;
   struct strv eval = {0};
-  strv_pushf(&eval, "EVAL");
-  strv_pushf(&eval, "%s", apply_lua);
+  if (bill_fields(r, x, &args) != 0) goto out;
+  strv_pushf(&eval, "EVALSHA");
+  strv_pushf(&eval, "%s", r->sha);
   strv_pushf(&eval, "%zu", keys.n);
   for (size_t i = 0; i < keys.n; i++) strv_push(&eval, keys.v[i]);
   for (size_t i = 0; i < args.n; i++) strv_push(&eval, args.v[i]);
   keys.n = args.n = 0; /* their strings now belong to eval */
-  strv_free(&keys);
-  strv_free(&args);
 
   test_interfere(r);
-  enum rate_outcome o = RATE_FAILED;
-  redisReply *rep = command(r, &eval);
+  redisReply *rep = command(r->c, &eval, r->err, sizeof(r->err));
+  if (rep == NULL && strstr(r->err, "NOSCRIPT") != NULL && load_script(r) == 0) {
+    free(eval.v[1]);
+    eval.v[1] = xformat("%s", r->sha);
+    rep = command(r->c, &eval, r->err, sizeof(r->err));
+  }
   if (rep != NULL) {
-    if (rep->type == REDIS_REPLY_STRING || rep->type == REDIS_REPLY_STATUS)
-      o = rate_outcome_parse(rep->str, rep->len);
+    if (rep->type == REDIS_REPLY_STRING || rep->type == REDIS_REPLY_STATUS) {
+      *suspended = rep->len == 9 && memcmp(rep->str, "suspended", 9) == 0;
+      o = *suspended ? RATE_RATED : rate_outcome_parse(rep->str, rep->len);
+    }
     if (o == RATE_FAILED) fail(r, "unexpected reply from the apply script");
     freeReplyObject(rep);
   }
+out:
+  strv_free(&keys);
+  strv_free(&args);
   strv_free(&eval);
   return o;
 }
 
 struct job {
-  struct rater *r;
-  const char *uid;
-  struct rate_account acct;
+  struct run *r;
+  struct acct x;
+  int suspended;
 };
 
 /* One attempt at an account, for rate_attempts: read, compute, apply. */
 static enum rate_outcome attempt(void *arg, unsigned n) {
   struct job *j = arg;
-  struct rater *r = j->r;
-  rate_account_free(&j->acct);
-  if (read_account(r, j->uid, &j->acct) != 0) return RATE_FAILED;
-  if (r->o->dry_run) return RATE_RATED;
-  enum rate_outcome o = apply_account(r, j->uid, &j->acct);
+  struct run *r = j->r;
+  acct_reset(&j->x);
+  enum rate_outcome o = read_account(r, &j->x);
+  if (o != RATE_RATED || r->dry_run) return o;
+  o = apply_account(r, &j->x, &j->suspended);
   if (o == RATE_RETRY) {
-    fail(r, "its packages changed between read and apply in each of %u attempts", n);
-    fprintf(stderr, "sluice-rate: uid=%s: a package changed while rating; computing again\n", j->uid);
+    fail(r, "what it read changed before it was applied, in each of %u attempts", n);
+    fprintf(stderr, "sluice-rate: uid=%s: changed while rating; computing again\n", j->x.uid);
   }
   return o;
 }
 
 /* Rates one account and reports it: a line on stdout, notes and reasons on
  * stderr. */
-static void rate_one(struct rater *r, const char *uid) {
-  struct job j = {.r = r, .uid = uid};
-  rate_account_init(&j.acct);
+static void rate_one(struct run *r, const char *uid) {
+  struct job j = {.r = r, .x = {.uid = uid}};
+  rate_account_init(&j.x.a);
   r->err[0] = '\0';
-  enum rate_outcome o;
-  char *key = xformat("%s" SL_KEY_BILL "%s:%s", r->o->prefix, r->o->day, uid);
-  redisReply *rep = commandv(r, "EXISTS", key, NULL);
-  free(key);
-  if (rep == NULL) {
-    o = RATE_FAILED;
-  } else {
-    o = rep->type == REDIS_REPLY_INTEGER && rep->integer == 1 ? RATE_ALREADY : RATE_RETRY;
-    freeReplyObject(rep);
-    if (o == RATE_RETRY) o = rate_attempts(attempt, &j, MAX_ATTEMPTS);
-  }
-  const struct rate_account *a = &j.acct;
+  enum rate_outcome o = rate_attempts(attempt, &j, MAX_ATTEMPTS);
+  const struct rate_account *a = &j.x.a;
+  char lead[64] = "";
+  if (r->due) snprintf(lead, sizeof(lead), "day=%s ", r->day);
   if (o == RATE_RATED) {
-    for (size_t i = 0; i < a->npkgs; i++) {
-      const struct rate_pkg *k = &a->pkgs[i];
-      if (k->state == RATE_PKG_MISSING || k->state == RATE_PKG_MALFORMED ||
-          k->state == RATE_PKG_DUPLICATE || k->state == RATE_PKG_EXHAUSTED)
-        fprintf(stderr, "sluice-rate: uid=%s: package %s skipped (%s)\n", uid, k->id,
-                rate_pkg_state_name(k->state));
-      if (k->alert)
-        fprintf(stderr, "sluice-rate: uid=%s: package %s fell under 10%% of its quota%s\n", uid, k->id,
-                r->o->dry_run ? " (dry run: no alert sent)" : "");
-    }
-    char t[RATE_DEC_MAX], f[RATE_DEC_MAX], g[RATE_DEC_MAX];
+    int adj = j.x.late_calls > 0;
+    for (size_t i = 0; i < a->npkgs; i++)
+      if (a->pkgs[i].alert)
+        fprintf(stderr, "sluice-rate: uid=%s: package %s fell under its alert threshold%s\n", uid, a->pkgs[i].id,
+                r->dry_run ? " (dry run: no alert sent)" : "");
+    if (adj)
+      fprintf(stderr, "sluice-rate: uid=%s: %" PRId64 " calls arrived after %s was rated: rated as an adjustment%s\n",
+              uid, j.x.late_calls, r->day, r->dry_run ? " (dry run)" : "");
+    char t[RATE_DEC_MAX], f[RATE_DEC_MAX], g[RATE_DEC_MAX], m[RATE_DEC_MAX], b[RATE_DEC_MAX];
     rate_dec_format(a->units_total, t);
     rate_dec_format(a->units_from_packages, f);
     rate_dec_format(a->payg_units, g);
-    printf("uid=%s status=%s units_total=%s units_from_packages=%s payg_units=%s\n", uid,
-           r->o->dry_run ? "dry_run" : "rated", t, f, g);
-    r->rated++;
+    rate_money_format(a->amount, m);
+    rate_money_format(j.x.balance_after, b);
+    printf("%suid=%s status=%s units_total=%s units_from_packages=%s payg_units=%s amount=%s balance=%s%s\n", lead,
+           uid, r->dry_run ? "dry_run" : adj ? "adjusted" : "rated", t, f, g, m, b,
+           j.suspended ? " suspended=overdue" : "");
+    if (adj) r->adjusted++;
+    else r->rated++;
+    r->suspended += j.suspended != 0;
   } else if (o == RATE_ALREADY) {
-    printf("uid=%s status=already_rated\n", uid);
-    fprintf(stderr, "sluice-rate: uid=%s: already rated for %s, skipped\n", uid, r->o->day);
+    if (!r->due) printf("uid=%s status=already_rated\n", uid);
     r->already++;
   } else {
-    printf("uid=%s status=failed\n", uid);
-    fprintf(stderr, "sluice-rate: uid=%s: not rated: %s\n", uid, r->err[0] ? r->err : "unknown error");
+    printf("%suid=%s status=failed\n", lead, uid);
+    fprintf(stderr, "sluice-rate: %suid=%s: not rated: %s\n", lead, uid, r->err[0] ? r->err : "unknown error");
     r->failed++;
   }
   fflush(stdout);
-  rate_account_free(&j.acct);
+  acct_reset(&j.x);
+  rate_account_free(&j.x.a);
 }
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
 /* The day's UIDs, sorted and unique, from SSCAN of P usage:<day>. Returns 0
  * or -1 with r->err set. */
-static int read_uids(struct rater *r, struct strv *uids) {
-  char *key = xformat("%s" SL_KEY_USAGE "%s", r->o->prefix, r->o->day);
+static int read_uids(struct run *r, struct strv *uids) {
+  char *key = xformat("%s" SL_KEY_USAGE "%s", r->co.prefix, r->day);
   char cursor[32] = "0";
   int ret = -1;
   do {
-    redisReply *rep = commandv(r, "SSCAN", key, cursor, "COUNT", "1000", NULL);
+    struct strv args = {0};
+    strv_pushf(&args, "SSCAN");
+    strv_pushf(&args, "%s", key);
+    strv_pushf(&args, "%s", cursor);
+    strv_pushf(&args, "COUNT");
+    strv_pushf(&args, "1000");
+    redisReply *rep = command(r->c, &args, r->err, sizeof(r->err));
+    strv_free(&args);
     if (rep == NULL) goto err;
     if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2) {
       fail(r, "unexpected SSCAN reply");
@@ -491,7 +778,7 @@ static int read_uids(struct rater *r, struct strv *uids) {
     freeReplyObject(rep);
   } while (strcmp(cursor, "0") != 0);
   /* SSCAN may return a member twice. */
-  qsort(uids->v, uids->n, sizeof(*uids->v), cmp_str);
+  if (uids->n > 1) qsort(uids->v, uids->n, sizeof(*uids->v), cmp_str);
   size_t w = 0;
   for (size_t i = 0; i < uids->n; i++) {
     if (w > 0 && strcmp(uids->v[w - 1], uids->v[i]) == 0) free(uids->v[i]);
@@ -504,166 +791,225 @@ err:
   return ret;
 }
 
+/* Rates r->day: every account of its usage set. Returns the number of
+ * accounts that failed, or -1 when the day could not be read. */
+static long rate_day(struct run *r) {
+  if (rate_day_bounds(r->day, r->co.tz_offset_min, &r->day_start, &r->day_end) != 0) return -1;
+  unsigned before_failed = r->failed, before_rated = r->rated, before_adj = r->adjusted, before_al = r->already;
+  struct strv uids = {0};
+  long failed = -1;
+  if (read_uids(r, &uids) != 0) {
+    fprintf(stderr, "sluice-rate: cannot read the accounts of %s: %s\n", r->day, r->err);
+    goto out;
+  }
+  size_t i;
+  for (i = 0; i < uids.n && r->c->err == 0; i++) rate_one(r, uids.v[i]);
+  if (i < uids.n) {
+    fprintf(stderr, "sluice-rate: Redis connection lost (%s): %zu accounts not rated; run again to rate them\n",
+            r->c->errstr, uids.n - i);
+    r->failed += (unsigned)(uids.n - i);
+  }
+  failed = (long)(r->failed - before_failed);
+  fprintf(stderr, "sluice-rate: day %s: %zu accounts: %u %s, %u adjusted, %u already rated, %ld failed\n", r->day,
+          uids.n, r->rated - before_rated, r->dry_run ? "computed (dry run)" : "rated", r->adjusted - before_adj,
+          r->already - before_al, failed);
+  if (failed == 0 && !r->dry_run && r->c->err == 0) {
+    /* The day's marker: --due rates a day without one. Written once, so
+     * that a rerun changes nothing. */
+    struct strv args = {0};
+    strv_pushf(&args, "HSETNX");
+    strv_pushf(&args, "%s" SL_KEY_RATED "%s", r->co.prefix, r->day);
+    strv_pushf(&args, "at");
+    strv_pushf(&args, "%" PRId64, r->now);
+    redisReply *rep = command(r->c, &args, r->err, sizeof(r->err));
+    strv_free(&args);
+    if (rep) freeReplyObject(rep);
+    else fprintf(stderr, "sluice-rate: day %s: cannot mark it rated: %s\n", r->day, r->err);
+  }
+out:
+  strv_free(&uids);
+  return failed;
+}
+
+/* Finds the days --due rates: those ended at least grace_h hours ago, at
+ * most lookback days back, that have usage and either no rated marker or
+ * one among the `recheck` most recent such days. Pushes them oldest first.
+ * Returns 0 or -1 with r->err set. */
+static int due_days(struct run *r, int64_t grace_h, int64_t lookback, int64_t recheck, struct strv *days) {
+  struct strv cand = {0};
+  /* The newest day that may be due: the one that holds now - grace - 1 day
+   * ends at or before now - grace at the latest. */
+  for (int64_t k = 0; k <= lookback; k++) {
+    char d[9];
+    int64_t s, e;
+    rate_day_of(r->now - grace_h * 3600 - k * RATE_DAY_SECONDS, r->co.tz_offset_min, d);
+    if (rate_day_bounds(d, r->co.tz_offset_min, &s, &e) != 0 || e + grace_h * 3600 > r->now) continue;
+    if ((int64_t)cand.n >= lookback) break;
+    strv_pushf(&cand, "%s", d);
+  }
+  for (size_t i = 0; i < cand.n; i++) {
+    char *u = xformat("%s" SL_KEY_USAGE "%s", r->co.prefix, cand.v[i]);
+    char *m = xformat("%s" SL_KEY_RATED "%s", r->co.prefix, cand.v[i]);
+    const char *a1[] = {"EXISTS", u}, *a2[] = {"EXISTS", m};
+    redisAppendCommandArgv(r->c, 2, a1, NULL);
+    redisAppendCommandArgv(r->c, 2, a2, NULL);
+    free(u);
+    free(m);
+  }
+  int ret = -1;
+  int64_t rated_seen = 0;
+  /* cand is newest first; keep the picks in that order, reverse at the end. */
+  struct strv picks = {0};
+  for (size_t i = 0; i < cand.n; i++) {
+    redisReply *ru = NULL, *rm = NULL;
+    if (redisGetReply(r->c, (void **)&ru) != REDIS_OK || redisGetReply(r->c, (void **)&rm) != REDIS_OK) {
+      fail(r, "redis: %s", r->c->errstr);
+      if (ru) freeReplyObject(ru);
+      goto out;
+    }
+    int has_usage = ru->type == REDIS_REPLY_INTEGER && ru->integer == 1;
+    int marked = rm->type == REDIS_REPLY_INTEGER && rm->integer == 1;
+    freeReplyObject(ru);
+    freeReplyObject(rm);
+    if (!has_usage) continue;
+    if (!marked || rated_seen++ < recheck) strv_pushf(&picks, "%s", cand.v[i]);
+  }
+  for (size_t i = picks.n; i > 0; i--) strv_pushf(days, "%s", picks.v[i - 1]);
+  ret = 0;
+out:
+  strv_free(&picks);
+  strv_free(&cand);
+  return ret;
+}
+
 static void usage(FILE *f) {
   fprintf(f,
-          "usage: sluice-rate --day yyyymmdd [options]\n"
-          "Rates one ended day: draws each account's usage from its resource packages,\n"
-          "writes P bill:<day>:<uid>, updates the packages and sends quota alerts.\n"
-          "  --day yyyymmdd        the day to rate (required)\n"
+          "usage: sluice-rate --day yyyymmdd [options]   rate one ended day\n"
+          "       sluice-rate --due [--grace-hours H] [--lookback-days N] [--recheck-days N] [options]\n"
+          "       sluice-rate topup --uid U --amount A [--ref R] [--redis ...] [--redis-prefix P]\n"
+          "       sluice-rate statement --uid U --from D1 --to D2 [--format json|csv] [options]\n"
+          "Rates billable calls: draws units from resource packages in purchase order,\n"
+          "bills the rest at the price per 1,000 calls, deducts it from the balance and\n"
+          "suspends overdue accounts (docs/rating.md).\n"
+          "  --day yyyymmdd        the day to rate (it must have ended)\n"
+          "  --due                 rate every ended day not yet rated, oldest first\n"
+          "  --grace-hours H       --due: rate a day H hours after it ends (default %d)\n"
+          "  --lookback-days N     --due: look N days back at most (default %d)\n"
+          "  --recheck-days N      --due: re-examine the N latest rated days for late usage (default %d)\n"
           "  --redis HOST:PORT     or unix:PATH (default 127.0.0.1:6379)\n"
           "  --redis-prefix P      key prefix (default sluice:)\n"
           "  --tz-offset-min N     billing time zone, minutes east of UTC (default 0)\n"
           "  --dry-run             compute and print, write nothing\n"
-          "  --force               rate a day that has not ended yet\n"
           "  --help                this text\n"
           "Exit status: 0 every account rated or already rated, 1 an account failed or\n"
-          "Redis is unreachable, 2 usage error.\n");
+          "Redis is unreachable, 2 usage error.\n",
+          DUE_GRACE_HOURS, DUE_LOOKBACK_DAYS, DUE_RECHECK_DAYS);
 }
 
-/* Parses the command line. Returns 0, 1 when --help was given, or -1 after
- * printing the error. */
-static int parse_args(int argc, char **argv, struct opts *o) {
-  *o = (struct opts){.redis = "127.0.0.1:6379", .prefix = "sluice:"};
-  for (int i = 1; i < argc; i++) {
-    const char *arg = argv[i], *val = NULL;
-    size_t nlen = strlen(arg);
-    const char *eq = strchr(arg, '=');
-    if (strncmp(arg, "--", 2) == 0 && eq) {
-      nlen = (size_t)(eq - arg);
-      val = eq + 1;
-    }
-#define IS(name) (nlen == sizeof(name) - 1 && strncmp(arg, name, nlen) == 0)
-    if (IS("--help") || IS("-h")) return 1;
-    if (IS("--dry-run") || IS("--force")) {
-      if (val) {
-        fprintf(stderr, "sluice-rate: %.*s takes no value\n", (int)nlen, arg);
-        return -1;
-      }
-      if (IS("--dry-run")) o->dry_run = 1;
-      else o->force = 1;
-      continue;
-    }
-    const char **dst = IS("--day") ? &o->day
-                       : IS("--redis") ? &o->redis
-                       : IS("--redis-prefix") ? &o->prefix
-                       : NULL;
-    int tz = IS("--tz-offset-min");
-#undef IS
-    if (dst == NULL && !tz) {
-      fprintf(stderr, "sluice-rate: unknown option '%s'\n", arg);
-      return -1;
-    }
-    if (val == NULL) {
-      if (i + 1 == argc) {
-        fprintf(stderr, "sluice-rate: %s needs a value\n", arg);
-        return -1;
-      }
-      val = argv[++i];
-    }
-    if (dst) {
-      *dst = val;
-      continue;
-    }
-    int64_t n;
-    if (rate_int_parse(val, strlen(val), &n) != 0 || n <= -1440 || n >= 1440) {
-      fprintf(stderr, "sluice-rate: --tz-offset-min '%s' is not a number of minutes in (-1440, 1440)\n", val);
-      return -1;
-    }
-    o->tz_offset_min = (int)n;
-  }
-  if (o->day == NULL) {
-    fprintf(stderr, "sluice-rate: --day yyyymmdd is required\n");
+/* Parses a non-negative integer option into *out (kept when s is NULL).
+ * Returns 0 or -1 after printing the error. */
+static int int_opt(const char *name, const char *s, int64_t max, int64_t *out) {
+  if (s == NULL) return 0;
+  if (rate_int_parse(s, strlen(s), out) != 0 || *out < 0 || *out > max) {
+    fprintf(stderr, "sluice-rate: %s '%s' is not an integer from 0 to %" PRId64 "\n", name, s, max);
     return -1;
   }
-  if (strncmp(o->redis, "unix:", 5) == 0 && o->redis[5] != '\0') return 0;
-  const char *colon = strrchr(o->redis, ':');
-  int64_t port;
-  size_t hl = colon ? (size_t)(colon - o->redis) : 0;
-  const char *h = o->redis;
-  if (hl >= 2 && h[0] == '[' && h[hl - 1] == ']') h++, hl -= 2; /* [::1]:6379 */
-  if (hl == 0 || hl >= sizeof(o->host) || rate_int_parse(colon + 1, strlen(colon + 1), &port) != 0 ||
-      port < 1 || port > 65535) {
-    fprintf(stderr, "sluice-rate: --redis '%s' is neither HOST:PORT nor unix:PATH\n", o->redis);
-    return -1;
-  }
-  memcpy(o->host, h, hl);
-  o->host[hl] = '\0';
-  o->port = (int)port;
   return 0;
 }
 
-/* Connects to Redis at the address parse_args checked. Returns the
- * context, or NULL after printing why. */
-static redisContext *connect_redis(const struct opts *o) {
-  struct timeval tv = {.tv_sec = CONNECT_TIMEOUT_S};
-  redisContext *c = o->port ? redisConnectWithTimeout(o->host, o->port, tv)
-                            : redisConnectUnixWithTimeout(o->redis + 5, tv);
-  if (c == NULL || c->err) {
-    fprintf(stderr, "sluice-rate: cannot connect to Redis at %s: %s\n", o->redis,
-            c ? c->errstr : "out of memory");
-    if (c) redisFree(c);
-    return NULL;
-  }
-  struct timeval ct = {.tv_sec = COMMAND_TIMEOUT_S};
-  redisSetTimeout(c, ct);
-  return c;
-}
-
 int main(int argc, char **argv) {
-  struct opts o;
-  int a = parse_args(argc, argv, &o);
+  if (argc > 1 && strcmp(argv[1], "topup") == 0) return topup_main(argc, argv);
+  if (argc > 1 && strcmp(argv[1], "statement") == 0) return statement_main(argc, argv);
+  struct run r = {.interfere = getenv("SLUICE_RATE_TEST_BEFORE_APPLY")};
+  int force = 0;
+  const char *grace_s = NULL, *lookback_s = NULL, *recheck_s = NULL;
+  const struct opt_spec specs[] = {{"--day", NULL, &r.day},
+                                   {"--due", &r.due, NULL},
+                                   {"--dry-run", &r.dry_run, NULL},
+                                   {"--force", &force, NULL},
+                                   {"--grace-hours", NULL, &grace_s},
+                                   {"--lookback-days", NULL, &lookback_s},
+                                   {"--recheck-days", NULL, &recheck_s},
+                                   {NULL, NULL, NULL}};
+  int a = parse_opts(argc, argv, 1, specs, &r.co, 1);
   if (a == 1) {
     usage(stdout);
     return 0;
   }
+  int64_t grace = DUE_GRACE_HOURS, lookback = DUE_LOOKBACK_DAYS, recheck = DUE_RECHECK_DAYS;
+  if (a == 0 && force) {
+    fprintf(stderr, "sluice-rate: --force is not accepted: a day is rated only once it has ended (usage that "
+                    "comes later is rated as an adjustment)\n");
+    a = -1;
+  }
+  if (a == 0 && (r.day == NULL) == !r.due) {
+    fprintf(stderr, "sluice-rate: give either --day yyyymmdd or --due\n");
+    a = -1;
+  }
+  if (a == 0 && !r.due && (grace_s || lookback_s || recheck_s)) {
+    fprintf(stderr, "sluice-rate: --grace-hours, --lookback-days and --recheck-days go with --due\n");
+    a = -1;
+  }
+  if (a == 0 && (int_opt("--grace-hours", grace_s, 24 * 366, &grace) || int_opt("--lookback-days", lookback_s, 3660,
+                                                                                &lookback) ||
+                 int_opt("--recheck-days", recheck_s, 3660, &recheck)))
+    a = -1;
   if (a < 0) {
     usage(stderr);
     return EXIT_USAGE;
   }
-  struct rater r = {.o = &o, .interfere = getenv("SLUICE_RATE_TEST_BEFORE_APPLY")};
-  if (rate_day_bounds(o.day, o.tz_offset_min, &r.day_start, &r.day_end) != 0) {
-    fprintf(stderr, "sluice-rate: --day '%s' is not a date yyyymmdd (from 19700101)\n", o.day);
-    return EXIT_USAGE;
+  r.now = (int64_t)time(NULL);
+  if (r.day) {
+    if (rate_day_bounds(r.day, r.co.tz_offset_min, &r.day_start, &r.day_end) != 0) {
+      fprintf(stderr, "sluice-rate: --day '%s' is not a date yyyymmdd (from 19700101)\n", r.day);
+      return EXIT_USAGE;
+    }
+    if (r.now < r.day_end) {
+      time_t end = (time_t)r.day_end;
+      struct tm tm;
+      char when[64];
+      gmtime_r(&end, &tm);
+      strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+      fprintf(stderr,
+              "sluice-rate: day %s has not ended yet in the billing time zone (UTC%c%02d:%02d): it ends at %s; "
+              "it cannot be rated before\n",
+              r.day, r.co.tz_offset_min < 0 ? '-' : '+', abs(r.co.tz_offset_min) / 60, abs(r.co.tz_offset_min) % 60,
+              when);
+      return EXIT_USAGE;
+    }
   }
-  time_t now = time(NULL);
-  if (now < r.day_end && !o.force) {
-    time_t end = (time_t)r.day_end;
-    struct tm tm;
-    char when[64];
-    gmtime_r(&end, &tm);
-    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
-    fprintf(stderr,
-            "sluice-rate: day %s has not ended yet in the billing time zone (UTC%c%02d:%02d): it ends at "
-            "%s; give --force to rate it anyway\n",
-            o.day, o.tz_offset_min < 0 ? '-' : '+', abs(o.tz_offset_min) / 60, abs(o.tz_offset_min) % 60, when);
-    return EXIT_USAGE;
-  }
-  r.c = connect_redis(&o);
+  r.c = connect_redis(&r.co);
   if (r.c == NULL) return 1;
-
   int status = 1;
-  struct strv uids = {0};
-  if (read_uids(&r, &uids) != 0) {
-    fprintf(stderr, "sluice-rate: cannot read the accounts of %s: %s\n", o.day, r.err);
+  struct strv days = {0};
+  if (!r.dry_run && load_script(&r) != 0) {
+    fprintf(stderr, "sluice-rate: cannot load the apply script: %s\n", r.err);
     goto out;
   }
-  size_t i;
-  for (i = 0; i < uids.n && r.c->err == 0; i++) rate_one(&r, uids.v[i]);
-  if (i < uids.n) {
-    fprintf(stderr, "sluice-rate: Redis connection lost (%s): %zu accounts not rated; run again to rate them\n",
-            r.c->errstr, uids.n - i);
-    r.failed += (unsigned)(uids.n - i);
+  if (r.day) {
+    status = rate_day(&r) == 0 ? 0 : 1;
+    goto out;
   }
-  fprintf(stderr, "sluice-rate: day %s: %zu accounts: %u %s, %u already rated, %u failed\n", o.day, uids.n,
-          r.rated, o.dry_run ? "computed (dry run)" : "rated", r.already, r.failed);
-  status = r.failed ? 1 : 0;
+  if (due_days(&r, grace, lookback, recheck, &days) != 0) {
+    fprintf(stderr, "sluice-rate: cannot find the due days: %s\n", r.err);
+    goto out;
+  }
+  status = 0;
+  for (size_t i = 0; i < days.n && r.c->err == 0; i++) {
+    r.day = days.v[i];
+    if (rate_day(&r) != 0) status = 1;
+  }
+  if (r.c->err) status = 1;
+  fprintf(stderr, "sluice-rate: --due: %zu days looked at: %u accounts rated, %u adjusted, %u failed, %u suspended\n",
+          days.n, r.rated, r.adjusted, r.failed, r.suspended);
 out:
-  strv_free(&uids);
-  for (size_t k = 0; k < r.ncoefs; k++) {
-    free(r.coefs[k].feature);
-    free(r.coefs[k].raw);
+  strv_free(&days);
+  for (size_t k = 0; k < r.nnames; k++) {
+    free(r.names[k].name);
+    free(r.names[k].raw[0]);
+    free(r.names[k].raw[1]);
   }
-  free(r.coefs);
+  free(r.names);
   redisFree(r.c);
   return status;
 }

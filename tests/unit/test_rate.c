@@ -31,13 +31,19 @@ static const char *fmt(int64_t v) {
 }
 
 static void usage(struct rate_account *a, const char *field, const char *calls) {
-  assert_int_equal(rate_account_add_usage(a, field, strlen(field), calls, strlen(calls)), 0);
+  int64_t n;
+  assert_int_equal(rate_int_parse(calls, strlen(calls), &n), 0);
+  assert_int_equal(rate_account_add_usage(a, field, strlen(field), n), 0);
 }
+
+/* Packages added with pkg() are bought one second apart, in the order they
+ * are added, so that purchase order is the order of the calls. */
+static int64_t next_purchase = DAY_START - 86400 * 10;
 
 /* A package valid on the whole day, with quota and remaining as decimals. */
 static void pkg(struct rate_account *a, const char *id, const char *quota, const char *remaining) {
   char purchased[24], expires[24];
-  snprintf(purchased, sizeof(purchased), "%lld", (long long)(DAY_START - 86400 * 10));
+  snprintf(purchased, sizeof(purchased), "%lld", (long long)next_purchase++);
   snprintf(expires, sizeof(expires), "%lld", (long long)(DAY_END + 86400 * 10));
   const char *raw[RATE_PF_N] = {quota, remaining, purchased, expires};
   assert_int_equal(rate_account_add_pkg(a, id, raw), 0);
@@ -51,13 +57,30 @@ static void pkg_dated(struct rate_account *a, const char *id, int64_t purchased_
   assert_int_equal(rate_account_add_pkg(a, id, raw), 0);
 }
 
-static void set_coef(struct rate_account *a, const char *feature, const char *coef) {
-  struct rate_feature *f = rate_account_feature(a, feature);
-  assert_non_null(f);
-  f->coef = dec(coef);
+static const struct rate_pkg *pkg_id(const struct rate_account *a, const char *id) {
+  for (size_t i = 0; i < a->npkgs; i++)
+    if (strcmp(a->pkgs[i].id, id) == 0) return &a->pkgs[i];
+  fail_msg("no package %s", id);
+  return NULL;
 }
 
-static int compute(struct rate_account *a) { return rate_account_compute(a, DAY_START, DAY_END); }
+/* The coefficient of a feature's calls without a service. */
+static void set_coef(struct rate_account *a, const char *feature, const char *coef) {
+  struct rate_item *f = rate_account_item(a, feature, RATE_NO_SERVICE);
+  assert_non_null(f);
+  f->coef = dec(coef);
+  f->coef_default = 0;
+}
+
+/* Computes the day; items without a price cost 1 per 1,000 calls. */
+static int compute(struct rate_account *a) {
+  for (size_t i = 0; i < a->nitems; i++)
+    if (!a->items[i].price_set) {
+      a->items[i].price = RATE_SCALE;
+      a->items[i].price_set = 1;
+    }
+  return rate_account_compute(a, DAY_START, DAY_END);
+}
 
 static void test_decimal(void **state) {
   (void)state;
@@ -142,7 +165,7 @@ static void test_purchase_order(void **state) {
   assert_int_equal(a.units_total, U(150));
   assert_int_equal(a.units_from_packages, U(150));
   assert_int_equal(a.payg_units, 0);
-  assert_int_equal(a.features[0].payg_calls, 0);
+  assert_int_equal(a.items[0].payg_calls, 0);
   rate_account_free(&a);
 }
 
@@ -153,11 +176,22 @@ static void test_regions_summed(void **state) {
   usage(&a, "text:cn-shanghai", "10");
   usage(&a, "text:cn-beijing", "5");
   usage(&a, "text", "1"); /* no region: still the feature */
-  assert_int_equal(a.nfeatures, 1);
-  assert_int_equal(a.features[0].calls, 16);
-  assert_int_equal(rate_account_add_usage(&a, ":cn", 3, "1", 1), -EINVAL);
-  assert_int_equal(rate_account_add_usage(&a, "text:cn", 7, "-1", 2), -EINVAL);
-  assert_int_equal(rate_account_add_usage(&a, "text:cn", 7, "1.5", 3), -EINVAL);
+  assert_int_equal(a.nitems, 1);
+  assert_int_equal(a.items[0].calls, 16);
+  assert_string_equal(a.items[0].service, RATE_NO_SERVICE);
+  assert_int_equal(rate_account_add_usage(&a, ":cn", 3, 1), -EINVAL);
+  assert_int_equal(rate_account_add_usage(&a, "text::cn", 8, 1), -EINVAL); /* empty service */
+  assert_int_equal(rate_account_add_usage(&a, "text:cn", 7, -1), -EINVAL);
+  assert_non_null(strstr(a.why, "negative"));
+  /* Services are lines of their own; the region does not count. */
+  usage(&a, "text:chat_detection:cn-shanghai", "4");
+  usage(&a, "text:chat_detection:cn-beijing", "6");
+  assert_int_equal(a.nitems, 2);
+  assert_string_equal(a.items[0].name, "chat_detection");
+  assert_string_equal(a.items[0].feature, "text");
+  assert_int_equal(a.items[0].calls, 10);
+  assert_string_equal(a.items[1].name, "text");
+  assert_string_equal(a.items[1].service, RATE_NO_SERVICE);
   rate_account_free(&a);
 }
 
@@ -172,13 +206,13 @@ static void test_fractional_coefficients(void **state) {
   pkg(&a, "p1", "10", "10");
   assert_int_equal(compute(&a), 0);
   /* image: 3 x 0.5 = 1.5 units, all from p1; text_llm: 22.5 units, 8.5 from p1. */
-  assert_string_equal(fmt(a.features[0].units), "1.5");
-  assert_string_equal(fmt(a.features[0].from_packages), "1.5");
-  assert_string_equal(fmt(a.features[1].units), "22.5");
-  assert_string_equal(fmt(a.features[1].from_packages), "8.5");
-  assert_string_equal(fmt(a.features[1].payg_units), "14");
+  assert_string_equal(fmt(a.items[0].units), "1.5");
+  assert_string_equal(fmt(a.items[0].from_packages), "1.5");
+  assert_string_equal(fmt(a.items[1].units), "22.5");
+  assert_string_equal(fmt(a.items[1].from_packages), "8.5");
+  assert_string_equal(fmt(a.items[1].payg_units), "14");
   /* 14 units / 2.25 per call = 6.222222(2) calls */
-  assert_string_equal(fmt(a.features[1].payg_calls), "6.222222");
+  assert_string_equal(fmt(a.items[1].payg_calls), "6.222222");
   assert_string_equal(fmt(a.units_total), "24");
   assert_string_equal(fmt(a.units_from_packages), "10");
   assert_string_equal(fmt(a.payg_units), "14");
@@ -197,12 +231,14 @@ static void test_payg_calls_rounding_and_free_feature(void **state) {
   pkg(&a, "p", "1", "0.000001");
   assert_int_equal(compute(&a), 0);
   /* a: 0.000005 payg units / 0.000003 = 1.6666..7 calls */
-  assert_string_equal(fmt(a.features[0].payg_units), "0.000005");
-  assert_string_equal(fmt(a.features[0].payg_calls), "1.666667");
-  /* b: coefficient 0 draws nothing, its calls all stay outside packages. */
-  assert_int_equal(a.features[1].units, 0);
-  assert_int_equal(a.features[1].payg_units, 0);
-  assert_string_equal(fmt(a.features[1].payg_calls), "7");
+  assert_string_equal(fmt(a.items[0].payg_units), "0.000005");
+  assert_string_equal(fmt(a.items[0].payg_calls), "1.666667");
+  /* b: coefficient 0 is free: no units, no pay-as-you-go calls, nothing
+   * to pay (issue 13: it used to leave payg_calls at 7). */
+  assert_int_equal(a.items[1].units, 0);
+  assert_int_equal(a.items[1].payg_units, 0);
+  assert_int_equal(a.items[1].payg_calls, 0);
+  assert_int_equal(a.items[1].amount, 0);
   rate_account_free(&a);
 }
 
@@ -217,17 +253,19 @@ static void test_expired_and_future_skipped(void **state) {
   pkg_dated(&a, "last_second", DAY_START - 100, DAY_START + 1);       /* valid 1 s of the day */
   pkg_dated(&a, "bought_last_second", DAY_END - 1, DAY_END + 86400);  /* valid the last second */
   assert_int_equal(compute(&a), 0);
-  assert_int_equal(a.pkgs[0].state, RATE_PKG_EXPIRED);
-  assert_int_equal(a.pkgs[1].state, RATE_PKG_NOT_YET);
-  assert_int_equal(a.pkgs[2].state, RATE_PKG_EXPIRED);
-  assert_int_equal(a.pkgs[3].state, RATE_PKG_USABLE);
-  assert_int_equal(a.pkgs[4].state, RATE_PKG_USABLE);
+  assert_int_equal(pkg_id(&a, "expired_at_start")->state, RATE_PKG_EXPIRED);
+  assert_int_equal(pkg_id(&a, "bought_at_end")->state, RATE_PKG_NOT_YET);
+  assert_int_equal(pkg_id(&a, "expired_long_ago")->state, RATE_PKG_EXPIRED);
+  assert_int_equal(pkg_id(&a, "last_second")->state, RATE_PKG_USABLE);
+  assert_int_equal(pkg_id(&a, "bought_last_second")->state, RATE_PKG_USABLE);
+  const char *unused[] = {"expired_at_start", "bought_at_end", "expired_long_ago"};
   for (int i = 0; i < 3; i++) {
-    assert_int_equal(a.pkgs[i].drawn, 0);
-    assert_int_equal(a.pkgs[i].remaining_after, U(100));
+    assert_int_equal(pkg_id(&a, unused[i])->drawn, 0);
+    assert_int_equal(pkg_id(&a, unused[i])->remaining_after, U(100));
   }
-  assert_int_equal(a.pkgs[3].drawn, U(100));
-  assert_int_equal(a.pkgs[4].drawn, U(100));
+  assert_int_equal(pkg_id(&a, "last_second")->drawn, U(100));
+  assert_int_equal(pkg_id(&a, "bought_last_second")->drawn, U(100));
+  assert_string_equal(rate_pkg_state_name(RATE_PKG_EXPIRED), "expired");
   assert_int_equal(a.payg_units, U(300));
   rate_account_free(&a);
 }
@@ -241,44 +279,238 @@ static void test_bounds_follow_time_zone(void **state) {
   usage(&a, "text:r", "10");
   /* Bought at 20:00 UTC on May 1st: after the UTC+8 day ended (16:00 UTC). */
   pkg_dated(&a, "late", DAY_START + 20 * 3600, DAY_END + 86400);
+  a.items[0].price_set = 1;
   assert_int_equal(rate_account_compute(&a, s, e), 0);
   assert_int_equal(a.pkgs[0].state, RATE_PKG_NOT_YET);
   rate_account_free(&a);
 }
 
-static void test_malformed_skipped(void **state) {
+/* Adds a package of raw fields; returns rate_account_add_pkg's result. */
+static int add_raw(struct rate_account *a, const char *id, const char *q, const char *r, const char *p,
+                   const char *e) {
+  const char *raw[RATE_PF_N] = {q, r, p, e};
+  return rate_account_add_pkg(a, id, raw);
+}
+
+static void test_malformed_refused(void **state) {
   (void)state;
+  struct {
+    const char *raw[RATE_PF_N];
+    const char *why;
+  } bad[] = {
+      {{NULL, NULL, NULL, NULL}, "hash does not exist"},
+      {{NULL, "10", "0", "99"}, "has no quota"},
+      {{"10", NULL, "0", "99"}, "has no remaining"},
+      {{"10", "10", NULL, "99"}, "has no purchased_at"},
+      {{"10", "ten", "0", "99"}, "remaining 'ten' is not a decimal number"},
+      {{"10", "10", "0.5", "99"}, "purchased_at '0.5' is not an integer"},
+      {{"10", "10", "0", "soon"}, "expires_at 'soon' is not an integer"},
+      {{"10", "-1", "0", "99"}, "remaining '-1' is negative"},
+      {{"-10", "0", "0", "99"}, "quota '-10' is negative"},
+      {{"10", "10", "-5", "99"}, "purchased_at '-5' is negative"},
+      {{"10", "10.5", "0", "99"}, "remaining 10.5 is more than its quota 10"},
+      {{"10", "10", "100", "99"}, "purchased_at 100 is after expires_at 99"},
+      {{"10", "1.0000001", "0", "99"}, "not a decimal number"},
+      {{"10", "10", "9223372036854775807", NULL}, "not in range"},
+  };
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+    struct rate_account a;
+    rate_account_init(&a);
+    assert_int_equal(rate_account_add_pkg(&a, "p", bad[i].raw), -EINVAL);
+    if (strstr(a.why, bad[i].why) == NULL) fail_msg("case %zu: '%s' lacks '%s'", i, a.why, bad[i].why);
+    assert_non_null(strstr(a.why, "package p"));
+    assert_int_equal(a.npkgs, 0);
+    rate_account_free(&a);
+  }
+  /* The edges that are fine: remaining == quota, purchased == expires, 0. */
+  struct rate_account a;
+  rate_account_init(&a);
+  assert_int_equal(add_raw(&a, "full", "10", "10", "5", "5"), 0);
+  assert_int_equal(add_raw(&a, "empty", "0", "0", "0", "99"), 0);
+  assert_int_equal(add_raw(&a, "full", "10", "10", "5", "5"), 1); /* listed twice: one package */
+  assert_int_equal(a.npkgs, 2);
+  rate_account_free(&a);
+}
+
+/* A package without expires_at is valid one year (365 days) from purchase. */
+static void test_default_validity(void **state) {
+  (void)state;
+  char p1[24], p2[24];
   struct rate_account a;
   rate_account_init(&a);
   usage(&a, "text:r", "30");
-  const char *missing[RATE_PF_N] = {NULL, NULL, NULL, NULL};
-  const char *no_expiry[RATE_PF_N] = {"10", "10", "0", NULL};
-  const char *not_number[RATE_PF_N] = {"10", "ten", "0", "9999999999"};
-  const char *zero_quota[RATE_PF_N] = {"0", "10", "0", "9999999999"};
-  const char *float_time[RATE_PF_N] = {"10", "10", "0.5", "9999999999"};
-  rate_account_add_pkg(&a, "missing", missing);
-  rate_account_add_pkg(&a, "no_expiry", no_expiry);
-  rate_account_add_pkg(&a, "not_number", not_number);
-  rate_account_add_pkg(&a, "zero_quota", zero_quota);
-  rate_account_add_pkg(&a, "float_time", float_time);
-  pkg(&a, "exhausted", "10", "0");
-  pkg(&a, "negative", "10", "-1");
-  pkg(&a, "good", "20", "20");
-  pkg(&a, "good", "20", "20"); /* listed twice: counted once */
+  /* Bought 364 days before the day: valid on it. Bought 365 days before
+   * the day starts: expired as it starts. */
+  snprintf(p1, sizeof(p1), "%lld", (long long)(DAY_START - 364 * 86400));
+  snprintf(p2, sizeof(p2), "%lld", (long long)(DAY_START - 365 * 86400));
+  assert_int_equal(add_raw(&a, "recent", "10", "10", p1, NULL), 0);
+  assert_int_equal(add_raw(&a, "old", "10", "10", p2, NULL), 0);
   assert_int_equal(compute(&a), 0);
-  assert_int_equal(a.pkgs[0].state, RATE_PKG_MISSING);
-  for (int i = 1; i <= 4; i++) assert_int_equal(a.pkgs[i].state, RATE_PKG_MALFORMED);
-  assert_int_equal(a.pkgs[5].state, RATE_PKG_EXHAUSTED);
-  assert_int_equal(a.pkgs[6].state, RATE_PKG_EXHAUSTED);
-  assert_int_equal(a.pkgs[7].state, RATE_PKG_USABLE);
-  assert_int_equal(a.pkgs[8].state, RATE_PKG_DUPLICATE);
-  for (size_t i = 0; i < a.npkgs; i++)
-    if (i != 7) assert_int_equal(a.pkgs[i].drawn, 0);
-  assert_int_equal(a.pkgs[7].drawn, U(20));
-  assert_int_equal(a.payg_units, U(10));
-  assert_int_equal(a.features[0].payg_calls, U(10));
-  assert_string_equal(rate_pkg_state_name(RATE_PKG_MALFORMED), "malformed");
+  assert_int_equal(pkg_id(&a, "recent")->expires_at, DAY_START + 86400);
+  assert_int_equal(pkg_id(&a, "recent")->state, RATE_PKG_USABLE);
+  assert_int_equal(pkg_id(&a, "recent")->drawn, U(10));
+  assert_int_equal(pkg_id(&a, "old")->expires_at, DAY_START);
+  assert_int_equal(pkg_id(&a, "old")->state, RATE_PKG_EXPIRED);
+  assert_int_equal(a.payg_units, U(20));
   rate_account_free(&a);
+}
+
+/* Issue 13: packages are drawn in order of purchased_at (ties by id),
+ * whatever the order they were listed in. */
+static void test_purchase_time_order(void **state) {
+  (void)state;
+  struct rate_account a;
+  rate_account_init(&a);
+  usage(&a, "text:r", "150");
+  assert_int_equal(add_raw(&a, "late", "100", "100", "1700000100", NULL), 0);
+  assert_int_equal(add_raw(&a, "early", "100", "100", "1700000000", NULL), 0);
+  assert_int_equal(compute(&a), 0);
+  assert_int_equal(pkg_id(&a, "early")->remaining_after, 0);
+  assert_int_equal(pkg_id(&a, "late")->remaining_after, U(50));
+  assert_string_equal(a.pkgs[0].id, "early");
+  rate_account_free(&a);
+  /* Bought the same second: by id. */
+  rate_account_init(&a);
+  usage(&a, "text:r", "150");
+  assert_int_equal(add_raw(&a, "b", "100", "100", "1700000000", NULL), 0);
+  assert_int_equal(add_raw(&a, "a", "100", "100", "1700000000", NULL), 0);
+  assert_int_equal(compute(&a), 0);
+  assert_int_equal(pkg_id(&a, "a")->remaining_after, 0);
+  assert_int_equal(pkg_id(&a, "b")->remaining_after, U(50));
+  rate_account_free(&a);
+}
+
+/* Prices: currency per 1,000 calls, exact in micro-units, half up. */
+static void test_amounts(void **state) {
+  (void)state;
+  struct rate_account a;
+  rate_account_init(&a);
+  usage(&a, "text:chat_detection:r", "7");
+  usage(&a, "image:baselineCheck:r", "3");
+  usage(&a, "image:r", "1");
+  struct rate_item *t = rate_account_item(&a, "text", "chat_detection");
+  struct rate_item *im = rate_account_item(&a, "image", "baselineCheck");
+  struct rate_item *plain = rate_account_item(&a, "image", RATE_NO_SERVICE);
+  assert_non_null(t);
+  assert_non_null(im);
+  assert_non_null(plain);
+  t->price = dec("1.5"), t->price_set = 1;      /* 7 x 1.5 / 1000 = 0.0105 */
+  im->coef = dec("2.5"), im->coef_default = 0;  /* 7.5 units */
+  im->price = dec("0.7"), im->price_set = 1;    /* 3 x 0.7 / 1000 = 0.0021 */
+  plain->price = dec("0.0005"), plain->price_set = 1; /* 0.0000005: half up to 0.000001 */
+  pkg(&a, "p", "1", "1");                       /* 1 unit: baselineCheck draws it first */
+  assert_int_equal(rate_account_compute(&a, DAY_START, DAY_END), 0);
+  assert_string_equal(fmt(im->from_packages), "1");
+  assert_string_equal(fmt(im->payg_units), "6.5");
+  assert_string_equal(fmt(im->payg_calls), "2.6");
+  assert_int_equal(im->amount, 1820); /* 2.6 x 0.7 / 1000 = 0.00182 */
+  assert_int_equal(t->amount, 10500);
+  assert_int_equal(plain->amount, 1);
+  assert_int_equal(a.amount, 1820 + 10500 + 1);
+  char m[RATE_DEC_MAX];
+  rate_money_format(a.amount, m);
+  assert_string_equal(m, "0.012321");
+  rate_account_free(&a);
+
+  /* No price for what goes pay-as-you-go: the account fails, naming it. */
+  rate_account_init(&a);
+  usage(&a, "video:vs:r", "2");
+  assert_int_equal(rate_account_compute(&a, DAY_START, DAY_END), -ENOENT);
+  assert_non_null(strstr(a.why, "no price for vs"));
+  rate_account_free(&a);
+  /* ...but none is needed when packages cover it, or the coefficient is 0. */
+  rate_account_init(&a);
+  usage(&a, "video:vs:r", "2");
+  usage(&a, "video:free:r", "2");
+  rate_account_item(&a, "video", "free")->coef = 0;
+  pkg(&a, "p", "5", "5");
+  assert_int_equal(rate_account_compute(&a, DAY_START, DAY_END), 0);
+  assert_int_equal(a.amount, 0);
+  rate_account_free(&a);
+  /* A negative price is refused. */
+  rate_account_init(&a);
+  usage(&a, "video:vs:r", "2");
+  a.items[0].price = -1, a.items[0].price_set = 1;
+  assert_int_equal(rate_account_compute(&a, DAY_START, DAY_END), -EINVAL);
+  rate_account_free(&a);
+  /* The largest price x units overflows the amount: refused, not wrapped. */
+  rate_account_init(&a);
+  usage(&a, "video:vs:r", "9000000000000");
+  a.items[0].price = INT64_MAX, a.items[0].price_set = 1;
+  assert_int_equal(rate_account_compute(&a, DAY_START, DAY_END), -ERANGE);
+  rate_account_free(&a);
+}
+
+static void test_alert_threshold_per_account(void **state) {
+  (void)state;
+  struct rate_account a;
+  rate_account_init(&a);
+  a.alert_pct = dec("50");
+  usage(&a, "text:r", "51");
+  pkg(&a, "p", "100", "100"); /* 49 left: under 50% */
+  assert_int_equal(compute(&a), 0);
+  assert_true(a.pkgs[0].alert);
+  rate_account_free(&a);
+  rate_account_init(&a);
+  a.alert_pct = 0; /* 0: never */
+  usage(&a, "text:r", "100");
+  pkg(&a, "p", "100", "100");
+  assert_int_equal(compute(&a), 0);
+  assert_false(a.pkgs[0].alert);
+  rate_account_free(&a);
+}
+
+static void test_money_and_helpers(void **state) {
+  (void)state;
+  char b[RATE_DEC_MAX];
+  rate_money_format(0, b);
+  assert_string_equal(b, "0.000000");
+  rate_money_format(12340000, b);
+  assert_string_equal(b, "12.340000");
+  rate_money_format(-1, b);
+  assert_string_equal(b, "-0.000001");
+  rate_money_format(INT64_MIN, b);
+  assert_string_equal(b, "-9223372036854.775808");
+  int64_t v;
+  assert_int_equal(rate_muldiv(1, 1, 2, 1, &v), 0); /* 0.5 rounds up */
+  assert_int_equal(v, 1);
+  assert_int_equal(rate_muldiv(1, 1, 3, 1, &v), 0); /* 0.33 down */
+  assert_int_equal(v, 0);
+  assert_int_equal(rate_muldiv(INT64_MAX, INT64_MAX, INT64_MAX, 1, &v), 0); /* 126-bit product */
+  assert_int_equal(v, INT64_MAX);
+  assert_int_equal(rate_muldiv(INT64_MAX, 2, 1, 1, &v), -ERANGE);
+  char d[9];
+  rate_day_of(DAY_START, 0, d);
+  assert_string_equal(d, "20240501");
+  rate_day_of(DAY_END - 1, 0, d);
+  assert_string_equal(d, "20240501");
+  rate_day_of(DAY_START - 1, 0, d);
+  assert_string_equal(d, "20240430");
+  rate_day_of(DAY_START - 8 * 3600, 480, d); /* midnight in UTC+8 */
+  assert_string_equal(d, "20240501");
+  rate_day_of(0, 0, d);
+  assert_string_equal(d, "19700101");
+  rate_day_of(INT64_C(1709164800), 0, d);
+  assert_string_equal(d, "20240229");
+  const char *f, *s;
+  size_t fl, sl;
+  assert_int_equal(rate_usage_split("text:chat:cn-sh", 15, &f, &fl, &s, &sl), 0);
+  assert_int_equal(fl, 4);
+  assert_memory_equal(s, "chat", 4);
+  assert_int_equal(sl, 4);
+  assert_int_equal(rate_usage_split("a:b:c:r", 7, &f, &fl, &s, &sl), 0); /* service b:c */
+  assert_int_equal(sl, 3);
+  assert_int_equal(rate_usage_split("text:-:r", 8, &f, &fl, &s, &sl), 0);
+  assert_int_equal(sl, 1);
+  assert_memory_equal(s, RATE_NO_SERVICE, 1);
+  assert_int_equal(rate_usage_split("text:r", 6, &f, &fl, &s, &sl), 0);
+  assert_string_equal(s, RATE_NO_SERVICE);
+  assert_int_equal(rate_usage_split("text", 4, &f, &fl, &s, &sl), 0);
+  assert_int_equal(fl, 4);
+  assert_int_equal(rate_usage_split(":s:r", 4, &f, &fl, &s, &sl), -EINVAL);
+  assert_int_equal(rate_usage_split("f::r", 4, &f, &fl, &s, &sl), -EINVAL);
+  char nul[] = {'f', '\0', ':', 'r'};
+  assert_int_equal(rate_usage_split(nul, 4, &f, &fl, &s, &sl), -EINVAL);
 }
 
 static void test_payg_when_packages_run_out(void **state) {
@@ -293,7 +525,7 @@ static void test_payg_when_packages_run_out(void **state) {
   assert_int_equal(a.pkgs[1].remaining_after, 0);
   assert_string_equal(fmt(a.units_from_packages), "170.5");
   assert_string_equal(fmt(a.payg_units), "829.5");
-  assert_string_equal(fmt(a.features[0].payg_calls), "829.5");
+  assert_string_equal(fmt(a.items[0].payg_calls), "829.5");
   /* Both fall from above 10% of their quota to 0. */
   assert_true(a.pkgs[0].alert);
   assert_true(a.pkgs[1].alert);
@@ -357,7 +589,7 @@ static void test_zero_usage(void **state) {
   rate_account_init(&a);
   pkg(&a, "p", "100", "5");
   assert_int_equal(compute(&a), 0);
-  assert_int_equal(a.nfeatures, 0);
+  assert_int_equal(a.nitems, 0);
   assert_int_equal(a.units_total, 0);
   assert_int_equal(a.payg_units, 0);
   assert_int_equal(a.pkgs[0].drawn, 0);
@@ -378,7 +610,7 @@ static void test_overflow_guard(void **state) {
   rate_account_init(&a);
   /* Summing calls over regions overflows int64. */
   usage(&a, "text:a", "9223372036854775807");
-  assert_int_equal(rate_account_add_usage(&a, "text:b", 6, "1", 1), -ERANGE);
+  assert_int_equal(rate_account_add_usage(&a, "text:b", 6, 1), -ERANGE);
   rate_account_free(&a);
   /* calls x coefficient overflows micro-units: 1e13 calls x 1. */
   rate_account_init(&a);
@@ -396,7 +628,7 @@ static void test_overflow_guard(void **state) {
   usage(&a, "a:r", "9223372036854");
   assert_int_equal(compute(&a), 0);
   assert_int_equal(a.payg_units, U(9223372036854));
-  assert_int_equal(a.features[0].payg_calls, U(9223372036854));
+  assert_int_equal(a.items[0].payg_calls, U(9223372036854));
   rate_account_free(&a);
   /* A negative coefficient is refused. */
   rate_account_init(&a);
@@ -414,21 +646,22 @@ static void test_feature_name_order(void **state) {
   usage(&a, "text:r", "5");
   usage(&a, "image_llm:r", "5");
   usage(&a, "image:r", "5");
-  assert_int_equal(a.nfeatures, 4);
-  assert_string_equal(a.features[0].name, "image");
-  assert_string_equal(a.features[1].name, "image_llm");
-  assert_string_equal(a.features[2].name, "text");
-  assert_string_equal(a.features[3].name, "video");
+  assert_int_equal(a.nitems, 4);
+  assert_string_equal(a.items[0].name, "image");
+  assert_string_equal(a.items[1].name, "image_llm");
+  assert_string_equal(a.items[2].name, "text");
+  assert_string_equal(a.items[3].name, "video");
   pkg(&a, "p", "12", "12");
   assert_int_equal(compute(&a), 0);
   /* image draws first, then image_llm takes what is left; the rest pay. */
-  assert_int_equal(a.features[0].from_packages, U(5));
-  assert_int_equal(a.features[1].from_packages, U(5));
-  assert_int_equal(a.features[2].from_packages, U(2));
-  assert_int_equal(a.features[2].payg_units, U(3));
-  assert_int_equal(a.features[3].from_packages, 0);
-  assert_int_equal(a.features[3].payg_units, U(5));
-  assert_null(rate_account_feature(&a, "imag"));
+  assert_int_equal(a.items[0].from_packages, U(5));
+  assert_int_equal(a.items[1].from_packages, U(5));
+  assert_int_equal(a.items[2].from_packages, U(2));
+  assert_int_equal(a.items[2].payg_units, U(3));
+  assert_int_equal(a.items[3].from_packages, 0);
+  assert_int_equal(a.items[3].payg_units, U(5));
+  assert_null(rate_account_item(&a, "imag", RATE_NO_SERVICE));
+  assert_null(rate_account_item(&a, "image", "x"));
   rate_account_free(&a);
 }
 
@@ -505,7 +738,12 @@ int main(void) {
       cmocka_unit_test(test_payg_calls_rounding_and_free_feature),
       cmocka_unit_test(test_expired_and_future_skipped),
       cmocka_unit_test(test_bounds_follow_time_zone),
-      cmocka_unit_test(test_malformed_skipped),
+      cmocka_unit_test(test_malformed_refused),
+      cmocka_unit_test(test_default_validity),
+      cmocka_unit_test(test_purchase_time_order),
+      cmocka_unit_test(test_amounts),
+      cmocka_unit_test(test_alert_threshold_per_account),
+      cmocka_unit_test(test_money_and_helpers),
       cmocka_unit_test(test_payg_when_packages_run_out),
       cmocka_unit_test(test_no_packages),
       cmocka_unit_test(test_ten_percent_threshold),
