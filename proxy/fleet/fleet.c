@@ -23,6 +23,7 @@
 #define KEYS_PER_CALL 512      /* keys in one script call (more go in more calls) */
 #define ANNOUNCE_MAX 256       /* announcements read per call */
 #define LEAVE_WAIT_MS 300      /* a clean stop waits this long at most for Redis to take the leave */
+#define HEARTBEAT_IDLE_MS 500 /* with no key coordinated: heartbeats this often (at most ttl / 3) */
 #define DEMAND_FLOOR 100       /* milli-requests/s under which a demand counts as none */
 
 /* The fleet thread's own state of a slot. */
@@ -493,9 +494,15 @@ static void sync_now(struct sl_fleet *f, uint64_t now) {
   if (!c || f->inflight) return;
   int keys_allowed = !f->outage || !f->ever_synced || now >= f->joined_at_ms;
   if (!keys_allowed || f->nused == 0) {
+    /* Nothing coordinated here: a heartbeat (and the announcements) is
+     * enough a few times per ttl, not every sync interval. */
+    uint64_t idle_every = f->ttl_ms / 3 < HEARTBEAT_IDLE_MS ? f->ttl_ms / 3 : HEARTBEAT_IDLE_MS;
+    if (f->ever_synced && keys_allowed && now - f->last_sent_ms < idle_every) return;
+    f->last_sent_ms = now;
     send_call(f, c, 0, 0, keys_allowed, now);
     return;
   }
+  f->last_sent_ms = now;
   for (uint32_t from = 0; from < f->nused; from += KEYS_PER_CALL)
     send_call(f, c, from, f->nused - from < KEYS_PER_CALL ? f->nused - from : KEYS_PER_CALL, 1, now);
 }

@@ -105,6 +105,7 @@ struct sl_fleet {
   char id[96];               /* this process: host/pid/random */
   unsigned sync_ms, ttl_ms;
   uint64_t last_tick_ms;
+  uint64_t last_sent_ms;     /* the last sync sent */
   uint64_t joined_at_ms;     /* after a reconnect: keys sync from then on */
   unsigned n_last;           /* live instances in the last reply */
   int inflight, ever_synced, outage, outage_logged;
