@@ -654,6 +654,21 @@ int sl_fleet_table_init_test(struct sl_fleet *f, unsigned cap, unsigned nworkers
 
 void sl_fleet_table_free_test(struct sl_fleet *f) { table_free(f); }
 
+void sl_fleet_table_reset_test(struct sl_fleet *f) {
+  struct wantmsg m;
+  while (sl_ring_pop(&f->wants, &m) == 0) {
+  }
+  memset(f->slots, 0, ((size_t)f->mask + 1) * sizeof(*f->slots));
+  memset(f->keys, 0, ((size_t)f->mask + 1) * sizeof(*f->keys));
+  memset(f->recent, 0, f->nworkers * sizeof(*f->recent));
+  f->nused = 0;
+  f->n_last = 1;
+  f->ann_last[0] = '\0';
+  f->outage = f->ever_synced = f->outage_logged = 0;
+  memset(&f->stats, 0, sizeof(f->stats));
+  set_word(f, SL_FLEET_FALLBACK, 1);
+}
+
 void sl_fleet_take_wants_test(struct sl_fleet *f) { take_wants(f); }
 
 int sl_fleet_start(struct sl_fleet *f, const struct sl_config *cfg, unsigned nworkers, char *err, size_t errlen) {

@@ -189,6 +189,7 @@ const char *sl_fleet_mode_name(enum sl_fleet_mode m);
 struct redisReply;
 int sl_fleet_table_init_test(struct sl_fleet *f, unsigned cap, unsigned nworkers);
 void sl_fleet_table_free_test(struct sl_fleet *f);
+void sl_fleet_table_reset_test(struct sl_fleet *f); /* empty again, as just made */
 void sl_fleet_take_wants_test(struct sl_fleet *f);
 /* Applies a reply to a sync that named the slots idx[0..n). */
 int sl_fleet_apply_reply_test(struct sl_fleet *f, const uint32_t *idx, uint32_t n, const struct redisReply *r);
