@@ -23,6 +23,7 @@
 #define KEYS_PER_CALL 512      /* keys in one script call (more go in more calls) */
 #define ANNOUNCE_MAX 256       /* announcements read per call */
 #define LEAVE_WAIT_MS 300      /* a clean stop waits this long at most for Redis to take the leave */
+#define REFRESH_TICKS 4        /* a steady coordinated key is synced every this many ticks */
 #define HEARTBEAT_IDLE_MS 500 /* with no key coordinated: heartbeats this often (at most ttl / 3) */
 #define DEMAND_FLOOR 100       /* milli-requests/s under which a demand counts as none */
 
@@ -31,6 +32,9 @@ struct sl_fleet_key {
   uint64_t last_attempts;
   uint64_t demand;        /* milli-requests/s, smoothed */
   uint64_t idle_since_ms; /* since when the demand here is none (0: busy) */
+  uint64_t sent_demand;   /* the demand the last sync sent */
+  uint64_t sent_ms;       /* when (0: never) */
+  int unsettled;          /* the last grant was below the target: sync at every tick */
   uint32_t pos;           /* index in f->used */
   uint8_t len;
   char name[SL_FLEET_KEY_MAX]; /* <uid>:<feature>:<region> */
@@ -70,7 +74,10 @@ struct call {
  * floor(1e6 / N) for every live instance not registered on it (which
  * admits that much without asking) never exceed 1e6. Shares follow demand
  * by water-filling (each instance wants its demand + 25%; what is left goes
- * equally), above a floor of pool / (50 n) each. Key names: keys.h. */
+ * equally), above a floor of pool / (50 n) each. Per key it returns the
+ * lease, the fleet's demand, the instances registered, and 0 (settled), 1
+ * (released: back to R/N) or 2 (unsettled: others still hold part of this
+ * instance's target; it syncs again at the next tick). Key names: keys.h. */
 static const char sync_script[] =
     "local p, me, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]) "
     "local t = redis.call('TIME') "
@@ -90,6 +97,7 @@ static const char sync_script[] =
     "  for i = 1, #got do ann[#ann + 1] = got[i][2][2]; last = got[i][1] end "
     "end "
     "local q = math.floor(1000000 / nlive) "
+    "local function want(d, lim) if lim > 0 then return d * 1250000 / lim end return 0 end "
     "local out = {nlive, last, ann, ids} "
     "for i = 0, tonumber(ARGV[5]) - 1 do "
     "  local b = 6 + i * 4 "
@@ -118,9 +126,8 @@ static const char sync_script[] =
     "    if pool < 0 then pool = 0 end "
     "    local fl = math.floor(pool / (50 * nreg)) "
     "    local avail = pool - fl * nreg "
-    "    local function want(d) if lim > 0 then return d * 1250000 / lim end return 0 end "
-    "    local mine, wants = want(dem), {} "
-    "    for j = 1, #regs do wants[j] = want(regs[j]) end "
+    "    local mine, wants = want(dem, lim), {} "
+    "    for j = 1, #regs do wants[j] = want(regs[j], lim) end "
     "    wants[#wants + 1] = mine "
     "    table.sort(wants) "
     "    local rem, k, level = avail, #wants, nil "
@@ -139,7 +146,9 @@ static const char sync_script[] =
     "      redis.call('XADD', ak, 'MAXLEN', '~', 1000, '*', 'key', name) "
     "      redis.call('HSET', hk, '~a', now) "
     "    end "
-    "    out[#out + 1] = {g, odem + dem, nreg, 0} "
+    "    local st = 0 "
+    "    if g < math.floor(target) then st = 2 end "
+    "    out[#out + 1] = {g, odem + dem, nreg, st} "
     "  end "
     "end "
     "redis.call('PEXPIRE', ik, 10 * ttl) "
@@ -389,10 +398,11 @@ static int apply_reply(struct sl_fleet *f, const struct call *cl, const redisRep
     uint32_t idx = cl->k[i].idx;
     struct sl_fleet_slot *s = &f->slots[idx];
     if (atomic_load_explicit(&s->tag, memory_order_relaxed) != cl->k[i].tag) continue; /* released meanwhile */
-    if (released) {
+    if (released == 1) {
       release_slot(f, idx);
       continue;
     }
+    f->keys[idx].unsettled = released == 2;
     atomic_store_explicit(&s->share, (uint32_t)g, memory_order_relaxed);
     atomic_store_explicit(&s->fleet_demand, (uint64_t)dem, memory_order_relaxed);
     atomic_store_explicit(&s->registered, (uint32_t)nreg, memory_order_relaxed);
@@ -442,7 +452,7 @@ int sl_fleet_apply_reply_test(struct sl_fleet *f, const uint32_t *idx, uint32_t 
   return rc;
 }
 
-static void send_call(struct sl_fleet *f, redisAsyncContext *c, uint32_t from, uint32_t n, int keys_allowed,
+static void send_call(struct sl_fleet *f, redisAsyncContext *c, const uint32_t *pick, uint32_t n, int keys_allowed,
                       uint64_t now) {
   struct call *cl = sl_malloc(sizeof(*cl) + (size_t)n * sizeof(cl->k[0]));
   cl->f = f;
@@ -465,8 +475,10 @@ static void send_call(struct sl_fleet *f, redisAsyncContext *c, uint32_t from, u
   ARG(f->ann_last, strlen(f->ann_last));
   NUM(n);
   for (uint32_t i = 0; i < n; i++) {
-    uint32_t idx = f->used[from + i];
+    uint32_t idx = pick[i];
     struct sl_fleet_key *k = &f->keys[idx];
+    k->sent_demand = k->demand;
+    k->sent_ms = now;
     struct sl_fleet_slot *s = &f->slots[idx];
     cl->k[i].idx = idx;
     cl->k[i].tag = atomic_load_explicit(&s->tag, memory_order_relaxed);
@@ -489,22 +501,40 @@ static void send_call(struct sl_fleet *f, redisAsyncContext *c, uint32_t from, u
   free(nums);
 }
 
+/* Whether a coordinated key goes in this tick's sync: new, unsettled, its
+ * demand moved by a tenth, offered back, or due for a refresh (a few times
+ * per ttl). A steady key costs Redis a refresh every REFRESH_TICKS ticks,
+ * not every tick. */
+static int key_due(const struct sl_fleet *f, const struct sl_fleet_key *k, uint64_t now) {
+  if (!k->sent_ms || k->unsettled) return 1;
+  uint64_t d = k->demand, s = k->sent_demand;
+  if ((d > s ? d - s : s - d) * 10 > (s > d ? s : d)) return 1;
+  if (k->idle_since_ms && now - k->idle_since_ms >= RELEASE_IDLE_MS) return 1;
+  uint64_t refresh = (uint64_t)f->sync_ms * REFRESH_TICKS;
+  if (refresh > f->ttl_ms / 3) refresh = f->ttl_ms / 3;
+  return now - k->sent_ms >= refresh;
+}
+
 static void sync_now(struct sl_fleet *f, uint64_t now) {
   redisAsyncContext *c = sl_redis_cmd(f->redis);
   if (!c || f->inflight) return;
   int keys_allowed = !f->outage || !f->ever_synced || now >= f->joined_at_ms;
-  if (!keys_allowed || f->nused == 0) {
-    /* Nothing coordinated here: a heartbeat (and the announcements) is
-     * enough a few times per ttl, not every sync interval. */
+  uint32_t n = 0;
+  if (keys_allowed)
+    for (uint32_t i = 0; i < f->nused; i++)
+      if (key_due(f, &f->keys[f->used[i]], now)) f->pick[n++] = f->used[i];
+  if (n == 0) {
+    /* Nothing to sync: a heartbeat (and the announcements) is enough a few
+     * times per ttl, not every sync interval. */
     uint64_t idle_every = f->ttl_ms / 3 < HEARTBEAT_IDLE_MS ? f->ttl_ms / 3 : HEARTBEAT_IDLE_MS;
     if (f->ever_synced && keys_allowed && now - f->last_sent_ms < idle_every) return;
     f->last_sent_ms = now;
-    send_call(f, c, 0, 0, keys_allowed, now);
+    send_call(f, c, NULL, 0, keys_allowed, now);
     return;
   }
   f->last_sent_ms = now;
-  for (uint32_t from = 0; from < f->nused; from += KEYS_PER_CALL)
-    send_call(f, c, from, f->nused - from < KEYS_PER_CALL ? f->nused - from : KEYS_PER_CALL, 1, now);
+  for (uint32_t from = 0; from < n; from += KEYS_PER_CALL)
+    send_call(f, c, f->pick + from, n - from < KEYS_PER_CALL ? n - from : KEYS_PER_CALL, 1, now);
 }
 
 static void on_redis_ready(void *data) {
@@ -620,12 +650,14 @@ static int table_init(struct sl_fleet *f, unsigned cap, unsigned nworkers) {
   memset(f->slots, 0, (size_t)slots * sizeof(*f->slots));
   f->keys = sl_calloc(slots, sizeof(*f->keys));
   f->used = sl_calloc(f->cap, sizeof(*f->used));
+  f->pick = sl_calloc(f->cap, sizeof(*f->pick));
   f->recent = sl_calloc(nworkers, sizeof(*f->recent));
   int r = sl_ring_init(&f->wants, SL_FLEET_WANTS, sizeof(struct wantmsg));
   if (r != 0) {
     free(f->slots);
     free(f->keys);
     free(f->used);
+    free(f->pick);
     free(f->recent);
     f->slots = NULL;
     return r;
@@ -640,6 +672,7 @@ static void table_free(struct sl_fleet *f) {
   free(f->slots);
   free(f->keys);
   free(f->used);
+  free(f->pick);
   free(f->recent);
   pthread_mutex_destroy(&f->text_lock);
   f->slots = NULL;

@@ -100,6 +100,7 @@ struct sl_fleet {
   struct sl_redis *redis;
   struct sl_fleet_key *keys; /* [mask + 1], parallel to slots */
   uint32_t *used;            /* indices of the slots in use */
+  uint32_t *pick;            /* scratch: the keys a sync names */
   uint32_t nused, cap;
   char prefix[64];
   char id[96];               /* this process: host/pid/random */

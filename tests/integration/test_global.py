@@ -252,8 +252,9 @@ class Fleet(GlobalCase):
                 self.assertEqual(m.get("sluice_global_limits_mode"), 1, sl.admin)
                 self.assertEqual(m.get("sluice_global_instances"), 3, sl.admin)
                 self.assertGreaterEqual(m.get("sluice_global_coordinated_keys", 0), 1, sl.admin)
-                # syncs every 100 ms for over 11 s; the last one answered lately
-                self.assertGreaterEqual(m.get("sluice_global_syncs_total", 0), 50, sl.admin)
+                # a steady coordinated key is synced at least every 4 intervals (400 ms)
+                # for over 11 s; the last sync answered lately
+                self.assertGreaterEqual(m.get("sluice_global_syncs_total", 0), 25, sl.admin)
                 self.assertTrue(0 <= m.get("sluice_global_sync_lag_seconds", -1) < 1.0, sl.admin)
                 self.assertEqual(m.get("sluice_global_keys_full_total"), 0, sl.admin)
             note("metrics after (a): syncs_total " +
