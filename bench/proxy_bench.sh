@@ -11,8 +11,11 @@
 # per scenario and contender the median over rounds of req/s, p50/p99 latency
 # and the proxy's CPU time per request (utime+stime from /proc/PID/stat,
 # delta over the wrk run, divided by the requests wrk completed), with the
-# ratio to the best peer; then sluice with 1..N workers (scaling), and a
-# gnuplot PNG of req/s and p99.
+# ratio to the best peer; then sluice with 1..N workers (scaling); then
+# several sluice instances on one Redis and prefix sharing their limits
+# (issue 11's global limits: one instance, three with --global-limits on,
+# three with it off, the load split across them), with sluice's and Redis's
+# CPU per request; and a gnuplot PNG of req/s and p99.
 #
 # Usage: bench/proxy_bench.sh [options]      (see --help; env vars in brackets)
 # See bench/README.md for what each figure means and the latest results.
@@ -38,6 +41,11 @@ ACCOUNTS=${BENCH_ACCOUNTS:-10000}        # accounts of the pass scenarios (AK000
 REJECT_ACCOUNTS=${BENCH_REJECT_ACCOUNTS:-10}
 REJECT_QPS=${BENCH_REJECT_QPS:-10}       # per-account (sluice: per feature) limit on the reject path
 PASS_QPS=100000000                       # limit on the pass path: never reached
+LIMITED_QPS=${BENCH_LIMITED_QPS:-100}    # per-feature limit of the zipf_limited scenario (the hot accounts exceed it)
+MULTI=${BENCH_MULTI:-1}                  # the multi-instance part (global limits): 1 on, 0 off
+MULTI_N=${BENCH_MULTI_INSTANCES:-3}      # instances of the fleet
+MULTI_SCENARIOS=${BENCH_MULTI_SCENARIOS:-"pass zipf zipf_limited"}
+MULTI_METERING=${BENCH_MULTI_METERING:-on} # off: the multi-instance part's sluices unmetered (Redis: lookups and shares only)
 WRK_TIMEOUT=${BENCH_WRK_TIMEOUT:-2s}     # wrk's per-request timeout
 PERF=${BENCH_PERF:-0}                    # seconds of perf on sluice afterwards (0: off)
 OUTPUT=${BENCH_OUTPUT:-}                 # also write the markdown report here (plot and data next to it)
@@ -74,6 +82,16 @@ usage: $0 [options]
                          sluice_base: BENCH_BASE_BIN run as sluice, to compare two builds in one run)
   --scale LIST          sluice --workers counts for the scaling run, "" for none [BENCH_SCALE="$SCALE"]
   --scale-scenario S    scenario of the scaling run              [BENCH_SCALE_SCENARIO=$SCALE_SCENARIO]
+  --multi 0|1           the multi-instance part (issue 11, global limits): one sluice, N sluices
+                        with --global-limits on, N with it off, on one Redis; the load split over
+                        the N (N wrk processes, CONNS/N connections each) [BENCH_MULTI=$MULTI]
+  --multi-instances N   instances of the fleet                   [BENCH_MULTI_INSTANCES=$MULTI_N]
+  --multi-scenarios L   scenarios of the multi-instance part     [BENCH_MULTI_SCENARIOS="$MULTI_SCENARIOS"]
+                        (zipf_limited, multi-instance part only: zipf with every feature's limit
+                         at --limited-qps, so that the hot accounts are throttled and coordinated)
+  --limited-qps N       per-feature limit of zipf_limited         [BENCH_LIMITED_QPS=$LIMITED_QPS]
+  --multi-metering M    on | off: --metering of the multi-instance part's sluices; off leaves
+                        Redis only the lookups and the shares (a measuring aid) [BENCH_MULTI_METERING=$MULTI_METERING]
   --backend B           modstub | nginx (fixed 200 JSON)          [BENCH_BACKEND=$BACKEND]
   --accounts N          accounts of the pass scenarios           [BENCH_ACCOUNTS=$ACCOUNTS]
   --reject-accounts N   accounts of the reject scenario          [BENCH_REJECT_ACCOUNTS=$REJECT_ACCOUNTS]
@@ -103,6 +121,11 @@ while (($#)); do
     --contenders) CONTENDERS=$2; shift ;;
     --scale) SCALE=$2; shift ;;
     --scale-scenario) SCALE_SCENARIO=$2; shift ;;
+    --multi) MULTI=$2; shift ;;
+    --multi-instances) MULTI_N=$2; shift ;;
+    --multi-scenarios) MULTI_SCENARIOS=$2; shift ;;
+    --limited-qps) LIMITED_QPS=$2; shift ;;
+    --multi-metering) MULTI_METERING=$2; shift ;;
     --backend) BACKEND=$2; shift ;;
     --accounts) ACCOUNTS=$2; shift ;;
     --reject-accounts) REJECT_ACCOUNTS=$2; shift ;;
@@ -127,7 +150,8 @@ MODSTUB_BIN=${MODSTUB_BIN:-$BIN_DIR/modstub}
 die() { echo "proxy_bench: error: $*" >&2; exit 1; }
 log() { echo "proxy_bench: $*" >&2; }
 
-for v in ROUNDS DURATION CONNS THREADS WARMUP BACKEND_WORKERS PERF ACCOUNTS REJECT_ACCOUNTS REJECT_QPS; do
+[[ $MULTI == 0 ]] && MULTI_SCENARIOS=""
+for v in ROUNDS DURATION CONNS THREADS WARMUP BACKEND_WORKERS PERF ACCOUNTS REJECT_ACCOUNTS REJECT_QPS LIMITED_QPS MULTI MULTI_N; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
 done
 ((ROUNDS >= 1 && DURATION >= 1 && CONNS >= 1 && THREADS >= 1)) ||
@@ -135,7 +159,13 @@ done
 ((CONNS >= THREADS)) || die "wrk needs connections >= threads"
 ((ACCOUNTS >= 1 && ACCOUNTS <= 100000 && REJECT_ACCOUNTS >= 1 && REJECT_ACCOUNTS <= ACCOUNTS)) ||
   die "accounts must be 1..100000 and reject accounts 1..accounts"
-((REJECT_QPS >= 1)) || die "reject qps must be >= 1"
+((REJECT_QPS >= 1 && LIMITED_QPS >= 1)) || die "reject qps and limited qps must be >= 1"
+if [[ -n $MULTI_SCENARIOS ]]; then
+  ((MULTI_N >= 2)) || die "--multi-instances must be >= 2"
+  ((CONNS / MULTI_N >= THREADS)) || die "the multi-instance part splits $CONNS connections over $MULTI_N wrk processes: each needs >= $THREADS (threads)"
+fi
+[[ $MULTI_METERING == on || $MULTI_METERING == off ]] || die "--multi-metering is on or off, got '$MULTI_METERING'"
+[[ " $SCENARIOS " == *" zipf_limited "* ]] && die "scenario zipf_limited belongs to the multi-instance part only (--multi-scenarios)"
 for w in $SCALE; do [[ $w =~ ^[1-9][0-9]*$ ]] || die "--scale takes worker counts >= 1, got '$w'"; done
 [[ $BACKEND == modstub || $BACKEND == nginx ]] || die "--backend is modstub or nginx, got '$BACKEND'"
 
@@ -179,6 +209,7 @@ all_nginx_workers=""
 stop_pid() { # pid: TERM, wait up to 10 s, then KILL
   local pid=$1 i
   kill -0 "$pid" 2>/dev/null || return 0
+  kill -CONT "$pid" 2>/dev/null || true # paused by the multi-instance part
   kill -TERM "$pid" 2>/dev/null || true
   for ((i = 0; i < 100; i++)); do
     kill -0 "$pid" 2>/dev/null || break
@@ -311,7 +342,7 @@ user_line() { if [[ $(id -u) == 0 ]]; then echo "user root;"; fi; }
 # An instance is one running proxy (or backend), named "<contender>.<group>",
 # where the group (pass or reject) picks its limits: the pass group never
 # throttles, the reject group has a low per-account limit. Arrays by name:
-declare -A inst_url=() inst_pid=() inst_cpus=() inst_kind=() inst_workers=()
+declare -A inst_url=() inst_pid=() inst_cpus=() inst_kind=() inst_workers=() inst_admin=()
 
 # nginx_launch id template cpus extra_http extra_location: one nginx (master +
 # one worker) from a template; sets inst_* of id.
@@ -384,8 +415,9 @@ backend_requests() { # total requests the backend has answered (modstub only; el
 # A private redis-server (load CPUs, no persistence) with two key spaces:
 # prefix sluice: for the pass group (AK00000.. -> uid00000.., every feature's
 # default_qps 1e8: never throttles) and sluicerj: for the reject group (the
-# same accounts, every feature's default_qps = the reject limit). Redis's
-# own CPU is not charged to sluice.
+# same accounts, every feature's default_qps = the reject limit); and one
+# per configuration and group of the multi-instance part (seed_prefixes).
+# Redis's own CPU is not charged to sluice.
 redis_cmd() { "$REDIS_CLI" -h 127.0.0.1 -p "$redis_port" "$@"; }
 start_redis() {
   local i
@@ -409,40 +441,42 @@ start_redis() {
     tail -n 5 "$tmp/redis/redis.log" >&2; die "redis-server did not answer PING within 10 s"
   done
   [[ $(redis_cmd ping 2>/dev/null) == PONG ]] || die "redis-server: no free port after 3 tries"
-  # SET P ak:AKnnnnn uidnnnnn for both prefixes, and the feature limits, as
+  # SET P ak:AKnnnnn uidnnnnn for every prefix, and the feature limits, as
   # Redis protocol through redis-cli --pipe.
-  awk -v n="$ACCOUNTS" -v feats="$FEATURES" -v pass="$PASS_QPS" -v rej="$REJECT_QPS" '
+  awk -v n="$ACCOUNTS" -v feats="$FEATURES" -v pl="$(seed_prefixes)" '
     function arg(x) { return sprintf("$%d\r\n%s\r\n", length(x), x) }
     function set(k, v) { printf "*3\r\n%s%s%s", arg("SET"), arg(k), arg(v) }
     function hset(k, f, v) { printf "*4\r\n%s%s%s%s", arg("HSET"), arg(k), arg(f), arg(v) }
     BEGIN {
+      np = split(pl, w, " ") / 2   # prefix qps prefix qps ...
       for (i = 0; i < n; i++) {
         ak = sprintf("AK%05d", i); uid = sprintf("uid%05d", i)
-        set("sluice:ak:" ak, uid); set("sluicerj:ak:" ak, uid)
+        for (j = 1; j <= np; j++) set(w[2 * j - 1] "ak:" ak, uid)
       }
       k = split(feats, f, " ")
-      for (i = 1; i <= k; i++) {
-        hset("sluice:feature:" f[i], "default_qps", pass)
-        hset("sluicerj:feature:" f[i], "default_qps", rej)
-      }
+      for (i = 1; i <= k; i++)
+        for (j = 1; j <= np; j++) hset(w[2 * j - 1] "feature:" f[i], "default_qps", w[2 * j])
     }' | redis_cmd --pipe >"$tmp/redis/seed.log" 2>&1 || { cat "$tmp/redis/seed.log" >&2; die "could not seed redis-server"; }
   grep -q 'errors: 0' "$tmp/redis/seed.log" || { cat "$tmp/redis/seed.log" >&2; die "seeding redis-server had errors"; }
   local last
   last=$(printf %05d $((ACCOUNTS - 1)))
-  [[ $(redis_cmd get "sluice:ak:AK$last") == "uid$last" ]] ||
-    die "redis-server lacks the seeded accounts"
+  local p q
+  while read -r p q; do
+    [[ $(redis_cmd get "${p}ak:AK$last") == "uid$last" ]] ||
+      die "redis-server lacks the seeded accounts (prefix $p)"
+  done < <(seed_prefixes | xargs -n2)
 }
 
 # ---------------------------------------------------------------- contenders
 # start_<contender> id group: one instance (sets inst_* of id).
 # pids_of id: the processes whose CPU is charged to it.
 
-launch_sluice() { # id group cpus workers [extra args...]; LAUNCH_BIN: another binary
-  local id=$1 group=$2 cpus=$3 workers=$4 listen admin pid rc prefix=sluice: bin=${LAUNCH_BIN:-$SLUICE_BIN}
+launch_sluice() { # id group cpus workers [extra args...]; LAUNCH_BIN: another binary, LAUNCH_PREFIX: another Redis prefix
+  local id=$1 group=$2 cpus=$3 workers=$4 listen admin pid rc prefix bin=${LAUNCH_BIN:-$SLUICE_BIN}
   shift 4
   local -a extra=("$@")
   [[ -n ${redis_port:-} ]] || start_redis
-  [[ $group == reject ]] && prefix=sluicerj:
+  prefix=${LAUNCH_PREFIX:-$(group_prefix "$group")}
   local dir=$tmp/${id//./-}
   mkdir -p "$dir/spool"
   for _ in 1 2 3; do
@@ -458,6 +492,7 @@ launch_sluice() { # id group cpus workers [extra args...]; LAUNCH_BIN: another b
     rc=0; wait_http "$id" "$pid" "http://127.0.0.1:$admin/healthz" "$dir/sluice.log" || rc=$?
     if ((rc == 0)); then
       inst_pid[$id]=$pid; inst_url[$id]=http://127.0.0.1:$listen; inst_cpus[$id]=$cpus; inst_kind[$id]=sluice
+      inst_admin[$id]=http://127.0.0.1:$admin
       return 0
     fi
   done
@@ -554,11 +589,40 @@ scenario_reject() {
   printf '%s\n' reject.lua / reject "$REJECT_ACCOUNTS" "429 200" \
     "bench/lua/reject.lua: as pass, $REJECT_ACCOUNTS accounts, limit $REJECT_QPS/s (sluice: per feature, nginx and haproxy: per account): nearly all 429"
 }
+scenario_zipf_limited() { # multi-instance part only
+  printf '%s\n' pass_zipf.lua / limited "$ACCOUNTS" "200 429" \
+    "bench/lua/pass_zipf.lua as zipf, with every feature's default_qps $LIMITED_QPS: the hottest accounts' keys (about the top 10-15 accounts at 30-45k req/s) run over their limit, so their buckets are busy and the global limits coordinate them through Redis; the rest pass: mostly 200, some 429"
+}
 scenario_forward() {
   printf '%s\n' - "/?Action=TextModeration&AccessKeyId=AK00000" pass "$ACCOUNTS" "200" \
     "GET /?Action=TextModeration&AccessKeyId=AK00000 (the first bench's request, one account), admitted: all 200"
 }
 spec() { scenario_"$1" | sed -n "${2}p"; } # scenario line
+group_qps() { # group -> every feature's default_qps in its Redis key space
+  case $1 in pass) echo "$PASS_QPS" ;; reject) echo "$REJECT_QPS" ;; limited) echo "$LIMITED_QPS" ;;
+    *) die "unknown group '$1'" ;; esac
+}
+group_prefix() { # group -> Redis prefix of the single-instance part's instances
+  case $1 in pass) echo sluice: ;; reject) echo sluicerj: ;; *) echo "sluice$1:" ;; esac
+}
+# The multi-instance part: configurations (labels) single, fleetN and
+# fleetN_off; each configuration and group has a Redis prefix of its own, so
+# that the N instances of a fleet see one another and nobody else.
+multi_labels() { echo "single fleet$MULTI_N fleet${MULTI_N}_off"; }
+multi_groups() { local s g out=" "; for s in $MULTI_SCENARIOS; do g=$(spec "$s" 3); [[ $out == *" $g "* ]] || out+="$g "; done; echo $out; }
+multi_prefix() { echo "sluice-$1-$2:"; } # label group
+multi_ids() { # label group -> the instance ids of that configuration
+  local i
+  if [[ $1 == single ]]; then echo "single.$2"; return; fi
+  for ((i = 1; i <= MULTI_N; i++)); do printf '%s ' "$1-$i.$2"; done
+}
+seed_prefixes() { # "prefix qps prefix qps ...": every key space seeded into Redis
+  local g l out="sluice: $PASS_QPS sluicerj: $REJECT_QPS"
+  for g in $(multi_groups); do
+    for l in $(multi_labels); do out+=" $(multi_prefix "$l" "$g") $(group_qps "$g")"; done
+  done
+  echo "$out"
+}
 applies() { # contender scenario: does the contender run this scenario?
   [[ $1 == sluice_plain && $(spec "$2" 3) != pass ]] && return 1
   return 0
@@ -575,6 +639,15 @@ done = function(summary, latency, requests)
 end
 EOF2
 }
+pool_size() { # scenario: requests per wrk thread before its cycle repeats (bench/lua/api.lua)
+  local f n
+  f=$(spec "$1" 1)
+  case $f in
+    -) echo 1 ;;
+    *zipf*) echo 16384 ;;
+    *) n=$((2 * $(spec "$1" 4))); ((n < 1024)) && n=1024; ((n > 65536)) && n=65536; echo "$n" ;;
+  esac
+}
 scenario_lua() { # scenario: the scenario's wrk Lua (may be empty)
   local f
   f=$(spec "$1" 1)
@@ -582,45 +655,159 @@ scenario_lua() { # scenario: the scenario's wrk Lua (may be empty)
 }
 
 [[ -r $here/lua/api.lua && -r $here/lua/status.lua ]] || die "bench/lua/api.lua or status.lua missing"
-for s in $SCENARIOS ${SCALE:+$SCALE_SCENARIO}; do
+for s in $(printf '%s\n' $SCENARIOS ${SCALE:+$SCALE_SCENARIO} $MULTI_SCENARIOS | awk '!seen[$0]++'); do
   declare -F "scenario_$s" >/dev/null || die "unknown scenario '$s' (known: $(declare -F | sed -n 's/^declare -f scenario_//p' | tr '\n' ' '))"
   { scenario_lua "$s"; echo; report_lua; } >"$tmp/$s.lua"
   { scenario_lua "$s"; echo; cat "$here/lua/status.lua"; } >"$tmp/$s-probe.lua"
 done
 
 # ---------------------------------------------------------------- one run
-wrk_run() { # id scenario seconds outfile luafile
-  local id=$1 s=$2 secs=$3 out=$4 lua=$5
-  BENCH_LUA_DIR=$here/lua BENCH_ACCOUNTS=$(spec "$s" 4) \
-    timeout -k 5 $((secs + 30)) taskset -c "$LOAD_CPUS" "$WRK_BIN" -t"$THREADS" -c"$CONNS" -d"${secs}s" \
+wrk_run() { # id scenario seconds outfile luafile [connections [seed]]
+  local id=$1 s=$2 secs=$3 out=$4 lua=$5 conns=${6:-$CONNS}
+  BENCH_LUA_DIR=$here/lua BENCH_ACCOUNTS=$(spec "$s" 4) BENCH_SEED=${7:-} \
+    timeout -k 5 $((secs + 30)) taskset -c "$LOAD_CPUS" "$WRK_BIN" -t"$THREADS" -c"$conns" -d"${secs}s" \
     --timeout "$WRK_TIMEOUT" -s "$lua" "${inst_url[$id]}$(spec "$s" 2)" >"$out" 2>&1 ||
     { cat "$out" >&2; die "wrk failed against $id ($s)"; }
 }
 
-# probe id scenario: a run with the status-counting script (also the
-# warm-up: sluice looks every account up once); checks the statuses.
-probe() {
-  local id=$1 s=$2 line allowed first total=0 main=0 kv code n out
-  out=$tmp/probe-$s-${id//./-}.txt
-  wrk_run "$id" "$s" "$((WARMUP > 0 ? WARMUP : 1))" "$out" "$tmp/$s-probe.lua"
-  line=$(grep '^BENCH_STATUS' "$out") || { cat "$out" >&2; die "no status line from the probe of $id ($s)"; }
-  allowed=" $(spec "$s" 5) "; first=$(spec "$s" 5 | cut -d' ' -f1)
-  for kv in ${line#BENCH_STATUS}; do
-    code=${kv%%=*}; n=${kv#*=}; total=$((total + n))
-    [[ $allowed == *" $code "* ]] || die "$id answered HTTP $code ($n times) in scenario $s; allowed: $(spec "$s" 5) (probe: $line)"
-    [[ $code == "$first" ]] && main=$n
+# wrk_runs "ids" scenario seconds outbase luafile: one wrk against one id
+# (outbase.txt); against several, one wrk per id, started together, the
+# connections split between them and each with its own random seed
+# (outbase.1.txt ...). Sets wrk_outs to the output files.
+wrk_runs() {
+  local -a ids=($1) wp=()
+  local s=$2 secs=$3 outb=$4 lua=$5 n=${#ids[@]} i
+  wrk_outs=()
+  if ((n == 1)); then
+    wrk_outs=("$outb.txt")
+    wrk_run "${ids[0]}" "$s" "$secs" "$outb.txt" "$lua"
+    return 0
+  fi
+  for ((i = 0; i < n; i++)); do
+    wrk_outs+=("$outb.$((i + 1)).txt")
+    wrk_run "${ids[i]}" "$s" "$secs" "${wrk_outs[i]}" "$lua" $((CONNS / n + (i < CONNS % n))) $((1 + 1000 * i)) &
+    wp+=($!)
   done
-  ((total > 0 && 2 * main > total)) || die "$id: fewer than half the answers were $first in scenario $s ($line)"
-  echo "$s ${id%%.*} ${line#BENCH_STATUS }" >>"$tmp/probes"
-  log "probe $s $id: ${line#BENCH_STATUS }"
+  for ((i = 0; i < n; i++)); do wait "${wp[i]}" || die "wrk against ${ids[i]} ($s) failed (output above)"; done
 }
 
-measure() { # label scenario round id [row-scenario]: one measured wrk run, appends to results
-  local c=$1 s=$2 r=$3 id=$4 rs=${5:-$2} out pids t0 t1 c0 c1 b0 b1 line cpus=${inst_cpus[$4]}
-  out=$tmp/wrk-${rs/:/-}-$c-$r.txt
-  where="before round $r of $s against $id"
+# global_metrics id: "coordinated_keys key_updates_total syncs_total
+# directory_resyncs_total directory_lookups_total" from the instance's
+# /metrics (0 for what an instance without global limits does not have).
+global_metrics() {
+  { curl -s --max-time 2 "${inst_admin[$1]}/metrics" || true; } | awk '
+    $1 == "sluice_global_coordinated_keys" {c = $2} $1 == "sluice_global_key_updates_total" {u = $2}
+    $1 == "sluice_global_syncs_total" {y = $2} $1 == "sluice_directory_resyncs_total" {r = $2}
+    $1 == "sluice_directory_lookups_total" {l = $2} END {printf "%d %d %d %d %d\n", c, u, y, r, l}'
+}
+# wait_uncoordinated "ids": wait (at most 10 s) until no running sluice
+# instance but ids has a coordinated key: a key stays coordinated, and costs
+# Redis commands every sync, for 5 s after its load stops, which would be
+# charged to the next run. After one timeout it waits no more.
+quiet_wait=1
+wait_uncoordinated() {
+  local id busy end=$((SECONDS + 10))
+  ((quiet_wait)) || return 0
+  while :; do
+    busy=""
+    for id in "${!inst_admin[@]}"; do
+      [[ " $1 " == *" $id "* || " $paused " == *" $id "* ]] && continue
+      [[ $(global_metrics "$id") == 0\ * ]] || { busy=$id; break; }
+    done
+    [[ -z $busy ]] && return 0
+    ((SECONDS < end)) || break
+    sleep 0.2
+  done
+  log "$busy still has coordinated keys after 10 s; not waiting for coordinated keys any more"
+  quiet_wait=0
+}
+
+# focus "ids": pause (SIGSTOP) every other sluice instance and continue ids,
+# so that Redis's CPU during the run is the ids' alone (an idle instance with
+# global limits on still sends one EVAL per sync interval); then wait until
+# those with global limits on share again (a continued instance has missed
+# its syncs: it falls back and rejoins within a few hundred ms), and a second
+# more for whatever else catches up (a request that was in flight when it
+# was paused may time out and reconnect).
+paused=""
+focus() {
+  local id m p np="" end=$((SECONDS + 10)) n
+  local -A s0=()
+  n=$(wc -w <<<"$1")
+  for id in "${!inst_admin[@]}"; do
+    [[ " $1 " == *" $id "* || " $paused " == *" $id "* ]] && continue
+    kill -STOP "${inst_pid[$id]}" 2>/dev/null || true
+    paused+=" $id"
+  done
+  for p in $paused; do
+    if [[ " $1 " == *" $p "* ]]; then kill -CONT "${inst_pid[$p]}" 2>/dev/null || true; else np+=" $p"; fi
+  done
+  paused=$np
+  for id in $1; do s0[$id]=$(global_metrics "$id" | cut -d' ' -f3); done
+  # shared again: mode 1, all n instances seen, and 3 syncs answered since
+  for id in $1; do
+    while :; do
+      m=$({ curl -s --max-time 2 "${inst_admin[$id]}/metrics" || true; } | awk -v s0="${s0[$id]}" '
+        $1 == "sluice_global_limits_mode" {md = $2} $1 == "sluice_global_instances" {n = $2}
+        $1 == "sluice_global_syncs_total" {y = $2} END {print md + 0, (md == 0 ? 0 : n + 0), (y >= s0 + 3 ? "ok" : "wait")}')
+      [[ $m == "0 0 "* || $m == "1 $n ok" ]] && break
+      ((SECONDS < end)) || { log "focus: $id reports global limits mode, instances, syncs '$m' after 10 s (want 1 $n ok); measuring anyway"; break; }
+      sleep 0.1
+    done
+  done
+  sleep 1
+}
+unpause_all() {
+  local id
+  for id in $paused; do kill -CONT "${inst_pid[$id]}" 2>/dev/null || true; done
+  paused=""
+}
+
+# probe "ids" scenario [row-scenario [label [seconds]]]: a run with the
+# status-counting script (also the warm-up: sluice looks every account up
+# once); checks the statuses (summed over the wrk processes when there are
+# several ids).
+probe() {
+  local ids=$1 s=$2 rs=${3:-$2} first=${1%% *} allowed main_code total=0 main=0 kv code n line f
+  local label=${4:-${first%%.*}} secs=${5:-$((WARMUP > 0 ? WARMUP : 1))}
+  local -A cnt=()
+  wrk_runs "$ids" "$s" "$secs" "$tmp/probe-${rs/:/-}-${first//./-}" "$tmp/$s-probe.lua"
+  for f in "${wrk_outs[@]}"; do
+    line=$(grep '^BENCH_STATUS' "$f") || { cat "$f" >&2; die "no status line from the probe of $ids ($s)"; }
+    for kv in ${line#BENCH_STATUS}; do cnt[${kv%%=*}]=$((${cnt[${kv%%=*}]:-0} + ${kv#*=})); done
+  done
+  line=$(for code in "${!cnt[@]}"; do echo "$code=${cnt[$code]}"; done | sort -n | tr '\n' ' ')
+  line=${line% }
+  allowed=" $(spec "$s" 5) "; main_code=$(spec "$s" 5 | cut -d' ' -f1)
+  for kv in $line; do
+    code=${kv%%=*}; n=${kv#*=}; total=$((total + n))
+    [[ $allowed == *" $code "* ]] || die "$ids answered HTTP $code ($n times) in scenario $s; allowed: $(spec "$s" 5) (probe: $line)"
+    [[ $code == "$main_code" ]] && main=$n
+  done
+  ((total > 0 && 2 * main > total)) || die "$ids: fewer than half the answers were $main_code in scenario $s ($line)"
+  echo "$rs $label $line" >>"$tmp/probes"
+  log "probe $rs $label ($ids): $line"
+}
+
+# measure label scenario round "ids" [row-scenario]: one measured run (one
+# wrk per id, started together), appends a line to results: requests and
+# req/s summed over the wrk processes, p50/p99 the worst of them, CPU the sum
+# of the ids' processes; then the ids' global-limits counters (instances,
+# coordinated keys at the end, key updates and syncs during the run).
+measure() {
+  local c=$1 s=$2 r=$3 ids=$4 rs=${5:-$2} outb pids="" t0 t1 c0 c1 b0 b1 line id f
+  local first=${4%% *}
+  local cpus=${inst_cpus[$first]} nid
+  nid=$(wc -w <<<"$ids")
+  outb=$tmp/wrk-${rs/:/-}-$c-$r
+  wait_uncoordinated "$ids"
+  where="before round $r of $s against $ids"
   check_alive "${!pid_name[@]}"
-  pids=$(pids_of "$id")
+  for id in $ids; do pids+=" $(pids_of "$id")"; done
+  local g0="" g1="" gd="1 - - -"
+  if [[ -n ${inst_admin[$first]:-} ]]; then
+    g0=$(for id in $ids; do global_metrics "$id"; done)
+  fi
   b0=$(backend_requests)
   # shellcheck disable=SC2086
   t0=$(proc_ticks $pids)
@@ -632,9 +819,9 @@ measure() { # label scenario round id [row-scenario]: one measured wrk run, appe
   own_children_ticks; ch0=$own_child_ticks
   local rt0 rt1
   rt0=$(proc_ticks "$redis_pid")
-  wrk_run "$id" "$s" "$DURATION" "$out" "$tmp/$s.lua"
+  wrk_runs "$ids" "$s" "$DURATION" "$outb" "$tmp/$s.lua"
   rt1=$(proc_ticks "$redis_pid")
-  where="during round $r of $s against $id"
+  where="during round $r of $s against $ids"
   check_alive "${!pid_name[@]}"
   # shellcheck disable=SC2086
   t1=$(proc_ticks $pids)
@@ -645,26 +832,40 @@ measure() { # label scenario round id [row-scenario]: one measured wrk run, appe
   own_children_ticks; ch1=$own_child_ticks
   local other=$(((all1 - all0) - (own1 - own0) - (ch1 - ch0)))
   b1=$(backend_requests)
+  if [[ -n $g0 ]]; then
+    g1=$(for id in $ids; do global_metrics "$id"; done)
+    # instances, coordinated keys (summed over the instances, at the end), key updates, syncs
+    gd=$(paste -d' ' <(echo "$g0") <(echo "$g1") | awk -v n="$nid" '
+      {c += $6; u += $7 - $2; y += $8 - $3} END {printf "%d %d %d %d", n, c, u, y}')
+    local rsy lku
+    read -r rsy lku < <(paste -d' ' <(echo "$g0") <(echo "$g1") | awk '{t += $9 - $4; l += $10 - $5} END {print t + 0, l + 0}')
+    ((rsy == 0)) || log "note: $rsy full directory resync(s) of $ids during round $r of $s (Redis reloads every account they hold)"
+    ((lku < 100)) || log "note: $lku account lookups by $ids during round $r of $s (not all warmed up by the probe)"
+  fi
   local breq=-
   [[ $b0 =~ ^[0-9]+$ && $b1 =~ ^[0-9]+$ ]] && breq=$((b1 - b0))
-  line=$(grep '^BENCH_RESULT' "$out") || { cat "$out" >&2; die "no result line from wrk against $id"; }
   local -A m=()
-  local kv
-  for kv in ${line#BENCH_RESULT }; do m[${kv%%=*}]=${kv#*=}; done
-  local requests=${m[requests]} non2xx=${m[non2xx]} rps cpu_us p50 p99 serr
-  serr=$((m[err_connect] + m[err_read] + m[err_write] + m[err_timeout]))
-  rps=$(awk -v n="$requests" -v d="${m[duration_us]}" 'BEGIN {printf "%.0f", n / (d / 1e6)}')
+  local kv requests=0 non2xx=0 serr=0 rps=0 p50=0 p99=0 cpu_us
+  for f in "${wrk_outs[@]}"; do
+    line=$(grep '^BENCH_RESULT' "$f") || { cat "$f" >&2; die "no result line from wrk against $ids"; }
+    m=()
+    for kv in ${line#BENCH_RESULT }; do m[${kv%%=*}]=${kv#*=}; done
+    requests=$((requests + m[requests])); non2xx=$((non2xx + m[non2xx]))
+    serr=$((serr + m[err_connect] + m[err_read] + m[err_write] + m[err_timeout]))
+    read -r rps p50 p99 < <(awk -v a="$rps" -v b="$p50" -v c="$p99" -v n="${m[requests]}" -v d="${m[duration_us]}" \
+      -v p5="${m[p50_us]}" -v p9="${m[p99_us]}" 'BEGIN {
+        printf "%.0f %.3f %.3f\n", a + n / (d / 1e6), (p5 / 1000 > b ? p5 / 1000 : b), (p9 / 1000 > c ? p9 / 1000 : c) }')
+  done
   cpu_us=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$requests" \
     'BEGIN {if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "nan"}')
-  p50=$(awk -v v="${m[p50_us]}" 'BEGIN {printf "%.3f", v / 1000}')
-  p99=$(awk -v v="${m[p99_us]}" 'BEGIN {printf "%.3f", v / 1000}')
   echo "$rs $c $r $rps $p50 $p99 $cpu_us $requests $non2xx $serr $((t1 - t0)) $((c1 - c0)) $breq $other $cpus $(awk -v t=$((rt1 - rt0)) -v hz="$CLK_TCK" -v n="$requests" \
-    'BEGIN {if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "nan"}')" >>"$tmp/results"
-  log "$(printf 'round %d/%d %-7s %-12s %7s req/s  p50 %s ms  p99 %s ms  %s us CPU/req  non-2xx %s  socket errors %s  backend saw %s  other CPU ticks %s' \
-    "$r" "$ROUNDS" "$s" "$c" "$rps" "$p50" "$p99" "$cpu_us" "$non2xx" "$serr" "$breq" "$other")"
-  if (((non2xx > 0 && $(spec "$s" 5 | cut -d' ' -f1) == 200) || serr > 0)); then
-    log "anomaly against $id ($s, round $r); wrk said:"
-    grep -E 'Non-2xx|Socket errors|requests in' "$out" >&2 || true
+    'BEGIN {if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "nan"}') $((rt1 - rt0)) $gd" >>"$tmp/results"
+  log "$(printf 'round %d/%d %-7s %-12s %7s req/s  p50 %s ms  p99 %s ms  %s us CPU/req  non-2xx %s  socket errors %s  backend saw %s  other CPU ticks %s%s' \
+    "$r" "$ROUNDS" "$rs" "$c" "$rps" "$p50" "$p99" "$cpu_us" "$non2xx" "$serr" "$breq" "$other" \
+    "$([[ -n $g0 ]] && awk -v g="$gd" -v t=$((rt1 - rt0)) 'BEGIN {split(g, a, " "); printf "  redis ticks %d  coordinated keys %d  key updates %d  syncs %d", t, a[2], a[3], a[4]}')")"
+  if (((non2xx > 0 && $([[ $(spec "$s" 5) == 200 ]] && echo 1 || echo 0)) || serr > 0)); then
+    log "anomaly against $ids ($s, round $r); wrk said:"
+    grep -E 'Non-2xx|Socket errors|requests in' "${wrk_outs[@]}" >&2 || true
   fi
 }
 
@@ -727,6 +928,12 @@ dirty=$(git -C "$root" status --porcelain -- proxy limiter modstub 2>/dev/null |
   echo "- binaries: $SLUICE_BIN (built $(date -u -r "$SLUICE_BIN" '+%Y-%m-%d %H:%M UTC'))"
   for c in $CONTENDERS; do echo "- $(describe_"$c")"; done
   for s in $SCENARIOS; do echo "- scenario **$s**: $(spec "$s" 6)"; done
+  if [[ -n $MULTI_SCENARIOS ]]; then
+    echo "- multi-instance part (issue 11, global limits): scenarios ${MULTI_SCENARIOS// /, }; configurations single (1 sluice, --global-limits on), fleet$MULTI_N ($MULTI_N sluices, --global-limits on, --global-sync-ms default), fleet${MULTI_N}_off ($MULTI_N, --global-limits off), each --workers 1, --metering $MULTI_METERING, on CPU $PROXY_CPUS, each configuration on a Redis prefix of its own; the load (wrk -t$THREADS, $CONNS connections in all) split over $MULTI_N wrk processes for the fleets; $ROUNDS round(s) interleaved"
+    for s in $MULTI_SCENARIOS; do
+      [[ " $SCENARIOS " == *" $s "* ]] || echo "- scenario **$s**: $(spec "$s" 6)"
+    done
+  fi
   echo "- CPU us/req = delta(utime+stime) of the proxy's processes from /proc/PID/stat over the wrk run (CLK_TCK=$CLK_TCK) / requests wrk completed"
 } >"$tmp/header"
 cat "$tmp/header" >&2
@@ -759,6 +966,68 @@ if [[ -n $SCALE ]]; then
   done
 fi
 
+# Several instances on one Redis (issue 11's global limits): per group of
+# the multi-instance scenarios, one sluice (single), N sluices with
+# --global-limits on (fleetN) and N with it off (fleetN_off), each
+# configuration on a Redis prefix of its own (so a fleet's instances see one
+# another and nobody else), every instance --workers 1 on the proxy CPUs:
+# the N share them, so that their total CPU compares with single's. Started
+# only now, so that they do not heartbeat into Redis during the runs above.
+if [[ -n $MULTI_SCENARIOS ]]; then
+  for g in $(multi_groups); do
+    for l in $(multi_labels); do
+      gl=on; [[ $l == *_off ]] && gl=off
+      for id in $(multi_ids "$l" "$g"); do
+        LAUNCH_PREFIX=$(multi_prefix "$l" "$g") launch_sluice "$id" "$g" "$PROXY_CPUS" 1 --global-limits "$gl" \
+          --metering "$MULTI_METERING" --resync-ms 86400000
+      done
+    done
+  done
+  # Probes of 2 x WARMUP s per instance, then warm-up runs of twice the
+  # length until every wrk process has gone through its whole pool of
+  # requests in one run (at most 3 more): a run replays its pool from the
+  # start, so only then has every account the rounds send been looked up
+  # (each of a fleet's wrk processes sends a third of the requests).
+  for s in $MULTI_SCENARIOS; do
+    for l in $(multi_labels); do
+      ids=$(multi_ids "$l" "$(spec "$s" 3)")
+      secs=$((2 * (WARMUP > 0 ? WARMUP : 1) * $(wc -w <<<"$ids")))
+      probe "$ids" "$s" "multi:$s" "$l" "$secs"
+      for ((i = 1; i <= 3; i++)); do
+        short=$(cat "${wrk_outs[@]}" | awk -v p=$(($(pool_size "$s") * THREADS)) '/ requests in / && $1 < p {n++} END {print n + 0}')
+        ((short > 0)) || break
+        secs=$((2 * secs))
+        log "warm-up multi:$s $l: $short wrk process(es) did not go through their pool of $(pool_size "$s") requests (per thread); $secs s more"
+        wrk_runs "$ids" "$s" "$secs" "$tmp/warm-multi-$s-$l-$i" "$tmp/$s.lua"
+      done
+    done
+  done
+  # Redis's CPU with no load and only one configuration running (the
+  # others paused): its fixed cost (heartbeats: one EVAL per sync interval
+  # and instance with global limits on; directory and metering timers).
+  declare -A idle_redis=()
+  for g in $(multi_groups); do
+    for l in $(multi_labels); do
+      focus "$(multi_ids "$l" "$g")"
+      idle_r0=$(proc_ticks "$redis_pid"); idle_t0=$(date +%s.%N)
+      sleep "$DURATION"
+      idle_r1=$(proc_ticks "$redis_pid"); idle_t1=$(date +%s.%N)
+      idle_redis[$g,$l]=$(awk -v t=$((idle_r1 - idle_r0)) -v hz="$CLK_TCK" -v a="$idle_t0" -v b="$idle_t1" \
+        'BEGIN {printf "%.1f", t / hz * 1000 / (b - a)}')
+      log "redis-server with no load, only $l ($g group) running: ${idle_redis[$g,$l]} ms CPU per second"
+    done
+  done
+  for ((r = 1; r <= ROUNDS; r++)); do
+    for s in $MULTI_SCENARIOS; do
+      for l in $(multi_labels); do
+        focus "$(multi_ids "$l" "$(spec "$s" 3)")"
+        measure "$l" "$s" "$r" "$(multi_ids "$l" "$(spec "$s" 3)")" "multi:$s"
+      done
+    done
+  done
+  unpause_all
+fi
+
 # ---------------------------------------------------------------- report
 med() { # scenario contender column -> median over rounds
   awk -v s="$1" -v c="$2" -v k="$3" '$1==s && $2==c {print $k}' "$tmp/results" | median
@@ -770,63 +1039,65 @@ peers() { local c; for c in $CONTENDERS; do [[ $c == nginx || $c == haproxy ]] &
 
 report() {
   cat "$tmp/header"
-  echo
-  echo "### Pass and reject paths"
-  echo
-  echo "Median over rounds. CPU vs best peer = CPU us/req / the lowest CPU us/req of nginx and haproxy in the same scenario (lower is better; sluice's target is <= 1.00); req/s vs best peer = req/s / the highest req/s of nginx and haproxy. redis CPU us/req: redis-server's CPU over the run / requests (sluice's lookups and metering; the other contenders do not use Redis; not charged to sluice, and it runs on the load CPU, so it takes CPU from wrk and the backend). non-2xx % is the share of answers that were not 2xx (429s on the reject path). Probe answers: statuses counted by bench/lua/status.lua in the ${WARMUP}s probe run before the rounds."
-  echo
-  echo "| scenario | contender | req/s | p50 ms | p99 ms | CPU us/req | CPU vs best peer | req/s vs best peer | redis CPU us/req | non-2xx % | socket errors | probe answers | rounds |"
-  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
-  local s c
-  local -A M=()
-  for s in $SCENARIOS; do
-    local best_cpu="" best_rps="" p
-    for c in $CONTENDERS; do
-      applies "$c" "$s" || continue
-      M[$s,$c,rps]=$(med "$s" "$c" 4); M[$s,$c,p50]=$(med "$s" "$c" 5)
-      M[$s,$c,p99]=$(med "$s" "$c" 6); M[$s,$c,cpu]=$(med "$s" "$c" 7)
-    done
-    for p in $(peers); do
-      best_cpu=$(awk -v a="$best_cpu" -v b="${M[$s,$p,cpu]}" 'BEGIN {print (a == "" || b + 0 < a + 0) ? b : a}')
-      best_rps=$(awk -v a="$best_rps" -v b="${M[$s,$p,rps]}" 'BEGIN {print (a == "" || b + 0 > a + 0) ? b : a}')
-    done
-    M[$s,best_cpu]=$best_cpu
-    for c in $CONTENDERS; do
-      applies "$c" "$s" || continue
-      local req n2 se n probe
-      req=$(sumcol "$s" "$c" 8); n2=$(sumcol "$s" "$c" 9); se=$(sumcol "$s" "$c" 10)
-      n=$(awk -v s="$s" -v c="$c" '$1==s && $2==c {n++} END {print n+0}' "$tmp/results")
-      probe=$(awk -v s="$s" -v c="$c" '$1==s && $2==c {$1=""; $2=""; sub(/^ +/, ""); print}' "$tmp/probes")
-      awk -v s="$s" -v c="$c" -v rps="${M[$s,$c,rps]}" -v p50="${M[$s,$c,p50]}" -v p99="${M[$s,$c,p99]}" \
-        -v cpu="${M[$s,$c,cpu]}" -v bc="$best_cpu" -v br="$best_rps" -v req="$req" -v n2="$n2" -v se="$se" \
-        -v probe="$probe" -v n="$n" -v rcpu="$(med "$s" "$c" 16)" 'BEGIN {
-          printf "| %s | %s | %.0f | %.3f | %.3f | %.2f | %s | %s | %.2f | %.2f | %d | %s | %d |\n", s, c, rps, p50, p99, cpu,
-            (bc == "" ? "-" : sprintf("%.2f", cpu / bc)), (br == "" ? "-" : sprintf("%.2f", rps / br)), rcpu,
-            (req > 0 ? 100 * n2 / req : 0), se, probe, n }'
-    done
-  done
-  echo
-  if [[ " $CONTENDERS " == *" sluice "* && -n $(peers) ]]; then
+  if [[ -n ${SCENARIOS// /} ]]; then # (-s "": the multi-instance part only)
+    echo
+    echo "### Pass and reject paths"
+    echo
+    echo "Median over rounds. CPU vs best peer = CPU us/req / the lowest CPU us/req of nginx and haproxy in the same scenario (lower is better; sluice's target is <= 1.00); req/s vs best peer = req/s / the highest req/s of nginx and haproxy. redis CPU us/req: redis-server's CPU over the run / requests (sluice's lookups and metering; the other contenders do not use Redis; not charged to sluice, and it runs on the load CPU, so it takes CPU from wrk and the backend). non-2xx % is the share of answers that were not 2xx (429s on the reject path). Probe answers: statuses counted by bench/lua/status.lua in the ${WARMUP}s probe run before the rounds."
+    echo
+    echo "| scenario | contender | req/s | p50 ms | p99 ms | CPU us/req | CPU vs best peer | req/s vs best peer | redis CPU us/req | non-2xx % | socket errors | probe answers | rounds |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+    local s c
+    local -A M=()
     for s in $SCENARIOS; do
-      awk -v s="$s" -v a="${M[$s,sluice,cpu]}" -v b="${M[$s,best_cpu]}" 'BEGIN {
-        printf "- **%s: sluice CPU us/request / best peer = %.2f** (%.2f vs %.2f us; target <= 1.00: %s)\n",
-          s, a / b, a, b, (a <= b ? "met" : "NOT met") }'
+      local best_cpu="" best_rps="" p
+      for c in $CONTENDERS; do
+        applies "$c" "$s" || continue
+        M[$s,$c,rps]=$(med "$s" "$c" 4); M[$s,$c,p50]=$(med "$s" "$c" 5)
+        M[$s,$c,p99]=$(med "$s" "$c" 6); M[$s,$c,cpu]=$(med "$s" "$c" 7)
+      done
+      for p in $(peers); do
+        best_cpu=$(awk -v a="$best_cpu" -v b="${M[$s,$p,cpu]}" 'BEGIN {print (a == "" || b + 0 < a + 0) ? b : a}')
+        best_rps=$(awk -v a="$best_rps" -v b="${M[$s,$p,rps]}" 'BEGIN {print (a == "" || b + 0 > a + 0) ? b : a}')
+      done
+      M[$s,best_cpu]=$best_cpu
+      for c in $CONTENDERS; do
+        applies "$c" "$s" || continue
+        local req n2 se n probe
+        req=$(sumcol "$s" "$c" 8); n2=$(sumcol "$s" "$c" 9); se=$(sumcol "$s" "$c" 10)
+        n=$(awk -v s="$s" -v c="$c" '$1==s && $2==c {n++} END {print n+0}' "$tmp/results")
+        probe=$(awk -v s="$s" -v c="$c" '$1==s && $2==c {$1=""; $2=""; sub(/^ +/, ""); print}' "$tmp/probes")
+        awk -v s="$s" -v c="$c" -v rps="${M[$s,$c,rps]}" -v p50="${M[$s,$c,p50]}" -v p99="${M[$s,$c,p99]}" \
+          -v cpu="${M[$s,$c,cpu]}" -v bc="$best_cpu" -v br="$best_rps" -v req="$req" -v n2="$n2" -v se="$se" \
+          -v probe="$probe" -v n="$n" -v rcpu="$(med "$s" "$c" 16)" 'BEGIN {
+            printf "| %s | %s | %.0f | %.3f | %.3f | %.2f | %s | %s | %.2f | %.2f | %d | %s | %d |\n", s, c, rps, p50, p99, cpu,
+              (bc == "" ? "-" : sprintf("%.2f", cpu / bc)), (br == "" ? "-" : sprintf("%.2f", rps / br)), rcpu,
+              (req > 0 ? 100 * n2 / req : 0), se, probe, n }'
+      done
     done
-  fi
-  if [[ " $CONTENDERS " == *" sluice "* && " $CONTENDERS " == *" sluice_plain "* ]]; then
-    for s in $SCENARIOS; do
-      applies sluice_plain "$s" || continue
-      awk -v s="$s" -v a="${M[$s,sluice,cpu]}" -v b="${M[$s,sluice_plain,cpu]}" 'BEGIN {
-        printf "- %s: cost of admission (sluice minus sluice --admission off, both metered): %+.2f us/req (%.2f vs %.2f, ratio %.2f)\n",
-          s, a - b, a, b, a / b }'
-    done
-  fi
-  if [[ " $CONTENDERS " == *" sluice "* && " $CONTENDERS " == *" sluice_nometer "* ]]; then
-    for s in $SCENARIOS; do
-      awk -v s="$s" -v a="${M[$s,sluice,cpu]}" -v b="${M[$s,sluice_nometer,cpu]}" 'BEGIN {
-        if (b > 0) printf "- %s: cost of metering (sluice minus sluice --metering off, both admitting): %+.2f us/req (%.2f vs %.2f, ratio %.2f)\n",
-          s, a - b, a, b, a / b }'
-    done
+    echo
+    if [[ " $CONTENDERS " == *" sluice "* && -n $(peers) ]]; then
+      for s in $SCENARIOS; do
+        awk -v s="$s" -v a="${M[$s,sluice,cpu]}" -v b="${M[$s,best_cpu]}" 'BEGIN {
+          printf "- **%s: sluice CPU us/request / best peer = %.2f** (%.2f vs %.2f us; target <= 1.00: %s)\n",
+            s, a / b, a, b, (a <= b ? "met" : "NOT met") }'
+      done
+    fi
+    if [[ " $CONTENDERS " == *" sluice "* && " $CONTENDERS " == *" sluice_plain "* ]]; then
+      for s in $SCENARIOS; do
+        applies sluice_plain "$s" || continue
+        awk -v s="$s" -v a="${M[$s,sluice,cpu]}" -v b="${M[$s,sluice_plain,cpu]}" 'BEGIN {
+          printf "- %s: cost of admission (sluice minus sluice --admission off, both metered): %+.2f us/req (%.2f vs %.2f, ratio %.2f)\n",
+            s, a - b, a, b, a / b }'
+      done
+    fi
+    if [[ " $CONTENDERS " == *" sluice "* && " $CONTENDERS " == *" sluice_nometer "* ]]; then
+      for s in $SCENARIOS; do
+        awk -v s="$s" -v a="${M[$s,sluice,cpu]}" -v b="${M[$s,sluice_nometer,cpu]}" 'BEGIN {
+          if (b > 0) printf "- %s: cost of metering (sluice minus sluice --metering off, both admitting): %+.2f us/req (%.2f vs %.2f, ratio %.2f)\n",
+            s, a - b, a, b, a / b }'
+      done
+    fi
   fi
   if [[ -n $SCALE ]]; then
     echo
@@ -844,6 +1115,7 @@ report() {
         "$(sumcol "$ss" "$cw" 10)" "$(awk -v s="$ss" -v c="$cw" '$1==s && $2==c {n++} END {print n+0}' "$tmp/results")"
     done
   fi
+  [[ -n $MULTI_SCENARIOS ]] && report_multi
   local cap=$((ncpu * DURATION * CLK_TCK)) nwarn
   nwarn=$(awk -v cap=$cap '$14 > 0.05 * cap {n++} END {print n+0}' "$tmp/results")
   echo
@@ -856,17 +1128,75 @@ report() {
   echo
   echo "<details><summary>every round</summary>"
   echo
-  echo "| scenario | contender | round | req/s | p50 ms | p99 ms | CPU us/req | requests | non-2xx | socket errors | proxy CPU ticks | busy ticks of proxy CPUs | backend requests | other CPU ticks | proxy CPUs | redis CPU us/req |"
-  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
-  awk '{ line = "|"; for (i = 1; i <= 16; i++) line = line " " $i " |"; print line }' "$tmp/results"
+  echo "| scenario | contender | round | req/s | p50 ms | p99 ms | CPU us/req | requests | non-2xx | socket errors | proxy CPU ticks | busy ticks of proxy CPUs | backend requests | other CPU ticks | proxy CPUs | redis CPU us/req | redis CPU ticks | instances | coordinated keys | key updates | syncs |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+  awk '{ line = "|"; for (i = 1; i <= 21; i++) line = line " " $i " |"; print line }' "$tmp/results"
   echo
   echo "Busy ticks of the proxy CPUs minus the proxy's own ticks = softirq (loopback TCP) plus anything else that ran there."
+  echo "Multi-instance rows (multi:...): req/s and requests summed over the instances' wrk processes, p50/p99 the worst of them, CPU ticks summed over the instances; coordinated keys summed over the instances at the end of the run, key updates and syncs summed over the instances during the run (- where not measured)."
   echo "Other CPU ticks = busy ticks of all CPUs minus those of the proxies, backend, redis, wrk and this script's helpers:"
   echo "CPU used by processes this script did not start (a clean run has next to none; each CPU gives $CLK_TCK ticks a second);"
   echo "load average at start: $load_start; at end: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo
   echo "</details>"
   if ((PERF > 0)) && [[ " $CONTENDERS " == *" sluice "* ]]; then perf_sluice "$PERF"; fi
+}
+
+report_multi() {
+  local s l g fl=fleet$MULTI_N off=fleet${MULTI_N}_off
+  echo
+  echo "### Several instances on one Redis: global limits (issue 11)"
+  echo
+  echo "Per scenario, interleaved round by round: **single**, one sluice with --global-limits on (as the sluice contender); **$fl**, $MULTI_N sluices with --global-limits on, one Redis and prefix, the load split across them ($MULTI_N wrk processes started together, $CONNS connections in all, $((CONNS / MULTI_N)) or $((CONNS / MULTI_N + 1)) each); **$off**, the same $MULTI_N with --global-limits off (each admits the whole limit), so that Redis's CPU of the coordination = $fl minus $off. Every instance --workers 1, --metering $MULTI_METERING$([[ $MULTI_METERING == off ]] && echo " (a measuring aid: Redis then serves only the lookups and the shares)"), all pinned to CPU $PROXY_CPUS (the $MULTI_N share it, so the total compares with single's); each configuration has a Redis prefix of its own and its own --spool-dir and admin port. sluice CPU us/req = the instances' utime+stime summed / requests completed (all wrk processes); vs single = that / single's (target for $fl: <= 1.03); redis CPU us/req = redis-server's utime+stime / requests (metering, lookups and, for $fl, the shares; target for the coordination, $fl minus $off: <= 0.30 us). p99: the worst of the wrk processes. Coordinated keys: sluice_global_coordinated_keys per instance at the end of the run (a busy key is coordinated on every instance); key updates and syncs: sluice_global_key_updates_total and sluice_global_syncs_total per instance and second of the run. During each run of this part every other sluice instance of the script is paused (SIGSTOP; continued, SIGCONT, for its own runs, which start once its instances share limits again: mode 1, all N seen, 3 syncs answered), so that Redis's CPU is that of the configuration under test alone: an idle instance with global limits on still sends one EVAL per sync interval."
+  echo
+  echo "Redis with no load (ms of CPU per second, over ${DURATION} s, only that configuration running; its fixed cost: heartbeats, directory and metering timers):"
+  echo
+  echo "| group | $(multi_labels | sed 's/ / | /g') |"
+  echo "|---|$(for l in $(multi_labels); do printf -- '---:|'; done)"
+  for g in $(multi_groups); do
+    printf '| %s |' "$g"; for l in $(multi_labels); do printf ' %s |' "${idle_redis[$g,$l]:-?}"; done; echo
+  done
+  echo
+  echo "| scenario | configuration | instances | req/s | p99 ms | sluice CPU us/req | vs single | redis CPU us/req | redis minus $off | non-2xx % | socket errors | coordinated keys per instance | key updates/s per instance | syncs/s per instance | probe answers | rounds |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+  for s in $MULTI_SCENARIOS; do
+    local rs=multi:$s base_cpu off_redis
+    base_cpu=$(med "$rs" single 7); off_redis=$(med "$rs" "$off" 16)
+    for l in $(multi_labels); do
+      awk -v s="$s" -v l="$l" -v rps="$(med "$rs" "$l" 4)" -v p99="$(med "$rs" "$l" 6)" -v cpu="$(med "$rs" "$l" 7)" \
+        -v bc="$base_cpu" -v rc="$(med "$rs" "$l" 16)" -v ro="$off_redis" -v req="$(sumcol "$rs" "$l" 8)" \
+        -v n2="$(sumcol "$rs" "$l" 9)" -v se="$(sumcol "$rs" "$l" 10)" -v d="$DURATION" \
+        -v probe="$(awk -v s="$rs" -v c="$l" '$1==s && $2==c {$1=""; $2=""; sub(/^ +/, ""); print}' "$tmp/probes")" \
+        -v cols="$(awk -v s="$rs" -v c="$l" '$1==s && $2==c {print $18, $19, $20, $21}' "$tmp/results")" 'BEGIN {
+          nr = split(cols, v, /[ \n]+/) / 4
+          for (i = 0; i < nr; i++) { n = v[4*i+1]; ck[i] = v[4*i+2] / n; ku[i] = v[4*i+3] / n / d; sy[i] = v[4*i+4] / n / d }
+          printf "| %s | %s | %d | %.0f | %.3f | %.2f | %.3f | %.2f | %s | %.2f | %d | %s | %s | %s | %s | %d |\n", s, l, n, rps, p99, cpu,
+            cpu / bc, rc, (l == "single" ? "-" : sprintf("%+.2f", rc - ro)), (req > 0 ? 100 * n2 / req : 0), se,
+            medof(ck, nr, "%.1f"), medof(ku, nr, "%.0f"), medof(sy, nr, "%.1f"), probe, nr }
+        function medof(a, k, f,   i, j, t) {   # median of a[0..k-1]
+          for (i = 1; i < k; i++) for (j = i; j > 0 && a[j-1] > a[j]; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
+          return k == 0 ? "-" : sprintf(f, k % 2 ? a[(k-1)/2] : (a[k/2-1] + a[k/2]) / 2) }'
+    done
+  done
+  echo
+  for s in $MULTI_SCENARIOS; do
+    local rs=multi:$s
+    # per-round ratios and differences, paired within the round
+    local pr_cpu pr_red
+    pr_cpu=$(awk -v s="$rs" -v a="$fl" '$1==s && $2=="single" {b[$3]=$7} $1==s && $2==a {f[$3]=$7; if ($3 > m) m = $3}
+      END {for (r = 1; r <= m; r++) if ((r in f) && (r in b)) printf "%s%.3f", (n++ ? ", " : ""), f[r] / b[r]}' "$tmp/results")
+    pr_red=$(awk -v s="$rs" -v a="$fl" -v o="$off" '$1==s && $2==a {f[$3]=$16; if ($3 > m) m = $3} $1==s && $2==o {b[$3]=$16}
+      END {for (r = 1; r <= m; r++) if ((r in f) && (r in b)) printf "%s%+.2f", (n++ ? ", " : ""), f[r] - b[r]}' "$tmp/results")
+    awk -v s="$s" -v fl="$fl" -v a="$(med "$rs" "$fl" 7)" -v b="$(med "$rs" single 7)" -v pr="$pr_cpu" 'BEGIN {
+      printf "- **%s: %s sluice CPU us/request / single = %.3f** (%.2f vs %.2f us; target <= 1.03: %s; per round: %s)\n",
+        s, fl, a / b, a, b, (a <= 1.03 * b ? "met" : "NOT met"), pr }'
+    awk -v s="$s" -v fl="$fl" -v o="$off" -v a="$(med "$rs" "$fl" 7)" -v b="$(med "$rs" "$off" 7)" -v c="$(med "$rs" single 7)" 'BEGIN {
+      printf "- %s: %s / %s sluice CPU us/request = %.3f (global limits alone); %s / single = %.3f (splitting the load over %d instances alone)\n",
+        s, fl, o, a / b, o, b / c, '"$MULTI_N"' }'
+    awk -v s="$s" -v fl="$fl" -v o="$off" -v a="$(med "$rs" "$fl" 16)" -v b="$(med "$rs" "$off" 16)" -v pr="$pr_red" 'BEGIN {
+      printf "- **%s: Redis CPU per request of the coordination (%s minus %s) = %+.2f us** (%.2f vs %.2f; target <= 0.30: %s; per round: %s)\n",
+        s, fl, o, a - b, a, b, (a - b <= 0.30 ? "met" : "NOT met"), pr }'
+  done
 }
 
 # plot png: req/s and p99 per contender (bars) and scenario (groups), gnuplot.
@@ -915,11 +1245,11 @@ if [[ -z $OUTPUT ]]; then
 fi
 mkdir -p "$(dirname "$OUTPUT")"
 base=${OUTPUT%.md}
-if [[ $PLOT == 1 ]]; then
+if [[ $PLOT == 1 && -n ${SCENARIOS// /} ]]; then
   plot "$base.png"
   printf '\nPlot: %s\n' "$base.png" >>"$tmp/report.md"
 fi
-{ echo "# scenario contender round rps p50_ms p99_ms cpu_us_per_req requests non2xx socket_errors proxy_ticks proxy_cpus_busy_ticks backend_requests other_ticks proxy_cpus redis_cpu_us_per_req"
+{ echo "# scenario contender round rps p50_ms p99_ms cpu_us_per_req requests non2xx socket_errors proxy_ticks proxy_cpus_busy_ticks backend_requests other_ticks proxy_cpus redis_cpu_us_per_req redis_ticks instances coordinated_keys key_updates syncs"
   cat "$tmp/results"; } >"$base.tsv"
 cat "$tmp/report.md"
 cp "$tmp/report.md" "$OUTPUT"
