@@ -498,7 +498,9 @@ launch_sluice() { # id group cpus workers [extra args...]; LAUNCH_BIN: another b
   done
   die "$id: no free port after 3 tries"
 }
-start_sluice() { launch_sluice "$1" "$2" "$PROXY_CPUS" 1; }
+# BENCH_SLUICE_ARGS: more options for the contender `sluice` only (e.g. "--flush-ms 10000"; sluice_base runs without them)
+read -r -a SLUICE_EXTRA <<<"${BENCH_SLUICE_ARGS:-}"
+start_sluice() { launch_sluice "$1" "$2" "$PROXY_CPUS" 1 ${SLUICE_EXTRA[@]+"${SLUICE_EXTRA[@]}"}; }
 start_sluice_plain() {
   [[ $("$SLUICE_BIN" --help 2>&1 || true) == *--admission* ]] ||
     die "contender sluice_plain needs a sluice with --admission ($SLUICE_BIN has none)"
