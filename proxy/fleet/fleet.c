@@ -72,7 +72,9 @@ struct call {
  * in ppm of the limit, expiry in ms of the server's clock), and "~a", when
  * the key was last announced. Invariant kept for every key: the leases plus
  * floor(1e6 / N) for every live instance not registered on it (which
- * admits that much without asking) never exceed 1e6. Shares follow demand
+ * admits that much without asking) never exceed 1e6. A key is announced
+ * only while it has demand (a key going quiet is not called back in).
+ * Shares follow demand
  * by water-filling (each instance wants its demand + 25%; what is left goes
  * equally), above a floor of pool / (50 n) each. Per key it returns the
  * lease, the fleet's demand, the instances registered, and 0 (settled), 1
@@ -142,7 +144,7 @@ static const char sync_script[] =
     "    if g < 0 then g = 0 end "
     "    redis.call('HSET', hk, me, g .. ':' .. dem .. ':' .. (now + ttl)) "
     "    redis.call('PEXPIRE', hk, 2 * ttl) "
-    "    if unreg > 0 and now - annt >= 1000 then "
+    "    if unreg > 0 and odem + dem > 0 and now - annt >= 1000 then "
     "      redis.call('XADD', ak, 'MAXLEN', '~', 1000, '*', 'key', name) "
     "      redis.call('HSET', hk, '~a', now) "
     "    end "
