@@ -918,7 +918,7 @@ done
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 cpu_model=$(sed -n 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo | sed -n 1p)
 commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
-dirty=$(git -C "$root" status --porcelain -- proxy limiter modstub 2>/dev/null | head -c1)
+dirty=$({ git -C "$root" status --porcelain -- proxy limiter modstub 2>/dev/null || true; } | head -c1)
 {
   echo "## proxy_bench $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
