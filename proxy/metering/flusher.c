@@ -424,6 +424,28 @@ static void send_next(struct sl_flusher *f) {
    * once: keys of one UID are many, its member is one). */
   size_t ngroups_at = x.a, ngroups = 0;
   arg(&x, "", 0); /* the group count, set below */
+  /* Repeats of a (day, UID) are marked first, through a set of the keys'
+   * indices (open addressing on the UID's hash): linear in the batch. */
+  uint32_t scap = 16;
+  while (scap < 2 * n) scap <<= 1;
+  uint32_t *set = sl_calloc(scap, sizeof(*set)); /* index + 1; 0 empty */
+  for (uint32_t i = 0; i < n; i++) {
+    struct sl_batch_entry *e = &b->e[i];
+    if (!billed(&e->k)) continue;
+    uint32_t h = (uint32_t)(sl_dir_hash(e->k.uid, e->k.uid_len) ^ e->k.day * 0x9e3779b1u);
+    for (uint32_t s = h & (scap - 1);; s = (s + 1) & (scap - 1)) {
+      if (!set[s]) {
+        set[s] = i + 1;
+        break;
+      }
+      const struct sl_meter_key *q = &b->e[set[s] - 1].k;
+      if (q->day == e->k.day && q->uid_len == e->k.uid_len && !memcmp(q->uid, e->k.uid, e->k.uid_len)) {
+        e->sadd_done = 1; /* an earlier key of this UID and day names it */
+        break;
+      }
+    }
+  }
+  free(set);
   for (uint32_t i = 0; i < n; i++) {
     const struct sl_meter_key *k = &b->e[i].k;
     if (!billed(k) || b->e[i].sadd_done) continue;
@@ -434,13 +456,6 @@ static void send_next(struct sl_flusher *f) {
     for (uint32_t j = i; j < n; j++) {
       struct sl_batch_entry *e = &b->e[j];
       if (!billed(&e->k) || e->k.day != k->day || e->sadd_done) continue;
-      for (uint32_t q = i; q < j; q++) /* an earlier key of this UID and day already named it */
-        if (billed(&b->e[q].k) && b->e[q].k.day == k->day && b->e[q].k.uid_len == e->k.uid_len &&
-            !memcmp(b->e[q].k.uid, e->k.uid, e->k.uid_len)) {
-          e->sadd_done = 1;
-          break;
-        }
-      if (e->sadd_done) continue;
       e->sadd_done = 1;
       arg(&x, e->k.uid, e->k.uid_len);
       members++;
