@@ -537,7 +537,10 @@ static int round_complete(struct sl_flusher *f) {
  * Redis. */
 static void end_round(struct sl_flusher *f) {
   uint64_t now = sl_mono_ms();
-  int due = now >= f->next_flush_ms;
+  /* Within half a round of the flush time counts as due: with equal
+   * intervals every round flushes (nothing journaled), whatever the
+   * timers' jitter. */
+  int due = now + f->spool_ms / 2 >= f->next_flush_ms;
   /* Counts that do not become batches now are journaled: a crash loses at
    * most one spool interval. */
   f->journal = !(due && queue_has_room(f));
