@@ -23,6 +23,7 @@ Everything binds 127.0.0.1 only and every wait is bounded.
 """
 
 import json
+import collections
 import os
 import shutil
 import signal
@@ -42,11 +43,21 @@ def bin_path(name):
     return os.path.join(os.path.abspath(base), name)
 
 
+_HANDED = collections.deque(maxlen=256)  # ports free_port() gave out lately
+
+
 def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on at the time of the call."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on at the time of the
+    call, and that this process was not handed lately: the kernel may give
+    the same ephemeral port to two binds in a row (seen: a sluice told to
+    listen and serve its admin on one port)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED:
+            _HANDED.append(port)
+            return port
 
 
 def wait_port(port, timeout=10.0, proc=None, host=HOST):
