@@ -77,6 +77,11 @@ static void enqueue(struct sl_flusher *f, struct sl_batch *b) {
   f->nqueued++;
 }
 
+/* Whether counts wait between flushes journaled in the spool (the Redis
+ * interval is longer than the spool interval); with equal intervals every
+ * round flushes, as before the two were separate. */
+static int journaling(const struct sl_flusher *f) { return f->flush_ms > f->spool_ms; }
+
 static void send_next(struct sl_flusher *f);
 static void on_pace(uv_timer_t *t) { send_next(t->data); }
 
@@ -254,7 +259,7 @@ static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
   free(b);
   /* Everything acked and nothing journaled waits: start afresh so that the
    * spool does not grow. */
-  if (!f->head && f->acc->n == 0) sl_spool_compact(&f->spool);
+  if (!f->head && (f->acc->n == 0 || !journaling(f))) sl_spool_compact(&f->spool);
   f->next_send_ms = sl_mono_ms() + f->pace_ms;
   queue_stats(f);
   send_next(f);
@@ -543,7 +548,7 @@ static void end_round(struct sl_flusher *f) {
   int due = now + f->spool_ms / 2 >= f->next_flush_ms;
   /* Counts that do not become batches now are journaled: a crash loses at
    * most one spool interval. */
-  f->journal = !(due && queue_has_room(f));
+  f->journal = journaling(f) && !(due && queue_has_room(f));
   collect(f);
   f->journal = 0;
   /* At the queue's bound the counts stay in the accumulator, merged by key,
