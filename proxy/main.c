@@ -95,6 +95,7 @@ static void reload(struct sl_main *m) {
   KEEP(instance_id, "instance-id");
   KEEP(spool_max_bytes, "spool-max-bytes");
   KEEP(meter_keys, "meter-keys");
+  KEEP(flush_keys, "flush-keys");
   KEEP(meter_queue_batches, "meter-queue-batches");
   KEEP(final_flush_ms, "final-flush-ms");
   KEEP(billing_tz_offset_min, "billing-tz-offset-min");

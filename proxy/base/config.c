@@ -82,6 +82,8 @@ static const struct opt opts[] = {
    "metering instance id (default: kept in the spool directory)"},
   {"spool-max-bytes", OPT_U64, F(spool_max_bytes), 0, 4096, 1ull << 40, "metering spool bound (1073741824)"},
   {"meter-keys", OPT_UINT, F(meter_keys), 0, 16, 10000000, "metering keys per worker table (16384)"},
+  {"flush-keys", OPT_UINT, F(flush_keys), 0, 1000, 10000000,
+   "metering keys one Redis interval gathers; more send its counts early (131072; at least --meter-keys x min(workers, 4))"},
   {"meter-queue-batches", OPT_UINT, F(meter_queue_batches), 0, 1, 10000000,
    "metering batches held for Redis before workers refuse new calls (10000)"},
   {"final-flush-ms", OPT_UINT, F(final_flush_ms), 0, 0, 600000, "SIGTERM: wait for Redis to take the counts (5000)"},
@@ -286,6 +288,7 @@ static void config_defaults(struct sl_config *c) {
   c->metering_on = 1;
   c->spool_max_bytes = 1ull << 30;
   c->meter_keys = 16384;
+  c->flush_keys = 131072;
   c->meter_queue_batches = 10000;
   c->final_flush_ms = 5000;
 }

@@ -61,6 +61,7 @@ struct sl_config {
   char instance_id[48];
   uint64_t spool_max_bytes;
   unsigned meter_keys;          /* keys per worker metering table */
+  unsigned flush_keys;          /* keys the flusher gathers between Redis flushes, at most */
   unsigned meter_queue_batches; /* batches waiting for Redis, at most */
   unsigned final_flush_ms;
   int billing_tz_offset_min;    /* minutes east of UTC for the billing day */

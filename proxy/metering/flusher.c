@@ -96,13 +96,13 @@ static int queue_has_room(const struct sl_flusher *f) {
   return f->final_started || f->nqueued == 0 || f->nqueued + acc_batches(f) <= f->queue_max;
 }
 
-/* Writes t's keys to the spool as delta records: counts gathered but not
- * yet in a batch (the Redis interval is longer than the spool interval), so
- * that a crash loses at most one spool interval. */
-static void journal(struct sl_flusher *f, const struct sl_meter_table *t) {
+/* Writes t's keys from the from-th on to the spool as delta records: counts
+ * gathered but not yet in a batch (the Redis interval is longer than the
+ * spool interval), so that a crash loses at most one spool interval. */
+static void journal(struct sl_flusher *f, const struct sl_meter_table *t, uint32_t from) {
   struct sl_batch *d = NULL;
-  for (uint32_t j = 0; j < t->n; j++) {
-    const struct sl_meter_entry *e = &t->e[t->used[j]];
+  for (uint32_t j = from; j < t->n; j++) {
+    const struct sl_meter_entry *e = &t->e[j];
     if (!d) {
       uint32_t left = t->n - j;
       d = sl_batch_new(left < SL_BATCH_MAX ? left : SL_BATCH_MAX);
@@ -128,7 +128,7 @@ static void finalize(struct sl_flusher *f) {
   unsigned nb = 0;
   size_t bytes = 0;
   for (uint32_t j = 0; j < t->n; j++) {
-    const struct sl_meter_entry *e = &t->e[t->used[j]];
+    const struct sl_meter_entry *e = &t->e[j];
     if (!b) {
       uint32_t left = t->n - j;
       b = sl_batch_new(left < SL_BATCH_MAX ? left : SL_BATCH_MAX);
@@ -173,22 +173,24 @@ static void finalize(struct sl_flusher *f) {
   queue_stats(f);
 }
 
-/* Merges a worker's table into the accumulator (journaled first when this
- * round makes no batches). Returns 0, or -ENOBUFS (nothing merged) when the
- * accumulator might not hold its keys and the queue has no room for what
- * the accumulator holds: the table then stays with its worker. */
+/* Merges a worker's table into the accumulator; when the accumulator fills
+ * up, what it holds becomes batches early and the merge goes on (the rest
+ * journaled when this round makes no batches). Returns 0, or -ENOBUFS
+ * (nothing merged) when the accumulator might not hold the table's keys and
+ * the queue has no room for what it holds: the table then stays with its
+ * worker. */
 static int merge_table(struct sl_flusher *f, const struct sl_meter_table *t) {
-  if (f->acc->n + t->n > f->acc->limit) {
-    if (!queue_has_room(f)) return -ENOBUFS;
-    finalize(f); /* what the accumulator holds becomes batches */
-  }
-  if (f->journal) journal(f, t);
+  if (f->acc->n + t->n > f->acc->limit && !queue_has_room(f)) return -ENOBUFS;
+  uint32_t from = 0; /* t's keys before it are in batches */
   for (uint32_t j = 0; j < t->n; j++) {
-    const struct sl_meter_entry *e = &t->e[t->used[j]];
-    /* Fits: the accumulator is at least one worker table's size (start). */
-    int r = sl_meter_add(f->acc, &e->k, e->hash, e->count);
-    (void)r;
+    const struct sl_meter_entry *e = &t->e[j];
+    if (sl_meter_add(f->acc, &e->k, e->hash, e->count) == 0) continue;
+    /* Full (a table fits an empty accumulator: it holds at least one). */
+    finalize(f);
+    from = j;
+    sl_meter_add(f->acc, &e->k, e->hash, e->count);
   }
+  if (f->journal) journal(f, t, from);
   return 0;
 }
 
@@ -775,7 +777,10 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   if (getrandom(&f->epoch, sizeof(f->epoch), 0) != sizeof(f->epoch)) f->epoch = uv_hrtime();
   /* Batches without an ack go back on the queue, in order. */
   if ((r = sl_spool_open(&f->spool, cfg->spool_dir, replay_record, f, err, errlen)) != 0) goto err_queue;
+  /* The accumulator holds one Redis interval's keys (--flush-keys), and at
+   * least a few workers' tables so that a merge needs one finalize at most. */
   uint32_t acc_keys = cfg->meter_keys * (nworkers < 4 ? nworkers : 4);
+  if (acc_keys < cfg->flush_keys) acc_keys = cfg->flush_keys;
   f->acc = sl_meter_table_new(acc_keys < SL_BATCH_MAX ? SL_BATCH_MAX : acc_keys);
   /* Journaled counts no batch covers: back into the accumulator (they stay
    * in the spool until a batch covers them). */

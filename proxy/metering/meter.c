@@ -17,20 +17,29 @@ struct sl_meter_table *sl_meter_table_new(uint32_t capacity) {
   while (slots < 2 * capacity) slots *= 2;
   t->mask = slots - 1;
   t->limit = capacity;
-  t->e = sl_calloc(slots, sizeof(*t->e));
-  t->used = sl_malloc((size_t)capacity * sizeof(*t->used));
+  t->e = sl_malloc((size_t)capacity * sizeof(*t->e));
+  t->index = sl_calloc(slots, sizeof(*t->index));
   return t;
 }
 
 void sl_meter_table_free(struct sl_meter_table *t) {
   if (!t) return;
   free(t->e);
-  free(t->used);
+  free(t->index);
   free(t);
 }
 
 void sl_meter_table_clear(struct sl_meter_table *t) {
-  for (uint32_t i = 0; i < t->n; i++) t->e[t->used[i]].hash = 0; /* an empty slot is hash 0 */
+  if (t->n > (t->mask + 1) / 16) {
+    memset(t->index, 0, ((size_t)t->mask + 1) * sizeof(*t->index));
+  } else { /* few keys: find each one's slot rather than wipe the index */
+    for (uint32_t j = 0; j < t->n; j++)
+      for (uint32_t i = (uint32_t)t->e[j].hash & t->mask;; i = (i + 1) & t->mask)
+        if (t->index[i] == j + 1) {
+          t->index[i] = 0;
+          break;
+        }
+  }
   t->n = 0;
   t->total = 0;
   t->refused = 0;
@@ -77,21 +86,23 @@ static int key_eq(const struct sl_meter_key *a, const struct sl_meter_key *b) {
 
 int sl_meter_add(struct sl_meter_table *t, const struct sl_meter_key *k, uint64_t hash, uint64_t count) {
   for (uint32_t i = (uint32_t)hash & t->mask;; i = (i + 1) & t->mask) {
-    struct sl_meter_entry *e = &t->e[i];
-    if (e->hash == hash && key_eq(&e->k, k)) {
-      e->count += count;
-      t->total += count;
-      return 0;
-    }
-    if (e->hash == 0) {
+    uint32_t x = t->index[i];
+    if (x == 0) {
       if (t->n >= t->limit) return -ENOBUFS;
       int refused = t->refused_max && sl_meter_refused(k->outcome) && !key_collapsed(k);
       if (refused && t->refused >= t->refused_max) return -EDQUOT;
       t->refused += (uint32_t)refused;
+      struct sl_meter_entry *e = &t->e[t->n];
       e->hash = hash;
       e->k = *k;
       e->count = count;
-      t->used[t->n++] = i;
+      t->index[i] = ++t->n;
+      t->total += count;
+      return 0;
+    }
+    struct sl_meter_entry *e = &t->e[x - 1];
+    if (e->hash == hash && key_eq(&e->k, k)) {
+      e->count += count;
       t->total += count;
       return 0;
     }

@@ -59,20 +59,23 @@ struct sl_meter_key {
 };
 
 struct sl_meter_entry {
-  uint64_t hash; /* 0: empty slot */
+  uint64_t hash; /* never 0 */
   uint64_t count;
   struct sl_meter_key k;
 };
 
+/* Entries are dense, in insertion order (walking and clearing cost O(keys));
+ * the open-addressing index holds entry numbers + 1 (0: empty), 4 bytes a
+ * slot, so that a table's memory is its keys', not twice its keys'. */
 struct sl_meter_table {
-  uint32_t mask;  /* slots - 1; slots = 2 * capacity, a power of two */
-  uint32_t n;     /* keys held */
+  uint32_t mask;  /* index slots - 1; slots = 2 * capacity, a power of two */
+  uint32_t n;     /* keys held: e[0..n) */
   uint32_t limit; /* capacity in keys */
   uint64_t total; /* sum of counts */
   uint32_t refused;     /* refused-call keys held under their own shape */
   uint32_t refused_max; /* their bound (SL_METER_REFUSED_KEYS); 0: none (the flusher's accumulator) */
   struct sl_meter_entry *e;
-  uint32_t *used; /* slot indices in insertion order: clearing and walking cost O(keys), not O(slots) */
+  uint32_t *index;
 };
 
 /* A table for `capacity` keys. Aborts on allocation failure (proxy rule). */
