@@ -32,7 +32,7 @@ while (($#)); do
     *) harnesses+=("$1"); shift ;;
   esac
 done
-((${#harnesses[@]})) || harnesses=(fuzz_classify fuzz_config fuzz_http_util fuzz_request fuzz_response fuzz_llhttp_request fuzz_llhttp_response fuzz_dir_reply fuzz_spool fuzz_flusher_reply fuzz_fleet_reply)
+((${#harnesses[@]})) || harnesses=(fuzz_classify fuzz_config fuzz_http_util fuzz_request fuzz_response fuzz_llhttp_request fuzz_llhttp_response fuzz_dir_reply fuzz_spool fuzz_flusher_reply fuzz_fleet_reply fuzz_cluster_reply)
 dir=$(realpath -m "$dir")
 
 if ((build)); then
