@@ -105,30 +105,20 @@ int parse_opts(int argc, char **argv, int first, const struct opt_spec *specs, s
       co->tz_offset_min = (int)n;
     }
   }
-  if (strncmp(co->redis, "unix:", 5) == 0 && co->redis[5] != '\0') return 0;
-  const char *colon = strrchr(co->redis, ':');
-  int64_t port;
-  size_t hl = colon ? (size_t)(colon - co->redis) : 0;
-  const char *h = co->redis;
-  if (hl >= 2 && h[0] == '[' && h[hl - 1] == ']') h++, hl -= 2; /* [::1]:6379 */
-  if (hl == 0 || hl >= sizeof(co->host) || rate_int_parse(colon + 1, strlen(colon + 1), &port) != 0 ||
-      port < 1 || port > 65535) {
-    fprintf(stderr, "sluice-rate: --redis '%s' is neither HOST:PORT nor unix:PATH\n", co->redis);
+  char err[300];
+  if (sl_redis_url_parse(&co->url, co->redis, err, sizeof(err)) != 0) { /* sluice's own parser (addr.h) */
+    fprintf(stderr, "sluice-rate: --%s\n", err);
     return -1;
   }
-  memcpy(co->host, h, hl);
-  co->host[hl] = '\0';
-  co->port = (int)port;
   return 0;
 }
 
 redisContext *connect_redis(const struct common_opts *co) {
-  struct timeval tv = {.tv_sec = CONNECT_TIMEOUT_S};
-  redisContext *c = co->port ? redisConnectWithTimeout(co->host, co->port, tv)
-                             : redisConnectUnixWithTimeout(co->redis + 5, tv);
-  if (c == NULL || c->err) {
-    fprintf(stderr, "sluice-rate: cannot connect to Redis at %s: %s\n", co->redis, c ? c->errstr : "out of memory");
-    if (c) redisFree(c);
+  char err[600];
+  /* Sentinel: the master the sentinels name, checked with ROLE (sentinel.h) */
+  redisContext *c = sl_redis_connect_sync(&co->url, CONNECT_TIMEOUT_S * 1000, err, sizeof(err));
+  if (c == NULL) {
+    fprintf(stderr, "sluice-rate: cannot connect to Redis at %s: %s\n", co->redis, err);
     return NULL;
   }
   struct timeval ct = {.tv_sec = COMMAND_TIMEOUT_S};

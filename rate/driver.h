@@ -11,6 +11,8 @@
 
 #include <hiredis/hiredis.h>
 
+#include "sentinel.h"
+
 #define EXIT_USAGE 2
 #define CONNECT_TIMEOUT_S 5
 #define COMMAND_TIMEOUT_S 30
@@ -31,9 +33,8 @@ char *xformat(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* The options every subcommand shares. */
 struct common_opts {
-  const char *redis; /* as given; host and port split out, port 0 for unix: */
-  char host[256];
-  int port;
+  const char *redis;      /* as given */
+  struct sl_redis_url url; /* parsed: one server or Sentinel (addr.h) */
   const char *prefix;
   int tz_offset_min;
 };

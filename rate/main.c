@@ -896,7 +896,7 @@ static void usage(FILE *f) {
           "  --grace-hours H       --due: rate a day H hours after it ends (default %d)\n"
           "  --lookback-days N     --due: look N days back at most (default %d)\n"
           "  --recheck-days N      --due: re-examine the N latest rated days for late usage (default %d)\n"
-          "  --redis HOST:PORT     or unix:PATH (default 127.0.0.1:6379)\n"
+          "  --redis HOST:PORT     or unix:PATH or sentinel://HOST:PORT[,...]/MASTER (default 127.0.0.1:6379)\n"
           "  --redis-prefix P      key prefix (default sluice:)\n"
           "  --tz-offset-min N     billing time zone, minutes east of UTC (default 0)\n"
           "  --dry-run             compute and print, write nothing\n"

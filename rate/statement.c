@@ -237,7 +237,7 @@ static void csv_period(const char *label, const struct period *p, int rated, con
 
 static void usage(FILE *f) {
   fprintf(f, "usage: sluice-rate statement --uid U --from yyyymmdd --to yyyymmdd [--format json|csv]\n"
-             "                             [--redis HOST:PORT|unix:PATH] [--redis-prefix P] [--tz-offset-min N]\n"
+             "                             [--redis HOST:PORT|unix:PATH|sentinel://...] [--redis-prefix P] [--tz-offset-min N]\n"
              "Per day and in total: calls and units by service, units drawn from packages,\n"
              "pay-as-you-go calls and amount, payments, the balance (at most %d days).\n",
           MAX_DAYS);

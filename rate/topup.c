@@ -52,7 +52,7 @@ static const char topup_lua[] =
     "return {'ok', bal, state}\n";
 
 static void usage(FILE *f) {
-  fprintf(f, "usage: sluice-rate topup --uid U --amount A [--ref R] [--redis HOST:PORT|unix:PATH] [--redis-prefix P]\n"
+  fprintf(f, "usage: sluice-rate topup --uid U --amount A [--ref R] [--redis HOST:PORT|unix:PATH|sentinel://...] [--redis-prefix P]\n"
              "Adds A (a decimal amount of the currency, > 0, at most 6 decimals) to the balance of U,\n"
              "records the payment, and lifts a suspension for overdue once the balance is >= 0.\n"
              "  --ref R   a payment reference: a reference already credited changes nothing\n"

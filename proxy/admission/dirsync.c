@@ -406,7 +406,7 @@ int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned
   d->tick.data = d;
   uv_timer_init(&d->loop, &d->flush);
   d->flush.data = d;
-  snprintf(d->log_subject, sizeof(d->log_subject), "redis: %s is", cfg->redis);
+  snprintf(d->log_subject, sizeof(d->log_subject), "redis: %.240s is", cfg->redis);
   struct sl_redis_opts o = {
       .addr = cfg->redis,
       .timeout_ms = cfg->redis_timeout_ms,

@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include <yaml.h>
 
+#include "addr.h"
 #include "common.h"
 
 /* OPT_CHOICE: one of two words, stored as its value in an int field (a
@@ -42,10 +43,16 @@ static const struct opt opts[] = {
   {"upstream", OPT_ADDR_LIST, F(upstream), F(n_upstream), 0, 0, "HOST:PORT default pool member (repeatable)"},
   {"upstream-llm", OPT_ADDR_LIST, F(upstream_llm), F(n_upstream_llm), 0, 0,
    "HOST:PORT large-model pool member (repeatable; default: the default pool)"},
-  {"redis", OPT_STR, F(redis), FSIZE(redis), 0, 0, "HOST:PORT or unix:PATH (127.0.0.1:6379)"},
+  {"redis", OPT_STR, F(redis), FSIZE(redis), 0, 0,
+   "HOST:PORT, unix:PATH or sentinel://HOST:PORT[,HOST:PORT...]/MASTER (at most 16 sentinels) (127.0.0.1:6379)"},
   {"redis-prefix", OPT_STR, F(redis_prefix), FSIZE(redis_prefix), 0, 0, "key prefix (sluice:)"},
   {"redis-timeout-ms", OPT_UINT, F(redis_timeout_ms), 0, 100, 600000,
    "Redis connect and reply bound: past it the connection counts as down (2000)"},
+  {"redis-wait-replicas", OPT_INT, F(redis_wait_replicas), 0, 1, 16,
+   "metering: a batch is acked once WAIT says this many replicas have it; 0 off, -1 auto: 1 when the master "
+   "reports a connected replica, else 0 (-1)"},
+  {"redis-wait-ms", OPT_UINT, F(redis_wait_ms), 0, 1, 600000,
+   "metering: WAIT's timeout; at most half of --redis-timeout-ms is used (1000)"},
   {"workers", OPT_UINT, F(workers), 0, 1, 256, "event-loop threads (number of CPUs)"},
   {"admin", OPT_ADDR, F(admin), 0, 0, 0, "HOST:PORT admin listener (127.0.0.1:9901)"},
   {"region", OPT_STR, F(region), FSIZE(region), 0, 0,
@@ -274,6 +281,8 @@ static void config_defaults(struct sl_config *c) {
   c->resync_ms = 30000;
   c->lookup_timeout_ms = 1000;
   c->redis_timeout_ms = 2000;
+  c->redis_wait_replicas = -1;
+  c->redis_wait_ms = 1000;
   c->negative_ttl_ms = 5000;
   c->max_accounts = 200000;
   c->limiter_keys = 1000000;
@@ -414,15 +423,10 @@ int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, s
     seen[o - opts] = 1;
     if (opt_apply(out, o, cli->argv[i + 1], fresh, err, errlen) != 0) return -1;
   }
-  if (strncmp(out->redis, "unix:", 5) != 0) {
-    const char *colon = strrchr(out->redis, ':');
-    char *end;
-    long port = colon ? strtol(colon + 1, &end, 10) : 0;
-    if (!colon || colon == out->redis || *end || port < 1 || port > 65535) {
-      set_err(err, errlen, "redis: '%s' is neither HOST:PORT nor unix:PATH", out->redis);
-      return -1;
-    }
-  }
+  struct sl_redis_url *url = sl_malloc(sizeof(*url)); /* 4 KiB: not on a worker-sized stack */
+  int bad = sl_redis_url_parse(url, out->redis, err, errlen);
+  free(url);
+  if (bad) return -1;
   if (out->global_ttl_ms < 3 * out->global_sync_ms) {
     set_err(err, errlen, "global-ttl-ms (%u) must be at least 3 x global-sync-ms (%u): a share lives through two lost syncs",
             out->global_ttl_ms, out->global_sync_ms);

@@ -33,7 +33,7 @@ struct sl_config {
   unsigned n_upstream;
   struct sl_addr upstream_llm[SL_MAX_UPSTREAMS];
   unsigned n_upstream_llm;
-  char redis[256];
+  char redis[1024]; /* as given: checked by sl_redis_url_parse (16 sentinels fit) */
   char redis_prefix[64];
   char region[64];
   char access_log[256];
@@ -71,6 +71,8 @@ struct sl_config {
   unsigned resync_ms;          /* full reload of what the directory holds */
   unsigned lookup_timeout_ms;  /* a first lookup of an account waits at most this */
   unsigned redis_timeout_ms;   /* every Redis connection (directory, flusher): connect, and a reply outstanding, at most this */
+  int redis_wait_replicas;     /* metering: replicas a batch must be on (WAIT) before it is acked; 0 off, -1 auto */
+  unsigned redis_wait_ms;      /* metering: WAIT's timeout (at most half of redis_timeout_ms is used) */
   unsigned negative_ttl_ms;    /* an unknown AccessKeyId is remembered this long */
   unsigned max_accounts;       /* AccessKeyIds the directory holds */
   unsigned limiter_keys;       /* (UID, feature, region) buckets */

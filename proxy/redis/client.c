@@ -7,6 +7,7 @@
 #include <strings.h>
 
 #include "redis_uv.h"
+#include "sentinel.h"
 
 #include "common.h"
 #include "stat.h"
@@ -14,14 +15,30 @@
 
 #define BACKOFF_FIRST_MS 100
 #define BACKOFF_MAX_MS 2000
-#define PROBE_MAX_MS 1000 /* an idle connection is asked PING at least this often */
+#define PROBE_MAX_MS 1000 /* an idle connection is asked ROLE at least this often */
+#define WATCH_RETRY_MS 500 /* a lost sentinel subscription is opened again (on the next sentinel) after this */
 
 struct sl_redis {
   uv_timer_t timer; /* the watchdog: connect and reply deadlines, idle PING, reconnect */
   uv_loop_t *loop;
   struct sl_redis_opts o;
-  char host[256];
+  struct sl_redis_url url; /* what --redis names */
+  char host[SL_REDIS_HOST_MAX]; /* the server, or the master the sentinels named */
   int port; /* 0: unix socket at host */
+  int replicas; /* connected replicas the server's last ROLE listed; -1: not known */
+  /* Sentinel (url.kind == SL_REDIS_SENTINEL): an attempt first asks the
+   * sentinels in turn, from the one that answered last, for the master;
+   * apart from that one sentinel connection stays SUBSCRIBEd to
+   * +switch-master, whatever the master's state. */
+  redisAsyncContext *ask, *watch;
+  unsigned ask_first, asked; /* the sentinel to ask first; sentinels asked in this attempt */
+  uint64_t ask_started_ms;
+  char ask_why[200];  /* the last sentinel's failure, for the "down" line */
+  int direct;         /* the next attempt goes to host:port as +switch-master named it, without asking */
+  unsigned watch_i;
+  int watch_subscribed;
+  uint64_t watch_started_ms, watch_next_ms;
+  char master_said[SL_REDIS_HOST_MAX + 8]; /* the master's address last logged */
   char subject[160];
   redisAsyncContext *cmd, *sub;
   int cmd_conn, sub_conn; /* TCP (or unix) connect done */
@@ -45,29 +62,6 @@ static void stat_set(_Atomic uint64_t *c, uint64_t v) {
   if (c) sl_stat_set(c, v);
 }
 
-int sl_redis_parse_addr(const char *addr, char *host, size_t cap, int *port) {
-  if (!strncmp(addr, "unix:", 5)) {
-    size_t n = strlen(addr + 5);
-    if (n == 0 || n >= cap) return UV_EINVAL;
-    memcpy(host, addr + 5, n + 1);
-    *port = 0;
-    return 0;
-  }
-  const char *colon = strrchr(addr, ':');
-  if (!colon) return UV_EINVAL;
-  const char *h = addr;
-  size_t hl = (size_t)(colon - addr);
-  if (hl >= 2 && h[0] == '[' && h[hl - 1] == ']') h++, hl -= 2; /* [::1]:6379 */
-  long p = 0;
-  const char *d = colon + 1;
-  for (; *d >= '0' && *d <= '9' && p <= 65535; d++) p = p * 10 + (*d - '0');
-  if (hl == 0 || hl >= cap || d == colon + 1 || *d || p < 1 || p > 65535) return UV_EINVAL;
-  memcpy(host, h, hl);
-  host[hl] = '\0';
-  *port = (int)p;
-  return 0;
-}
-
 /* ---- state changes ---- */
 
 /* Drops a context we no longer want: it is forgotten first and its
@@ -84,6 +78,17 @@ static void drop_ctx(redisAsyncContext **slot) {
   redisAsyncFree(c);
 }
 
+/* The attempt or the connections to the server go (not the sentinel
+ * subscription): down, without a word or a callback. */
+static void drop_server(struct sl_redis *r) {
+  drop_ctx(&r->ask);
+  drop_ctx(&r->cmd);
+  drop_ctx(&r->sub);
+  r->cmd_conn = r->sub_conn = 0;
+  r->state = SL_REDIS_DOWN;
+  stat_set(r->o.up, 0);
+}
+
 /* Every failure (a connect refused or timed out, a connection lost, no
  * reply in time, not Redis) comes here: both connections go, the owner is
  * told, a reconnect follows the backoff. The log says the outage once with
@@ -93,11 +98,7 @@ static void went_down(struct sl_redis *r, const char *why) {
   uint64_t now = sl_mono_ms();
   int first = r->failures++ == 0;
   if (first) r->down_since_ms = now;
-  drop_ctx(&r->cmd);
-  drop_ctx(&r->sub);
-  r->cmd_conn = r->sub_conn = 0;
-  r->state = SL_REDIS_DOWN;
-  stat_set(r->o.up, 0);
+  drop_server(r);
   if (r->backoff_ms == 0) r->backoff_ms = BACKOFF_FIRST_MS;
   r->next_connect_ms = now + r->backoff_ms;
   unsigned cap = r->o.backoff_max_ms ? r->o.backoff_max_ms : BACKOFF_MAX_MS;
@@ -105,7 +106,7 @@ static void went_down(struct sl_redis *r, const char *why) {
   if (r->o.on_down) r->o.on_down(r->o.data, why);
   if (r->quiet || now < r->next_down_log_ms) return;
   r->next_down_log_ms = now + SL_REDIS_LOG_MS;
-  char w[200], note[160] = "";
+  char w[400], note[160] = "";
   sl_printable(w, sizeof(w), why, strlen(why));
   if (r->o.describe) r->o.describe(r->o.data, note, sizeof(note));
   if (first)
@@ -156,6 +157,27 @@ static void on_disconnect(const redisAsyncContext *c, int status) {
   went_down(r, why);
 }
 
+/* ROLE's reply, after the first PONG and as the idle probe: the replicas
+ * the server lists (WAIT's auto count); with Sentinel, a server that is no
+ * (longer a) master is down. */
+static void on_role(redisAsyncContext *c, void *reply, void *priv) {
+  (void)priv;
+  struct sl_redis *r = c->data;
+  if (!r || !reply || c != r->cmd) return;
+  r->replies++; /* progress, as every reply */
+  char why[600], w[160];
+  int n = 0, role = sl_redis_role_reply(reply, &n, w, sizeof(w));
+  if (role >= 0) r->replicas = role == 1 ? n : 0;
+  if (r->url.kind != SL_REDIS_SENTINEL) return; /* a single server: what it says about itself is all */
+  if (role == 1) {
+    if (r->state == SL_REDIS_CONNECTING) went_up(r);
+    return;
+  }
+  if (role < 0 && r->state == SL_REDIS_READY) return; /* an unreadable probe reply: the watchdog judges progress */
+  snprintf(why, sizeof(why), "%s:%d, named master '%s', is not a master: %s", r->host, r->port, r->url.master, w);
+  went_down(r, why);
+}
+
 /* The first reply on a new connection: up only when the server answers
  * PING as Redis does; a server that accepts and says nothing stays down
  * (the connect timeout ends it), one that says something else (LOADING,
@@ -175,7 +197,13 @@ static void on_hello(redisAsyncContext *c, void *reply, void *priv) {
     went_down(r, why);
     return;
   }
-  went_up(r);
+  /* Its ROLE says how many replicas a metering batch can wait for (WAIT);
+   * with Sentinel, the server must also still be the master: one named by a
+   * sentinel that has not yet seen a failover, or an old master back as a
+   * replica, is not up. A single server is up at PONG, as before (the reply
+   * comes before any of the owner's). */
+  redisAsyncCommand(r->cmd, on_role, NULL, "ROLE");
+  if (r->url.kind == SL_REDIS_SERVER) went_up(r);
 }
 
 static void on_connect(const redisAsyncContext *c, int status) {
@@ -197,14 +225,12 @@ static void on_connect(const redisAsyncContext *c, int status) {
   redisAsyncCommand(r->cmd, on_hello, NULL, "PING");
 }
 
-static void on_probe(redisAsyncContext *c, void *reply, void *priv) {
-  (void)priv;
-  sl_redis_owner(c, reply); /* progress is all it is for */
-}
 
-/* Returns the context, or NULL with why (why_len bytes) filled in. */
-static redisAsyncContext *open_ctx(struct sl_redis *r, char *why, size_t why_len) {
-  redisAsyncContext *c = r->port ? redisAsyncConnect(r->host, r->port) : redisAsyncConnectUnix(r->host);
+/* A context to host:port (port 0: a unix socket) with r's callbacks or the
+ * given ones. Returns it, or NULL with why (why_len bytes) filled in. */
+static redisAsyncContext *open_to(struct sl_redis *r, const char *host, int port, char *why, size_t why_len,
+                                  redisConnectCallback *on_conn, redisDisconnectCallback *on_disc) {
+  redisAsyncContext *c = port ? redisAsyncConnect(host, port) : redisAsyncConnectUnix(host);
   if (!c) {
     snprintf(why, why_len, "cannot connect: out of memory");
     return NULL;
@@ -217,7 +243,7 @@ static redisAsyncContext *open_ctx(struct sl_redis *r, char *why, size_t why_len
   /* A peer that vanishes without a word (a cable, a frozen host) is found
    * by the reply timeout when a reply is due, by keepalive otherwise (a
    * subscriber connection mostly waits). */
-  if (r->port && redisEnableKeepAlive(&c->c) != REDIS_OK) {
+  if (port && redisEnableKeepAlive(&c->c) != REDIS_OK) {
     snprintf(why, why_len, "cannot enable TCP keepalive: %s", c->c.errstr);
     redisAsyncFree(c);
     return NULL;
@@ -228,21 +254,188 @@ static redisAsyncContext *open_ctx(struct sl_redis *r, char *why, size_t why_len
     return NULL;
   }
   c->data = r;
-  redisAsyncSetConnectCallback(c, on_connect);
-  redisAsyncSetDisconnectCallback(c, on_disconnect);
+  redisAsyncSetConnectCallback(c, on_conn);
+  redisAsyncSetDisconnectCallback(c, on_disc);
   return c;
 }
 
-static void connect_attempt(struct sl_redis *r) {
-  if (r->stopped || r->cmd || r->sub) return; /* an attempt is under way */
-  stat_inc(r->o.attempts);
-  r->state = SL_REDIS_CONNECTING;
+/* The server's connections: the connect timeout runs from now. */
+static void open_server(struct sl_redis *r) {
   r->cmd_conn = r->sub_conn = 0;
   r->connect_started_ms = sl_mono_ms();
   char why[200] = "cannot connect";
-  r->cmd = open_ctx(r, why, sizeof(why));
-  if (r->cmd && r->o.subscriber) r->sub = open_ctx(r, why, sizeof(why));
+  r->cmd = open_to(r, r->host, r->port, why, sizeof(why), on_connect, on_disconnect);
+  if (r->cmd && r->o.subscriber) r->sub = open_to(r, r->host, r->port, why, sizeof(why), on_connect, on_disconnect);
   if (!r->cmd || (r->o.subscriber && !r->sub)) went_down(r, why);
+}
+
+/* ---- Sentinel: which server is the master ---- */
+
+static void ask_next(struct sl_redis *r);
+
+/* The sentinel asked now failed (why): the next one is asked. */
+static void ask_failed(struct sl_redis *r, const char *why) {
+  const struct sl_redis_hostport *s = &r->url.sentinels[(r->ask_first + r->asked - 1) % r->url.n_sentinels];
+  char w[120];
+  snprintf(r->ask_why, sizeof(r->ask_why), "sentinel %s:%d: %s", s->host, s->port,
+           sl_printable(w, sizeof(w), why, strlen(why)));
+  drop_ctx(&r->ask);
+  ask_next(r);
+}
+
+static void on_ask_reply(redisAsyncContext *c, void *reply, void *priv) {
+  (void)priv;
+  struct sl_redis *r = c->data;
+  if (!r || !reply || c != r->ask) return; /* lost: on_ask_disconnect goes on */
+  struct sl_redis_hostport m;
+  char why[200];
+  if (sl_sentinel_master_reply(reply, &m, why, sizeof(why)) != 0) {
+    ask_failed(r, why);
+    return;
+  }
+  r->ask_first = (r->ask_first + r->asked - 1) % r->url.n_sentinels; /* it answered: asked first next time */
+  drop_ctx(&r->ask);
+  memcpy(r->host, m.host, sizeof(r->host));
+  r->port = m.port;
+  char now_at[sizeof(r->master_said)];
+  snprintf(now_at, sizeof(now_at), "%s:%d", r->host, r->port);
+  if (!r->quiet && strcmp(now_at, r->master_said)) {
+    const struct sl_redis_hostport *s = &r->url.sentinels[r->ask_first];
+    fprintf(stderr, "sluice: %s: sentinel %s:%d names master '%s' at %s\n", r->subject, s->host, s->port,
+            r->url.master, now_at);
+    memcpy(r->master_said, now_at, sizeof(now_at));
+  }
+  open_server(r);
+}
+
+static void on_ask_connect(const redisAsyncContext *c, int status) {
+  struct sl_redis *r = c->data;
+  if (!r || c != r->ask) return;
+  if (status != REDIS_OK) {
+    r->ask = NULL; /* hiredis frees it after this */
+    ask_failed(r, c->errstr);
+    return;
+  }
+  redisAsyncCommand(r->ask, on_ask_reply, NULL, "SENTINEL get-master-addr-by-name %s", r->url.master);
+}
+
+static void on_ask_disconnect(const redisAsyncContext *c, int status) {
+  (void)status;
+  struct sl_redis *r = c->data;
+  if (!r || c != r->ask) return;
+  r->ask = NULL; /* hiredis frees it after this */
+  ask_failed(r, c->errstr[0] ? c->errstr : "connection closed");
+}
+
+/* Asks the next sentinel not yet asked in this attempt, each within the
+ * connect timeout; when every one has failed the attempt has. */
+static void ask_next(struct sl_redis *r) {
+  unsigned n = r->url.n_sentinels;
+  if (r->asked == n) {
+    char why[400];
+    snprintf(why, sizeof(why), "no sentinel named master '%s' (%u asked; last: %s)", r->url.master, n, r->ask_why);
+    went_down(r, why);
+    return;
+  }
+  const struct sl_redis_hostport *s = &r->url.sentinels[(r->ask_first + r->asked++) % n];
+  char why[200];
+  r->ask_started_ms = sl_mono_ms();
+  r->ask = open_to(r, s->host, s->port, why, sizeof(why), on_ask_connect, on_ask_disconnect);
+  if (!r->ask) ask_failed(r, why);
+}
+
+static void connect_attempt(struct sl_redis *r) {
+  if (r->stopped || r->cmd || r->sub || r->ask) return; /* an attempt is under way */
+  stat_inc(r->o.attempts);
+  r->state = SL_REDIS_CONNECTING;
+  r->replicas = -1;
+  r->connect_started_ms = sl_mono_ms();
+  if (r->url.kind == SL_REDIS_SENTINEL && !r->direct) {
+    r->asked = 0; /* every attempt asks again: a failover may have happened meanwhile */
+    ask_next(r);
+    return;
+  }
+  r->direct = 0;
+  open_server(r);
+}
+
+/* ---- Sentinel: +switch-master ---- */
+
+/* A sentinel announced a new address for our master: the connections go
+ * (the owner is told, as for any outage) and the new one is tried at once,
+ * without asking and without the backoff. */
+static void switch_master(struct sl_redis *r, const struct sl_redis_hostport *m) {
+  const struct sl_redis_hostport *s = &r->url.sentinels[r->watch_i];
+  snprintf(r->master_said, sizeof(r->master_said), "%s:%d", m->host, m->port);
+  if (!r->quiet)
+    fprintf(stderr, "sluice: %s: sentinel %s:%d announced master '%s' at %s (+switch-master); reconnecting\n",
+            r->subject, s->host, s->port, r->url.master, r->master_said);
+  int was_ready = r->state == SL_REDIS_READY;
+  drop_server(r);
+  memcpy(r->host, m->host, sizeof(r->host));
+  r->port = m->port;
+  r->direct = 1;
+  if (was_ready && r->o.on_down) r->o.on_down(r->o.data, "the master changed (+switch-master)");
+  connect_attempt(r);
+}
+
+static void watch_lost(struct sl_redis *r) {
+  r->watch_subscribed = 0;
+  r->watch_i = (r->watch_i + 1) % r->url.n_sentinels;
+  r->watch_next_ms = sl_mono_ms() + WATCH_RETRY_MS;
+}
+
+static void on_watch_msg(redisAsyncContext *c, void *reply, void *priv) {
+  (void)priv;
+  struct sl_redis *r = c->data;
+  if (!r || !reply || c != r->watch) return;
+  redisReply *rep = reply;
+  struct sl_redis_hostport m;
+  if (sl_sentinel_switch_msg(rep, r->url.master, &m)) {
+    switch_master(r, &m);
+    return;
+  }
+  if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 3 && rep->element[0]->type == REDIS_REPLY_STRING &&
+      !strcmp(rep->element[0]->str, "subscribe"))
+    r->watch_subscribed = 1;
+}
+
+static void on_watch_connect(const redisAsyncContext *c, int status) {
+  struct sl_redis *r = c->data;
+  if (!r || c != r->watch) return;
+  if (status != REDIS_OK) {
+    r->watch = NULL; /* hiredis frees it after this */
+    watch_lost(r);
+    return;
+  }
+  redisAsyncCommand(r->watch, on_watch_msg, NULL, "SUBSCRIBE %s", SL_SENTINEL_SWITCH_CHANNEL);
+}
+
+static void on_watch_disconnect(const redisAsyncContext *c, int status) {
+  (void)status;
+  struct sl_redis *r = c->data;
+  if (!r || c != r->watch) return;
+  r->watch = NULL; /* hiredis frees it after this */
+  watch_lost(r);
+}
+
+/* Keeps one sentinel connection subscribed (a connection not subscribed
+ * within the connect timeout is dropped), from the timer. */
+static void watch_check(struct sl_redis *r, uint64_t now) {
+  if (r->url.kind != SL_REDIS_SENTINEL || r->stopped) return;
+  if (r->watch) {
+    if (!r->watch_subscribed && now - r->watch_started_ms >= r->o.timeout_ms) {
+      drop_ctx(&r->watch);
+      watch_lost(r);
+    }
+    return;
+  }
+  if (now < r->watch_next_ms) return;
+  const struct sl_redis_hostport *s = &r->url.sentinels[r->watch_i];
+  char why[200];
+  r->watch_started_ms = now;
+  r->watch = open_to(r, s->host, s->port, why, sizeof(why), on_watch_connect, on_watch_disconnect);
+  if (!r->watch) watch_lost(r);
 }
 
 /* ---- the watchdog ---- */
@@ -254,8 +447,15 @@ static void on_timer(uv_timer_t *t) {
   struct sl_redis *r = sl_container_of(t, struct sl_redis, timer);
   uint64_t now = sl_mono_ms();
   char why[200];
+  watch_check(r, now);
   if (r->state == SL_REDIS_DOWN) {
     if (now >= r->next_connect_ms) connect_attempt(r);
+    return;
+  }
+  if (r->state == SL_REDIS_CONNECTING && r->ask) {
+    if (now - r->ask_started_ms < r->o.timeout_ms) return;
+    snprintf(why, sizeof(why), "no answer within %u ms (--redis-timeout-ms)", r->o.timeout_ms);
+    ask_failed(r, why);
     return;
   }
   if (r->state == SL_REDIS_CONNECTING) {
@@ -279,7 +479,7 @@ static void on_timer(uv_timer_t *t) {
      * when the owner asks nothing. */
     if (!c->replies.head && now >= r->next_probe_ms) {
       r->next_probe_ms = now + r->probe_ms;
-      redisAsyncCommand(c, on_probe, NULL, "PING");
+      redisAsyncCommand(c, on_role, NULL, "ROLE");
     }
     return;
   }
@@ -293,8 +493,14 @@ static void on_timer(uv_timer_t *t) {
 
 int sl_redis_init(struct sl_redis **out, uv_loop_t *loop, const struct sl_redis_opts *o) {
   struct sl_redis *r = sl_calloc(1, sizeof(*r));
-  int err = sl_redis_parse_addr(o->addr, r->host, sizeof(r->host), &r->port);
+  char msg[300];
+  int err = sl_redis_url_parse(&r->url, o->addr, msg, sizeof(msg)) ? UV_EINVAL : 0;
   if (err) goto fail;
+  if (r->url.kind == SL_REDIS_SERVER) {
+    memcpy(r->host, r->url.server.host, sizeof(r->host));
+    r->port = r->url.server.port;
+  }
+  r->replicas = -1;
   if ((err = uv_timer_init(loop, &r->timer)) != 0) goto fail;
   r->loop = loop;
   r->o = *o;
@@ -312,6 +518,7 @@ fail:
 }
 
 void sl_redis_start(struct sl_redis *r) {
+  watch_check(r, sl_mono_ms());
   connect_attempt(r);
   uv_timer_start(&r->timer, on_timer, r->tick_ms, r->tick_ms);
 }
@@ -320,10 +527,8 @@ static void on_timer_closed(uv_handle_t *h) { free(sl_container_of((uv_timer_t *
 
 void sl_redis_stop(struct sl_redis *r) {
   r->stopped = r->quiet = 1;
-  drop_ctx(&r->cmd);
-  drop_ctx(&r->sub);
-  r->cmd_conn = r->sub_conn = 0;
-  r->state = SL_REDIS_DOWN;
+  drop_ctx(&r->watch);
+  drop_server(r);
   uv_timer_stop(&r->timer);
   sl__close((uv_handle_t *)&r->timer, on_timer_closed);
 }
@@ -333,6 +538,8 @@ redisAsyncContext *sl_redis_cmd(struct sl_redis *r) { return r->state == SL_REDI
 redisAsyncContext *sl_redis_sub(struct sl_redis *r) { return r->state == SL_REDIS_READY ? r->sub : NULL; }
 
 enum sl_redis_state sl_redis_state(const struct sl_redis *r) { return r->state; }
+
+int sl_redis_replicas(const struct sl_redis *r) { return r->replicas; }
 
 void *sl_redis_owner(const redisAsyncContext *c, const void *reply) {
   struct sl_redis *r = c->data;

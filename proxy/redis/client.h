@@ -1,6 +1,8 @@
 /* One Redis client for every sluice thread that talks to Redis (the
  * directory, the metering flusher, and every later user): the --redis
- * address, connecting with a timeout (hiredis 0.14's async API has none),
+ * address (one server, or Sentinel: the master asked of the sentinels at
+ * every connect, checked with ROLE, and followed at once on +switch-master),
+ * connecting with a timeout (hiredis 0.14's async API has none),
  * readiness only once PING is answered PONG, a watchdog on outstanding
  * replies and an idle PING (--redis-timeout-ms), TCP keepalive, reconnect
  * with backoff, the "down" / "up again" log lines (the outage said once,
@@ -27,7 +29,7 @@
 struct sl_redis; /* opaque */
 
 struct sl_redis_opts {
-  const char *addr;        /* --redis: HOST:PORT, [V6]:PORT or unix:PATH */
+  const char *addr;        /* --redis: HOST:PORT, [V6]:PORT, unix:PATH or sentinel://...; addr.h */
   unsigned timeout_ms;     /* --redis-timeout-ms: connected and PONG within this; a reply outstanding at most this */
   int subscriber;          /* also keep a second connection for (P)SUBSCRIBE, up and down with the first */
   unsigned backoff_max_ms; /* reconnect backoff cap (0: 2000); a client whose users wait on it keeps it short */
@@ -53,12 +55,6 @@ struct sl_redis_opts {
 
 enum sl_redis_state { SL_REDIS_DOWN, SL_REDIS_CONNECTING, SL_REDIS_READY };
 
-/* Splits a --redis address: host (cap bytes; the path for unix:PATH,
- * without the brackets of [V6]) and *port (0 for unix:). Returns 0 or
- * UV_EINVAL (no colon, an empty host, a port that is not 1..65535, too
- * long). */
-int sl_redis_parse_addr(const char *addr, char *host, size_t cap, int *port);
-
 /* Makes a client on loop (not connected yet). Returns 0 with *out set, or a
  * negative errno (UV_EINVAL: a bad address); nothing is left behind then.
  * The caller's thread must be the loop's, or the loop must not run yet. */
@@ -75,6 +71,11 @@ redisAsyncContext *sl_redis_cmd(struct sl_redis *r);
 /* The subscriber connection (opts.subscriber), or NULL unless ready. */
 redisAsyncContext *sl_redis_sub(struct sl_redis *r);
 enum sl_redis_state sl_redis_state(const struct sl_redis *r);
+/* The connected replicas the server's ROLE listed at connect and at the
+ * last idle probe (0 when it is not a master), or -1 while not known. Ready
+ * implies known (a single server: before the reply to any command of the
+ * owner) unless the server refused ROLE. */
+int sl_redis_replicas(const struct sl_redis *r);
 
 /* In a reply callback on one of r's connections: the owner's data, or NULL
  * when the connection was dropped (the callback then only frees what it

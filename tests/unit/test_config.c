@@ -119,6 +119,71 @@ static void test_rejections(void **state) {
   assert_non_null(strstr(err, "No such file"));
 }
 
+/* --redis sentinel://... (SPEC 10): in the file and on the command line,
+ * with its bounds, and every malformed form refused with what is wrong. */
+static void test_redis_sentinel(void **state) {
+  (void)state;
+  struct sl_config c;
+  char err[256];
+  const char *f = write_file("upstream: 127.0.0.1:9000\n"
+                             "redis: sentinel://127.0.0.1:26379,[::1]:26380,s3.example:26381/my-master.1\n"
+                             "redis-wait-replicas: 0\n");
+  assert_int_equal(load(&c, f, 0, NULL, err), 0);
+  assert_string_equal(c.redis, "sentinel://127.0.0.1:26379,[::1]:26380,s3.example:26381/my-master.1");
+  assert_int_equal(c.redis_wait_replicas, 0);
+  assert_int_equal(c.redis_wait_ms, 1000);
+  unlink(f);
+  char *cli[] = {"--upstream", "127.0.0.1:9000", "--redis", "sentinel://10.0.0.1:5000/m", "--redis-wait-ms", "250"};
+  assert_int_equal(load(&c, NULL, 6, cli, err), 0);
+  assert_int_equal(c.redis_wait_replicas, -1); /* auto */
+  assert_int_equal(c.redis_wait_ms, 250);
+  /* 16 sentinels are taken, a 17th is not */
+  char yaml[1200] = "upstream: 127.0.0.1:9000\nredis: sentinel://";
+  for (int i = 0; i < 17; i++) {
+    char one[32];
+    snprintf(one, sizeof(one), "%s10.0.0.%d:26379", i ? "," : "", i);
+    strcat(yaml, one);
+    if (i == 15) {
+      char ok[1200];
+      snprintf(ok, sizeof(ok), "%s/m\n", yaml);
+      assert_int_equal(load(&c, write_file(ok), 0, NULL, err), 0);
+      unlink(path);
+    }
+  }
+  strcat(yaml, "/m\n");
+  expect_error(yaml, 0, NULL, "names more than 16 sentinels");
+  const char *up = "upstream: 127.0.0.1:9000\nredis: ";
+  static const struct {
+    const char *value, *needle;
+  } bad[] = {
+      {"sentinel://127.0.0.1:26379", "names no master (sentinel://HOST:PORT[,HOST:PORT...]/MASTER)"},
+      {"sentinel://127.0.0.1:26379/", "names no master"},
+      {"sentinel:///m", "names no sentinel"},
+      {"sentinel://127.0.0.1:26379,/m", "has an empty sentinel address"},
+      {"sentinel://a:1,,b:2/m", "has an empty sentinel address"},
+      {"sentinel://127.0.0.1/m", "sentinel '127.0.0.1' is not HOST:PORT"},
+      {"sentinel://127.0.0.1:0/m", "sentinel '127.0.0.1:0' is not HOST:PORT"},
+      {"sentinel://127.0.0.1:70000/m", "is not HOST:PORT"},
+      {"sentinel://unix:/tmp/s.sock/m", "is not HOST:PORT"},
+      {"sentinel://127.0.0.1:26379/my master", "the master name holds ' '"},
+      {"sentinel://127.0.0.1:26379/a/b", "sentinel '127.0.0.1:26379/a' is not HOST:PORT"},
+      {"sentinel://127.0.0.1:26379/m\\x01", "the master name holds"},
+      {"sentinel://127.0.0.1:26379/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+       "the master name is longer than 64 bytes"},
+      {"redis://127.0.0.1:6379", "the scheme 'redis://' is not supported"},
+      {"127.0.0.1:", "is neither HOST:PORT, unix:PATH nor sentinel://"},
+  };
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+    char y[512];
+    snprintf(y, sizeof(y), "%s'%s'\n", up, bad[i].value);
+    expect_error(y, 0, NULL, bad[i].needle);
+  }
+  char *wait_bad[] = {"--upstream", "127.0.0.1:9000", "--redis-wait-replicas", "-2"};
+  expect_error(NULL, 4, wait_bad, "redis-wait-replicas: '-2' is not an integer in [-1, 16]");
+  char *wait_ms_bad[] = {"--upstream", "127.0.0.1:9000", "--redis-wait-ms", "0"};
+  expect_error(NULL, 4, wait_ms_bad, "redis-wait-ms: '0' is not an integer in [1, 600000]");
+}
+
 static void test_upstream_bound(void **state) {
   (void)state;
   char yaml[4096] = "upstream:\n";
@@ -164,6 +229,7 @@ int main(void) {
       cmocka_unit_test(test_defaults_and_cli), cmocka_unit_test(test_file_then_cli),
       cmocka_unit_test(test_rejections),       cmocka_unit_test(test_upstream_bound),
       cmocka_unit_test(test_addr_parse),       cmocka_unit_test(test_cli_parse),
+      cmocka_unit_test(test_redis_sentinel),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
