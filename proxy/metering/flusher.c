@@ -219,6 +219,53 @@ int sl_flusher_reply_kind(const struct redisReply *r) {
   return SL_REPLY_ERROR;
 }
 
+/* Replicas a batch must be on before it is acked: --redis-wait-replicas, or
+ * with auto (-1) 1 when the master's ROLE listed a connected replica (at
+ * connect, and at the client's idle probes), else 0 (no WAIT). */
+static int wait_replicas(const struct sl_flusher *f) {
+  if (f->wait_replicas >= 0) return f->wait_replicas;
+  return sl_redis_replicas(f->redis) > 0;
+}
+
+static void acked(struct sl_flusher *f, struct sl_batch *b, int kind);
+
+/* WAIT's reply for the batch in flight, whose EVAL was applied (or found
+ * applied: a batch sent again). priv: replicas needed * 4 + the EVAL's
+ * kind. Fewer replicas than needed: the batch stays and goes again (on this
+ * master its id makes that a no-op, then WAIT again; a new master that
+ * never got it applies it once). */
+static void on_waited(redisAsyncContext *c, void *reply, void *priv) {
+  struct sl_flusher *f = sl_redis_owner(c, reply);
+  if (!f) return; /* a connection we dropped: on_redis_down counted the retry */
+  redisReply *r = reply;
+  struct sl_batch *b = f->inflight;
+  f->inflight = NULL;
+  int need = (int)((intptr_t)priv / 4), kind = (int)((intptr_t)priv % 4);
+  if (!r) {
+    if (b) sl_stat_inc(&f->stats.retried, 1);
+    return;
+  }
+  if (!b) return;
+  if (r->type == REDIS_REPLY_INTEGER && r->integer >= need) {
+    acked(f, b, kind);
+    return;
+  }
+  uint64_t now = sl_mono_ms();
+  uint32_t held;
+  if (sl_ratelog_ok(&f->log_wait, now, ERR_LOG_MS, &held)) {
+    char w[160], e[100];
+    if (r->type == REDIS_REPLY_INTEGER)
+      snprintf(w, sizeof(w), "%lld of %d replica(s) have it after %u ms", r->integer, need, f->wait_ms);
+    else
+      snprintf(w, sizeof(w), "WAIT answered '%s'",
+               r->type == REDIS_REPLY_ERROR ? sl_printable(e, sizeof(e), r->str, r->len) : "an unexpected reply");
+    fprintf(stderr, "sluice: metering batch %.*s: in Redis, but %s: kept and sent again (said at most every %d s)\n",
+            b->id_len, b->id, w, ERR_LOG_MS / 1000);
+  }
+  sl_stat_inc(&f->stats.retried, 1);
+  f->retry_at_ms = now + 200;
+}
+
 static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
   (void)priv;
   struct sl_flusher *f = sl_redis_owner(c, reply);
@@ -247,6 +294,18 @@ static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
     f->retry_at_ms = now + 500;
     return;
   }
+  int need = wait_replicas(f);
+  if (need > 0) { /* acked once on that many replicas: a failover cannot lose it (SPEC 10) */
+    f->inflight = b;
+    redisAsyncCommand(c, on_waited, (void *)(intptr_t)(need * 4 + kind), "WAIT %d %u", need, f->wait_ms);
+    return;
+  }
+  acked(f, b, kind);
+}
+
+/* b, the head, is in Redis (kind: applied now or found applied) and, where
+ * WAIT is on, on enough replicas: it leaves the queue and the spool. */
+static void acked(struct sl_flusher *f, struct sl_batch *b, int kind) {
   sl_stat_inc(kind == SL_REPLY_APPLIED ? &f->stats.applied : &f->stats.deduplicated, 1);
   uint64_t lat = (sl_mono_ms() - b->created_ms) * 1000;
   sl_stat_inc(&f->stats.flush_latency_us_sum, lat);
@@ -762,6 +821,10 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   f->next_flush_ms = sl_mono_ms() + f->flush_ms;
   f->queue_max = cfg->meter_queue_batches;
   f->final_ms = cfg->final_flush_ms;
+  f->wait_replicas = cfg->redis_wait_replicas;
+  /* WAIT blocks the connection: within half the reply timeout, lest the
+   * client's watchdog take the wait for a dead server. */
+  f->wait_ms = cfg->redis_wait_ms < cfg->redis_timeout_ms / 2 ? cfg->redis_wait_ms : cfg->redis_timeout_ms / 2;
   f->spool.fd = -1;
   f->spool.max = cfg->spool_max_bytes;
   f->spool.st_bytes = &f->stats.spool_bytes;

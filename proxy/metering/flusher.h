@@ -65,6 +65,9 @@ struct sl_flusher {
   uint64_t retry_at_ms;         /* after an error reply, the batch goes again then */
   uint64_t errors;              /* error replies to batches */
   struct sl_ratelog log_err;    /* their lines */
+  int wait_replicas;            /* --redis-wait-replicas: a batch is acked once on this many (-1 auto, 0 off) */
+  unsigned wait_ms;             /* WAIT's timeout */
+  struct sl_ratelog log_wait;   /* "fewer replicas than needed" lines */
   int final_fail;               /* a connection failed since the final flush began */
   unsigned flush_ms, queue_max, final_ms;
   unsigned spool_ms;            /* rounds: counts gathered and made durable */
