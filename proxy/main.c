@@ -102,6 +102,8 @@ static void reload(struct sl_main *m) {
   KEEP(time_offset_s, "time-offset-s");
   KEEP(resync_ms, "resync-ms");
   KEEP(redis_timeout_ms, "redis-timeout-ms");
+  KEEP(redis_wait_replicas, "redis-wait-replicas");
+  KEEP(redis_wait_ms, "redis-wait-ms");
   KEEP(lookup_timeout_ms, "lookup-timeout-ms");
   KEEP(negative_ttl_ms, "negative-ttl-ms");
   KEEP(max_accounts, "max-accounts");
