@@ -10,7 +10,7 @@ set -euo pipefail
 #   all:     build + tests + demo + benchmarks (the default)
 build=(build-essential cmake pkg-config libuv1-dev libhiredis-dev libjemalloc-dev libyaml-dev node-llhttp)
 runtime=(libuv1 libhiredis0.14 libjemalloc2 libyaml-0-2)
-tests=(libcmocka-dev redis-server redis-tools python3 curl procps wrk nginx-light haproxy gnuplot-nox
+tests=(libcmocka-dev redis-server redis-sentinel redis-tools python3 curl procps wrk nginx-light haproxy gnuplot-nox
        clang-14 libclang-rt-14-dev)
 case "${1:-all}" in
   build) pkgs=("${build[@]}") ;;
@@ -32,10 +32,25 @@ if ((${#missing[@]})); then
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
+  # The distro's redis/sentinel/nginx services are not ours: tests and the
+  # demo start their own instances on loopback ports they choose. A
+  # policy-rc.d that says 101 keeps apt from starting what it installs
+  # (Docker images have one already; one made here is removed after).
+  policy=/usr/sbin/policy-rc.d
+  made_policy=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\n# deps/install.sh: no service starts while packages install\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    made_policy=1
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  ((made_policy)) && rm -f "$policy" && trap - EXIT
+  # Not started at the next boot either: a sentinel installed here would
+  # bind 26379 and watch a 127.0.0.1:6379 nobody runs.
+  if [[ " ${missing[*]} " == *" redis-sentinel "* ]] && [[ -d /run/systemd/system ]]; then
+    systemctl disable --now redis-sentinel.service >/dev/null 2>&1 || true
+  fi
 fi
-
-# The distro's redis/nginx services are not ours: tests and the demo start
-# their own instances on loopback ports they choose.
 exit 0
