@@ -1053,7 +1053,7 @@ class Bounds(MeteringCase):
 
     def test_admitted_calls_refused_at_the_bound(self):
         """Redis down and small bounds (--meter-keys 16, --meter-queue-batches
-        2): 3,000 accounts, each called once, make more distinct billable
+        2, --flush-keys 1000, its least): 3,000 accounts, each called once, make more distinct billable
         keys than the queue, the flusher's accumulator and the rings hold.
         sluice does not abort: once metering is backed up admitted calls get
         503 (never forwarded, so never billable); after Redis returns every
@@ -1063,7 +1063,7 @@ class Bounds(MeteringCase):
         for i in range(n):
             args += [f"{P}ak:AKM{i}", f"m{i}"]
         self.r.cli("MSET", *args)
-        sl = self.start("--flush-ms", "20", "--meter-keys", "16", "--meter-queue-batches", "2")
+        sl = self.start("--flush-ms", "20", "--meter-keys", "16", "--meter-queue-batches", "2", "--flush-keys", "1000")
         outcomes = collections.Counter()
         backed_up = collections.Counter()
 
@@ -1105,6 +1105,35 @@ class Bounds(MeteringCase):
         self.assertGreater(outcomes["ok"], n)
         self.assertLessEqual(during["queue_batches"], 2)
         self.check_totals("admitted calls at small bounds", outcomes)
+
+    def test_full_interval_goes_to_redis_early(self):
+        """--flush-keys bounds the keys one Redis interval gathers: 1,500
+        accounts called once with --flush-keys 1000 and a 60 s interval: the
+        first 1,000 keys go to Redis at once (the accumulator is full), the
+        rest wait for the interval, and SIGTERM sends them."""
+        n = 1500
+        args = []
+        for i in range(n):
+            args += [f"{P}ak:AKF{i}", f"f{i}"]
+        self.r.cli("MSET", *args)
+        sl = self.start("--flush-ms", "60000", "--spool-ms", "200", "--flush-keys", "1000", "--meter-keys", "100")
+        outcomes = collections.Counter()
+        with harness.HttpConn(sl.port) as c:
+            for i in range(n):
+                c.send(_req(ak=f"AKF{i}"))
+                outcomes[outcome_of(c.read_response())] += 1
+        self.assertEqual(sum(outcomes.values()), n)
+
+        def in_redis():
+            return sum(Meter(self.r.port).calls_by_outcome().values())
+        poll(lambda: in_redis() >= 1000, 5, "a full accumulator's keys in Redis")
+        time.sleep(1)
+        early = in_redis()
+        self.assertLess(early, n, "every key went before the interval")
+        self.stop_sluice(sl)
+        note(f"--flush-keys 1000, 60 s interval: {early} of {n} calls (one key each) in Redis early, "
+             f"the rest at SIGTERM")
+        self.check_totals("full interval early", outcomes)
 
     def test_silent_redis_is_down(self):
         """--redis names a server that accepts and never answers: the
