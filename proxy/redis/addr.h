@@ -1,6 +1,7 @@
 /* The --redis address (SPEC 2 and 10), parsed the same way by sluice's
  * configuration check, its Redis client and sluice-rate: HOST:PORT,
- * [V6]:PORT, unix:PATH, or sentinel://HOST:PORT[,HOST:PORT...]/MASTER.
+ * [V6]:PORT, unix:PATH, sentinel://HOST:PORT[,HOST:PORT...]/MASTER or
+ * cluster://HOST:PORT[,HOST:PORT...] (the seed nodes of a Redis Cluster).
  * Plain string work, no I/O and no library: the configuration layer (base)
  * links it too. */
 #ifndef SL_REDIS_ADDR_H
@@ -9,25 +10,27 @@
 #include <stddef.h>
 
 #define SL_REDIS_HOST_MAX 256     /* bytes of a host (or unix path) with its NUL */
-#define SL_REDIS_SENTINELS_MAX 16 /* sentinels one URL names at most */
+#define SL_REDIS_SENTINELS_MAX 16 /* sentinels (or cluster seeds) one URL names at most */
 #define SL_REDIS_MASTER_MAX 64    /* bytes of a Sentinel master name, without the NUL */
 #define SL_REDIS_SENTINEL_SCHEME "sentinel://"
+#define SL_REDIS_CLUSTER_SCHEME "cluster://"
 
 struct sl_redis_hostport {
   char host[SL_REDIS_HOST_MAX]; /* without the brackets of [V6]; the path for unix: */
   int port;                     /* 0: a unix socket at host */
 };
 
-enum sl_redis_kind { SL_REDIS_SERVER, SL_REDIS_SENTINEL };
+enum sl_redis_kind { SL_REDIS_SERVER, SL_REDIS_SENTINEL, SL_REDIS_CLUSTER };
 
 struct sl_redis_url {
   enum sl_redis_kind kind;
   struct sl_redis_hostport server; /* SL_REDIS_SERVER */
   /* SL_REDIS_SENTINEL: the sentinels in the order given, and the master's
    * name (A-Z a-z 0-9 . _ -: it travels unquoted in Sentinel's pub/sub
-   * messages). */
-  unsigned n_sentinels;
-  struct sl_redis_hostport sentinels[SL_REDIS_SENTINELS_MAX];
+   * messages). SL_REDIS_CLUSTER: the seed nodes in the order given (TCP
+   * only: a node's CLUSTER SLOTS names its peers by host and port). */
+  unsigned n_hosts;
+  struct sl_redis_hostport hosts[SL_REDIS_SENTINELS_MAX];
   char master[SL_REDIS_MASTER_MAX + 1];
 };
 

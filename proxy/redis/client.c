@@ -275,7 +275,7 @@ static void ask_next(struct sl_redis *r);
 
 /* The sentinel asked now failed (why): the next one is asked. */
 static void ask_failed(struct sl_redis *r, const char *why) {
-  const struct sl_redis_hostport *s = &r->url.sentinels[(r->ask_first + r->asked - 1) % r->url.n_sentinels];
+  const struct sl_redis_hostport *s = &r->url.hosts[(r->ask_first + r->asked - 1) % r->url.n_hosts];
   char w[120];
   snprintf(r->ask_why, sizeof(r->ask_why), "sentinel %s:%d: %s", s->host, s->port,
            sl_printable(w, sizeof(w), why, strlen(why)));
@@ -293,14 +293,14 @@ static void on_ask_reply(redisAsyncContext *c, void *reply, void *priv) {
     ask_failed(r, why);
     return;
   }
-  r->ask_first = (r->ask_first + r->asked - 1) % r->url.n_sentinels; /* it answered: asked first next time */
+  r->ask_first = (r->ask_first + r->asked - 1) % r->url.n_hosts; /* it answered: asked first next time */
   drop_ctx(&r->ask);
   memcpy(r->host, m.host, sizeof(r->host));
   r->port = m.port;
   char now_at[sizeof(r->master_said)];
   snprintf(now_at, sizeof(now_at), "%s:%d", r->host, r->port);
   if (!r->quiet && strcmp(now_at, r->master_said)) {
-    const struct sl_redis_hostport *s = &r->url.sentinels[r->ask_first];
+    const struct sl_redis_hostport *s = &r->url.hosts[r->ask_first];
     fprintf(stderr, "sluice: %s: sentinel %s:%d names master '%s' at %s\n", r->subject, s->host, s->port,
             r->url.master, now_at);
     memcpy(r->master_said, now_at, sizeof(now_at));
@@ -330,14 +330,14 @@ static void on_ask_disconnect(const redisAsyncContext *c, int status) {
 /* Asks the next sentinel not yet asked in this attempt, each within the
  * connect timeout; when every one has failed the attempt has. */
 static void ask_next(struct sl_redis *r) {
-  unsigned n = r->url.n_sentinels;
+  unsigned n = r->url.n_hosts;
   if (r->asked == n) {
     char why[400];
     snprintf(why, sizeof(why), "no sentinel named master '%s' (%u asked; last: %s)", r->url.master, n, r->ask_why);
     went_down(r, why);
     return;
   }
-  const struct sl_redis_hostport *s = &r->url.sentinels[(r->ask_first + r->asked++) % n];
+  const struct sl_redis_hostport *s = &r->url.hosts[(r->ask_first + r->asked++) % n];
   char why[200];
   r->ask_started_ms = sl_mono_ms();
   r->ask = open_to(r, s->host, s->port, why, sizeof(why), on_ask_connect, on_ask_disconnect);
@@ -365,7 +365,7 @@ static void connect_attempt(struct sl_redis *r) {
  * (the owner is told, as for any outage) and the new one is tried at once,
  * without asking and without the backoff. */
 static void switch_master(struct sl_redis *r, const struct sl_redis_hostport *m) {
-  const struct sl_redis_hostport *s = &r->url.sentinels[r->watch_i];
+  const struct sl_redis_hostport *s = &r->url.hosts[r->watch_i];
   snprintf(r->master_said, sizeof(r->master_said), "%s:%d", m->host, m->port);
   if (!r->quiet)
     fprintf(stderr, "sluice: %s: sentinel %s:%d announced master '%s' at %s (+switch-master); reconnecting\n",
@@ -381,7 +381,7 @@ static void switch_master(struct sl_redis *r, const struct sl_redis_hostport *m)
 
 static void watch_lost(struct sl_redis *r) {
   r->watch_subscribed = 0;
-  r->watch_i = (r->watch_i + 1) % r->url.n_sentinels;
+  r->watch_i = (r->watch_i + 1) % r->url.n_hosts;
   r->watch_next_ms = sl_mono_ms() + WATCH_RETRY_MS;
 }
 
@@ -431,7 +431,7 @@ static void watch_check(struct sl_redis *r, uint64_t now) {
     return;
   }
   if (now < r->watch_next_ms) return;
-  const struct sl_redis_hostport *s = &r->url.sentinels[r->watch_i];
+  const struct sl_redis_hostport *s = &r->url.hosts[r->watch_i];
   char why[200];
   r->watch_started_ms = now;
   r->watch = open_to(r, s->host, s->port, why, sizeof(why), on_watch_connect, on_watch_disconnect);
@@ -496,6 +496,10 @@ int sl_redis_init(struct sl_redis **out, uv_loop_t *loop, const struct sl_redis_
   char msg[300];
   int err = sl_redis_url_parse(&r->url, o->addr, msg, sizeof(msg)) ? UV_EINVAL : 0;
   if (err) goto fail;
+  if (r->url.kind == SL_REDIS_CLUSTER) { /* one client per node: cluster_client.h, through db.h */
+    err = UV_EINVAL;
+    goto fail;
+  }
   if (r->url.kind == SL_REDIS_SERVER) {
     memcpy(r->host, r->url.server.host, sizeof(r->host));
     r->port = r->url.server.port;

@@ -169,8 +169,12 @@ static redisContext *via_sentinel(const struct sl_redis_url *u, const struct sl_
 
 redisContext *sl_redis_connect_sync(const struct sl_redis_url *u, unsigned timeout_ms, char *err, size_t errlen) {
   if (u->kind == SL_REDIS_SERVER) return open_one(&u->server, timeout_ms, err, errlen);
-  for (unsigned i = 0; i < u->n_sentinels; i++) {
-    redisContext *c = via_sentinel(u, &u->sentinels[i], timeout_ms, err, errlen);
+  if (u->kind == SL_REDIS_CLUSTER) {
+    snprintf(err, errlen, "a cluster:// URL names seeds, not one server (connect to each node instead)");
+    return NULL;
+  }
+  for (unsigned i = 0; i < u->n_hosts; i++) {
+    redisContext *c = via_sentinel(u, &u->hosts[i], timeout_ms, err, errlen);
     if (c) return c;
   }
   return NULL; /* err: the last sentinel's failure */

@@ -119,6 +119,25 @@ static void test_rejections(void **state) {
   assert_non_null(strstr(err, "No such file"));
 }
 
+/* A --redis URL scheme + 16 hosts + tail is taken, one with 17 refused with
+ * needle in the message. */
+static void host_bound(const char *scheme, const char *tail, const char *needle) {
+  struct sl_config c;
+  char err[256], yaml[1200];
+  int n = snprintf(yaml, sizeof(yaml), "upstream: 127.0.0.1:9000\nredis: %s", scheme);
+  for (int i = 0; i < 17; i++) {
+    n += snprintf(yaml + n, sizeof(yaml) - (size_t)n, "%s10.0.0.%d:7000", i ? "," : "", i);
+    if (i == 15) {
+      char ok[1300];
+      snprintf(ok, sizeof(ok), "%.1200s%.32s\n", yaml, tail);
+      assert_int_equal(load(&c, write_file(ok), 0, NULL, err), 0);
+      unlink(path);
+    }
+  }
+  snprintf(yaml + n, sizeof(yaml) - (size_t)n, "%s\n", tail);
+  expect_error(yaml, 0, NULL, needle);
+}
+
 /* --redis sentinel://... (SPEC 10): in the file and on the command line,
  * with its bounds, and every malformed form refused with what is wrong. */
 static void test_redis_sentinel(void **state) {
@@ -138,20 +157,7 @@ static void test_redis_sentinel(void **state) {
   assert_int_equal(c.redis_wait_replicas, -1); /* auto */
   assert_int_equal(c.redis_wait_ms, 250);
   /* 16 sentinels are taken, a 17th is not */
-  char yaml[1200] = "upstream: 127.0.0.1:9000\nredis: sentinel://";
-  for (int i = 0; i < 17; i++) {
-    char one[32];
-    snprintf(one, sizeof(one), "%s10.0.0.%d:26379", i ? "," : "", i);
-    strcat(yaml, one);
-    if (i == 15) {
-      char ok[1200];
-      snprintf(ok, sizeof(ok), "%s/m\n", yaml);
-      assert_int_equal(load(&c, write_file(ok), 0, NULL, err), 0);
-      unlink(path);
-    }
-  }
-  strcat(yaml, "/m\n");
-  expect_error(yaml, 0, NULL, "names more than 16 sentinels");
+  host_bound("sentinel://", "/m", "names more than 16 sentinels");
   const char *up = "upstream: 127.0.0.1:9000\nredis: ";
   static const struct {
     const char *value, *needle;
@@ -171,13 +177,25 @@ static void test_redis_sentinel(void **state) {
       {"sentinel://127.0.0.1:26379/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
        "the master name is longer than 64 bytes"},
       {"redis://127.0.0.1:6379", "the scheme 'redis://' is not supported"},
-      {"127.0.0.1:", "is neither HOST:PORT, unix:PATH nor sentinel://"},
+      {"127.0.0.1:", "is neither HOST:PORT, unix:PATH, sentinel://"},
+      {"cluster://", "names no cluster node (cluster://HOST:PORT[,HOST:PORT...])"},
+      {"cluster://127.0.0.1:7000,", "has an empty cluster node address"},
+      {"cluster://a:1,,b:2", "has an empty cluster node address"},
+      {"cluster://127.0.0.1", "cluster node '127.0.0.1' is not HOST:PORT"},
+      {"cluster://127.0.0.1:0", "is not HOST:PORT"},
+      {"cluster://unix:/tmp/r.sock", "cluster node 'unix:/tmp/r.sock' is not HOST:PORT"},
+      {"cluster://127.0.0.1:7000/m", "cluster node '127.0.0.1:7000/m' is not HOST:PORT"},
   };
   for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
     char y[512];
     snprintf(y, sizeof(y), "%s'%s'\n", up, bad[i].value);
     expect_error(y, 0, NULL, bad[i].needle);
   }
+  /* cluster://: seeds as sentinels are, 16 at most */
+  char *cl[] = {"--upstream", "127.0.0.1:9000", "--redis", "cluster://127.0.0.1:7000,[::1]:7001,n3.example:7002"};
+  assert_int_equal(load(&c, NULL, 4, cl, err), 0);
+  assert_string_equal(c.redis, "cluster://127.0.0.1:7000,[::1]:7001,n3.example:7002");
+  host_bound("cluster://", "", "names more than 16 cluster nodes");
   char *wait_bad[] = {"--upstream", "127.0.0.1:9000", "--redis-wait-replicas", "-2"};
   expect_error(NULL, 4, wait_bad, "redis-wait-replicas: '-2' is not an integer in [-1, 16]");
   char *wait_ms_bad[] = {"--upstream", "127.0.0.1:9000", "--redis-wait-ms", "0"};

@@ -24,12 +24,12 @@ static void test_url_parse(void **state) {
   assert_int_equal(u.server.port, 0);
   assert_int_equal(sl_redis_url_parse(&u, "sentinel://127.0.0.1:26379,[::1]:26380,s3:1/mymaster", err, sizeof(err)), 0);
   assert_int_equal(u.kind, SL_REDIS_SENTINEL);
-  assert_int_equal(u.n_sentinels, 3);
-  assert_string_equal(u.sentinels[0].host, "127.0.0.1");
-  assert_int_equal(u.sentinels[0].port, 26379);
-  assert_string_equal(u.sentinels[1].host, "::1");
-  assert_int_equal(u.sentinels[1].port, 26380);
-  assert_string_equal(u.sentinels[2].host, "s3");
+  assert_int_equal(u.n_hosts, 3);
+  assert_string_equal(u.hosts[0].host, "127.0.0.1");
+  assert_int_equal(u.hosts[0].port, 26379);
+  assert_string_equal(u.hosts[1].host, "::1");
+  assert_int_equal(u.hosts[1].port, 26380);
+  assert_string_equal(u.hosts[2].host, "s3");
   assert_string_equal(u.master, "mymaster");
   /* the bound on the master name is inclusive */
   char url[128] = "sentinel://h:1/";
@@ -40,8 +40,16 @@ static void test_url_parse(void **state) {
   assert_non_null(strstr(err, "longer than 64 bytes"));
   assert_int_equal(sl_redis_url_parse(&u, "sentinel://h:1", err, sizeof(err)), -1);
   assert_non_null(strstr(err, "redis: 'sentinel://h:1' names no master"));
-  assert_int_equal(sl_redis_url_parse(&u, "cluster://h:1", err, 8), -1); /* a short err buffer: cut, terminated */
+  assert_int_equal(sl_redis_url_parse(&u, "redis://h:1", err, 8), -1); /* a short err buffer: cut, terminated */
   assert_int_equal(strlen(err), 7);
+  /* cluster://: the seeds in order */
+  assert_int_equal(sl_redis_url_parse(&u, "cluster://127.0.0.1:7000,[::1]:7001", err, sizeof(err)), 0);
+  assert_int_equal(u.kind, SL_REDIS_CLUSTER);
+  assert_int_equal(u.n_hosts, 2);
+  assert_int_equal(u.hosts[1].port, 7001);
+  assert_string_equal(u.hosts[1].host, "::1"); /* and the first as a sentinel's above */
+  assert_int_equal(sl_redis_url_parse(&u, "cluster://", err, sizeof(err)), -1);
+  assert_non_null(strstr(err, "names no cluster node"));
 }
 
 static redisReply *str(int type, const char *s) {
