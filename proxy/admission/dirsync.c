@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "addr.h"
 #include "client.h"
 #include "dirsync_int.h"
 #include "keys.h"
@@ -423,8 +424,11 @@ int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned
       .on_down = on_redis_down,
       .data = d,
   };
-  if ((r = sl_redis_init(&d->redis, &d->loop, &o)) != 0) goto err_handles;
-  sl_redis_start(d->redis);
+  /* cluster:// (admission off, config.c): no directory Redis yet (issue 14) */
+  if (strncmp(cfg->redis, SL_REDIS_CLUSTER_SCHEME, strlen(SL_REDIS_CLUSTER_SCHEME)) != 0) {
+    if ((r = sl_redis_init(&d->redis, &d->loop, &o)) != 0) goto err_handles;
+    sl_redis_start(d->redis);
+  }
   uv_timer_start(&d->tick, on_tick, 100, 100);
   if ((r = sl_loop_thread_start(&d->thread, &d->loop)) != 0) goto err_redis;
   return 0;

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "client.h"
+#include "db.h"
 #include "keys.h"
 
 #include "catalog.h"
@@ -51,6 +52,34 @@ static const char apply_script[] =
     "end "
     "redis.call('XADD', p .. '" SL_KEY_USAGE_STREAM "', 'MAXLEN', '~', '" SL_USAGE_STREAM_MAXLEN "', '*', "
     "           'batch', id, 'keys', n, 'deltas', ARGV[b]) "
+    "return 1";
+
+/* Redis Cluster (SPEC 10; docs/operations.md): a batch goes as one part per
+ * hash slot of its UIDs, each applied exactly once by its own marker in
+ * that slot: KEYS[1] the marker (meter:batch:<id>:{<uid>}, the UID of the
+ * part's first key), then per key its calls and usage keys (the calls key
+ * again when nothing is billed); ARGV: the key count, then per key the
+ * calls field, the count, the number of usage fields and the fields. Every
+ * key is declared, so that a slot being migrated answers ASK or TRYAGAIN
+ * for the whole part, never half of it. */
+static const char part_script[] =
+    "if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800) then return 0 end "
+    "local b = 2 "
+    "for i = 1, tonumber(ARGV[1]) do "
+    "  redis.call('HINCRBY', KEYS[2 * i], ARGV[b], ARGV[b + 1]) "
+    "  local u = tonumber(ARGV[b + 2]) "
+    "  for j = 1, u do redis.call('HINCRBY', KEYS[2 * i + 1], ARGV[b + 2 + j], ARGV[b + 1]) end "
+    "  b = b + 3 + u "
+    "end "
+    "return 1";
+
+/* The batch's usage:stream entry in a cluster, once: KEYS[1] a marker in
+ * the stream's slot (meter:batch:<id>:{<tag>}, the tag chosen at start to
+ * hash there), KEYS[2] the stream; ARGV: id, key count, deltas. */
+static const char stream_script[] =
+    "if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800) then return 0 end "
+    "redis.call('XADD', KEYS[2], 'MAXLEN', '~', '" SL_USAGE_STREAM_MAXLEN "', '*', "
+    "           'batch', ARGV[1], 'keys', ARGV[2], 'deltas', ARGV[3]) "
     "return 1";
 
 /* ---- the queue ---- */
@@ -222,63 +251,96 @@ int sl_flusher_reply_kind(const struct redisReply *r) {
 /* Replicas a batch must be on before it is acked: --redis-wait-replicas, or
  * with auto (-1) 1 when the master's ROLE listed a connected replica (at
  * connect, and at the client's idle probes), else 0 (no WAIT). */
-static int wait_replicas(const struct sl_flusher *f) {
+static int wait_replicas(const struct sl_flusher *f, unsigned slot) {
   if (f->wait_replicas >= 0) return f->wait_replicas;
-  return sl_redis_replicas(f->redis) > 0;
+  return sl_db_replicas(f->redis, slot) > 0;
 }
 
 static void acked(struct sl_flusher *f, struct sl_batch *b, int kind);
 
-/* WAIT's reply for the batch in flight, whose EVAL was applied (or found
- * applied: a batch sent again). priv: replicas needed * 4 + the EVAL's
- * kind. Fewer replicas than needed: the batch stays and goes again (on this
- * master its id makes that a no-op, then WAIT again; a new master that
- * never got it applies it once). */
-static void on_waited(redisAsyncContext *c, void *reply, void *priv) {
-  struct sl_flusher *f = sl_redis_owner(c, reply);
-  if (!f) return; /* a connection we dropped: on_redis_down counted the retry */
-  redisReply *r = reply;
+/* One command of the batch in flight (its EVAL, or a cluster's SADD of a
+ * day's set) and then its WAIT. */
+struct part {
+  uint64_t gen;   /* the send it belongs to (f->gen): a reply to an older one is dropped */
+  unsigned slot;  /* where it goes (and its WAIT after it) */
+  int plain;      /* a plain command (SADD, idempotent): any integer reply is success */
+  int kind;       /* SL_REPLY_APPLIED or _DUPLICATE once the command is answered */
+  int need;       /* > 0: WAIT was sent for this many replicas */
+};
+
+enum { PART_OK, PART_LOST, PART_SHORT, PART_ERROR }; /* how a part ended, worst last */
+
+/* Every part of the batch in flight has ended: acked when each is in Redis
+ * (and, where WAIT is on, on enough replicas); else the whole batch goes
+ * again (parts applied before are no-ops through their markers). */
+static void parts_done(struct sl_flusher *f) {
   struct sl_batch *b = f->inflight;
   f->inflight = NULL;
-  int need = (int)((intptr_t)priv / 4), kind = (int)((intptr_t)priv % 4);
-  if (!r) {
-    if (b) sl_stat_inc(&f->stats.retried, 1);
+  if (f->part_worst == PART_OK) {
+    acked(f, b, f->part_applied ? SL_REPLY_APPLIED : SL_REPLY_DUPLICATE);
     return;
   }
-  if (!b) return;
-  if (r->type == REDIS_REPLY_INTEGER && r->integer >= need) {
-    acked(f, b, kind);
-    return;
-  }
+  sl_stat_inc(&f->stats.retried, 1);
   uint64_t now = sl_mono_ms();
+  f->retry_at_ms = now + (f->part_worst == PART_ERROR ? 500 : 200);
+  /* one server: a lost connection is retried on its next PING (on_redis_ready) */
+  if (sl_db_cluster(f->redis)) uv_timer_start(&f->pace, on_pace, f->retry_at_ms - now, 0);
+}
+
+static void part_end(struct sl_flusher *f, struct part *p, int how) {
+  if (how > f->part_worst) f->part_worst = how;
+  if (how == PART_OK && p->kind == SL_REPLY_APPLIED) f->part_applied = 1;
+  free(p);
+  if (--f->parts_left == 0) parts_done(f);
+}
+
+static void on_part(void *owner, void *priv, const redisReply *r);
+
+/* WAIT's reply: fewer replicas than needed keeps the batch (sent again: on
+ * this master its markers make that a no-op, then WAIT again; a new master
+ * that never got it applies it once). */
+static void part_waited(struct sl_flusher *f, struct part *p, const redisReply *r) {
+  if (!r) {
+    part_end(f, p, PART_LOST);
+    return;
+  }
+  if (r->type == REDIS_REPLY_INTEGER && r->integer >= p->need) {
+    part_end(f, p, PART_OK);
+    return;
+  }
   uint32_t held;
-  if (sl_ratelog_ok(&f->log_wait, now, ERR_LOG_MS, &held)) {
+  if (sl_ratelog_ok(&f->log_wait, sl_mono_ms(), ERR_LOG_MS, &held)) {
     char w[160], e[100];
     if (r->type == REDIS_REPLY_INTEGER)
-      snprintf(w, sizeof(w), "%lld of %d replica(s) have it after %u ms", r->integer, need, f->wait_ms);
+      snprintf(w, sizeof(w), "%lld of %d replica(s) have it after %u ms", r->integer, p->need, f->wait_ms);
     else
       snprintf(w, sizeof(w), "WAIT answered '%s'",
                r->type == REDIS_REPLY_ERROR ? sl_printable(e, sizeof(e), r->str, r->len) : "an unexpected reply");
     fprintf(stderr, "sluice: metering batch %.*s: in Redis, but %s: kept and sent again (said at most every %d s)\n",
-            b->id_len, b->id, w, ERR_LOG_MS / 1000);
+            f->inflight->id_len, f->inflight->id, w, ERR_LOG_MS / 1000);
   }
-  sl_stat_inc(&f->stats.retried, 1);
-  f->retry_at_ms = now + 200;
+  part_end(f, p, PART_SHORT);
 }
 
-static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
-  (void)priv;
-  struct sl_flusher *f = sl_redis_owner(c, reply);
-  if (!f) return; /* a connection we dropped: on_redis_down counted the retry */
-  redisReply *r = reply;
-  struct sl_batch *b = f->inflight;
-  f->inflight = NULL;
-  int kind = sl_flusher_reply_kind(r);
-  if (kind == SL_REPLY_LOST) { /* connection lost: the reply may be lost with it; resent with the same id */
-    if (b) sl_stat_inc(&f->stats.retried, 1);
+/* A part's reply (db.h): owner NULL when its connection was dropped
+ * (on_redis_down counted the retry) or the flusher is stopping. */
+static void on_part(void *owner, void *priv, const redisReply *r) {
+  struct sl_flusher *f = owner;
+  struct part *p = priv;
+  if (!f || p->gen != f->gen || !f->inflight) {
+    free(p);
     return;
   }
-  if (!b) return;
+  if (p->need) {
+    part_waited(f, p, r);
+    return;
+  }
+  int kind = p->plain ? (!r ? SL_REPLY_LOST : r->type == REDIS_REPLY_INTEGER ? SL_REPLY_APPLIED : SL_REPLY_ERROR)
+                      : sl_flusher_reply_kind(r);
+  if (kind == SL_REPLY_LOST) { /* the reply may be lost with its connection: resent with the same id */
+    part_end(f, p, PART_LOST);
+    return;
+  }
   if (kind == SL_REPLY_ERROR) {
     uint64_t now = sl_mono_ms();
     uint32_t held;
@@ -286,21 +348,37 @@ static void on_applied(redisAsyncContext *c, void *reply, void *priv) {
     if (sl_ratelog_ok(&f->log_err, now, ERR_LOG_MS, &held)) {
       char w[220];
       fprintf(stderr, "sluice: metering batch %.*s: %s (retrying; %llu error(s) so far, said at most every %d s)\n",
-              b->id_len, b->id,
+              f->inflight->id_len, f->inflight->id,
               r->type == REDIS_REPLY_ERROR ? sl_printable(w, sizeof(w), r->str, r->len) : "unexpected reply",
               (unsigned long long)f->errors, ERR_LOG_MS / 1000);
     }
-    sl_stat_inc(&f->stats.retried, 1);
-    f->retry_at_ms = now + 500;
+    part_end(f, p, PART_ERROR);
     return;
   }
-  int need = wait_replicas(f);
+  p->kind = kind;
+  int need = wait_replicas(f, p->slot);
   if (need > 0) { /* acked once on that many replicas: a failover cannot lose it (SPEC 10) */
-    f->inflight = b;
-    redisAsyncCommand(c, on_waited, (void *)(intptr_t)(need * 4 + kind), "WAIT %d %u", need, f->wait_ms);
+    char nb[16], ms[16];
+    const char *argv[] = {"WAIT", nb, ms};
+    size_t lens[] = {4, (size_t)snprintf(nb, sizeof nb, "%d", need), (size_t)snprintf(ms, sizeof ms, "%u", f->wait_ms)};
+    p->need = need;
+    if (sl_db_command(f->redis, p->slot, on_part, p, 3, argv, lens) != 0) part_end(f, p, PART_LOST);
     return;
   }
-  acked(f, b, kind);
+  part_end(f, p, PART_OK);
+}
+
+/* Sends one part of the batch in flight (f->gen's send). */
+static void send_part(struct sl_flusher *f, unsigned slot, int plain, int argc, const char **argv,
+                      const size_t *lens) {
+  struct part *p = sl_calloc(1, sizeof *p);
+  *p = (struct part){.gen = f->gen, .slot = slot, .plain = plain};
+  if (sl_db_command(f->redis, slot, on_part, p, argc, argv, lens) != 0) {
+    free(p);
+    if (PART_LOST > f->part_worst) f->part_worst = PART_LOST;
+    return;
+  }
+  f->parts_left++;
 }
 
 /* b, the head, is in Redis (kind: applied now or found applied) and, where
@@ -403,9 +481,66 @@ static size_t services(const struct sl_meter_key *k, const char **svc, size_t *s
   return ns;
 }
 
+/* The batch's usage:stream deltas from p on: "<day>:<uid>:<feature>:<region>:<tier>:<outcome> <count>"
+ * and the services billed, a line per key. Returns the end. */
+static char *deltas_text(const struct sl_batch *b, char *p) {
+  for (uint32_t i = 0; i < b->n; i++) {
+    const struct sl_meter_key *k = &b->e[i].k;
+    const char *fname, *tier, *o;
+    sl_flusher_key_names(k, &fname, &tier, &o);
+    p += sl_u64toa(k->day, p);
+    *p++ = ':';
+    memcpy(p, k->uid, k->uid_len), p += k->uid_len;
+    *p++ = ':';
+    p += field_fr(k, p);
+    p += sprintf(p, ":%s:%s ", tier, o);
+    p += sl_u64toa(b->e[i].count, p);
+    if (billed(k)) { /* the services billed, once each ("-": none named) */
+      *p++ = ' ';
+      const char *svc[SL_METER_SERVICE_MAX / 2 + 1];
+      size_t svl[SL_METER_SERVICE_MAX / 2 + 1];
+      size_t ns = services(k, svc, svl);
+      for (size_t j = 0; j < ns; j++) {
+        if (j) *p++ = ',';
+        memcpy(p, svc[j], svl[j]), p += svl[j];
+      }
+    }
+    *p++ = '\n';
+  }
+  return p;
+}
+
+/* A billed key's usage fields "<feature>:<service>:<region>", one per
+ * service, as args after a count arg set here. */
+static void usage_fields(struct args *x, const struct sl_meter_key *k) {
+  const char *fname, *tier, *o;
+  sl_flusher_key_names(k, &fname, &tier, &o);
+  size_t count_at = x->a, nf = 0;
+  arg(x, "", 0);
+  const char *svc[SL_METER_SERVICE_MAX / 2 + 1];
+  size_t svl[SL_METER_SERVICE_MAX / 2 + 1];
+  size_t ns = services(k, svc, svl), fnl = strlen(fname);
+  for (size_t j = 0; j < ns; j++) {
+    char *start = x->p;
+    memcpy(x->p, fname, fnl), x->p += fnl;
+    *x->p++ = ':';
+    memcpy(x->p, svc[j], svl[j]), x->p += svl[j];
+    *x->p++ = ':';
+    memcpy(x->p, k->region, k->region_len), x->p += k->region_len;
+    arg(x, start, (size_t)(x->p - start));
+    nf++;
+  }
+  size_t l = sl_u64toa(nf, x->p);
+  x->argv[count_at] = x->p;
+  x->lens[count_at] = l;
+  x->p += l + 1;
+}
+
+static void send_single(struct sl_flusher *f, struct sl_batch *b, struct args *xp);
+static void send_cluster(struct sl_flusher *f, struct sl_batch *b, struct args *xp);
+
 static void send_next(struct sl_flusher *f) {
-  redisAsyncContext *c = sl_redis_cmd(f->redis);
-  if (!c || f->inflight || !f->head) return;
+  if (!sl_db_ready(f->redis) || f->inflight || !f->head) return;
   uint64_t now = sl_mono_ms();
   if (now < f->retry_at_ms) return;
   if (now < f->next_send_ms && !f->final_started) { /* paced: Redis's work spread over the interval */
@@ -433,9 +568,29 @@ static void send_next(struct sl_flusher *f) {
       size_t ns = services(k, svc, svl);
       per += ns * (field + 2) + k->service_len + 2;
     }
-    cap += per;
+    cap += per + plen + sizeof(b->id) + k->uid_len + 32; /* a cluster: tags, a part's marker */
   }
+  cap += 2 * plen + 2 * sizeof(b->id) + 256; /* a cluster: the stream's marker and name */
   x.buf = x.p = sl_malloc(cap);
+  f->inflight = b;
+  f->gen++;
+  f->parts_left = 0;
+  f->part_worst = PART_OK;
+  f->part_applied = 0;
+  if (sl_db_cluster(f->redis))
+    send_cluster(f, b, &x);
+  else
+    send_single(f, b, &x);
+  free(x.argv);
+  free(x.lens);
+  free(x.buf);
+  if (f->parts_left == 0) parts_done(f); /* none could go */
+}
+
+/* One server or Sentinel: the batch as one EVAL of apply_script. */
+static void send_single(struct sl_flusher *f, struct sl_batch *b, struct args *xp) {
+  struct args x = *xp;
+  size_t plen = strlen(f->prefix), n = b->n;
   arg(&x, "EVAL", 4);
   arg(&x, apply_script, sizeof(apply_script) - 1);
   arg(&x, "0", 1);
@@ -459,28 +614,7 @@ static void send_next(struct sl_flusher *f) {
       arg_cat(&x, f->prefix, plen, SL_KEY_USAGE, SL_KEYLEN(SL_KEY_USAGE), daybuf, dl);
       memcpy(x.p, k->uid, k->uid_len), x.p += k->uid_len;
       x.lens[x.a - 1] += k->uid_len;
-      /* usage field per service: "<feature>:<service>:<region>" */
-      size_t count_at = x.a, nf = 0;
-      arg(&x, "", 0);
-      const char *svc[SL_METER_SERVICE_MAX / 2 + 1];
-      size_t svl[SL_METER_SERVICE_MAX / 2 + 1];
-      size_t ns = services(k, svc, svl);
-      const char *fn = fname;
-      size_t fnl = strlen(fname);
-      for (size_t j = 0; j < ns; j++) {
-        char *start = x.p;
-        memcpy(x.p, fn, fnl), x.p += fnl;
-        *x.p++ = ':';
-        memcpy(x.p, svc[j], svl[j]), x.p += svl[j];
-        *x.p++ = ':';
-        memcpy(x.p, k->region, k->region_len), x.p += k->region_len;
-        arg(&x, start, (size_t)(x.p - start));
-        nf++;
-      }
-      size_t l = sl_u64toa(nf, x.p);
-      x.argv[count_at] = x.p;
-      x.lens[count_at] = l;
-      x.p += l + 1;
+      usage_fields(&x, k);
     } else {
       arg(&x, "", 0);
       arg(&x, "0", 1);
@@ -537,36 +671,122 @@ static void send_next(struct sl_flusher *f) {
   x.argv[ngroups_at] = x.p;
   x.lens[ngroups_at] = l;
   x.p += l + 1;
-  /* the stream entry: "<day>:<uid>:<feature>:<region>:<tier>:<outcome> <count>" a line per key */
   char *d0 = x.p;
+  x.p = deltas_text(b, x.p);
+  arg(&x, d0, (size_t)(x.p - d0));
+  send_part(f, 0, 0, (int)x.a, x.argv, x.lens);
+}
+
+/* Orders a batch's key indices by slot: slot << 16 | index. */
+static int cmp_u32(const void *a, const void *b) {
+  uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* The name <prefix><head><day>:{<uid>} into the args (cluster form). */
+static void arg_uid_key(struct sl_flusher *f, struct args *x, const char *head, size_t hl, const struct sl_meter_key *k) {
+  char h[128];
+  int l = snprintf(h, sizeof h, "%s%.*s%llu:", f->prefix, (int)hl, head, (unsigned long long)k->day);
+  int n = sl_db_uid_key(f->redis, x->p, 128 + k->uid_len + 8, h, (size_t)l, k->uid, k->uid_len, "", 0);
+  if (n < 0) n = snprintf(x->p, 128 + k->uid_len + 8, "%s%.*s", h, (int)k->uid_len, k->uid); /* a UID with a brace */
+  arg(x, x->p, (size_t)n);
+  x->p += n + 1;
+}
+
+/* Redis Cluster: one part_script EVAL per slot of the batch's UIDs, one
+ * SADD per day's set of UIDs (its own slot; idempotent), and the stream
+ * entry with its own marker: each part applied once, the batch acked when
+ * all are (parts_done). The grouping depends on the batch alone, so a
+ * batch sent again makes the same parts and markers. */
+static void send_cluster(struct sl_flusher *f, struct sl_batch *b, struct args *xp) {
+  struct args x = *xp;
+  char *buf = x.p;
+  uint32_t n = b->n;
+  uint32_t *order = sl_malloc(n * sizeof *order);
   for (uint32_t i = 0; i < n; i++) {
     const struct sl_meter_key *k = &b->e[i].k;
-    const char *fname, *tier, *o;
-    sl_flusher_key_names(k, &fname, &tier, &o);
-    x.p += sl_u64toa(k->day, x.p);
-    *x.p++ = ':';
-    memcpy(x.p, k->uid, k->uid_len), x.p += k->uid_len;
-    *x.p++ = ':';
-    x.p += field_fr(k, x.p);
-    x.p += sprintf(x.p, ":%s:%s ", tier, o);
-    x.p += sl_u64toa(b->e[i].count, x.p);
-    if (billed(k)) { /* the services billed, once each ("-": none named) */
-      *x.p++ = ' ';
-      const char *svc[SL_METER_SERVICE_MAX / 2 + 1];
-      size_t svl[SL_METER_SERVICE_MAX / 2 + 1];
-      size_t ns = services(k, svc, svl);
-      for (size_t j = 0; j < ns; j++) {
-        if (j) *x.p++ = ',';
-        memcpy(x.p, svc[j], svl[j]), x.p += svl[j];
-      }
-    }
-    *x.p++ = '\n';
+    /* a UID with a brace cannot be a tag: its keys keep the plain names,
+     * whose slot is that of the UID read as a key */
+    int plain = memchr(k->uid, '{', k->uid_len) || memchr(k->uid, '}', k->uid_len);
+    order[i] = (plain ? sl_cluster_key_slot(k->uid, k->uid_len) : sl_db_uid_slot(k->uid, k->uid_len)) << 16 | i;
   }
+  qsort(order, n, sizeof *order, cmp_u32);
+  for (uint32_t g = 0; g < n;) {
+    uint32_t slot = order[g] >> 16, e = g;
+    while (e < n && order[e] >> 16 == slot) e++;
+    x.a = 0;
+    x.p = buf;
+    const struct sl_meter_key *k0 = &b->e[order[g] & 0xffff].k;
+    arg(&x, "EVAL", 4);
+    arg(&x, part_script, sizeof(part_script) - 1);
+    arg_num(&x, 1 + 2 * (e - g));
+    char head[160];
+    int hl = snprintf(head, sizeof head, "%s" SL_KEY_METER_BATCH "%.*s:", f->prefix, b->id_len, b->id);
+    int ml = sl_db_uid_key(f->redis, x.p, (size_t)hl + k0->uid_len + 4, head, (size_t)hl, k0->uid, k0->uid_len, "", 0);
+    if (ml < 0) ml = snprintf(x.p, (size_t)hl + k0->uid_len + 4, "%s%.*s", head, (int)k0->uid_len, k0->uid);
+    arg(&x, x.p, (size_t)ml);
+    x.p += ml + 1;
+    for (uint32_t j = g; j < e; j++) {
+      const struct sl_meter_key *k = &b->e[order[j] & 0xffff].k;
+      arg_uid_key(f, &x, SL_KEY_CALLS, SL_KEYLEN(SL_KEY_CALLS), k);
+      arg_uid_key(f, &x, billed(k) ? SL_KEY_USAGE : SL_KEY_CALLS, billed(k) ? SL_KEYLEN(SL_KEY_USAGE) : SL_KEYLEN(SL_KEY_CALLS),
+                  k);
+    }
+    arg_num(&x, e - g);
+    char fr[64 + SL_REGION_MAX];
+    for (uint32_t j = g; j < e; j++) {
+      const struct sl_batch_entry *be = &b->e[order[j] & 0xffff];
+      const char *fname, *tier, *o;
+      sl_flusher_key_names(&be->k, &fname, &tier, &o);
+      size_t frl = field_fr(&be->k, fr);
+      arg_cat(&x, fr, frl, ":", 1, o, strlen(o));
+      arg_num(&x, be->count);
+      if (billed(&be->k))
+        usage_fields(&x, &be->k);
+      else
+        arg(&x, "0", 1);
+    }
+    send_part(f, slot, 0, (int)x.a, x.argv, x.lens);
+    g = e;
+  }
+  free(order);
+  /* The day's sets: SADD each day's billed UIDs (repeats are harmless). */
+  for (uint32_t i = 0; i < n; i++) {
+    const struct sl_meter_key *k = &b->e[i].k;
+    if (!billed(k) || b->e[i].sadd_done) continue;
+    x.a = 0;
+    x.p = buf;
+    arg(&x, "SADD", 4);
+    char set[128];
+    int sl = snprintf(set, sizeof set, "%s" SL_KEY_USAGE "%llu", f->prefix, (unsigned long long)k->day);
+    arg(&x, set, (size_t)sl);
+    for (uint32_t j = i; j < n; j++) {
+      struct sl_batch_entry *e = &b->e[j];
+      if (!billed(&e->k) || e->k.day != k->day || e->sadd_done) continue;
+      e->sadd_done = 1;
+      arg(&x, e->k.uid, e->k.uid_len);
+    }
+    send_part(f, sl_db_key_slot(set, (size_t)sl), 1, (int)x.a, x.argv, x.lens);
+  }
+  for (uint32_t i = 0; i < n; i++) b->e[i].sadd_done = 0; /* sent again whole after a lost reply */
+  /* The stream entry, once through its own marker in the stream's slot. */
+  x.a = 0;
+  x.p = buf;
+  arg(&x, "EVAL", 4);
+  arg(&x, stream_script, sizeof(stream_script) - 1);
+  arg(&x, "2", 1);
+  char marker[200], stream[128];
+  int ml = snprintf(marker, sizeof marker, "%s" SL_KEY_METER_BATCH "%.*s:{%s}", f->prefix, b->id_len, b->id,
+                    f->stream_tag);
+  int sl = snprintf(stream, sizeof stream, "%s" SL_KEY_USAGE_STREAM, f->prefix);
+  arg(&x, marker, (size_t)ml);
+  arg(&x, stream, (size_t)sl);
+  arg(&x, b->id, b->id_len);
+  arg_num(&x, n);
+  char *d0 = x.p;
+  x.p = deltas_text(b, x.p);
   arg(&x, d0, (size_t)(x.p - d0));
-  if (redisAsyncCommandArgv(c, on_applied, NULL, (int)x.a, x.argv, x.lens) == REDIS_OK) f->inflight = b;
-  free(x.argv);
-  free(x.lens);
-  free(x.buf);
+  send_part(f, sl_db_key_slot(stream, (size_t)sl), 0, (int)x.a, x.argv, x.lens);
 }
 
 /* PING answered (client.h): what waits goes. */
@@ -580,6 +800,7 @@ static void on_redis_down(void *data, const char *why) {
   f->final_fail = 1;
   if (f->inflight) {
     f->inflight = NULL;
+    f->gen++; /* its parts' replies are dropped */
     sl_stat_inc(&f->stats.retried, 1);
   }
 }
@@ -629,9 +850,9 @@ static void stop_loop(struct sl_flusher *f) {
   sl__close((uv_handle_t *)&f->pace, NULL);
   sl__close((uv_handle_t *)&f->wake, NULL);
   if (f->redis) {
-    sl_redis_stop(f->redis); /* freed by the loop's close callbacks (sl_flusher_stop runs them) */
+    sl_db_stop(f->redis); /* freed by the loop's close callbacks (sl_flusher_stop runs them) */
     f->redis = NULL;
-    f->inflight = NULL; /* its callback sees no owner */
+    f->inflight = NULL; /* its callbacks see no owner */
   }
 }
 
@@ -642,8 +863,10 @@ static void final_step(struct sl_flusher *f) {
     /* Redis may be back since the last try: ask now, not after the backoff.
      * A failure from here on ends the wait (the counts go to the spool). */
     f->final_fail = 0;
-    sl_redis_quiet(f->redis); /* the exit says what is left */
-    sl_redis_connect_now(f->redis);
+    if (sl_db_single(f->redis)) {
+      sl_redis_quiet(sl_db_single(f->redis)); /* the exit says what is left */
+      sl_redis_connect_now(sl_db_single(f->redis));
+    }
     /* The workers have stopped: their tables are ours now. */
     for (unsigned i = 0; i < f->nworkers; i++) {
       struct sl_meter_worker *m = f->workers[i];
@@ -660,7 +883,7 @@ static void final_step(struct sl_flusher *f) {
   }
   /* A connect tried during the final flush failed: the counts are in the
    * spool, waiting helps nothing. */
-  int hopeless = sl_redis_state(f->redis) == SL_REDIS_DOWN && f->final_fail;
+  int hopeless = sl_db_state(f->redis) == SL_REDIS_DOWN && f->final_fail;
   if (!f->head || hopeless || sl_mono_ms() >= f->final_deadline) {
     uint64_t left = 0;
     for (struct sl_batch *b = f->head; b; b = b->next)
@@ -831,6 +1054,15 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   f->spool.st_full = &f->stats.spool_full;
   f->spool.st_errors = &f->stats.spool_errors;
   snprintf(f->prefix, sizeof(f->prefix), "%s", cfg->redis_prefix);
+  /* The first decimal number that hashes to usage:stream's slot: the tag
+   * of a cluster's stream markers (a few thousand CRC16s, once). */
+  char stream_key[96];
+  int skl = snprintf(stream_key, sizeof stream_key, "%s" SL_KEY_USAGE_STREAM, f->prefix);
+  unsigned stream_slot = sl_db_key_slot(stream_key, (size_t)skl);
+  for (unsigned t = 0;; t++) {
+    int tl = snprintf(f->stream_tag, sizeof f->stream_tag, "%u", t);
+    if (sl_db_key_slot(f->stream_tag, (size_t)tl) == stream_slot) break;
+  }
   if (mkdir(cfg->spool_dir, 0700) != 0 && errno != EEXIST) {
     r = -errno;
     snprintf(err, errlen, "spool directory %s: %s", cfg->spool_dir, strerror(errno));
@@ -884,11 +1116,11 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
       .describe = describe_wait,
       .data = f,
   };
-  if ((r = sl_redis_init(&f->redis, &f->loop, &o)) != 0) {
+  if ((r = sl_db_init(&f->redis, &f->loop, &o)) != 0) {
     snprintf(err, errlen, "redis: '%s': %s", cfg->redis, uv_strerror(r));
     goto err_handles;
   }
-  sl_redis_start(f->redis);
+  sl_db_start(f->redis);
   uv_timer_start(&f->tick, on_tick, f->spool_ms, f->spool_ms);
   if ((r = sl_loop_thread_start(&f->thread, &f->loop)) != 0) {
     snprintf(err, errlen, "flusher thread: %s", uv_strerror(r));
@@ -896,7 +1128,7 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   }
   return 0;
 err_redis:
-  sl_redis_stop(f->redis);
+  sl_db_stop(f->redis);
   f->redis = NULL;
 err_handles:
   uv_close((uv_handle_t *)&f->tick, NULL);

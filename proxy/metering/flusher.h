@@ -37,7 +37,7 @@ struct sl_flusher_stats {
   _Atomic uint64_t lost;             /* requests dropped (spool full and shut down without Redis) */
 };
 
-struct sl_redis;
+struct sl_db;
 
 struct sl_flusher {
   uv_thread_t thread;
@@ -55,12 +55,19 @@ struct sl_flusher {
   unsigned nqueued;
   uint64_t queued_counts; /* requests counted in the queued batches */
   struct sl_batch *inflight;
+  /* its parts (one, or with Redis Cluster one per slot, the days' sets and
+   * the stream entry): sent as send number gen, left unanswered, the worst
+   * end so far, whether one was applied (not found applied) */
+  uint64_t gen;
+  unsigned parts_left;
+  int part_worst, part_applied;
   struct sl_spool spool;
   /* identity */
   char instance[64];
   uint64_t epoch, seq;
-  /* Redis (client.h) */
-  struct sl_redis *redis;
+  /* Redis (db.h: one server, Sentinel or a cluster) */
+  struct sl_db *redis;
+  char stream_tag[16];          /* a cluster: a hash tag in usage:stream's slot, for the entry's marker */
   char prefix[64];
   uint64_t retry_at_ms;         /* after an error reply, the batch goes again then */
   uint64_t errors;              /* error replies to batches */

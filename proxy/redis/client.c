@@ -530,6 +530,7 @@ void sl_redis_start(struct sl_redis *r) {
 static void on_timer_closed(uv_handle_t *h) { free(sl_container_of((uv_timer_t *)h, struct sl_redis, timer)); }
 
 void sl_redis_stop(struct sl_redis *r) {
+  if (!r) return;
   r->stopped = r->quiet = 1;
   drop_ctx(&r->watch);
   drop_server(r);
@@ -537,11 +538,11 @@ void sl_redis_stop(struct sl_redis *r) {
   sl__close((uv_handle_t *)&r->timer, on_timer_closed);
 }
 
-redisAsyncContext *sl_redis_cmd(struct sl_redis *r) { return r->state == SL_REDIS_READY ? r->cmd : NULL; }
+redisAsyncContext *sl_redis_cmd(struct sl_redis *r) { return r && r->state == SL_REDIS_READY ? r->cmd : NULL; }
 
-redisAsyncContext *sl_redis_sub(struct sl_redis *r) { return r->state == SL_REDIS_READY ? r->sub : NULL; }
+redisAsyncContext *sl_redis_sub(struct sl_redis *r) { return r && r->state == SL_REDIS_READY ? r->sub : NULL; }
 
-enum sl_redis_state sl_redis_state(const struct sl_redis *r) { return r->state; }
+enum sl_redis_state sl_redis_state(const struct sl_redis *r) { return r ? r->state : SL_REDIS_DOWN; }
 
 int sl_redis_replicas(const struct sl_redis *r) { return r->replicas; }
 

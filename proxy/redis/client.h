@@ -66,7 +66,9 @@ void sl_redis_start(struct sl_redis *r);
  * close callback, so the owner runs its loop once more before closing it. */
 void sl_redis_stop(struct sl_redis *r);
 
-/* The command connection, or NULL unless ready. */
+/* The command connection, or NULL unless ready. sl_redis_cmd, _sub, _state
+ * and _stop also take a NULL client: one never ready (the directory with a
+ * cluster:// address, where admission is off: it has no Redis yet). */
 redisAsyncContext *sl_redis_cmd(struct sl_redis *r);
 /* The subscriber connection (opts.subscriber), or NULL unless ready. */
 redisAsyncContext *sl_redis_sub(struct sl_redis *r);

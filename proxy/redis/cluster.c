@@ -185,7 +185,9 @@ int sl_cluster_map_parse(struct sl_cluster_map *m, const redisReply *r, const ch
       idx = (int)t->nnodes++;
       memcpy(t->nodes[idx].host, host, strlen(host) + 1);
       t->nodes[idx].port = port;
+      t->nodes[idx].replicas = 0;
     }
+    if (e->elements - 3 > t->nodes[idx].replicas) t->nodes[idx].replicas = (unsigned)(e->elements - 3);
     for (long long k = s->integer; k <= x->integer; k++) {
       if (t->slot[k] != SL_CLUSTER_NO_NODE) {
         rc = fail(err, errcap, UV_EINVAL, "range %zu: slot %lld is in an earlier range too", i, k);

@@ -36,6 +36,7 @@ unsigned sl_cluster_key_slot(const char *key, size_t len);
 struct sl_cluster_node {
   char host[SL_CLUSTER_HOST_MAX]; /* an IP (v6 without brackets) or a host name */
   int port;                       /* 1..65535 */
+  unsigned replicas;              /* a map's master: the most replicas CLUSTER SLOTS listed with one of its ranges */
 };
 
 /* Which master serves each slot. About 33 KiB: allocate it, do not put it on

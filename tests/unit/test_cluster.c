@@ -126,7 +126,9 @@ static void test_map_valid(void **state) {
   assert_string_equal(sl_cluster_map_node(m, 10923)->host, "::1");
   assert_int_equal(sl_cluster_map_node(m, 16383)->port, 7002);
   assert_int_equal(sl_cluster_map_find(m, "::1", 7002), 2);
-  assert_int_equal(sl_cluster_map_find(m, "127.0.0.1", 7003), -1); /* a replica: not kept */
+  assert_int_equal(sl_cluster_map_find(m, "127.0.0.1", 7003), -1); /* a replica: not kept, counted */
+  assert_int_equal(sl_cluster_map_node(m, 0)->replicas, 1);
+  assert_int_equal(sl_cluster_map_node(m, 5461)->replicas, 0);
   assert_int_equal(sl_cluster_map_find(m, "127.0.0.1", 7002), -1);
   free(m);
 }

@@ -192,10 +192,13 @@ static void test_redis_sentinel(void **state) {
     expect_error(y, 0, NULL, bad[i].needle);
   }
   /* cluster://: seeds as sentinels are, 16 at most */
-  char *cl[] = {"--upstream", "127.0.0.1:9000", "--redis", "cluster://127.0.0.1:7000,[::1]:7001,n3.example:7002"};
-  assert_int_equal(load(&c, NULL, 4, cl, err), 0);
+  char *cl[] = {"--upstream", "127.0.0.1:9000", "--redis", "cluster://127.0.0.1:7000,[::1]:7001,n3.example:7002",
+                "--admission", "off"};
+  assert_int_equal(load(&c, NULL, 6, cl, err), 0);
   assert_string_equal(c.redis, "cluster://127.0.0.1:7000,[::1]:7001,n3.example:7002");
-  host_bound("cluster://", "", "names more than 16 cluster nodes");
+  host_bound("cluster://", "\nadmission: off", "names more than 16 cluster nodes");
+  char *cl_adm[] = {"--upstream", "127.0.0.1:9000", "--redis", "cluster://127.0.0.1:7000"};
+  expect_error(NULL, 4, cl_adm, "takes metering only for now: give --admission off");
   char *wait_bad[] = {"--upstream", "127.0.0.1:9000", "--redis-wait-replicas", "-2"};
   expect_error(NULL, 4, wait_bad, "redis-wait-replicas: '-2' is not an integer in [-1, 16]");
   char *wait_ms_bad[] = {"--upstream", "127.0.0.1:9000", "--redis-wait-ms", "0"};
