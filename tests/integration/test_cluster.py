@@ -18,7 +18,10 @@ class ClusterRouterTest(unittest.TestCase):
         nodes = []
         for _ in range(3):
             r = harness.start_redis(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                     "--cluster-node-timeout", "2000"])
+                                     "--cluster-node-timeout", "2000",
+                                     # the bus port chosen, not port + 10000 (over 65535 for a
+                                     # port above 55535: the server exits)
+                                     "--cluster-port", str(harness.free_port())])
             self.addCleanup(r.stop)
             nodes.append(r)
         subprocess.run(["redis-cli", "--cluster", "create", *[n.addr for n in nodes], "--cluster-yes"],
