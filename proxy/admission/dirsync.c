@@ -11,6 +11,7 @@
 
 #include "addr.h"
 #include "client.h"
+#include "db.h"
 #include "dirsync_int.h"
 #include "keys.h"
 
@@ -20,6 +21,7 @@
 #include "uv_util.h"
 
 #define STATE_RETRY_MS 1000 /* the suspended set never read yet: ask again this often */
+#define SUBS_CHECK_MS 200   /* a cluster: the subscribers checked against the slot map this often */
 
 /* ---- publishing ---- */
 
@@ -62,9 +64,28 @@ int sl__dirsync_pending_find(struct sl_dirsync *d, const char *ak, size_t len, u
 
 void sl__dirsync_pending_drop(struct sl_dirsync *d, unsigned i) { d->pending[i] = d->pending[--d->npending]; }
 
-static void on_resync_done(redisAsyncContext *c, void *reply, void *priv) {
+unsigned sl__dirsync_key_slot(const struct sl_dirsync *d, const char *name, size_t len) {
+  char k[SL_DIR_BADKEY_NAME + 64];
+  size_t pl = d->prefix_len;
+  if (len > sizeof(k) - pl) len = sizeof(k) - pl;
+  memcpy(k, d->prefix, pl);
+  memcpy(k + pl, name, len);
+  return sl_db_key_slot(k, pl + len);
+}
+
+int sl__dirsync_cmd_ready(const struct sl_dirsync *d) { return d->db && sl_db_ready(d->db); }
+
+/* Lookups may be sent: with one server once connected (the suspended set's
+ * load goes first on the one connection); in a cluster once the suspended
+ * set has been read (its reply and an account's come from different
+ * nodes, in no order). */
+static int lookup_ready(const struct sl_dirsync *d) {
+  return sl__dirsync_cmd_ready(d) && (!d->cluster || d->suspended_known);
+}
+
+static void on_resync_done(void *owner, void *priv, const redisReply *reply) {
   (void)priv;
-  struct sl_dirsync *d = sl_redis_owner(c, reply);
+  struct sl_dirsync *d = owner;
   if (!d) return;
   d->resync_running = 0;
   if (reply) sl_stat_inc(&d->stats.resyncs, 1);
@@ -111,7 +132,7 @@ static void queue_reload_ak(struct sl_dirsync *d, const char *ak, size_t len) {
 
 static void on_flush(uv_timer_t *t) {
   struct sl_dirsync *d = t->data;
-  if (!sl_redis_cmd(d->redis)) return;
+  if (!sl__dirsync_cmd_ready(d)) return;
   if (d->reload_state) {
     d->reload_state = 0;
     sl__dirsync_request_state(d);
@@ -128,14 +149,34 @@ static void schedule_flush(struct sl_dirsync *d) {
 }
 
 static void full_resync(struct sl_dirsync *d) {
-  if (!sl_redis_cmd(d->redis) || d->resync_running) return;
+  if (!sl__dirsync_cmd_ready(d) || d->resync_running) return;
   d->resync_running = 1;
   d->reload_state = 1;
   reload_accounts(d, NULL, 0);
   on_flush(&d->flush);
-  /* Replies come in order on one connection: this one marks the end. */
-  redisAsyncCommand(sl_redis_cmd(d->redis), on_resync_done, NULL, "PING");
+  /* Replies come in order on one connection: this one marks the end (in a
+   * cluster, of the suspended set's load, on that slot's connection). */
+  const char *ping = "PING";
+  size_t pl = 4;
+  if (sl_db_command(d->db, sl__dirsync_key_slot(d, SL_KEY_SUSPENDED, SL_KEYLEN(SL_KEY_SUSPENDED)), on_resync_done,
+                    NULL, 1, &ping, &pl) != 0)
+    d->resync_running = 0;
   d->next_resync_ms = sl_mono_ms() + d->resync_ms;
+}
+
+/* A UID in a key's name after its head: <uid> up to the end or `stop`, or
+ * in a cluster {<uid>} (SPEC 10). Sets *n to its length. */
+static const char *key_uid(const struct sl_dirsync *d, const char *u, size_t *n, int stop) {
+  if (d->cluster && *n >= 2 && u[0] == '{') {
+    const char *e = memchr(u + 1, '}', *n - 1);
+    if (e) {
+      *n = (size_t)(e - u - 1);
+      return u + 1;
+    }
+  }
+  const char *c = stop ? memchr(u, stop, *n) : NULL;
+  if (c) *n = (size_t)(c - u);
+  return u;
 }
 
 /* Dispatches a changed key (without the prefix) to what must be reloaded. */
@@ -147,11 +188,13 @@ static void key_changed(struct sl_dirsync *d, const char *k, size_t n) {
   } else if (STARTS(SL_KEY_AK)) {
     queue_reload_ak(d, k + SL_KEYLEN(SL_KEY_AK), n - SL_KEYLEN(SL_KEY_AK));
   } else if (STARTS(SL_KEY_QPSPKGS)) {
-    reload_accounts(d, k + SL_KEYLEN(SL_KEY_QPSPKGS), n - SL_KEYLEN(SL_KEY_QPSPKGS));
+    size_t ul = n - SL_KEYLEN(SL_KEY_QPSPKGS);
+    const char *u = key_uid(d, k + SL_KEYLEN(SL_KEY_QPSPKGS), &ul, 0);
+    reload_accounts(d, u, ul);
   } else if (STARTS(SL_KEY_QPSPKG)) {
-    const size_t pl = SL_KEYLEN(SL_KEY_QPSPKG);
-    const char *colon = memchr(k + pl, ':', n - pl);
-    reload_accounts(d, k + pl, colon ? (size_t)(colon - k - pl) : n - pl);
+    size_t ul = n - SL_KEYLEN(SL_KEY_QPSPKG);
+    const char *u = key_uid(d, k + SL_KEYLEN(SL_KEY_QPSPKG), &ul, ':');
+    reload_accounts(d, u, ul);
   } else {
     full_resync(d);
     return;
@@ -161,9 +204,9 @@ static void key_changed(struct sl_dirsync *d, const char *k, size_t n) {
 }
 
 static void on_sub_message(redisAsyncContext *c, void *reply, void *priv) {
-  (void)priv;
-  struct sl_dirsync *d = sl_redis_owner(c, NULL); /* not progress: the watchdog watches the command connection */
-  if (!d) return;
+  /* not progress: the watchdog watches the command connection */
+  if (!sl_redis_owner(c, NULL)) return;
+  struct sl_dirsync *d = ((struct sl_dirsync_sub *)priv)->d;
   redisReply *r = reply;
   if (!r || r->type != REDIS_REPLY_ARRAY || r->elements < 3) return;
   const redisReply *kind = r->element[0];
@@ -212,9 +255,8 @@ static void say_keyspace(struct sl_dirsync *d, int ok, const char *why) {
 }
 
 static void on_config_set_check(redisAsyncContext *c, void *reply, void *priv) {
-  (void)priv;
-  struct sl_dirsync *d = sl_redis_owner(c, reply);
-  if (!d) return;
+  if (!sl_redis_owner(c, reply)) return;
+  struct sl_dirsync *d = ((struct sl_dirsync_sub *)priv)->d;
   redisReply *r = reply;
   char w[160];
   int ok = r && r->type == REDIS_REPLY_STATUS;
@@ -222,9 +264,9 @@ static void on_config_set_check(redisAsyncContext *c, void *reply, void *priv) {
 }
 
 static void on_config_get(redisAsyncContext *c, void *reply, void *priv) {
-  (void)priv;
-  struct sl_dirsync *d = sl_redis_owner(c, reply);
-  if (!d) return;
+  if (!sl_redis_owner(c, reply)) return;
+  struct sl_dirsync_sub *sub = priv;
+  struct sl_dirsync *d = sub->d;
   redisReply *r = reply;
   char flags[64] = "";
   if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 2 && r->element[1]->type == REDIS_REPLY_STRING &&
@@ -241,12 +283,33 @@ static void on_config_get(redisAsyncContext *c, void *reply, void *priv) {
   }
   char want[96];
   snprintf(want, sizeof(want), "%sKg$shxe", flags);
-  redisAsyncContext *cmd = sl_redis_cmd(d->redis);
-  if (cmd) redisAsyncCommand(cmd, on_config_set_check, NULL, "CONFIG SET notify-keyspace-events %s", want);
+  redisAsyncContext *cmd = sl_redis_cmd(sub->r);
+  if (cmd) redisAsyncCommand(cmd, on_config_set_check, sub, "CONFIG SET notify-keyspace-events %s", want);
 }
 
-static void enable_notifications(struct sl_dirsync *d) {
-  redisAsyncCommand(sl_redis_cmd(d->redis), on_config_get, NULL, "CONFIG GET notify-keyspace-events");
+/* sub's server is ready: notifications enabled there, its keyspace
+ * channels and `P changes` subscribed. */
+static void subscribe(struct sl_dirsync_sub *sub) {
+  struct sl_dirsync *d = sub->d;
+  redisAsyncContext *cmd = sl_redis_cmd(sub->r), *s = sl_redis_sub(sub->r);
+  if (cmd) redisAsyncCommand(cmd, on_config_get, sub, "CONFIG GET notify-keyspace-events");
+  if (!s) return;
+  /* Only the keys the directory follows: a wider pattern would bring every
+   * metering write (usage, calls, batch markers) back as a notification. */
+  static const char *const follow[] = {SL_KEY_AK "*", SL_KEY_SUSPENDED, SL_KEY_FEATURE "*", SL_KEY_QPSPKGS "*",
+                                       SL_KEY_QPSPKG "*"};
+  for (size_t i = 0; i < SL_ARRAY_SIZE(follow); i++) {
+    char pattern[160];
+    /* Database 0, the one sluice reads, spelled out: Redis matches every
+     * pattern against every notification, the metering's HINCRBYs too, and
+     * a leading literal fails at once where "@*" scans the whole channel
+     * (measured: 3.4 -> 2.3 us per HINCRBY with three instances). */
+    snprintf(pattern, sizeof(pattern), "__keyspace@0__:%s%s", d->prefix, follow[i]);
+    redisAsyncCommand(s, on_sub_message, sub, "PSUBSCRIBE %s", pattern);
+  }
+  /* (in a cluster a PUBLISH reaches every node: each master's subscriber
+   * hears it, a reload more, coalesced by the flush) */
+  redisAsyncCommand(s, on_sub_message, sub, "SUBSCRIBE %s" SL_CHANNEL_CHANGES, d->prefix);
 }
 
 /* The connections are gone (client.h): lookups in flight can no longer
@@ -260,29 +323,7 @@ static void on_redis_down(void *data, const char *why) {
   sl__dirsync_publish(d);
 }
 
-/* PING answered: notifications, subscriptions, and everything reloaded
- * (what changed while down was not notified). */
-static void on_redis_ready(void *data) {
-  struct sl_dirsync *d = data;
-  enable_notifications(d);
-  /* Only the keys the directory follows: a wider pattern would bring every
-   * metering write (usage, calls, batch markers) back as a notification. */
-  static const char *const follow[] = {SL_KEY_AK "*", SL_KEY_SUSPENDED, SL_KEY_FEATURE "*", SL_KEY_QPSPKGS "*",
-                                       SL_KEY_QPSPKG "*"};
-  redisAsyncContext *sub = sl_redis_sub(d->redis);
-  for (size_t i = 0; i < SL_ARRAY_SIZE(follow); i++) {
-    char pattern[160];
-    /* Database 0, the one sluice reads, spelled out: Redis matches every
-     * pattern against every notification, the metering's HINCRBYs too, and
-     * a leading literal fails at once where "@*" scans the whole channel
-     * (measured: 3.4 -> 2.3 us per HINCRBY with three instances). */
-    snprintf(pattern, sizeof(pattern), "__keyspace@0__:%s%s", d->prefix, follow[i]);
-    redisAsyncCommand(sub, on_sub_message, NULL, "PSUBSCRIBE %s", pattern);
-  }
-  redisAsyncCommand(sub, on_sub_message, NULL, "SUBSCRIBE %s" SL_CHANNEL_CHANGES, d->prefix);
-  d->resync_running = 0;
-  full_resync(d);
-  /* First lookups that waited for the connection. */
+void sl__dirsync_request_pending(struct sl_dirsync *d) {
   if (d->npending) {
     char(*aks)[SL_AK_MAX + 1] = sl_malloc(d->npending * sizeof(*aks));
     uint8_t *lens = sl_malloc(d->npending);
@@ -296,6 +337,83 @@ static void on_redis_ready(void *data) {
   }
 }
 
+/* One server: PING answered: notifications, subscriptions, and everything
+ * reloaded (what changed while down was not notified), then the lookups
+ * that waited. A cluster: the first slot map (its masters' subscribers
+ * follow the map: sync_subs); lookups wait for the suspended set. */
+static void on_redis_ready(void *data) {
+  struct sl_dirsync *d = data;
+  if (!d->cluster) subscribe(&d->subs[0]);
+  d->resync_running = 0;
+  full_resync(d);
+  if (!d->cluster) sl__dirsync_request_pending(d);
+}
+
+/* A cluster master's subscriber is up: what changed meanwhile on it was not
+ * notified, so everything is reloaded. */
+static void on_sub_ready(void *data) {
+  struct sl_dirsync_sub *sub = data;
+  subscribe(sub);
+  sub->d->resync_running = 0;
+  full_resync(sub->d);
+}
+
+/* A cluster: one subscriber per master of the current map; a master gone
+ * from the map loses its subscriber, a new one (a promoted replica, a
+ * node added) gets one. */
+static void sync_subs(struct sl_dirsync *d) {
+  const struct sl_cluster_map *m = sl_db_map(d->db);
+  if (!m) return;
+  for (unsigned i = 0; i < SL_DIR_SUBS; i++) d->subs[i].seen = 0;
+  for (unsigned n = 0; n < m->nnodes; n++) {
+    const struct sl_cluster_node *node = &m->nodes[n];
+    struct sl_dirsync_sub *free_sub = NULL, *have = NULL;
+    for (unsigned i = 0; i < SL_DIR_SUBS && !have; i++) {
+      struct sl_dirsync_sub *s = &d->subs[i];
+      if (!s->r) {
+        if (!free_sub) free_sub = s;
+      } else if (s->port == node->port && !strcmp(s->host, node->host)) {
+        have = s;
+      }
+    }
+    if (have) {
+      have->seen = 1;
+      continue;
+    }
+    if (!free_sub) continue; /* more masters than SL_DIR_SUBS: the others' changes come with the resync */
+    char addr[300];
+    snprintf(addr, sizeof(addr), strchr(node->host, ':') ? "[%s]:%d" : "%s:%d", node->host, node->port);
+    struct sl_redis_opts o = {
+        .addr = addr,
+        .timeout_ms = d->timeout_ms,
+        .subscriber = 1,
+        .log_subject = d->log_subject,
+        .on_ready = on_sub_ready,
+        .data = free_sub,
+    };
+    snprintf(free_sub->host, sizeof(free_sub->host), "%s", node->host);
+    free_sub->port = node->port;
+    if (sl_redis_init(&free_sub->r, &d->loop, &o) != 0) {
+      free_sub->r = NULL;
+      continue;
+    }
+    free_sub->seen = 1;
+    sl_redis_start(free_sub->r);
+  }
+  int down = 0;
+  for (unsigned i = 0; i < SL_DIR_SUBS; i++) {
+    struct sl_dirsync_sub *s = &d->subs[i];
+    if (s->r && s->seen && sl_redis_state(s->r) != SL_REDIS_READY) down = 1;
+    if (s->r && !s->seen) {
+      sl_redis_stop(s->r); /* its callbacks find no owner; the entry stays (it is never freed before stop) */
+      s->r = NULL;
+    }
+  }
+  /* A master unreachable: the map is asked for again until it names its
+   * successor (a failover), whose subscriber then starts at the next check. */
+  if (down) sl_db_refresh(d->db);
+}
+
 /* ---- the loop ---- */
 
 static void on_wake(uv_async_t *a) {
@@ -306,7 +424,14 @@ static void on_wake(uv_async_t *a) {
     sl__close((uv_handle_t *)&d->tick, NULL);
     sl__close((uv_handle_t *)&d->flush, NULL);
     sl__close((uv_handle_t *)&d->wake, NULL);
-    sl_redis_stop(d->redis); /* freed by the loop's close callbacks (sl_dirsync_stop runs them) */
+    /* freed by the loop's close callbacks (sl_dirsync_stop runs them) */
+    for (unsigned i = d->cluster ? 0 : 1; i < SL_DIR_SUBS; i++)
+      if (d->subs[i].r) {
+        sl_redis_stop(d->subs[i].r);
+        d->subs[i].r = NULL;
+      }
+    if (d->db) sl_db_stop(d->db);
+    d->db = NULL;
     d->redis = NULL;
     return;
   }
@@ -327,8 +452,11 @@ static void on_wake(uv_async_t *a) {
     /* While the connection is being made (at start, or after a drop), a
      * first lookup waits for it, within lookup_timeout_ms like any other;
      * with Redis known down it is answered "unavailable" at once. */
-    int ready = sl_redis_cmd(d->redis) != NULL;
-    if ((!ready && sl_redis_state(d->redis) != SL_REDIS_CONNECTING) || d->npending == SL_DIR_MAX_PENDING) {
+    int ready = lookup_ready(d);
+    /* (a cluster is never "known down": the router retries; the lookup
+     * waits within lookup_timeout_ms) */
+    if ((!ready && !d->cluster && (!d->db || sl_db_state(d->db) != SL_REDIS_CONNECTING)) ||
+        d->npending == SL_DIR_MAX_PENDING) {
       sl__dirsync_unavailable(d, m.ak, m.len);
       continue;
     }
@@ -355,7 +483,11 @@ static void on_wake(uv_async_t *a) {
 static void on_tick(uv_timer_t *t) {
   struct sl_dirsync *d = t->data;
   uint64_t now = sl_mono_ms();
-  int ready = sl_redis_cmd(d->redis) != NULL;
+  int ready = sl__dirsync_cmd_ready(d);
+  if (d->cluster && now >= d->next_subs_ms) {
+    d->next_subs_ms = now + SUBS_CHECK_MS;
+    sync_subs(d);
+  }
   /* The suspended set never read (unusable at start): ask again soon, not
    * at the next resync, since accounts wait for it. */
   if (ready && !d->suspended_known && now >= d->next_state_retry_ms) {
@@ -388,6 +520,7 @@ int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned
   d->prefix_len = pl;
   d->resync_ms = cfg->resync_ms;
   d->lookup_timeout_ms = cfg->lookup_timeout_ms;
+  d->timeout_ms = cfg->redis_timeout_ms;
   d->negative_ttl_ms = cfg->negative_ttl_ms;
   d->unavailable_ttl_ms = 1000;
   d->nworkers = nworkers;
@@ -424,22 +557,27 @@ int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned
       .on_down = on_redis_down,
       .data = d,
   };
-  /* cluster:// (admission off, config.c): no directory Redis yet (issue 14) */
-  if (strncmp(cfg->redis, SL_REDIS_CLUSTER_SCHEME, strlen(SL_REDIS_CLUSTER_SCHEME)) != 0) {
-    if ((r = sl_redis_init(&d->redis, &d->loop, &o)) != 0) goto err_handles;
-    sl_redis_start(d->redis);
-  }
+  d->subs = sl_calloc(SL_DIR_SUBS, sizeof(*d->subs));
+  for (unsigned i = 0; i < SL_DIR_SUBS; i++) d->subs[i].d = d;
+  if ((r = sl_db_init(&d->db, &d->loop, &o)) != 0) goto err_handles;
+  d->cluster = sl_db_cluster(d->db);
+  d->redis = sl_db_single(d->db);
+  d->subs[0].r = d->redis; /* one server: the subscriber is the client's own (not stopped apart) */
+  sl_db_start(d->db);
   uv_timer_start(&d->tick, on_tick, 100, 100);
   if ((r = sl_loop_thread_start(&d->thread, &d->loop)) != 0) goto err_redis;
   return 0;
 err_redis:
-  sl_redis_stop(d->redis);
+  sl_db_stop(d->db);
+  d->db = NULL;
   d->redis = NULL;
 err_handles:
   uv_close((uv_handle_t *)&d->tick, NULL);
   uv_close((uv_handle_t *)&d->flush, NULL);
   uv_close((uv_handle_t *)&d->wake, NULL);
   uv_run(&d->loop, UV_RUN_DEFAULT); /* the close callbacks */
+  free(d->subs);
+  d->subs = NULL;
 err_loop:
   uv_loop_close(&d->loop);
 err_ring:
@@ -461,6 +599,7 @@ void sl_dirsync_stop(struct sl_dirsync *d) {
   sl_ring_free(&d->ring);
   sl_dir_builder_free(&d->b);
   free(d->seen);
+  free(d->subs);
   free(d->reload_ak);
   free(d->reload_len);
 }

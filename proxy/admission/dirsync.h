@@ -54,6 +54,19 @@ struct sl_dirsync_badkey {
 };
 
 struct sl_redis;
+struct sl_db;
+
+/* A connection that listens for keyspace notifications and `P changes`:
+ * the one server's (its client's subscriber), or, in a Redis Cluster, one
+ * per master (notifications are node-local), following the slot map. */
+#define SL_DIR_SUBS 64
+struct sl_dirsync_sub {
+  struct sl_dirsync *d;
+  struct sl_redis *r; /* NULL: free (a cluster's entry whose master left the map) */
+  char host[256];
+  int port;
+  int seen; /* in the map at the last check */
+};
 
 struct sl_dirsync_slot {
   _Alignas(64) _Atomic uint64_t seen; /* one worker's quiescent version */
@@ -74,9 +87,14 @@ struct sl_dirsync {
   /* configuration (copied at start) */
   char prefix[64];
   size_t prefix_len;
-  unsigned resync_ms, lookup_timeout_ms, negative_ttl_ms, unavailable_ttl_ms;
-  /* Redis: commands, and the subscriber (client.h) */
-  struct sl_redis *redis;
+  unsigned resync_ms, lookup_timeout_ms, negative_ttl_ms, unavailable_ttl_ms, timeout_ms;
+  /* Redis: commands through db.h (one server, Sentinel or a cluster); the
+   * notifications on subs (one server: subs[0], on db's client) */
+  struct sl_db *db;
+  struct sl_redis *redis; /* one server or Sentinel: db's client; NULL in a cluster */
+  int cluster;
+  struct sl_dirsync_sub *subs; /* SL_DIR_SUBS */
+  uint64_t next_subs_ms;
   char log_subject[300];
   struct sl_ratelog log_reply; /* error replies to the loads */
   int keyspace_said;           /* 0, 1: said enabled, 2: said not */

@@ -29,6 +29,14 @@ void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 
 /* Forgets bad keys not seen for a while (the gauge counts recent ones). */
 void sl__dirsync_badkey_sweep(struct sl_dirsync *d, uint64_t now);
 
+/* The slot of the key <prefix><name> (a key without a UID). */
+unsigned sl__dirsync_key_slot(const struct sl_dirsync *d, const char *name, size_t len);
+/* Whether commands may be sent now. */
+int sl__dirsync_cmd_ready(const struct sl_dirsync *d);
+/* Sends the lookups waiting for the connection (or, in a cluster, for the
+ * suspended set's first read). */
+void sl__dirsync_request_pending(struct sl_dirsync *d);
+
 /* dirsync.c: publishes the builder's next snapshot (if any) and wakes the
  * workers. */
 void sl__dirsync_publish(struct sl_dirsync *d);

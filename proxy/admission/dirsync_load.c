@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "client.h"
+#include "db.h"
 #include "dirsync_int.h"
 #include "keys.h"
 
@@ -62,6 +63,26 @@ static const char account_script[] =
     "  end "
     "end "
     "return out";
+
+/* In a Redis Cluster (SPEC 10) the `ak:` key is read on its own slot
+ * first (GET), then this script on the UID's slot: KEYS[1] is
+ * `qpspkgs:{<uid>}`, ARGV[1] `qpspkg:{<uid>}:` (prefixed), ARGV[2] the UID.
+ * It answers one element of account_script's reply, {1, uid, ...}. */
+static const char cluster_account_script[] =
+    "local function bad(r) return type(r) == 'table' and r.err end "
+    "local ids = redis.pcall('SMEMBERS', KEYS[1]) "
+    "local r = {1, ARGV[2], bad(ids) or '', 0} "
+    "if bad(ids) then ids = {} end "
+    "r[4] = #ids "
+    "for j = 1, math.min(#ids, " STR(SL_MAX_PKGS) ") do "
+    "  local id = ids[j] "
+    "  local h = redis.pcall('HMGET', ARGV[1] .. id, '" SL_FIELD_FEATURE "', '" SL_FIELD_REGION "', "
+    "                        '" SL_FIELD_QPS "', '" SL_FIELD_STARTS_AT "', '" SL_FIELD_EXPIRES_AT "') "
+    "  local e = bad(h) "
+    "  if e then r[#r + 1] = {id, e} "
+    "  else r[#r + 1] = {id, h[1] or '', h[2] or '', h[3] or '', h[4] or '', h[5] or ''} end "
+    "end "
+    "return r";
 
 /* The suspended set and every feature override, in one reply: first the
  * set (an array), or why it cannot be read (a string); then per feature
@@ -376,20 +397,17 @@ void sl__dirsync_accounts_reply(struct sl_dirsync *d, unsigned n, const char (*a
   sl__dirsync_publish(d);
 }
 
-static void on_accounts(redisAsyncContext *c, void *reply, void *priv) {
-  struct sl_dirsync *d = sl_redis_owner(c, reply);
+static void on_accounts(void *owner, void *priv, const redisReply *reply) {
+  struct sl_dirsync *d = owner;
   struct batch *bt = priv;
   if (d) sl__dirsync_accounts_reply(d, bt->n, (const char(*)[SL_AK_MAX + 1])bt->ak, bt->len, reply);
   /* else a context we dropped: its lookups time out into "unavailable" */
   free(bt);
 }
 
-void sl__dirsync_state_reply(struct sl_dirsync *d, const redisReply *r) {
-  if (r->type != REDIS_REPLY_ARRAY || r->elements != 1 + 2 * sl_nfeatures) {
-    reply_error(d, "state load", r);
-    return;
-  }
-  const redisReply *m = r->element[0];
+/* The suspended set's part of the state: m, the set (an array) or why it
+ * cannot be read. */
+static void state_suspended(struct sl_dirsync *d, const redisReply *m) {
   if (m->type == REDIS_REPLY_ARRAY) {
     const char **strs = sl_calloc(m->elements + 1, sizeof(char *));
     size_t *lens = sl_calloc(m->elements + 1, sizeof(size_t));
@@ -410,63 +428,237 @@ void sl__dirsync_state_reply(struct sl_dirsync *d, const redisReply *r) {
             d->suspended_known ? "the set read last stays in force"
                                : "no account is admitted until it can be read");
   }
-  for (unsigned f = 0; f < sl_nfeatures; f++) {
-    char kn[SL_DIR_BADKEY_NAME], wb[128];
-    const char *fname = sl_features[f].name;
-    size_t kl = key_cat(kn, key_cat(kn, 0, SL_KEY_FEATURE, SL_KEYLEN(SL_KEY_FEATURE)), fname, strlen(fname));
-    const redisReply *qr = r->element[1 + 2 * f], *tr = r->element[2 + 2 * f];
-    const char *qs, *ts, *why = NULL;
-    size_t ql, tl;
-    int64_t q;
-    uint32_t qps = sl_features[f].default_qps;
-    uint8_t tier = (uint8_t)sl_features[f].tier;
-    int over = 0;
-    if (qr->type == REDIS_REPLY_NIL) { /* the key cannot be read: as if absent */
-      size_t wl;
-      if (str_of(tr, &why, &wl)) why = "unreadable", wl = strlen(why);
-      bad_key(d, kn, kl, why, wl, "the built-in default applies");
-      sl_dir_set_feature(&d->b, f, qps, tier, 0);
-      continue;
+}
+
+/* Feature f's override: qr, tr its default_qps and tier ('' when absent),
+ * or qr nil and tr why `feature:<f>` cannot be read. */
+static void state_feature(struct sl_dirsync *d, unsigned f, const redisReply *qr, const redisReply *tr) {
+  char kn[SL_DIR_BADKEY_NAME], wb[128];
+  const char *fname = sl_features[f].name;
+  size_t kl = key_cat(kn, key_cat(kn, 0, SL_KEY_FEATURE, SL_KEYLEN(SL_KEY_FEATURE)), fname, strlen(fname));
+  const char *qs, *ts, *why = NULL;
+  size_t ql, tl;
+  int64_t q;
+  uint32_t qps = sl_features[f].default_qps;
+  uint8_t tier = (uint8_t)sl_features[f].tier;
+  int over = 0;
+  if (qr->type == REDIS_REPLY_NIL) { /* the key cannot be read: as if absent */
+    size_t wl;
+    if (str_of(tr, &why, &wl)) why = "unreadable", wl = strlen(why);
+    bad_key(d, kn, kl, why, wl, "the built-in default applies");
+    sl_dir_set_feature(&d->b, f, qps, tier, 0);
+    return;
+  }
+  if (str_of(qr, &qs, &ql) == 0 && ql) {
+    if (parse_i64(qs, ql, &q) == 0 && q >= 0 && q <= UINT32_MAX) {
+      qps = (uint32_t)q;
+      over = 1;
+    } else {
+      snprintf(wb, sizeof(wb), "default_qps '%.*s' is not a number", (int)(ql > 32 ? 32 : ql), qs);
+      why = wb;
     }
-    if (str_of(qr, &qs, &ql) == 0 && ql) {
-      if (parse_i64(qs, ql, &q) == 0 && q >= 0 && q <= UINT32_MAX) {
-        qps = (uint32_t)q;
-        over = 1;
-      } else {
-        snprintf(wb, sizeof(wb), "default_qps '%.*s' is not a number", (int)(ql > 32 ? 32 : ql), qs);
-        why = wb;
-      }
+  }
+  if (str_of(tr, &ts, &tl) == 0 && tl) {
+    if (tl == 3 && !memcmp(ts, "llm", 3)) {
+      tier = SL_TIER_LLM;
+      over = 1;
+    } else if (tl == 8 && !memcmp(ts, "baseline", 8)) {
+      tier = SL_TIER_BASELINE;
+      over = 1;
+    } else if (!why) {
+      snprintf(wb, sizeof(wb), "tier '%.*s' is neither llm nor baseline", (int)(tl > 32 ? 32 : tl), ts);
+      why = wb;
     }
-    if (str_of(tr, &ts, &tl) == 0 && tl) {
-      if (tl == 3 && !memcmp(ts, "llm", 3)) {
-        tier = SL_TIER_LLM;
-        over = 1;
-      } else if (tl == 8 && !memcmp(ts, "baseline", 8)) {
-        tier = SL_TIER_BASELINE;
-        over = 1;
-      } else if (!why) {
-        snprintf(wb, sizeof(wb), "tier '%.*s' is neither llm nor baseline", (int)(tl > 32 ? 32 : tl), ts);
-        why = wb;
-      }
-    }
-    if (why)
-      bad_key(d, kn, kl, why, strlen(why), "that field's built-in default applies");
-    else
-      key_ok(d, kn, kl);
-    sl_dir_set_feature(&d->b, f, qps, tier, over);
+  }
+  if (why)
+    bad_key(d, kn, kl, why, strlen(why), "that field's built-in default applies");
+  else
+    key_ok(d, kn, kl);
+  sl_dir_set_feature(&d->b, f, qps, tier, over);
+}
+
+void sl__dirsync_state_reply(struct sl_dirsync *d, const redisReply *r) {
+  if (r->type != REDIS_REPLY_ARRAY || r->elements != 1 + 2 * sl_nfeatures) {
+    reply_error(d, "state load", r);
+    return;
+  }
+  state_suspended(d, r->element[0]);
+  for (unsigned f = 0; f < sl_nfeatures; f++) state_feature(d, f, r->element[1 + 2 * f], r->element[2 + 2 * f]);
+  sl__dirsync_publish(d);
+}
+
+static void on_state(void *owner, void *priv, const redisReply *reply) {
+  (void)priv;
+  struct sl_dirsync *d = owner;
+  if (d && reply) sl__dirsync_state_reply(d, reply);
+}
+
+/* A key's own error (WRONGTYPE...) rather than the cluster's or the
+ * server's (CLUSTERDOWN, LOADING, OOM...): the key is named as bad. */
+static int key_error(const redisReply *r) {
+  return r->type == REDIS_REPLY_ERROR && r->len >= 9 && !memcmp(r->str, "WRONGTYPE", 9);
+}
+
+/* A cluster: the suspended set, read on its slot. The first read lets the
+ * lookups that waited for it go. */
+static void on_cluster_suspended(void *owner, void *priv, const redisReply *reply) {
+  (void)priv;
+  struct sl_dirsync *d = owner;
+  if (!d || !reply) return;
+  if (reply->type == REDIS_REPLY_ERROR && !key_error(reply)) {
+    reply_error(d, "state load", reply);
+    return;
+  }
+  int first = !d->suspended_known;
+  state_suspended(d, reply);
+  sl__dirsync_publish(d);
+  if (first && d->suspended_known) sl__dirsync_request_pending(d);
+}
+
+/* A cluster: feature:<f> (f in priv), read on its slot. */
+static void on_cluster_feature(void *owner, void *priv, const redisReply *reply) {
+  struct sl_dirsync *d = owner;
+  unsigned f = (unsigned)(uintptr_t)priv;
+  if (!d || !reply || f >= sl_nfeatures) return;
+  redisReply empty = {.type = REDIS_REPLY_STRING, .str = (char *)"", .len = 0};
+  redisReply nil = {.type = REDIS_REPLY_NIL};
+  if (key_error(reply)) {
+    state_feature(d, f, &nil, reply);
+  } else if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 2) {
+    const redisReply *q = reply->element[0], *t = reply->element[1];
+    state_feature(d, f, q->type == REDIS_REPLY_NIL ? &empty : q, t->type == REDIS_REPLY_NIL ? &empty : t);
+  } else {
+    reply_error(d, "state load", reply);
+    return;
   }
   sl__dirsync_publish(d);
 }
 
-static void on_state(redisAsyncContext *c, void *reply, void *priv) {
-  (void)priv;
-  struct sl_dirsync *d = sl_redis_owner(c, reply);
-  if (d && reply) sl__dirsync_state_reply(d, reply);
+/* A cluster: the keys without a UID each on its own slot. */
+static void request_state_cluster(struct sl_dirsync *d) {
+  char k[200];
+  const char *argv[4];
+  size_t lens[4];
+  int n = snprintf(k, sizeof(k), "%s" SL_KEY_SUSPENDED, d->prefix);
+  argv[0] = "SMEMBERS", lens[0] = 8;
+  argv[1] = k, lens[1] = (size_t)n;
+  sl_db_command(d->db, sl_db_key_slot(k, (size_t)n), on_cluster_suspended, NULL, 2, argv, lens);
+  for (unsigned f = 0; f < sl_nfeatures; f++) {
+    n = snprintf(k, sizeof(k), "%s" SL_KEY_FEATURE "%s", d->prefix, sl_features[f].name);
+    argv[0] = "HMGET", lens[0] = 5;
+    argv[1] = k, lens[1] = (size_t)n;
+    argv[2] = SL_FIELD_DEFAULT_QPS, lens[2] = SL_KEYLEN(SL_FIELD_DEFAULT_QPS);
+    argv[3] = SL_FIELD_TIER, lens[3] = SL_KEYLEN(SL_FIELD_TIER);
+    sl_db_command(d->db, sl_db_key_slot(k, (size_t)n), on_cluster_feature, (void *)(uintptr_t)f, 4, argv, lens);
+  }
+}
+
+/* ---- a cluster's account lookups: `ak:` on its slot, then the UID's ---- */
+
+struct ak_lookup {
+  uint8_t len;
+  char ak[SL_AK_MAX + 1];
+};
+
+/* The account's element (r: NULL when not known) for one AccessKeyId:
+ * as sl__dirsync_accounts_reply does for a batch of one. */
+static void cluster_account_done(struct sl_dirsync *d, struct ak_lookup *l, const redisReply *r) {
+  redisReply *one[1] = {(redisReply *)r};
+  redisReply arr = {.type = REDIS_REPLY_ARRAY, .elements = 1, .element = one};
+  sl__dirsync_accounts_reply(d, 1, (const char(*)[SL_AK_MAX + 1])l->ak, &l->len, r ? &arr : NULL);
+  free(l);
+}
+
+static void on_cluster_account(void *owner, void *priv, const redisReply *reply) {
+  struct sl_dirsync *d = owner;
+  struct ak_lookup *l = priv;
+  if (!d) {
+    free(l); /* its lookup times out into "unavailable" */
+    return;
+  }
+  if (reply && reply->type == REDIS_REPLY_ERROR) {
+    reply_error(d, "account load", reply);
+    reply = NULL;
+  }
+  cluster_account_done(d, l, reply);
+}
+
+/* The account's packages on its UID's slot (uid: uid_len bytes, 1 to
+ * SL_UID_MAX). Returns 0, or not 0 when nothing was sent. */
+static int request_uid(struct sl_dirsync *d, struct ak_lookup *l, const char *uid, size_t uid_len) {
+  if (uid_len == 0 || uid_len > SL_UID_MAX) return -1;
+  char set[400], pkg[400], head[128];
+  int hn = snprintf(head, sizeof(head), "%s" SL_KEY_QPSPKGS, d->prefix);
+  int n1 = sl_db_uid_key(d->db, set, sizeof(set), head, (size_t)hn, uid, uid_len, "", 0);
+  hn = snprintf(head, sizeof(head), "%s" SL_KEY_QPSPKG, d->prefix);
+  int n2 = sl_db_uid_key(d->db, pkg, sizeof(pkg), head, (size_t)hn, uid, uid_len, ":", 1);
+  if (n1 < 0 || n2 < 0) return -1;
+  const char *argv[] = {"EVAL", cluster_account_script, "1", set, pkg, uid};
+  size_t lens[] = {4, sizeof(cluster_account_script) - 1, 1, (size_t)n1, (size_t)n2, uid_len};
+  return sl_db_command(d->db, sl_db_uid_slot(uid, uid_len), on_cluster_account, l, 6, argv, lens);
+}
+
+static void on_cluster_ak(void *owner, void *priv, const redisReply *reply) {
+  struct sl_dirsync *d = owner;
+  struct ak_lookup *l = priv;
+  if (!d || !reply) {
+    if (d) cluster_account_done(d, l, NULL);
+    else free(l);
+    return;
+  }
+  /* what account_script answers for this `ak:` key */
+  redisReply el = {.type = REDIS_REPLY_ARRAY};
+  redisReply two = {.type = REDIS_REPLY_INTEGER, .integer = 2}, one = {.type = REDIS_REPLY_INTEGER, .integer = 1};
+  redisReply blank = {.type = REDIS_REPLY_STRING, .str = (char *)"", .len = 0};
+  redisReply zero = {.type = REDIS_REPLY_INTEGER, .integer = 0};
+  redisReply *els[4];
+  if (reply->type == REDIS_REPLY_NIL) {
+    cluster_account_done(d, l, &el); /* {}: no such key */
+    return;
+  }
+  if (key_error(reply)) {
+    els[0] = &two, els[1] = (redisReply *)reply;
+    el.elements = 2, el.element = els;
+    cluster_account_done(d, l, &el);
+    return;
+  }
+  if (reply->type != REDIS_REPLY_STRING) {
+    reply_error(d, "account load", reply);
+    cluster_account_done(d, l, NULL);
+    return;
+  }
+  if (reply->len == 0 || reply->len > SL_UID_MAX || request_uid(d, l, reply->str, reply->len) != 0) {
+    /* an unusable UID: the element says so (acct_from_reply names the key) */
+    els[0] = &one, els[1] = (redisReply *)reply, els[2] = &blank, els[3] = &zero;
+    el.elements = 4, el.element = els;
+    cluster_account_done(d, l, &el);
+  }
+}
+
+static void request_accounts_cluster(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], const uint8_t *akl,
+                                     unsigned n) {
+  for (unsigned i = 0; i < n; i++) {
+    struct ak_lookup *l = sl_malloc(sizeof(*l));
+    l->len = akl[i];
+    memcpy(l->ak, aks[i], akl[i]);
+    if (akl[i] && aks[i][0] == 1) { /* a UID from a trusted header: no `ak:` key */
+      if (request_uid(d, l, aks[i] + 1, akl[i] - 1u) != 0) cluster_account_done(d, l, NULL);
+      continue;
+    }
+    char k[200];
+    int kn = snprintf(k, sizeof(k), "%s" SL_KEY_AK "%.*s", d->prefix, (int)akl[i], aks[i]);
+    const char *argv[] = {"GET", k};
+    size_t lens[] = {3, (size_t)kn};
+    if (sl_db_command(d->db, sl_db_key_slot(k, (size_t)kn), on_cluster_ak, l, 2, argv, lens) != 0) free(l);
+  }
 }
 
 void sl__dirsync_request_state(struct sl_dirsync *d) {
-  redisAsyncContext *c = sl_redis_cmd(d->redis);
-  if (!c) return;
+  if (!sl__dirsync_cmd_ready(d)) return;
+  if (d->cluster) {
+    request_state_cluster(d);
+    return;
+  }
   const char *argv[2 + SL_MAX_FEATURES + 1];
   size_t lens[2 + SL_MAX_FEATURES + 1];
   int argc = 0;
@@ -478,12 +670,15 @@ void sl__dirsync_request_state(struct sl_dirsync *d) {
     argv[argc] = sl_features[f].name;
     lens[argc++] = strlen(sl_features[f].name);
   }
-  redisAsyncCommandArgv(c, on_state, NULL, argc, argv, lens);
+  sl_db_command(d->db, 0, on_state, NULL, argc, argv, lens);
 }
 
 void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], const uint8_t *akl, unsigned n) {
-  redisAsyncContext *c = sl_redis_cmd(d->redis);
-  if (!c) return; /* the callers ask only while ready */
+  if (!sl__dirsync_cmd_ready(d)) return; /* the callers ask only while ready */
+  if (d->cluster) {
+    request_accounts_cluster(d, aks, akl, n);
+    return;
+  }
   for (unsigned off = 0; off < n; off += BATCH) {
     unsigned k = n - off < BATCH ? n - off : BATCH;
     struct batch *bt = sl_calloc(1, sizeof(*bt));
@@ -501,6 +696,6 @@ void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 
       argv[argc] = bt->ak[i];
       lens[argc++] = bt->len[i];
     }
-    if (redisAsyncCommandArgv(c, on_accounts, bt, argc, argv, lens) != REDIS_OK) free(bt);
+    if (sl_db_command(d->db, 0, on_accounts, bt, argc, argv, lens) != 0) free(bt);
   }
 }

@@ -428,10 +428,10 @@ int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, s
   int cluster = !bad && url->kind == SL_REDIS_CLUSTER;
   free(url);
   if (bad) return -1;
-  if (cluster && out->admission_on) { /* metering is cluster-aware; the directory not yet (issue 14) */
+  if (cluster && out->admission_on && out->global_limits) { /* metering and the directory route by slot (issue 14) */
     set_err(err, errlen,
-            "redis: a cluster:// deployment takes metering only for now: give --admission off (the account "
-            "directory and global limits do not route by slot yet)");
+            "redis: a cluster:// deployment does not take global limits yet: give --global-limits off (or "
+            "--admission off); the shared limits do not route by slot yet");
     return -1;
   }
   if (out->global_ttl_ms < 3 * out->global_sync_ms) {

@@ -114,6 +114,8 @@ static struct conn *conn_get(struct sl_cluster *cl, const char *host, int port) 
   return n;
 }
 
+static void route(struct req *q);
+
 static void on_slots(redisAsyncContext *c, void *reply, void *priv) {
   struct sl_cluster *cl = priv; /* alive: sl_cluster_stop drops the connections before freeing it */
   struct conn *n = sl_redis_owner(c, reply);
@@ -136,6 +138,24 @@ static void on_slots(redisAsyncContext *c, void *reply, void *priv) {
   cl->stats.maps++;
   for (unsigned i = 0; i < cl->map->nnodes; i++) /* every master connects now, not at its first command */
     conn_get(cl, cl->map->nodes[i].host, cl->map->nodes[i].port);
+  /* Commands that wait for a node that is down were never sent: they go
+   * where this map says (its slots may have failed over to a replica). */
+  struct sl_link again;
+  sl_list_init(&again);
+  for (unsigned i = 0; i < cl->nconns; i++) {
+    struct conn *c2 = cl->conns[i];
+    if (sl_redis_cmd(c2->r)) continue;
+    while (!sl_list_empty(&c2->pending)) {
+      struct sl_link *l = c2->pending.next;
+      sl_list_remove(l);
+      sl_list_push(&again, l);
+    }
+  }
+  while (!sl_list_empty(&again)) {
+    struct req *q = sl_container_of(again.next, struct req, link);
+    sl_list_remove(&q->link);
+    route(q);
+  }
   if (first && cl->o.on_map) cl->o.on_map(cl->o.data);
 }
 
@@ -368,6 +388,10 @@ int sl_cluster_command(struct sl_cluster *cl, unsigned slot, sl_cluster_reply_fn
   }
   route(q);
   return 0;
+}
+
+void sl_cluster_refresh(struct sl_cluster *cl) {
+  if (!cl->stopped) reload(cl);
 }
 
 const struct sl_cluster_map *sl_cluster_map(const struct sl_cluster *cl) { return cl->map; }

@@ -80,6 +80,11 @@ void sl_cluster_stop(struct sl_cluster *cl);
 int sl_cluster_command(struct sl_cluster *cl, unsigned slot, sl_cluster_reply_fn *cb, void *priv, int argc,
                        const char **argv, const size_t *argvlen);
 
+/* Asks a ready node for the slot map again (at most one CLUSTER SLOTS at
+ * a time; later when none is ready): for an owner that sees a master
+ * unreachable on connections of its own. */
+void sl_cluster_refresh(struct sl_cluster *cl);
+
 /* The current slot map, or NULL before the first one. */
 const struct sl_cluster_map *sl_cluster_map(const struct sl_cluster *cl);
 const struct sl_cluster_stats *sl_cluster_stats(const struct sl_cluster *cl);

@@ -168,4 +168,10 @@ int sl_db_replicas(const struct sl_db *db, unsigned slot) {
   return n ? (int)n->replicas : -1;
 }
 
+const struct sl_cluster_map *sl_db_map(const struct sl_db *db) { return db->cl ? sl_cluster_map(db->cl) : NULL; }
+
+void sl_db_refresh(struct sl_db *db) {
+  if (db->cl && !db->stopping) sl_cluster_refresh(db->cl);
+}
+
 struct sl_redis *sl_db_single(struct sl_db *db) { return db->single; }

@@ -68,6 +68,15 @@ static inline int sl_db_uid_key(const struct sl_db *db, char *out, size_t cap, c
  * cluster: what CLUSTER SLOTS listed), or -1 while not known. */
 int sl_db_replicas(const struct sl_db *db, unsigned slot);
 
+/* A cluster's current slot map (NULL before the first, and with one
+ * server): its masters, for connections of the owner's own (the
+ * directory's subscribers). Valid until the loop runs again. */
+const struct sl_cluster_map *sl_db_map(const struct sl_db *db);
+
+/* A cluster: the slot map asked for again (sl_cluster_refresh); nothing
+ * with one server. */
+void sl_db_refresh(struct sl_db *db);
+
 /* One server only (NULL in a cluster): the client, for its subscriber
  * connection and the final flush's sl_redis_connect_now / quiet. */
 struct sl_redis *sl_db_single(struct sl_db *db);

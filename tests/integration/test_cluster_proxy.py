@@ -1,8 +1,9 @@
 """sluice's metering against a real Redis Cluster (issue 14 part (b), SPEC 10):
 3 masters and 3 replicas made by `redis-cli --cluster create
 --cluster-replicas 1` on 127.0.0.1, sluice given `--redis cluster://...`
-(admission off: the directory does not route by slot yet, so every count
-is the unauthenticated UID "-", whose keys carry the tag {-}).
+(the metering cases with admission off: every count is the
+unauthenticated UID "-", whose keys carry the tag {-}; the directory case
+with admission on and --global-limits off).
 Under a bounded load the slot of {-} is migrated to another master
 (CLUSTER SETSLOT IMPORTING/MIGRATING + MIGRATE + SETSLOT NODE, as
 `redis-cli --cluster reshard` does); after a SIGTERM usage == the 200s
@@ -11,6 +12,7 @@ holds the UID. The master failover case: the slot's master SIGKILLed under
 load, its replica (synced before the load) promoted, the same checks. Every
 process is stopped by its PID; every wait is bounded."""
 
+import json
 import subprocess
 import signal
 import sys
@@ -132,6 +134,74 @@ class ClusterProxyTest(unittest.TestCase):
         for n in self.nodes:
             if not n.killed and "master" in n.cli("ROLE").split("\n")[0]:
                 n.cli("CLUSTER", "SETSLOT", str(slot), "NODE", did)
+
+    def ccli(self, *args):
+        """redis-cli on the cluster (-c: follows MOVED to the key's master)."""
+        live = next(n for n in self.nodes if not n.killed)
+        return subprocess.run(["redis-cli", "-c", "-h", "127.0.0.1", "-p", str(live.port), *args], check=True,
+                              capture_output=True, text=True, timeout=10).stdout
+
+    def test_directory(self):
+        """Admission on a cluster: `ak:` on its slot, the account's packages on
+        its UID's ({uid}-tagged keys), `suspended` and `feature:` on theirs;
+        a plain redis-cli change applies within 1 s (keyspace notifications
+        from each master; the resync is 10 min)."""
+        from test_admission import call, assert_error
+        self.start_cluster()
+        now = int(time.time())
+        self.ccli("SET", P + "ak:AK1", "u1")
+        self.ccli("SET", P + "ak:AK2", "u2")
+        self.ccli("HSET", P + "feature:text", "default_qps", "100000")
+        self.ccli("HSET", P + "qpspkg:{u1}:pk1", "feature", "text", "region", "cn-shanghai", "qps", "5",
+                  "starts_at", str(now - 10), "expires_at", str(now + 3600))
+        self.ccli("SADD", P + "qpspkgs:{u1}", "pk1")
+        self.assertNotEqual(key_slot(P + "ak:AK1"), key_slot(P + "qpspkgs:{u1}"))
+        _, up = start_modstub(self)
+        url = "cluster://" + ",".join(n.addr for n in self.nodes[:2])
+        sl = start_sluice(self, [up], "--redis", url, "--admission", "on", "--global-limits", "off",
+                          "--resync-ms", "600000", "--negative-ttl-ms", "60000", workers=2)
+
+        def explain(uid):
+            r = harness.http_request(sl.admin, "GET", f"/explain?uid={uid}&feature=text&region=cn-shanghai")
+            self.assertEqual(r.status, 200, r.body)
+            return json.loads(r.body.replace(b"\0", b"").decode())
+
+        def measure(what, args, conn, want, **kw):
+            t0 = time.monotonic()
+            self.ccli(*args)
+            poll(lambda: call(conn, **kw).status == want, 3, what + " " + sl.stderr()[-1500:])
+            d = time.monotonic() - t0
+            print(f"cluster directory: {what}: {d * 1000:.0f} ms", file=sys.stderr)
+            self.assertLess(d, 1.0, what)
+
+        with harness.HttpConn(sl.port) as c:
+            poll(lambda: call(c).status == 200, 10, "AK1 admitted " + sl.stderr()[-1500:])
+            assert_error(self, call(c, ak="AKNONE"), 403, "InvalidAccessKeyId.NotFound")
+            e = explain("u1")
+            self.assertEqual(e["default_qps"], 100000)
+            self.assertEqual([p["id"] for p in e["packages"]], ["pk1"])
+            measure("SADD suspended", ("SADD", P + "suspended", "u1"), c, 403)
+            assert_error(self, call(c), 403, "Forbidden.AccountSuspended")
+            self.assertEqual(call(c, ak="AK2").status, 200)
+            measure("SREM suspended", ("SREM", P + "suspended", "u1"), c, 200)
+            measure("SET ak:AKNEW (negatively cached)", ("SET", P + "ak:AKNONE", "u3"), c, 200, ak="AKNONE")
+            measure("DEL ak:AK2", ("DEL", P + "ak:AK2"), c, 403, ak="AK2")
+            # a package added on the UID's slot
+            self.ccli("HSET", P + "qpspkg:{u1}:pk2", "feature", "text", "region", "cn-shanghai", "qps", "3",
+                      "starts_at", str(now - 10), "expires_at", str(now + 3600))
+            self.ccli("SADD", P + "qpspkgs:{u1}", "pk2")
+            poll(lambda: sorted(p["id"] for p in explain("u1")["packages"]) == ["pk1", "pk2"], 1.0, "package pk2")
+            # the master of `suspended` killed: once its replica is promoted, a
+            # suspension written there applies within 1 s (a subscriber on the new master)
+            slot = key_slot(P + "suspended")
+            victim = self.master_of(slot)
+            victim.kill()
+            poll(lambda: self.master_of(slot) not in (None, victim) and
+                 "cluster_state:ok" in self.master_of(slot).cli("CLUSTER", "INFO"), 20, "replica promoted")
+            measure("SADD suspended after a failover", ("SADD", P + "suspended", "u1"), c, 403)
+        self.assertEqual(sl.stop(timeout=30), 0, sl.stderr()[-2000:])
+        for bad in ("Sanitizer", "runtime error:"):
+            self.assertNotIn(bad, sl.stderr())
 
     def test_slot_migration(self):
         self.run_load(migrate=True, kill=False)
