@@ -34,7 +34,7 @@ struct sl_fleet_key {
   uint64_t idle_since_ms; /* since when the demand here is none (0: busy) */
   uint64_t sent_demand;   /* the demand the last sync sent */
   uint64_t sent_ms;       /* when (0: never) */
-  int unsettled;          /* the last grant was below the target: sync at every tick */
+  int unsettled;          /* the last grant was a tenth or more below the target: sync every other tick */
   uint32_t pos;           /* index in f->used */
   uint8_t len;
   char name[SL_FLEET_KEY_MAX]; /* <uid>:<feature>:<region> */
@@ -78,8 +78,9 @@ struct call {
  * by water-filling (each instance wants its demand + 25%; what is left goes
  * equally), above a floor of pool / (50 n) each. Per key it returns the
  * lease, the fleet's demand, the instances registered, and 0 (settled), 1
- * (released: back to R/N) or 2 (unsettled: others still hold part of this
- * instance's target; it syncs again at the next tick). Key names: keys.h. */
+ * (released: back to R/N) or 2 (unsettled: others still hold more than a
+ * tenth of this instance's target; it syncs again two ticks later). Key
+ * names: keys.h. */
 static const char sync_script[] =
     "local p, me, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]) "
     "local t = redis.call('TIME') "
@@ -149,7 +150,7 @@ static const char sync_script[] =
     "      redis.call('HSET', hk, '~a', now) "
     "    end "
     "    local st = 0 "
-    "    if g < math.floor(target) then st = 2 end "
+    "    if g < math.floor(target * 0.9) then st = 2 end "
     "    out[#out + 1] = {g, odem + dem, nreg, st} "
     "  end "
     "end "
@@ -291,7 +292,8 @@ static void take_wants(struct sl_fleet *f) {
 }
 
 /* The demand of each key here since the last tick, smoothed over about two
- * ticks: a share follows a change within a few sync intervals. */
+ * ticks: a share follows a change within a few sync intervals (key_due
+ * keeps the noise of a few requests a tick from making syncs). */
 static void measure(struct sl_fleet *f, uint64_t now, uint64_t dt_ms) {
   if (dt_ms == 0) return;
   for (uint32_t i = 0; i < f->nused; i++) {
@@ -358,6 +360,24 @@ static void set_instances_text(struct sl_fleet *f, const redisReply *ids) {
   pthread_mutex_unlock(&f->text_lock);
 }
 
+/* An instance alone in the fleet has the whole of every limit and needs no
+ * key synced (sync_now sends heartbeats only): its keys take the whole
+ * share. When others appear, the keys fall to 1/N at once and are synced
+ * at the next tick (as new keys), so the fleet never holds more than R
+ * for longer than that. */
+static void alone_or_not(struct sl_fleet *f, unsigned n_before) {
+  if (f->n_last > 1 && n_before > 1) return;
+  uint32_t share = SL_FLEET_PPM / (f->n_last ? f->n_last : 1);
+  for (uint32_t i = 0; i < f->nused; i++) {
+    uint32_t idx = f->used[i];
+    struct sl_fleet_key *k = &f->keys[idx];
+    if (f->n_last > 1 && k->sent_ms) continue; /* already shared */
+    atomic_store_explicit(&f->slots[idx].share, share, memory_order_relaxed);
+    k->sent_ms = 0;
+    k->unsettled = 0;
+  }
+}
+
 /* Takes a sync's reply: the instances, announcements and each key's lease.
  * Returns 0, or -1 (counted, nothing changed) when it is not the shape the
  * script returns. */
@@ -378,6 +398,7 @@ static int apply_reply(struct sl_fleet *f, const struct call *cl, const redisRep
   f->n_last = (unsigned)(nlive > 100000 ? 100000 : nlive);
   memcpy(f->ann_last, r->element[1]->str, r->element[1]->len);
   f->ann_last[r->element[1]->len] = '\0';
+  alone_or_not(f, n_before); /* (the leases below replace it for the keys they name) */
   /* Announcements: keys busy elsewhere, which this instance registers on
    * (with its demand, maybe none) so that its R/N of them is freed. */
   const redisReply *ann = r->element[2];
@@ -508,9 +529,23 @@ static void send_call(struct sl_fleet *f, redisAsyncContext *c, const uint32_t *
  * per ttl). A steady key costs Redis a refresh every REFRESH_TICKS ticks,
  * not every tick. */
 static int key_due(const struct sl_fleet *f, const struct sl_fleet_key *k, uint64_t now) {
-  if (!k->sent_ms || k->unsettled) return 1;
+  if (!k->sent_ms) return 1;
+  /* Short of its target: again once the others have had a tick to give
+   * back (every tick would resend what they cannot have answered yet). */
+  if (k->unsettled && now - k->sent_ms >= 2 * (uint64_t)f->sync_ms - f->sync_ms / 2) return 1;
+  /* Demand beyond the whole limit weighs the same in the water-filling (it
+   * wants more than the pool either way): capped there, a throttled key's
+   * noisy demand does not resync it every tick. A move of a quarter, and
+   * of a tenth of the limit, resyncs at once; smaller ones wait for the
+   * refresh. */
+  uint64_t cap = (uint64_t)atomic_load_explicit(&f->slots[k - f->keys].limit, memory_order_relaxed) * 1000;
   uint64_t d = k->demand, s = k->sent_demand;
-  if ((d > s ? d - s : s - d) * 10 > (s > d ? s : d)) return 1;
+  if (cap) {
+    d = d < cap ? d : cap;
+    s = s < cap ? s : cap;
+  }
+  uint64_t moved = d > s ? d - s : s - d;
+  if (moved * 4 > (s > d ? s : d) && moved * 10 >= cap) return 1;
   if (k->idle_since_ms && now - k->idle_since_ms >= RELEASE_IDLE_MS) return 1;
   uint64_t refresh = (uint64_t)f->sync_ms * REFRESH_TICKS;
   if (refresh > f->ttl_ms / 3) refresh = f->ttl_ms / 3;
@@ -522,6 +557,14 @@ static void sync_now(struct sl_fleet *f, uint64_t now) {
   if (!c || f->inflight) return;
   int keys_allowed = !f->outage || !f->ever_synced || now >= f->joined_at_ms;
   uint32_t n = 0;
+  /* Alone: heartbeats only (alone_or_not), every tick while keys are busy
+   * here so that another instance's arrival is seen within a tick. */
+  int alone = f->ever_synced && f->n_last <= 1;
+  if (keys_allowed && alone && f->nused) {
+    f->last_sent_ms = now;
+    send_call(f, c, NULL, 0, keys_allowed, now);
+    return;
+  }
   if (keys_allowed)
     for (uint32_t i = 0; i < f->nused; i++)
       if (key_due(f, &f->keys[f->used[i]], now)) f->pick[n++] = f->used[i];

@@ -111,6 +111,13 @@ static void test_share_by_mode(void **state) {
   assert_int_equal(sl_fleet_share(&f, tag_of(1), 100, &s), SL_FLEET_PPM / 3);
   assert_non_null(s);
   assert_int_equal(atomic_load(&s->attempts), 2); /* demand is still measured */
+  /* alone again (a heartbeat's reply, no key in it): the whole limit, no
+   * key synced; another instance: 1/N at once, synced as a new key */
+  atomic_store(&f.word, (uint64_t)SL_FLEET_SHARED << 32 | SL_FLEET_PPM);
+  assert_int_equal(apply(&f, NULL, 0, "*4\r\n:1\r\n$3\r\n1-0\r\n*0\r\n*0\r\n"), 0);
+  assert_int_equal(sl_fleet_share(&f, tag_of(1), 100, &s), SL_FLEET_PPM);
+  assert_int_equal(apply(&f, NULL, 0, "*4\r\n:2\r\n$3\r\n1-0\r\n*0\r\n*0\r\n"), 0);
+  assert_int_equal(sl_fleet_share(&f, tag_of(1), 100, &s), SL_FLEET_PPM / 2);
   sl_fleet_table_free_test(&f);
 }
 
