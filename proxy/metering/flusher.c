@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <stdio.h>
@@ -82,6 +83,20 @@ static const char stream_script[] =
     "           'batch', ARGV[1], 'keys', ARGV[2], 'deltas', ARGV[3]) "
     "return 1";
 
+/* The flusher's work comes in bursts (a round merges and journals every
+ * key the workers saw; a flush makes and sends every batch) and, where the
+ * operator pins sluice to the workers' CPUs, on a worker's core: a burst
+ * run in one go stalls every request in flight on it (p99). So the loops
+ * give the CPU up every SL_FLUSHER_SLICE_KEYS keys (~0.1 ms of work): a
+ * runnable worker goes first, an idle CPU makes it a no-op. */
+#define SL_FLUSHER_SLICE_KEYS 512
+static void breathe(struct sl_flusher *f, unsigned keys) {
+  f->slice_keys += keys;
+  if (f->slice_keys < SL_FLUSHER_SLICE_KEYS) return;
+  f->slice_keys = 0;
+  sched_yield();
+}
+
 /* ---- the queue ---- */
 
 static uint64_t batch_counts(const struct sl_batch *b) {
@@ -138,6 +153,7 @@ static void journal(struct sl_flusher *f, const struct sl_meter_table *t, uint32
     }
     d->e[d->n].k = e->k;
     d->e[d->n].count = e->count;
+    breathe(f, 1);
     if (++d->n == SL_BATCH_MAX || j + 1 == t->n) {
       sl_spool_delta(&f->spool, d);
       free(d);
@@ -169,6 +185,7 @@ static void finalize(struct sl_flusher *f) {
     b->e[b->n].k = e->k;
     b->e[b->n].count = e->count;
     sl_stat_inc(&f->stats.counted, e->count);
+    breathe(f, 1);
     if (++b->n == SL_BATCH_MAX || j + 1 == t->n) {
       bytes += sl_spool_batch_size(b);
       *link = b;
@@ -181,7 +198,10 @@ static void finalize(struct sl_flusher *f) {
   int rewritten = 0;
   if (f->nqueued == 0 && sl_spool_should_compact(&f->spool) && bytes <= f->spool.max) {
     unsigned char *buf = sl_malloc(bytes), *p = buf;
-    for (struct sl_batch *x = first; x; x = x->next) p += sl_spool_encode_batch(x, p);
+    for (struct sl_batch *x = first; x; x = x->next) {
+      p += sl_spool_encode_batch(x, p);
+      breathe(f, x->n);
+    }
     if (sl_spool_rewrite(&f->spool, buf, (size_t)(p - buf)) == 0) {
       rewritten = 1;
       for (struct sl_batch *x = first; x; x = x->next) x->spooled = 1;
@@ -195,7 +215,10 @@ static void finalize(struct sl_flusher *f) {
     struct sl_batch *x = first;
     first = x->next;
     x->next = NULL;
-    if (!rewritten) sl_spool_batch(&f->spool, x);
+    if (!rewritten) {
+      sl_spool_batch(&f->spool, x);
+      breathe(f, x->n);
+    }
     enqueue(f, x);
     sl_stat_inc(&f->stats.batches, 1);
   }
@@ -213,6 +236,7 @@ static int merge_table(struct sl_flusher *f, const struct sl_meter_table *t) {
   uint32_t from = 0; /* t's keys before it are in batches */
   for (uint32_t j = 0; j < t->n; j++) {
     const struct sl_meter_entry *e = &t->e[j];
+    breathe(f, 1);
     if (sl_meter_add(f->acc, &e->k, e->hash, e->count) == 0) continue;
     /* Full (a table fits an empty accumulator: it holds at least one). */
     finalize(f);
@@ -602,6 +626,7 @@ static void send_single(struct sl_flusher *f, struct sl_batch *b, struct args *x
     const struct sl_meter_key *k = &b->e[i].k;
     const char *fname, *tier, *o;
     sl_flusher_key_names(k, &fname, &tier, &o);
+    breathe(f, 1);
     size_t dl = sl_u64toa(k->day, daybuf);
     daybuf[dl++] = ':';
     arg_cat(&x, f->prefix, plen, SL_KEY_CALLS, SL_KEYLEN(SL_KEY_CALLS), daybuf, dl);

@@ -82,6 +82,7 @@ struct sl_flusher {
   unsigned pace_ms;             /* between two batch sends (0: at once) */
   uint64_t next_send_ms;
   int journal;                  /* tables merged now are journaled as deltas */
+  unsigned slice_keys;          /* keys handled since the flusher last let the CPU go (breathe) */
   struct sl_batch *pending;     /* at start: journaled deltas not covered by a batch */
   _Atomic int final; /* set by sl_flusher_stop */
   int final_started;
