@@ -47,6 +47,7 @@ MULTI_N=${BENCH_MULTI_INSTANCES:-3}      # instances of the fleet
 MULTI_SCENARIOS=${BENCH_MULTI_SCENARIOS:-"pass zipf zipf_limited"}
 MULTI_METERING=${BENCH_MULTI_METERING:-on} # off: the multi-instance part's sluices unmetered (Redis: lookups and shares only)
 WRK_TIMEOUT=${BENCH_WRK_TIMEOUT:-2s}     # wrk's per-request timeout
+SETTLE_MAX=${BENCH_SETTLE_MAX:-40}       # after a sluice run: wait at most this for its counts to reach Redis
 PERF=${BENCH_PERF:-0}                    # seconds of perf on sluice afterwards (0: off)
 OUTPUT=${BENCH_OUTPUT:-}                 # also write the markdown report here (plot and data next to it)
 PLOT=${BENCH_PLOT:-1}
@@ -498,7 +499,7 @@ launch_sluice() { # id group cpus workers [extra args...]; LAUNCH_BIN: another b
   done
   die "$id: no free port after 3 tries"
 }
-# BENCH_SLUICE_ARGS: more options for the contender `sluice` only (e.g. "--flush-ms 10000"; sluice_base runs without them)
+# BENCH_SLUICE_ARGS: more options for the contenders sluice and sluice_base (e.g. "--flush-ms 10000")
 read -r -a SLUICE_EXTRA <<<"${BENCH_SLUICE_ARGS:-}"
 start_sluice() { launch_sluice "$1" "$2" "$PROXY_CPUS" 1 ${SLUICE_EXTRA[@]+"${SLUICE_EXTRA[@]}"}; }
 start_sluice_plain() {
@@ -515,7 +516,7 @@ start_sluice_nometer() {
     die "contender sluice_nometer needs a sluice with --metering ($SLUICE_BIN has none)"
   launch_sluice "$1" "$2" "$PROXY_CPUS" 1 --metering off
 }
-start_sluice_base() { LAUNCH_BIN=$BASE_BIN launch_sluice "$1" "$2" "$PROXY_CPUS" 1; }
+start_sluice_base() { LAUNCH_BIN=$BASE_BIN launch_sluice "$1" "$2" "$PROXY_CPUS" 1 ${SLUICE_EXTRA[@]+"${SLUICE_EXTRA[@]}"}; }
 describe_sluice_base() { echo "sluice_base: $BASE_BIN ($("$BASE_BIN" --version 2>&1 | sed -n 1p)) run exactly as sluice: two builds compared in the same run"; }
 describe_sluice_nometer() { echo "sluice_nometer: the same sluice, admission on, with --metering off (a measuring aid: nothing is counted for billing); its difference to sluice is metering's cost"; }
 
@@ -791,6 +792,28 @@ probe() {
   log "probe $rs $label ($ids): $line"
 }
 
+# settle_meter ids...: after a run, wait until every sluice among ids has
+# its counts in Redis (nothing accumulated, no batch queued, seen after a
+# spool round), at most SETTLE_MAX s, so that the Redis and proxy CPU of a
+# run include the metering its requests cause, whatever --flush-ms is (a
+# 10 s interval and 5 s runs would otherwise charge a flush to whichever
+# contender runs when it lands).
+settle_meter() {
+  local id m end=$((SECONDS + SETTLE_MAX))
+  for id in "$@"; do
+    [[ ${inst_kind[$id]:-} == sluice && -n ${inst_admin[$id]:-} ]] || continue
+    sleep 1.2 # the workers' tables reach the flusher at the next spool round
+    while :; do
+      m=$({ curl -s --max-time 2 "${inst_admin[$id]}/metrics" || true; } | awk '
+        $1 == "sluice_meter_accumulated_requests" {a = $2} $1 == "sluice_meter_queue_batches" {q = $2}
+        END {print (a == "" ? "none" : a + q)}')
+      [[ $m == 0 || $m == none ]] && break
+      ((SECONDS < end)) || { log "settle: $id still holds unflushed counts after ${SETTLE_MAX} s"; break; }
+      sleep 0.2
+    done
+  done
+}
+
 # measure label scenario round "ids" [row-scenario]: one measured run (one
 # wrk per id, started together), appends a line to results: requests and
 # req/s summed over the wrk processes, p50/p99 the worst of them, CPU the sum
@@ -822,6 +845,8 @@ measure() {
   local rt0 rt1
   rt0=$(proc_ticks "$redis_pid")
   wrk_runs "$ids" "$s" "$DURATION" "$outb" "$tmp/$s.lua"
+  # shellcheck disable=SC2086
+  settle_meter $ids
   rt1=$(proc_ticks "$redis_pid")
   where="during round $r of $s against $ids"
   check_alive "${!pid_name[@]}"
@@ -1045,7 +1070,7 @@ report() {
     echo
     echo "### Pass and reject paths"
     echo
-    echo "Median over rounds. CPU vs best peer = CPU us/req / the lowest CPU us/req of nginx and haproxy in the same scenario (lower is better; sluice's target is <= 1.00); req/s vs best peer = req/s / the highest req/s of nginx and haproxy. redis CPU us/req: redis-server's CPU over the run / requests (sluice's lookups and metering; the other contenders do not use Redis; not charged to sluice, and it runs on the load CPU, so it takes CPU from wrk and the backend). non-2xx % is the share of answers that were not 2xx (429s on the reject path). Probe answers: statuses counted by bench/lua/status.lua in the ${WARMUP}s probe run before the rounds."
+    echo "Median over rounds. CPU vs best peer = CPU us/req / the lowest CPU us/req of nginx and haproxy in the same scenario (lower is better; sluice's target is <= 1.00); req/s vs best peer = req/s / the highest req/s of nginx and haproxy. redis CPU us/req: redis-server's CPU over the run / requests; for a sluice, until its counts of the run are in Redis (at most ${SETTLE_MAX} s after it: a run's whole metering, whatever --flush-ms, so with a long interval an upper bound of the steady state by about (run + interval) / run) (sluice's lookups and metering; the other contenders do not use Redis; not charged to sluice, and it runs on the load CPU, so it takes CPU from wrk and the backend). non-2xx % is the share of answers that were not 2xx (429s on the reject path). Probe answers: statuses counted by bench/lua/status.lua in the ${WARMUP}s probe run before the rounds."
     echo
     echo "| scenario | contender | req/s | p50 ms | p99 ms | CPU us/req | CPU vs best peer | req/s vs best peer | redis CPU us/req | non-2xx % | socket errors | probe answers | rounds |"
     echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
