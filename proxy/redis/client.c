@@ -277,8 +277,10 @@ static void ask_next(struct sl_redis *r);
 static void ask_failed(struct sl_redis *r, const char *why) {
   const struct sl_redis_hostport *s = &r->url.hosts[(r->ask_first + r->asked - 1) % r->url.n_hosts];
   char w[120];
-  snprintf(r->ask_why, sizeof(r->ask_why), "sentinel %s:%d: %s", s->host, s->port,
-           sl_printable(w, sizeof(w), why, strlen(why)));
+  /* (a long host is cut short: the line only reports it) */
+  if (snprintf(r->ask_why, sizeof(r->ask_why), "sentinel %s:%d: %s", s->host, s->port,
+               sl_printable(w, sizeof(w), why, strlen(why))) >= (int)sizeof(r->ask_why))
+    r->ask_why[sizeof(r->ask_why) - 1] = '\0';
   drop_ctx(&r->ask);
   ask_next(r);
 }
