@@ -90,6 +90,7 @@ static void reload(struct sl_main *m) {
   KEEP(redis, "redis");
   KEEP(redis_prefix, "redis-prefix");
   KEEP(flush_ms, "flush-ms");
+  KEEP(flush_quiet_ms, "flush-quiet-ms");
   KEEP(spool_ms, "spool-ms");
   KEEP(spool_dir, "spool-dir");
   KEEP(instance_id, "instance-id");

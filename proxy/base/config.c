@@ -58,6 +58,8 @@ static const struct opt opts[] = {
   {"region", OPT_STR, F(region), FSIZE(region), 0, 0,
    "region when Host names none (cn-shanghai)"},
   {"flush-ms", OPT_UINT, F(flush_ms), 0, 10, 600000, "metering: counts go to Redis at least this often (1000)"},
+  {"flush-quiet-ms", OPT_UINT, F(flush_quiet_ms), 0, 0, 3600000,
+   "metering: a key with under 100 counts may wait this long for Redis, a multiple of --flush-ms (0: no wait)"},
   {"spool-ms", OPT_UINT, F(spool_ms), 0, 10, 600000,
    "metering: counts are made durable in the spool this often; kill -9 loses at most this (1000)"},
   {"access-log", OPT_STR, F(access_log), FSIZE(access_log), 0, 0,

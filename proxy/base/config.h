@@ -39,6 +39,7 @@ struct sl_config {
   char access_log[256];
   unsigned workers;
   unsigned flush_ms;  /* metering: counts go to Redis at least this often */
+  unsigned flush_quiet_ms; /* metering: a quiet key may wait this long for Redis (0: --flush-ms) */
   unsigned spool_ms;  /* metering: counts are gathered and made durable in the spool this often */
   unsigned max_header_bytes;  /* request line + headers, else 431 */
   unsigned max_headers;       /* header count, else 431 */

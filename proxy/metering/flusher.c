@@ -162,18 +162,37 @@ static void journal(struct sl_flusher *f, const struct sl_meter_table *t, uint32
   }
 }
 
+/* A quiet key (fewer counts than this) may wait for later flushes, up to
+ * --flush-quiet-ms: Redis's work is per key, so a key of 100 counts costs
+ * it a hundredth of a key's work per request, and waiting buys little more. */
+#define SL_FLUSH_HOT_COUNT 100
+
+/* 1 when an accumulated key waits for a later flush (--flush-quiet-ms). */
+static int quiet_key(const struct sl_meter_entry *e, void *arg) {
+  const struct sl_flusher *f = arg;
+  return e->count < SL_FLUSH_HOT_COUNT && f->flushes - e->born + 1 < f->quiet_rounds;
+}
+
 /* Turns what the accumulator holds into batches of at most SL_BATCH_MAX
- * keys, each allocated for the keys it holds, spools and queues them. When
- * nothing older waits and the spool has grown, the new batches replace the
- * whole file (they cover every delta in it; every batch in it is acked). */
-static void finalize(struct sl_flusher *f) {
+ * keys, each allocated for the keys it holds, spools and queues them; with
+ * retain, quiet keys stay (quiet_key). When nothing older waits and the
+ * spool has grown, the new batches replace the whole file (with the kept
+ * keys' counts after them, they cover every delta in it; every batch in it
+ * is acked). */
+static void finalize(struct sl_flusher *f, int retain) {
   struct sl_meter_table *t = f->acc;
   if (t->n == 0) return;
+  retain = retain && f->quiet_rounds > 1;
   struct sl_batch *b = NULL, *first = NULL, **link = &first;
   unsigned nb = 0;
+  uint32_t kept = 0;
   size_t bytes = 0;
   for (uint32_t j = 0; j < t->n; j++) {
     const struct sl_meter_entry *e = &t->e[j];
+    if (retain && quiet_key(e, f)) {
+      kept++;
+      continue;
+    }
     if (!b) {
       uint32_t left = t->n - j;
       b = sl_batch_new(left < SL_BATCH_MAX ? left : SL_BATCH_MAX);
@@ -186,7 +205,7 @@ static void finalize(struct sl_flusher *f) {
     b->e[b->n].count = e->count;
     sl_stat_inc(&f->stats.counted, e->count);
     breathe(f, 1);
-    if (++b->n == SL_BATCH_MAX || j + 1 == t->n) {
+    if (++b->n == SL_BATCH_MAX) {
       bytes += sl_spool_batch_size(b);
       *link = b;
       link = &b->next;
@@ -194,7 +213,16 @@ static void finalize(struct sl_flusher *f) {
       b = NULL;
     }
   }
-  sl_meter_table_clear(t);
+  if (b) {
+    bytes += sl_spool_batch_size(b);
+    *link = b;
+    nb++;
+  }
+  if (nb == 0) return; /* all quiet: they stay, journaled as they came */
+  if (kept)
+    sl_meter_table_retain(t, quiet_key, f);
+  else
+    sl_meter_table_clear(t);
   int rewritten = 0;
   if (f->nqueued == 0 && sl_spool_should_compact(&f->spool) && bytes <= f->spool.max) {
     unsigned char *buf = sl_malloc(bytes), *p = buf;
@@ -222,6 +250,9 @@ static void finalize(struct sl_flusher *f) {
     enqueue(f, x);
     sl_stat_inc(&f->stats.batches, 1);
   }
+  /* The keys kept, whole, after the batches: a batch covers every delta
+   * before it in the spool, theirs too. */
+  if (kept) journal(f, t, 0);
   queue_stats(f);
 }
 
@@ -239,7 +270,7 @@ static int merge_table(struct sl_flusher *f, const struct sl_meter_table *t) {
     breathe(f, 1);
     if (sl_meter_add(f->acc, &e->k, e->hash, e->count) == 0) continue;
     /* Full (a table fits an empty accumulator: it holds at least one). */
-    finalize(f);
+    finalize(f, 0);
     from = j;
     sl_meter_add(f->acc, &e->k, e->hash, e->count);
   }
@@ -861,7 +892,8 @@ static void end_round(struct sl_flusher *f) {
   /* At the queue's bound the counts stay in the accumulator, merged by key,
    * until Redis takes batches. */
   if (due && queue_has_room(f)) {
-    finalize(f);
+    finalize(f, 1);
+    f->acc->epoch = ++f->flushes; /* keys from now on are born in the next flush */
     f->next_flush_ms = now + f->flush_ms;
   }
   sl_stat_set(&f->stats.accumulated, f->acc->total);
@@ -902,7 +934,7 @@ static void final_step(struct sl_flusher *f) {
       for (unsigned k = 0; k < m->noverflow; k++) sl_meter_table_free(m->overflow[k]);
       m->noverflow = 0;
     }
-    finalize(f);
+    finalize(f, 0);
     sl_spool_sync(&f->spool);
     send_next(f);
   }
@@ -1062,6 +1094,7 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   f->worker_inboxes = worker_inboxes;
   f->nworkers = nworkers;
   f->flush_ms = cfg->flush_ms;
+  f->quiet_rounds = cfg->flush_quiet_ms > cfg->flush_ms ? cfg->flush_quiet_ms / cfg->flush_ms : 1;
   /* Rounds gather the workers' counts into the spool every spool interval;
    * batches for Redis are made every flush interval (never less often than
    * a round). */
@@ -1108,7 +1141,7 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   for (struct sl_batch *d = f->pending; d; d = d->next)
     for (uint32_t i = 0; i < d->n; i++) {
       const struct sl_meter_key *k = &d->e[i].k;
-      if (f->acc->n >= f->acc->limit) finalize(f);
+      if (f->acc->n >= f->acc->limit) finalize(f, 0);
       sl_meter_add(f->acc, k, sl_meter_key_hash(k), d->e[i].count);
       replayed_counts += d->e[i].count;
     }

@@ -79,6 +79,8 @@ struct sl_flusher {
   unsigned flush_ms, queue_max, final_ms;
   unsigned spool_ms;            /* rounds: counts gathered and made durable */
   uint64_t next_flush_ms;       /* when the accumulator next becomes batches */
+  uint32_t flushes;             /* flush times passed (the accumulator's epoch) */
+  uint32_t quiet_rounds;        /* --flush-quiet-ms / --flush-ms: flushes a quiet key may wait through, + 1 */
   unsigned pace_ms;             /* between two batch sends (0: at once) */
   uint64_t next_send_ms;
   int journal;                  /* tables merged now are journaled as deltas */

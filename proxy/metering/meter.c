@@ -45,6 +45,26 @@ void sl_meter_table_clear(struct sl_meter_table *t) {
   t->refused = 0;
 }
 
+uint32_t sl_meter_table_retain(struct sl_meter_table *t, int (*keep)(const struct sl_meter_entry *, void *), void *arg) {
+  uint32_t m = 0;
+  uint64_t total = 0;
+  for (uint32_t j = 0; j < t->n; j++)
+    if (keep(&t->e[j], arg)) {
+      if (m != j) t->e[m] = t->e[j];
+      total += t->e[m++].count;
+    }
+  memset(t->index, 0, ((size_t)t->mask + 1) * sizeof(*t->index));
+  for (uint32_t j = 0; j < m; j++) {
+    uint32_t i = (uint32_t)t->e[j].hash & t->mask;
+    while (t->index[i]) i = (i + 1) & t->mask;
+    t->index[i] = j + 1;
+  }
+  t->n = m;
+  t->total = total;
+  t->refused = 0; /* (the accumulator's: it has no bound on refused keys) */
+  return m;
+}
+
 uint64_t sl_meter_key_hash(const struct sl_meter_key *k) {
   uint64_t h = sl_dir_hash(k->uid, k->uid_len);
   h ^= sl_dir_hash(k->region, k->region_len) * 0x9e3779b97f4a7c15ull;
@@ -96,6 +116,7 @@ int sl_meter_add(struct sl_meter_table *t, const struct sl_meter_key *k, uint64_
       e->hash = hash;
       e->k = *k;
       e->count = count;
+      e->born = t->epoch;
       t->index[i] = ++t->n;
       t->total += count;
       return 0;

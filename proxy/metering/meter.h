@@ -61,6 +61,7 @@ struct sl_meter_key {
 struct sl_meter_entry {
   uint64_t hash; /* never 0 */
   uint64_t count;
+  uint32_t born; /* the table's epoch when the key came in (the flusher: its flush) */
   struct sl_meter_key k;
 };
 
@@ -74,6 +75,7 @@ struct sl_meter_table {
   uint64_t total; /* sum of counts */
   uint32_t refused;     /* refused-call keys held under their own shape */
   uint32_t refused_max; /* their bound (SL_METER_REFUSED_KEYS); 0: none (the flusher's accumulator) */
+  uint32_t epoch;       /* new keys' born */
   struct sl_meter_entry *e;
   uint32_t *index;
 };
@@ -83,6 +85,9 @@ struct sl_meter_table *sl_meter_table_new(uint32_t capacity);
 void sl_meter_table_free(struct sl_meter_table *t);
 void sl_meter_table_clear(struct sl_meter_table *t);
 uint64_t sl_meter_key_hash(const struct sl_meter_key *k);
+/* Keeps the entries keep() says 1 for (in their order) and drops the
+ * others. Returns the keys kept. */
+uint32_t sl_meter_table_retain(struct sl_meter_table *t, int (*keep)(const struct sl_meter_entry *, void *), void *arg);
 /* Adds count to key k. Returns 0; -ENOBUFS when the key is new and the
  * table already holds `capacity` keys; -EDQUOT when the key is a new refused
  * key (not of the fixed shape) and the table holds refused_max of them.

@@ -457,6 +457,22 @@ class MeteringCase(unittest.TestCase):
         self.check_consistent(meter)
         return meter
 
+    def check_totals(self, what, outcomes):
+        """Every count arrived once, by outcome (refused calls past their
+        bound are counted under the fixed shape, so not by key); billable
+        counts exactly, by key."""
+        meter = Meter(self.r.port)
+        backend = self.backend_200()
+        calls = meter.calls_by_outcome()
+        note(f"{what}: answered {dict(sorted(outcomes.items()))}; backend 200s {backend}, usage sum "
+             f"{meter.usage_total()}, calls {dict(sorted(calls.items()))}, {len(meter.calls)} calls fields")
+        self.assertEqual(meter.usage_total(), backend, "usage sum != backend 200s")
+        self.assertEqual(outcomes["ok"], backend, "client 200s != backend 200s")
+        self.assertEqual({k: v for k, v in calls.items() if v}, {k: v for k, v in outcomes.items() if v})
+        self.check_consistent(meter)
+        return meter
+
+
     def check_consistent(self, meter):
         """The hashes, the sets, the stream and the markers agree. (The load's
         calls name one Service each and are all billable Actions: usage
@@ -743,6 +759,45 @@ class Intervals(MeteringCase):
         self.stop_sluice(sl)
         self.check_exact("--flush-ms 60000 then SIGTERM")
 
+    def test_quiet_keys_wait_and_survive_kill9(self):
+        """--flush-quiet-ms: a key with 100 counts or more goes at the next
+        flush, a quieter one waits up to --flush-quiet-ms (kept in the
+        accumulator, its counts journaled again after each flush's batches);
+        a kill -9 while they wait and a restart lose and double nothing."""
+        n = 200
+        args = []
+        for i in range(n):
+            args += [f"{P}ak:AKQ{i}", f"q{i}"]
+        self.r.cli("MSET", *args)
+        spool = tempfile.mkdtemp(prefix="sluice-spool-")
+        self.addCleanup(shutil.rmtree, spool, True)
+        base = ("--spool-dir", spool, "--instance-id", "metering-quiet")
+        sl1 = self.start(*base, "--flush-ms", "300", "--spool-ms", "100", "--flush-quiet-ms", "6000")
+        outcomes = collections.Counter()
+        with harness.HttpConn(sl1.port) as c:
+            for i in range(150):
+                c.send(_req(ak="AK1"))
+                outcomes[outcome_of(c.read_response())] += 1
+            hot = outcomes["ok"]  # u1's ok key: at least 100 counts (its few errors are a quiet key)
+            for i in range(n):
+                c.send(_req(ak=f"AKQ{i}"))
+                outcomes[outcome_of(c.read_response())] += 1
+
+        def calls_of(prefix, outcome=""):
+            return sum(v for (_d, uid, f), v in Meter(self.r.port).calls.items()
+                       if uid.startswith(prefix) and f.endswith(outcome))
+        self.assertGreaterEqual(hot, 100)
+        poll(lambda: calls_of("u1", ":ok") == hot, 3, "the hot key's counts in Redis at a flush")
+        time.sleep(1.5)  # five flushes more: the quiet keys kept and journaled again after each
+        self.assertEqual(calls_of("q"), 0, "quiet keys went before --flush-quiet-ms")
+        sl1.proc.kill()
+        sl1.proc.wait(10)
+        sl1.killed = sl1._told = True
+        sl2 = self.start(*base, "--flush-ms", "200")
+        poll(lambda: calls_of("q") == n, 5, "the quiet keys' counts, replayed from the spool")
+        self.stop_sluice(sl2)
+        self.check_totals("quiet keys, kill -9 while they waited", outcomes)
+
 
 class ClientGone(MeteringCase):
     """SPEC 6: a backend's 200 is ok also when the client went away before
@@ -1002,21 +1057,6 @@ class SilentServer:
 class Bounds(MeteringCase):
     """Issue 9 item 7 and 11: metering stays bounded while Redis is away and
     finds a Redis that stops answering."""
-
-    def check_totals(self, what, outcomes):
-        """Every count arrived once, by outcome (refused calls past their
-        bound are counted under the fixed shape, so not by key); billable
-        counts exactly, by key."""
-        meter = Meter(self.r.port)
-        backend = self.backend_200()
-        calls = meter.calls_by_outcome()
-        note(f"{what}: answered {dict(sorted(outcomes.items()))}; backend 200s {backend}, usage sum "
-             f"{meter.usage_total()}, calls {dict(sorted(calls.items()))}, {len(meter.calls)} calls fields")
-        self.assertEqual(meter.usage_total(), backend, "usage sum != backend 200s")
-        self.assertEqual(outcomes["ok"], backend, "client 200s != backend 200s")
-        self.assertEqual({k: v for k, v in calls.items() if v}, {k: v for k, v in outcomes.items() if v})
-        self.check_consistent(meter)
-        return meter
 
     def test_rejected_flood_with_redis_down_stays_bounded(self):
         """Redis down, small bounds (--meter-keys 16, --meter-queue-batches
