@@ -338,9 +338,44 @@ static void test_spool_roundtrip(void **state) {
   assert_int_equal(sl_crc32("123456789", 9), 0xcbf43926u); /* the standard check value */
 }
 
+static int keep_odd(const struct sl_meter_entry *e, void *arg) {
+  (void)arg;
+  return e->count % 2 == 1;
+}
+
+/* retain keeps what it is told to, in order, and the index finds the kept
+ * keys (and only them) afterwards; born is the table's epoch at insert. */
+static void test_retain(void **state) {
+  (void)state;
+  struct sl_meter_table *t = sl_meter_table_new(64);
+  char u[16];
+  for (int i = 0; i < 40; i++) {
+    t->epoch = (uint32_t)i / 10;
+    snprintf(u, sizeof(u), "u%d", i);
+    struct sl_meter_key k = key(u, 0);
+    assert_int_equal(sl_meter_add(t, &k, sl_meter_key_hash(&k), (uint64_t)i), 0);
+  }
+  assert_int_equal(sl_meter_table_retain(t, keep_odd, NULL), 20);
+  assert_int_equal(t->n, 20);
+  assert_int_equal(t->total, 400); /* 1 + 3 + ... + 39 */
+  for (uint32_t j = 0; j < t->n; j++) {
+    assert_int_equal(t->e[j].count, 2 * j + 1);
+    assert_int_equal(t->e[j].born, (2 * j + 1) / 10);
+  }
+  for (int i = 0; i < 40; i++) { /* a kept key adds up; a dropped one comes back new */
+    snprintf(u, sizeof(u), "u%d", i);
+    struct sl_meter_key k = key(u, 0);
+    assert_int_equal(sl_meter_add(t, &k, sl_meter_key_hash(&k), 1000), 0);
+  }
+  assert_int_equal(t->n, 40);
+  for (uint32_t j = 0; j < 20; j++) assert_int_equal(t->e[j].count, 2 * j + 1 + 1000);
+  for (uint32_t j = 20; j < 40; j++) assert_int_equal(t->e[j].count, 1000);
+  sl_meter_table_free(t);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_days),        cmocka_unit_test(test_worker_day_cache),
+      cmocka_unit_test(test_days),        cmocka_unit_test(test_worker_day_cache), cmocka_unit_test(test_retain),
       cmocka_unit_test(test_table_bound), cmocka_unit_test(test_count_never_loses),
       cmocka_unit_test(test_refused_keys_bounded), cmocka_unit_test(test_aside_past_its_bound),
       cmocka_unit_test(test_refused_keys_per_day),
