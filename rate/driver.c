@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "keys.h"
 #include "rating.h"
 
 void strv_push(struct strv *s, char *owned) {
@@ -113,31 +114,103 @@ int parse_opts(int argc, char **argv, int first, const struct opt_spec *specs, s
   return 0;
 }
 
-redisContext *connect_redis(const struct common_opts *co) {
-  char err[600];
-  /* Sentinel: the master the sentinels name, checked with ROLE (sentinel.h) */
-  redisContext *c = sl_redis_connect_sync(&co->url, CONNECT_TIMEOUT_S * 1000, err, sizeof(err));
-  if (c == NULL) {
-    fprintf(stderr, "sluice-rate: cannot connect to Redis at %s: %s\n", co->redis, err);
-    return NULL;
-  }
-  struct timeval ct = {.tv_sec = COMMAND_TIMEOUT_S};
-  redisSetTimeout(c, ct);
-  return c;
-}
-
-redisReply *command(redisContext *c, const struct strv *args, char *err, size_t errlen) {
-  redisReply *rep = redisCommandArgv(c, (int)args->n, (const char **)args->v, NULL);
-  if (rep == NULL) {
-    snprintf(err, errlen, "redis: %s", c->errstr[0] ? c->errstr : "connection lost");
-    return NULL;
-  }
-  if (rep->type == REDIS_REPLY_ERROR) {
-    snprintf(err, errlen, "redis: %s: %s", args->v[0], rep->str);
-    freeReplyObject(rep);
-    return NULL;
-  }
-  return rep;
-}
-
 int has_nul(const redisReply *rep) { return strlen(rep->str) != rep->len; }
+
+int suspended_member(struct rconn *k, const struct common_opts *co, const char *uid, int *member, char *err,
+                     size_t errlen) {
+  struct strv a = {0};
+  strv_pushf(&a, "SISMEMBER");
+  strv_pushf(&a, "%s" SL_KEY_SUSPENDED, co->prefix);
+  strv_pushf(&a, "%s", uid);
+  redisReply *rep = command(k, &a, err, errlen);
+  strv_free(&a);
+  if (rep == NULL) return -1;
+  *member = rep->type == REDIS_REPLY_INTEGER && rep->integer == 1;
+  freeReplyObject(rep);
+  return 0;
+}
+
+/* Applies one outbox entry's op (fields kv: op, then the alert's pairs).
+ * Returns 0 or -1 with err set. */
+static int outbox_apply(struct rconn *k, const struct common_opts *co, const char *uid, const redisReply *kv,
+                        char *err, size_t errlen) {
+  if (kv->type != REDIS_REPLY_ARRAY || kv->elements < 2 || strcmp(kv->element[0]->str, "op") != 0) {
+    snprintf(err, errlen, "an outbox entry of uid %s without its op: dropped", uid);
+    fprintf(stderr, "sluice-rate: %s\n", err);
+    return 0;
+  }
+  const char *op = kv->element[1]->str;
+  struct strv a = {0};
+  int publish = 0;
+  if (strcmp(op, "alert") == 0) {
+    strv_pushf(&a, "XADD");
+    strv_pushf(&a, "%s" SL_KEY_ALERTS, co->prefix);
+    strv_pushf(&a, "*");
+    for (size_t i = 2; i < kv->elements; i++) strv_push(&a, rate__xstrndup(kv->element[i]->str, kv->element[i]->len));
+  } else if (strcmp(op, "suspend") == 0 || strcmp(op, "lift") == 0) {
+    strv_pushf(&a, "%s", op[0] == 's' ? "SADD" : "SREM");
+    strv_pushf(&a, "%s" SL_KEY_SUSPENDED, co->prefix);
+    strv_pushf(&a, "%s", uid);
+    publish = 1;
+  } else {
+    fprintf(stderr, "sluice-rate: an outbox entry of uid %s has the unknown op '%s': dropped\n", uid, op);
+    return 0;
+  }
+  redisReply *rep = command(k, &a, err, errlen);
+  strv_free(&a);
+  if (rep == NULL) return -1;
+  freeReplyObject(rep);
+  if (publish) { /* the proxies read the set again (SPEC 5) */
+    strv_pushf(&a, "PUBLISH");
+    strv_pushf(&a, "%s" SL_CHANNEL_CHANGES, co->prefix);
+    strv_pushf(&a, "%s" SL_KEY_SUSPENDED, co->prefix);
+    rep = command(k, &a, err, errlen);
+    strv_free(&a);
+    if (rep == NULL) return -1;
+    freeReplyObject(rep);
+  }
+  return 0;
+}
+
+int outbox_drain(struct rconn *k, const struct common_opts *co, const char *uid, char *err, size_t errlen) {
+  char *box = acct_key(co, SL_KEY_OUTBOX, uid, "");
+  int ret = -1;
+  for (;;) {
+    struct strv a = {0};
+    strv_pushf(&a, "XRANGE");
+    strv_pushf(&a, "%s", box);
+    strv_pushf(&a, "-");
+    strv_pushf(&a, "+");
+    strv_pushf(&a, "COUNT");
+    strv_pushf(&a, "100");
+    redisReply *rep = command(k, &a, err, errlen);
+    strv_free(&a);
+    if (rep == NULL) break;
+    size_t n = rep->type == REDIS_REPLY_ARRAY ? rep->elements : 0;
+    int bad = 0;
+    for (size_t i = 0; i < n && !bad; i++) {
+      const redisReply *e = rep->element[i];
+      if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || outbox_apply(k, co, uid, e->element[1], err, errlen)) {
+        bad = 1;
+        break;
+      }
+      /* Applied, then deleted: a crash in between applies it again (SADD /
+       * SREM change nothing the second time; an alert is sent twice). */
+      strv_pushf(&a, "XDEL");
+      strv_pushf(&a, "%s", box);
+      strv_push(&a, rate__xstrndup(e->element[0]->str, e->element[0]->len));
+      redisReply *d = command(k, &a, err, errlen);
+      strv_free(&a);
+      if (d == NULL) bad = 1;
+      else freeReplyObject(d);
+    }
+    freeReplyObject(rep);
+    if (bad) break;
+    if (n == 0) {
+      ret = 0;
+      break;
+    }
+  }
+  free(box);
+  return ret;
+}

@@ -34,7 +34,7 @@ char *xformat(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* The options every subcommand shares. */
 struct common_opts {
   const char *redis;      /* as given */
-  struct sl_redis_url url; /* parsed: one server or Sentinel (addr.h) */
+  struct sl_redis_url url; /* parsed: one server, Sentinel or a cluster (addr.h) */
   const char *prefix;
   int tz_offset_min;
 };
@@ -49,13 +49,42 @@ struct opt_spec {
  * --redis-prefix, --tz-offset-min when tz is non-zero). Returns 0, 1 for
  * --help, or -1 after printing the error on stderr. */
 int parse_opts(int argc, char **argv, int first, const struct opt_spec *specs, struct common_opts *co, int tz);
-/* Connects to Redis. Returns the context, or NULL after printing why. */
-redisContext *connect_redis(const struct common_opts *co);
-
+/* sluice-rate's Redis (rconn.c): one server, Sentinel's master, or a Redis
+ * Cluster routed by key slot (MOVED / ASK followed). */
+struct rconn;
+/* Connects to what co->url names. Returns the connection (rconn_free), or
+ * NULL after printing why. */
+struct rconn *connect_redis(const struct common_opts *co);
+void rconn_free(struct rconn *k);
+int rconn_cluster(const struct rconn *k);
+/* Whether the connection is lost (a cluster: a command failed all its
+ * tries); rconn_errstr says why. */
+int rconn_broken(const struct rconn *k);
+const char *rconn_errstr(const struct rconn *k);
+/* Pipelining: queues a command (argv of NUL-terminated strings, copied);
+ * rconn_get_reply returns the replies in order: REDIS_OK with *out (the
+ * caller frees it), or REDIS_ERR when the connection failed. */
+int rconn_append(struct rconn *k, int argc, const char **argv);
+int rconn_get_reply(struct rconn *k, redisReply **out);
 /* Runs one command (argv of NUL-terminated strings). Returns the reply, or
  * NULL with err (errlen bytes) set when the connection failed or Redis
  * answered an error. The caller frees the reply. */
-redisReply *command(redisContext *c, const struct strv *args, char *err, size_t errlen);
+redisReply *command(struct rconn *k, const struct strv *args, char *err, size_t errlen);
+/* A per-account key: <prefix><name><uid><tail>, or in a cluster
+ * <prefix><name>{<uid>}<tail> (SPEC 10: one account's keys in one slot).
+ * The caller frees it. */
+char *acct_key(const struct common_opts *co, const char *name, const char *uid, const char *tail);
+
+/* Redis Cluster: the account's outbox (P outbox:{uid}, keys.h), where its
+ * scripts leave what they cannot write to keys of other slots: each entry
+ * is applied (op alert: XADD P alerts; suspend / lift: SADD / SREM
+ * P suspended and a PUBLISH of it on P changes), then deleted; a crash in
+ * between applies it again (docs/rating.md). Returns 0 once the outbox is
+ * empty, or -1 with err set. */
+int outbox_drain(struct rconn *k, const struct common_opts *co, const char *uid, char *err, size_t errlen);
+/* Sets *member to whether uid is in P suspended. Returns 0 or -1 with err. */
+int suspended_member(struct rconn *k, const struct common_opts *co, const char *uid, int *member, char *err,
+                     size_t errlen);
 /* Whether a string reply holds a NUL byte. */
 int has_nul(const redisReply *rep);
 

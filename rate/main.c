@@ -11,7 +11,10 @@
  * script (apply_lua) writes the bill, the packages, the balance, the
  * suspension and the alerts, all or nothing, after checking that nothing it
  * read has changed ("retry": read and compute again, MAX_ATTEMPTS at most).
- * See docs/rating.md. Single-threaded; synchronous hiredis. */
+ * On a Redis Cluster the script touches only the account's slot and leaves
+ * the alerts and the suspended set's change in the account's outbox, drained
+ * after it (outbox_drain). See docs/rating.md. Single-threaded; synchronous
+ * hiredis (rconn.c). */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
@@ -33,10 +36,16 @@
 #define DUE_GRACE_HOURS 10
 
 /* KEYS: 1 bill, 2 alerts stream, 3 package set or list, 4 balance,
- * 5 suspended set, 6 suspension hash, 7.. the packages.
+ * 5 suspended set, 6 suspension hash, 7.. the packages. In a Redis Cluster
+ * (SPEC 10) every key must be in the account's slot: 2 and 5 are then both
+ * the account's outbox stream (P outbox:{uid}), where the script leaves
+ * what it would write to the global keys (op alert: the alert's fields;
+ * op suspend), for the driver to apply after it (outbox_drain).
  * ARGV: 1 uid, 2 day, 3 the bill's rev as read ("" when there was no bill),
  * 4 the balance as read ("=value", "!" when absent), 5 the new balance,
- * 6 now (unix seconds), 7 the changes channel, 8 n packages; then 6 per
+ * 6 now (unix seconds), 7 the changes channel (one server), or in a cluster
+ * '1' / '0': whether the UID was in P suspended when last read (the script
+ * cannot read that set there), 8 n packages; then 6 per
  * package: id, its four fields as read ("=value" or "!"), the new remaining
  * ("" when untouched); then n alerts and 4 per alert: package, remaining,
  * quota, threshold; then 3 for late usage (units, amount, calls; "" when
@@ -46,6 +55,7 @@
  * negative balance suspends the account for overdue unless it is suspended
  * already (whatever the reason: a manual suspension keeps its reason). */
 static const char apply_lua[] =
+    "local cl = ARGV[7] == '0' or ARGV[7] == '1'\n"
     "local rev = ARGV[3]\n"
     "if rev == '' then\n"
     "  if redis.call('EXISTS', KEYS[1]) == 1 then return 'retry' end\n"
@@ -56,7 +66,7 @@ static const char apply_lua[] =
     "    return redis.error_reply('ERR ' .. KEYS[k] .. ' is a ' .. t .. ', not a ' .. ok1)\n"
     "  end\n"
     "end\n"
-    "local e = want(2, 'stream') or want(5, 'set') or want(6, 'hash') or want(4, 'string')\n"
+    "local e = want(2, 'stream') or want(5, cl and 'stream' or 'set') or want(6, 'hash') or want(4, 'string')\n"
     "if e then return e end\n"
     "local b = redis.call('GET', KEYS[4])\n"
     "if (b and ('=' .. b) or '!') ~= ARGV[4] then return 'retry' end\n"
@@ -90,21 +100,30 @@ static const char apply_lua[] =
     "for j = late + 3, #ARGV do bill[#bill + 1] = ARGV[j] end\n"
     "redis.call('HSET', KEYS[1], unpack(bill))\n"
     "redis.call('SET', KEYS[4], ARGV[5])\n"
+    "local function alert(...)\n"
+    "  if cl then redis.call('XADD', KEYS[2], '*', 'op', 'alert', ...)\n"
+    "  else redis.call('XADD', KEYS[2], '*', ...) end\n"
+    "end\n"
     "for j = 1, nalerts do\n"
     "  local a = k + 1 + (j - 1) * 4\n"
-    "  redis.call('XADD', KEYS[2], '*', 'type', 'quota_low', 'uid', ARGV[1], 'package', ARGV[a],\n"
-    "              'remaining', ARGV[a + 1], 'quota', ARGV[a + 2], 'threshold_pct', ARGV[a + 3], 'day', ARGV[2])\n"
+    "  alert('type', 'quota_low', 'uid', ARGV[1], 'package', ARGV[a], 'remaining', ARGV[a + 1], 'quota', ARGV[a + 2],\n"
+    "        'threshold_pct', ARGV[a + 3], 'day', ARGV[2])\n"
     "end\n"
     "if ARGV[late] ~= '' then\n"
-    "  redis.call('XADD', KEYS[2], '*', 'type', 'late_usage', 'uid', ARGV[1], 'day', ARGV[2],\n"
-    "              'calls', ARGV[late + 2], 'units', ARGV[late], 'amount', ARGV[late + 1])\n"
+    "  alert('type', 'late_usage', 'uid', ARGV[1], 'day', ARGV[2], 'calls', ARGV[late + 2], 'units', ARGV[late],\n"
+    "        'amount', ARGV[late + 1])\n"
     "end\n"
-    "if string.sub(ARGV[5], 1, 1) == '-' and redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 0 then\n"
-    "  redis.call('SADD', KEYS[5], ARGV[1])\n"
+    "local member\n"
+    "if cl then member = ARGV[7] == '1' else member = redis.call('SISMEMBER', KEYS[5], ARGV[1]) == 1 end\n"
+    "if string.sub(ARGV[5], 1, 1) == '-' and not member then\n"
     "  redis.call('DEL', KEYS[6])\n"
     "  redis.call('HSET', KEYS[6], '" SL_FIELD_REASON "', '" SL_REASON_OVERDUE "', '" SL_FIELD_SINCE "', ARGV[6],\n"
     "              'day', ARGV[2], 'balance', ARGV[5])\n"
-    "  redis.call('PUBLISH', ARGV[7], KEYS[5])\n"
+    "  if cl then redis.call('XADD', KEYS[5], '*', 'op', 'suspend')\n"
+    "  else\n"
+    "    redis.call('SADD', KEYS[5], ARGV[1])\n"
+    "    redis.call('PUBLISH', ARGV[7], KEYS[5])\n"
+    "  end\n"
     "  return 'suspended'\n"
     "end\n"
     "return 'ok'\n";
@@ -120,7 +139,7 @@ struct named {
 enum { N_COEF, N_PRICE };
 
 struct run {
-  redisContext *c;
+  struct rconn *c;
   struct common_opts co;
   const char *day;
   int64_t day_start, day_end, now;
@@ -150,6 +169,23 @@ static const redisReply *hget(const redisReply *h, const char *field) {
   return NULL;
 }
 
+/* <prefix><name><day>:<uid> (usage, bill), the UID in braces in a cluster.
+ * The caller frees it. */
+static char *day_key(const struct run *r, const char *name, const char *uid) {
+  char *head = xformat("%s%s:", name, r->day);
+  char *k = acct_key(&r->co, head, uid, "");
+  free(head);
+  return k;
+}
+
+/* <prefix>respkg:<uid>:<id>, the UID in braces in a cluster. */
+static char *pkg_key(const struct run *r, const char *uid, const char *id) {
+  char *tail = xformat(":%s", id);
+  char *k = acct_key(&r->co, SL_KEY_RESPKG, uid, tail);
+  free(tail);
+  return k;
+}
+
 /* The entry of `name`, read on first use (two GETs pipelined). Returns
  * NULL with r->err set when Redis fails. */
 static const struct named *named_get(struct run *r, const char *name) {
@@ -159,17 +195,13 @@ static const struct named *named_get(struct run *r, const char *name) {
   for (int k = 0; k < 2; k++) {
     char *key = xformat("%s%s%s", r->co.prefix, kp[k], name);
     const char *argv[] = {"GET", key};
-    int e = redisAppendCommandArgv(r->c, 2, argv, NULL);
+    rconn_append(r->c, 2, argv);
     free(key);
-    if (e != REDIS_OK) {
-      fail(r, "redis: %s", r->c->errstr);
-      return NULL;
-    }
   }
   redisReply *rep[2] = {NULL, NULL};
   for (int k = 0; k < 2; k++) {
-    if (redisGetReply(r->c, (void **)&rep[k]) != REDIS_OK) {
-      fail(r, "redis: %s", r->c->errstr);
+    if (rconn_get_reply(r->c, &rep[k]) != REDIS_OK) {
+      fail(r, "redis: %s", rconn_errstr(r->c));
       if (k) freeReplyObject(rep[0]);
       return NULL;
     }
@@ -250,27 +282,26 @@ static void acct_reset(struct acct *x) {
  * RATE_FAILED with r->err set. */
 static enum rate_outcome read_account(struct run *r, struct acct *x) {
   const char *p = r->co.prefix, *uid = x->uid;
-  char *keys[6] = {
-      xformat("%s" SL_KEY_USAGE "%s:%s", p, r->day, uid), xformat("%s" SL_KEY_BILL "%s:%s", p, r->day, uid),
-      xformat("%s" SL_KEY_RESPKGS "%s", p, uid), xformat("%s" SL_KEY_RESPKGS "%s", p, uid),
-      xformat("%s" SL_KEY_BALANCE "%s", p, uid), xformat("%s" SL_KEY_ALERTPCT "%s", p, uid)};
+  char *keys[6] = {day_key(r, SL_KEY_USAGE, uid), day_key(r, SL_KEY_BILL, uid),
+                   acct_key(&r->co, SL_KEY_RESPKGS, uid, ""), acct_key(&r->co, SL_KEY_RESPKGS, uid, ""),
+                   acct_key(&r->co, SL_KEY_BALANCE, uid, ""), acct_key(&r->co, SL_KEY_ALERTPCT, uid, "")};
   static const char *const cmds[6] = {"HGETALL", "HGETALL", "SMEMBERS", "LRANGE", "GET", "GET"};
   int sent = 0;
   for (int i = 0; i < 6; i++) {
     const char *argv[] = {cmds[i], keys[i], "0", "-1"};
-    if (redisAppendCommandArgv(r->c, i == 3 ? 4 : 2, argv, NULL) == REDIS_OK) sent++;
+    if (rconn_append(r->c, i == 3 ? 4 : 2, argv) == REDIS_OK) sent++;
     free(keys[i]);
   }
   redisReply *rep[6] = {0};
   enum rate_outcome o = RATE_FAILED;
   for (int i = 0; i < sent; i++) {
-    if (redisGetReply(r->c, (void **)&rep[i]) != REDIS_OK) {
-      fail(r, "redis: %s", r->c->errstr);
+    if (rconn_get_reply(r->c, &rep[i]) != REDIS_OK) {
+      fail(r, "redis: %s", rconn_errstr(r->c));
       goto out;
     }
   }
   if (sent < 6) {
-    fail(r, "redis: %s", r->c->errstr);
+    fail(r, "redis: %s", rconn_errstr(r->c));
     goto out;
   }
   static const char *const names[6] = {SL_KEY_USAGE "<day>:<uid>", SL_KEY_BILL "<day>:<uid>", "", "",
@@ -376,21 +407,21 @@ static enum rate_outcome read_account(struct run *r, struct acct *x) {
       fail(r, "%s" SL_KEY_RESPKGS "%s holds an id with a NUL byte", p, uid);
       goto out;
     }
-    char *key = xformat("%s" SL_KEY_RESPKG "%s:%s", p, uid, ids->element[i]->str);
+    char *key = pkg_key(r, uid, ids->element[i]->str);
     const char *argv[] = {"HMGET", key, rate_pkg_fields[0], rate_pkg_fields[1], rate_pkg_fields[2],
                           rate_pkg_fields[3]};
-    int e = redisAppendCommandArgv(r->c, 6, argv, NULL);
+    int e = rconn_append(r->c, 6, argv);
     free(key);
     if (e != REDIS_OK) {
-      fail(r, "redis: %s", r->c->errstr);
+      fail(r, "redis: %s", rconn_errstr(r->c));
       goto out;
     }
   }
   int bad = 0;
   for (size_t i = 0; i < ids->elements; i++) {
     redisReply *h;
-    if (redisGetReply(r->c, (void **)&h) != REDIS_OK) {
-      fail(r, "redis: %s", r->c->errstr);
+    if (rconn_get_reply(r->c, &h) != REDIS_OK) {
+      fail(r, "redis: %s", rconn_errstr(r->c));
       goto out; /* the connection is broken: the other replies are lost anyway */
     }
     const char *id = ids->element[i]->str;
@@ -602,28 +633,33 @@ static int load_script(struct run *r) {
  * (*suspended set when it suspended the account); RATE_FAILED with r->err
  * set on errors. */
 static enum rate_outcome apply_account(struct run *r, struct acct *x, int *suspended) {
-  const char *p = r->co.prefix, *day = r->day, *uid = x->uid;
+  const char *p = r->co.prefix, *uid = x->uid;
   const struct rate_account *a = &x->a;
   struct strv keys = {0}, args = {0};
-  strv_pushf(&keys, "%s" SL_KEY_BILL "%s:%s", p, day, uid);
-  strv_pushf(&keys, "%s" SL_KEY_ALERTS, p);
-  strv_pushf(&keys, "%s" SL_KEY_RESPKGS "%s", p, uid);
-  strv_pushf(&keys, "%s" SL_KEY_BALANCE "%s", p, uid);
-  strv_pushf(&keys, "%s" SL_KEY_SUSPENDED, p);
-  strv_pushf(&keys, "%s" SL_KEY_SUSPENSION "%s", p, uid);
+  int cl = rconn_cluster(r->c);
+  enum rate_outcome o = RATE_FAILED;
+  int member = 0;
+  if (cl && suspended_member(r->c, &r->co, uid, &member, r->err, sizeof(r->err)) != 0) return o;
+  strv_push(&keys, day_key(r, SL_KEY_BILL, uid));
+  strv_push(&keys, cl ? acct_key(&r->co, SL_KEY_OUTBOX, uid, "") : xformat("%s" SL_KEY_ALERTS, p));
+  strv_push(&keys, acct_key(&r->co, SL_KEY_RESPKGS, uid, ""));
+  strv_push(&keys, acct_key(&r->co, SL_KEY_BALANCE, uid, ""));
+  strv_push(&keys, cl ? acct_key(&r->co, SL_KEY_OUTBOX, uid, "") : xformat("%s" SL_KEY_SUSPENDED, p));
+  strv_push(&keys, acct_key(&r->co, SL_KEY_SUSPENSION, uid, ""));
   strv_pushf(&args, "%s", uid);
-  strv_pushf(&args, "%s", day);
+  strv_pushf(&args, "%s", r->day);
   strv_pushf(&args, "%s", x->rev);
   if (x->balance_raw) strv_pushf(&args, "=%s", x->balance_raw);
   else strv_pushf(&args, "!");
   strv_pushf(&args, "%" PRId64, x->balance_after);
   strv_pushf(&args, "%" PRId64, r->now);
-  strv_pushf(&args, "%s" SL_CHANNEL_CHANGES, p);
+  if (cl) strv_pushf(&args, "%d", member);
+  else strv_pushf(&args, "%s" SL_CHANNEL_CHANGES, p);
   strv_pushf(&args, "%zu", a->npkgs);
   size_t nalerts = 0;
   for (size_t i = 0; i < a->npkgs; i++) {
     const struct rate_pkg *k = &a->pkgs[i];
-    strv_pushf(&keys, "%s" SL_KEY_RESPKG "%s:%s", p, uid, k->id);
+    strv_push(&keys, pkg_key(r, uid, k->id));
     strv_pushf(&args, "%s", k->id);
     for (int f = 0; f < RATE_PF_N; f++) strv_push(&args, k->raw[f] ? xformat("=%s", k->raw[f]) : xformat("!"));
     if (k->drawn > 0) strv_push_dec(&args, k->remaining_after);
@@ -646,7 +682,6 @@ static enum rate_outcome apply_account(struct run *r, struct acct *x, int *suspe
   } else {
     for (int i = 0; i < 3; i++) strv_pushf(&args, "%s", "");
   }
-  enum rate_outcome o = RATE_FAILED;
   struct strv eval = {0};
   if (bill_fields(r, x, &args) != 0) goto out;
   strv_pushf(&eval, "EVALSHA");
@@ -705,7 +740,17 @@ static void rate_one(struct run *r, const char *uid) {
   struct job j = {.r = r, .x = {.uid = uid}};
   rate_account_init(&j.x.a);
   r->err[0] = '\0';
-  enum rate_outcome o = rate_attempts(attempt, &j, MAX_ATTEMPTS);
+  /* A cluster: what an earlier run left in the outbox goes first (its
+   * suspension decides what the script is told), what this one leaves after. */
+  int drain = rconn_cluster(r->c) && !r->dry_run;
+  enum rate_outcome o = RATE_FAILED;
+  if (!drain || outbox_drain(r->c, &r->co, uid, r->err, sizeof(r->err)) == 0)
+    o = rate_attempts(attempt, &j, MAX_ATTEMPTS);
+  if (drain && o != RATE_FAILED && outbox_drain(r->c, &r->co, uid, r->err, sizeof(r->err)) != 0) {
+    fprintf(stderr, "sluice-rate: uid=%s: applied, but its alerts or suspension are not out yet (run again): %s\n",
+            uid, r->err);
+    o = RATE_FAILED; /* no rated marker: --due comes back to the day */
+  }
   const struct rate_account *a = &j.x.a;
   char lead[64] = "";
   if (r->due) snprintf(lead, sizeof(lead), "day=%s ", r->day);
@@ -803,17 +848,17 @@ static long rate_day(struct run *r) {
     goto out;
   }
   size_t i;
-  for (i = 0; i < uids.n && r->c->err == 0; i++) rate_one(r, uids.v[i]);
+  for (i = 0; i < uids.n && !rconn_broken(r->c); i++) rate_one(r, uids.v[i]);
   if (i < uids.n) {
     fprintf(stderr, "sluice-rate: Redis connection lost (%s): %zu accounts not rated; run again to rate them\n",
-            r->c->errstr, uids.n - i);
+            rconn_errstr(r->c), uids.n - i);
     r->failed += (unsigned)(uids.n - i);
   }
   failed = (long)(r->failed - before_failed);
   fprintf(stderr, "sluice-rate: day %s: %zu accounts: %u %s, %u adjusted, %u already rated, %ld failed\n", r->day,
           uids.n, r->rated - before_rated, r->dry_run ? "computed (dry run)" : "rated", r->adjusted - before_adj,
           r->already - before_al, failed);
-  if (failed == 0 && !r->dry_run && r->c->err == 0) {
+  if (failed == 0 && !r->dry_run && !rconn_broken(r->c)) {
     /* The day's marker: --due rates a day without one. Written once, so
      * that a rerun changes nothing. */
     struct strv args = {0};
@@ -851,8 +896,8 @@ static int due_days(struct run *r, int64_t grace_h, int64_t lookback, int64_t re
     char *u = xformat("%s" SL_KEY_USAGE "%s", r->co.prefix, cand.v[i]);
     char *m = xformat("%s" SL_KEY_RATED "%s", r->co.prefix, cand.v[i]);
     const char *a1[] = {"EXISTS", u}, *a2[] = {"EXISTS", m};
-    redisAppendCommandArgv(r->c, 2, a1, NULL);
-    redisAppendCommandArgv(r->c, 2, a2, NULL);
+    rconn_append(r->c, 2, a1);
+    rconn_append(r->c, 2, a2);
     free(u);
     free(m);
   }
@@ -862,8 +907,8 @@ static int due_days(struct run *r, int64_t grace_h, int64_t lookback, int64_t re
   struct strv picks = {0};
   for (size_t i = 0; i < cand.n; i++) {
     redisReply *ru = NULL, *rm = NULL;
-    if (redisGetReply(r->c, (void **)&ru) != REDIS_OK || redisGetReply(r->c, (void **)&rm) != REDIS_OK) {
-      fail(r, "redis: %s", r->c->errstr);
+    if (rconn_get_reply(r->c, &ru) != REDIS_OK || rconn_get_reply(r->c, &rm) != REDIS_OK) {
+      fail(r, "redis: %s", rconn_errstr(r->c));
       if (ru) freeReplyObject(ru);
       goto out;
     }
@@ -896,7 +941,8 @@ static void usage(FILE *f) {
           "  --grace-hours H       --due: rate a day H hours after it ends (default %d)\n"
           "  --lookback-days N     --due: look N days back at most (default %d)\n"
           "  --recheck-days N      --due: re-examine the N latest rated days for late usage (default %d)\n"
-          "  --redis HOST:PORT     or unix:PATH or sentinel://HOST:PORT[,...]/MASTER (default 127.0.0.1:6379)\n"
+          "  --redis HOST:PORT     or unix:PATH or sentinel://HOST:PORT[,...]/MASTER or cluster://HOST:PORT[,...]\n"
+          "                        (default 127.0.0.1:6379)\n"
           "  --redis-prefix P      key prefix (default sluice:)\n"
           "  --tz-offset-min N     billing time zone, minutes east of UTC (default 0)\n"
           "  --dry-run             compute and print, write nothing\n"
@@ -995,11 +1041,11 @@ int main(int argc, char **argv) {
     goto out;
   }
   status = 0;
-  for (size_t i = 0; i < days.n && r.c->err == 0; i++) {
+  for (size_t i = 0; i < days.n && !rconn_broken(r.c); i++) {
     r.day = days.v[i];
     if (rate_day(&r) != 0) status = 1;
   }
-  if (r.c->err) status = 1;
+  if (rconn_broken(r.c)) status = 1;
   fprintf(stderr, "sluice-rate: --due: %zu days looked at: %u accounts rated, %u adjusted, %u failed, %u suspended\n",
           days.n, r.rated, r.adjusted, r.failed, r.suspended);
 out:
@@ -1010,6 +1056,6 @@ out:
     free(r.names[k].raw[1]);
   }
   free(r.names);
-  redisFree(r.c);
+  rconn_free(r.c);
   return status;
 }

@@ -237,7 +237,7 @@ static void csv_period(const char *label, const struct period *p, int rated, con
 
 static void usage(FILE *f) {
   fprintf(f, "usage: sluice-rate statement --uid U --from yyyymmdd --to yyyymmdd [--format json|csv]\n"
-             "                             [--redis HOST:PORT|unix:PATH|sentinel://...] [--redis-prefix P] [--tz-offset-min N]\n"
+             "                             [--redis HOST:PORT|unix:PATH|sentinel://...|cluster://...] [--redis-prefix P] [--tz-offset-min N]\n"
              "Per day and in total: calls and units by service, units drawn from packages,\n"
              "pay-as-you-go calls and amount, payments, the balance (at most %d days).\n",
           MAX_DAYS);
@@ -280,7 +280,7 @@ int statement_main(int argc, char **argv) {
     usage(stderr);
     return EXIT_USAGE;
   }
-  redisContext *c = connect_redis(&co);
+  struct rconn *c = connect_redis(&co);
   if (c == NULL) return 1;
   size_t ndays = (size_t)((s2 - s1) / RATE_DAY_SECONDS) + 1;
   char(*days)[9] = rate__xrealloc(NULL, ndays * sizeof(*days));
@@ -293,31 +293,33 @@ int statement_main(int argc, char **argv) {
   int status = 1;
   for (size_t i = 0; i < ndays; i++) {
     rate_day_of(s1 + (int64_t)i * RATE_DAY_SECONDS, co.tz_offset_min, days[i]);
-    char *kb = xformat("%s" SL_KEY_BILL "%s:%s", co.prefix, days[i], uid);
-    char *ku = xformat("%s" SL_KEY_USAGE "%s:%s", co.prefix, days[i], uid);
+    char *hb = xformat(SL_KEY_BILL "%s:", days[i]), *hu = xformat(SL_KEY_USAGE "%s:", days[i]);
+    char *kb = acct_key(&co, hb, uid, ""), *ku = acct_key(&co, hu, uid, "");
+    free(hb);
+    free(hu);
     const char *a1[] = {"HGETALL", kb}, *a2[] = {"HGETALL", ku};
-    redisAppendCommandArgv(c, 2, a1, NULL);
-    redisAppendCommandArgv(c, 2, a2, NULL);
+    rconn_append(c, 2, a1);
+    rconn_append(c, 2, a2);
     free(kb);
     free(ku);
   }
-  char *kp = xformat("%s" SL_KEY_PAYMENTS "%s", co.prefix, uid), *kbal = xformat("%s" SL_KEY_BALANCE "%s", co.prefix, uid);
+  char *kp = acct_key(&co, SL_KEY_PAYMENTS, uid, ""), *kbal = acct_key(&co, SL_KEY_BALANCE, uid, "");
   char lo[32], hi[32];
   snprintf(lo, sizeof(lo), "%" PRId64, s1 * 1000);
   snprintf(hi, sizeof(hi), "%" PRId64, e2 * 1000 - 1);
   const char *a3[] = {"XRANGE", kp, lo, hi}, *a4[] = {"GET", kbal};
-  redisAppendCommandArgv(c, 4, a3, NULL);
-  redisAppendCommandArgv(c, 2, a4, NULL);
+  rconn_append(c, 4, a3);
+  rconn_append(c, 2, a4);
   free(kp);
   free(kbal);
   for (size_t i = 0; i < 2 * ndays; i++) {
-    if (redisGetReply(c, (void **)&reps[i]) != REDIS_OK) {
-      fprintf(stderr, "sluice-rate: redis: %s\n", c->errstr);
+    if (rconn_get_reply(c, &reps[i]) != REDIS_OK) {
+      fprintf(stderr, "sluice-rate: redis: %s\n", rconn_errstr(c));
       goto out;
     }
   }
-  if (redisGetReply(c, (void **)&pay) != REDIS_OK || redisGetReply(c, (void **)&bal) != REDIS_OK) {
-    fprintf(stderr, "sluice-rate: redis: %s\n", c->errstr);
+  if (rconn_get_reply(c, &pay) != REDIS_OK || rconn_get_reply(c, &bal) != REDIS_OK) {
+    fprintf(stderr, "sluice-rate: redis: %s\n", rconn_errstr(c));
     goto out;
   }
   for (size_t i = 0; i < 2 * ndays; i++) {
@@ -389,6 +391,6 @@ out:
   free(reps);
   free(per);
   free(days);
-  redisFree(c);
+  rconn_free(c);
   return status;
 }

@@ -15,6 +15,10 @@
 /* KEYS: 1 balance, 2 suspended set, 3 suspension hash, 4 payments stream,
  * 5 payment references set. ARGV: 1 amount (micro-units), 2 amount
  * (decimal), 3 reference ("" none), 4 uid, 5 changes channel, 6 now.
+ * In a Redis Cluster (every key in the account's slot) KEYS[2] is the
+ * account's outbox stream, where a lift is left as op lift for the driver
+ * (outbox_drain), and ARGV[5] is '1' or '0': whether the UID was in
+ * P suspended when last read.
  * Checks every type first, then INCRBY (which refuses a balance that is not
  * an integer, or an overflow, before anything is written). Returns
  * {status, balance, suspension}: status "ok" or "duplicate" (the reference
@@ -27,7 +31,8 @@ static const char topup_lua[] =
     "    return redis.error_reply('ERR ' .. KEYS[k] .. ' is a ' .. t .. ', not a ' .. ok)\n"
     "  end\n"
     "end\n"
-    "local e = want(1, 'string') or want(2, 'set') or want(3, 'hash') or want(4, 'stream') or want(5, 'set')\n"
+    "local cl = ARGV[5] == '0' or ARGV[5] == '1'\n"
+    "local e = want(1, 'string') or want(2, cl and 'stream' or 'set') or want(3, 'hash') or want(4, 'stream') or want(5, 'set')\n"
     "if e then return e end\n"
     "if ARGV[3] ~= '' and redis.call('SISMEMBER', KEYS[5], ARGV[3]) == 1 then\n"
     "  return {'duplicate', redis.call('GET', KEYS[1]) or '0', ''}\n"
@@ -35,12 +40,17 @@ static const char topup_lua[] =
     "local b = redis.call('INCRBY', KEYS[1], ARGV[1])\n"
     "local bal = redis.call('GET', KEYS[1])\n"
     "local state = 'none'\n"
-    "if redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 then\n"
+    "local member\n"
+    "if cl then member = ARGV[5] == '1' else member = redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 end\n"
+    "if member then\n"
     "  local reason = redis.call('HGET', KEYS[3], '" SL_FIELD_REASON "')\n"
     "  if b >= 0 and reason == '" SL_REASON_OVERDUE "' then\n"
-    "    redis.call('SREM', KEYS[2], ARGV[4])\n"
     "    redis.call('DEL', KEYS[3])\n"
-    "    redis.call('PUBLISH', ARGV[5], KEYS[2])\n"
+    "    if cl then redis.call('XADD', KEYS[2], '*', 'op', 'lift')\n"
+    "    else\n"
+    "      redis.call('SREM', KEYS[2], ARGV[4])\n"
+    "      redis.call('PUBLISH', ARGV[5], KEYS[2])\n"
+    "    end\n"
     "    state = 'lifted'\n"
     "  else\n"
     "    state = 'kept:' .. (reason or '')\n"
@@ -52,7 +62,7 @@ static const char topup_lua[] =
     "return {'ok', bal, state}\n";
 
 static void usage(FILE *f) {
-  fprintf(f, "usage: sluice-rate topup --uid U --amount A [--ref R] [--redis HOST:PORT|unix:PATH|sentinel://...] [--redis-prefix P]\n"
+  fprintf(f, "usage: sluice-rate topup --uid U --amount A [--ref R] [--redis HOST:PORT|unix:PATH|sentinel://...|cluster://...] [--redis-prefix P]\n"
              "Adds A (a decimal amount of the currency, > 0, at most 6 decimals) to the balance of U,\n"
              "records the payment, and lifts a suspension for overdue once the balance is >= 0.\n"
              "  --ref R   a payment reference: a reference already credited changes nothing\n"
@@ -82,34 +92,48 @@ int topup_main(int argc, char **argv) {
     usage(stderr);
     return EXIT_USAGE;
   }
-  redisContext *c = connect_redis(&co);
+  struct rconn *c = connect_redis(&co);
   if (c == NULL) return 1;
   struct strv args = {0};
   char money[RATE_DEC_MAX], err[512];
+  redisReply *rep = NULL;
+  int status = 1, cl = rconn_cluster(c), member = 0;
   rate_money_format(amount, money);
+  /* A cluster: a lift an earlier top-up left in the outbox goes out first,
+   * so that a rerun (a duplicate --ref) completes it. */
+  if (cl && (outbox_drain(c, &co, uid, err, sizeof(err)) != 0 ||
+             suspended_member(c, &co, uid, &member, err, sizeof(err)) != 0)) {
+    fprintf(stderr, "sluice-rate: uid=%s: top-up not applied: %s\n", uid, err);
+    goto out;
+  }
   strv_pushf(&args, "EVAL");
   strv_pushf(&args, "%s", topup_lua);
   strv_pushf(&args, "5");
-  strv_pushf(&args, "%s" SL_KEY_BALANCE "%s", co.prefix, uid);
-  strv_pushf(&args, "%s" SL_KEY_SUSPENDED, co.prefix);
-  strv_pushf(&args, "%s" SL_KEY_SUSPENSION "%s", co.prefix, uid);
-  strv_pushf(&args, "%s" SL_KEY_PAYMENTS "%s", co.prefix, uid);
-  strv_pushf(&args, "%s" SL_KEY_PAYREFS "%s", co.prefix, uid);
+  strv_push(&args, acct_key(&co, SL_KEY_BALANCE, uid, ""));
+  strv_push(&args, cl ? acct_key(&co, SL_KEY_OUTBOX, uid, "") : xformat("%s" SL_KEY_SUSPENDED, co.prefix));
+  strv_push(&args, acct_key(&co, SL_KEY_SUSPENSION, uid, ""));
+  strv_push(&args, acct_key(&co, SL_KEY_PAYMENTS, uid, ""));
+  strv_push(&args, acct_key(&co, SL_KEY_PAYREFS, uid, ""));
   strv_pushf(&args, "%" PRId64, amount);
   strv_pushf(&args, "%s", money);
   strv_pushf(&args, "%s", ref ? ref : "");
   strv_pushf(&args, "%s", uid);
-  strv_pushf(&args, "%s" SL_CHANNEL_CHANGES, co.prefix);
+  if (cl) strv_pushf(&args, "%d", member);
+  else strv_pushf(&args, "%s" SL_CHANNEL_CHANGES, co.prefix);
   strv_pushf(&args, "%lld", (long long)time(NULL));
-  redisReply *rep = command(c, &args, err, sizeof(err));
+  rep = command(c, &args, err, sizeof(err));
   strv_free(&args);
-  int status = 1;
   if (rep == NULL) {
     fprintf(stderr, "sluice-rate: uid=%s: top-up not applied: %s\n", uid, err);
     goto out;
   }
   if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 3) {
     fprintf(stderr, "sluice-rate: uid=%s: unexpected reply from the top-up script\n", uid);
+    goto out;
+  }
+  if (cl && outbox_drain(c, &co, uid, err, sizeof(err)) != 0) {
+    fprintf(stderr, "sluice-rate: uid=%s: credited, but the suspension is not lifted yet (run the top-up again "
+                    "with its --ref): %s\n", uid, err);
     goto out;
   }
   const char *st = rep->element[0]->str, *bal = rep->element[1]->str, *susp = rep->element[2]->str;
@@ -133,6 +157,6 @@ int topup_main(int argc, char **argv) {
   status = 0;
 out:
   if (rep) freeReplyObject(rep);
-  redisFree(c);
+  rconn_free(c);
   return status;
 }

@@ -64,5 +64,7 @@
 #define SL_REASON_OVERDUE "overdue"     /* the only reason that a payment lifts */
 #define SL_KEY_PAYMENTS "payments:" /* payments:<uid> stream: amount, balance, ref, suspension */
 #define SL_KEY_PAYREFS "payrefs:"   /* payrefs:<uid> set: the payment references already credited */
+#define SL_KEY_OUTBOX "outbox:"     /* outbox:{<uid>} stream, Redis Cluster only: what the account's scripts
+                                     * leave for P alerts and P suspended (field op: alert, suspend, lift) */
 
 #endif
