@@ -427,15 +427,8 @@ int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, s
   }
   struct sl_redis_url *url = sl_malloc(sizeof(*url)); /* 4 KiB: not on a worker-sized stack */
   int bad = sl_redis_url_parse(url, out->redis, err, errlen);
-  int cluster = !bad && url->kind == SL_REDIS_CLUSTER;
   free(url);
   if (bad) return -1;
-  if (cluster && out->admission_on && out->global_limits) { /* metering and the directory route by slot (issue 14) */
-    set_err(err, errlen,
-            "redis: a cluster:// deployment does not take global limits yet: give --global-limits off (or "
-            "--admission off); the shared limits do not route by slot yet");
-    return -1;
-  }
   if (out->global_ttl_ms < 3 * out->global_sync_ms) {
     set_err(err, errlen, "global-ttl-ms (%u) must be at least 3 x global-sync-ms (%u): a share lives through two lost syncs",
             out->global_ttl_ms, out->global_sync_ms);

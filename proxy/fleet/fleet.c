@@ -10,10 +10,9 @@
 #include <sys/random.h>
 #include <unistd.h>
 
-#include "client.h"
+#include "db.h"
 #include "keys.h"
 #include "limiter.h"
-#include "redis_uv.h"
 
 #include "stat.h"
 #include "uv_util.h"
@@ -64,6 +63,80 @@ struct call {
   } k[];
 };
 
+/* The parts of the sync scripts, shared by the one-server script and the
+ * cluster's three (the same Lua either way). */
+/* The heartbeat into the instances' zset ik: nlive and the first ids. */
+#define LUA_HEARTBEAT                                                                                                  \
+  "redis.call('ZADD', ik, now + ttl, me) "                                                                             \
+  "redis.call('ZREMRANGEBYSCORE', ik, '-inf', now) "                                                                   \
+  "local nlive = redis.call('ZCARD', ik) "                                                                             \
+  "local ids = redis.call('ZRANGE', ik, 0, 63) "
+/* The announcements after `last` in the stream ak (at first only the
+ * newest's id): sets last and ann. */
+#define LUA_READ_ANNOUNCE                                                                                              \
+  "if last == '' then "                                                                                                \
+  "  local top = redis.call('XREVRANGE', ak, '+', '-', 'COUNT', 1) "                                                   \
+  "  if #top > 0 then last = top[1][1] else last = '0-0' end "                                                         \
+  "else "                                                                                                              \
+  "  local got = redis.call('XRANGE', ak, '(' .. last, '+', 'COUNT', 256) "                                            \
+  "  for i = 1, #got do ann[#ann + 1] = got[i][2][2]; last = got[i][1] end "                                           \
+  "end "
+/* sync_key(hk, lim, dem, rel): one key's lease (needs me, now, ttl, nlive
+ * and q in scope). Returns its reply entry {lease, fleet demand,
+ * registered, state}, and whether the key is to be announced (its '~a' is
+ * set here; the caller adds it to the stream). */
+#define LUA_SYNC_KEY                                                                                                   \
+  "local function want(d, lim) if lim > 0 then return d * 1250000 / lim end return 0 end "                             \
+  "local function sync_key(hk, lim, dem, rel) "                                                                        \
+  "  local h = redis.call('HGETALL', hk) "                                                                             \
+  "  local others, odem, regs, annt = 0, 0, {}, 0 "                                                                    \
+  "  for j = 1, #h, 2 do "                                                                                             \
+  "    local f, v = h[j], h[j + 1] "                                                                                   \
+  "    if f == '~a' then annt = tonumber(v) or 0 "                                                                     \
+  "    elseif f ~= me then "                                                                                           \
+  "      local l, d, e = string.match(v, '^(%d+):(%d+):(%d+)$') "                                                      \
+  "      l, d, e = tonumber(l), tonumber(d), tonumber(e) "                                                             \
+  "      if not e or e <= now then redis.call('HDEL', hk, f) "                                                         \
+  "      else others = others + l; odem = odem + d; regs[#regs + 1] = d end "                                          \
+  "    end "                                                                                                           \
+  "  end "                                                                                                             \
+  "  local nreg = #regs + 1 "                                                                                          \
+  "  local unreg = nlive - nreg "                                                                                      \
+  "  if unreg < 0 then unreg = 0 end "                                                                                 \
+  "  if rel == '1' and odem == 0 and others + (unreg + 1) * q <= 1000000 then "                                        \
+  "    redis.call('HDEL', hk, me) "                                                                                    \
+  "    return {0, 0, nreg - 1, 1}, false "                                                                             \
+  "  end "                                                                                                             \
+  "  local pool = 1000000 - unreg * q "                                                                                \
+  "  if pool < 0 then pool = 0 end "                                                                                   \
+  "  local fl = math.floor(pool / (50 * nreg)) "                                                                       \
+  "  local avail = pool - fl * nreg "                                                                                  \
+  "  local mine, wants = want(dem, lim), {} "                                                                          \
+  "  for j = 1, #regs do wants[j] = want(regs[j], lim) end "                                                           \
+  "  wants[#wants + 1] = mine "                                                                                        \
+  "  table.sort(wants) "                                                                                               \
+  "  local rem, k, level = avail, #wants, nil "                                                                        \
+  "  for j = 1, #wants do "                                                                                            \
+  "    local fair = rem / k "                                                                                          \
+  "    if wants[j] <= fair then rem = rem - wants[j]; k = k - 1 else level = fair; break end "                         \
+  "  end "                                                                                                             \
+  "  local target "                                                                                                    \
+  "  if lim == 0 then target = fl "                                                                                    \
+  "  elseif level then target = fl + math.min(mine, level) else target = fl + mine + rem / #wants end "               \
+  "  local g = math.floor(math.min(target, pool - others)) "                                                           \
+  "  if g < 0 then g = 0 end "                                                                                         \
+  "  redis.call('HSET', hk, me, g .. ':' .. dem .. ':' .. (now + ttl)) "                                               \
+  "  redis.call('PEXPIRE', hk, 2 * ttl) "                                                                              \
+  "  local an = unreg > 0 and odem + dem > 0 and now - annt >= 1000 "                                                  \
+  "  if an then redis.call('HSET', hk, '~a', now) end "                                                                \
+  "  local st = 0 "                                                                                                    \
+  "  if g < math.floor(target * 0.9) then st = 2 end "                                                                 \
+  "  return {g, odem + dem, nreg, st}, an "                                                                            \
+  "end "
+#define LUA_NOW                                                                                                        \
+  "local t = redis.call('TIME') "                                                                                      \
+  "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
+
 /* One call: heartbeat, announcements, and the leases of the keys named.
  * ARGV: prefix, instance, ttl ms, last announcement id read ('' at first),
  * key count, then per key: name, limit and demand (milli-requests/s),
@@ -83,79 +156,69 @@ struct call {
  * names: keys.h. */
 static const char sync_script[] =
     "local p, me, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]) "
-    "local t = redis.call('TIME') "
-    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
+    LUA_NOW
     "local ik = p .. '" SL_KEY_SHARE_INSTANCES "' "
-    "redis.call('ZADD', ik, now + ttl, me) "
-    "redis.call('ZREMRANGEBYSCORE', ik, '-inf', now) "
-    "local nlive = redis.call('ZCARD', ik) "
-    "local ids = redis.call('ZRANGE', ik, 0, 63) "
+    LUA_HEARTBEAT
     "local ak = p .. '" SL_KEY_SHARE_ANNOUNCE "' "
     "local last, ann = ARGV[4], {} "
-    "if last == '' then "
-    "  local top = redis.call('XREVRANGE', ak, '+', '-', 'COUNT', 1) "
-    "  if #top > 0 then last = top[1][1] else last = '0-0' end "
-    "else "
-    "  local got = redis.call('XRANGE', ak, '(' .. last, '+', 'COUNT', 256) "
-    "  for i = 1, #got do ann[#ann + 1] = got[i][2][2]; last = got[i][1] end "
-    "end "
+    LUA_READ_ANNOUNCE
     "local q = math.floor(1000000 / nlive) "
-    "local function want(d, lim) if lim > 0 then return d * 1250000 / lim end return 0 end "
+    LUA_SYNC_KEY
     "local out = {nlive, last, ann, ids} "
     "for i = 0, tonumber(ARGV[5]) - 1 do "
     "  local b = 6 + i * 4 "
-    "  local name, lim, dem = ARGV[b], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]) "
-    "  local hk = p .. '" SL_KEY_SHARE "' .. name "
-    "  local h = redis.call('HGETALL', hk) "
-    "  local others, odem, regs, annt = 0, 0, {}, 0 "
-    "  for j = 1, #h, 2 do "
-    "    local f, v = h[j], h[j + 1] "
-    "    if f == '~a' then annt = tonumber(v) or 0 "
-    "    elseif f ~= me then "
-    "      local l, d, e = string.match(v, '^(%d+):(%d+):(%d+)$') "
-    "      l, d, e = tonumber(l), tonumber(d), tonumber(e) "
-    "      if not e or e <= now then redis.call('HDEL', hk, f) "
-    "      else others = others + l; odem = odem + d; regs[#regs + 1] = d end "
-    "    end "
-    "  end "
-    "  local nreg = #regs + 1 "
-    "  local unreg = nlive - nreg "
-    "  if unreg < 0 then unreg = 0 end "
-    "  if ARGV[b + 3] == '1' and odem == 0 and others + (unreg + 1) * q <= 1000000 then "
-    "    redis.call('HDEL', hk, me) "
-    "    out[#out + 1] = {0, 0, nreg - 1, 1} "
-    "  else "
-    "    local pool = 1000000 - unreg * q "
-    "    if pool < 0 then pool = 0 end "
-    "    local fl = math.floor(pool / (50 * nreg)) "
-    "    local avail = pool - fl * nreg "
-    "    local mine, wants = want(dem, lim), {} "
-    "    for j = 1, #regs do wants[j] = want(regs[j], lim) end "
-    "    wants[#wants + 1] = mine "
-    "    table.sort(wants) "
-    "    local rem, k, level = avail, #wants, nil "
-    "    for j = 1, #wants do "
-    "      local fair = rem / k "
-    "      if wants[j] <= fair then rem = rem - wants[j]; k = k - 1 else level = fair; break end "
-    "    end "
-    "    local target "
-    "    if lim == 0 then target = fl "
-    "    elseif level then target = fl + math.min(mine, level) else target = fl + mine + rem / #wants end "
-    "    local g = math.floor(math.min(target, pool - others)) "
-    "    if g < 0 then g = 0 end "
-    "    redis.call('HSET', hk, me, g .. ':' .. dem .. ':' .. (now + ttl)) "
-    "    redis.call('PEXPIRE', hk, 2 * ttl) "
-    "    if unreg > 0 and odem + dem > 0 and now - annt >= 1000 then "
-    "      redis.call('XADD', ak, 'MAXLEN', '~', 1000, '*', 'key', name) "
-    "      redis.call('HSET', hk, '~a', now) "
-    "    end "
-    "    local st = 0 "
-    "    if g < math.floor(target * 0.9) then st = 2 end "
-    "    out[#out + 1] = {g, odem + dem, nreg, st} "
-    "  end "
+    "  local name = ARGV[b] "
+    "  local e, an = sync_key(p .. '" SL_KEY_SHARE "' .. name, tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), "
+    "                         ARGV[b + 3]) "
+    "  if an then redis.call('XADD', ak, 'MAXLEN', '~', 1000, '*', 'key', name) end "
+    "  out[#out + 1] = e "
     "end "
     "redis.call('PEXPIRE', ik, 10 * ttl) "
     "redis.call('PEXPIRE', ak, 3600000) "
+    "return out";
+
+/* A Redis Cluster (SPEC 10): a script touches the keys of one slot only, so
+ * a sync is split (docs/limits.md). The heartbeat, on the instances zset's
+ * slot: KEYS[1] the zset; ARGV: instance, ttl ms. Returns {nlive, ids}. */
+static const char hb_script[] =
+    "local ik, me, ttl = KEYS[1], ARGV[1], tonumber(ARGV[2]) "
+    LUA_NOW
+    LUA_HEARTBEAT
+    "redis.call('PEXPIRE', ik, 10 * ttl) "
+    "return {nlive, ids}";
+
+/* The announcements read, on the stream's slot: KEYS[1] the stream; ARGV[1]
+ * the last id read ('' at first). Returns {last, announcements}. */
+static const char ann_read_script[] =
+    "local ak, last, ann = KEYS[1], ARGV[1], {} "
+    LUA_READ_ANNOUNCE
+    "return {last, ann}";
+
+/* A key announced (the key script said so), on the stream's slot: KEYS[1]
+ * the stream, ARGV[1] the key's name. */
+static const char ann_add_script[] =
+    "redis.call('XADD', KEYS[1], 'MAXLEN', '~', 1000, '*', 'key', ARGV[1]) "
+    "redis.call('PEXPIRE', KEYS[1], 3600000) "
+    "return 1";
+
+/* The leases of keys of one slot: KEYS the keys' hashes
+ * (share:{<uid>}:<feature>:<region>); ARGV: instance, ttl ms, nlive (the
+ * heartbeat's reply), then per key limit, demand, release as above. Per
+ * key {lease, fleet demand, registered, state, announce (1: add the key to
+ * the stream)}. */
+static const char key_script[] =
+    "local me, ttl, nlive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]) "
+    "if not nlive or nlive < 1 then nlive = 1 end "
+    LUA_NOW
+    "local q = math.floor(1000000 / nlive) "
+    LUA_SYNC_KEY
+    "local out = {} "
+    "for i = 1, #KEYS do "
+    "  local b = 1 + i * 3 "
+    "  local e, an = sync_key(KEYS[i], tonumber(ARGV[b]), tonumber(ARGV[b + 1]), ARGV[b + 2]) "
+    "  e[5] = an and 1 or 0 "
+    "  out[i] = e "
+    "end "
     "return out";
 
 const char *sl_fleet_mode_name(enum sl_fleet_mode m) {
@@ -317,6 +380,7 @@ static void measure(struct sl_fleet *f, uint64_t now, uint64_t dt_ms) {
 
 static void on_down_mode(struct sl_fleet *f, const char *why) {
   f->outage = 1;
+  f->rejoin = sl_db_cluster(f->db); /* one server: on_redis_ready says when it is back */
   atomic_store_explicit(&f->outage_seen, 1, memory_order_relaxed);
   if (mode_now(f) != SL_FLEET_FALLBACK) {
     set_word(f, SL_FLEET_FALLBACK, f->n_last);
@@ -378,30 +442,27 @@ static void alone_or_not(struct sl_fleet *f, unsigned n_before) {
   }
 }
 
-/* Takes a sync's reply: the instances, announcements and each key's lease.
- * Returns 0, or -1 (counted, nothing changed) when it is not the shape the
- * script returns. */
-static int apply_reply(struct sl_fleet *f, const struct call *cl, const redisReply *r) {
-  long long nlive;
-  if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 4 + (size_t)cl->n || reply_int(r->element[0], &nlive) ||
-      nlive < 1 || r->element[1]->type != REDIS_REPLY_STRING || r->element[1]->len >= sizeof(f->ann_last) ||
-      r->element[2]->type != REDIS_REPLY_ARRAY || r->element[3]->type != REDIS_REPLY_ARRAY) {
-    sl_stat_inc(&f->stats.sync_errors, 1);
-    uint32_t held;
-    if (r && r->type == REDIS_REPLY_ERROR && sl_ratelog_ok(&f->log_err, sl_mono_ms(), 10000, &held))
-      fprintf(stderr, "sluice: global limits: redis answered the sync with an error (%u more held back): %.200s\n",
-              held, r->str);
-    return -1;
-  }
-  uint64_t now = sl_mono_ms();
+static void log_error_reply(struct sl_fleet *f, const redisReply *r) {
+  uint32_t held;
+  if (r && r->type == REDIS_REPLY_ERROR && sl_ratelog_ok(&f->log_err, sl_mono_ms(), 10000, &held))
+    fprintf(stderr, "sluice: global limits: redis answered the sync with an error (%u more held back): %.200s\n",
+            held, r->str);
+}
+
+/* The heartbeat's part of a reply: N, and the keys alone_or_not resets. */
+static void take_instances(struct sl_fleet *f, long long nlive, const redisReply *ids) {
   unsigned n_before = f->n_last;
   f->n_last = (unsigned)(nlive > 100000 ? 100000 : nlive);
-  memcpy(f->ann_last, r->element[1]->str, r->element[1]->len);
-  f->ann_last[r->element[1]->len] = '\0';
-  alone_or_not(f, n_before); /* (the leases below replace it for the keys they name) */
-  /* Announcements: keys busy elsewhere, which this instance registers on
-   * (with its demand, maybe none) so that its R/N of them is freed. */
-  const redisReply *ann = r->element[2];
+  alone_or_not(f, n_before); /* (the leases that follow replace it for the keys they name) */
+  set_instances_text(f, ids);
+}
+
+/* Announcements: keys busy elsewhere, which this instance registers on
+ * (with its demand, maybe none) so that its R/N of them is freed. last:
+ * the newest id read (shorter than ann_last, checked by the caller). */
+static void take_announcements(struct sl_fleet *f, const redisReply *last, const redisReply *ann) {
+  memcpy(f->ann_last, last->str, last->len);
+  f->ann_last[last->len] = '\0';
   for (size_t i = 0; i < ann->elements && i < ANNOUNCE_MAX; i++) {
     const redisReply *e = ann->element[i];
     char key[SL_FLEET_KEY_MAX];
@@ -410,31 +471,40 @@ static int apply_reply(struct sl_fleet *f, const struct call *cl, const redisRep
     uint64_t tag = norm_tag(lim_hash(key, kl));
     if (!sl_fleet_find(f, tag) && insert(f, tag, key, kl, 0) != 0) sl_stat_inc(&f->stats.keys_full, 1);
   }
-  set_instances_text(f, r->element[3]);
-  for (uint32_t i = 0; i < cl->n; i++) {
-    const redisReply *e = r->element[4 + i];
-    long long g, dem, nreg, released;
-    if (e->type != REDIS_REPLY_ARRAY || e->elements != 4 || reply_int(e->element[0], &g) ||
-        reply_int(e->element[1], &dem) || reply_int(e->element[2], &nreg) || reply_int(e->element[3], &released) ||
-        g < 0 || g > SL_FLEET_PPM || dem < 0 || nreg < 0)
-      continue;
-    uint32_t idx = cl->k[i].idx;
-    struct sl_fleet_slot *s = &f->slots[idx];
-    if (atomic_load_explicit(&s->tag, memory_order_relaxed) != cl->k[i].tag) continue; /* released meanwhile */
-    if (released == 1) {
-      release_slot(f, idx);
-      continue;
-    }
-    f->keys[idx].unsettled = released == 2;
-    atomic_store_explicit(&s->share, (uint32_t)g, memory_order_relaxed);
-    atomic_store_explicit(&s->fleet_demand, (uint64_t)dem, memory_order_relaxed);
-    atomic_store_explicit(&s->registered, (uint32_t)nreg, memory_order_relaxed);
+}
+
+/* One key's entry of a reply ({lease, fleet demand, registered, state}
+ * and, with width 5, announce). Returns 1 when the key is to be announced
+ * (a cluster's key script says so), 0 when not or when the entry was not
+ * taken (malformed, or the slot holds another key now). */
+static int take_key(struct sl_fleet *f, uint32_t idx, uint64_t tag, const redisReply *e, size_t width) {
+  long long g, dem, nreg, released, an = 0;
+  if (e->type != REDIS_REPLY_ARRAY || e->elements != width || reply_int(e->element[0], &g) ||
+      reply_int(e->element[1], &dem) || reply_int(e->element[2], &nreg) || reply_int(e->element[3], &released) ||
+      (width > 4 && reply_int(e->element[4], &an)) || g < 0 || g > SL_FLEET_PPM || dem < 0 || nreg < 0)
+    return 0;
+  struct sl_fleet_slot *s = &f->slots[idx];
+  if (atomic_load_explicit(&s->tag, memory_order_relaxed) != tag) return 0; /* released meanwhile */
+  if (released == 1) {
+    release_slot(f, idx);
+    return 0;
   }
+  f->keys[idx].unsettled = released == 2;
+  atomic_store_explicit(&s->share, (uint32_t)g, memory_order_relaxed);
+  atomic_store_explicit(&s->fleet_demand, (uint64_t)dem, memory_order_relaxed);
+  atomic_store_explicit(&s->registered, (uint32_t)nreg, memory_order_relaxed);
+  return an == 1;
+}
+
+/* A sync answered (one server: the script; a cluster: the heartbeat):
+ * counted, and the mode follows. n_before: N before the reply. */
+static void synced(struct sl_fleet *f, int keys_allowed, unsigned n_before) {
+  uint64_t now = sl_mono_ms();
   sl_stat_inc(&f->stats.syncs, 1);
   sl_stat_set(&f->stats.last_sync_ms, now);
   sl_stat_set(&f->stats.instances, f->n_last);
   enum sl_fleet_mode m = mode_now(f);
-  if (cl->keys_allowed) {
+  if (keys_allowed) {
     if (m != SL_FLEET_SHARED) {
       if (f->outage_logged)
         fprintf(stderr, "sluice: global limits: redis is back; limits shared again (%u instance(s))\n", f->n_last);
@@ -448,12 +518,31 @@ static int apply_reply(struct sl_fleet *f, const struct call *cl, const redisRep
     set_word(f, SL_FLEET_JOINING, f->n_last > n_before ? f->n_last : n_before);
     f->n_last = f->n_last > n_before ? f->n_last : n_before;
   }
+}
+
+/* Takes a sync's reply: the instances, announcements and each key's lease.
+ * Returns 0, or -1 (counted, nothing changed) when it is not the shape the
+ * script returns. */
+static int apply_reply(struct sl_fleet *f, const struct call *cl, const redisReply *r) {
+  long long nlive;
+  if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 4 + (size_t)cl->n || reply_int(r->element[0], &nlive) ||
+      nlive < 1 || r->element[1]->type != REDIS_REPLY_STRING || r->element[1]->len >= sizeof(f->ann_last) ||
+      r->element[2]->type != REDIS_REPLY_ARRAY || r->element[3]->type != REDIS_REPLY_ARRAY) {
+    sl_stat_inc(&f->stats.sync_errors, 1);
+    log_error_reply(f, r);
+    return -1;
+  }
+  unsigned n_before = f->n_last;
+  take_instances(f, nlive, r->element[3]);
+  take_announcements(f, r->element[1], r->element[2]);
+  for (uint32_t i = 0; i < cl->n; i++) take_key(f, cl->k[i].idx, cl->k[i].tag, r->element[4 + i], 4);
+  synced(f, cl->keys_allowed, n_before);
   return 0;
 }
 
-static void on_synced(redisAsyncContext *c, void *reply, void *priv) {
+static void on_synced(void *owner, void *priv, const redisReply *reply) {
   struct call *cl = priv;
-  struct sl_fleet *f = sl_redis_owner(c, reply);
+  struct sl_fleet *f = owner; /* NULL: the connection was dropped, or stopping */
   if (f) {
     f->inflight--;
     apply_reply(f, cl, reply);
@@ -475,12 +564,40 @@ int sl_fleet_apply_reply_test(struct sl_fleet *f, const uint32_t *idx, uint32_t 
   return rc;
 }
 
-static void send_call(struct sl_fleet *f, redisAsyncContext *c, const uint32_t *pick, uint32_t n, int keys_allowed,
-                      uint64_t now) {
+static struct call *new_call(struct sl_fleet *f, uint32_t n, int keys_allowed) {
   struct call *cl = sl_malloc(sizeof(*cl) + (size_t)n * sizeof(cl->k[0]));
   cl->f = f;
   cl->n = n;
   cl->keys_allowed = keys_allowed;
+  return cl;
+}
+
+/* A key named in a sync: its demand as sent, and its slot and tag in cl. */
+static void name_key(struct sl_fleet *f, struct call *cl, uint32_t i, uint32_t idx, uint64_t now) {
+  struct sl_fleet_key *k = &f->keys[idx];
+  k->sent_demand = k->demand;
+  k->sent_ms = now;
+  cl->k[i].idx = idx;
+  cl->k[i].tag = atomic_load_explicit(&f->slots[idx].tag, memory_order_relaxed);
+}
+
+/* The per-key arguments every script takes: limit and demand in
+ * milli-requests/s, release flag. np: room for two numbers. Returns the
+ * room used. */
+static size_t key_args(struct sl_fleet *f, uint32_t idx, uint64_t now, const char **argv, size_t *lens, char *np) {
+  const struct sl_fleet_key *k = &f->keys[idx];
+  size_t l1 = sl_u64toa((uint64_t)atomic_load_explicit(&f->slots[idx].limit, memory_order_relaxed) * 1000, np);
+  size_t l2 = sl_u64toa(k->demand, np + l1 + 1);
+  argv[0] = np, lens[0] = l1;
+  argv[1] = np + l1 + 1, lens[1] = l2;
+  int release = k->idle_since_ms && now - k->idle_since_ms >= RELEASE_IDLE_MS;
+  argv[2] = release ? "1" : "0", lens[2] = 1;
+  return l1 + l2 + 2;
+}
+
+/* One server: the one script, for the keys pick[0..n). */
+static void send_call(struct sl_fleet *f, const uint32_t *pick, uint32_t n, int keys_allowed, uint64_t now) {
+  struct call *cl = new_call(f, n, keys_allowed);
   size_t argc = 8 + 4 * (size_t)n;
   const char **argv = sl_malloc(argc * sizeof(char *));
   size_t *lens = sl_malloc(argc * sizeof(size_t));
@@ -498,22 +615,14 @@ static void send_call(struct sl_fleet *f, redisAsyncContext *c, const uint32_t *
   ARG(f->ann_last, strlen(f->ann_last));
   NUM(n);
   for (uint32_t i = 0; i < n; i++) {
-    uint32_t idx = pick[i];
-    struct sl_fleet_key *k = &f->keys[idx];
-    k->sent_demand = k->demand;
-    k->sent_ms = now;
-    struct sl_fleet_slot *s = &f->slots[idx];
-    cl->k[i].idx = idx;
-    cl->k[i].tag = atomic_load_explicit(&s->tag, memory_order_relaxed);
-    ARG(k->name, k->len);
-    NUM((uint64_t)atomic_load_explicit(&s->limit, memory_order_relaxed) * 1000);
-    NUM(k->demand);
-    int release = k->idle_since_ms && now - k->idle_since_ms >= RELEASE_IDLE_MS;
-    ARG(release ? "1" : "0", 1);
+    name_key(f, cl, i, pick[i], now);
+    ARG(f->keys[pick[i]].name, f->keys[pick[i]].len);
+    np += key_args(f, pick[i], now, argv + a, lens + a, np);
+    a += 3;
   }
 #undef ARG
 #undef NUM
-  if (redisAsyncCommandArgv(c, on_synced, cl, (int)a, argv, lens) == REDIS_OK) {
+  if (sl_db_command(f->db, 0, on_synced, cl, (int)a, argv, lens) == 0) {
     f->inflight++;
     sl_stat_inc(&f->stats.key_updates, n);
   } else {
@@ -522,6 +631,226 @@ static void send_call(struct sl_fleet *f, redisAsyncContext *c, const uint32_t *
   free(argv);
   free(lens);
   free(nums);
+}
+
+/* ---- a Redis Cluster: a sync in parts, each on one slot ---- */
+
+/* An EVAL of script on the slot of keys[0..nkeys), with args after them;
+ * cb gets priv. Returns sl_db_command's result. */
+static int eval_on(struct sl_fleet *f, unsigned slot, const char *script, size_t slen, int nkeys, int argc,
+                   const char **args, const size_t *lens, sl_db_reply_fn *cb, void *priv) {
+  const char **argv = sl_malloc((size_t)(argc + 3) * sizeof(char *));
+  size_t *al = sl_malloc((size_t)(argc + 3) * sizeof(size_t));
+  char nk[24];
+  argv[0] = "EVAL", al[0] = 4;
+  argv[1] = script, al[1] = slen;
+  argv[2] = nk, al[2] = sl_u64toa((uint64_t)nkeys, nk);
+  memcpy(argv + 3, args, (size_t)argc * sizeof(char *));
+  memcpy(al + 3, lens, (size_t)argc * sizeof(size_t));
+  int rc = sl_db_command(f->db, slot, cb, priv, argc + 3, argv, al);
+  free(argv);
+  free(al);
+  return rc;
+}
+
+/* The key's hash in a cluster, share:{<uid>}:<feature>:<region> (the name
+ * is <uid>:<feature>:<region>; feature and region hold no ':'). Returns
+ * its length, or a negative errno (a UID that cannot be a hash tag: the
+ * key then stays on its default share, which needs no sync). */
+static int cluster_hash_key(const struct sl_fleet *f, const struct sl_fleet_key *k, char *out, size_t cap,
+                            unsigned *slot) {
+  const char *r = memrchr(k->name, ':', k->len);
+  const char *fe = r ? memrchr(k->name, ':', (size_t)(r - k->name)) : NULL;
+  if (!fe) return UV_EINVAL;
+  size_t ul = (size_t)(fe - k->name);
+  char head[80];
+  int hl = snprintf(head, sizeof head, "%s" SL_KEY_SHARE, f->prefix);
+  if (hl < 0 || (size_t)hl >= sizeof head) return UV_ENOSPC;
+  *slot = sl_db_uid_slot(k->name, ul);
+  return sl_db_uid_key(f->db, out, cap, head, (size_t)hl, k->name, ul, fe, (size_t)(k->name + k->len - fe));
+}
+
+static void on_ignored(void *owner, void *priv, const redisReply *reply) {
+  (void)owner, (void)priv, (void)reply;
+}
+
+/* The reply to one slot's key script: each key's lease, and the keys to
+ * announce (one XADD each, on the stream's slot). A lost or refused
+ * reply: its keys sync again at the next tick. */
+static void on_keys(void *owner, void *priv, const redisReply *r) {
+  struct call *cl = priv;
+  struct sl_fleet *f = owner;
+  if (!f) goto out;
+  f->inflight--;
+  if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != cl->n) {
+    sl_stat_inc(&f->stats.sync_errors, 1);
+    log_error_reply(f, r);
+    for (uint32_t i = 0; i < cl->n; i++)
+      if (atomic_load_explicit(&f->slots[cl->k[i].idx].tag, memory_order_relaxed) == cl->k[i].tag)
+        f->keys[cl->k[i].idx].sent_ms = 0;
+    goto out;
+  }
+  char ak[sizeof(f->prefix) + sizeof(SL_KEY_SHARE_ANNOUNCE)];
+  int akl = snprintf(ak, sizeof ak, "%s" SL_KEY_SHARE_ANNOUNCE, f->prefix);
+  for (uint32_t i = 0; i < cl->n; i++) {
+    if (!take_key(f, cl->k[i].idx, cl->k[i].tag, r->element[i], 5)) continue;
+    const struct sl_fleet_key *k = &f->keys[cl->k[i].idx];
+    const char *args[] = {ak, k->name};
+    size_t lens[] = {(size_t)akl, k->len};
+    eval_on(f, sl_db_key_slot(ak, (size_t)akl), ann_add_script, sizeof(ann_add_script) - 1, 1, 2, args, lens,
+            on_ignored, NULL);
+  }
+out:
+  free(cl);
+}
+
+static int by_slot(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* After the heartbeat: the keys of the round, one key script per slot (at
+ * most KEYS_PER_CALL keys each), with the heartbeat's N. */
+static void send_keys(struct sl_fleet *f, const struct call *rd, long long nlive, uint64_t now) {
+  uint64_t *order = sl_malloc((size_t)rd->n * sizeof(*order));
+  char (*hk)[256] = sl_malloc((size_t)rd->n * sizeof(*hk));
+  size_t *hl = sl_malloc((size_t)rd->n * sizeof(*hl));
+  uint32_t m = 0;
+  for (uint32_t i = 0; i < rd->n; i++) {
+    if (atomic_load_explicit(&f->slots[rd->k[i].idx].tag, memory_order_relaxed) != rd->k[i].tag) continue;
+    unsigned slot;
+    int l = cluster_hash_key(f, &f->keys[rd->k[i].idx], hk[i], sizeof hk[i], &slot);
+    if (l < 0) continue;
+    hl[i] = (size_t)l;
+    order[m++] = (uint64_t)slot << 32 | i;
+  }
+  qsort(order, m, sizeof(*order), by_slot);
+  size_t cap = 3 + 4 * (size_t)KEYS_PER_CALL;
+  const char **argv = sl_malloc(cap * sizeof(char *));
+  size_t *lens = sl_malloc(cap * sizeof(size_t));
+  char *nums = sl_malloc(((size_t)KEYS_PER_CALL * 2 + 2) * 24);
+  char ttl[24], nl[24];
+  size_t ttll = sl_u64toa(f->ttl_ms, ttl), nll = sl_u64toa((uint64_t)nlive, nl);
+  for (uint32_t from = 0; from < m;) {
+    unsigned slot = (unsigned)(order[from] >> 32);
+    uint32_t to = from;
+    while (to < m && to - from < KEYS_PER_CALL && (unsigned)(order[to] >> 32) == slot) to++;
+    uint32_t n = to - from;
+    struct call *cl = new_call(f, n, 1);
+    size_t a = 0;
+    for (uint32_t j = 0; j < n; j++) {
+      uint32_t i = (uint32_t)order[from + j];
+      argv[a] = hk[i], lens[a++] = hl[i];
+    }
+    argv[a] = f->id, lens[a++] = strlen(f->id);
+    argv[a] = ttl, lens[a++] = ttll;
+    argv[a] = nl, lens[a++] = nll;
+    char *np = nums;
+    for (uint32_t j = 0; j < n; j++) {
+      uint32_t i = (uint32_t)order[from + j];
+      cl->k[j] = rd->k[i];
+      np += key_args(f, rd->k[i].idx, now, argv + a, lens + a, np);
+      a += 3;
+    }
+    if (eval_on(f, slot, key_script, sizeof(key_script) - 1, (int)n, (int)a, argv, lens, on_keys, cl) == 0) {
+      f->inflight++;
+      sl_stat_inc(&f->stats.key_updates, n);
+    } else {
+      free(cl);
+    }
+    from = to;
+  }
+  free(argv);
+  free(lens);
+  free(nums);
+  free(order);
+  free(hk);
+  free(hl);
+}
+
+/* The heartbeat's reply ({nlive, ids}): N, then the round's keys on their
+ * slots. The round (priv) is freed here. */
+static void on_heartbeat(void *owner, void *priv, const redisReply *r) {
+  struct call *rd = priv;
+  struct sl_fleet *f = owner;
+  long long nlive;
+  if (!f) goto out;
+  f->inflight--;
+  if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 || reply_int(r->element[0], &nlive) || nlive < 1 ||
+      r->element[1]->type != REDIS_REPLY_ARRAY) {
+    sl_stat_inc(&f->stats.sync_errors, 1);
+    log_error_reply(f, r);
+    goto out;
+  }
+  uint64_t now = sl_mono_ms();
+  unsigned n_before = f->n_last;
+  take_instances(f, nlive, r->element[1]);
+  if (f->rejoin) {
+    /* back after an outage (sync_now sent no key): as on_redis_ready does
+     * with one server, heartbeats only for a while */
+    f->rejoin = 0;
+    f->joined_at_ms = now + (f->ttl_ms / 2 > JOIN_MS_MIN ? JOIN_MS_MIN : f->ttl_ms / 2);
+    set_word(f, SL_FLEET_JOINING, f->n_last);
+  }
+  if (rd->keys_allowed && rd->n) send_keys(f, rd, nlive, now);
+  synced(f, rd->keys_allowed, n_before);
+out:
+  free(rd);
+}
+
+/* The announcements' reply ({last, ids}). */
+static void on_announcements(void *owner, void *priv, const redisReply *r) {
+  struct sl_fleet *f = owner;
+  (void)priv;
+  if (!f) return;
+  f->inflight--;
+  if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 || r->element[0]->type != REDIS_REPLY_STRING ||
+      r->element[0]->len >= sizeof(f->ann_last) || r->element[1]->type != REDIS_REPLY_ARRAY) {
+    sl_stat_inc(&f->stats.sync_errors, 1);
+    log_error_reply(f, r);
+    return;
+  }
+  take_announcements(f, r->element[0], r->element[1]);
+}
+
+/* A cluster's sync of the keys pick[0..n): the heartbeat on the instances
+ * zset's slot and the announcements read on the stream's (at once), then,
+ * with the heartbeat's N, one key script per slot of the keys. */
+static void cluster_sync(struct sl_fleet *f, const uint32_t *pick, uint32_t n, int keys_allowed, uint64_t now) {
+  struct call *rd = new_call(f, n, keys_allowed);
+  for (uint32_t i = 0; i < n; i++) name_key(f, rd, i, pick[i], now);
+  char ik[sizeof(f->prefix) + sizeof(SL_KEY_SHARE_INSTANCES)], ak[sizeof(f->prefix) + sizeof(SL_KEY_SHARE_ANNOUNCE)];
+  char ttl[24];
+  int ikl = snprintf(ik, sizeof ik, "%s" SL_KEY_SHARE_INSTANCES, f->prefix);
+  int akl = snprintf(ak, sizeof ak, "%s" SL_KEY_SHARE_ANNOUNCE, f->prefix);
+  const char *hb[] = {ik, f->id, ttl};
+  size_t hbl[] = {(size_t)ikl, strlen(f->id), sl_u64toa(f->ttl_ms, ttl)};
+  if (eval_on(f, sl_db_key_slot(ik, (size_t)ikl), hb_script, sizeof(hb_script) - 1, 1, 3, hb, hbl, on_heartbeat,
+              rd) != 0) {
+    free(rd);
+    return;
+  }
+  f->inflight++;
+  const char *an[] = {ak, f->ann_last};
+  size_t anl[] = {(size_t)akl, strlen(f->ann_last)};
+  if (eval_on(f, sl_db_key_slot(ak, (size_t)akl), ann_read_script, sizeof(ann_read_script) - 1, 1, 2, an, anl,
+              on_announcements, NULL) == 0)
+    f->inflight++;
+}
+
+/* The keys pick[0..n) synced (none: a heartbeat and the announcements). */
+static void sync_keys(struct sl_fleet *f, uint32_t n, int keys_allowed, uint64_t now) {
+  f->last_sent_ms = now;
+  if (sl_db_cluster(f->db)) {
+    cluster_sync(f, f->pick, n, keys_allowed, now);
+    return;
+  }
+  if (n == 0) {
+    send_call(f, NULL, 0, keys_allowed, now);
+    return;
+  }
+  for (uint32_t from = 0; from < n; from += KEYS_PER_CALL)
+    send_call(f, f->pick + from, n - from < KEYS_PER_CALL ? n - from : KEYS_PER_CALL, 1, now);
 }
 
 /* Whether a coordinated key goes in this tick's sync: new, unsettled, its
@@ -553,16 +882,15 @@ static int key_due(const struct sl_fleet *f, const struct sl_fleet_key *k, uint6
 }
 
 static void sync_now(struct sl_fleet *f, uint64_t now) {
-  redisAsyncContext *c = sl_redis_cmd(f->redis);
-  if (!c || f->inflight) return;
+  if (!sl_db_ready(f->db) || f->inflight) return;
   int keys_allowed = !f->outage || !f->ever_synced || now >= f->joined_at_ms;
+  if (f->rejoin && f->ever_synced) keys_allowed = 0; /* a cluster back after an outage: on_heartbeat */
   uint32_t n = 0;
   /* Alone: heartbeats only (alone_or_not), every tick while keys are busy
    * here so that another instance's arrival is seen within a tick. */
   int alone = f->ever_synced && f->n_last <= 1;
   if (keys_allowed && alone && f->nused) {
-    f->last_sent_ms = now;
-    send_call(f, c, NULL, 0, keys_allowed, now);
+    sync_keys(f, 0, keys_allowed, now);
     return;
   }
   if (keys_allowed)
@@ -573,17 +901,16 @@ static void sync_now(struct sl_fleet *f, uint64_t now) {
      * times per ttl, not every sync interval. */
     uint64_t idle_every = f->ttl_ms / 3 < HEARTBEAT_IDLE_MS ? f->ttl_ms / 3 : HEARTBEAT_IDLE_MS;
     if (f->ever_synced && keys_allowed && now - f->last_sent_ms < idle_every) return;
-    f->last_sent_ms = now;
-    send_call(f, c, NULL, 0, keys_allowed, now);
-    return;
   }
-  f->last_sent_ms = now;
-  for (uint32_t from = 0; from < n; from += KEYS_PER_CALL)
-    send_call(f, c, f->pick + from, n - from < KEYS_PER_CALL ? n - from : KEYS_PER_CALL, 1, now);
+  sync_keys(f, n, keys_allowed, now);
 }
 
 static void on_redis_ready(void *data) {
   struct sl_fleet *f = data;
+  if (sl_db_cluster(f->db)) { /* the first slot map: commands sent meanwhile are still answered */
+    sync_now(f, sl_mono_ms());
+    return;
+  }
   f->inflight = 0;
   if (f->outage && f->ever_synced) {
     /* Back after an outage: the others may come back a little later (and a
@@ -595,6 +922,7 @@ static void on_redis_ready(void *data) {
   sync_now(f, sl_mono_ms());
 }
 
+/* One server only (a cluster answers each lost command instead). */
 static void on_redis_down(void *data, const char *why) {
   struct sl_fleet *f = data;
   f->inflight = 0;
@@ -627,23 +955,46 @@ static void close_all(struct sl_fleet *f) {
   uv_timer_stop(&f->tick);
   sl__close((uv_handle_t *)&f->tick, NULL);
   sl__close((uv_handle_t *)&f->stop, NULL);
-  if (f->redis) {
-    sl_redis_stop(f->redis);
-    f->redis = NULL;
+  if (f->db) {
+    sl_db_stop(f->db);
+    f->db = NULL;
   }
 }
 
-static void on_left(redisAsyncContext *c, void *reply, void *priv) {
-  (void)priv;
-  struct sl_fleet *f = sl_redis_owner(c, reply);
-  if (f) close_all(f);
+/* A part of the leave answered: the last closes (owner NULL: dropped or
+ * stopping, left to the timeout). */
+static void on_left(void *owner, void *priv, const redisReply *reply) {
+  (void)priv, (void)reply;
+  struct sl_fleet *f = owner;
+  if (f && --f->leaving == 0) close_all(f);
 }
 
 static void on_leave_timeout(uv_timer_t *t) { close_all(t->data); }
 
+/* A cluster's leave: ZREM on the zset's slot, an HDEL per key on its own. */
+static void send_leave_cluster(struct sl_fleet *f) {
+  char key[256];
+  int l = snprintf(key, sizeof key, "%s" SL_KEY_SHARE_INSTANCES, f->prefix);
+  const char *argv[] = {"ZREM", key, f->id};
+  size_t lens[] = {4, (size_t)l, strlen(f->id)};
+  if (sl_db_command(f->db, sl_db_key_slot(key, (size_t)l), on_left, NULL, 3, argv, lens) == 0) f->leaving++;
+  argv[0] = "HDEL", lens[0] = 4;
+  for (uint32_t i = 0; i < f->nused; i++) {
+    unsigned slot;
+    if ((l = cluster_hash_key(f, &f->keys[f->used[i]], key, sizeof key, &slot)) < 0) continue;
+    lens[1] = (size_t)l;
+    if (sl_db_command(f->db, slot, on_left, NULL, 3, argv, lens) == 0) f->leaving++;
+  }
+}
+
+/* Sends the leave; returns 0, or -1 when nothing could be sent. */
 static int send_leave(struct sl_fleet *f) {
-  redisAsyncContext *c = sl_redis_cmd(f->redis);
-  if (!c) return -1;
+  if (!sl_db_ready(f->db)) return -1;
+  f->leaving = 0;
+  if (sl_db_cluster(f->db)) {
+    send_leave_cluster(f);
+    return f->leaving ? 0 : -1;
+  }
   size_t argc = 5 + (size_t)f->nused;
   const char **argv = sl_malloc(argc * sizeof(char *));
   size_t *lens = sl_malloc(argc * sizeof(size_t)), a = 0;
@@ -656,7 +1007,8 @@ static int send_leave(struct sl_fleet *f) {
     const struct sl_fleet_key *k = &f->keys[f->used[i]];
     argv[a] = k->name, lens[a++] = k->len;
   }
-  int rc = redisAsyncCommandArgv(c, on_left, NULL, (int)a, argv, lens) == REDIS_OK ? 0 : -1;
+  int rc = sl_db_command(f->db, 0, on_left, NULL, (int)a, argv, lens) == 0 ? 0 : -1;
+  if (rc == 0) f->leaving = 1;
   free(argv);
   free(lens);
   return rc;
@@ -777,17 +1129,17 @@ int sl_fleet_start(struct sl_fleet *f, const struct sl_config *cfg, unsigned nwo
       .on_down = on_redis_down,
       .data = f,
   };
-  if ((r = sl_redis_init(&f->redis, &f->loop, &o)) != 0) {
+  if ((r = sl_db_init(&f->db, &f->loop, &o)) != 0) {
     snprintf(err, errlen, "redis: '%s': %s", cfg->redis, uv_strerror(r));
     goto err_handles;
   }
   f->last_tick_ms = sl_mono_ms();
-  sl_redis_start(f->redis);
+  sl_db_start(f->db);
   uv_timer_start(&f->tick, on_tick, f->sync_ms, f->sync_ms);
   if ((r = sl_loop_thread_start(&f->thread, &f->loop)) != 0) {
     snprintf(err, errlen, "global limits thread: %s", uv_strerror(r));
-    sl_redis_stop(f->redis);
-    f->redis = NULL;
+    sl_db_stop(f->db);
+    f->db = NULL;
     goto err_handles;
   }
   return 0;

@@ -79,7 +79,7 @@ struct sl_fleet_stats {
 };
 
 struct sl_fleet_key; /* the fleet thread's own state of a slot */
-struct sl_redis;
+struct sl_db;
 
 struct sl_fleet {
   /* ---- read by workers ---- */
@@ -97,7 +97,7 @@ struct sl_fleet {
   uv_loop_t loop;
   uv_async_t stop;
   uv_timer_t tick;
-  struct sl_redis *redis;
+  struct sl_db *db;           /* db.h: one server, Sentinel or a cluster */
   struct sl_fleet_key *keys; /* [mask + 1], parallel to slots */
   uint32_t *used;            /* indices of the slots in use */
   uint32_t *pick;            /* scratch: the keys a sync names */
@@ -110,6 +110,8 @@ struct sl_fleet {
   uint64_t joined_at_ms;     /* after a reconnect: keys sync from then on */
   unsigned n_last;           /* live instances in the last reply */
   int inflight, ever_synced, outage, outage_logged;
+  int rejoin;                /* a cluster after an outage: the next heartbeat starts the join wait */
+  unsigned leaving;          /* parts of the leave not answered yet */
   _Atomic int outage_seen; /* for sl_fleet_wait_first */
   struct sl_ratelog log_err; /* error replies: a line at most every 10 s */
   char ann_last[48];         /* the newest announcement read */

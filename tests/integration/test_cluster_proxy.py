@@ -3,7 +3,9 @@
 --cluster-replicas 1` on 127.0.0.1, sluice given `--redis cluster://...`
 (the metering cases with admission off: every count is the
 unauthenticated UID "-", whose keys carry the tag {-}; the directory case
-with admission on and --global-limits off).
+with admission on and --global-limits off; the shared limits' case with
+three instances and global limits on: one R for the fleet, the load
+split and then moved to one instance).
 Under a bounded load the slot of {-} is migrated to another master
 (CLUSTER SETSLOT IMPORTING/MIGRATING + MIGRATE + SETSLOT NODE, as
 `redis-cli --cluster reshard` does); after a SIGTERM usage == the 200s
@@ -202,6 +204,77 @@ class ClusterProxyTest(unittest.TestCase):
         self.assertEqual(sl.stop(timeout=30), 0, sl.stderr()[-2000:])
         for bad in ("Sanitizer", "runtime error:"):
             self.assertNotIn(bad, sl.stderr())
+
+    def test_global_limits(self):
+        """Shared limits on a cluster (SPEC 9 and 10): three instances with
+        global limits on (the default), one account at R loaded on all three
+        for ~5 s, then on one of them for ~5 s: the fleet admits one R each
+        time (SPEC 9's bounds as test_global.py checks them). The key's hash is
+        share:{<uid>}:<feature>:<region> on the UID's slot."""
+        from test_global import AK, UID, FEATURE, REGION, R, LOW, HIGH, Loader, note
+        self.start_cluster()
+        self.ccli("SET", P + "ak:" + AK, UID)
+        self.ccli("HSET", P + "feature:" + FEATURE, "default_qps", str(R))
+        _, up = start_modstub(self)
+        url = "cluster://" + ",".join(n.addr for n in self.nodes[:2])
+        inst = [start_sluice(self, [up], "--redis", url, "--admission", "on", "--global-sync-ms", "100",
+                             workers=1) for _ in range(3)]
+        for sl in inst:
+            poll(lambda: sl.metrics().get("sluice_global_instances") == 3 and
+                 sl.metrics().get("sluice_global_limits_mode") == 1 and
+                 sl.metrics().get("sluice_directory_resyncs_total", 0) >= 1, 10,
+                 "three instances in shared mode " + sl.stderr()[-1500:])
+        loaders = [Loader(f"i{i}", sl.port) for i, sl in enumerate(inst)]
+        for ld in loaders:
+            self.addCleanup(ld.stop)
+        t0 = time.monotonic()
+        for ld in loaders:
+            ld.on.set()
+        win_a = (t0 + 1.5, t0 + 6.5)  # after the idle buckets' burst and the first syncs
+        time.sleep(win_a[1] - time.monotonic())
+        # (b) all of the load on instance 0: its share follows within 1 s
+        tm = time.monotonic()
+        loaders[1].on.clear()
+        loaders[2].on.clear()
+        win_b = (tm + 1.0, tm + 6.0)
+        time.sleep(win_b[1] - time.monotonic() + 0.3)
+        loaders[0].on.clear()
+        time.sleep(0.2)
+
+        def window(what, w0, w1, reach):
+            T = w1 - w0
+            per = [ld.count(w0, w1) for ld in loaders]
+            adm, sent = sum(a for a, _ in per), sum(s for _, s in per)
+            note(f"cluster: {what}: T={T:.2f}s admitted {adm} of {sent} sent ({adm / T:.1f}/s, R={R}); bounds "
+                 f"[{LOW * R * T:.0f}, {HIGH * R * T:.0f}]; per instance " + " ".join(f"{a}/{s}" for a, s in per))
+            with self.subTest(what):
+                self.assertGreaterEqual(sent, 2 * R * T, "the key must be overloaded")
+                self.assertLessEqual(adm, HIGH * R * T)
+                self.assertGreaterEqual(sum(per[i][0] for i in reach), LOW * R * T)
+
+        for ld in loaders:
+            self.assertEqual({s for _, _, s in ld.results} - {200, 429}, set(), ld.name)
+            self.assertEqual(ld.errors, [], ld.name)
+        window("(a) load split over 3 instances", *win_a, reach=(0, 1, 2))
+        window("(b) load moved to 1 instance", *win_b, reach=(0,))
+        for sl in inst:
+            m = sl.metrics()
+            self.assertEqual(m.get("sluice_global_limits_mode"), 1, sl.admin)
+            self.assertGreaterEqual(m.get("sluice_global_coordinated_keys", 0), 1, sl.admin)
+        # the key's hash, tagged, on the UID's slot: every instance registered
+        hk = P + f"share:{{{UID}}}:{FEATURE}:{REGION}"
+        self.assertEqual(key_slot(hk), key_slot("{" + UID + "}"))
+        fields = self.master_of(key_slot(hk)).cli("HKEYS", hk).split()
+        self.assertEqual(len([f for f in fields if f != "~a"]), 3, fields)
+        self.assertEqual(self.ccli("EXISTS", P + f"share:{UID}:{FEATURE}:{REGION}").strip(), "0")
+        for ld in loaders:
+            ld.stop()
+        for sl in inst:
+            self.assertEqual(sl.stop(timeout=30), 0, sl.stderr()[-2000:])
+            for bad in ("Sanitizer", "runtime error:"):
+                self.assertNotIn(bad, sl.stderr())
+        # a clean stop leaves: no instance left in the zset
+        self.assertEqual(self.ccli("ZCARD", P + "share:instances").strip(), "0")
 
     def test_slot_migration(self):
         self.run_load(migrate=True, kill=False)

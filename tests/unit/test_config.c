@@ -197,9 +197,10 @@ static void test_redis_sentinel(void **state) {
   assert_int_equal(load(&c, NULL, 6, cl, err), 0);
   assert_string_equal(c.redis, "cluster://127.0.0.1:7000,[::1]:7001,n3.example:7002");
   host_bound("cluster://", "\nadmission: off", "names more than 16 cluster nodes");
-  /* the directory routes by slot; the global limits not yet */
+  /* the directory and the global limits route by slot: admission on, global limits on (the default) */
   char *cl_adm[] = {"--upstream", "127.0.0.1:9000", "--redis", "cluster://127.0.0.1:7000"};
-  expect_error(NULL, 4, cl_adm, "does not take global limits yet: give --global-limits off");
+  assert_int_equal(load(&c, NULL, 4, cl_adm, err), 0);
+  assert_true(c.admission_on && c.global_limits);
   char *cl_dir[] = {"--upstream", "127.0.0.1:9000", "--redis", "cluster://127.0.0.1:7000", "--global-limits", "off"};
   assert_int_equal(load(&c, NULL, 6, cl_dir, err), 0);
   char *wait_bad[] = {"--upstream", "127.0.0.1:9000", "--redis-wait-replicas", "-2"};
