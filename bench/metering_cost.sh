@@ -12,6 +12,11 @@
 # so what is measured is the steady state (plus at most one interval's keys
 # at the final flush, a bias of interval / run).
 #
+# With BENCH_REDIS=cluster the Redis is a 3-master Redis Cluster (no
+# replicas; redis-cli --cluster create) and the CPU is summed over its
+# three servers (issue 14: the cluster should spread Redis's work, not add
+# to it).
+#
 # Usage: bench/metering_cost.sh [seconds [sluice options...]]
 #   e.g. bench/metering_cost.sh 125 --flush-ms 10000
 #        bench/metering_cost.sh 125 --flush-ms 10000 --flush-quiet-ms 60000
@@ -50,19 +55,58 @@ wait_port() { # port pid what
   die "$3 did not listen on $1"
 }
 
-rp=$(free_port); mp=$(free_port); sp=$(free_port); ap=$(free_port)
-taskset -c "$load_cpus" redis-server --port "$rp" --bind 127.0.0.1 --save '' --appendonly no >"$tmp/redis.log" 2>&1 &
-rpid=$!; pids+=("$rpid")
-wait_port "$rp" "$rpid" redis-server
-awk -v n="$accounts" 'function arg(x) { return sprintf("$%d\r\n%s\r\n", length(x), x) }
-  BEGIN { for (i = 0; i < n; i++) printf "*3\r\n%s%s%s", arg("SET"), arg(sprintf("sluice:ak:AK%05d", i)), arg(sprintf("uid%05d", i)) }' |
-  redis-cli -p "$rp" --pipe >"$tmp/seed.log" || die "seeding failed"
+mode=${BENCH_REDIS:-single}
+rpids=() rports=()
+start_redis() { # extra redis-server args...
+  local port pid
+  port=$(free_port)
+  mkdir -p "$tmp/r$port"
+  taskset -c "$load_cpus" redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$tmp/r$port" "$@" >"$tmp/r$port/redis.log" 2>&1 &
+  pid=$!; pids+=("$pid"); rpids+=("$pid"); rports+=("$port")
+  wait_port "$port" "$pid" redis-server
+}
+seed() { # the accounts, as SET commands on stdin of the given redis-cli
+  awk -v n="$accounts" 'BEGIN { for (i = 0; i < n; i++) printf "SET sluice:ak:AK%05d uid%05d\n", i, i }' | "$@" >"$tmp/seed.log" ||
+    die "seeding failed"
+}
+case $mode in
+single)
+  start_redis
+  rp=${rports[0]}
+  seed redis-cli -p "$rp"
+  redis_url=127.0.0.1:$rp
+  ;;
+cluster)
+  for _ in 1 2 3; do start_redis --cluster-enabled yes --cluster-config-file nodes.conf --cluster-port "$(free_port)"; done
+  rp=${rports[0]}
+  redis-cli --cluster create "${rports[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >"$tmp/create.log" 2>&1 ||
+    die "redis-cli --cluster create failed: $(tail -3 "$tmp/create.log")"
+  for _ in $(seq 100); do
+    ok=1
+    for p in "${rports[@]}"; do redis-cli -p "$p" cluster info | grep -q 'cluster_state:ok' || ok=0; done
+    ((ok)) && break
+    sleep 0.1
+  done
+  ((ok)) || die "the cluster is not ok after 10 s"
+  seed redis-cli -c -p "$rp"
+  redis_url=cluster://$(printf '127.0.0.1:%s,' "${rports[@]}")
+  redis_url=${redis_url%,}
+  ;;
+*) die "BENCH_REDIS is single or cluster, not '$mode'" ;;
+esac
+mp=$(free_port); sp=$(free_port); ap=$(free_port)
+redis_ticks() {
+  local p t=0
+  for p in "${rpids[@]}"; do t=$((t + $(ticks "$p"))); done
+  echo "$t"
+}
 taskset -c "$load_cpus" "$bin/modstub" --listen "127.0.0.1:$mp" >"$tmp/modstub.log" 2>&1 &
 mpid=$!; pids+=("$mpid")
 wait_port "$mp" "$mpid" modstub
 mkdir -p "$tmp/spool"
 taskset -c "$proxy_cpu" "$bin/sluice" --listen "127.0.0.1:$sp" --admin "127.0.0.1:$ap" --workers 1 \
-  --upstream "127.0.0.1:$mp" --upstream-llm "127.0.0.1:$mp" --redis "127.0.0.1:$rp" --redis-prefix sluice: \
+  --upstream "127.0.0.1:$mp" --upstream-llm "127.0.0.1:$mp" --redis "$redis_url" --redis-prefix sluice: \
   --spool-dir "$tmp/spool" "$@" >"$tmp/sluice.log" 2>&1 &
 spid=$!; pids+=("$spid")
 wait_port "$sp" "$spid" sluice
@@ -73,17 +117,26 @@ run_wrk() { # seconds [extra wrk args]
     timeout -k 5 $((s + 30)) wrk -t1 -c64 -d"${s}s" "$@" -s "$here/lua/pass_uniform.lua" "http://127.0.0.1:$sp/"
 }
 run_wrk 2 >/dev/null # every account looked up once
-redis-cli -p "$rp" config resetstat >/dev/null
-r0=$(ticks "$rpid")
+for p in "${rports[@]}"; do redis-cli -p "$p" config resetstat >/dev/null; done
+r0=$(redis_ticks)
+declare -A each0=()
+for p in "${rpids[@]}"; do each0[$p]=$(ticks "$p"); done
 run_wrk "$secs" --latency >"$tmp/wrk.txt"
 kill -TERM "$spid"
 wait "$spid" || die "sluice exited non-zero: $(tail -3 "$tmp/sluice.log")"
-r1=$(ticks "$rpid")
+r1=$(redis_ticks)
 reqs=$(awk '/requests in/ {print $1}' "$tmp/wrk.txt")
 non2xx=$(awk '/Non-2xx/ {print $NF}' "$tmp/wrk.txt")
 echo "## metering_cost $(date -u '+%Y-%m-%d %H:%M UTC')"
-echo "sluice options: ${*:-(defaults)}; run ${secs} s; pass_uniform, $accounts accounts; sluice on CPU $proxy_cpu, redis/modstub/wrk on CPU $load_cpus"
+echo "redis: $mode ($redis_url); sluice options: ${*:-(defaults)}; run ${secs} s; pass_uniform, $accounts accounts; sluice on CPU $proxy_cpu, redis/modstub/wrk on CPU $load_cpus"
 grep -E 'Requests/sec|^ +50%|^ +99%' "$tmp/wrk.txt"
 echo "requests $reqs, non-2xx ${non2xx:-0}; redis-server CPU $(((r1 - r0) * 10)) ms" \
   "= $(awk -v t=$((r1 - r0)) -v hz="$(getconf CLK_TCK)" -v n="$reqs" 'BEGIN {printf "%.3f", t / hz * 1e6 / n}') us per request"
-redis-cli -p "$rp" info commandstats | sed -n 's/^cmdstat_\([a-z]*\):calls=\([0-9]*\),.*/  \1 \2/p' | sort -k2 -rn | head -8
+if ((${#rpids[@]} > 1)); then
+  echo -n "per server (ms):"
+  for p in "${rpids[@]}"; do echo -n " $((($(ticks "$p") - each0[$p]) * 10))"; done
+  echo
+fi
+for p in "${rports[@]}"; do
+  redis-cli -p "$p" info commandstats | sed -n 's/^cmdstat_\([a-z]*\):calls=\([0-9]*\),.*/\1 \2/p'
+done | awk '{c[$1] += $2} END {for (k in c) printf "  %s %d\n", k, c[k]}' | sort -k2 -rn | head -8
