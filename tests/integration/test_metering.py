@@ -457,6 +457,13 @@ class MeteringCase(unittest.TestCase):
         self.check_consistent(meter)
         return meter
 
+    def seed_accounts(self, ak, uid, n):
+        """n accounts: P ak:<ak>0.. -> <uid>0.., in one MSET."""
+        args = []
+        for i in range(n):
+            args += [f"{P}ak:{ak}{i}", f"{uid}{i}"]
+        self.r.cli("MSET", *args)
+
     def check_totals(self, what, outcomes):
         """Every count arrived once, by outcome (refused calls past their
         bound are counted under the fixed shape, so not by key); billable
@@ -765,10 +772,7 @@ class Intervals(MeteringCase):
         accumulator, its counts journaled again after each flush's batches);
         a kill -9 while they wait and a restart lose and double nothing."""
         n = 200
-        args = []
-        for i in range(n):
-            args += [f"{P}ak:AKQ{i}", f"q{i}"]
-        self.r.cli("MSET", *args)
+        self.seed_accounts("AKQ", "q", n)
         spool = tempfile.mkdtemp(prefix="sluice-spool-")
         self.addCleanup(shutil.rmtree, spool, True)
         base = ("--spool-dir", spool, "--instance-id", "metering-quiet")
@@ -1099,10 +1103,7 @@ class Bounds(MeteringCase):
         503 (never forwarded, so never billable); after Redis returns every
         backend 200 is in usage exactly once."""
         n = 3000
-        args = []
-        for i in range(n):
-            args += [f"{P}ak:AKM{i}", f"m{i}"]
-        self.r.cli("MSET", *args)
+        self.seed_accounts("AKM", "m", n)
         sl = self.start("--flush-ms", "20", "--meter-keys", "16", "--meter-queue-batches", "2", "--flush-keys", "1000")
         outcomes = collections.Counter()
         backed_up = collections.Counter()
@@ -1152,10 +1153,7 @@ class Bounds(MeteringCase):
         first 1,000 keys go to Redis at once (the accumulator is full), the
         rest wait for the interval, and SIGTERM sends them."""
         n = 1500
-        args = []
-        for i in range(n):
-            args += [f"{P}ak:AKF{i}", f"f{i}"]
-        self.r.cli("MSET", *args)
+        self.seed_accounts("AKF", "f", n)
         sl = self.start("--flush-ms", "60000", "--spool-ms", "200", "--flush-keys", "1000", "--meter-keys", "100")
         outcomes = collections.Counter()
         with harness.HttpConn(sl.port) as c:

@@ -15,17 +15,8 @@
 
 #include "cluster.h"
 #include "keys.h"
+#include "unit_resp.h"
 
-/* A redisReply from RESP text. */
-static redisReply *resp(const char *text) {
-  redisReader *rd = redisReaderCreate();
-  void *r = NULL;
-  assert_int_equal(redisReaderFeed(rd, text, strlen(text)), REDIS_OK);
-  assert_int_equal(redisReaderGetReply(rd, &r), REDIS_OK);
-  assert_non_null(r);
-  redisReaderFree(rd);
-  return r;
-}
 
 static unsigned slot_of(const char *k) { return sl_cluster_key_slot(k, strlen(k)); }
 

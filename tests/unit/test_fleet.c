@@ -13,6 +13,7 @@
 
 #include "fleet.h"
 #include "limiter.h"
+#include "unit_resp.h"
 
 static size_t key_of(char *buf, unsigned uid) {
   return (size_t)snprintf(buf, 64, "u%u\x1ftext\x1f" "cn-shanghai", uid);
@@ -30,16 +31,6 @@ static void want(struct sl_fleet *f, unsigned worker, unsigned uid, uint64_t now
   sl_fleet_want(f, worker, lim_hash(k, n), k, n, 100, now_ms);
 }
 
-/* A redisReply from RESP text. */
-static redisReply *resp(const char *text) {
-  redisReader *rd = redisReaderCreate();
-  void *r = NULL;
-  assert_int_equal(redisReaderFeed(rd, text, strlen(text)), REDIS_OK);
-  assert_int_equal(redisReaderGetReply(rd, &r), REDIS_OK);
-  assert_non_null(r);
-  redisReaderFree(rd);
-  return r;
-}
 
 static int apply(struct sl_fleet *f, const uint32_t *idx, uint32_t n, const char *text) {
   redisReply *r = resp(text);
