@@ -80,7 +80,8 @@ usage: $0 [options]
   -s, --scenarios LIST  from "pass zipf reject forward"          [BENCH_SCENARIOS="$SCENARIOS"]
   --contenders LIST     from "sluice sluice_plain sluice_nometer sluice_base nginx haproxy" [BENCH_CONTENDERS="$CONTENDERS"]
                         (sluice_plain: sluice --admission off; pass scenarios only;
-                         sluice_base: BENCH_BASE_BIN run as sluice, to compare two builds in one run)
+                         sluice_base: BENCH_BASE_BIN run as sluice, to compare two builds in one run;
+                         its options BENCH_BASE_ARGS, else BENCH_SLUICE_ARGS)
   --scale LIST          sluice --workers counts for the scaling run, "" for none [BENCH_SCALE="$SCALE"]
   --scale-scenario S    scenario of the scaling run              [BENCH_SCALE_SCENARIO=$SCALE_SCENARIO]
   --multi 0|1           the multi-instance part (issue 11, global limits): one sluice, N sluices
@@ -501,6 +502,9 @@ launch_sluice() { # id group cpus workers [extra args...]; LAUNCH_BIN: another b
 }
 # BENCH_SLUICE_ARGS: more options for the contenders sluice and sluice_base (e.g. "--flush-ms 10000")
 read -r -a SLUICE_EXTRA <<<"${BENCH_SLUICE_ARGS:-}"
+# sluice_base's options: BENCH_BASE_ARGS when set (an older build may lack
+# the newer options, or its defaults be what is compared), else sluice's.
+read -r -a BASE_EXTRA <<<"${BENCH_BASE_ARGS-${BENCH_SLUICE_ARGS:-}}"
 start_sluice() { launch_sluice "$1" "$2" "$PROXY_CPUS" 1 ${SLUICE_EXTRA[@]+"${SLUICE_EXTRA[@]}"}; }
 start_sluice_plain() {
   [[ $("$SLUICE_BIN" --help 2>&1 || true) == *--admission* ]] ||
@@ -516,8 +520,8 @@ start_sluice_nometer() {
     die "contender sluice_nometer needs a sluice with --metering ($SLUICE_BIN has none)"
   launch_sluice "$1" "$2" "$PROXY_CPUS" 1 --metering off
 }
-start_sluice_base() { LAUNCH_BIN=$BASE_BIN launch_sluice "$1" "$2" "$PROXY_CPUS" 1 ${SLUICE_EXTRA[@]+"${SLUICE_EXTRA[@]}"}; }
-describe_sluice_base() { echo "sluice_base: $BASE_BIN ($("$BASE_BIN" --version 2>&1 | sed -n 1p)) run exactly as sluice: two builds compared in the same run"; }
+start_sluice_base() { LAUNCH_BIN=$BASE_BIN launch_sluice "$1" "$2" "$PROXY_CPUS" 1 ${BASE_EXTRA[@]+"${BASE_EXTRA[@]}"}; }
+describe_sluice_base() { echo "sluice_base: $BASE_BIN ($("$BASE_BIN" --version 2>&1 | sed -n 1p)) run as sluice with options '${BASE_EXTRA[*]-}': two builds compared in the same run"; }
 describe_sluice_nometer() { echo "sluice_nometer: the same sluice, admission on, with --metering off (a measuring aid: nothing is counted for billing); its difference to sluice is metering's cost"; }
 
 start_nginx() { # id group
