@@ -3,6 +3,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <uv.h>
 
@@ -259,6 +260,24 @@ int sl_cluster_parse_redirect(const char *s, size_t len, struct sl_cluster_redir
   out->slot = (unsigned)slot;
   out->port = (int)port;
   return 0;
+}
+
+/* ---- grouping ---- */
+
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+void sl_cluster_group_sort(uint64_t *keys, size_t n) {
+  if (n > 1) qsort(keys, n, sizeof *keys, cmp_u64);
+}
+
+size_t sl_cluster_group_end(const uint64_t *keys, size_t n, size_t from, int by_slot) {
+  uint64_t mask = by_slot ? ~(uint64_t)0xffff : ~(uint64_t)0xffffffff; /* node and slot, or node only */
+  size_t e = from + 1;
+  while (e < n && (keys[e] & mask) == (keys[from] & mask)) e++;
+  return e;
 }
 
 /* ---- key names ---- */

@@ -106,6 +106,30 @@ struct sl_cluster_redirect {
  * *out set, or UV_EINVAL (*out then undefined). */
 int sl_cluster_parse_redirect(const char *s, size_t len, struct sl_cluster_redirect *out);
 
+/* ---- a batch's items grouped by master, then slot ---- */
+
+/* The sort key of item index (< 65536) whose keys are in slot: the index
+ * in m->nodes of the slot's master (SL_CLUSTER_NO_NODE when m is NULL or
+ * no master serves it), the slot, the index. Sorted, the items of one
+ * master are adjacent, within them those of one slot, in index order
+ * (metering sends one script per master, one exactly-once marker per slot). */
+static inline uint64_t sl_cluster_group_key(const struct sl_cluster_map *m, unsigned slot, uint32_t index) {
+  slot &= SL_CLUSTER_SLOTS - 1;
+  uint64_t node = m ? m->slot[slot] : SL_CLUSTER_NO_NODE;
+  return node << 32 | (uint64_t)slot << 16 | (index & 0xffff);
+}
+static inline unsigned sl_cluster_group_node(uint64_t key) { return (unsigned)(key >> 32); }
+static inline unsigned sl_cluster_group_slot(uint64_t key) { return (unsigned)(key >> 16) & (SL_CLUSTER_SLOTS - 1); }
+static inline uint32_t sl_cluster_group_index(uint64_t key) { return (uint32_t)(key & 0xffff); }
+
+/* Sorts keys[0..n) (sl_cluster_group_key values) ascending. */
+void sl_cluster_group_sort(uint64_t *keys, size_t n);
+
+/* In sorted keys[0..n), the end of the run that starts at from (< n): the
+ * first index past it whose master (by_slot 0) or slot (by_slot 1)
+ * differs, or n. */
+size_t sl_cluster_group_end(const uint64_t *keys, size_t n, size_t from, int by_slot);
+
 /* ---- key names in cluster mode (SPEC 10) ---- */
 
 /* Builds the key <head><uid><tail> into out (NUL-terminated), or with

@@ -400,13 +400,58 @@ static void test_uid_key(void **state) {
   assert_int_equal(sl_cluster_uid_key(k, sizeof k, 0, "a:", 2, "u{1", 3, "", 0), 5);
 }
 
+/* Metering's grouping (issue 14): a batch's items sorted by the master of
+ * their slot in the map, then slot, then index; the runs of one master and
+ * of one slot; no map (or a slot no master serves) sorts last, by slot. */
+static void test_group(void **state) {
+  (void)state;
+  struct sl_cluster_map *m = new_map();
+  char err[256] = "";
+  assert_int_equal(parse(m, SLOTS3, NULL, err, sizeof err), 0); /* 0-5460, 5461-10922, 10923-16383 */
+  m->slot[9000] = SL_CLUSTER_NO_NODE;                            /* as if no master served it */
+  /* item i's slot */
+  static const unsigned slot[] = {12000, 100, 6000, 100, 16383, 5460, 9000, 6000, 0, 12000};
+  enum { N = sizeof slot / sizeof slot[0] };
+  uint64_t k[N];
+  for (uint32_t i = 0; i < N; i++) k[i] = sl_cluster_group_key(m, slot[i], i);
+  assert_int_equal(sl_cluster_group_node(k[2]), 1);
+  assert_int_equal(sl_cluster_group_slot(k[2]), 6000);
+  assert_int_equal(sl_cluster_group_index(k[2]), 2);
+  assert_int_equal(sl_cluster_group_node(k[6]), SL_CLUSTER_NO_NODE);
+  sl_cluster_group_sort(k, N);
+  /* master 0: slots 0, 100 (items 1, 3), 5460; master 1: 6000 (2, 7);
+   * master 2: 12000 (0, 9), 16383; none: 9000 */
+  static const uint32_t want[N] = {8, 1, 3, 5, 2, 7, 0, 9, 4, 6};
+  for (uint32_t i = 0; i < N; i++) assert_int_equal(sl_cluster_group_index(k[i]), want[i]);
+  assert_int_equal(sl_cluster_group_end(k, N, 0, 0), 4); /* master 0's four items */
+  assert_int_equal(sl_cluster_group_end(k, N, 0, 1), 1); /* slot 0 */
+  assert_int_equal(sl_cluster_group_end(k, N, 1, 1), 3); /* slot 100: two items */
+  assert_int_equal(sl_cluster_group_end(k, N, 4, 0), 6); /* master 1: one slot, two items */
+  assert_int_equal(sl_cluster_group_end(k, N, 4, 1), 6);
+  assert_int_equal(sl_cluster_group_end(k, N, 6, 0), 9);
+  assert_int_equal(sl_cluster_group_end(k, N, 9, 0), N); /* the last run ends at n */
+  assert_int_equal(sl_cluster_group_end(k, N, 9, 1), N);
+  /* no map: by slot alone, every item's node "none" */
+  for (uint32_t i = 0; i < N; i++) k[i] = sl_cluster_group_key(NULL, slot[i], i);
+  sl_cluster_group_sort(k, N);
+  static const uint32_t by_slot[N] = {8, 1, 3, 5, 2, 7, 6, 0, 9, 4};
+  for (uint32_t i = 0; i < N; i++) {
+    assert_int_equal(sl_cluster_group_index(k[i]), by_slot[i]);
+    assert_int_equal(sl_cluster_group_node(k[i]), SL_CLUSTER_NO_NODE);
+  }
+  assert_int_equal(sl_cluster_group_end(k, N, 0, 0), N);
+  assert_int_equal(sl_cluster_group_end(k, N, 4, 1), 6);
+  sl_cluster_group_sort(k, 0); /* nothing to sort */
+  free(m);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_crc16),       cmocka_unit_test(test_key_slot),
       cmocka_unit_test(test_map_valid),   cmocka_unit_test(test_map_dedup_and_gaps),
       cmocka_unit_test(test_map_refused), cmocka_unit_test(test_map_bound),
       cmocka_unit_test(test_error_kind),  cmocka_unit_test(test_redirect),
-      cmocka_unit_test(test_uid_key),
+      cmocka_unit_test(test_uid_key),     cmocka_unit_test(test_group),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
