@@ -55,8 +55,9 @@ static const char apply_script[] =
     "           'batch', id, 'keys', n, 'deltas', ARGV[b]) "
     "return 1";
 
-/* Redis Cluster (SPEC 10; docs/operations.md): a batch goes as one part per
- * hash slot of its UIDs, each applied exactly once by its own marker in
+/* Redis Cluster (SPEC 10; docs/operations.md): a slot of a batch's UIDs
+ * that goes on its own (the one slot of its master in the batch, or one
+ * master_script did not run), applied exactly once by its own marker in
  * that slot: KEYS[1] the marker (meter:batch:<id>:{<uid>}, the UID of the
  * part's first key), then per key its calls and usage keys (the calls key
  * again when nothing is billed); ARGV: the key count, then per key the
@@ -73,6 +74,43 @@ static const char part_script[] =
     "  b = b + 3 + u "
     "end "
     "return 1";
+
+/* Redis Cluster: the slots of a batch's UIDs that one master serves, in
+ * one script (issue 14: a script per slot made Redis's per-call cost
+ * dominate, about one call per account). Keys of several slots cannot be
+ * declared (CROSSSLOT), so none is: Redis 7's allow-cross-slot-keys lets
+ * the script touch any slot this node serves, and checks each command.
+ * Per slot, its marker (part_script's, the same name) is SET first under
+ * pcall: set means the slot is served here and not being migrated (a
+ * missing key of a migrating slot is refused: ASK), so its counts are
+ * applied in full; found means applied before; refused (-1) means not run
+ * here: the flusher sends that slot as its own part_script. Nothing runs
+ * between the check and the writes (a script is atomic). ARGV: the slot
+ * count, then per slot: marker, key count, the number of args that follow
+ * for its keys, and per key apply_script's: calls key, calls field, count,
+ * usage key ('' when nothing is billed), the number of usage fields and
+ * the fields. Returns an integer per slot: 1 applied, 0 found, -1 not run. */
+static const char master_script[] =
+    "#!lua flags=allow-cross-slot-keys\n"
+    "local out, b = {}, 2 "
+    "for g = 1, tonumber(ARGV[1]) do "
+    "  local r = redis.pcall('SET', ARGV[b], '1', 'NX', 'EX', 604800) "
+    "  local n, nb = tonumber(ARGV[b + 1]), b + 3 + tonumber(ARGV[b + 2]) "
+    "  if type(r) == 'table' and r.err then out[g] = -1 "
+    "  elseif not r then out[g] = 0 "
+    "  else "
+    "    out[g] = 1 "
+    "    b = b + 3 "
+    "    for i = 1, n do "
+    "      redis.call('HINCRBY', ARGV[b], ARGV[b + 1], ARGV[b + 2]) "
+    "      local u = tonumber(ARGV[b + 4]) "
+    "      for j = 1, u do redis.call('HINCRBY', ARGV[b + 3], ARGV[b + 4 + j], ARGV[b + 2]) end "
+    "      b = b + 5 + u "
+    "    end "
+    "  end "
+    "  b = nb "
+    "end "
+    "return out";
 
 /* The batch's usage:stream entry in a cluster, once: KEYS[1] a marker in
  * the stream's slot (meter:batch:<id>:{<tag>}, the tag chosen at start to
@@ -350,6 +388,7 @@ static void part_end(struct sl_flusher *f, struct part *p, int how) {
 }
 
 static void on_part(void *owner, void *priv, const redisReply *r);
+static void part_in_redis(struct sl_flusher *f, struct part *p, int kind);
 
 /* WAIT's reply: fewer replicas than needed keeps the batch (sent again: on
  * this master its markers make that a no-op, then WAIT again; a new master
@@ -410,6 +449,12 @@ static void on_part(void *owner, void *priv, const redisReply *r) {
     part_end(f, p, PART_ERROR);
     return;
   }
+  part_in_redis(f, p, kind);
+}
+
+/* p's command is in Redis (kind: applied now or found applied): then WAIT
+ * on its master where that is on, else p has ended. */
+static void part_in_redis(struct sl_flusher *f, struct part *p, int kind) {
   p->kind = kind;
   int need = wait_replicas(f, p->slot);
   if (need > 0) { /* acked once on that many replicas: a failover cannot lose it (SPEC 10) */
@@ -592,6 +637,8 @@ static void usage_fields(struct args *x, const struct sl_meter_key *k) {
 }
 
 static void send_single(struct sl_flusher *f, struct sl_batch *b, struct args *xp);
+static struct args args_new(const struct sl_flusher *f, const struct sl_batch *b);
+static void args_free(struct args *x);
 static void send_cluster(struct sl_flusher *f, struct sl_batch *b, struct args *xp);
 
 static void send_next(struct sl_flusher *f) {
@@ -603,6 +650,23 @@ static void send_next(struct sl_flusher *f) {
     return;
   }
   struct sl_batch *b = f->head;
+  struct args x = args_new(f, b);
+  f->inflight = b;
+  f->gen++;
+  f->parts_left = 0;
+  f->part_worst = PART_OK;
+  f->part_applied = 0;
+  if (sl_db_cluster(f->redis))
+    send_cluster(f, b, &x);
+  else
+    send_single(f, b, &x);
+  args_free(&x);
+  if (f->parts_left == 0) parts_done(f); /* none could go */
+}
+
+/* Argument arrays and a buffer big enough for any command made of b's keys
+ * (its one EVAL, or in a cluster any of its parts); args_free frees them. */
+static struct args args_new(const struct sl_flusher *f, const struct sl_batch *b) {
   size_t plen = strlen(f->prefix), n = b->n;
   /* per key 5 args and a usage field per service (at most 64: a Service
    * is at most 127 bytes), + at most 1 SADD member, + 2 per SADD group */
@@ -627,19 +691,13 @@ static void send_next(struct sl_flusher *f) {
   }
   cap += 2 * plen + 2 * sizeof(b->id) + 256; /* a cluster: the stream's marker and name */
   x.buf = x.p = sl_malloc(cap);
-  f->inflight = b;
-  f->gen++;
-  f->parts_left = 0;
-  f->part_worst = PART_OK;
-  f->part_applied = 0;
-  if (sl_db_cluster(f->redis))
-    send_cluster(f, b, &x);
-  else
-    send_single(f, b, &x);
-  free(x.argv);
-  free(x.lens);
-  free(x.buf);
-  if (f->parts_left == 0) parts_done(f); /* none could go */
+  return x;
+}
+
+static void args_free(struct args *x) {
+  free(x->argv);
+  free(x->lens);
+  free(x->buf);
 }
 
 /* One server or Sentinel: the batch as one EVAL of apply_script. */
@@ -733,12 +791,6 @@ static void send_single(struct sl_flusher *f, struct sl_batch *b, struct args *x
   send_part(f, 0, 0, (int)x.a, x.argv, x.lens);
 }
 
-/* Orders a batch's key indices by slot: slot << 16 | index. */
-static int cmp_u32(const void *a, const void *b) {
-  uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-  return x < y ? -1 : x > y;
-}
-
 /* The name <prefix><head><day>:{<uid>} into the args (cluster form). */
 static void arg_uid_key(struct sl_flusher *f, struct args *x, const char *head, size_t hl, const struct sl_meter_key *k) {
   char h[128];
@@ -749,63 +801,238 @@ static void arg_uid_key(struct sl_flusher *f, struct args *x, const char *head, 
   x->p += n + 1;
 }
 
-/* Redis Cluster: one part_script EVAL per slot of the batch's UIDs, one
- * SADD per day's set of UIDs (its own slot; idempotent), and the stream
- * entry with its own marker: each part applied once, the batch acked when
- * all are (parts_done). The grouping depends on the batch alone, so a
- * batch sent again makes the same parts and markers. */
+/* A UID with a brace cannot be a tag: its keys keep the plain names. */
+static int uid_plain(const struct sl_meter_key *k) {
+  return memchr(k->uid, '{', k->uid_len) || memchr(k->uid, '}', k->uid_len);
+}
+
+/* The batch's keys as cluster.h's group keys, sorted: by master in m (NULL:
+ * none, by slot alone), slot, index. A slot's keys are one run whatever m
+ * says, so its marker is the same on either path. A slot with a key of a
+ * UID with a brace never joins a master's script (plain names: the slot
+ * is that of the UID read as a key, and the part declares them all). The
+ * caller frees the array. */
+static uint64_t *group_keys(const struct sl_batch *b, const struct sl_cluster_map *m) {
+  uint64_t *keys = sl_malloc((b->n ? b->n : 1) * sizeof *keys);
+  uint8_t alone[SL_CLUSTER_SLOTS / 8] = {0}; /* slots with such a key */
+  for (uint32_t i = 0; i < b->n; i++) {
+    const struct sl_meter_key *k = &b->e[i].k;
+    int plain = uid_plain(k);
+    unsigned slot = plain ? sl_cluster_key_slot(k->uid, k->uid_len) : sl_db_uid_slot(k->uid, k->uid_len);
+    if (plain) alone[slot / 8] |= (uint8_t)(1u << slot % 8);
+    keys[i] = slot;
+  }
+  for (uint32_t i = 0; i < b->n; i++) {
+    unsigned slot = (unsigned)keys[i];
+    keys[i] = sl_cluster_group_key(alone[slot / 8] & 1u << slot % 8 ? NULL : m, slot, i);
+  }
+  sl_cluster_group_sort(keys, b->n);
+  return keys;
+}
+
+/* A slot's exactly-once marker meter:batch:<id>:{<uid>}, the UID of its
+ * lowest-index key in the batch: the same name on either path (a slot's
+ * own part or a master's script), whatever the map. */
+static void arg_marker(struct sl_flusher *f, struct args *x, const struct sl_batch *b, const struct sl_meter_key *k0) {
+  char head[160];
+  int hl = snprintf(head, sizeof head, "%s" SL_KEY_METER_BATCH "%.*s:", f->prefix, b->id_len, b->id);
+  int ml = sl_db_uid_key(f->redis, x->p, (size_t)hl + k0->uid_len + 4, head, (size_t)hl, k0->uid, k0->uid_len, "", 0);
+  if (ml < 0) ml = snprintf(x->p, (size_t)hl + k0->uid_len + 4, "%s%.*s", head, (int)k0->uid_len, k0->uid);
+  arg(x, x->p, (size_t)ml);
+  x->p += ml + 1;
+}
+
+/* One slot's part (part_script): run[0..n), the sorted group keys of that
+ * slot; base: the batch's buffers (args_new), written from their start. */
+static void send_slot_part(struct sl_flusher *f, struct sl_batch *b, const struct args *base, const uint64_t *run,
+                           uint32_t n) {
+  struct args x = *base;
+  x.a = 0;
+  arg(&x, "EVAL", 4);
+  arg(&x, part_script, sizeof(part_script) - 1);
+  arg_num(&x, 1 + 2 * n);
+  arg_marker(f, &x, b, &b->e[sl_cluster_group_index(run[0])].k);
+  for (uint32_t j = 0; j < n; j++) {
+    const struct sl_meter_key *k = &b->e[sl_cluster_group_index(run[j])].k;
+    arg_uid_key(f, &x, SL_KEY_CALLS, SL_KEYLEN(SL_KEY_CALLS), k);
+    arg_uid_key(f, &x, billed(k) ? SL_KEY_USAGE : SL_KEY_CALLS, billed(k) ? SL_KEYLEN(SL_KEY_USAGE) : SL_KEYLEN(SL_KEY_CALLS),
+                k);
+  }
+  arg_num(&x, n);
+  char fr[64 + SL_REGION_MAX];
+  for (uint32_t j = 0; j < n; j++) {
+    const struct sl_batch_entry *be = &b->e[sl_cluster_group_index(run[j])];
+    const char *fname, *tier, *o;
+    sl_flusher_key_names(&be->k, &fname, &tier, &o);
+    size_t frl = field_fr(&be->k, fr);
+    arg_cat(&x, fr, frl, ":", 1, o, strlen(o));
+    arg_num(&x, be->count);
+    if (billed(&be->k))
+      usage_fields(&x, &be->k);
+    else
+      arg(&x, "0", 1);
+  }
+  send_part(f, sl_cluster_group_slot(run[0]), 0, (int)x.a, x.argv, x.lens);
+}
+
+/* A master's script in flight: its part (first: part_end frees it) and
+ * the slots of its groups, in the script's order. */
+struct master_part {
+  struct part p;
+  unsigned n;
+  unsigned slots[];
+};
+
+static void on_master_part(void *owner, void *priv, const redisReply *r);
+
+/* One master's slots in one master_script EVAL: run[0..n), the sorted group
+ * keys of one master, of several slots; base as for send_slot_part. */
+static void send_master_part(struct sl_flusher *f, struct sl_batch *b, const struct args *base, const uint64_t *run,
+                             uint32_t n) {
+  unsigned ngroups = 0;
+  for (uint32_t g = 0; g < n; g = (uint32_t)sl_cluster_group_end(run, n, g, 1)) ngroups++;
+  struct master_part *mp = sl_calloc(1, sizeof *mp + ngroups * sizeof mp->slots[0]);
+  mp->p = (struct part){.gen = f->gen, .slot = sl_cluster_group_slot(run[0])};
+  struct args x = *base;
+  x.a = 0;
+  arg(&x, "EVAL", 4);
+  arg(&x, master_script, sizeof(master_script) - 1);
+  arg(&x, "0", 1); /* keys of several slots cannot be declared (CROSSSLOT) */
+  arg_num(&x, ngroups);
+  char fr[64 + SL_REGION_MAX];
+  for (uint32_t g = 0, e; g < n; g = e) {
+    e = (uint32_t)sl_cluster_group_end(run, n, g, 1);
+    mp->slots[mp->n++] = sl_cluster_group_slot(run[g]);
+    arg_marker(f, &x, b, &b->e[sl_cluster_group_index(run[g])].k);
+    arg_num(&x, e - g);
+    size_t span_at = x.a;
+    arg(&x, "", 0); /* the group's args after this one, set below */
+    for (uint32_t j = g; j < e; j++) {
+      const struct sl_batch_entry *be = &b->e[sl_cluster_group_index(run[j])];
+      const char *fname, *tier, *o;
+      sl_flusher_key_names(&be->k, &fname, &tier, &o);
+      breathe(f, 1);
+      arg_uid_key(f, &x, SL_KEY_CALLS, SL_KEYLEN(SL_KEY_CALLS), &be->k);
+      size_t frl = field_fr(&be->k, fr);
+      arg_cat(&x, fr, frl, ":", 1, o, strlen(o));
+      arg_num(&x, be->count);
+      if (billed(&be->k)) {
+        arg_uid_key(f, &x, SL_KEY_USAGE, SL_KEYLEN(SL_KEY_USAGE), &be->k);
+        usage_fields(&x, &be->k);
+      } else {
+        arg(&x, "", 0);
+        arg(&x, "0", 1);
+      }
+    }
+    size_t l = sl_u64toa(x.a - span_at - 1, x.p);
+    x.argv[span_at] = x.p;
+    x.lens[span_at] = l;
+    x.p += l + 1;
+  }
+  if (sl_db_command(f->redis, mp->p.slot, on_master_part, mp, (int)x.a, x.argv, x.lens) != 0) {
+    free(mp);
+    if (PART_LOST > f->part_worst) f->part_worst = PART_LOST;
+    return;
+  }
+  f->parts_left++;
+}
+
+/* The slots of a master's script that did not run there (refused: the
+ * whole script; -1: a slot it does not serve, or one being migrated) go
+ * again as parts of their own now, which follow MOVED, ASK and TRYAGAIN;
+ * their markers are the same, so one applied meanwhile is a no-op. */
+static void send_slots_again(struct sl_flusher *f, const struct master_part *mp, const redisReply *r) {
+  uint8_t redo[SL_CLUSTER_SLOTS / 8] = {0};
+  unsigned nredo = 0;
+  for (unsigned i = 0; i < mp->n; i++)
+    if (!r || r->element[i]->integer < 0) {
+      redo[mp->slots[i] / 8] |= (uint8_t)(1u << mp->slots[i] % 8);
+      nredo++;
+    }
+  if (!nredo) return;
+  sl_db_refresh(f->redis); /* the map said these slots were there */
+  struct sl_batch *b = f->inflight;
+  struct args x = args_new(f, b);
+  uint64_t *keys = group_keys(b, NULL); /* by slot alone */
+  for (uint32_t g = 0, e; g < b->n; g = e) {
+    e = (uint32_t)sl_cluster_group_end(keys, b->n, g, 1);
+    unsigned slot = sl_cluster_group_slot(keys[g]);
+    if (redo[slot / 8] & 1u << slot % 8) send_slot_part(f, b, &x, keys + g, e - g);
+  }
+  free(keys);
+  args_free(&x);
+}
+
+/* A master's script answered: an integer per group (1 applied, 0 found
+ * applied, -1 not run there), or an error (none ran: Redis before 7.0
+ * does not know the shebang, a replica refuses writes, ...). */
+static void on_master_part(void *owner, void *priv, const redisReply *r) {
+  struct sl_flusher *f = owner;
+  struct master_part *mp = priv;
+  if (!f || mp->p.gen != f->gen || !f->inflight) {
+    free(mp);
+    return;
+  }
+  if (mp->p.need) { /* its WAIT's reply */
+    part_waited(f, &mp->p, r);
+    return;
+  }
+  if (!r) { /* lost with its connection: the whole batch again */
+    part_end(f, &mp->p, PART_LOST);
+    return;
+  }
+  int ok = r->type == REDIS_REPLY_ARRAY && r->elements == mp->n, kind = SL_REPLY_DUPLICATE, ran = -1;
+  for (unsigned i = 0; ok && i < mp->n; i++) {
+    const redisReply *e = r->element[i];
+    ok = e->type == REDIS_REPLY_INTEGER && e->integer >= -1 && e->integer <= 1;
+    if (ok && e->integer >= 0 && ran < 0) ran = (int)i;
+    if (ok && e->integer == 1) kind = SL_REPLY_APPLIED;
+  }
+  if (!ok) {
+    uint32_t held;
+    if (sl_ratelog_ok(&f->log_err, sl_mono_ms(), ERR_LOG_MS, &held)) {
+      char w[220];
+      fprintf(stderr,
+              "sluice: metering batch %.*s: a master's script answered %s: its %u slot(s) go one by one (said at "
+              "most every %d s)\n",
+              f->inflight->id_len, f->inflight->id,
+              r->type == REDIS_REPLY_ERROR ? sl_printable(w, sizeof(w), r->str, r->len) : "an unexpected reply", mp->n,
+              ERR_LOG_MS / 1000);
+    }
+  }
+  send_slots_again(f, mp, ok ? r : NULL);
+  if (!ok || ran < 0) { /* nothing of it is on this master: no WAIT here */
+    part_end(f, &mp->p, PART_OK);
+    return;
+  }
+  mp->p.slot = mp->slots[ran]; /* a slot it ran on: WAIT goes to that master */
+  part_in_redis(f, &mp->p, kind);
+}
+
+/* Redis Cluster: per master of the map, one master_script EVAL for the
+ * slots of the batch's UIDs it serves (one part_script EVAL where it has
+ * just one, or the map has none for it), one SADD per day's set of UIDs
+ * (its own slot; idempotent), and the stream entry with its own marker:
+ * each slot applied once through its marker, whichever way it goes; the
+ * batch acked when every part is (parts_done). */
 static void send_cluster(struct sl_flusher *f, struct sl_batch *b, struct args *xp) {
   struct args x = *xp;
   char *buf = x.p;
   uint32_t n = b->n;
-  uint32_t *order = sl_malloc(n * sizeof *order);
-  for (uint32_t i = 0; i < n; i++) {
-    const struct sl_meter_key *k = &b->e[i].k;
-    /* a UID with a brace cannot be a tag: its keys keep the plain names,
-     * whose slot is that of the UID read as a key */
-    int plain = memchr(k->uid, '{', k->uid_len) || memchr(k->uid, '}', k->uid_len);
-    order[i] = (plain ? sl_cluster_key_slot(k->uid, k->uid_len) : sl_db_uid_slot(k->uid, k->uid_len)) << 16 | i;
-  }
-  qsort(order, n, sizeof *order, cmp_u32);
-  for (uint32_t g = 0; g < n;) {
-    uint32_t slot = order[g] >> 16, e = g;
-    while (e < n && order[e] >> 16 == slot) e++;
-    x.a = 0;
-    x.p = buf;
-    const struct sl_meter_key *k0 = &b->e[order[g] & 0xffff].k;
-    arg(&x, "EVAL", 4);
-    arg(&x, part_script, sizeof(part_script) - 1);
-    arg_num(&x, 1 + 2 * (e - g));
-    char head[160];
-    int hl = snprintf(head, sizeof head, "%s" SL_KEY_METER_BATCH "%.*s:", f->prefix, b->id_len, b->id);
-    int ml = sl_db_uid_key(f->redis, x.p, (size_t)hl + k0->uid_len + 4, head, (size_t)hl, k0->uid, k0->uid_len, "", 0);
-    if (ml < 0) ml = snprintf(x.p, (size_t)hl + k0->uid_len + 4, "%s%.*s", head, (int)k0->uid_len, k0->uid);
-    arg(&x, x.p, (size_t)ml);
-    x.p += ml + 1;
-    for (uint32_t j = g; j < e; j++) {
-      const struct sl_meter_key *k = &b->e[order[j] & 0xffff].k;
-      arg_uid_key(f, &x, SL_KEY_CALLS, SL_KEYLEN(SL_KEY_CALLS), k);
-      arg_uid_key(f, &x, billed(k) ? SL_KEY_USAGE : SL_KEY_CALLS, billed(k) ? SL_KEYLEN(SL_KEY_USAGE) : SL_KEYLEN(SL_KEY_CALLS),
-                  k);
+  uint64_t *keys = group_keys(b, sl_db_map(f->redis));
+  for (uint32_t g = 0, e; g < n; g = e) {
+    e = (uint32_t)sl_cluster_group_end(keys, n, g, 0);
+    int one_slot = sl_cluster_group_end(keys, n, g, 1) == e;
+    if (sl_cluster_group_node(keys[g]) != SL_CLUSTER_NO_NODE && !one_slot) {
+      send_master_part(f, b, &x, keys + g, e - g);
+      continue;
     }
-    arg_num(&x, e - g);
-    char fr[64 + SL_REGION_MAX];
-    for (uint32_t j = g; j < e; j++) {
-      const struct sl_batch_entry *be = &b->e[order[j] & 0xffff];
-      const char *fname, *tier, *o;
-      sl_flusher_key_names(&be->k, &fname, &tier, &o);
-      size_t frl = field_fr(&be->k, fr);
-      arg_cat(&x, fr, frl, ":", 1, o, strlen(o));
-      arg_num(&x, be->count);
-      if (billed(&be->k))
-        usage_fields(&x, &be->k);
-      else
-        arg(&x, "0", 1);
+    for (uint32_t s = g, se; s < e; s = se) { /* a slot's own part: one slot, or a master unknown */
+      se = (uint32_t)sl_cluster_group_end(keys, e, s, 1);
+      send_slot_part(f, b, &x, keys + s, se - s);
     }
-    send_part(f, slot, 0, (int)x.a, x.argv, x.lens);
-    g = e;
   }
-  free(order);
+  free(keys);
   /* The day's sets: SADD each day's billed UIDs (repeats are harmless). */
   for (uint32_t i = 0; i < n; i++) {
     const struct sl_meter_key *k = &b->e[i].k;

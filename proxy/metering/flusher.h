@@ -55,8 +55,8 @@ struct sl_flusher {
   unsigned nqueued;
   uint64_t queued_counts; /* requests counted in the queued batches */
   struct sl_batch *inflight;
-  /* its parts (one, or with Redis Cluster one per slot, the days' sets and
-   * the stream entry): sent as send number gen, left unanswered, the worst
+  /* its parts (one, or with Redis Cluster one per master and per slot sent
+   * alone, the days' sets and the stream entry): sent as send number gen, left unanswered, the worst
    * end so far, whether one was applied (not found applied) */
   uint64_t gen;
   unsigned parts_left;

@@ -11,19 +11,25 @@ Under a bounded load the slot of {-} is migrated to another master
 `redis-cli --cluster reshard` does); after a SIGTERM usage == the 200s
 modstub gave (exactly once), each batch in the stream once, the day's set
 holds the UID. The master failover case: the slot's master SIGKILLed under
-load, its replica (synced before the load) promoted, the same checks. Every
-process is stopped by its PID; every wait is bounded."""
+load, its replica (synced before the load) promoted, the same checks.
+With 300 accounts (admission on): one script per master and batch (INFO
+commandstats' EVAL calls per master), and the migration and failover cases
+again, where a master's script meets the slot half moved or its master
+gone: every account's usage == the 200s it got. Every process is stopped
+by its PID; every wait is bounded."""
 
+import collections
 import json
 import subprocess
 import signal
 import sys
+import threading
 import time
 import unittest
 
 import harness
 from proxyenv import start_modstub, start_sluice
-from test_metering import P, Load, Tally, poll
+from test_metering import P, Load, Resp, Tally, _req, poll
 
 def crc16(data):
     """CRC16-XMODEM, Redis Cluster's key hash."""
@@ -278,6 +284,191 @@ class ClusterProxyTest(unittest.TestCase):
 
     def test_slot_migration(self):
         self.run_load(migrate=True, kill=False)
+
+    # ---- many accounts: one script per master and batch (issue 14) ----
+
+    def owners(self):
+        """slot -> the live master serving it, from one CLUSTER NODES."""
+        live = [n for n in self.nodes if not n.killed]
+        by_port = {n.port: n for n in live}
+        out = {}
+        for line in live[0].cli("CLUSTER", "NODES").splitlines():
+            f = line.split()
+            if "master" not in f[2] or "fail" in f[2]:
+                continue
+            node = by_port.get(int(f[1].split("@")[0].rsplit(":", 1)[1]))
+            for rng in f[8:]:
+                if not rng.startswith("["):
+                    lo, _, hi = rng.partition("-")
+                    out.update((s, node) for s in range(int(lo), int(hi or lo) + 1))
+        return out
+
+    def masters(self):
+        return [n for n in self.nodes if not n.killed and "master" in n.cli("ROLE").split("\n")[0]]
+
+    def seed_accounts(self, n):
+        """ak:AKC<i> -> c<i> for i < n, each SET on its slot's master (one
+        redis-cli per master, the commands on its stdin); text unlimited."""
+        owners, by = self.owners(), collections.defaultdict(list)
+        for i in range(n):
+            k = f"{P}ak:AKC{i}"
+            by[owners[key_slot(k)]].append(f"SET {k} c{i}")
+        k = P + "feature:text"
+        by[owners[key_slot(k)]].append(f"HSET {k} default_qps 1000000")
+        for node, lines in by.items():
+            out = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(node.port)], input="\n".join(lines) + "\n",
+                                 check=True, capture_output=True, text=True, timeout=30).stdout
+            self.assertEqual(len(out.split()), len(lines), node.addr)
+            self.assertLessEqual(set(out.split()), {"OK", "1"}, node.addr)
+
+    def usage_by_uid(self):
+        """usage:<day>:{<uid>} summed per UID over every live master."""
+        got = collections.Counter()
+        for m in self.masters():
+            c = Resp(m.port)
+            try:
+                for k in c.cmd("KEYS", P + "usage:*:{*}"):
+                    flat = c.cmd("HGETALL", k)
+                    got[k[k.index("{") + 1:-1]] += sum(int(v) for v in flat[1::2])
+            finally:
+                c.close()
+        return got
+
+    def eval_calls(self, what="calls"):
+        """INFO commandstats' EVAL calls (or rejected_calls: answered MOVED,
+        ASK, TRYAGAIN...), per live master (by port)."""
+        out = {}
+        for m in self.masters():
+            line = next((x for x in m.cli("INFO", "commandstats").splitlines() if x.startswith("cmdstat_eval:")), "")
+            fields = dict(f.split("=") for f in line.split(":", 1)[1].split(",")) if line else {}
+            out[m.port] = int(fields.get(what, 0))
+        return out
+
+    def load_accounts(self, sl, n, stop, counts, lock):
+        """Threads sending one call per account in turn until stop is set;
+        counts[uid] += the 200s each account got."""
+        def run(lo, hi):
+            with harness.HttpConn(sl.port) as c:
+                while not stop.is_set():
+                    for i in range(lo, hi):
+                        c.send(_req(ak=f"AKC{i}"))
+                        if c.read_response().status == 200:
+                            with lock:
+                                counts[f"c{i}"] += 1
+        ts = [threading.Thread(target=run, args=(k * n // 3, (k + 1) * n // 3), daemon=True) for k in range(3)]
+        for t in ts:
+            t.start()
+        return ts
+
+    def start_accounts(self, n, *args):
+        """A cluster with n accounts, a modstub (3% errors) and a sluice with
+        admission on (global limits off) that has looked every account up."""
+        self.start_cluster()
+        self.seed_accounts(n)
+        _, up = start_modstub(self, "--error-rate", "0.03", "--seed", "7", workers=2)
+        url = "cluster://" + ",".join(n.addr for n in self.nodes[:2])
+        sl = start_sluice(self, [up], "--redis", url, "--admission", "on", "--global-limits", "off",
+                          "--resync-ms", "600000", *args, workers=2)
+        poll(lambda: sl.metrics().get("sluice_directory_resyncs_total", 0) >= 1, 10, "first resync")
+        counts = collections.Counter()
+        with harness.HttpConn(sl.port) as c:  # each account looked up once (the directory's own EVALs)
+            for i in range(n):
+                c.send(_req(ak=f"AKC{i}"))
+                resp = c.read_response()
+                self.assertIn(resp.status, (200, 500), resp.body[:300])
+                counts[f"c{i}"] += resp.status == 200
+        return sl, up, counts
+
+    def check_accounts(self, sl, up, counts, what):
+        """After a SIGTERM: every account's usage equals the 200s it got and
+        the backend's 200s; each batch once in the stream; every UID in the
+        day's set."""
+        self.assertEqual(sl.stop(timeout=30), 0, sl.stderr()[-2000:])
+        backend = harness.http_request(up, "GET", "/stats").json()["by_status"].get("200", 0)
+        got = self.usage_by_uid()
+        self.assertEqual(sum(got.values()), backend, f"{what}: usage != backend 200s " + sl.stderr()[-2000:])
+        self.assertEqual({u: v for u, v in got.items() if v}, {u: v for u, v in counts.items() if v}, what)
+        batches = self.stream_batches()
+        self.assertEqual(len(batches), len(set(batches)), "a batch twice in usage:stream")
+        day = time.strftime("%Y%m%d", time.gmtime())
+        members = set(self.master_of(key_slot(P + "usage:" + day)).cli("SMEMBERS", P + "usage:" + day).split())
+        self.assertEqual(members, {u for u, v in counts.items() if v})
+        for bad in ("Sanitizer", "runtime error:"):
+            self.assertNotIn(bad, sl.stderr())
+        return backend
+
+    def test_script_per_master(self):
+        """300 accounts, a flush every 0.5 s: each master gets one script per
+        batch for all of its accounts' slots (at most 2 EVALs per batch with
+        the stream entry's), not one per slot (about 100 per batch here)."""
+        n = 300
+        sl, up, counts = self.start_accounts(n, "--flush-ms", "500")
+        poll(lambda: sl.metrics().get("sluice_meter_batches_applied_total", 0) >= 1 and
+             sl.metrics().get("sluice_meter_queue_batches", 1) == 0, 10, "the look-ups' counts in Redis")
+        time.sleep(0.6)  # one more flush: nothing of the look-up phase left
+        for m in self.masters():
+            m.cli("CONFIG", "RESETSTAT")
+        b0 = sl.metrics().get("sluice_meter_batches_total", 0)
+        stop, lock = threading.Event(), threading.Lock()
+        ts = self.load_accounts(sl, n, stop, counts, lock)
+        time.sleep(3.0)
+        stop.set()
+        for t in ts:
+            t.join(10)
+        poll(lambda: sl.metrics().get("sluice_meter_queue_batches", 1) == 0 and
+             sl.metrics().get("sluice_meter_batches_total", 0) > b0, 10, "the load's batches in Redis")
+        time.sleep(0.6)
+        m = sl.metrics()
+        batches = m.get("sluice_meter_batches_total", 0) - b0
+        sends = batches + m.get("sluice_meter_batches_retried_total", 0)
+        evals = self.eval_calls()
+        print(f"cluster script per master: {batches} batches ({sends} sends), EVAL calls per master {evals}",
+              file=sys.stderr)
+        self.assertGreaterEqual(batches, 3)
+        for port, calls in evals.items():
+            self.assertLessEqual(calls, 2 * sends + 2, f"master {port}: EVALs {evals} for {batches} batches")
+        self.check_accounts(sl, up, counts, "script per master")
+
+    def many_accounts_under(self, migrate, kill):
+        """300 accounts loaded for ~8 s, a flush every 0.2 s; after 2 s the
+        slot of c0 is migrated to another master (its master's scripts meet it
+        half moved: those slots go one by one, following ASK and TRYAGAIN), or
+        c0's master is killed and its replica promoted: every count once."""
+        n = 300
+        sl, up, counts = self.start_accounts(n, "--flush-ms", "200", "--redis-timeout-ms", "1000")
+        slot = key_slot("{c0}")
+        src = self.master_of(slot)
+        # another account on the same master: its master's scripts hold several slots
+        self.assertTrue(any(self.master_of(key_slot("{c%d}" % i)) is src for i in range(1, n)))
+        stop, lock = threading.Event(), threading.Lock()
+        ts = self.load_accounts(sl, n, stop, counts, lock)
+        time.sleep(2.0)
+        if migrate:
+            dst = next(m for m in self.masters() if m is not src)
+            self.migrate_slot(slot, src, dst)
+            self.assertIs(self.master_of(slot), dst)
+        if kill:
+            src.kill()
+            poll(lambda: self.master_of(slot) not in (None, src) and
+                 "cluster_state:ok" in self.master_of(slot).cli("CLUSTER", "INFO"), 20, "replica promoted")
+        time.sleep(3.0)
+        self.assertTrue(all(t.is_alive() for t in ts), "a load thread ended")
+        stop.set()
+        for t in ts:
+            t.join(10)
+        retried = sl.metrics().get("sluice_meter_batches_retried_total", 0)
+        rejected = self.eval_calls("rejected_calls")
+        backend = self.check_accounts(sl, up, counts, "migration" if migrate else "failover")
+        if migrate:  # the slot went one by one while half moved (a master's script never is refused)
+            self.assertGreater(sum(rejected.values()), 0, "no EVAL met the slot half moved")
+        print(f"cluster many accounts ({'migration' if migrate else 'failover'}): usage == 200s == {backend}, "
+              f"{retried} batch(es) retried, EVALs refused per master {rejected}", file=sys.stderr)
+
+    def test_many_accounts_slot_migration(self):
+        self.many_accounts_under(migrate=True, kill=False)
+
+    def test_many_accounts_master_failover(self):
+        self.many_accounts_under(migrate=False, kill=True)
 
     def test_master_failover(self):
         self.run_load(migrate=False, kill=True)
