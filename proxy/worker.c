@@ -4,6 +4,7 @@
  * swaps and the SIGTERM drain. */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -148,6 +149,9 @@ static void on_inbox(uv_async_t *a) {
 
 static void worker_main(void *arg) {
   struct sl_worker *w = arg;
+  char name[16];
+  snprintf(name, sizeof(name), "sluice-w%u", w->id);
+  (void)pthread_setname_np(pthread_self(), name); /* top -H, perf */
   uv_run(&w->loop, UV_RUN_DEFAULT);
   /* Everything is closed; let close callbacks run, then free what is left. */
   uv_run(&w->loop, UV_RUN_DEFAULT);

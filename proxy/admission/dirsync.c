@@ -565,7 +565,7 @@ int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned
   d->subs[0].r = d->redis; /* one server: the subscriber is the client's own (not stopped apart) */
   sl_db_start(d->db);
   uv_timer_start(&d->tick, on_tick, 100, 100);
-  if ((r = sl_loop_thread_start(&d->thread, &d->loop)) != 0) goto err_redis;
+  if ((r = sl_loop_thread_start(&d->thread, &d->loop, "sluice-dir")) != 0) goto err_redis;
   return 0;
 err_redis:
   sl_db_stop(d->db);

@@ -12,6 +12,7 @@
 
 #include "addr.h"
 #include "common.h"
+#include "uv_util.h"
 
 /* OPT_CHOICE: one of two words, stored as its value in an int field (a
  * switch's 1 or 0, or an enum), so that nothing tests option strings later. */
@@ -54,6 +55,10 @@ static const struct opt opts[] = {
   {"redis-wait-ms", OPT_UINT, F(redis_wait_ms), 0, 1, 600000,
    "metering: WAIT's timeout; at most half of --redis-timeout-ms is used (1000)"},
   {"workers", OPT_UINT, F(workers), 0, 1, 256, "event-loop threads (number of CPUs)"},
+  {"background-nice", OPT_INT, F(background_nice), 0, 0, 19,
+   "nice value of the background threads: flusher, directory, fleet sync (5)"},
+  {"background-cpus", OPT_STR, F(background_cpus), FSIZE(background_cpus), 0, 0,
+   "CPU list (as taskset -c) for the background threads, e.g. to keep them off the workers' CPUs (the process's)"},
   {"admin", OPT_ADDR, F(admin), 0, 0, 0, "HOST:PORT admin listener (127.0.0.1:9901)"},
   {"region", OPT_STR, F(region), FSIZE(region), 0, 0,
    "region when Host names none (cn-shanghai)"},
@@ -298,6 +303,7 @@ static void config_defaults(struct sl_config *c) {
   strcpy(c->spool_dir, "/var/lib/sluice");
   c->metering_on = 1;
   c->spool_max_bytes = 1ull << 30;
+  c->background_nice = SL_BACKGROUND_NICE_DEFAULT;
   c->meter_keys = 16384;
   c->flush_keys = 131072;
   c->meter_queue_batches = 10000;
@@ -432,6 +438,13 @@ int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, s
   if (out->global_ttl_ms < 3 * out->global_sync_ms) {
     set_err(err, errlen, "global-ttl-ms (%u) must be at least 3 x global-sync-ms (%u): a share lives through two lost syncs",
             out->global_ttl_ms, out->global_sync_ms);
+    return -1;
+  }
+  cpu_set_t cpus;
+  long ncpu = sysconf(_SC_NPROCESSORS_CONF);
+  if (out->background_cpus[0] && sl_cpu_list_parse(out->background_cpus, &cpus, ncpu > 0 ? (unsigned)ncpu : 1) != 0) {
+    set_err(err, errlen, "background-cpus: '%s' is not a CPU list (as taskset -c: 2, 0-3, 1,4-5) of CPUs below %ld",
+            out->background_cpus, ncpu);
     return -1;
   }
   if (out->n_upstream == 0) {

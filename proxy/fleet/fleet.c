@@ -1136,7 +1136,7 @@ int sl_fleet_start(struct sl_fleet *f, const struct sl_config *cfg, unsigned nwo
   f->last_tick_ms = sl_mono_ms();
   sl_db_start(f->db);
   uv_timer_start(&f->tick, on_tick, f->sync_ms, f->sync_ms);
-  if ((r = sl_loop_thread_start(&f->thread, &f->loop)) != 0) {
+  if ((r = sl_loop_thread_start(&f->thread, &f->loop, "sluice-fleet")) != 0) {
     snprintf(err, errlen, "global limits thread: %s", uv_strerror(r));
     sl_db_stop(f->db);
     f->db = NULL;

@@ -1407,7 +1407,7 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   }
   sl_db_start(f->redis);
   uv_timer_start(&f->tick, on_tick, f->spool_ms, f->spool_ms);
-  if ((r = sl_loop_thread_start(&f->thread, &f->loop)) != 0) {
+  if ((r = sl_loop_thread_start(&f->thread, &f->loop, "sluice-flusher")) != 0) {
     snprintf(err, errlen, "flusher thread: %s", uv_strerror(r));
     goto err_redis;
   }

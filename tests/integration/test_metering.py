@@ -905,6 +905,50 @@ class Billable(MeteringCase):
                          sorted(["-", "ad_compliance_detection", "chat_detection", "comment_detection,chat_detection"]))
 
 
+class BackgroundThreads(MeteringCase):
+    """--background-nice and --background-cpus: the flusher, directory and
+    fleet threads run at that nice value on those CPUs (kept off the
+    workers' CPUs for their tail latency); the workers and the main thread
+    stay as the process was started. Metering still lands."""
+
+    def test_threads_take_their_nice_value_and_cpus(self):
+        sl = self.start("--flush-ms", "200", "--background-nice", "7", "--background-cpus", "0")
+        threads = {}
+        for tid in os.listdir(f"/proc/{sl.proc.pid}/task"):
+            with open(f"/proc/{sl.proc.pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{sl.proc.pid}/task/{tid}/stat") as f:
+                nice = int(f.read().rsplit(")", 1)[1].split()[16])
+            with open(f"/proc/{sl.proc.pid}/task/{tid}/status") as f:
+                cpus = re.search(r"Cpus_allowed_list:\s*(\S+)", f.read()).group(1)
+            threads[name] = (nice, cpus)
+        with open("/proc/self/status") as f:
+            ours = re.search(r"Cpus_allowed_list:\s*(\S+)", f.read()).group(1)
+        note(f"background threads: {sorted(threads.items())}")
+        for name in ("sluice-flusher", "sluice-dir", "sluice-fleet"):
+            self.assertEqual(threads.get(name), (7, "0"), name)
+        for name in ("sluice-w0", "sluice-w1"):
+            self.assertEqual(threads.get(name), (0, ours), name)
+        with harness.HttpConn(sl.port) as c:
+            for _ in range(20):
+                c.send(_req())
+                self.assertEqual(c.read_response().status, 200)
+        day = time.strftime("%Y%m%d", time.gmtime())
+        poll(lambda: Meter(self.r.port).calls.get((day, "u1", "text:cn-shanghai:ok")) == 20, 5, "20 calls counted")
+
+    def test_bad_values_refused(self):
+        for args, says in ((("--background-nice", "20"), "background-nice: '20' is not an integer in [0, 19]"),
+                           (("--background-nice", "-1"), "background-nice"),
+                           (("--background-cpus", "100000"), "background-cpus: '100000' is not a CPU list"),
+                           (("--background-cpus", "0-"), "is not a CPU list"),
+                           (("--background-cpus", "1-0"), "is not a CPU list"),
+                           (("--background-cpus", "0,,1"), "is not a CPU list")):
+            p = subprocess.run([harness.bin_path("sluice"), "--upstream", f"127.0.0.1:{self.up}", "-t", *args],
+                               capture_output=True, text=True, timeout=10)
+            self.assertEqual(p.returncode, 1, (args, p.stderr))
+            self.assertIn(says, p.stderr, args)
+
+
 class SpoolBound(MeteringCase):
 
     def test_small_spool_bound(self):

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "uv_util.h"
 
 static char path[64];
 
@@ -232,6 +233,19 @@ static void test_addr_parse(void **state) {
   assert_int_equal(sl_addr_parse(&a, "[::1]8080"), -1);
 }
 
+static void test_cpu_list(void **state) {
+  (void)state;
+  cpu_set_t c;
+  assert_int_equal(sl_cpu_list_parse("0-2,5,7", &c, 8), 0);
+  assert_int_equal(CPU_COUNT(&c), 5);
+  assert_true(CPU_ISSET(0, &c) && CPU_ISSET(2, &c) && CPU_ISSET(5, &c) && CPU_ISSET(7, &c));
+  assert_false(CPU_ISSET(3, &c) || CPU_ISSET(6, &c));
+  assert_int_equal(sl_cpu_list_parse("3", &c, 4), 0);
+  assert_int_equal(CPU_COUNT(&c), 1);
+  const char *bad[] = {"", "4", "0-4", "2-1", "-1", "1-", "1,", ",1", "1,,2", "a", "1 2", "0x1", "99999999999999999999"};
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) assert_int_equal(sl_cpu_list_parse(bad[i], &c, 4), -1);
+}
+
 static void test_cli_parse(void **state) {
   (void)state;
   struct sl_cli cli;
@@ -254,7 +268,7 @@ int main(void) {
       cmocka_unit_test(test_defaults_and_cli), cmocka_unit_test(test_file_then_cli),
       cmocka_unit_test(test_rejections),       cmocka_unit_test(test_upstream_bound),
       cmocka_unit_test(test_addr_parse),       cmocka_unit_test(test_cli_parse),
-      cmocka_unit_test(test_redis_sentinel),
+      cmocka_unit_test(test_redis_sentinel),   cmocka_unit_test(test_cpu_list),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
