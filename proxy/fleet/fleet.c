@@ -22,18 +22,37 @@
 #define KEYS_PER_CALL 512      /* keys in one script call (more go in more calls) */
 #define ANNOUNCE_MAX 256       /* announcements read per call */
 #define LEAVE_WAIT_MS 300      /* a clean stop waits this long at most for Redis to take the leave */
-#define REFRESH_TICKS 4        /* a steady coordinated key is synced every this many ticks */
-#define HEARTBEAT_IDLE_MS 500 /* with no key coordinated: heartbeats this often (at most ttl / 3) */
+#define REFRESH_TICKS 20       /* a steady key is synced every this many ticks (nudges carry changes sooner) */
+#define POLL_TICKS 2           /* with keys coordinated: a sync (and the nudges read) at least this often */
+#define HEARTBEAT_IDLE_MS 500  /* with no key coordinated: heartbeats this often (at most ttl / 3) */
 #define DEMAND_FLOOR 100       /* milli-requests/s under which a demand counts as none */
+#define MOVE_MIN_PPM 100000u   /* a move of a tenth of the limit at least (noise on small shares is not one) */
+#define DEMAND_MAX 900000000u  /* milli-requests/s sent at most: demand * 1e7 + lease stays exact in Lua */
+
+/* Why a key is in a sync: the script's per-key flag. */
+#define FL_REFRESH '0' /* a refresh, or another instance nudged it */
+#define FL_MOVED '1'   /* new here, or its demand moved: the others are nudged if that frees share */
+#define FL_RELEASE '2' /* idle here: offered back to local shares */
+#define FL_RETRY '3'   /* unsettled: again once the others have had a tick to give back (no nudge) */
+
+/* The scripts, sent by EVALSHA (EVAL when Redis says NOSCRIPT). */
+enum { SC_SYNC, SC_HB, SC_ANN_READ, SC_ANN_ADD, SC_KEY, SC_N };
 
 /* The fleet thread's own state of a slot. */
 struct sl_fleet_key {
   uint64_t last_attempts;
   uint64_t demand;        /* milli-requests/s, smoothed */
   uint64_t idle_since_ms; /* since when the demand here is none (0: busy) */
-  uint64_t sent_demand;   /* the demand the last sync sent */
+  uint64_t quiet;         /* requests expected since the last tick with one (1e6 each; measure) */
+  uint8_t quiet_ticks;    /* ticks since then */
   uint64_t sent_ms;       /* when (0: never) */
-  int unsettled;          /* the last grant was a tenth or more below the target: sync every other tick */
+  int unsettled;          /* the last grant was a fifth or more below the target: a retry two ticks later */
+  uint8_t contended;      /* the last sync cut some instance's want (the water level) */
+  uint8_t capped;         /* ... this one's: more demand here changes nothing */
+  char flag;              /* FL_*: why it is in the sync being built */
+  char sent_flag;         /* ... and in the last one sent */
+  uint8_t nudged;         /* another instance's sync changed what this one should have: sync now */
+  uint8_t redo;           /* the last sync was lost: again at the next tick, with sent_flag */
   uint32_t pos;           /* index in f->used */
   uint8_t len;
   char name[SL_FLEET_KEY_MAX]; /* <uid>:<feature>:<region> */
@@ -57,6 +76,8 @@ struct call {
   struct sl_fleet *f;
   uint32_t n;
   int keys_allowed;
+  int script;     /* SC_*: a NOSCRIPT reply makes the next call of it an EVAL */
+  size_t old_len; /* a heartbeat: the bytes of old_members it carried */
   struct {
     uint32_t idx;
     uint64_t tag;
@@ -65,72 +86,97 @@ struct call {
 
 /* The parts of the sync scripts, shared by the one-server script and the
  * cluster's three (the same Lua either way). */
-/* The heartbeat into the instances' zset ik: nlive and the first ids. */
+/* The heartbeat into the instances' zset ik (and this process's earlier
+ * sessions out of it, `old`: space-separated): ids, every live session,
+ * and nlive. */
 #define LUA_HEARTBEAT                                                                                                  \
+  "for m in string.gmatch(old, '%S+') do redis.call('ZREM', ik, m) end "                                               \
   "redis.call('ZADD', ik, now + ttl, me) "                                                                             \
   "redis.call('ZREMRANGEBYSCORE', ik, '-inf', now) "                                                                   \
-  "local nlive = redis.call('ZCARD', ik) "                                                                             \
-  "local ids = redis.call('ZRANGE', ik, 0, 63) "
+  "local ids = redis.call('ZRANGE', ik, 0, -1) "                                                                       \
+  "local nlive = #ids "
 /* The announcements after `last` in the stream ak (at first only the
- * newest's id): sets last and ann. */
+ * newest's id), but this session's own: sets last, and ann to pairs of key
+ * name and kind ('a' announced: join it; 'n' nudged: sync it now; 'an'). */
 #define LUA_READ_ANNOUNCE                                                                                              \
   "if last == '' then "                                                                                                \
   "  local top = redis.call('XREVRANGE', ak, '+', '-', 'COUNT', 1) "                                                   \
   "  if #top > 0 then last = top[1][1] else last = '0-0' end "                                                         \
   "else "                                                                                                              \
   "  local got = redis.call('XRANGE', ak, '(' .. last, '+', 'COUNT', 256) "                                            \
-  "  for i = 1, #got do ann[#ann + 1] = got[i][2][2]; last = got[i][1] end "                                           \
-  "end "
-/* sync_key(hk, lim, dem, rel): one key's lease (needs me, now, ttl, nlive
- * and q in scope). Returns its reply entry {lease, fleet demand,
- * registered, state}, and whether the key is to be announced (its '~a' is
- * set here; the caller adds it to the stream). */
-#define LUA_SYNC_KEY                                                                                                   \
-  "local function want(d, lim) if lim > 0 then return d * 1250000 / lim end return 0 end "                             \
-  "local function sync_key(hk, lim, dem, rel) "                                                                        \
-  "  local h = redis.call('HGETALL', hk) "                                                                             \
-  "  local others, odem, regs, annt = 0, 0, {}, 0 "                                                                    \
-  "  for j = 1, #h, 2 do "                                                                                             \
-  "    local f, v = h[j], h[j + 1] "                                                                                   \
-  "    if f == '~a' then annt = tonumber(v) or 0 "                                                                     \
-  "    elseif f ~= me then "                                                                                           \
-  "      local l, d, e = string.match(v, '^(%d+):(%d+):(%d+)$') "                                                      \
-  "      l, d, e = tonumber(l), tonumber(d), tonumber(e) "                                                             \
-  "      if not e or e <= now then redis.call('HDEL', hk, f) "                                                         \
-  "      else others = others + l; odem = odem + d; regs[#regs + 1] = d end "                                          \
-  "    end "                                                                                                           \
+  "  for i = 1, #got do "                                                                                              \
+  "    local e = got[i][2] "                                                                                           \
+  "    if e[2] and e[4] ~= me then ann[#ann + 1] = e[2]; ann[#ann + 1] = e[6] or 'a' end "                             \
+  "    last = got[i][1] "                                                                                              \
   "  end "                                                                                                             \
-  "  local nreg = #regs + 1 "                                                                                          \
+  "end "
+/* What sync_key needs besides me, now and ttl: q (R/N in ppm) and the set
+ * of live sessions (ids: the heartbeat's). */
+#define LUA_LIVE                                                                                                       \
+  "local q = math.floor(1000000 / nlive) "                                                                             \
+  "local live, life = {}, 10 * ttl "                                                                                   \
+  "for i = 1, #ids do live[ids[i]] = true end "
+/* sync_key(hk, lim, dem, fl): one key's lease. A field of the hash is a
+ * session (a value of demand * 1e7 + lease: one tonumber, no string
+ * parsing) and counts while that session heartbeats; other fields are
+ * dropped. Returns the reply entry {lease, fleet demand, registered,
+ * state}, and what to add to the stream: 0, 1 (announce: a live instance is
+ * not registered; '~a' is set here), 2 (nudge: the registered others, with
+ * demand, should sync now: this one registered, its demand fell, it gave
+ * back 5% of the limit or more, or it is short of its target) or 3 (both). */
+#define LUA_SYNC_KEY                                                                                                   \
+  "local function sync_key(hk, lim, dem, fl) "                                                                         \
+  "  local h = redis.call('HGETALL', hk) "                                                                             \
+  "  local others, odem, n, annt, exp, old, w = 0, 0, 0, 0, nil, nil, {} "                                             \
+  "  for j = 1, #h, 2 do "                                                                                             \
+  "    local f = h[j] "                                                                                                \
+  "    if f == me then old = tonumber(h[j + 1]) "                                                                      \
+  "    elseif live[f] then "                                                                                           \
+  "      local v = tonumber(h[j + 1]) or 0 "                                                                           \
+  "      local l = v % 10000000 "                                                                                      \
+  "      local d = (v - l) / 10000000 "                                                                                \
+  "      others = others + l; odem = odem + d; n = n + 1; w[n] = d "                                                   \
+  "    elseif f == '~a' then annt = tonumber(h[j + 1]) or 0 "                                                          \
+  "    elseif f == '~e' then exp = tonumber(h[j + 1]) "                                                                \
+  "    else redis.call('HDEL', hk, f) end "                                                                            \
+  "  end "                                                                                                             \
+  "  local nreg = n + 1 "                                                                                              \
   "  local unreg = nlive - nreg "                                                                                      \
   "  if unreg < 0 then unreg = 0 end "                                                                                 \
-  "  if rel == '1' and odem == 0 and others + (unreg + 1) * q <= 1000000 then "                                        \
+  "  if fl == '2' and odem == 0 and others + (unreg + 1) * q <= 1000000 then "                                         \
   "    redis.call('HDEL', hk, me) "                                                                                    \
-  "    return {0, 0, nreg - 1, 1}, false "                                                                             \
+  "    return {0, 0, n, 1}, 0 "                                                                                        \
   "  end "                                                                                                             \
   "  local pool = 1000000 - unreg * q "                                                                                \
   "  if pool < 0 then pool = 0 end "                                                                                   \
-  "  local fl = math.floor(pool / (50 * nreg)) "                                                                       \
-  "  local avail = pool - fl * nreg "                                                                                  \
-  "  local mine, wants = want(dem, lim), {} "                                                                          \
-  "  for j = 1, #regs do wants[j] = want(regs[j], lim) end "                                                           \
-  "  wants[#wants + 1] = mine "                                                                                        \
-  "  table.sort(wants) "                                                                                               \
-  "  local rem, k, level = avail, #wants, nil "                                                                        \
-  "  for j = 1, #wants do "                                                                                            \
-  "    local fair = rem / k "                                                                                          \
-  "    if wants[j] <= fair then rem = rem - wants[j]; k = k - 1 else level = fair; break end "                         \
+  "  local fl0 = math.floor(pool / (50 * nreg)) "                                                                      \
+  "  local target, level, c = fl0, nil, 0 "                                                                            \
+  "  if lim > 0 then "                                                                                                 \
+  "    local rem, k = pool - fl0 * nreg, nreg "                                                                        \
+  "    c = 1250000 / lim "                                                                                             \
+  "    w[nreg] = dem "                                                                                                 \
+  "    if nreg > 1 then table.sort(w) end "                                                                            \
+  "    for j = 1, nreg do "                                                                                            \
+  "      local x, fair = w[j] * c, rem / k "                                                                           \
+  "      if x <= fair then rem = rem - x; k = k - 1 else level = fair; break end "                                     \
+  "    end "                                                                                                           \
+  "    if level then target = fl0 + math.min(dem * c, level) else target = fl0 + dem * c + rem / nreg end "            \
   "  end "                                                                                                             \
-  "  local target "                                                                                                    \
-  "  if lim == 0 then target = fl "                                                                                    \
-  "  elseif level then target = fl + math.min(mine, level) else target = fl + mine + rem / #wants end "               \
   "  local g = math.floor(math.min(target, pool - others)) "                                                           \
   "  if g < 0 then g = 0 end "                                                                                         \
-  "  redis.call('HSET', hk, me, g .. ':' .. dem .. ':' .. (now + ttl)) "                                               \
-  "  redis.call('PEXPIRE', hk, 2 * ttl) "                                                                              \
-  "  local an = unreg > 0 and odem + dem > 0 and now - annt >= 1000 "                                                  \
-  "  if an then redis.call('HSET', hk, '~a', now) end "                                                                \
-  "  local st = 0 "                                                                                                    \
-  "  if g < math.floor(target * 0.9) then st = 2 end "                                                                 \
+  "  local od = old and (old - old % 10000000) / 10000000 "                                                            \
+  "  local write = not old or old % 10000000 ~= g or math.abs(dem - od) * 8 > math.max(dem, od) "                      \
+  "  if not exp or now - exp >= life / 3 then "                                                                        \
+  "    if write then redis.call('HSET', hk, me, string.format('%d%07d', dem, g), '~e', now) "                          \
+  "    else redis.call('HSET', hk, '~e', now) end "                                                                    \
+  "    redis.call('PEXPIRE', hk, life) "                                                                               \
+  "  elseif write then redis.call('HSET', hk, me, string.format('%d%07d', dem, g)) end "                               \
+  "  local st, an = 0, 0 "                                                                                             \
+  "  if g < math.floor(target * 0.8) then st = 2 end "                                                                 \
+  "  if level then st = st + 4; if dem * c > level then st = st + 8 end end "                                          \
+  "  if unreg > 0 and odem + dem > 0 and now - annt >= 1000 then redis.call('HSET', hk, '~a', now); an = 1 end "       \
+  "  if n > 0 and odem > 0 and ((fl == '1' and (not old or dem < od)) or (st % 4 == 2 and fl ~= '3') or "              \
+  "                            (old and old % 10000000 - g >= 50000)) then an = an + 2 end "                           \
   "  return {g, odem + dem, nreg, st}, an "                                                                            \
   "end "
 #define LUA_NOW                                                                                                        \
@@ -138,88 +184,143 @@ struct call {
   "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
 
 /* One call: heartbeat, announcements, and the leases of the keys named.
- * ARGV: prefix, instance, ttl ms, last announcement id read ('' at first),
- * key count, then per key: name, limit and demand (milli-requests/s),
- * release (1: this instance would give the key back to local shares).
- * A key's hash holds, per registered instance, "lease:demand:expiry" (lease
- * in ppm of the limit, expiry in ms of the server's clock), and "~a", when
- * the key was last announced. Invariant kept for every key: the leases plus
- * floor(1e6 / N) for every live instance not registered on it (which
- * admits that much without asking) never exceed 1e6. A key is announced
- * only while it has demand (a key going quiet is not called back in).
- * Shares follow demand
- * by water-filling (each instance wants its demand + 25%; what is left goes
- * equally), above a floor of pool / (50 n) each. Per key it returns the
- * lease, the fleet's demand, the instances registered, and 0 (settled), 1
- * (released: back to R/N) or 2 (unsettled: others still hold more than a
- * tenth of this instance's target; it syncs again two ticks later). Key
- * names: keys.h. */
+ * ARGV: prefix, this session, ttl ms, earlier sessions to drop ('' mostly),
+ * last announcement id read ('' at first), key count, then per key: name,
+ * limit and demand (milli-requests/s), flag (FL_*). A key's hash holds, per
+ * registered session, demand * 1e7 + lease (lease in ppm of the limit;
+ * not rewritten when only the demand moved by less than an eighth), "~a",
+ * when the key was last announced, and "~e", when its expiry (10 ttl) was
+ * last set (every 10 ttl / 3: not a PEXPIRE per sync). A lease counts
+ * while its session is in the instances zset (heartbeats, ttl): a key is
+ * synced when it changes, not to keep its lease alive. Invariant kept for
+ * every key:
+ * the leases plus floor(1e6 / N) for every live instance not registered on
+ * it (which admits that much without asking) never exceed 1e6. A key is
+ * announced only while it has demand (a key going quiet is not called back
+ * in). Shares follow demand by water-filling (each instance wants its
+ * demand + 25%; what is left goes equally), above a floor of pool / (50 n)
+ * each. Per key it returns the lease, the fleet's demand, the instances
+ * registered, and a state: 0 (settled), 1 (released: back to R/N) or 2
+ * (unsettled: others still hold more than a fifth of this instance's
+ * target; they are nudged, and it syncs again two ticks later), plus 4
+ * when the water level cut some instance's want (contended) and 8 when it
+ * cut this one's. Key names: keys.h. */
 static const char sync_script[] =
-    "local p, me, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]) "
+    "local p, me, ttl, old = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] "
     LUA_NOW
     "local ik = p .. '" SL_KEY_SHARE_INSTANCES "' "
     LUA_HEARTBEAT
     "local ak = p .. '" SL_KEY_SHARE_ANNOUNCE "' "
-    "local last, ann = ARGV[4], {} "
+    "local last, ann = ARGV[5], {} "
     LUA_READ_ANNOUNCE
-    "local q = math.floor(1000000 / nlive) "
+    LUA_LIVE
     LUA_SYNC_KEY
-    "local out = {nlive, last, ann, ids} "
-    "for i = 0, tonumber(ARGV[5]) - 1 do "
-    "  local b = 6 + i * 4 "
-    "  local name = ARGV[b] "
-    "  local e, an = sync_key(p .. '" SL_KEY_SHARE "' .. name, tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), "
+    "local out, kinds, added = {nlive, last, ann, ids}, {'a', 'n', 'an'}, false "
+    "for i = 0, tonumber(ARGV[6]) - 1 do "
+    "  local b = 7 + i * 4 "
+    "  local e, an = sync_key(p .. '" SL_KEY_SHARE "' .. ARGV[b], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), "
     "                         ARGV[b + 3]) "
-    "  if an then redis.call('XADD', ak, 'MAXLEN', '~', 1000, '*', 'key', name) end "
+    "  if an > 0 then "
+    "    redis.call('XADD', ak, 'MAXLEN', '~', 1000, '*', 'key', ARGV[b], 'by', me, 'k', kinds[an]) "
+    "    added = true "
+    "  end "
     "  out[#out + 1] = e "
     "end "
     "redis.call('PEXPIRE', ik, 10 * ttl) "
-    "redis.call('PEXPIRE', ak, 3600000) "
+    "if added then redis.call('PEXPIRE', ak, 3600000) end "
     "return out";
 
 /* A Redis Cluster (SPEC 10): a script touches the keys of one slot only, so
  * a sync is split (docs/limits.md). The heartbeat, on the instances zset's
- * slot: KEYS[1] the zset; ARGV: instance, ttl ms. Returns {nlive, ids}. */
+ * slot: KEYS[1] the zset; ARGV: session, ttl ms, earlier sessions to drop.
+ * Returns {nlive, ids}. */
 static const char hb_script[] =
-    "local ik, me, ttl = KEYS[1], ARGV[1], tonumber(ARGV[2]) "
+    "local ik, me, ttl, old = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3] "
     LUA_NOW
     LUA_HEARTBEAT
     "redis.call('PEXPIRE', ik, 10 * ttl) "
     "return {nlive, ids}";
 
-/* The announcements read, on the stream's slot: KEYS[1] the stream; ARGV[1]
- * the last id read ('' at first). Returns {last, announcements}. */
+/* The announcements read, on the stream's slot: KEYS[1] the stream; ARGV:
+ * the last id read ('' at first), this session. Returns {last,
+ * announcements}. */
 static const char ann_read_script[] =
-    "local ak, last, ann = KEYS[1], ARGV[1], {} "
+    "local ak, last, me, ann = KEYS[1], ARGV[1], ARGV[2], {} "
     LUA_READ_ANNOUNCE
     "return {last, ann}";
 
-/* A key announced (the key script said so), on the stream's slot: KEYS[1]
- * the stream, ARGV[1] the key's name. */
+/* A key announced or nudged (the key script said so), on the stream's
+ * slot: KEYS[1] the stream, ARGV: the key's name, this session, the kind. */
 static const char ann_add_script[] =
-    "redis.call('XADD', KEYS[1], 'MAXLEN', '~', 1000, '*', 'key', ARGV[1]) "
+    "redis.call('XADD', KEYS[1], 'MAXLEN', '~', 1000, '*', 'key', ARGV[1], 'by', ARGV[2], 'k', ARGV[3]) "
     "redis.call('PEXPIRE', KEYS[1], 3600000) "
     "return 1";
 
 /* The leases of keys of one slot: KEYS the keys' hashes
- * (share:{<uid>}:<feature>:<region>); ARGV: instance, ttl ms, nlive (the
- * heartbeat's reply), then per key limit, demand, release as above. Per
- * key {lease, fleet demand, registered, state, announce (1: add the key to
- * the stream)}. */
+ * (share:{<uid>}:<feature>:<region>); ARGV: session, ttl ms, the number of
+ * live sessions and their ids (the heartbeat's reply), then per key limit,
+ * demand, flag as above. Per key {lease, fleet demand, registered, state,
+ * stream (sync_key's: 1 announce, 2 nudge, 3 both)}. */
 static const char key_script[] =
-    "local me, ttl, nlive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]) "
-    "if not nlive or nlive < 1 then nlive = 1 end "
+    "local me, ttl, nlive = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]) or 0 "
+    "local ids = {} "
+    "for i = 1, nlive do ids[i] = ARGV[3 + i] end "
+    "if nlive < 1 then nlive = 1 end "
     LUA_NOW
-    "local q = math.floor(1000000 / nlive) "
+    LUA_LIVE
     LUA_SYNC_KEY
-    "local out = {} "
+    "local out, b = {}, 4 + #ids "
     "for i = 1, #KEYS do "
-    "  local b = 1 + i * 3 "
     "  local e, an = sync_key(KEYS[i], tonumber(ARGV[b]), tonumber(ARGV[b + 1]), ARGV[b + 2]) "
-    "  e[5] = an and 1 or 0 "
+    "  e[5] = an "
     "  out[i] = e "
+    "  b = b + 3 "
     "end "
     "return out";
+
+static const char *const scripts[SC_N] = {sync_script, hb_script, ann_read_script, ann_add_script, key_script};
+static const size_t script_len[SC_N] = {sizeof(sync_script) - 1, sizeof(hb_script) - 1, sizeof(ann_read_script) - 1,
+                                        sizeof(ann_add_script) - 1, sizeof(key_script) - 1};
+
+/* SHA-1 (FIPS 180-4) of a script, in hex: the name EVALSHA calls it by.
+ * Computed once at start. */
+static uint32_t rol(uint32_t x, int n) { return x << n | x >> (32 - n); }
+static void sha1_block(uint32_t h[5], const unsigned char *p) {
+  uint32_t w[80], a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
+  for (int i = 0; i < 16; i++)
+    w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+  for (int i = 16; i < 80; i++) w[i] = rol(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+  for (int i = 0; i < 80; i++) {
+    uint32_t fn, k;
+    if (i < 20) fn = (b & c) | (~b & d), k = 0x5a827999;
+    else if (i < 40) fn = b ^ c ^ d, k = 0x6ed9eba1;
+    else if (i < 60) fn = (b & c) | (b & d) | (c & d), k = 0x8f1bbcdc;
+    else fn = b ^ c ^ d, k = 0xca62c1d6;
+    uint32_t t = rol(a, 5) + fn + e + k + w[i];
+    e = d, d = c, c = rol(b, 30), b = a, a = t;
+  }
+  h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e;
+}
+
+void sl_fleet_sha1_hex(const char *data, size_t len, char out[41]) {
+  uint32_t h[5] = {0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476, 0xc3d2e1f0};
+  unsigned char blk[64];
+  size_t i = 0;
+  for (; len - i >= 64; i += 64) sha1_block(h, (const unsigned char *)data + i);
+  size_t r = len - i;
+  memcpy(blk, data + i, r);
+  blk[r++] = 0x80;
+  if (r > 56) {
+    memset(blk + r, 0, 64 - r);
+    sha1_block(h, blk);
+    r = 0;
+  }
+  memset(blk + r, 0, 56 - r);
+  uint64_t bits = (uint64_t)len * 8;
+  for (int j = 0; j < 8; j++) blk[56 + j] = (unsigned char)(bits >> (56 - 8 * j));
+  sha1_block(h, blk);
+  for (int j = 0; j < 20; j++) snprintf(out + 2 * j, 3, "%02x", (unsigned)(h[j / 4] >> (24 - 8 * (j % 4))) & 0xff);
+}
 
 const char *sl_fleet_mode_name(enum sl_fleet_mode m) {
   switch (m) {
@@ -365,8 +466,15 @@ static void measure(struct sl_fleet *f, uint64_t now, uint64_t dt_ms) {
     uint64_t a = atomic_load_explicit(&f->slots[idx].attempts, memory_order_relaxed);
     uint64_t rate = (a - k->last_attempts) * 1000000 / dt_ms; /* milli-requests/s */
     k->last_attempts = a;
+    /* Requests the demand made expected since the last one seen: past 5
+     * (and two ticks), the load has stopped here (odds of such a gap by
+     * chance: e^-5) and the demand is none at once, not halved tick by
+     * tick, so that its share goes to whoever has the load within the
+     * second. (milli-requests/s x ms: 1e6 a request.) */
+    k->quiet = rate ? 0 : k->quiet + (k->demand * dt_ms < 5000000 ? k->demand * dt_ms : 5000000);
+    k->quiet_ticks = rate ? 0 : k->quiet_ticks + (k->quiet_ticks < 255);
     k->demand = (k->demand + rate) / 2;
-    if (rate == 0 && k->demand < DEMAND_FLOOR) k->demand = 0;
+    if (rate == 0 && (k->demand < DEMAND_FLOOR || (k->quiet >= 5000000 && k->quiet_ticks >= 2))) k->demand = 0;
     if (k->demand == 0) {
       if (!k->idle_since_ms) k->idle_since_ms = now;
     } else {
@@ -378,6 +486,30 @@ static void measure(struct sl_fleet *f, uint64_t now, uint64_t dt_ms) {
 
 /* ---- Redis ---- */
 
+/* A new session (fleet.h): the current one goes to the list that the
+ * next heartbeat drops from the zset, so that its leases stop counting at
+ * once (with four waiting the oldest is left to expire within the ttl). */
+static void new_session(struct sl_fleet *f) {
+  size_t ml = strlen(f->member), ol = strlen(f->old_members);
+  while (ml && ol && ol + ml + 2 > sizeof(f->old_members)) {
+    char *sp = strchr(f->old_members, ' ');
+    size_t drop = sp ? (size_t)(sp - f->old_members) + 1 : ol;
+    memmove(f->old_members, f->old_members + drop, ol - drop + 1);
+    ol -= drop;
+  }
+  if (ml) snprintf(f->old_members + ol, sizeof(f->old_members) - ol, "%s%s", ol ? " " : "", f->member);
+  snprintf(f->member, sizeof(f->member), "%s#%u", f->id, ++f->session);
+}
+
+/* A heartbeat that carried the first old_len bytes of old_members was
+ * answered: those sessions are gone from the zset. */
+static void old_members_dropped(struct sl_fleet *f, size_t old_len) {
+  size_t ol = strlen(f->old_members);
+  if (old_len == 0 || old_len > ol) return;
+  if (f->old_members[old_len] == ' ') old_len++;
+  memmove(f->old_members, f->old_members + old_len, ol - old_len + 1);
+}
+
 static void on_down_mode(struct sl_fleet *f, const char *why) {
   f->outage = 1;
   f->rejoin = sl_db_cluster(f->db); /* one server: on_redis_ready says when it is back */
@@ -385,6 +517,10 @@ static void on_down_mode(struct sl_fleet *f, const char *why) {
   if (mode_now(f) != SL_FLEET_FALLBACK) {
     set_word(f, SL_FLEET_FALLBACK, f->n_last);
     sl_stat_inc(&f->stats.fallbacks, 1);
+    /* The leases here are no longer kept: they must not count when the
+     * others see this instance again (it comes back as unregistered on
+     * every key, holding R/N_last, until its keys sync). */
+    new_session(f);
   }
   if (f->outage_logged) return;
   f->outage_logged = 1;
@@ -410,7 +546,9 @@ static void set_instances_text(struct sl_fleet *f, const redisReply *ids) {
     if (n + e->len * 2 + 8 >= sizeof(buf)) break;
     if (n > 1) buf[n++] = ',';
     buf[n++] = '"';
-    for (size_t j = 0; j < e->len; j++) {
+    const char *hash = memchr(e->str, '#', e->len); /* <id>#<session>: the id */
+    size_t len = hash ? (size_t)(hash - e->str) : e->len;
+    for (size_t j = 0; j < len; j++) {
       unsigned char c = (unsigned char)e->str[j];
       if (c == '"' || c == '\\' || c < 0x20 || c >= 0x7f) c = '?'; /* ids are ours: host/pid/hex */
       buf[n++] = (char)c;
@@ -430,15 +568,30 @@ static void set_instances_text(struct sl_fleet *f, const redisReply *ids) {
  * at the next tick (as new keys), so the fleet never holds more than R
  * for longer than that. */
 static void alone_or_not(struct sl_fleet *f, unsigned n_before) {
-  if (f->n_last > 1 && n_before > 1) return;
+  if (f->n_last > 1 && n_before > 1) {
+    /* N changed: every key's R/N and pool did; each syncs at the next tick
+     * (a nudge: its leases counted while its session lived, a dead
+     * instance's did not once it left the zset) */
+    if (f->n_last != n_before)
+      for (uint32_t i = 0; i < f->nused; i++) f->keys[f->used[i]].nudged = 1;
+    return;
+  }
+  /* Alone: its keys are not synced, so its leases stop being kept; a new
+   * session makes them stop counting for whoever comes next. */
+  if (f->n_last <= 1 && n_before > 1) new_session(f);
   uint32_t share = SL_FLEET_PPM / (f->n_last ? f->n_last : 1);
   for (uint32_t i = 0; i < f->nused; i++) {
     uint32_t idx = f->used[i];
     struct sl_fleet_key *k = &f->keys[idx];
     if (f->n_last > 1 && k->sent_ms) continue; /* already shared */
     atomic_store_explicit(&f->slots[idx].share, share, memory_order_relaxed);
+    if (f->n_last <= 1) { /* for /explain: this instance alone holds the key */
+      atomic_store_explicit(&f->slots[idx].registered, 1, memory_order_relaxed);
+      atomic_store_explicit(&f->slots[idx].fleet_demand, k->demand, memory_order_relaxed);
+    }
     k->sent_ms = 0;
     k->unsettled = 0;
+    k->contended = k->capped = 0;
   }
 }
 
@@ -457,26 +610,36 @@ static void take_instances(struct sl_fleet *f, long long nlive, const redisReply
   set_instances_text(f, ids);
 }
 
-/* Announcements: keys busy elsewhere, which this instance registers on
- * (with its demand, maybe none) so that its R/N of them is freed. last:
- * the newest id read (shorter than ann_last, checked by the caller). */
+/* The stream's entries, pairs of a key's name and a kind: announced ('a':
+ * busy elsewhere; this instance registers on it, with its demand, maybe
+ * none, so that its R/N of it is freed) and nudged ('n': another
+ * instance's sync changed what this one should hold; synced at the next
+ * tick if coordinated here). last: the newest id read (shorter than
+ * ann_last, checked by the caller). */
 static void take_announcements(struct sl_fleet *f, const redisReply *last, const redisReply *ann) {
   memcpy(f->ann_last, last->str, last->len);
   f->ann_last[last->len] = '\0';
-  for (size_t i = 0; i < ann->elements && i < ANNOUNCE_MAX; i++) {
-    const redisReply *e = ann->element[i];
+  for (size_t i = 0; i + 1 < ann->elements && i < 2 * ANNOUNCE_MAX; i += 2) {
+    const redisReply *e = ann->element[i], *kind = ann->element[i + 1];
     char key[SL_FLEET_KEY_MAX];
     size_t kl;
-    if (e->type != REDIS_REPLY_STRING || !(kl = bucket_key_of(e->str, e->len, key))) continue;
+    if (e->type != REDIS_REPLY_STRING || kind->type != REDIS_REPLY_STRING ||
+        !(kl = bucket_key_of(e->str, e->len, key)))
+      continue;
     uint64_t tag = norm_tag(lim_hash(key, kl));
-    if (!sl_fleet_find(f, tag) && insert(f, tag, key, kl, 0) != 0) sl_stat_inc(&f->stats.keys_full, 1);
+    struct sl_fleet_slot *s = sl_fleet_find(f, tag);
+    if (s) {
+      if (memchr(kind->str, 'n', kind->len)) f->keys[s - f->slots].nudged = 1;
+    } else if (memchr(kind->str, 'a', kind->len) && insert(f, tag, key, kl, 0) != 0) {
+      sl_stat_inc(&f->stats.keys_full, 1);
+    }
   }
 }
 
 /* One key's entry of a reply ({lease, fleet demand, registered, state}
- * and, with width 5, announce). Returns 1 when the key is to be announced
- * (a cluster's key script says so), 0 when not or when the entry was not
- * taken (malformed, or the slot holds another key now). */
+ * and, with width 5, what to add to the stream). Returns that (a cluster's
+ * key script: 1 announce, 2 nudge, 3 both), 0 when nothing or when the
+ * entry was not taken (malformed, or the slot holds another key now). */
 static int take_key(struct sl_fleet *f, uint32_t idx, uint64_t tag, const redisReply *e, size_t width) {
   long long g, dem, nreg, released, an = 0;
   if (e->type != REDIS_REPLY_ARRAY || e->elements != width || reply_int(e->element[0], &g) ||
@@ -485,15 +648,17 @@ static int take_key(struct sl_fleet *f, uint32_t idx, uint64_t tag, const redisR
     return 0;
   struct sl_fleet_slot *s = &f->slots[idx];
   if (atomic_load_explicit(&s->tag, memory_order_relaxed) != tag) return 0; /* released meanwhile */
-  if (released == 1) {
+  if ((released & 3) == 1) {
     release_slot(f, idx);
     return 0;
   }
-  f->keys[idx].unsettled = released == 2;
+  f->keys[idx].unsettled = (released & 3) == 2;
+  f->keys[idx].contended = (released & 4) != 0;
+  f->keys[idx].capped = (released & 8) != 0;
   atomic_store_explicit(&s->share, (uint32_t)g, memory_order_relaxed);
   atomic_store_explicit(&s->fleet_demand, (uint64_t)dem, memory_order_relaxed);
   atomic_store_explicit(&s->registered, (uint32_t)nreg, memory_order_relaxed);
-  return an == 1;
+  return an >= 0 && an <= 3 ? (int)an : 0;
 }
 
 /* A sync answered (one server: the script; a cluster: the heartbeat):
@@ -533,6 +698,7 @@ static int apply_reply(struct sl_fleet *f, const struct call *cl, const redisRep
     return -1;
   }
   unsigned n_before = f->n_last;
+  old_members_dropped(f, cl->old_len);
   take_instances(f, nlive, r->element[3]);
   take_announcements(f, r->element[1], r->element[2]);
   for (uint32_t i = 0; i < cl->n; i++) take_key(f, cl->k[i].idx, cl->k[i].tag, r->element[4 + i], 4);
@@ -540,18 +706,38 @@ static int apply_reply(struct sl_fleet *f, const struct call *cl, const redisRep
   return 0;
 }
 
+/* Redis has not got the script (restarted, failed over, SCRIPT FLUSH):
+ * the next call of it is an EVAL, which loads it. Returns 1 then. */
+static int noscript(struct sl_fleet *f, const struct call *cl, const redisReply *r) {
+  if (!r || r->type != REDIS_REPLY_ERROR || strncmp(r->str, "NOSCRIPT", 8) != 0) {
+    if (r && r->type != REDIS_REPLY_ERROR) f->noscript &= ~(1u << cl->script);
+    return 0;
+  }
+  f->noscript |= 1u << cl->script;
+  return 1;
+}
+
+/* The keys a call named, when it was lost or refused: again at the next
+ * tick, as they were sent (a refresh-only sync would not be repeated
+ * before the next refresh otherwise). */
+static void redo_keys(struct sl_fleet *f, const struct call *cl) {
+  for (uint32_t i = 0; i < cl->n; i++)
+    if (atomic_load_explicit(&f->slots[cl->k[i].idx].tag, memory_order_relaxed) == cl->k[i].tag)
+      f->keys[cl->k[i].idx].redo = 1;
+}
+
 static void on_synced(void *owner, void *priv, const redisReply *reply) {
   struct call *cl = priv;
   struct sl_fleet *f = owner; /* NULL: the connection was dropped, or stopping */
   if (f) {
     f->inflight--;
-    apply_reply(f, cl, reply);
+    if (noscript(f, cl, reply) || apply_reply(f, cl, reply) != 0) redo_keys(f, cl);
   }
   free(cl);
 }
 
 int sl_fleet_apply_reply_test(struct sl_fleet *f, const uint32_t *idx, uint32_t n, const struct redisReply *r) {
-  struct call *cl = sl_malloc(sizeof(*cl) + (size_t)n * sizeof(cl->k[0]));
+  struct call *cl = sl_calloc(1, sizeof(*cl) + (size_t)n * sizeof(cl->k[0]));
   cl->f = f;
   cl->n = n;
   cl->keys_allowed = 1;
@@ -559,65 +745,84 @@ int sl_fleet_apply_reply_test(struct sl_fleet *f, const uint32_t *idx, uint32_t 
     cl->k[i].idx = idx[i] & f->mask;
     cl->k[i].tag = atomic_load_explicit(&f->slots[cl->k[i].idx].tag, memory_order_relaxed);
   }
-  int rc = apply_reply(f, cl, r);
+  int rc = noscript(f, cl, r) ? -1 : apply_reply(f, cl, r);
+  if (rc != 0) redo_keys(f, cl);
   free(cl);
   return rc;
 }
 
-static struct call *new_call(struct sl_fleet *f, uint32_t n, int keys_allowed) {
-  struct call *cl = sl_malloc(sizeof(*cl) + (size_t)n * sizeof(cl->k[0]));
+static struct call *new_call(struct sl_fleet *f, uint32_t n, int keys_allowed, int script) {
+  struct call *cl = sl_calloc(1, sizeof(*cl) + (size_t)n * sizeof(cl->k[0]));
   cl->f = f;
   cl->n = n;
   cl->keys_allowed = keys_allowed;
+  cl->script = script;
   return cl;
 }
 
-/* A key named in a sync: its demand as sent, and its slot and tag in cl. */
+/* A key named in a sync: its flag as sent, and its slot and tag
+ * in cl. */
 static void name_key(struct sl_fleet *f, struct call *cl, uint32_t i, uint32_t idx, uint64_t now) {
   struct sl_fleet_key *k = &f->keys[idx];
-  k->sent_demand = k->demand;
   k->sent_ms = now;
+  k->sent_flag = k->flag;
+  k->nudged = 0;
+  k->redo = 0;
   cl->k[i].idx = idx;
   cl->k[i].tag = atomic_load_explicit(&f->slots[idx].tag, memory_order_relaxed);
 }
 
 /* The per-key arguments every script takes: limit and demand in
- * milli-requests/s, release flag. np: room for two numbers. Returns the
- * room used. */
-static size_t key_args(struct sl_fleet *f, uint32_t idx, uint64_t now, const char **argv, size_t *lens, char *np) {
+ * milli-requests/s, flag. np: room for two numbers. Returns the room
+ * used. */
+static size_t key_args(struct sl_fleet *f, uint32_t idx, const char **argv, size_t *lens, char *np) {
+  static const char flags[] = {FL_REFRESH, FL_MOVED, FL_RELEASE, FL_RETRY};
   const struct sl_fleet_key *k = &f->keys[idx];
   size_t l1 = sl_u64toa((uint64_t)atomic_load_explicit(&f->slots[idx].limit, memory_order_relaxed) * 1000, np);
-  size_t l2 = sl_u64toa(k->demand, np + l1 + 1);
+  size_t l2 = sl_u64toa(k->demand < DEMAND_MAX ? k->demand : DEMAND_MAX, np + l1 + 1);
   argv[0] = np, lens[0] = l1;
   argv[1] = np + l1 + 1, lens[1] = l2;
-  int release = k->idle_since_ms && now - k->idle_since_ms >= RELEASE_IDLE_MS;
-  argv[2] = release ? "1" : "0", lens[2] = 1;
+  unsigned fl = (unsigned)(k->flag - FL_REFRESH);
+  argv[2] = &flags[fl < 4 ? fl : 0], lens[2] = 1;
   return l1 + l2 + 2;
+}
+
+/* EVALSHA sha, or EVAL with the script when Redis lacked it lately, into
+ * argv[0..1]. */
+static void script_args(const struct sl_fleet *f, int script, const char **argv, size_t *lens) {
+  if (f->noscript & (1u << script)) {
+    argv[0] = "EVAL", lens[0] = 4;
+    argv[1] = scripts[script], lens[1] = script_len[script];
+  } else {
+    argv[0] = "EVALSHA", lens[0] = 7;
+    argv[1] = f->sha[script], lens[1] = 40;
+  }
 }
 
 /* One server: the one script, for the keys pick[0..n). */
 static void send_call(struct sl_fleet *f, const uint32_t *pick, uint32_t n, int keys_allowed, uint64_t now) {
-  struct call *cl = new_call(f, n, keys_allowed);
-  size_t argc = 8 + 4 * (size_t)n;
+  struct call *cl = new_call(f, n, keys_allowed, SC_SYNC);
+  size_t argc = 9 + 4 * (size_t)n;
   const char **argv = sl_malloc(argc * sizeof(char *));
   size_t *lens = sl_malloc(argc * sizeof(size_t));
   char *nums = sl_malloc(((size_t)n * 2 + 2) * 24);
   char *np = nums;
-  size_t a = 0, l;
+  size_t a = 2, l;
 #define ARG(s, len) (argv[a] = (s), lens[a++] = (len))
 #define NUM(v) (l = sl_u64toa((v), np), ARG(np, l), np += l + 1)
-  ARG("EVAL", 4);
-  ARG(sync_script, sizeof(sync_script) - 1);
+  script_args(f, SC_SYNC, argv, lens);
   ARG("0", 1);
   ARG(f->prefix, strlen(f->prefix));
-  ARG(f->id, strlen(f->id));
+  ARG(f->member, strlen(f->member));
   NUM(f->ttl_ms);
+  cl->old_len = strlen(f->old_members);
+  ARG(f->old_members, cl->old_len);
   ARG(f->ann_last, strlen(f->ann_last));
   NUM(n);
   for (uint32_t i = 0; i < n; i++) {
     name_key(f, cl, i, pick[i], now);
     ARG(f->keys[pick[i]].name, f->keys[pick[i]].len);
-    np += key_args(f, pick[i], now, argv + a, lens + a, np);
+    np += key_args(f, pick[i], argv + a, lens + a, np);
     a += 3;
   }
 #undef ARG
@@ -626,6 +831,7 @@ static void send_call(struct sl_fleet *f, const uint32_t *pick, uint32_t n, int 
     f->inflight++;
     sl_stat_inc(&f->stats.key_updates, n);
   } else {
+    redo_keys(f, cl);
     free(cl);
   }
   free(argv);
@@ -635,15 +841,14 @@ static void send_call(struct sl_fleet *f, const uint32_t *pick, uint32_t n, int 
 
 /* ---- a Redis Cluster: a sync in parts, each on one slot ---- */
 
-/* An EVAL of script on the slot of keys[0..nkeys), with args after them;
- * cb gets priv. Returns sl_db_command's result. */
-static int eval_on(struct sl_fleet *f, unsigned slot, const char *script, size_t slen, int nkeys, int argc,
-                   const char **args, const size_t *lens, sl_db_reply_fn *cb, void *priv) {
+/* An EVALSHA of a script (SC_*) on the slot of keys[0..nkeys), with args
+ * after them; cb gets priv. Returns sl_db_command's result. */
+static int eval_on(struct sl_fleet *f, unsigned slot, int script, int nkeys, int argc, const char **args,
+                   const size_t *lens, sl_db_reply_fn *cb, void *priv) {
   const char **argv = sl_malloc((size_t)(argc + 3) * sizeof(char *));
   size_t *al = sl_malloc((size_t)(argc + 3) * sizeof(size_t));
   char nk[24];
-  argv[0] = "EVAL", al[0] = 4;
-  argv[1] = script, al[1] = slen;
+  script_args(f, script, argv, al);
   argv[2] = nk, al[2] = sl_u64toa((uint64_t)nkeys, nk);
   memcpy(argv + 3, args, (size_t)argc * sizeof(char *));
   memcpy(al + 3, lens, (size_t)argc * sizeof(size_t));
@@ -670,35 +875,42 @@ static int cluster_hash_key(const struct sl_fleet *f, const struct sl_fleet_key 
   return sl_db_uid_key(f->db, out, cap, head, (size_t)hl, k->name, ul, fe, (size_t)(k->name + k->len - fe));
 }
 
-static void on_ignored(void *owner, void *priv, const redisReply *reply) {
-  (void)owner, (void)priv, (void)reply;
+/* An XADD's reply (priv: its script, SC_ANN_ADD). */
+static void on_added(void *owner, void *priv, const redisReply *reply) {
+  struct sl_fleet *f = owner;
+  struct call cl = {.script = SC_ANN_ADD};
+  (void)priv;
+  if (f) noscript(f, &cl, reply);
 }
 
 /* The reply to one slot's key script: each key's lease, and the keys to
- * announce (one XADD each, on the stream's slot). A lost or refused
- * reply: its keys sync again at the next tick. */
+ * announce or nudge (one XADD each, on the stream's slot). A lost or
+ * refused reply: its keys sync again at the next tick. */
 static void on_keys(void *owner, void *priv, const redisReply *r) {
+  static const char *const kinds[4] = {"", "a", "n", "an"};
   struct call *cl = priv;
   struct sl_fleet *f = owner;
   if (!f) goto out;
   f->inflight--;
+  if (noscript(f, cl, r)) {
+    redo_keys(f, cl);
+    goto out;
+  }
   if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != cl->n) {
     sl_stat_inc(&f->stats.sync_errors, 1);
     log_error_reply(f, r);
-    for (uint32_t i = 0; i < cl->n; i++)
-      if (atomic_load_explicit(&f->slots[cl->k[i].idx].tag, memory_order_relaxed) == cl->k[i].tag)
-        f->keys[cl->k[i].idx].sent_ms = 0;
+    redo_keys(f, cl);
     goto out;
   }
   char ak[sizeof(f->prefix) + sizeof(SL_KEY_SHARE_ANNOUNCE)];
   int akl = snprintf(ak, sizeof ak, "%s" SL_KEY_SHARE_ANNOUNCE, f->prefix);
   for (uint32_t i = 0; i < cl->n; i++) {
-    if (!take_key(f, cl->k[i].idx, cl->k[i].tag, r->element[i], 5)) continue;
+    int an = take_key(f, cl->k[i].idx, cl->k[i].tag, r->element[i], 5);
+    if (!an) continue;
     const struct sl_fleet_key *k = &f->keys[cl->k[i].idx];
-    const char *args[] = {ak, k->name};
-    size_t lens[] = {(size_t)akl, k->len};
-    eval_on(f, sl_db_key_slot(ak, (size_t)akl), ann_add_script, sizeof(ann_add_script) - 1, 1, 2, args, lens,
-            on_ignored, NULL);
+    const char *args[] = {ak, k->name, f->member, kinds[an]};
+    size_t lens[] = {(size_t)akl, k->len, strlen(f->member), strlen(kinds[an])};
+    eval_on(f, sl_db_key_slot(ak, (size_t)akl), SC_ANN_ADD, 1, 4, args, lens, on_added, NULL);
   }
 out:
   free(cl);
@@ -710,8 +922,8 @@ static int by_slot(const void *a, const void *b) {
 }
 
 /* After the heartbeat: the keys of the round, one key script per slot (at
- * most KEYS_PER_CALL keys each), with the heartbeat's N. */
-static void send_keys(struct sl_fleet *f, const struct call *rd, long long nlive, uint64_t now) {
+ * most KEYS_PER_CALL keys each), with the heartbeat's live sessions ids. */
+static void send_keys(struct sl_fleet *f, const struct call *rd, const redisReply *ids) {
   uint64_t *order = sl_malloc((size_t)rd->n * sizeof(*order));
   char (*hk)[256] = sl_malloc((size_t)rd->n * sizeof(*hk));
   size_t *hl = sl_malloc((size_t)rd->n * sizeof(*hl));
@@ -725,37 +937,42 @@ static void send_keys(struct sl_fleet *f, const struct call *rd, long long nlive
     order[m++] = (uint64_t)slot << 32 | i;
   }
   qsort(order, m, sizeof(*order), by_slot);
-  size_t cap = 3 + 4 * (size_t)KEYS_PER_CALL;
+  size_t cap = 3 + ids->elements + 4 * (size_t)KEYS_PER_CALL;
   const char **argv = sl_malloc(cap * sizeof(char *));
   size_t *lens = sl_malloc(cap * sizeof(size_t));
   char *nums = sl_malloc(((size_t)KEYS_PER_CALL * 2 + 2) * 24);
-  char ttl[24], nl[24];
-  size_t ttll = sl_u64toa(f->ttl_ms, ttl), nll = sl_u64toa((uint64_t)nlive, nl);
+  char ttl[24], ni[24];
+  size_t ttll = sl_u64toa(f->ttl_ms, ttl), nid = 0;
+  for (size_t j = 0; j < ids->elements; j++) nid += ids->element[j]->type == REDIS_REPLY_STRING;
+  size_t nl = sl_u64toa(nid, ni);
   for (uint32_t from = 0; from < m;) {
     unsigned slot = (unsigned)(order[from] >> 32);
     uint32_t to = from;
     while (to < m && to - from < KEYS_PER_CALL && (unsigned)(order[to] >> 32) == slot) to++;
     uint32_t n = to - from;
-    struct call *cl = new_call(f, n, 1);
+    struct call *cl = new_call(f, n, 1, SC_KEY);
     size_t a = 0;
     for (uint32_t j = 0; j < n; j++) {
       uint32_t i = (uint32_t)order[from + j];
       argv[a] = hk[i], lens[a++] = hl[i];
     }
-    argv[a] = f->id, lens[a++] = strlen(f->id);
+    argv[a] = f->member, lens[a++] = strlen(f->member);
     argv[a] = ttl, lens[a++] = ttll;
-    argv[a] = nl, lens[a++] = nll;
+    argv[a] = ni, lens[a++] = nl;
+    for (size_t j = 0; j < ids->elements; j++)
+      if (ids->element[j]->type == REDIS_REPLY_STRING) argv[a] = ids->element[j]->str, lens[a++] = ids->element[j]->len;
     char *np = nums;
     for (uint32_t j = 0; j < n; j++) {
       uint32_t i = (uint32_t)order[from + j];
       cl->k[j] = rd->k[i];
-      np += key_args(f, rd->k[i].idx, now, argv + a, lens + a, np);
+      np += key_args(f, rd->k[i].idx, argv + a, lens + a, np);
       a += 3;
     }
-    if (eval_on(f, slot, key_script, sizeof(key_script) - 1, (int)n, (int)a, argv, lens, on_keys, cl) == 0) {
+    if (eval_on(f, slot, SC_KEY, (int)n, (int)a, argv, lens, on_keys, cl) == 0) {
       f->inflight++;
       sl_stat_inc(&f->stats.key_updates, n);
     } else {
+      redo_keys(f, cl);
       free(cl);
     }
     from = to;
@@ -776,14 +993,20 @@ static void on_heartbeat(void *owner, void *priv, const redisReply *r) {
   long long nlive;
   if (!f) goto out;
   f->inflight--;
+  if (noscript(f, rd, r)) {
+    redo_keys(f, rd);
+    goto out;
+  }
   if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 || reply_int(r->element[0], &nlive) || nlive < 1 ||
       r->element[1]->type != REDIS_REPLY_ARRAY) {
     sl_stat_inc(&f->stats.sync_errors, 1);
     log_error_reply(f, r);
+    redo_keys(f, rd);
     goto out;
   }
   uint64_t now = sl_mono_ms();
   unsigned n_before = f->n_last;
+  old_members_dropped(f, rd->old_len);
   take_instances(f, nlive, r->element[1]);
   if (f->rejoin) {
     /* back after an outage (sync_now sent no key): as on_redis_ready does
@@ -792,18 +1015,20 @@ static void on_heartbeat(void *owner, void *priv, const redisReply *r) {
     f->joined_at_ms = now + (f->ttl_ms / 2 > JOIN_MS_MIN ? JOIN_MS_MIN : f->ttl_ms / 2);
     set_word(f, SL_FLEET_JOINING, f->n_last);
   }
-  if (rd->keys_allowed && rd->n) send_keys(f, rd, nlive, now);
+  if (rd->keys_allowed && rd->n) send_keys(f, rd, r->element[1]);
   synced(f, rd->keys_allowed, n_before);
 out:
   free(rd);
 }
 
-/* The announcements' reply ({last, ids}). */
+/* The announcements' reply ({last, pairs}). */
 static void on_announcements(void *owner, void *priv, const redisReply *r) {
   struct sl_fleet *f = owner;
+  struct call cl = {.script = SC_ANN_READ};
   (void)priv;
   if (!f) return;
   f->inflight--;
+  if (noscript(f, &cl, r)) return;
   if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 || r->element[0]->type != REDIS_REPLY_STRING ||
       r->element[0]->len >= sizeof(f->ann_last) || r->element[1]->type != REDIS_REPLY_ARRAY) {
     sl_stat_inc(&f->stats.sync_errors, 1);
@@ -815,26 +1040,26 @@ static void on_announcements(void *owner, void *priv, const redisReply *r) {
 
 /* A cluster's sync of the keys pick[0..n): the heartbeat on the instances
  * zset's slot and the announcements read on the stream's (at once), then,
- * with the heartbeat's N, one key script per slot of the keys. */
+ * with the heartbeat's live sessions, one key script per slot of the keys. */
 static void cluster_sync(struct sl_fleet *f, const uint32_t *pick, uint32_t n, int keys_allowed, uint64_t now) {
-  struct call *rd = new_call(f, n, keys_allowed);
+  struct call *rd = new_call(f, n, keys_allowed, SC_HB);
   for (uint32_t i = 0; i < n; i++) name_key(f, rd, i, pick[i], now);
   char ik[sizeof(f->prefix) + sizeof(SL_KEY_SHARE_INSTANCES)], ak[sizeof(f->prefix) + sizeof(SL_KEY_SHARE_ANNOUNCE)];
   char ttl[24];
   int ikl = snprintf(ik, sizeof ik, "%s" SL_KEY_SHARE_INSTANCES, f->prefix);
   int akl = snprintf(ak, sizeof ak, "%s" SL_KEY_SHARE_ANNOUNCE, f->prefix);
-  const char *hb[] = {ik, f->id, ttl};
-  size_t hbl[] = {(size_t)ikl, strlen(f->id), sl_u64toa(f->ttl_ms, ttl)};
-  if (eval_on(f, sl_db_key_slot(ik, (size_t)ikl), hb_script, sizeof(hb_script) - 1, 1, 3, hb, hbl, on_heartbeat,
-              rd) != 0) {
+  rd->old_len = strlen(f->old_members);
+  const char *hb[] = {ik, f->member, ttl, f->old_members};
+  size_t hbl[] = {(size_t)ikl, strlen(f->member), sl_u64toa(f->ttl_ms, ttl), rd->old_len};
+  if (eval_on(f, sl_db_key_slot(ik, (size_t)ikl), SC_HB, 1, 4, hb, hbl, on_heartbeat, rd) != 0) {
+    redo_keys(f, rd);
     free(rd);
     return;
   }
   f->inflight++;
-  const char *an[] = {ak, f->ann_last};
-  size_t anl[] = {(size_t)akl, strlen(f->ann_last)};
-  if (eval_on(f, sl_db_key_slot(ak, (size_t)akl), ann_read_script, sizeof(ann_read_script) - 1, 1, 2, an, anl,
-              on_announcements, NULL) == 0)
+  const char *an[] = {ak, f->ann_last, f->member};
+  size_t anl[] = {(size_t)akl, strlen(f->ann_last), strlen(f->member)};
+  if (eval_on(f, sl_db_key_slot(ak, (size_t)akl), SC_ANN_READ, 1, 3, an, anl, on_announcements, NULL) == 0)
     f->inflight++;
 }
 
@@ -853,32 +1078,78 @@ static void sync_keys(struct sl_fleet *f, uint32_t n, int keys_allowed, uint64_t
     send_call(f, f->pick + from, n - from < KEYS_PER_CALL ? n - from : KEYS_PER_CALL, 1, now);
 }
 
-/* Whether a coordinated key goes in this tick's sync: new, unsettled, its
- * demand moved by a tenth, offered back, or due for a refresh (a few times
- * per ttl). A steady key costs Redis a refresh every REFRESH_TICKS ticks,
- * not every tick. */
-static int key_due(const struct sl_fleet *f, const struct sl_fleet_key *k, uint64_t now) {
-  if (!k->sent_ms) return 1;
-  /* Short of its target: again once the others have had a tick to give
-   * back (every tick would resend what they cannot have answered yet). */
-  if (k->unsettled && now - k->sent_ms >= 2 * (uint64_t)f->sync_ms - f->sync_ms / 2) return 1;
-  /* Demand beyond the whole limit weighs the same in the water-filling (it
-   * wants more than the pool either way): capped there, a throttled key's
-   * noisy demand does not resync it every tick. A move of a quarter, and
-   * of a tenth of the limit, resyncs at once; smaller ones wait for the
-   * refresh. */
-  uint64_t cap = (uint64_t)atomic_load_explicit(&f->slots[k - f->keys].limit, memory_order_relaxed) * 1000;
-  uint64_t d = k->demand, s = k->sent_demand;
-  if (cap) {
-    d = d < cap ? d : cap;
-    s = s < cap ? s : cap;
-  }
-  uint64_t moved = d > s ? d - s : s - d;
-  if (moved * 4 > (s > d ? s : d) && moved * 10 >= cap) return 1;
-  if (k->idle_since_ms && now - k->idle_since_ms >= RELEASE_IDLE_MS) return 1;
-  uint64_t refresh = (uint64_t)f->sync_ms * REFRESH_TICKS;
-  if (refresh > f->ttl_ms / 3) refresh = f->ttl_ms / 3;
-  return now - k->sent_ms >= refresh;
+/* Whether a coordinated key's demand moved so that its share should: its
+ * want (demand + 25%, in ppm of the limit, as the script weighs it) is an
+ * eighth above the lease while the last sync did not cut it (more is to
+ * be had), or a quarter below it while another instance's want was cut
+ * (it holds what that one needs); in either case by a tenth of the limit
+ * (a fortieth when the load has stopped here), and by three standard deviations of the demand's noise (Poisson
+ * arrivals, measured as measure() does). Otherwise the share would not
+ * change: a cut instance gets the water level whatever its demand, and
+ * one that is not cut holds its want and more. Noise on the demand of a
+ * key near its limit costs no sync; a real move of a few requests a
+ * second waits for the refresh. */
+static int demand_moved(const struct sl_fleet *f, const struct sl_fleet_key *k) {
+  const struct sl_fleet_slot *s = &f->slots[k - f->keys];
+  uint64_t lim = (uint64_t)atomic_load_explicit(&s->limit, memory_order_relaxed) * 1000;
+  if (!lim) return 0;
+  uint64_t g = atomic_load_explicit(&s->share, memory_order_relaxed);
+  uint64_t d = k->demand < DEMAND_MAX ? k->demand : DEMAND_MAX;
+  uint64_t w = d * 1250000 / lim;
+  uint64_t moved = w > g ? w - g : g - w;
+  if (moved < (d ? MOVE_MIN_PPM : MOVE_MIN_PPM / 4)) return 0; /* load gone: any sizeable share goes back */
+  if (!(k->capped ? 0 : w * 8 > g * 9) && !(k->contended && w * 4 < g * 3)) return 0;
+  /* The variance of measure()'s estimate, (milli-requests/s)^2: counts
+   * over a tick of sync_ms, averaged with weights 1/2, 1/4...: d/(3 tick). */
+  double ppm = 1250000.0 / (double)lim;
+  double var = 1e6 * (double)d / (3.0 * (f->sync_ms ? f->sync_ms : 1)) * ppm * ppm;
+  return (double)moved * (double)moved > 9.0 * var;
+}
+
+/* Whether a coordinated key goes in this tick's sync, and why (FL_*; 0:
+ * not due). A lease counts as long as this instance heartbeats, so a key
+ * is synced when something changed: new here, its demand moved, another
+ * instance nudged it (its sync changed what this one should hold), short
+ * of its target (unsettled), idle long enough to offer it back; and at
+ * each refresh epoch (every REFRESH_TICKS ticks, all keys at once: one
+ * call) unless synced in the last half of that, in case a nudge was lost.
+ * A steady key costs Redis a sync a second, not every few ticks. */
+static char key_due(const struct sl_fleet *f, const struct sl_fleet_key *k, uint64_t now, int epoch) {
+  int idle = k->idle_since_ms && now - k->idle_since_ms >= RELEASE_IDLE_MS;
+  char why;
+  if (!k->sent_ms) why = FL_MOVED;
+  else if (k->redo) why = k->sent_flag;
+  else if (demand_moved(f, k)) why = FL_MOVED;
+  else if (k->nudged) why = FL_REFRESH;
+  /* Short of its target (the others were nudged): again once they have
+   * had a tick to give back, once; if still short, at the next refresh or
+   * nudge (they hold their own targets then, or cannot sync). */
+  else if (k->unsettled && k->sent_flag != FL_RETRY && now - k->sent_ms >= 2 * (uint64_t)f->sync_ms - f->sync_ms / 2)
+    why = FL_RETRY;
+  else if (epoch && now - k->sent_ms >= (uint64_t)f->sync_ms * REFRESH_TICKS / 2) why = FL_REFRESH;
+  /* idle: offered back once, then with each refresh (refused while the
+   * others have demand: this instance's registration frees its R/N) */
+  else if (idle && k->sent_flag != FL_RELEASE) why = FL_RELEASE;
+  else return 0;
+  return idle ? FL_RELEASE : why;
+}
+
+/* Whether this tick is a refresh epoch (see key_due); advances it. */
+static int refresh_epoch(struct sl_fleet *f, uint64_t now) {
+  if (now + f->sync_ms / 2 < f->refresh_at_ms) return 0;
+  f->refresh_at_ms = now + (uint64_t)f->sync_ms * REFRESH_TICKS;
+  return 1;
+}
+
+int sl_fleet_due_test(struct sl_fleet *f, uint32_t idx, uint64_t now) {
+  struct sl_fleet_key *k = &f->keys[idx & f->mask];
+  char why = key_due(f, k, now, refresh_epoch(f, now));
+  if (!why) return 0;
+  struct call *cl = new_call(f, 1, 1, SC_SYNC);
+  k->flag = why;
+  name_key(f, cl, 0, idx & f->mask, now);
+  free(cl);
+  return why;
 }
 
 static void sync_now(struct sl_fleet *f, uint64_t now) {
@@ -893,14 +1164,20 @@ static void sync_now(struct sl_fleet *f, uint64_t now) {
     sync_keys(f, 0, keys_allowed, now);
     return;
   }
-  if (keys_allowed)
-    for (uint32_t i = 0; i < f->nused; i++)
-      if (key_due(f, &f->keys[f->used[i]], now)) f->pick[n++] = f->used[i];
+  if (keys_allowed) {
+    int epoch = refresh_epoch(f, now);
+    for (uint32_t i = 0; i < f->nused; i++) {
+      struct sl_fleet_key *k = &f->keys[f->used[i]];
+      if ((k->flag = key_due(f, k, now, epoch))) f->pick[n++] = f->used[i];
+    }
+  }
   if (n == 0) {
     /* Nothing to sync: a heartbeat (and the announcements) is enough a few
-     * times per ttl, not every sync interval. */
-    uint64_t idle_every = f->ttl_ms / 3 < HEARTBEAT_IDLE_MS ? f->ttl_ms / 3 : HEARTBEAT_IDLE_MS;
-    if (f->ever_synced && keys_allowed && now - f->last_sent_ms < idle_every) return;
+     * times per ttl, and, while keys are coordinated, every POLL_TICKS
+     * ticks, to read the nudges soon. */
+    uint64_t every = f->ttl_ms / 3 < HEARTBEAT_IDLE_MS ? f->ttl_ms / 3 : HEARTBEAT_IDLE_MS;
+    if (f->nused && every > (uint64_t)POLL_TICKS * f->sync_ms) every = (uint64_t)POLL_TICKS * f->sync_ms;
+    if (f->ever_synced && keys_allowed && now - f->last_sent_ms + f->sync_ms / 2 < every) return;
   }
   sync_keys(f, n, keys_allowed, now);
 }
@@ -948,7 +1225,8 @@ static void on_tick(uv_timer_t *t) {
 static const char leave_script[] =
     "local p, me = ARGV[1], ARGV[2] "
     "redis.call('ZREM', p .. '" SL_KEY_SHARE_INSTANCES "', me) "
-    "for i = 3, #ARGV do redis.call('HDEL', p .. '" SL_KEY_SHARE "' .. ARGV[i], me) end "
+    "for m in string.gmatch(ARGV[3], '%S+') do redis.call('ZREM', p .. '" SL_KEY_SHARE_INSTANCES "', m) end "
+    "for i = 4, #ARGV do redis.call('HDEL', p .. '" SL_KEY_SHARE "' .. ARGV[i], me) end "
     "return 1";
 
 static void close_all(struct sl_fleet *f) {
@@ -971,13 +1249,20 @@ static void on_left(void *owner, void *priv, const redisReply *reply) {
 
 static void on_leave_timeout(uv_timer_t *t) { close_all(t->data); }
 
-/* A cluster's leave: ZREM on the zset's slot, an HDEL per key on its own. */
+/* A cluster's leave: ZREM (this session and the earlier ones not dropped
+ * yet) on the zset's slot, an HDEL per key on its own. */
 static void send_leave_cluster(struct sl_fleet *f) {
   char key[256];
   int l = snprintf(key, sizeof key, "%s" SL_KEY_SHARE_INSTANCES, f->prefix);
-  const char *argv[] = {"ZREM", key, f->id};
-  size_t lens[] = {4, (size_t)l, strlen(f->id)};
-  if (sl_db_command(f->db, sl_db_key_slot(key, (size_t)l), on_left, NULL, 3, argv, lens) == 0) f->leaving++;
+  const char *argv[8] = {"ZREM", key, f->member};
+  size_t lens[8] = {4, (size_t)l, strlen(f->member)};
+  int argc = 3;
+  for (const char *p = f->old_members; *p && argc < 8;) {
+    size_t n = strcspn(p, " ");
+    if (n) argv[argc] = p, lens[argc++] = n;
+    p += n + (p[n] == ' ');
+  }
+  if (sl_db_command(f->db, sl_db_key_slot(key, (size_t)l), on_left, NULL, argc, argv, lens) == 0) f->leaving++;
   argv[0] = "HDEL", lens[0] = 4;
   for (uint32_t i = 0; i < f->nused; i++) {
     unsigned slot;
@@ -995,14 +1280,15 @@ static int send_leave(struct sl_fleet *f) {
     send_leave_cluster(f);
     return f->leaving ? 0 : -1;
   }
-  size_t argc = 5 + (size_t)f->nused;
+  size_t argc = 6 + (size_t)f->nused;
   const char **argv = sl_malloc(argc * sizeof(char *));
   size_t *lens = sl_malloc(argc * sizeof(size_t)), a = 0;
   argv[a] = "EVAL", lens[a++] = 4;
   argv[a] = leave_script, lens[a++] = sizeof(leave_script) - 1;
   argv[a] = "0", lens[a++] = 1;
   argv[a] = f->prefix, lens[a++] = strlen(f->prefix);
-  argv[a] = f->id, lens[a++] = strlen(f->id);
+  argv[a] = f->member, lens[a++] = strlen(f->member);
+  argv[a] = f->old_members, lens[a++] = strlen(f->old_members);
   for (uint32_t i = 0; i < f->nused; i++) {
     const struct sl_fleet_key *k = &f->keys[f->used[i]];
     argv[a] = k->name, lens[a++] = k->len;
@@ -1029,9 +1315,11 @@ static void make_id(struct sl_fleet *f) {
   gethostname(host, sizeof(host) - 1);
   host[sizeof(host) - 1] = '\0';
   for (char *p = host; *p; p++)
-    if (*p == ':' || *p == '"' || *p == '\\' || (unsigned char)*p < 0x21 || (unsigned char)*p > 0x7e) *p = '_';
+    if (*p == ':' || *p == '"' || *p == '\\' || *p == '#' || (unsigned char)*p < 0x21 || (unsigned char)*p > 0x7e)
+      *p = '_';
   if (getrandom(&rnd, sizeof(rnd), 0) != sizeof(rnd)) rnd = (uint32_t)uv_hrtime();
   snprintf(f->id, sizeof(f->id), "%s/%d/%08x", host, (int)getpid(), rnd);
+  new_session(f);
 }
 
 /* The table and what the workers use, without the thread. */
@@ -1042,6 +1330,8 @@ static int table_init(struct sl_fleet *f, unsigned cap, unsigned nworkers) {
   f->mask = slots - 1;
   f->nworkers = nworkers;
   f->n_last = 1;
+  _Static_assert(sizeof(f->sha) / sizeof(f->sha[0]) == SC_N, "a SHA-1 per script");
+  for (int i = 0; i < SC_N; i++) sl_fleet_sha1_hex(scripts[i], script_len[i], f->sha[i]);
   pthread_mutex_init(&f->text_lock, NULL);
   if (posix_memalign((void **)&f->slots, 64, (size_t)slots * sizeof(*f->slots)) != 0) return -ENOMEM;
   memset(f->slots, 0, (size_t)slots * sizeof(*f->slots));
@@ -1078,7 +1368,9 @@ static void table_free(struct sl_fleet *f) {
 int sl_fleet_table_init_test(struct sl_fleet *f, unsigned cap, unsigned nworkers) {
   memset(f, 0, sizeof(*f));
   snprintf(f->id, sizeof(f->id), "test/1/00000000");
+  new_session(f);
   f->ttl_ms = 1500;
+  f->sync_ms = 100;
   return table_init(f, cap, nworkers);
 }
 
@@ -1100,6 +1392,8 @@ void sl_fleet_table_reset_test(struct sl_fleet *f) {
 }
 
 void sl_fleet_take_wants_test(struct sl_fleet *f) { take_wants(f); }
+
+void sl_fleet_measure_test(struct sl_fleet *f, uint64_t now, uint64_t dt_ms) { measure(f, now, dt_ms); }
 
 int sl_fleet_start(struct sl_fleet *f, const struct sl_config *cfg, unsigned nworkers, char *err, size_t errlen) {
   int r;

@@ -104,9 +104,19 @@ struct sl_fleet {
   uint32_t nused, cap;
   char prefix[64];
   char id[96];               /* this process: host/pid/random */
+  /* The session in Redis, <id>#<n>: a lease counts while its session
+   * heartbeats, so a new one starts whenever this instance's leases stop
+   * being kept (an outage, alone in the fleet); earlier ones still to
+   * drop from the zset go with the next heartbeat. */
+  char member[112];
+  char old_members[4 * 112];
+  unsigned session;
+  char sha[5][41];           /* the scripts' SHA-1s (EVALSHA) */
+  unsigned noscript;         /* bit per script: Redis lacks it, the next call is an EVAL */
   unsigned sync_ms, ttl_ms;
   uint64_t last_tick_ms;
   uint64_t last_sent_ms;     /* the last sync sent */
+  uint64_t refresh_at_ms;    /* the next refresh epoch (fleet.c's key_due) */
   uint64_t joined_at_ms;     /* after a reconnect: keys sync from then on */
   unsigned n_last;           /* live instances in the last reply */
   int inflight, ever_synced, outage, outage_logged;
@@ -194,7 +204,17 @@ int sl_fleet_table_init_test(struct sl_fleet *f, unsigned cap, unsigned nworkers
 void sl_fleet_table_free_test(struct sl_fleet *f);
 void sl_fleet_table_reset_test(struct sl_fleet *f); /* empty again, as just made */
 void sl_fleet_take_wants_test(struct sl_fleet *f);
+/* The demand of every key from its decisions counted since the last call,
+ * dt_ms ago (the tick's measure). */
+void sl_fleet_measure_test(struct sl_fleet *f, uint64_t now, uint64_t dt_ms);
 /* Applies a reply to a sync that named the slots idx[0..n). */
 int sl_fleet_apply_reply_test(struct sl_fleet *f, const uint32_t *idx, uint32_t n, const struct redisReply *r);
+/* Why the key in slot idx would be in a sync at now (ms): the script's
+ * flag ('0' refresh or nudged, '1' new or moved, '2' release, '3' retry),
+ * or 0 when it is not due. Marks it sent at now when due (as a sync that
+ * named it would). */
+int sl_fleet_due_test(struct sl_fleet *f, uint32_t idx, uint64_t now);
+/* The SHA-1 of len bytes, in hex (EVALSHA's name of a script). */
+void sl_fleet_sha1_hex(const char *data, size_t len, char out[41]);
 
 #endif

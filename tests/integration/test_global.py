@@ -311,6 +311,37 @@ class Fleet(GlobalCase):
         note(f"(c) 0 s..3 s after the kill: the two left admitted {sum(per)} ({sum(per) / 3:.1f}/s)")
 
 
+class Follow(GlobalCase):
+    """A steady key is synced only when something changes (docs/limits.md,
+    "Redis cost"), so when a third instance's load arrives, the two that
+    hold the key (their demand unchanged) must learn it from its sync (a
+    nudge) and give back: its share follows within 1 s."""
+
+    def test_share_follows_new_load_within_1s(self):
+        inst, ld = self.start(3, "--global-sync-ms", SYNC_MS)
+        self.wait_all(inst, "sluice_global_instances", 3, 10, "three instances see each other")
+        ld[1].on.set()
+        ld[2].on.set()
+        poll(lambda: self.explain(inst[0])["global"]["registered"] == 3, 5, "instance 0 registered (announced)")
+        time.sleep(3.0)  # steady: instances 1 and 2 share R, instance 0 holds a floor
+        before = [self.explain(sl)["global"]["share_ppm"] for sl in inst]
+        ld[0].on.set()
+        t0 = time.monotonic()
+        g, secs = poll(lambda: (lambda g: g if g["share_ppm"] >= 0.9 * 1e6 / 3 else None)(
+            self.explain(inst[0])["global"]), 3, "instance 0's share")
+        win = (t0 + 1.0, t0 + 4.0)
+        sleep_until(win[1] + 0.2)
+        for x in ld:
+            x.on.clear()
+        time.sleep(0.2)
+        after = [self.explain(sl)["global"]["share_ppm"] for sl in inst]
+        note(f"follow: shares (ppm) before {before}, after {after}; instance 0 reached "
+             f"{g['share_ppm']} ppm {secs * 1000:.0f} ms after its load started")
+        self.check_statuses(ld)
+        self.assertLessEqual(secs, 1.0, "the share follows within 1 s")
+        self.window("follow: 1 s..4 s after a third instance's load started", ld, *win)
+
+
 class Outage(GlobalCase):
 
     def test_redis_outage_and_return(self):
