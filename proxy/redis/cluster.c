@@ -66,6 +66,25 @@ unsigned sl_cluster_key_slot(const char *key, size_t len) {
   return sl_cluster_crc16(key, len) & (SL_CLUSTER_SLOTS - 1);
 }
 
+void sl_cluster_slot_tags(char (*tags)[SL_CLUSTER_TAG_SIZE]) {
+  static const char abc[] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+  enum { N = sizeof(abc) - 1 };
+  for (unsigned s = 0; s < SL_CLUSTER_SLOTS; s++) tags[s][0] = '\0';
+  unsigned left = SL_CLUSTER_SLOTS;
+  for (unsigned len = 1; len < SL_CLUSTER_TAG_SIZE && left; len++) {
+    unsigned total = 1;
+    for (unsigned i = 0; i < len; i++) total *= N;
+    for (unsigned v = 0; v < total && left; v++) { /* v's digits in base N, most significant first */
+      char t[SL_CLUSTER_TAG_SIZE] = {0};
+      for (unsigned i = len, x = v; i-- > 0; x /= N) t[i] = abc[x % N];
+      unsigned s = sl_cluster_crc16(t, len) & (SL_CLUSTER_SLOTS - 1);
+      if (tags[s][0]) continue;
+      memcpy(tags[s], t, sizeof t);
+      left--;
+    }
+  }
+}
+
 /* ---- parsing helpers ---- */
 
 /* Whether s[0..n) may be a node's host: 1..255 bytes of letters, digits and

@@ -31,6 +31,19 @@ uint16_t sl_cluster_crc16(const void *p, size_t len);
  * one. key may hold any bytes; key may be NULL when len is 0. */
 unsigned sl_cluster_key_slot(const char *key, size_t len);
 
+/* A slot's tag: a string of 1 to 3 characters of [0-9A-Za-z] whose slot
+ * (as a hash tag, "{<tag>}") is that slot; SL_CLUSTER_TAG_SIZE bytes with
+ * the NUL. */
+#define SL_CLUSTER_TAG_SIZE 4
+
+/* Fills tags[slot] for every slot with the first string that hashes to it
+ * in this order: by length (1, 2, 3), then by bytes (ASCII order of
+ * [0-9A-Za-z]). Every slot has one (all of them within 3 characters). The
+ * order is fixed for good: keys named with these tags (metering's
+ * high-water marks) must keep their names across versions. About 240,000
+ * CRC16s of 3 bytes: compute it once. */
+void sl_cluster_slot_tags(char (*tags)[SL_CLUSTER_TAG_SIZE]);
+
 /* ---- the slot map ---- */
 
 struct sl_cluster_node {

@@ -445,6 +445,31 @@ static void test_group(void **state) {
   free(m);
 }
 
+/* The slot tags: every slot has one, of 1..3 characters of [0-9A-Za-z],
+ * hashing to its slot alone and inside a key of several braces (the first
+ * pair is the tag); a few pinned, since the order may never change (names
+ * built from them outlive a version: metering's high-water marks). */
+static void test_slot_tags(void **state) {
+  (void)state;
+  char(*tags)[SL_CLUSTER_TAG_SIZE] = calloc(SL_CLUSTER_SLOTS, SL_CLUSTER_TAG_SIZE);
+  assert_non_null(tags);
+  sl_cluster_slot_tags(tags);
+  for (unsigned s = 0; s < SL_CLUSTER_SLOTS; s++) {
+    size_t n = strnlen(tags[s], SL_CLUSTER_TAG_SIZE);
+    assert_in_range(n, 1, SL_CLUSTER_TAG_SIZE - 1);
+    assert_int_equal(strspn(tags[s], "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"), n);
+    assert_int_equal(sl_cluster_crc16(tags[s], n) & (SL_CLUSTER_SLOTS - 1), s);
+    char key[64];
+    int kl = snprintf(key, sizeof key, "sluice:meter:hwm:{%s}:inst{x}:00ff", tags[s]);
+    assert_int_equal(sl_cluster_key_slot(key, (size_t)kl), s);
+  }
+  assert_string_equal(tags[0], "06S");
+  assert_string_equal(tags[1], "Qi");
+  assert_string_equal(tags[5474], "0bi");
+  assert_string_equal(tags[16383], "6ZJ");
+  free(tags);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_crc16),       cmocka_unit_test(test_key_slot),
@@ -452,6 +477,7 @@ int main(void) {
       cmocka_unit_test(test_map_refused), cmocka_unit_test(test_map_bound),
       cmocka_unit_test(test_error_kind),  cmocka_unit_test(test_redirect),
       cmocka_unit_test(test_uid_key),     cmocka_unit_test(test_group),
+      cmocka_unit_test(test_slot_tags),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
