@@ -55,22 +55,38 @@ static const char apply_script[] =
     "           'batch', id, 'keys', n, 'deltas', ARGV[b]) "
     "return 1";
 
-/* Redis Cluster (SPEC 10; docs/operations.md): a slot of a batch's UIDs
- * that goes on its own (the one slot of its master in the batch, or one
- * master_script did not run), applied exactly once by its own marker in
- * that slot: KEYS[1] the marker (meter:batch:<id>:{<uid>}, the UID of the
- * part's first key), then per key its calls and usage keys (the calls key
- * again when nothing is billed); ARGV: the key count, then per key the
- * calls field, the count, the number of usage fields and the fields. Every
- * key is declared, so that a slot being migrated answers ASK or TRYAGAIN
- * for the whole part, never half of it. */
+/* Redis Cluster (SPEC 10; docs/operations.md): a batch's counts are
+ * applied once per slot by a high-water mark, not a marker per batch (issue
+ * 14: with many accounts a slot is about one account, so a marker per slot
+ * and batch kept ~one key per account and flush for 7 days). The flusher
+ * sends one batch at a time, the next only once every part of this one is
+ * in Redis, and a restart replays the spool's batches in order before new
+ * ones (a new epoch): so for one (instance, epoch) a slot sees the batches
+ * in seq order, and "seq <= the slot's mark" means exactly "applied".
+ * meter:hwm:{<slot tag>}:<instance>:<epoch> holds the highest seq applied
+ * to the slot (the tag first: an instance id with a brace cannot move the
+ * key's slot), EX 7 days from its last write: at most one key per slot and
+ * live epoch. A batch replayed from the spool may have been applied by an
+ * earlier version under its marker meter:batch:<id>:{<uid>}: for those
+ * only, that marker found means applied too. */
+
+/* A slot of a batch that goes on its own (the one slot of its master in
+ * the batch, or one master_script did not run), every key declared, so
+ * that a slot being migrated answers ASK or TRYAGAIN for the whole part,
+ * never half of it: KEYS[1] the slot's mark, KEYS[2] the old marker of a
+ * replayed batch or the mark again, then per key its calls and usage keys
+ * (the calls key again when nothing is billed); ARGV: the seq, the key
+ * count, then per key the calls field, the count, the number of usage
+ * fields and the fields. The mark is set first, as apply_script's marker. */
 static const char part_script[] =
-    "if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800) then return 0 end "
-    "local b = 2 "
-    "for i = 1, tonumber(ARGV[1]) do "
-    "  redis.call('HINCRBY', KEYS[2 * i], ARGV[b], ARGV[b + 1]) "
+    "if tonumber(ARGV[1]) <= (tonumber(redis.call('GET', KEYS[1])) or 0) then return 0 end "
+    "if KEYS[2] ~= KEYS[1] and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end "
+    "redis.call('SET', KEYS[1], ARGV[1], 'EX', 604800) "
+    "local b = 3 "
+    "for i = 1, tonumber(ARGV[2]) do "
+    "  redis.call('HINCRBY', KEYS[2 * i + 1], ARGV[b], ARGV[b + 1]) "
     "  local u = tonumber(ARGV[b + 2]) "
-    "  for j = 1, u do redis.call('HINCRBY', KEYS[2 * i + 1], ARGV[b + 2 + j], ARGV[b + 1]) end "
+    "  for j = 1, u do redis.call('HINCRBY', KEYS[2 * i + 2], ARGV[b + 2 + j], ARGV[b + 1]) end "
     "  b = b + 3 + u "
     "end "
     "return 1";
@@ -80,27 +96,32 @@ static const char part_script[] =
  * dominate, about one call per account). Keys of several slots cannot be
  * declared (CROSSSLOT), so none is: Redis 7's allow-cross-slot-keys lets
  * the script touch any slot this node serves, and checks each command.
- * Per slot, its marker (part_script's, the same name) is SET first under
- * pcall: set means the slot is served here and not being migrated (a
- * missing key of a migrating slot is refused: ASK), so its counts are
- * applied in full; found means applied before; refused (-1) means not run
- * here: the flusher sends that slot as its own part_script. Nothing runs
+ * Per slot, an MGET of its probe (a key never written) and its mark under
+ * pcall first: an error means the slot is not served here or is being
+ * migrated (a missing key of a migrating slot is refused: ASK or TRYAGAIN),
+ * and then nothing of it is written here (its keys may be half moved, the
+ * mark with them): -1, the flusher sends the slot as its own part_script.
+ * Else every key of the slot is here, and the mark decides. Nothing runs
  * between the check and the writes (a script is atomic). ARGV: the slot
- * count, then per slot: marker, key count, the number of args that follow
- * for its keys, and per key apply_script's: calls key, calls field, count,
- * usage key ('' when nothing is billed), the number of usage fields and
- * the fields. Returns an integer per slot: 1 applied, 0 found, -1 not run. */
+ * count, the seq, then per slot: mark, probe, the old marker of a replayed
+ * batch ('' for none), key count, the number of args that follow for its
+ * keys, and per key apply_script's: calls key, calls field, count, usage
+ * key ('' when nothing is billed), the number of usage fields and the
+ * fields. Returns an integer per slot: 1 applied, 0 found applied, -1 not
+ * run. */
 static const char master_script[] =
     "#!lua flags=allow-cross-slot-keys\n"
-    "local out, b = {}, 2 "
+    "local out, b, s = {}, 3, tonumber(ARGV[2]) "
     "for g = 1, tonumber(ARGV[1]) do "
-    "  local r = redis.pcall('SET', ARGV[b], '1', 'NX', 'EX', 604800) "
-    "  local n, nb = tonumber(ARGV[b + 1]), b + 3 + tonumber(ARGV[b + 2]) "
-    "  if type(r) == 'table' and r.err then out[g] = -1 "
-    "  elseif not r then out[g] = 0 "
+    "  local n, nb = tonumber(ARGV[b + 3]), b + 5 + tonumber(ARGV[b + 4]) "
+    "  local r = redis.pcall('MGET', ARGV[b + 1], ARGV[b]) "
+    "  if r.err then out[g] = -1 "
+    "  elseif s <= (tonumber(r[2]) or 0) or "
+    "         (ARGV[b + 2] ~= '' and redis.call('EXISTS', ARGV[b + 2]) == 1) then out[g] = 0 "
     "  else "
     "    out[g] = 1 "
-    "    b = b + 3 "
+    "    redis.call('SET', ARGV[b], ARGV[2], 'EX', 604800) "
+    "    b = b + 5 "
     "    for i = 1, n do "
     "      redis.call('HINCRBY', ARGV[b], ARGV[b + 1], ARGV[b + 2]) "
     "      local u = tonumber(ARGV[b + 4]) "
@@ -669,8 +690,9 @@ static void send_next(struct sl_flusher *f) {
 static struct args args_new(const struct sl_flusher *f, const struct sl_batch *b) {
   size_t plen = strlen(f->prefix), n = b->n;
   /* per key 5 args and a usage field per service (at most 64: a Service
-   * is at most 127 bytes), + at most 1 SADD member, + 2 per SADD group */
-  size_t argc = 8 + (5 + SL_METER_SERVICE_MAX / 2 + 1) * n + 3 * n + 2;
+   * is at most 127 bytes), + at most 1 SADD member, + 2 per SADD group, or
+   * in a master's script 5 per slot (mark, probe, old marker, 2 counts) */
+  size_t argc = 8 + (5 + SL_METER_SERVICE_MAX / 2 + 1) * n + 6 * n + 2;
   struct args x = {.argv = sl_malloc(argc * sizeof(char *)), .lens = sl_malloc(argc * sizeof(size_t))};
   /* names: calls key and usage key (prefix + "usage:" + day + ":" + uid),
    * fields, counts; the deltas text: a line per key */
@@ -687,7 +709,8 @@ static struct args args_new(const struct sl_flusher *f, const struct sl_batch *b
       size_t ns = services(k, svc, svl);
       per += ns * (field + 2) + k->service_len + 2;
     }
-    cap += per + plen + sizeof(b->id) + k->uid_len + 32; /* a cluster: tags, a part's marker */
+    /* a cluster: a slot's mark, probe and old marker, the seq */
+    cap += per + 3 * plen + 2 * sizeof(b->id) + k->uid_len + 96;
   }
   cap += 2 * plen + 2 * sizeof(b->id) + 256; /* a cluster: the stream's marker and name */
   x.buf = x.p = sl_malloc(cap);
@@ -830,16 +853,59 @@ static uint64_t *group_keys(const struct sl_batch *b, const struct sl_cluster_ma
   return keys;
 }
 
-/* A slot's exactly-once marker meter:batch:<id>:{<uid>}, the UID of its
- * lowest-index key in the batch: the same name on either path (a slot's
- * own part or a master's script), whatever the map. */
-static void arg_marker(struct sl_flusher *f, struct args *x, const struct sl_batch *b, const struct sl_meter_key *k0) {
+/* The marker an earlier version set for a slot of batch b, meter:batch:<id>:{<uid>}
+ * (the UID of the slot's lowest-index key in the batch), into the args:
+ * for a replayed batch. Returns its arg, or NULL with '' added when there
+ * is none to look for: a batch made by this process, or an id with a
+ * brace (such a marker was never in that slot). */
+static const char *arg_old_marker(struct sl_flusher *f, struct args *x, const struct sl_batch *b,
+                                  const struct sl_meter_key *k0) {
+  if (!b->replayed || memchr(b->id, '{', b->id_len) || memchr(b->id, '}', b->id_len)) {
+    arg(x, "", 0);
+    return NULL;
+  }
   char head[160];
   int hl = snprintf(head, sizeof head, "%s" SL_KEY_METER_BATCH "%.*s:", f->prefix, b->id_len, b->id);
   int ml = sl_db_uid_key(f->redis, x->p, (size_t)hl + k0->uid_len + 4, head, (size_t)hl, k0->uid, k0->uid_len, "", 0);
   if (ml < 0) ml = snprintf(x->p, (size_t)hl + k0->uid_len + 4, "%s%.*s", head, (int)k0->uid_len, k0->uid);
   arg(x, x->p, (size_t)ml);
   x->p += ml + 1;
+  return x->argv[x->a - 1];
+}
+
+/* A batch id <instance>:<epoch>:<seq> (finalize): *stem_len the bytes of
+ * "<instance>:<epoch>", and the seq. An id of another form (none is made)
+ * is a stem of its own with seq 1: applied once all the same. */
+static uint64_t batch_seq(const struct sl_batch *b, size_t *stem_len) {
+  size_t at = b->id_len;
+  while (at > 0 && b->id[at - 1] != ':') at--;
+  uint64_t seq = 0;
+  int ok = at > 0 && at < b->id_len && b->id_len - at <= 19;
+  for (size_t i = at; ok && i < b->id_len; i++) {
+    ok = b->id[i] >= '0' && b->id[i] <= '9';
+    seq = seq * 10 + (uint64_t)(b->id[i] - '0');
+  }
+  if (!ok || seq == 0) {
+    *stem_len = b->id_len;
+    return 1;
+  }
+  *stem_len = at - 1;
+  return seq;
+}
+
+/* The slot's mark meter:hwm:{<tag>}:<instance>:<epoch> (the batch's) into
+ * the args, and with probe its probe meter:probe:{<tag>} after it. */
+static void arg_mark(struct sl_flusher *f, struct args *x, const struct sl_batch *b, unsigned slot, int probe) {
+  const char *tag = f->slot_tags + (size_t)(slot & (SL_CLUSTER_SLOTS - 1)) * SL_CLUSTER_TAG_SIZE;
+  size_t stem;
+  batch_seq(b, &stem);
+  int n = sprintf(x->p, "%s" SL_KEY_METER_HWM "{%s}:%.*s", f->prefix, tag, (int)stem, b->id);
+  arg(x, x->p, (size_t)n);
+  x->p += n + 1;
+  if (!probe) return;
+  n = sprintf(x->p, "%s" SL_KEY_METER_PROBE "{%s}", f->prefix, tag);
+  arg(x, x->p, (size_t)n);
+  x->p += n + 1;
 }
 
 /* One slot's part (part_script): run[0..n), the sorted group keys of that
@@ -848,16 +914,24 @@ static void send_slot_part(struct sl_flusher *f, struct sl_batch *b, const struc
                            uint32_t n) {
   struct args x = *base;
   x.a = 0;
+  size_t stem;
+  uint64_t seq = batch_seq(b, &stem);
   arg(&x, "EVAL", 4);
   arg(&x, part_script, sizeof(part_script) - 1);
-  arg_num(&x, 1 + 2 * n);
-  arg_marker(f, &x, b, &b->e[sl_cluster_group_index(run[0])].k);
+  arg_num(&x, 2 + 2 * n);
+  arg_mark(f, &x, b, sl_cluster_group_slot(run[0]), 0);
+  size_t old_at = x.a;
+  if (!arg_old_marker(f, &x, b, &b->e[sl_cluster_group_index(run[0])].k)) { /* none: the mark again */
+    x.argv[old_at] = x.argv[old_at - 1];
+    x.lens[old_at] = x.lens[old_at - 1];
+  }
   for (uint32_t j = 0; j < n; j++) {
     const struct sl_meter_key *k = &b->e[sl_cluster_group_index(run[j])].k;
     arg_uid_key(f, &x, SL_KEY_CALLS, SL_KEYLEN(SL_KEY_CALLS), k);
     arg_uid_key(f, &x, billed(k) ? SL_KEY_USAGE : SL_KEY_CALLS, billed(k) ? SL_KEYLEN(SL_KEY_USAGE) : SL_KEYLEN(SL_KEY_CALLS),
                 k);
   }
+  arg_num(&x, seq);
   arg_num(&x, n);
   char fr[64 + SL_REGION_MAX];
   for (uint32_t j = 0; j < n; j++) {
@@ -899,11 +973,14 @@ static void send_master_part(struct sl_flusher *f, struct sl_batch *b, const str
   arg(&x, master_script, sizeof(master_script) - 1);
   arg(&x, "0", 1); /* keys of several slots cannot be declared (CROSSSLOT) */
   arg_num(&x, ngroups);
+  size_t stem;
+  arg_num(&x, batch_seq(b, &stem));
   char fr[64 + SL_REGION_MAX];
   for (uint32_t g = 0, e; g < n; g = e) {
     e = (uint32_t)sl_cluster_group_end(run, n, g, 1);
     mp->slots[mp->n++] = sl_cluster_group_slot(run[g]);
-    arg_marker(f, &x, b, &b->e[sl_cluster_group_index(run[g])].k);
+    arg_mark(f, &x, b, sl_cluster_group_slot(run[g]), 1);
+    arg_old_marker(f, &x, b, &b->e[sl_cluster_group_index(run[g])].k);
     arg_num(&x, e - g);
     size_t span_at = x.a;
     arg(&x, "", 0); /* the group's args after this one, set below */
@@ -1290,6 +1367,7 @@ static int replay_record(void *arg, int type, const unsigned char *p, uint32_t l
     if (!b) return -1;
     free_pending(f); /* a batch covers every delta before it */
     b->spooled = 1;
+    b->replayed = 1;
     b->created_ms = sl_mono_ms();
     enqueue(f, b);
     sl_stat_inc(&f->stats.replayed, 1);
@@ -1405,6 +1483,10 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
     snprintf(err, errlen, "redis: '%s': %s", cfg->redis, uv_strerror(r));
     goto err_handles;
   }
+  if (sl_db_cluster(f->redis)) { /* the slots' marks are named by their tags (~1 ms, once) */
+    f->slot_tags = sl_malloc((size_t)SL_CLUSTER_SLOTS * SL_CLUSTER_TAG_SIZE);
+    sl_cluster_slot_tags((char(*)[SL_CLUSTER_TAG_SIZE])f->slot_tags);
+  }
   sl_db_start(f->redis);
   uv_timer_start(&f->tick, on_tick, f->spool_ms, f->spool_ms);
   if ((r = sl_loop_thread_start(&f->thread, &f->loop, "sluice-flusher")) != 0) {
@@ -1413,6 +1495,8 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   }
   return 0;
 err_redis:
+  free(f->slot_tags);
+  f->slot_tags = NULL;
   sl_db_stop(f->redis);
   f->redis = NULL;
 err_handles:
@@ -1441,4 +1525,5 @@ void sl_flusher_stop(struct sl_flusher *f) {
   free_queue(f);
   sl_meter_table_free(f->acc);
   sl_spool_close(&f->spool);
+  free(f->slot_tags);
 }

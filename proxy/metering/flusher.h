@@ -3,7 +3,8 @@
  * with a stable id (instance id, process epoch, sequence), appends each batch
  * to a local spool file (fsync'd every round), and applies the batches to
  * Redis in order with one Lua script per batch that records the id and
- * skips a batch it has already applied. A batch whose reply is lost is sent
+ * skips a batch it has already applied (a Redis Cluster: per slot, the
+ * highest seq applied, flusher.c). A batch whose reply is lost is sent
  * again with the same id; a restart replays what the spool holds unacked. */
 #ifndef SL_FLUSHER_H
 #define SL_FLUSHER_H
@@ -68,6 +69,7 @@ struct sl_flusher {
   /* Redis (db.h: one server, Sentinel or a cluster) */
   struct sl_db *redis;
   char stream_tag[16];          /* a cluster: a hash tag in usage:stream's slot, for the entry's marker */
+  char *slot_tags;              /* a cluster: each slot's tag (cluster.h's sl_cluster_slot_tags), for its mark */
   char prefix[64];
   uint64_t retry_at_ms;         /* after an error reply, the batch goes again then */
   uint64_t errors;              /* error replies to batches */

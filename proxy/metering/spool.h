@@ -31,6 +31,7 @@ struct sl_batch {
   uint32_t n;
   uint8_t id_len;
   uint8_t spooled;
+  uint8_t replayed; /* read back from the spool at start (perhaps written by an earlier version) */
   char id[96];
   struct sl_batch_entry e[];
 };
