@@ -56,7 +56,7 @@ static const struct opt opts[] = {
    "metering: WAIT's timeout; at most half of --redis-timeout-ms is used (1000)"},
   {"workers", OPT_UINT, F(workers), 0, 1, 256, "event-loop threads (number of CPUs)"},
   {"background-nice", OPT_INT, F(background_nice), 0, 0, 19,
-   "nice value of the background threads: flusher, directory, fleet sync (5)"},
+   "the background threads' nice value above the process's (flusher, directory, fleet sync; at most 19) (5)"},
   {"background-cpus", OPT_STR, F(background_cpus), FSIZE(background_cpus), 0, 0,
    "CPU list (as taskset -c) for the background threads, e.g. to keep them off the workers' CPUs (the process's)"},
   {"admin", OPT_ADDR, F(admin), 0, 0, 0, "HOST:PORT admin listener (127.0.0.1:9901)"},

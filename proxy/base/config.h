@@ -38,7 +38,7 @@ struct sl_config {
   char region[64];
   char access_log[256];
   unsigned workers;
-  int background_nice;          /* nice value of the background threads (flusher, directory, fleet sync) */
+  int background_nice;          /* the background threads' nice value above the process's (flusher, directory, fleet sync) */
   char background_cpus[256];    /* their CPU list (taskset -c syntax); empty: the process's CPUs */
   unsigned flush_ms;  /* metering: counts go to Redis at least this often */
   unsigned flush_quiet_ms; /* metering: a quiet key may wait this long for Redis (0: --flush-ms) */

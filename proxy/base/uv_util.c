@@ -36,7 +36,13 @@ static void loop_thread_main(void *arg) {
    * and on --background-cpus where the operator keeps it off the workers'
    * CPUs. Best effort, said once: a refusal leaves the thread as it was. */
   pid_t tid = (pid_t)syscall(SYS_gettid);
-  if (bg_nice && setpriority(PRIO_PROCESS, (id_t)tid, bg_nice) != 0)
+  /* Relative to the process's own nice value (inherited): a sluice started
+   * under nice 10 keeps its background below its workers, not above. */
+  errno = 0;
+  int base = getpriority(PRIO_PROCESS, (id_t)tid);
+  int target = (errno ? 0 : base) + bg_nice;
+  if (target > 19) target = 19;
+  if (bg_nice && !errno && target != base && setpriority(PRIO_PROCESS, (id_t)tid, target) != 0)
     fprintf(stderr, "sluice: %s: --background-nice %d refused: %s\n", lt.name, bg_nice, strerror(errno));
   if (bg_pinned && sched_setaffinity(tid, sizeof(bg_cpus), &bg_cpus) != 0)
     fprintf(stderr, "sluice: %s: --background-cpus refused: %s\n", lt.name, strerror(errno));

@@ -16,8 +16,8 @@ static inline uint64_t sl_mono_ms(void) { return uv_hrtime() / 1000000; }
 
 /* Starts a thread named `name` (15 bytes shown) that runs `loop` until it
  * has nothing left to do: background work (the directory, the flusher, the
- * fleet sync), at the nice value and on the CPUs sl_background_configure
- * set. Returns 0 or a negative errno (uv_thread_create's). */
+ * fleet sync), --background-nice above the process's nice value (at most
+ * 19) and on the CPUs sl_background_configure set. Returns 0 or a negative errno (uv_thread_create's). */
 int sl_loop_thread_start(uv_thread_t *t, uv_loop_t *loop, const char *name);
 
 #define SL_BACKGROUND_NICE_DEFAULT 5
