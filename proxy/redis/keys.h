@@ -30,10 +30,11 @@
 #define SL_CHANNEL_CHANGES "changes"  /* pub/sub: a message names a changed key */
 
 /* ---- global limits (sluice's fleet threads, SPEC 9; docs/limits.md) ---- */
-#define SL_KEY_SHARE "share:"                     /* share:<uid>:<feature>:<region> hash: instance ->
-                                                   * "lease_ppm:demand_mrps:expiry_ms"; "~a" -> last announced */
-#define SL_KEY_SHARE_INSTANCES "share:instances" /* zset: instance -> heartbeat expiry (ms, server clock) */
-#define SL_KEY_SHARE_ANNOUNCE "share:announce"   /* stream: keys that instances not registered should join */
+#define SL_KEY_SHARE "share:"                     /* share:<uid>:<feature>:<region> hash: session ->
+                                                   * demand_mrps * 1e7 + lease_ppm; "~a" -> last announced;
+                                                   * "~e" -> expiry last set */
+#define SL_KEY_SHARE_INSTANCES "share:instances" /* zset: session <id>#<n> -> heartbeat expiry (ms, server clock) */
+#define SL_KEY_SHARE_ANNOUNCE "share:announce"   /* stream: keys to join (not registered) or sync (nudged) */
 
 /* ---- metering (written by sluice's flusher, read by sluice-rate) ---- */
 #define SL_KEY_USAGE "usage:"              /* usage:<day>:<uid> hash <feature>:<service>:<region> -> billable calls;
