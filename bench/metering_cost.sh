@@ -117,6 +117,12 @@ run_wrk() { # seconds [extra wrk args]
     timeout -k 5 $((s + 30)) wrk -t1 -c64 -d"${s}s" "$@" -s "$here/lua/pass_uniform.lua" "http://127.0.0.1:$sp/"
 }
 run_wrk 2 >/dev/null # every account looked up once
+# Redis's own idle cost (cron, and a cluster's bus: each node pings the
+# others), for reading the loaded figure: 5 s with sluice idle.
+sleep 1
+i0=$(redis_ticks)
+sleep 5
+idle_ms_per_s=$((($(redis_ticks) - i0) * 10 / 5))
 for p in "${rports[@]}"; do redis-cli -p "$p" config resetstat >/dev/null; done
 r0=$(redis_ticks)
 declare -A each0=()
@@ -132,11 +138,16 @@ echo "redis: $mode ($redis_url); sluice options: ${*:-(defaults)}; run ${secs} s
 grep -E 'Requests/sec|^ +50%|^ +99%' "$tmp/wrk.txt"
 echo "requests $reqs, non-2xx ${non2xx:-0}; redis-server CPU $(((r1 - r0) * 10)) ms" \
   "= $(awk -v t=$((r1 - r0)) -v hz="$(getconf CLK_TCK)" -v n="$reqs" 'BEGIN {printf "%.3f", t / hz * 1e6 / n}') us per request"
+echo "idle redis-server CPU (sluice idle, 5 s before the run): $idle_ms_per_s ms/s;" \
+  "net of it: $(awk -v t=$((r1 - r0)) -v i="$idle_ms_per_s" -v s="$secs" -v hz="$(getconf CLK_TCK)" -v n="$reqs" \
+    'BEGIN {printf "%.3f", (t / hz * 1e3 - i * s) * 1e3 / n}') us per request"
 if ((${#rpids[@]} > 1)); then
   echo -n "per server (ms):"
   for p in "${rpids[@]}"; do echo -n " $((($(ticks "$p") - each0[$p]) * 10))"; done
   echo
 fi
 for p in "${rports[@]}"; do
-  redis-cli -p "$p" info commandstats | sed -n 's/^cmdstat_\([a-z]*\):calls=\([0-9]*\),.*/\1 \2/p'
-done | awk '{c[$1] += $2} END {for (k in c) printf "  %s %d\n", k, c[k]}' | sort -k2 -rn | head -8
+  redis-cli -p "$p" info commandstats | sed -n 's/^cmdstat_\([a-z]*\):calls=\([0-9]*\),usec=\([0-9]*\),.*/\1 \2 \3/p'
+done | awk '{c[$1] += $2; u[$1] += $3} END {for (k in c) printf "  %-10s %8d calls %8.1f ms\n", k, c[k], u[k] / 1000}' |
+  sort -k4 -rn | head -10
+echo "(calls and their time inside Redis, INFO commandstats over the run; a script's time includes its commands')"

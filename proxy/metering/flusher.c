@@ -238,6 +238,30 @@ static int quiet_key(const struct sl_meter_entry *e, void *arg) {
  * spool has grown, the new batches replace the whole file (with the kept
  * keys' counts after them, they cover every delta in it; every batch in it
  * is acked). */
+/* The order in which finalize cuts t's keys into batches: by the UID's
+ * hash slot (counting sort), so that an account's keys share a batch. In a
+ * Redis Cluster the exactly-once work is per slot and batch (a mark read
+ * and written): in arrival order a batch of 1000 keys touches ~1000 slots,
+ * and each account's slot is marked once per batch it shows up in (6.7
+ * times a flush in the bench's API mix); sorted, about once a flush. With
+ * one server the batch's SADD holds fewer UIDs and an account's hashes
+ * are written together (bench/metering_cost.sh, 10,000 accounts: Redis
+ * CPU per request 1.11 -> 0.80 us; cluster 2.62 -> 1.76). The caller
+ * frees the array. */
+static uint32_t *slot_order(const struct sl_meter_table *t) {
+  uint32_t *start = sl_calloc(SL_CLUSTER_SLOTS + 1, sizeof *start), *order = sl_malloc(t->n * sizeof *order);
+  uint16_t *slot = sl_malloc(t->n * sizeof *slot);
+  for (uint32_t j = 0; j < t->n; j++) {
+    slot[j] = (uint16_t)sl_db_uid_slot(t->e[j].k.uid, t->e[j].k.uid_len);
+    start[slot[j] + 1]++;
+  }
+  for (unsigned s = 1; s <= SL_CLUSTER_SLOTS; s++) start[s] += start[s - 1];
+  for (uint32_t j = 0; j < t->n; j++) order[start[slot[j]]++] = j;
+  free(slot);
+  free(start);
+  return order;
+}
+
 static void finalize(struct sl_flusher *f, int retain) {
   struct sl_meter_table *t = f->acc;
   if (t->n == 0) return;
@@ -246,8 +270,10 @@ static void finalize(struct sl_flusher *f, int retain) {
   unsigned nb = 0;
   uint32_t kept = 0;
   size_t bytes = 0;
+  uint64_t counted = 0;
+  uint32_t *order = slot_order(t);
   for (uint32_t j = 0; j < t->n; j++) {
-    const struct sl_meter_entry *e = &t->e[j];
+    const struct sl_meter_entry *e = &t->e[order[j]];
     if (retain && quiet_key(e, f)) {
       kept++;
       continue;
@@ -262,7 +288,7 @@ static void finalize(struct sl_flusher *f, int retain) {
     }
     b->e[b->n].k = e->k;
     b->e[b->n].count = e->count;
-    sl_stat_inc(&f->stats.counted, e->count);
+    counted += e->count;
     breathe(f, 1);
     if (++b->n == SL_BATCH_MAX) {
       bytes += sl_spool_batch_size(b);
@@ -272,6 +298,7 @@ static void finalize(struct sl_flusher *f, int retain) {
       b = NULL;
     }
   }
+  free(order);
   if (b) {
     bytes += sl_spool_batch_size(b);
     *link = b;
@@ -307,12 +334,17 @@ static void finalize(struct sl_flusher *f, int retain) {
       breathe(f, x->n);
     }
     enqueue(f, x);
-    sl_stat_inc(&f->stats.batches, 1);
   }
   /* The keys kept, whole, after the batches: a batch covers every delta
    * before it in the spool, theirs too. */
   if (kept) journal(f, t, 0);
   queue_stats(f);
+  /* Made and counted only now that the batches show in the queue: a reader
+   * of /metrics never sees a batch made that is neither queued nor applied
+   * (the spool's fsync is in between; a test that waited for an empty queue
+   * read 12 made, 11 applied). */
+  sl_stat_inc(&f->stats.batches, nb);
+  sl_stat_inc(&f->stats.counted, counted);
 }
 
 /* Merges a worker's table into the accumulator; when the accumulator fills

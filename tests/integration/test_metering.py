@@ -905,6 +905,35 @@ class Billable(MeteringCase):
                          sorted(["-", "ad_compliance_detection", "chat_detection", "comment_detection,chat_detection"]))
 
 
+class BatchOrder(MeteringCase):
+    """A flush cuts its keys into batches by account (the UID's hash slot),
+    not in arrival order: Redis's per-batch work (a cluster's marks, the
+    day's SADD) is then about once per account and flush."""
+
+    def test_an_accounts_keys_share_a_batch(self):
+        n = 1200  # x 2 regions: 2400 keys, 3 batches of at most 1000
+        self.seed_accounts("AKB", "b", n)
+        sl = self.start("--flush-ms", "60000", "--spool-ms", "200")
+        with harness.HttpConn(sl.port) as c:
+            for kind in ({}, {"host": BJ}):  # all accounts in one region, then all in the other
+                for i in range(n):
+                    c.send(_req(ak=f"AKB{i}", **kind))
+                    self.assertIn(c.read_response().status, (200, 500))
+        self.stop_sluice(sl)  # SIGTERM: the one flush
+        batches_of = collections.defaultdict(set)
+        meter = Meter(self.r.port)
+        for e in meter.stream:
+            if e["uid"].startswith("b"):
+                batches_of[e["uid"]].add(e["batch"])
+        nbatches = len({e["batch"] for e in meter.stream})
+        split = sorted(u for u, b in batches_of.items() if len(b) > 1)
+        note(f"batch order: {len(batches_of)} accounts x 2 keys in {nbatches} batches; {len(split)} accounts split "
+             f"between two (in arrival order every account would be)")
+        self.assertEqual(len(batches_of), n)
+        self.assertGreaterEqual(nbatches, 3)
+        self.assertLessEqual(len(split), nbatches - 1, split[:10])
+
+
 class BackgroundThreads(MeteringCase):
     """--background-nice and --background-cpus: the flusher, directory and
     fleet threads run that much above the process's nice value, on those CPUs (kept off the
