@@ -46,6 +46,16 @@ def bin_path(name):
 _HANDED = collections.deque(maxlen=256)  # ports free_port() gave out lately
 
 
+def release_only(why, sanitizers=("address", "thread")):
+    """Skips a test case (or class) on a tree built with one of `sanitizers`
+    (SLUICE_SANITIZE, set by CTest): for cases whose C paths other cases
+    already run under them, so that the suite keeps to its time budget.
+    `why` names those cases; the skip says it."""
+    import unittest
+    san = os.environ.get("SLUICE_SANITIZE", "")
+    return unittest.skipIf(any(x in san for x in sanitizers), f"not on the {san} tree: {why}")
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on at the time of the
     call, and that this process was not handed lately: the kernel may give

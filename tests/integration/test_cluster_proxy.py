@@ -228,6 +228,7 @@ class ClusterProxyTest(unittest.TestCase):
         for bad in ("Sanitizer", "runtime error:"):
             self.assertNotIn(bad, sl.stderr())
 
+    @harness.release_only("the fleet's C (cluster scripts included) runs under ASan in unit_fleet and fuzz_fleet_reply; the three instances' admission is what this case adds")
     def test_global_limits(self):
         """Shared limits on a cluster (SPEC 9 and 10): three instances with
         global limits on (the default), one account at R loaded on all three
@@ -299,6 +300,7 @@ class ClusterProxyTest(unittest.TestCase):
         # a clean stop leaves: no instance left in the zset
         self.assertEqual(self.ccli("ZCARD", P + "share:instances").strip(), "0")
 
+    @harness.release_only("test_many_accounts_slot_migration runs the same migration paths (ASK, TRYAGAIN, the per-slot part) under ASan")
     def test_slot_migration(self):
         self.run_load(migrate=True, kill=False)
 
@@ -458,6 +460,7 @@ class ClusterProxyTest(unittest.TestCase):
         print(f"cluster marks: {len(marks)} high-water marks for {len(set(slots))} slots of {len(uids)} accounts, "
               f"{len(markers)} stream markers (one per batch), no marker per slot", file=sys.stderr)
 
+    @harness.release_only("a count of Redis's script calls; every other case sends the same scripts under ASan")
     def test_script_per_master(self):
         """300 accounts, a flush every 0.5 s: each master gets one script per
         batch for all of its accounts' slots (at most 2 EVALs per batch with
@@ -639,6 +642,7 @@ class ClusterProxyTest(unittest.TestCase):
     def test_many_accounts_master_failover(self):
         self.many_accounts_under(migrate=False, kill=True)
 
+    @harness.release_only("test_many_accounts_master_failover runs the same failover paths under ASan")
     def test_master_failover(self):
         self.run_load(migrate=False, kill=True)
 

@@ -1132,6 +1132,8 @@ class SilentServer:
         self.sock.close()
 
 
+@harness.release_only("single-threaded paths at scale (bounds, timeouts), run under ASan; the threads' hand-offs are the other classes'",
+                      sanitizers=("thread",))
 class Bounds(MeteringCase):
     """Issue 9 item 7 and 11: metering stays bounded while Redis is away and
     finds a Redis that stops answering."""
