@@ -301,15 +301,17 @@ class ConnectionLimit(unittest.TestCase):
 class UpstreamFailures(unittest.TestCase):
     def test_upstream_down(self):
         dead = harness.free_port()
-        sl = start_sluice(self, [dead], "--max-fails", "2", "--fail-timeout-ms", "60000")
+        # One worker: each keeps its own health, and with several the kernel
+        # may hand all but one connection to one of them (CI: 502 on the 8th).
+        sl = start_sluice(self, [dead], "--max-fails", "2", "--fail-timeout-ms", "60000", workers=1)
         r = harness.http_request(sl.port, "GET", "/?Action=TextModeration")
         assert_error(self, r, 502, "BadGateway")
         r = harness.http_request(sl.port, "GET", "/?Action=TextModeration")
-        self.assertIn(r.status, (502, 503))
-        # every worker has ejected it after its own failures: 503 from then on
-        for _ in range(6):
+        self.assertIn(r.status, (502, 503))  # a refused connect may be tried twice: two failures
+        # ejected after its second failure: 503 from then on
+        for _ in range(3):
             r = harness.http_request(sl.port, "GET", "/?Action=TextModeration")
-        assert_error(self, r, 503, "ServiceUnavailable")
+            assert_error(self, r, 503, "ServiceUnavailable")
         self.assertGreaterEqual(sl.metrics()["sluice_upstream_ejections_total"], 1)
 
     def test_single_failure_ejects_by_default(self):
