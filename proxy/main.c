@@ -170,10 +170,7 @@ int main(int argc, char **argv) {
   if (!cfg->metering_on)
     fprintf(stderr, "sluice: WARNING: --metering off: no call is counted for billing (measurement only)\n");
   signal(SIGPIPE, SIG_IGN);
-  cpu_set_t bg_cpus;
-  long ncpu = sysconf(_SC_NPROCESSORS_CONF);
-  int pinned = cfg->background_cpus[0] && sl_cpu_list_parse(cfg->background_cpus, &bg_cpus, (unsigned)ncpu) == 0;
-  sl_background_configure(cfg->background_nice, pinned ? &bg_cpus : NULL);
+  sl_background_configure(cfg->background_nice, cfg->background_pinned ? &cfg->background_cpuset : NULL);
   m.snapshots[m.nsnap++] = cfg;
   atomic_store(&m.version, cfg->version);
   m.nworkers = cfg->workers;

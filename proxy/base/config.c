@@ -440,9 +440,10 @@ int sl_config_load(struct sl_config *out, const struct sl_cli *cli, char *err, s
             out->global_ttl_ms, out->global_sync_ms);
     return -1;
   }
-  cpu_set_t cpus;
   long ncpu = sysconf(_SC_NPROCESSORS_CONF);
-  if (out->background_cpus[0] && sl_cpu_list_parse(out->background_cpus, &cpus, ncpu > 0 ? (unsigned)ncpu : 1) != 0) {
+  out->background_pinned = out->background_cpus[0] != '\0';
+  if (out->background_pinned &&
+      sl_cpu_list_parse(out->background_cpus, &out->background_cpuset, ncpu > 0 ? (unsigned)ncpu : 1) != 0) {
     set_err(err, errlen, "background-cpus: '%s' is not a CPU list (as taskset -c: 2, 0-3, 1,4-5) of CPUs below %ld",
             out->background_cpus, ncpu);
     return -1;

@@ -6,6 +6,7 @@
 #define SL_CONFIG_H
 
 #include <netinet/in.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <sys/socket.h>
@@ -40,6 +41,8 @@ struct sl_config {
   unsigned workers;
   int background_nice;          /* the background threads' nice value above the process's (flusher, directory, fleet sync) */
   char background_cpus[256];    /* their CPU list (taskset -c syntax); empty: the process's CPUs */
+  int background_pinned;        /* background_cpus given: background_cpuset is it, parsed at load */
+  cpu_set_t background_cpuset;
   unsigned flush_ms;  /* metering: counts go to Redis at least this often */
   unsigned flush_quiet_ms; /* metering: a quiet key may wait this long for Redis (0: --flush-ms) */
   unsigned spool_ms;  /* metering: counts are gathered and made durable in the spool this often */

@@ -605,6 +605,14 @@ static size_t field_fr(const struct sl_meter_key *k, char *out) {
   return fl + 1 + k->region_len;
 }
 
+/* The key's calls field "<feature>:<region>:<outcome>" as an arg. */
+static void arg_calls_field(struct args *x, const struct sl_meter_key *k) {
+  char fr[64 + SL_REGION_MAX];
+  const char *fname, *tier, *o;
+  sl_flusher_key_names(k, &fname, &tier, &o);
+  arg_cat(x, fr, field_fr(k, fr), ":", 1, o, strlen(o));
+}
+
 /* Whether a key's count goes to usage: an ok of a billable Action. */
 static int billed(const struct sl_meter_key *k) { return k->outcome == SL_OUT_OK && k->billable; }
 
@@ -765,19 +773,16 @@ static void send_single(struct sl_flusher *f, struct sl_batch *b, struct args *x
   arg(&x, f->prefix, plen);
   arg(&x, b->id, b->id_len);
   arg_num(&x, n);
-  char daybuf[16], fr[64 + SL_REGION_MAX];
+  char daybuf[16];
   for (uint32_t i = 0; i < n; i++) {
     const struct sl_meter_key *k = &b->e[i].k;
-    const char *fname, *tier, *o;
-    sl_flusher_key_names(k, &fname, &tier, &o);
     breathe(f, 1);
     size_t dl = sl_u64toa(k->day, daybuf);
     daybuf[dl++] = ':';
     arg_cat(&x, f->prefix, plen, SL_KEY_CALLS, SL_KEYLEN(SL_KEY_CALLS), daybuf, dl);
     memcpy(x.p, k->uid, k->uid_len), x.p += k->uid_len;
     x.lens[x.a - 1] += k->uid_len;
-    size_t frl = field_fr(k, fr);
-    arg_cat(&x, fr, frl, ":", 1, o, strlen(o));
+    arg_calls_field(&x, k);
     arg_num(&x, b->e[i].count);
     if (billed(k)) {
       arg_cat(&x, f->prefix, plen, SL_KEY_USAGE, SL_KEYLEN(SL_KEY_USAGE), daybuf, dl);
@@ -965,13 +970,9 @@ static void send_slot_part(struct sl_flusher *f, struct sl_batch *b, const struc
   }
   arg_num(&x, seq);
   arg_num(&x, n);
-  char fr[64 + SL_REGION_MAX];
   for (uint32_t j = 0; j < n; j++) {
     const struct sl_batch_entry *be = &b->e[sl_cluster_group_index(run[j])];
-    const char *fname, *tier, *o;
-    sl_flusher_key_names(&be->k, &fname, &tier, &o);
-    size_t frl = field_fr(&be->k, fr);
-    arg_cat(&x, fr, frl, ":", 1, o, strlen(o));
+    arg_calls_field(&x, &be->k);
     arg_num(&x, be->count);
     if (billed(&be->k))
       usage_fields(&x, &be->k);
@@ -1007,7 +1008,6 @@ static void send_master_part(struct sl_flusher *f, struct sl_batch *b, const str
   arg_num(&x, ngroups);
   size_t stem;
   arg_num(&x, batch_seq(b, &stem));
-  char fr[64 + SL_REGION_MAX];
   for (uint32_t g = 0, e; g < n; g = e) {
     e = (uint32_t)sl_cluster_group_end(run, n, g, 1);
     mp->slots[mp->n++] = sl_cluster_group_slot(run[g]);
@@ -1018,12 +1018,9 @@ static void send_master_part(struct sl_flusher *f, struct sl_batch *b, const str
     arg(&x, "", 0); /* the group's args after this one, set below */
     for (uint32_t j = g; j < e; j++) {
       const struct sl_batch_entry *be = &b->e[sl_cluster_group_index(run[j])];
-      const char *fname, *tier, *o;
-      sl_flusher_key_names(&be->k, &fname, &tier, &o);
       breathe(f, 1);
       arg_uid_key(f, &x, SL_KEY_CALLS, SL_KEYLEN(SL_KEY_CALLS), &be->k);
-      size_t frl = field_fr(&be->k, fr);
-      arg_cat(&x, fr, frl, ":", 1, o, strlen(o));
+      arg_calls_field(&x, &be->k);
       arg_num(&x, be->count);
       if (billed(&be->k)) {
         arg_uid_key(f, &x, SL_KEY_USAGE, SL_KEYLEN(SL_KEY_USAGE), &be->k);
