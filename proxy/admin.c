@@ -161,14 +161,21 @@ void sl_admin_metrics(struct sl_admin *a, struct sl_buf *o) {
     struct sl_flusher_stats *fs = &a->flusher->stats;
     uint64_t oldest = atomic_load_explicit(&fs->oldest_ms, memory_order_relaxed);
     uint64_t age = oldest ? uv_hrtime() / 1000000 - oldest : 0;
+    /* Read before the queue (the flusher counts a batch made after it shows
+     * in the queue, and takes it out after counting it applied): a reader
+     * that sees its requests counted and then an empty queue knows them in
+     * Redis. An initializer list's order of evaluation is unspecified. */
+    uint64_t made = atomic_load_explicit(&fs->batches, memory_order_acquire);
+    uint64_t counted = atomic_load_explicit(&fs->counted, memory_order_acquire);
+    uint64_t applied_now = LOAD(fs->applied), deduplicated_now = LOAD(fs->deduplicated);
     struct {
       const char *name, *type, *help;
       uint64_t v;
     } m[] = {
-        {"sluice_meter_batches_total", "counter", "Metering batches made.", LOAD(fs->batches)},
-        {"sluice_meter_batches_applied_total", "counter", "Batches applied by Redis.", LOAD(fs->applied)},
+        {"sluice_meter_batches_total", "counter", "Metering batches made.", made},
+        {"sluice_meter_batches_applied_total", "counter", "Batches applied by Redis.", applied_now},
         {"sluice_meter_batches_deduplicated_total", "counter", "Batches Redis had already applied (a lost reply).",
-         LOAD(fs->deduplicated)},
+         deduplicated_now},
         {"sluice_meter_batches_retried_total", "counter", "Batches sent again after a lost reply or an error.",
          LOAD(fs->retried)},
         {"sluice_meter_batches_replayed_total", "counter", "Batches read back from the spool at start.",
@@ -184,7 +191,7 @@ void sl_admin_metrics(struct sl_admin *a, struct sl_buf *o) {
         {"sluice_meter_spool_full", "gauge", "1 while the spool is at its bound.", LOAD(fs->spool_full)},
         {"sluice_meter_spool_errors_total", "counter", "Spool writes or syncs that failed.", LOAD(fs->spool_errors)},
         {"sluice_meter_redis_up", "gauge", "1 while the flusher's Redis connection is up.", LOAD(fs->redis_up)},
-        {"sluice_meter_counted_total", "counter", "Requests handed to batches.", LOAD(fs->counted)},
+        {"sluice_meter_counted_total", "counter", "Requests handed to batches.", counted},
         {"sluice_meter_lost_total", "counter", "Counted requests lost (spool full at exit without Redis).",
          LOAD(fs->lost)},
         {"sluice_meter_flush_latency_max_ms", "gauge", "Longest time from a batch made to applied.",

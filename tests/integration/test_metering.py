@@ -411,12 +411,19 @@ class MeteringCase(unittest.TestCase):
         return r.json()["by_status"].get("200", 0)
 
     def drained(self, sl, timeout=15):
-        """Waits until every batch made so far is in Redis."""
+        """Waits until every request this sluice answered is counted in a
+        batch and every batch is in Redis. An empty queue alone is not
+        enough: the last requests of a load may still sit in the workers'
+        tables or the accumulator, and become a batch a flush later (CI read
+        12 batches made, 11 applied after the queue had been empty)."""
         def done():
             m = sl.metrics()
+            answered = sum(v for k, v in m.items() if k.startswith("sluice_requests_outcome_total{"))
+            # counted >= answered: counts replayed from a spool at start are counted too
             return (m.get("sluice_meter_queue_batches") == 0 and m.get("sluice_meter_unflushed_requests") == 0
-                    and m.get("sluice_meter_redis_up") == 1)
-        poll(done, timeout, "metering queue empty")
+                    and m.get("sluice_meter_accumulated_requests") == 0 and m.get("sluice_meter_redis_up") == 1
+                    and m.get("sluice_meter_counted_total", 0) >= answered)
+        poll(done, timeout, "every answered request counted and the metering queue empty")
 
     def meter_metrics(self, sl):
         m = sl.metrics()
