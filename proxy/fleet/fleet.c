@@ -23,7 +23,7 @@
 #define ANNOUNCE_MAX 256       /* announcements read per call */
 #define LEAVE_WAIT_MS 300      /* a clean stop waits this long at most for Redis to take the leave */
 #define REFRESH_TICKS 20       /* a steady key is synced every this many ticks (nudges carry changes sooner) */
-#define POLL_TICKS 2           /* with keys coordinated: a sync (and the nudges read) at least this often */
+#define POLL_TICKS 2           /* with keys coordinated and no bell (a cluster): the nudges read this often */
 #define HEARTBEAT_IDLE_MS 500  /* with no key coordinated: heartbeats this often (at most ttl / 3) */
 #define DEMAND_FLOOR 100       /* milli-requests/s under which a demand counts as none */
 #define MOVE_MIN_PPM 100000u   /* a move of a tenth of the limit at least (noise on small shares is not one) */
@@ -88,11 +88,11 @@ struct call {
  * cluster's three (the same Lua either way). */
 /* The heartbeat into the instances' zset ik (and this process's earlier
  * sessions out of it, `old`: space-separated): ids, every live session,
- * and nlive. */
+ * and nlive; moved (a number) when a session joined or expired. */
 #define LUA_HEARTBEAT                                                                                                  \
   "for m in string.gmatch(old, '%S+') do redis.call('ZREM', ik, m) end "                                               \
-  "redis.call('ZADD', ik, now + ttl, me) "                                                                             \
-  "redis.call('ZREMRANGEBYSCORE', ik, '-inf', now) "                                                                   \
+  "local moved = redis.call('ZADD', ik, now + ttl, me) "                                                               \
+  "moved = moved + redis.call('ZREMRANGEBYSCORE', ik, '-inf', now) "                                                   \
   "local ids = redis.call('ZRANGE', ik, 0, -1) "                                                                       \
   "local nlive = #ids "
 /* The announcements after `last` in the stream ak (at first only the
@@ -228,6 +228,7 @@ static const char sync_script[] =
     "end "
     "redis.call('PEXPIRE', ik, 10 * ttl) "
     "if added then redis.call('PEXPIRE', ak, 3600000) end "
+    "if added or moved > 0 then redis.call('PUBLISH', p .. '" SL_CHANNEL_SHARE_BELL "', me) end "
     "return out";
 
 /* A Redis Cluster (SPEC 10): a script touches the keys of one slot only, so
@@ -1066,6 +1067,7 @@ static void cluster_sync(struct sl_fleet *f, const uint32_t *pick, uint32_t n, i
 /* The keys pick[0..n) synced (none: a heartbeat and the announcements). */
 static void sync_keys(struct sl_fleet *f, uint32_t n, int keys_allowed, uint64_t now) {
   f->last_sent_ms = now;
+  f->bell = 0; /* every call reads the stream and the instances */
   if (sl_db_cluster(f->db)) {
     cluster_sync(f, f->pick, n, keys_allowed, now);
     return;
@@ -1157,14 +1159,15 @@ static void sync_now(struct sl_fleet *f, uint64_t now) {
   int keys_allowed = !f->outage || !f->ever_synced || now >= f->joined_at_ms;
   if (f->rejoin && f->ever_synced) keys_allowed = 0; /* a cluster back after an outage: on_heartbeat */
   uint32_t n = 0;
-  /* Alone: heartbeats only (alone_or_not), every tick while keys are busy
-   * here so that another instance's arrival is seen within a tick. */
+  /* Alone: heartbeats only (alone_or_not); while keys are busy here,
+   * every tick so that another instance's arrival is seen within a tick,
+   * unless the bell says when one arrives. */
   int alone = f->ever_synced && f->n_last <= 1;
-  if (keys_allowed && alone && f->nused) {
+  if (keys_allowed && alone && f->nused && !f->bell_up) {
     sync_keys(f, 0, keys_allowed, now);
     return;
   }
-  if (keys_allowed) {
+  if (keys_allowed && !(alone && f->nused)) {
     int epoch = refresh_epoch(f, now);
     for (uint32_t i = 0; i < f->nused; i++) {
       struct sl_fleet_key *k = &f->keys[f->used[i]];
@@ -1173,13 +1176,43 @@ static void sync_now(struct sl_fleet *f, uint64_t now) {
   }
   if (n == 0) {
     /* Nothing to sync: a heartbeat (and the announcements) is enough a few
-     * times per ttl, and, while keys are coordinated, every POLL_TICKS
-     * ticks, to read the nudges soon. */
+     * times per ttl, and at once when the bell rang (another instance added
+     * to the stream, joined, or found one expired). Without a bell (a
+     * cluster, or its subscription down) every POLL_TICKS ticks while keys
+     * are coordinated, to read the nudges soon. */
     uint64_t every = f->ttl_ms / 3 < HEARTBEAT_IDLE_MS ? f->ttl_ms / 3 : HEARTBEAT_IDLE_MS;
-    if (f->nused && every > (uint64_t)POLL_TICKS * f->sync_ms) every = (uint64_t)POLL_TICKS * f->sync_ms;
-    if (f->ever_synced && keys_allowed && now - f->last_sent_ms + f->sync_ms / 2 < every) return;
+    if (f->nused && !f->bell_up && every > (uint64_t)POLL_TICKS * f->sync_ms)
+      every = (uint64_t)POLL_TICKS * f->sync_ms;
+    if (f->ever_synced && keys_allowed && !f->bell && now - f->last_sent_ms + f->sync_ms / 2 < every) return;
   }
   sync_keys(f, n, keys_allowed, now);
+}
+
+/* The bell (one server): another session's call added to the stream,
+ * joined, saw one expire, or left; this one reads at its next tick rather
+ * than polling every POLL_TICKS. A message lost while the subscription is
+ * down is covered by the read that follows its return. */
+static void on_bell(redisAsyncContext *c, void *reply, void *priv) {
+  if (!sl_redis_owner(c, NULL)) return; /* dropped; not progress either: the command connection's replies are */
+  struct sl_fleet *f = priv;
+  const redisReply *r = reply;
+  if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 3 || r->element[0]->type != REDIS_REPLY_STRING)
+    return;
+  const redisReply *kind = r->element[0], *msg = r->element[2];
+  if (kind->len == 9 && !memcmp(kind->str, "subscribe", 9)) {
+    f->bell_up = 1;
+    sl_stat_set(&f->stats.bell_up, 1);
+    f->bell = 1; /* what rang before it was up */
+  } else if (kind->len == 7 && !memcmp(kind->str, "message", 7) && msg->type == REDIS_REPLY_STRING &&
+             !(msg->len == strlen(f->member) && !memcmp(msg->str, f->member, msg->len))) {
+    f->bell = 1;
+    sl_stat_inc(&f->stats.bells, 1);
+  }
+}
+
+static void subscribe_bell(struct sl_fleet *f) {
+  redisAsyncContext *s = sl_redis_sub(sl_db_single(f->db));
+  if (s) redisAsyncCommand(s, on_bell, f, "SUBSCRIBE %s" SL_CHANNEL_SHARE_BELL, f->prefix);
 }
 
 static void on_redis_ready(void *data) {
@@ -1189,6 +1222,7 @@ static void on_redis_ready(void *data) {
     return;
   }
   f->inflight = 0;
+  subscribe_bell(f);
   if (f->outage && f->ever_synced) {
     /* Back after an outage: the others may come back a little later (and a
      * restarted Redis holds no registrations): heartbeat first, so that the
@@ -1203,6 +1237,8 @@ static void on_redis_ready(void *data) {
 static void on_redis_down(void *data, const char *why) {
   struct sl_fleet *f = data;
   f->inflight = 0;
+  f->bell_up = 0; /* the subscriber went down with the command connection */
+  sl_stat_set(&f->stats.bell_up, 0);
   on_down_mode(f, why);
 }
 
@@ -1227,6 +1263,7 @@ static const char leave_script[] =
     "redis.call('ZREM', p .. '" SL_KEY_SHARE_INSTANCES "', me) "
     "for m in string.gmatch(ARGV[3], '%S+') do redis.call('ZREM', p .. '" SL_KEY_SHARE_INSTANCES "', m) end "
     "for i = 4, #ARGV do redis.call('HDEL', p .. '" SL_KEY_SHARE "' .. ARGV[i], me) end "
+    "redis.call('PUBLISH', p .. '" SL_CHANNEL_SHARE_BELL "', me) "
     "return 1";
 
 static void close_all(struct sl_fleet *f) {
@@ -1417,6 +1454,7 @@ int sl_fleet_start(struct sl_fleet *f, const struct sl_config *cfg, unsigned nwo
       .addr = cfg->redis,
       .timeout_ms = cfg->redis_timeout_ms,
       .backoff_max_ms = 250, /* the fleet is on fallback shares meanwhile: come back soon */
+      .subscriber = 1,       /* the bell (one server; a cluster polls) */
       .log_subject = "global limits: redis",
       .up = &f->stats.redis_up,
       .on_ready = on_redis_ready,

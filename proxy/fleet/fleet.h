@@ -76,6 +76,8 @@ struct sl_fleet_stats {
   _Atomic uint64_t releases;    /* keys given back to local shares */
   _Atomic uint64_t redis_up;    /* gauge 0/1 */
   _Atomic uint64_t key_updates; /* keys sent to Redis (the script's per-key work) */
+  _Atomic uint64_t bell_up;     /* gauge 0/1: subscribed to the bell (one server) */
+  _Atomic uint64_t bells;       /* the bell heard (another session rang it) */
 };
 
 struct sl_fleet_key; /* the fleet thread's own state of a slot */
@@ -121,6 +123,8 @@ struct sl_fleet {
   unsigned n_last;           /* live instances in the last reply */
   int inflight, ever_synced, outage, outage_logged;
   int rejoin;                /* a cluster after an outage: the next heartbeat starts the join wait */
+  int bell_up;               /* subscribed to P share:bell (one server): no polling for nudges */
+  int bell;                  /* it rang since the last call: read at the next tick */
   unsigned leaving;          /* parts of the leave not answered yet */
   _Atomic int outage_seen; /* for sl_fleet_wait_first */
   struct sl_ratelog log_err; /* error replies: a line at most every 10 s */

@@ -35,6 +35,7 @@
                                                    * "~e" -> expiry last set */
 #define SL_KEY_SHARE_INSTANCES "share:instances" /* zset: session <id>#<n> -> heartbeat expiry (ms, server clock) */
 #define SL_KEY_SHARE_ANNOUNCE "share:announce"   /* stream: keys to join (not registered) or sync (nudged) */
+#define SL_CHANNEL_SHARE_BELL "share:bell"       /* pub/sub, one server: the stream or the instances changed; payload: the session */
 
 /* ---- metering (written by sluice's flusher, read by sluice-rate) ---- */
 #define SL_KEY_USAGE "usage:"              /* usage:<day>:<uid> hash <feature>:<service>:<region> -> billable calls;

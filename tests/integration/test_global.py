@@ -342,6 +342,37 @@ class Follow(GlobalCase):
         self.window("follow: 1 s..4 s after a third instance's load started", ld, *win)
 
 
+class Bell(GlobalCase):
+    """With one server every instance subscribes to `P share:bell`, which a
+    sync rings when it nudges, announces, or sees a session join or expire
+    (docs/limits.md): an instance alone with a busy key heartbeats every
+    500 ms instead of every interval (it used to poll for newcomers), and
+    still sees a newcomer at once, from the bell."""
+
+    def test_alone_quiet_and_newcomer_heard(self):
+        inst, ld = self.start(1)
+        a = inst[0]
+        ld[0].on.set()
+        poll(lambda: self.metric(a, "sluice_global_coordinated_keys") == 1, 5, "the key busy here")
+        poll(lambda: self.metric(a, "sluice_global_bell_up") == 1, 5, "subscribed to the bell")
+        s0, t0 = self.metric(a, "sluice_global_syncs_total"), time.monotonic()
+        time.sleep(3.0)
+        calls = self.metric(a, "sluice_global_syncs_total") - s0
+        secs = time.monotonic() - t0
+        # a heartbeat every 500 ms: about 6 (every interval, 100 ms: about 30)
+        self.assertLessEqual(calls, 2 * secs + 3, f"alone with a busy key: {calls} calls in {secs:.1f} s")
+        bells0 = self.metric(a, "sluice_global_bells_total")
+        more, _ = self.start(1)  # returns after its first sync: its heartbeat rang
+        t1 = time.monotonic()
+        _, seen = poll(lambda: self.metric(a, "sluice_global_instances") == 2, 3, "the newcomer seen")
+        note(f"bell: alone with a busy key {calls:.0f} calls in {secs:.1f} s; the newcomer seen "
+             f"{seen * 1000:.0f} ms after its start returned; bells heard "
+             f"{self.metric(a, 'sluice_global_bells_total') - bells0:.0f}")
+        self.assertGreaterEqual(self.metric(a, "sluice_global_bells_total") - bells0, 1)
+        self.assertLessEqual(seen, 1.0, "a newcomer is seen within 1 s (SPEC 9)")
+        ld[0].on.clear()
+
+
 class Outage(GlobalCase):
 
     def test_redis_outage_and_return(self):
