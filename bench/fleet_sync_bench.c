@@ -155,8 +155,11 @@ int main(int argc, char **argv) {
   snprintf(cfg.redis_prefix, sizeof cfg.redis_prefix, "fsb%d:", (int)getpid());
   cfg.redis_timeout_ms = 1000;
   cfg.global_limits = 1;
-  cfg.global_sync_ms = 100;
-  cfg.global_ttl_ms = 1500;
+  /* --global-sync-ms and --global-ttl-ms (defaults 100, 1500) from the environment */
+  const char *e = getenv("BENCH_SYNC_MS");
+  cfg.global_sync_ms = e && atoi(e) > 0 ? (unsigned)atoi(e) : 100;
+  e = getenv("BENCH_TTL_MS");
+  cfg.global_ttl_ms = e && atoi(e) > 0 ? (unsigned)atoi(e) : 1500;
   cfg.global_keys = 4096;
   for (unsigned i = 0; i < ni; i++) {
     char err[256];

@@ -22,7 +22,7 @@
 #define KEYS_PER_CALL 512      /* keys in one script call (more go in more calls) */
 #define ANNOUNCE_MAX 256       /* announcements read per call */
 #define LEAVE_WAIT_MS 300      /* a clean stop waits this long at most for Redis to take the leave */
-#define REFRESH_TICKS 20       /* a steady key is synced every this many ticks (nudges carry changes sooner) */
+#define REFRESH_TICKS 50       /* a steady key is synced every this many ticks (nudges carry changes sooner) */
 #define POLL_TICKS 2           /* with keys coordinated and no bell (a cluster): the nudges read this often */
 #define HEARTBEAT_IDLE_MS 500  /* with no key coordinated: heartbeats this often (at most ttl / 3) */
 #define DEMAND_FLOOR 100       /* milli-requests/s under which a demand counts as none */
@@ -1115,7 +1115,7 @@ static int demand_moved(const struct sl_fleet *f, const struct sl_fleet_key *k) 
  * of its target (unsettled), idle long enough to offer it back; and at
  * each refresh epoch (every REFRESH_TICKS ticks, all keys at once: one
  * call) unless synced in the last half of that, in case a nudge was lost.
- * A steady key costs Redis a sync a second, not every few ticks. */
+ * A steady key costs Redis a sync every 2.5-5 s, not every few ticks. */
 static char key_due(const struct sl_fleet *f, const struct sl_fleet_key *k, uint64_t now, int epoch) {
   int idle = k->idle_since_ms && now - k->idle_since_ms >= RELEASE_IDLE_MS;
   char why;
@@ -1167,7 +1167,15 @@ static void sync_now(struct sl_fleet *f, uint64_t now) {
     sync_keys(f, 0, keys_allowed, now);
     return;
   }
-  if (keys_allowed && !(alone && f->nused)) {
+  /* Keys whose share can wait a tick (a demand move, a retry, a release,
+   * a refresh) go every other tick, together, unless a call goes anyway:
+   * a call costs Redis more than the keys in it. */
+  int urgent = f->bell || !f->ever_synced;
+  for (uint32_t i = 0; i < f->nused && !urgent; i++) {
+    const struct sl_fleet_key *k = &f->keys[f->used[i]];
+    urgent = !k->sent_ms || k->redo || k->nudged;
+  }
+  if (keys_allowed && !(alone && f->nused) && (urgent || ++f->odd_tick % 2 == 0)) {
     int epoch = refresh_epoch(f, now);
     for (uint32_t i = 0; i < f->nused; i++) {
       struct sl_fleet_key *k = &f->keys[f->used[i]];

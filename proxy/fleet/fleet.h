@@ -125,6 +125,7 @@ struct sl_fleet {
   int rejoin;                /* a cluster after an outage: the next heartbeat starts the join wait */
   int bell_up;               /* subscribed to P share:bell (one server): no polling for nudges */
   int bell;                  /* it rang since the last call: read at the next tick */
+  unsigned odd_tick;         /* keys that can wait go every other tick (fleet.c's sync_now) */
   unsigned leaving;          /* parts of the leave not answered yet */
   _Atomic int outage_seen; /* for sl_fleet_wait_first */
   struct sl_ratelog log_err; /* error replies: a line at most every 10 s */

@@ -190,7 +190,7 @@ static int lease(struct sl_fleet *f, uint32_t idx, unsigned ppm, unsigned st) {
 
 /* When a coordinated key is synced (docs/limits.md, "Redis cost"): a lease
  * counts as long as its instance heartbeats, so a steady key is synced only
- * at the refresh epochs (2 s), a demand move only when it changes the
+ * at the refresh epochs (5 s), a demand move only when it changes the
  * share (above the noise), a nudge from another instance at the next
  * tick; a lost sync is sent again, as it was. */
 static void test_due(void **state) {
@@ -204,9 +204,9 @@ static void test_due(void **state) {
   /* 30 requests a second here; new: synced as moved (the others are nudged if that frees share) */
   for (int i = 0; i < 4; i++) load(&f, 1, 3, t += 100, 100);
   assert_int_equal(sl_fleet_due_test(&f, idx, t), '1');
-  /* granted 40% (want 37.5%, not cut): steady, not due until the refresh epoch 2 s later */
+  /* granted 40% (want 37.5%, not cut): steady, not due until the refresh epoch 5 s later */
   assert_int_equal(lease(&f, idx, 400000, 0), 0);
-  for (int i = 0; i < 19; i++) {
+  for (int i = 0; i < 49; i++) {
     load(&f, 1, 3, t += 100, 100);
     assert_int_equal(sl_fleet_due_test(&f, idx, t), 0);
   }
