@@ -17,6 +17,8 @@ What is here:
   the connection alive, pipelines, and parses responses framed by
   Content-Length, chunked encoding or the end of the connection.
 - ``start_redis()``: a throw-away redis-server on a free loopback port.
+- ``ClassOwner(cls)``: a class's addClassCleanup where a test's addCleanup
+  is wanted, for a fixture its cases share (setUpClass).
 - ``fnv1a64(data)``: the body hash that modstub's /echo reports.
 
 Everything binds 127.0.0.1 only and every wait is bounded.
@@ -54,6 +56,16 @@ def release_only(why, sanitizers=("address", "thread")):
     import unittest
     san = os.environ.get("SLUICE_SANITIZE", "")
     return unittest.skipIf(any(x in san for x in sanitizers), f"not on the {san} tree: {why}")
+
+
+class ClassOwner:
+    """Stands for a test where a fixture is shared by the cases of a class
+    (made in setUpClass): what wants a test's addCleanup (proxyenv's
+    start_modstub and start_sluice, a Node of test_cluster_proxy) gets the
+    class's addClassCleanup, run after its last case."""
+
+    def __init__(self, cls):
+        self.addCleanup = cls.addClassCleanup
 
 
 def free_port():
