@@ -44,14 +44,21 @@ static void hdr_value(const struct sl_conn *c, int idx, const char **p, size_t *
 
 /* With --trusted-uid-header: when the request carries that header, its
  * value becomes the directory key (0x01 + UID, which no AccessKeyId can
- * be). Returns 1 when it did. */
+ * be). Returns 1 when it did, -1 when the header is given twice: a front
+ * end that adds its own line after the client's would have this proxy
+ * read one account and the backend maybe the other (as for Host). */
 static int trusted_uid(struct sl_conn *c) {
   const char *name = c->w->cfg->trusted_uid_header;
   size_t nl = strlen(name);
+  const struct sl_hdr *h = NULL;
   for (unsigned i = 0; i < c->req.hdrs.n; i++) {
-    const struct sl_hdr *h = &c->req.hdrs.h[i];
-    if (h->name_len != nl || strncasecmp(c->req.buf + h->name_off, name, nl) != 0) continue;
-    if (sl_req_conn_listed(&c->req, h)) continue; /* not forwarded, so not trusted either */
+    const struct sl_hdr *x = &c->req.hdrs.h[i];
+    if (x->name_len != nl || strncasecmp(c->req.buf + x->name_off, name, nl) != 0) continue;
+    if (sl_req_conn_listed(&c->req, x)) continue; /* not forwarded, so not trusted either */
+    if (h) return -1;
+    h = x;
+  }
+  if (h) {
     const char *v = c->req.buf + h->val_off;
     if (h->val_len == 0 || h->val_len > SL_UID_MAX) return 0;
     for (uint32_t k = 0; k < h->val_len; k++)
@@ -68,6 +75,11 @@ static void reject(struct sl_conn *c, enum sl_outcome o, int status, const char 
                    const char *extra) {
   decide(c, o);
   sl_conn_error(c, status, code, msg, extra, 0);
+}
+
+static void reject_two_uids(struct sl_conn *c) {
+  reject(c, SL_OUT_BAD_REQUEST, 400, "InvalidParameter", "The request gives the trusted UID header more than once.",
+         NULL);
 }
 
 static void reject_not_found(struct sl_conn *c) {
@@ -252,11 +264,16 @@ int sl_admit_head(struct sl_conn *c) {
    * metered under "-" (and an unknown region gets no key of its own). */
   c->call.cls.feature = -1;
   if (e == SL_CLASS_BAD_ENCODING || e == SL_CLASS_FIELD_TOO_LONG || e == SL_CLASS_CONFLICT ||
-      e == SL_CLASS_UNKNOWN_REGION) {
+      e == SL_CLASS_UNKNOWN_REGION || e == SL_CLASS_BAD_CONTENT_TYPE) {
     reject(c, SL_OUT_BAD_REQUEST, 400, sl_class_err_code(e), sl_class_err_message(e), NULL);
     return 1;
   }
-  if (w->cfg->trusted_uid_header[0] && trusted_uid(c)) {
+  int t = w->cfg->trusted_uid_header[0] ? trusted_uid(c) : 0;
+  if (t < 0) {
+    reject_two_uids(c);
+    return 1;
+  }
+  if (t > 0) {
     /* looked up below like an AccessKeyId */
   } else if (c->call.cls.ak_len == 0) {
     reject_no_key(c);
@@ -296,7 +313,12 @@ void sl_admit(struct sl_conn *c) {
   }
   const struct sl_dir_snap *s = sl_dirsync_snap(&w->shared->dir);
   c->call.tier = s->feature_tier[c->call.cls.feature]; /* with any override: what the call is routed (and counted) by */
-  if (w->cfg->trusted_uid_header[0] && trusted_uid(c)) {
+  int t = w->cfg->trusted_uid_header[0] ? trusted_uid(c) : 0;
+  if (t < 0) {
+    reject_two_uids(c);
+    return;
+  }
+  if (t > 0) {
     /* The operator trusts a header to name the account: look the UID up
      * as its own directory key (0x01 + UID), with the UID's packages. */
   } else if (c->call.cls.ak_len == 0) {

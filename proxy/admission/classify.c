@@ -1,6 +1,7 @@
 #include "classify.h"
 
 #include <string.h>
+#include <strings.h>
 
 #include "common.h"
 #include "http_util.h"
@@ -11,6 +12,12 @@ struct span {
   size_t n;
   int found;
   int conflict; /* the name occurs again with another value */
+  /* The name in another case ("accesskeyid", "ACTION"): not a source of
+   * the value (SPEC 3 names the parameters), but a backend that reads names
+   * in any case would take it, so it must hold the value classified. */
+  const char *vp;
+  size_t vn;
+  int vfound;
 };
 
 enum { P_ACTION, P_AK, P_SERVICE, P_COUNT };
@@ -35,8 +42,10 @@ static int same_value(const char *a, size_t an, const char *b, size_t bn) {
 
 /* One pass over an application/x-www-form-urlencoded string (a query or a
  * form body) that records the raw value of the first occurrence of each name
- * in param_names, and whether a later one differs. Names are matched exactly
- * before decoding, as the API's parameter names are plain ASCII. */
+ * in param_names, and whether a later one differs. Names are compared
+ * decoded. The name in another case is recorded apart (vp/vn): it must hold
+ * the same value as the name itself in that place (a conflict otherwise),
+ * and, where the name itself is absent, the value classified (pick). */
 static void scan_params(const char *s, size_t n, struct span *out) {
   size_t i = 0;
   while (i < n) {
@@ -55,10 +64,18 @@ static void scan_params(const char *s, size_t n, struct span *out) {
       kl = dl < 0 ? 0 : (size_t)dl;
     }
     for (unsigned k = 0; k < P_COUNT; k++) {
-      if (kl != param_names[k].len || memcmp(name, param_names[k].name, kl) != 0) continue;
+      if (kl != param_names[k].len || strncasecmp(name, param_names[k].name, kl) != 0) continue;
       const char *vp = eq ? eq + 1 : s + e;
       size_t vn = eq ? (size_t)(s + e - eq - 1) : 0;
-      if (!out[k].found) {
+      if (memcmp(name, param_names[k].name, kl) != 0) { /* another case */
+        if (!out[k].vfound) {
+          out[k].vfound = 1;
+          out[k].vp = vp;
+          out[k].vn = vn;
+        } else if (!same_value(out[k].vp, out[k].vn, vp, vn)) {
+          out[k].conflict = 1;
+        }
+      } else if (!out[k].found) {
         out[k].found = 1;
         out[k].p = vp;
         out[k].n = vn;
@@ -69,6 +86,8 @@ static void scan_params(const char *s, size_t n, struct span *out) {
     }
     i = e + 1;
   }
+  for (unsigned k = 0; k < P_COUNT; k++)
+    if (out[k].found && out[k].vfound && !same_value(out[k].p, out[k].n, out[k].vp, out[k].vn)) out[k].conflict = 1;
 }
 
 static int is_hex(char c) {
@@ -132,17 +151,20 @@ static void trim(const char **p, size_t *n) {
 }
 
 /* Finds the Credential of "ACS3-HMAC-SHA256 Credential=AK,SignedHeaders=...,
- * Signature=..." (V3 signature). The scheme and parameter name match
- * case-insensitively (RFC 9110 11.1); the value ends at ',', whitespace or
- * the end. Returns 1 and the value (possibly empty), 0 when there is none,
- * -1 when Credential is given twice with different values. */
+ * Signature=..." (V3 signature). Every ACS3- algorithm counts (the V3
+ * signature also has ACS3-HMAC-SM3 and ACS3-RSA-SHA256: a backend
+ * authenticates those too, so their Credential is an identity like any
+ * other). The scheme and parameter name match case-insensitively (RFC 9110
+ * 11.1); the value ends at ',', whitespace or the end. Returns 1 and the
+ * value (possibly empty), 0 when there is none, -1 when Credential is given
+ * twice with different values. */
 static int v3_credential(const char *p, size_t n, const char **v, size_t *vn) {
   size_t i = 0, s;
   int found = 0;
   while (i < n && is_ows(p[i])) i++;
   s = i;
   while (i < n && !is_ows(p[i])) i++;
-  if (!SL_IEQ(p + s, i - s, "acs3-hmac-sha256")) return 0;
+  if (i - s <= 5 || !SL_IEQ(p + s, 5, "acs3-")) return 0;
   while (i < n) {
     while (i < n && (is_ows(p[i]) || p[i] == ',')) i++;
     s = i;
@@ -190,13 +212,21 @@ static int host_region(const char *h, size_t n, const char **r, size_t *rn) {
 }
 
 /* Whether a Content-Type names application/x-www-form-urlencoded, parameters
- * such as "; charset=UTF-8" allowed. */
+ * such as "; charset=UTF-8" allowed: 1 when it does, 0 when it names another
+ * type, -1 when the form type appears in it otherwise ("...urlencodedX",
+ * "application/x-www-form-urlencoded, text/plain"): a backend could read
+ * that body as a form, and its Service, where sluice would not. */
 static int is_form(const char *ct, size_t n) {
-  const char *semi;
+  static const char form[] = "application/x-www-form-urlencoded";
+  const char *semi, *p = ct;
+  size_t pn = n;
   if (ct == NULL) return 0;
-  if ((semi = memchr(ct, ';', n)) != NULL) n = (size_t)(semi - ct);
-  trim(&ct, &n);
-  return SL_IEQ(ct, n, "application/x-www-form-urlencoded");
+  if ((semi = memchr(p, ';', pn)) != NULL) pn = (size_t)(semi - p);
+  trim(&p, &pn);
+  if (SL_IEQ(p, pn, form)) return 1;
+  for (size_t i = 0; i + sizeof(form) - 1 - 12 <= n; i++) /* "x-www-form-urlencoded" anywhere */
+    if (sl_http_ieq(ct + i, sizeof(form) - 1 - 12, form + 12, sizeof(form) - 1 - 12)) return -1;
+  return 0;
 }
 
 /* Whether the comma-separated list holds region r (already lowercase). */
@@ -248,7 +278,8 @@ static int decodes_to(const struct span *s, const char *v, size_t vn) {
 
 /* Decodes the value found in the first place that has one (q, then f, then
  * plain) into out; with `agree`, every other place that has one must hold
- * the same value. */
+ * the same value; a place with the name only in another case must hold it
+ * too, `agree` or not. */
 static enum sl_class_err pick(const struct span *q, const struct span *f, const char *plain, size_t plain_n,
                               int agree, char *out, size_t cap, uint8_t *len) {
   enum sl_class_err e = SL_CLASS_OK;
@@ -263,10 +294,21 @@ static enum sl_class_err pick(const struct span *q, const struct span *f, const 
   else if (has_f)
     e = decode_into(f, out, cap, len);
   else if (has_p)
-    return copy_into(plain, plain_n, out, cap, len);
+    e = copy_into(plain, plain_n, out, cap, len);
   else
-    return SL_CLASS_OK;
-  if (e != SL_CLASS_OK || !agree) return e;
+    return SL_CLASS_OK; /* nothing to compare a name in another case with: it names nothing */
+  if (e != SL_CLASS_OK) return e;
+  /* A place with the name only in another case: that value must be this
+   * one (an empty one counts as absent, as across places). */
+  const struct span *places[2] = {q, f};
+  for (int k = 0; k < 2; k++) {
+    const struct span *x = places[k];
+    if (x && !x->found && x->vfound && x->vn > 0) {
+      struct span t = {.p = x->vp, .n = x->vn, .found = 1};
+      if (!decodes_to(&t, out, *len)) return SL_CLASS_CONFLICT;
+    }
+  }
+  if (!agree) return e;
   if (has_q && has_f && !decodes_to(f, out, *len)) return SL_CLASS_CONFLICT;
   if (has_p && (plain_n != *len || memcmp(plain, out, plain_n) != 0)) return SL_CLASS_CONFLICT;
   return SL_CLASS_OK;
@@ -293,7 +335,8 @@ enum sl_class_err sl_classify(const struct sl_class_input *in, struct sl_class *
   }
   /* Most Actions carry Service in the form body; the query is the fallback.
    * A form body can carry Action and AccessKeyId too (RPC style). */
-  if (in->body_len > 0 && is_form(in->content_type, in->ct_len)) scan_params(in->body, in->body_len, f);
+  int form = is_form(in->content_type, in->ct_len);
+  if (in->body_len > 0 && form > 0) scan_params(in->body, in->body_len, f);
 
   v = in->acs_action;
   vn = v ? in->acs_action_len : 0;
@@ -318,6 +361,10 @@ enum sl_class_err sl_classify(const struct sl_class_input *in, struct sl_class *
   service_ok = e == SL_CLASS_OK;
   if (err == SL_CLASS_OK) err = e;
 
+  /* A Content-Type that may or may not be a form: where Service comes
+   * from is not certain. */
+  if (form < 0 && err == SL_CLASS_OK) err = SL_CLASS_BAD_CONTENT_TYPE;
+
   if (action_ok && service_ok) {
     int billable = 1;
     out->feature = sl_catalog_lookup(out->action, out->action_len, out->service, out->service_len, &billable);
@@ -339,6 +386,7 @@ const char *sl_class_err_code(enum sl_class_err e) {
     case SL_CLASS_FIELD_TOO_LONG: return "InvalidParameter";
     case SL_CLASS_CONFLICT: return "InvalidParameter";
     case SL_CLASS_UNKNOWN_REGION: return "InvalidRegionId";
+    case SL_CLASS_BAD_CONTENT_TYPE: return "InvalidParameter";
   }
   return "InvalidParameter";
 }
@@ -356,6 +404,8 @@ const char *sl_class_err_message(enum sl_class_err e) {
     case SL_CLASS_CONFLICT:
       return "The request gives AccessKeyId, Action or Service more than once with different values.";
     case SL_CLASS_UNKNOWN_REGION: return "The region named by the Host header is not served here.";
+    case SL_CLASS_BAD_CONTENT_TYPE:
+      return "The Content-Type names application/x-www-form-urlencoded in a form that is not a single media type.";
   }
   return "The request could not be classified.";
 }

@@ -137,6 +137,10 @@ void sl_req_init(struct sl_req *r, const struct sl_req_limits *lim, struct sl_hd
   r->h_host = r->h_auth = r->h_action = r->h_ctype = -1;
 }
 
+static inline int tchar_hex(char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
 /* RFC 9110 5.6.2 tchar. */
 static const uint8_t tchar[256] = {
     ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1, ['-'] = 1,
@@ -198,6 +202,79 @@ static int target_ok(const struct sl_req *r) {
   return 1;
 }
 
+/* A Host value sluice and a backend read alike (RFC 9112 3.2: any other
+ * is answered 400): empty, an IPv6 literal "[...]", or a name of letters,
+ * digits, '-', '_' and '.' with no empty label (one trailing dot allowed),
+ * then an optional ":port" of digits. Stricter than RFC 3986's reg-name,
+ * which also takes sub-delims such as ',', and than nginx, which takes
+ * anything but '/', '\\' and "..": a Host such as "a.com,b.com", "a.com x"
+ * or "u@a.com" would name one region here and maybe another there. */
+static int host_ok(const char *p, size_t n) {
+  size_t i = 0;
+  while (n && (p[n - 1] == ' ' || p[n - 1] == '\t')) n--;
+  if (n == 0) return 1;
+  if (p[0] == '[') {
+    for (i = 1; i < n && p[i] != ']'; i++)
+      if (!(tchar_hex(p[i]) || p[i] == ':' || p[i] == '.')) return 0;
+    if (i == n || i == 1) return 0;
+    i++;
+  } else {
+    size_t label = 0;
+    for (; i < n && p[i] != ':'; i++) {
+      char ch = p[i];
+      if (ch == '.') {
+        if (label == 0) return 0; /* "..", or a leading '.' */
+        label = 0;
+      } else if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '-' ||
+                 ch == '_') {
+        label++;
+      } else {
+        return 0;
+      }
+    }
+    if (i == 0) return 0; /* ":80" */
+  }
+  if (i == n) return 1;
+  if (p[i] != ':') return 0;
+  for (i++; i < n; i++)
+    if (p[i] < '0' || p[i] > '9') return 0;
+  return 1;
+}
+
+/* The request target's form (RFC 9112 3.2): origin-form "/...", "*" for
+ * OPTIONS, or absolute-form "http[s]://authority[/...]" whose authority
+ * is the Host that is forwarded (RFC 9112 3.2.2 has a server read the
+ * target's authority in place of Host: another one would be classified
+ * by one region here and served in another; HAProxy refuses the
+ * mismatch too). CONNECT's authority-form is refused before. */
+static int target_form_ok(const struct sl_req *r) {
+  const char *u = r->buf + r->url_off;
+  size_t n = r->url_len, s;
+  if (n > 0 && u[0] == '/') return 1;
+  if (n == 1 && u[0] == '*') return r->parser.method == HTTP_OPTIONS;
+  if (n >= 7 && SL_IEQ(u, 7, "http://"))
+    s = 7;
+  else if (n >= 8 && SL_IEQ(u, 8, "https://"))
+    s = 8;
+  else
+    return 0;
+  size_t e = s;
+  while (e < n && u[e] != '/' && u[e] != '?') e++;
+  if (e == s || r->h_host < 0) return 0;
+  const struct sl_hdr *h = &r->hdrs.h[r->h_host];
+  const char *hv = r->buf + h->val_off;
+  size_t hn = h->val_len;
+  while (hn && (hv[hn - 1] == ' ' || hv[hn - 1] == '\t')) hn--;
+  if (hn != e - s) return 0;
+  for (size_t k = 0; k < hn; k++) {
+    char a = u[s + k], b = hv[k];
+    if (a >= 'A' && a <= 'Z') a = (char)(a | 0x20);
+    if (b >= 'A' && b <= 'Z') b = (char)(b | 0x20);
+    if (a != b) return 0;
+  }
+  return 1;
+}
+
 /* The head ends at `pos`. Returns 0, or -1 with err_status set. */
 static int head_done(struct sl_req *r, size_t pos) {
   r->head_len = (uint32_t)pos;
@@ -211,6 +288,7 @@ static int head_done(struct sl_req *r, size_t pos) {
   r->headers_done = 1;
   r->head_method = llhttp_get_method(&r->parser) == HTTP_HEAD;
   r->keep_alive = llhttp_should_keep_alive(&r->parser) != 0;
+  int te_seen = 0;
   for (unsigned i = 0; i < r->hdrs.n; i++) {
     const struct sl_hdr *h = &r->hdrs.h[i];
     for (uint32_t k = 0; k < h->name_len; k++)
@@ -230,9 +308,13 @@ static int head_done(struct sl_req *r, size_t pos) {
         while (n && (*v == ' ' || *v == '\t')) v++, n--;
         while (n && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
         if (!SL_IEQ(v, n, "chunked")) return -1;
+        te_seen = 1;
         break;
       }
-      case SL_H_HOST: note_ident(r, &r->h_host, i); break;
+      case SL_H_HOST:
+        if (!host_ok(r->buf + h->val_off, h->val_len)) return -1;
+        note_ident(r, &r->h_host, i);
+        break;
       case SL_H_AUTHORIZATION: note_ident(r, &r->h_auth, i); break;
       case SL_H_X_ACS_ACTION: note_ident(r, &r->h_action, i); break;
       case SL_H_CONTENT_TYPE: note_ident(r, &r->h_ctype, i); break;
@@ -241,6 +323,10 @@ static int head_done(struct sl_req *r, size_t pos) {
   }
   /* Given twice, the proxy and the backend could each read another one. */
   if (r->dup_ident) return -1;
+  /* Transfer-Encoding in HTTP/1.0: RFC 9112 6.1 calls its framing faulty;
+   * an HTTP/1.0 hop before sluice may not de-chunk it (nginx answers 400
+   * too). */
+  if (te_seen && r->parser.http_minor == 0) return -1;
   /* Classification sees exactly what is forwarded: a header the
    * Connection header lists is dropped on the way, so it does not count. */
   if (r->nconn_hdr) {
@@ -248,6 +334,7 @@ static int head_done(struct sl_req *r, size_t pos) {
     for (size_t k = 0; k < SL_ARRAY_SIZE(slots); k++)
       if (*slots[k] >= 0 && sl_req_conn_listed(r, &r->hdrs.h[*slots[k]])) *slots[k] = -1;
   }
+  if (!target_form_ok(r)) return -1; /* after the Connection step: the Host compared is the one forwarded */
   if (r->parser.flags & F_CHUNKED) {
     r->has_body = r->chunked_req = 1;
   } else if (r->parser.flags & F_CONTENT_LENGTH) {

@@ -261,6 +261,55 @@ class Framing(HostileCase):
         self.assertLess(time.monotonic() - t0, 5.0)  # the 408 would come after --header-timeout-ms (10 s)
         self.assertEqual(self.be.got()[-1][1], b"hello")
 
+    def test_transfer_encoding_in_http10(self):
+        # RFC 9112 6.1: faulty framing in HTTP/1.0 (an HTTP/1.0 hop in front
+        # may not de-chunk it); refused as nginx does, even when chunked.
+        for te in (b"chunked", b"Chunked"):
+            with self.subTest(te=te):
+                self.assert_refused(b"POST " + V1.encode() + b" HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: " + te +
+                                    b"\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /?smuggled=1 HTTP/1.0\r\n\r\n",
+                                    400, "BadRequest")
+
+    def test_request_target_forms(self):
+        # absolute-form: a backend reads the target's authority in place of
+        # Host (RFC 9112 3.2.2), so the two must be the same host.
+        for target, host in ((b"http://green-cip.cn-beijing.aliyuncs.com", b"green-cip.cn-shanghai.aliyuncs.com"),
+                             (b"https://evil.example", b"green-cip.cn-shanghai.aliyuncs.com"),
+                             (b"http://u@green-cip.cn-shanghai.aliyuncs.com", b"green-cip.cn-shanghai.aliyuncs.com"),
+                             (b"http://", b""),
+                             (b"ftp://a", b"a"),
+                             (b"x/y", b"a")):
+            with self.subTest(target=target):
+                self.assert_refused(b"GET " + target + V1.encode() + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+                                    400, "BadRequest")
+        # no Host to compare with, or one that is not forwarded
+        self.assert_refused(b"GET http://a" + V1.encode() + b" HTTP/1.1\r\n\r\n", 400, "BadRequest")
+        self.assert_refused(b"GET http://a" + V1.encode() + b" HTTP/1.1\r\nHost: a\r\nConnection: host\r\n\r\n",
+                            400, "BadRequest")
+        # "*" is for OPTIONS only
+        self.assert_refused(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400, "BadRequest")
+        # the same host, in any case and with its port: served as sent
+        target = b"HTTP://Green-Cip.cn-beijing.aliyuncs.com:80" + V1.encode()
+        r = self.ok(target.decode(), {"Host": "green-cip.CN-BEIJING.aliyuncs.com:80"})
+        self.assertEqual(r.status, 200, r.body)
+        self.assertTrue(self.be.got()[-1][0].startswith(b"GET " + target + b" HTTP/1.1\r\n"))
+
+    def test_host_values(self):
+        # A Host that does not parse as host[:port] would name one region
+        # here (the default) and maybe another to a backend: 400.
+        for host in (b"green-cip.nowhere-9.aliyuncs.com,green-cip.cn-shanghai.aliyuncs.com",
+                     b"green-cip.nowhere-9.aliyuncs.com x", b"u@green-cip.nowhere-9.aliyuncs.com",
+                     b"green-cip.nowhere-9.aliyuncs.com/x", b"green-cip.nowhere-9.aliyuncs.com..",
+                     b".green-cip.nowhere-9.aliyuncs.com", b"green-cip.nowhere-9.aliyuncs.com:44x", b":80",
+                     b"[::1", b"a\\b", b"a;b", b"a%2eb"):
+            with self.subTest(host=host):
+                self.assert_refused(b"GET " + V1.encode() + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+                                    400, "BadRequest")
+        for host in ("green-cip.cn-shanghai.aliyuncs.com.", "green-cip.cn-shanghai.aliyuncs.com.:443", "[::1]:8080",
+                     "127.0.0.1", "my_host", ""):
+            with self.subTest(host=host):
+                self.assertEqual(self.ok(V1, {"Host": host}).status, 200)
+
     def test_duplicate_identity_headers(self):
         for name in ("Host", "Authorization", "x-acs-action", "Content-Type"):
             with self.subTest(name=name):
@@ -361,6 +410,72 @@ class Identity(HostileCase):
         self.assertEqual(self.ok(V1 + "&AccessKeyId=A%4B1").status, 200)  # same value once decoded
         self.assertEqual(len(self.be.got()), 2)
 
+    def test_parameter_names_in_any_case(self):
+        # A backend that reads "accesskeyid" or "ACTION" as the parameter
+        # must not see another value than the one classified.
+        for path in ("/?Action=TextModeration&AccessKeyId=AK1&accesskeyid=AKS",
+                     "/?Action=TextModeration&AccessKeyId=AK1&ACCESSKEYID=AKS",
+                     "/?Action=TextModeration&AccessKeyId=AK1&action=TextModerationPlus",
+                     "/?action=TextModerationPlus&AccessKeyId=AK1",  # against x-acs-action
+                     "/?Action=ImageModeration&AccessKeyId=AK1&Service=baselineCheck&service=postImageCheckByVL",
+                     "/?Action=TextModeration&AccessKeyId=AK1&accessKey%49d=AKS"):
+            with self.subTest(path=path):
+                data = harness.HttpConn.build("GET", path, {"x-acs-action": "TextModeration"})
+                self.assert_refused(data, 400, "InvalidParameter")
+        for body in (b"accessKeyId=AKS&Service=chat_detection",
+                     b"Service=chat_detection&service=x"):
+            with self.subTest(body=body):
+                data = harness.HttpConn.build("POST", V1, {"Content-Type": FORM}, body)
+                self.assert_refused(data, 400, "InvalidParameter")
+        # the body's Service in another case against the query's
+        data = harness.HttpConn.build("POST", "/?Action=ImageModeration&AccessKeyId=AK1&Service=baselineCheck",
+                                      {"Content-Type": FORM}, b"SERVICE=postImageCheckByVL")
+        self.assert_refused(data, 400, "InvalidParameter")
+        # against the Credential
+        data = harness.HttpConn.build("GET", "/?Action=TextModeration&accesskeyid=AKS",
+                                      {"Authorization": "ACS3-HMAC-SHA256 Credential=AK1,Signature=00"})
+        self.assert_refused(data, 400, "InvalidParameter")
+        # alone, a name in another case names nothing (SPEC 3 names the parameters)
+        r = self.ok("/?Action=TextModeration&accesskeyid=AK1")
+        self.assertEqual((r.status, r.json()["Code"]), (403, "InvalidAccessKeyId.NotFound"))
+        # the same value in another case is no conflict
+        r = self.ok("/?Action=TextModeration&ACTION=TextModeration&accesskeyid=AK1&AccessKeyId=A%4B1")
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual((len(self.be.got()), len(self.llm.got())), (1, 0))
+
+    def test_every_acs3_algorithm_names_the_key(self):
+        # V3 signatures also come as ACS3-HMAC-SM3 and ACS3-RSA-SHA256: their
+        # Credential is the identity a backend authenticates.
+        for scheme in ("ACS3-HMAC-SM3", "ACS3-RSA-SHA256", "acs3-hmac-sm3"):
+            with self.subTest(scheme=scheme):
+                auth = scheme + " Credential=AKS,SignedHeaders=host,Signature=00"
+                data = harness.HttpConn.build("GET", V1, {"Authorization": auth})
+                self.assert_refused(data, 400, "InvalidParameter")  # against the query's AK1
+                data = harness.HttpConn.build("GET", "/?Action=TextModeration", {"Authorization": auth})
+                self.assert_refused(data, 403, "Forbidden.AccountSuspended")
+        r = self.ok("/?Action=TextModeration", {"Authorization": "ACS3-HMAC-SM3 Credential=AK1,Signature=00"})
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(len(self.be.got()), 1)
+
+    def test_ambiguous_form_content_type(self):
+        # The form type in a Content-Type that is not exactly it: a backend
+        # could read the body's Service (an llm one) where sluice would not.
+        path = "/?Action=ImageModeration&AccessKeyId=AK1&Service=baselineCheck"
+        body = b"Service=postImageCheckByVL"
+        for ct in ("application/x-www-form-urlencodedX", "application/x-www-form-urlencoded, text/plain",
+                   "text/plain, application/x-www-form-urlencoded", "application/X-WWW-FORM-URLENCODED2;charset=utf-8"):
+            with self.subTest(ct=ct):
+                data = harness.HttpConn.build("POST", path, {"Content-Type": ct}, body)
+                self.assert_refused(data, 400, "InvalidParameter")
+        # decided at the head too, before the body
+        data = harness.HttpConn.build("POST", path, {"Content-Type": "application/x-www-form-urlencodedX",
+                                                     "Content-Length": "100000"})
+        self.assert_refused(data, 400, "InvalidParameter")
+        for ct, pool in ((FORM + "; charset=UTF-8", "llm"), ("application/json", "be")):
+            r = self.ok(path, {"Content-Type": ct}, body)
+            self.assertEqual(r.status, 200, r.body)
+        self.assertEqual((len(self.be.got()), len(self.llm.got())), (1, 1))
+
     def test_connection_listed_headers_do_not_classify(self):
         # Content-Type listed in Connection is not forwarded, so the form body
         # is not read for Service: the call is an image (baseline) call, as
@@ -390,6 +505,17 @@ class TrustedHeader(HostileCase):
         data = (b"POST /?Action=TextModeration HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"1\r\na\r\n0\r\nX-Uid: u1\r\n\r\n")
         self.assert_refused(data, 403, "InvalidAccessKeyId.NotFound")
+
+    def test_trusted_header_twice(self):
+        # A front end that adds its line after the client's: sluice and the
+        # backend could each read another account.
+        for pair in (("u1", "us"), ("us", "u1"), ("u1", "u1")):
+            with self.subTest(pair=pair):
+                data = harness.HttpConn.build("GET", "/?Action=TextModeration", [("X-Uid", pair[0]), ("x-uid", pair[1])])
+                self.assert_refused(data, 400, "InvalidParameter")
+                data = harness.HttpConn.build("POST", "/?Action=TextModeration",
+                                              [("X-Uid", pair[0]), ("x-uid", pair[1]), ("Content-Length", "100000")])
+                self.assert_refused(data, 400, "InvalidParameter")
 
     def test_connection_listed_trusted_header_is_ignored(self):
         data = harness.HttpConn.build("GET", "/?Action=TextModeration", {"X-Uid": "u1", "Connection": "X-Uid"})

@@ -121,6 +121,23 @@ static void test_v1_query(void **state) {
   r.url = "/?action=TextModeration&ActionX=TextModeration&XAction=TextModeration";
   assert_int_equal(run(&r, &c), SL_CLASS_NO_ACTION);
   assert_int_equal(c.feature, -1);
+  /* ...but a name in another case must hold the value classified: a
+   * backend that reads names in any case would take it. */
+  static const char *other_case[] = {"/?Action=TextModeration&action=TextModerationPlus",
+                                     "/?Action=TextModeration&AccessKeyId=AK1&accessKeyId=AK2",
+                                     "/?Action=TextModeration&accesskeyid=AK2&ACCESSKEYID=AK2&AccessKeyId=AK1",
+                                     "/?Action=TextModeration&accesskeyid=AK1&ACCESSKEYID=AK2"};
+  for (size_t i = 0; i < sizeof(other_case) / sizeof(other_case[0]); i++) {
+    r.url = other_case[i];
+    if (run(&r, &c) != SL_CLASS_CONFLICT) fail_msg("'%s' is no conflict", other_case[i]);
+  }
+  r.url = "/?Action=TextModeration&AccessKeyId=AK1&accesskeyid=A%4B1&ACTION=TextModeration";
+  expect_all(&r, "TextModeration", "AK1", "", "cn-beijing", SL_FEAT_TEXT);
+  r.url = "/?accesskeyid=AK2";
+  r.acs_action = "TextModeration";
+  r.auth = "ACS3-HMAC-SHA256 Credential=AK1";
+  assert_int_equal(run(&r, &c), SL_CLASS_CONFLICT); /* against the Credential */
+  r.acs_action = r.auth = NULL;
 
   /* A '?' inside the query is data; only the first one starts it. */
   r.url = "/path?x=?&Action=VoiceModeration";
@@ -191,7 +208,10 @@ static void test_authorization(void **state) {
       {"ACS3-HMAC-SHA256 Signature=Credential=AK9", ""},          /* inside a value */
       {"ACS3-HMAC-SHA256", ""},
       {"ACS3-HMAC-SHA256Credential=AK10", ""},                    /* no scheme separator */
-      {"ACS3-HMAC-SM3 Credential=AK11,SignedHeaders=host", ""},   /* other scheme */
+      {"ACS3-HMAC-SM3 Credential=AK11,SignedHeaders=host", "AK11"}, /* every ACS3- algorithm */
+      {"ACS3-RSA-SHA256 Credential=AK14,SignedHeaders=host", "AK14"},
+      {"ACS3- Credential=AK15", ""},                              /* no algorithm */
+      {"ACS2-HMAC-SHA256 Credential=AK16", ""},                   /* other scheme */
       {"Bearer Credential=AK12", ""},
       {"Credential=AK13", ""},
       {"", ""},
@@ -318,8 +338,7 @@ static void test_service(void **state) {
   }
 
   /* Other content types: the body is not a form, the query counts. */
-  static const char *others[] = {"application/json", "multipart/form-data; boundary=x",
-                                 "application/x-www-form-urlencodedx", "text/plain", ""};
+  static const char *others[] = {"application/json", "multipart/form-data; boundary=x", "text/plain", ""};
   for (size_t i = 0; i < sizeof(others) / sizeof(others[0]); i++) {
     r.ct = others[i];
     assert_int_equal(run(&r, &c), SL_CLASS_OK);
@@ -330,9 +349,19 @@ static void test_service(void **state) {
   assert_int_equal(run(&r, &c), SL_CLASS_OK);
   FIELD_EQ(c, service, "baselineCheck");
 
+  /* The form type inside something else: a backend may read the body as a
+   * form where sluice would not. */
+  static const char *unsure[] = {"application/x-www-form-urlencodedx", FORM ", text/plain",
+                                 "text/plain, " FORM, "multipart/x-www-form-urlencoded"};
+  for (size_t i = 0; i < sizeof(unsure) / sizeof(unsure[0]); i++) {
+    r.ct = unsure[i];
+    assert_int_equal(run(&r, &c), SL_CLASS_BAD_CONTENT_TYPE);
+  }
+  assert_string_equal(sl_class_err_code(SL_CLASS_BAD_CONTENT_TYPE), "InvalidParameter");
+
   /* A form without Service (or with an empty one) falls back to the query. */
   r.ct = FORM;
-  r.body = "ServiceParameters=%7B%7D&XService=llm_x&service=llm_x";
+  r.body = "ServiceParameters=%7B%7D&XService=llm_x&Service_=llm_x";
   assert_int_equal(run(&r, &c), SL_CLASS_OK);
   FIELD_EQ(c, service, "baselineCheck");
   r.body = "Service=&ServiceParameters=%7B%7D";
