@@ -105,17 +105,69 @@ taskset -c "$load_cpus" "$bin/modstub" --listen "127.0.0.1:$mp" >"$tmp/modstub.l
 mpid=$!; pids+=("$mpid")
 wait_port "$mp" "$mpid" modstub
 mkdir -p "$tmp/spool"
-taskset -c "$proxy_cpu" "$bin/sluice" --listen "127.0.0.1:$sp" --admin "127.0.0.1:$ap" --workers 1 \
-  --upstream "127.0.0.1:$mp" --upstream-llm "127.0.0.1:$mp" --redis "$redis_url" --redis-prefix sluice: \
-  --spool-dir "$tmp/spool" "$@" >"$tmp/sluice.log" 2>&1 &
-spid=$!; pids+=("$spid")
-wait_port "$sp" "$spid" sluice
 run_wrk() { # seconds [extra wrk args]
   local s=$1
   shift
   BENCH_LUA_DIR=$here/lua BENCH_ACCOUNTS=$accounts taskset -c "$load_cpus" \
     timeout -k 5 $((s + 30)) wrk -t1 -c64 -d"${s}s" "$@" -s "$here/lua/pass_uniform.lua" "http://127.0.0.1:$sp/"
 }
+metric() { # name: its value on sluice's /metrics (0 when absent)
+  local v
+  v=$(exec 3<>"/dev/tcp/127.0.0.1/$ap" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && awk -v m="$1" '$1 == m {print $2}' <&3)
+  echo "${v:-0}"
+}
+redis_ns() { # CPU time of every redis-server thread, ns (schedstat: finer than the ticks)
+  local p
+  for p in "${rpids[@]}"; do cat /proc/"$p"/task/*/schedstat; done | awk '{t += $1} END {printf "%d", t}'
+}
+us_per() { awk -v t="$1" -v n="$2" 'BEGIN {printf "%.1f", n ? t / 1e3 / n : 0}'; } # ns, count
+# The directory (issue 14: its throughput against one server and a
+# cluster), before the metering run, with a sluice that meters nothing and
+# shares no limit, so that Redis works for the directory alone: the first
+# look-ups of every account under load, then one full resync (a GET of the
+# key and an SMEMBERS of the packages per account, grouped by slot in a
+# cluster) with the proxy idle. BENCH_DIRECTORY=0 skips it.
+if [[ ${BENCH_DIRECTORY:-1} == 1 ]]; then
+  taskset -c "$proxy_cpu" "$bin/sluice" --listen "127.0.0.1:$sp" --admin "127.0.0.1:$ap" --workers 1 \
+    --upstream "127.0.0.1:$mp" --upstream-llm "127.0.0.1:$mp" --redis "$redis_url" --redis-prefix sluice: \
+    --metering off --global-limits off --resync-ms 8000 >"$tmp/sluice-dir.log" 2>&1 &
+  dpid=$!; pids+=("$dpid")
+  wait_port "$sp" "$dpid" sluice
+  until (($(metric sluice_directory_resyncs_total) >= 1)); do sleep 0.1; done # the first (empty) resync
+  d0=$(redis_ns); t0=$(date +%s%N)
+  run_wrk 4 >/dev/null &
+  wpid=$!
+  until (($(metric sluice_directory_accounts) >= accounts)); do
+    kill -0 "$wpid" 2>/dev/null || break
+    sleep 0.05
+  done
+  t1=$(date +%s%N); d1=$(redis_ns)
+  known=$(metric sluice_directory_accounts)
+  wait "$wpid" || true
+  sleep 0.5
+  n0=$(metric sluice_directory_resyncs_total)
+  until (($(metric sluice_directory_resyncs_total) > n0)); do sleep 0.2; done
+  # that resync began with the proxy idle; from its end to the next one's
+  # (8 s: one whole resync), less Redis's floor over 3 s of that window
+  # (the resync itself takes well under the 5 s left)
+  r_a=$(redis_ns); n1=$(metric sluice_directory_resyncs_total)
+  sleep 3
+  floor=$(($(redis_ns) - r_a))
+  until (($(metric sluice_directory_resyncs_total) > n1)); do sleep 0.05; done
+  r_b=$(redis_ns)
+  net=$(awk -v w=$((r_b - r_a)) -v f="$floor" 'BEGIN {n = w - f * 8 / 3; print (n < 0 ? 0 : int(n + 0.5))}')
+  echo "directory: $known of $accounts accounts looked up in $(((t1 - t0) / 1000000)) ms under load" \
+    "(redis-server CPU $(((d1 - d0) / 1000000)) ms, $(us_per $((d1 - d0)) "$known") us per account);" \
+    "a full resync of them: redis-server CPU $((net / 1000000)) ms net of the floor" \
+    "($(us_per "$net" "$known") us per account; floor $((floor / 3000000)) ms/s)"
+  kill -TERM "$dpid"
+  wait "$dpid" || die "sluice (directory) exited non-zero: $(tail -3 "$tmp/sluice-dir.log")"
+fi
+taskset -c "$proxy_cpu" "$bin/sluice" --listen "127.0.0.1:$sp" --admin "127.0.0.1:$ap" --workers 1 \
+  --upstream "127.0.0.1:$mp" --upstream-llm "127.0.0.1:$mp" --redis "$redis_url" --redis-prefix sluice: \
+  --spool-dir "$tmp/spool" "$@" >"$tmp/sluice.log" 2>&1 &
+spid=$!; pids+=("$spid")
+wait_port "$sp" "$spid" sluice
 run_wrk 2 >/dev/null # every account looked up once
 # Redis's own idle cost (cron, and a cluster's bus: each node pings the
 # others), for reading the loaded figure: 5 s with sluice idle.

@@ -68,21 +68,48 @@ static const char account_script[] =
  * first (GET), then this script on the UID's slot: KEYS[1] is
  * `qpspkgs:{<uid>}`, ARGV[1] `qpspkg:{<uid>}:` (prefixed), ARGV[2] the UID.
  * It answers one element of account_script's reply, {1, uid, ...}. */
-static const char cluster_account_script[] =
-    "local function bad(r) return type(r) == 'table' and r.err end "
-    "local ids = redis.pcall('SMEMBERS', KEYS[1]) "
-    "local r = {1, ARGV[2], bad(ids) or '', 0} "
-    "if bad(ids) then ids = {} end "
-    "r[4] = #ids "
-    "for j = 1, math.min(#ids, " STR(SL_MAX_PKGS) ") do "
-    "  local id = ids[j] "
-    "  local h = redis.pcall('HMGET', ARGV[1] .. id, '" SL_FIELD_FEATURE "', '" SL_FIELD_REGION "', "
-    "                        '" SL_FIELD_QPS "', '" SL_FIELD_STARTS_AT "', '" SL_FIELD_EXPIRES_AT "') "
-    "  local e = bad(h) "
-    "  if e then r[#r + 1] = {id, e} "
-    "  else r[#r + 1] = {id, h[1] or '', h[2] or '', h[3] or '', h[4] or '', h[5] or ''} end "
-    "end "
-    "return r";
+/* pkgs(set, head, uid): the element for one UID, or -1 (grouped only)
+ * when its set cannot be read on this node (another master's slot, or one
+ * being migrated): that UID goes on its own. */
+#define LUA_ACCOUNT_PKGS                                                                                               \
+  "local function bad(r) return type(r) == 'table' and r.err end "                                                     \
+  "local function pkgs(set, head, uid, grouped) "                                                                      \
+  "  local ids = redis.pcall('SMEMBERS', set) "                                                                        \
+  "  if grouped and bad(ids) and not string.find(bad(ids), '^WRONGTYPE') then return -1 end "                          \
+  "  local r = {1, uid, bad(ids) or '', 0} "                                                                           \
+  "  if bad(ids) then ids = {} end "                                                                                   \
+  "  r[4] = #ids "                                                                                                     \
+  "  for j = 1, math.min(#ids, " STR(SL_MAX_PKGS) ") do "                                                              \
+  "    local id = ids[j] "                                                                                             \
+  "    local h = redis.pcall('HMGET', head .. id, '" SL_FIELD_FEATURE "', '" SL_FIELD_REGION "', "                     \
+  "                          '" SL_FIELD_QPS "', '" SL_FIELD_STARTS_AT "', '" SL_FIELD_EXPIRES_AT "') "               \
+  "    local e = bad(h) "                                                                                              \
+  "    if e then r[#r + 1] = {id, e} "                                                                                 \
+  "    else r[#r + 1] = {id, h[1] or '', h[2] or '', h[3] or '', h[4] or '', h[5] or ''} end "                       \
+  "  end "                                                                                                             \
+  "  return r "                                                                                                        \
+  "end "
+static const char cluster_account_script[] = LUA_ACCOUNT_PKGS "return pkgs(KEYS[1], ARGV[1], ARGV[2], false)";
+
+/* The lookups of one master at once (issue 14: a command per account and
+ * step made a cluster's directory cost twice one server's). Keys of several
+ * slots cannot be declared, so none is: allow-cross-slot-keys lets the
+ * script touch any slot this node serves, and a key of another (or of one
+ * half migrated, when missing) is an error, caught: that lookup goes on its
+ * own, by slot, following MOVED and ASK. ak script: ARGV the `ak:` keys;
+ * per key the GET's reply (nil, the UID, or an error). uid script: ARGV
+ * triples (the packages set, the packages' head, the UID); per UID pkgs()'s
+ * element or -1. */
+static const char cluster_ak_group_script[] =
+    "#!lua flags=allow-cross-slot-keys\n"
+    "local out = {} "
+    "for i = 1, #ARGV do out[i] = redis.pcall('GET', ARGV[i]) end "
+    "return out";
+static const char cluster_uid_group_script[] =
+    "#!lua flags=allow-cross-slot-keys\n" LUA_ACCOUNT_PKGS
+    "local out = {} "
+    "for i = 1, #ARGV, 3 do out[#out + 1] = pkgs(ARGV[i], ARGV[i + 1], ARGV[i + 2], true) end "
+    "return out";
 
 /* The suspended set and every feature override, in one reply: first the
  * set (an array), or why it cannot be read (a string); then per feature
@@ -558,6 +585,16 @@ static void request_state_cluster(struct sl_dirsync *d) {
 struct ak_lookup {
   uint8_t len;
   char ak[SL_AK_MAX + 1];
+  uint8_t uid_len;            /* the UID found, for its packages' step */
+  char uid[SL_UID_MAX + 1];
+};
+
+#define GROUP_MAX 100 /* lookups in one master's script */
+
+/* One master's script of lookups in flight. */
+struct lookup_group {
+  unsigned n;
+  struct ak_lookup *l[GROUP_MAX];
 };
 
 /* The account's element (r: NULL when not known) for one AccessKeyId:
@@ -598,14 +635,10 @@ static int request_uid(struct sl_dirsync *d, struct ak_lookup *l, const char *ui
   return sl_db_command(d->db, sl_db_uid_slot(uid, uid_len), on_cluster_account, l, 6, argv, lens);
 }
 
-static void on_cluster_ak(void *owner, void *priv, const redisReply *reply) {
-  struct sl_dirsync *d = owner;
-  struct ak_lookup *l = priv;
-  if (!d || !reply) {
-    if (d) cluster_account_done(d, l, NULL);
-    else free(l);
-    return;
-  }
+/* The `ak:` key's GET answered (reply not NULL): the lookup ends here (no
+ * such key, a wrong type, an unusable UID) or *uid is set (1) for the
+ * packages' step. */
+static int ak_answered(struct sl_dirsync *d, struct ak_lookup *l, const redisReply *reply) {
   /* what account_script answers for this `ak:` key */
   redisReply el = {.type = REDIS_REPLY_ARRAY};
   redisReply two = {.type = REDIS_REPLY_INTEGER, .integer = 2}, one = {.type = REDIS_REPLY_INTEGER, .integer = 1};
@@ -614,43 +647,196 @@ static void on_cluster_ak(void *owner, void *priv, const redisReply *reply) {
   redisReply *els[4];
   if (reply->type == REDIS_REPLY_NIL) {
     cluster_account_done(d, l, &el); /* {}: no such key */
-    return;
+    return 0;
   }
   if (key_error(reply)) {
     els[0] = &two, els[1] = (redisReply *)reply;
     el.elements = 2, el.element = els;
     cluster_account_done(d, l, &el);
-    return;
+    return 0;
   }
   if (reply->type != REDIS_REPLY_STRING) {
     reply_error(d, "account load", reply);
     cluster_account_done(d, l, NULL);
-    return;
+    return 0;
   }
-  if (reply->len == 0 || reply->len > SL_UID_MAX || request_uid(d, l, reply->str, reply->len) != 0) {
+  char probe[400];
+  if (reply->len == 0 || reply->len > SL_UID_MAX ||
+      sl_db_uid_key(d->db, probe, sizeof probe, "", 0, reply->str, reply->len, "", 0) < 0) {
     /* an unusable UID: the element says so (acct_from_reply names the key) */
     els[0] = &one, els[1] = (redisReply *)reply, els[2] = &blank, els[3] = &zero;
     el.elements = 4, el.element = els;
     cluster_account_done(d, l, &el);
+    return 0;
   }
+  memcpy(l->uid, reply->str, reply->len);
+  l->uid_len = (uint8_t)reply->len;
+  return 1;
+}
+
+static void on_cluster_ak(void *owner, void *priv, const redisReply *reply) {
+  struct sl_dirsync *d = owner;
+  struct ak_lookup *l = priv;
+  if (!d || !reply) {
+    if (d) cluster_account_done(d, l, NULL);
+    else free(l);
+    return;
+  }
+  if (ak_answered(d, l, reply) && request_uid(d, l, l->uid, l->uid_len) != 0) cluster_account_done(d, l, NULL);
+}
+
+/* The `ak:` key's GET on its own slot. */
+static void request_ak(struct sl_dirsync *d, struct ak_lookup *l) {
+  char k[200];
+  int kn = snprintf(k, sizeof(k), "%s" SL_KEY_AK "%.*s", d->prefix, (int)l->len, l->ak);
+  const char *argv[] = {"GET", k};
+  size_t lens[] = {3, (size_t)kn};
+  if (sl_db_command(d->db, sl_db_key_slot(k, (size_t)kn), on_cluster_ak, l, 2, argv, lens) != 0) free(l);
+}
+
+/* Sends ls[0..n) in groups of one master (the map's; a slot no master
+ * serves, or no map yet: each alone), step 0 the `ak:` keys, 1 the UIDs'
+ * packages (l->uid set). */
+static void request_grouped(struct sl_dirsync *d, struct ak_lookup **ls, unsigned n, int step);
+
+static void on_group(struct sl_dirsync *d, struct lookup_group *g, const redisReply *r, int step) {
+  if (!d) {
+    for (unsigned i = 0; i < g->n; i++) free(g->l[i]);
+    free(g);
+    return;
+  }
+  if (r && r->type == REDIS_REPLY_ERROR) reply_error(d, "account load (a master's group)", r);
+  int whole = r && r->type == REDIS_REPLY_ARRAY && r->elements == g->n;
+  struct ak_lookup *next[GROUP_MAX];
+  unsigned nn = 0;
+  for (unsigned i = 0; i < g->n; i++) {
+    struct ak_lookup *l = g->l[i];
+    const redisReply *e = whole ? r->element[i] : NULL;
+    if (!r) {
+      cluster_account_done(d, l, NULL); /* its fate unknown: unavailable, as a lone lookup's */
+    } else if (!e || (e->type == REDIS_REPLY_ERROR && !key_error(e)) || (e->type == REDIS_REPLY_INTEGER && step == 1)) {
+      /* refused here (another master's slot, a migration) or the whole
+       * script refused: this one on its own, by slot */
+      if (step == 0) request_ak(d, l);
+      else if (request_uid(d, l, l->uid, l->uid_len) != 0) cluster_account_done(d, l, NULL);
+    } else if (step == 0) {
+      if (ak_answered(d, l, e)) next[nn++] = l;
+    } else if (e->type == REDIS_REPLY_ARRAY) {
+      cluster_account_done(d, l, e);
+    } else {
+      reply_error(d, "account load", e);
+      cluster_account_done(d, l, NULL);
+    }
+  }
+  free(g);
+  if (nn) request_grouped(d, next, nn, 1);
+}
+
+static void on_group_ak(void *owner, void *priv, const redisReply *reply) { on_group(owner, priv, reply, 0); }
+static void on_group_uid(void *owner, void *priv, const redisReply *reply) { on_group(owner, priv, reply, 1); }
+
+/* One master's group: its script, or each alone when it cannot be sent. */
+static void send_group(struct sl_dirsync *d, struct lookup_group *g, unsigned slot, int step) {
+  enum { KEY_MAX = 400 };
+  const unsigned per = step ? 3 : 1;
+  const char **argv = sl_malloc((3 + per * g->n) * sizeof *argv);
+  size_t *lens = sl_malloc((3 + per * g->n) * sizeof *lens);
+  char *buf = sl_malloc((size_t)g->n * 2 * KEY_MAX), *p = buf;
+  int argc = 0;
+  argv[argc] = "EVAL", lens[argc++] = 4;
+  argv[argc] = step ? cluster_uid_group_script : cluster_ak_group_script;
+  lens[argc++] = step ? sizeof(cluster_uid_group_script) - 1 : sizeof(cluster_ak_group_script) - 1;
+  argv[argc] = "0", lens[argc++] = 1;
+  for (unsigned i = 0; i < g->n; i++) {
+    struct ak_lookup *l = g->l[i];
+    if (step == 0) {
+      int kn = snprintf(p, KEY_MAX, "%s" SL_KEY_AK "%.*s", d->prefix, (int)l->len, l->ak);
+      argv[argc] = p, lens[argc++] = (size_t)kn;
+      p += KEY_MAX;
+      continue;
+    }
+    char head[128];
+    int hn = snprintf(head, sizeof(head), "%s" SL_KEY_QPSPKGS, d->prefix);
+    int n1 = sl_db_uid_key(d->db, p, KEY_MAX, head, (size_t)hn, l->uid, l->uid_len, "", 0);
+    argv[argc] = p, lens[argc++] = n1 < 0 ? 0 : (size_t)n1;
+    hn = snprintf(head, sizeof(head), "%s" SL_KEY_QPSPKG, d->prefix);
+    int n2 = sl_db_uid_key(d->db, p + KEY_MAX, KEY_MAX, head, (size_t)hn, l->uid, l->uid_len, ":", 1);
+    argv[argc] = p + KEY_MAX, lens[argc++] = n2 < 0 ? 0 : (size_t)n2;
+    argv[argc] = l->uid, lens[argc++] = l->uid_len;
+    p += 2 * KEY_MAX;
+  }
+  if (sl_db_command(d->db, slot, step ? on_group_uid : on_group_ak, g, argc, argv, lens) != 0) {
+    for (unsigned i = 0; i < g->n; i++) cluster_account_done(d, g->l[i], NULL);
+    free(g);
+  }
+  free(buf);
+  free(argv);
+  free(lens);
+}
+
+static void request_grouped(struct sl_dirsync *d, struct ak_lookup **ls, unsigned n, int step) {
+  const struct sl_cluster_map *m = sl_db_map(d->db);
+  uint64_t *keys = sl_malloc((n ? n : 1) * sizeof *keys);
+  for (unsigned i = 0; i < n; i++) {
+    unsigned slot;
+    if (step == 0) {
+      char k[200];
+      int kn = snprintf(k, sizeof(k), "%s" SL_KEY_AK "%.*s", d->prefix, (int)ls[i]->len, ls[i]->ak);
+      slot = sl_db_key_slot(k, (size_t)kn);
+    } else {
+      slot = sl_db_uid_slot(ls[i]->uid, ls[i]->uid_len);
+    }
+    keys[i] = sl_cluster_group_key(m, slot, i);
+  }
+  sl_cluster_group_sort(keys, n);
+  for (size_t from = 0; from < n;) {
+    size_t end = sl_cluster_group_end(keys, n, from, 0);
+    if (sl_cluster_group_node(keys[from]) == SL_CLUSTER_NO_NODE || end - from == 1) {
+      for (size_t i = from; i < end; i++) { /* alone: by slot, as before */
+        struct ak_lookup *l = ls[sl_cluster_group_index(keys[i])];
+        if (step == 0) request_ak(d, l);
+        else if (request_uid(d, l, l->uid, l->uid_len) != 0) cluster_account_done(d, l, NULL);
+      }
+      from = end;
+      continue;
+    }
+    for (; from < end;) {
+      struct lookup_group *g = sl_malloc(sizeof *g);
+      g->n = 0;
+      unsigned slot = sl_cluster_group_slot(keys[from]);
+      while (from < end && g->n < GROUP_MAX) g->l[g->n++] = ls[sl_cluster_group_index(keys[from++])];
+      send_group(d, g, slot, step);
+    }
+  }
+  free(keys);
 }
 
 static void request_accounts_cluster(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], const uint8_t *akl,
                                      unsigned n) {
+  struct ak_lookup **by_ak = sl_malloc((n ? n : 1) * sizeof *by_ak), **by_uid = sl_malloc((n ? n : 1) * sizeof *by_uid);
+  unsigned na = 0, nu = 0;
   for (unsigned i = 0; i < n; i++) {
     struct ak_lookup *l = sl_malloc(sizeof(*l));
     l->len = akl[i];
     memcpy(l->ak, aks[i], akl[i]);
     if (akl[i] && aks[i][0] == 1) { /* a UID from a trusted header: no `ak:` key */
-      if (request_uid(d, l, aks[i] + 1, akl[i] - 1u) != 0) cluster_account_done(d, l, NULL);
+      char probe[400];
+      if (akl[i] - 1u == 0 || akl[i] - 1u > SL_UID_MAX ||
+          sl_db_uid_key(d->db, probe, sizeof probe, "", 0, aks[i] + 1, akl[i] - 1u, "", 0) < 0) {
+        cluster_account_done(d, l, NULL);
+        continue;
+      }
+      l->uid_len = (uint8_t)(akl[i] - 1u);
+      memcpy(l->uid, aks[i] + 1, l->uid_len);
+      by_uid[nu++] = l;
       continue;
     }
-    char k[200];
-    int kn = snprintf(k, sizeof(k), "%s" SL_KEY_AK "%.*s", d->prefix, (int)akl[i], aks[i]);
-    const char *argv[] = {"GET", k};
-    size_t lens[] = {3, (size_t)kn};
-    if (sl_db_command(d->db, sl_db_key_slot(k, (size_t)kn), on_cluster_ak, l, 2, argv, lens) != 0) free(l);
+    by_ak[na++] = l;
   }
+  request_grouped(d, by_ak, na, 0);
+  request_grouped(d, by_uid, nu, 1);
+  free(by_ak);
+  free(by_uid);
 }
 
 void sl__dirsync_request_state(struct sl_dirsync *d) {

@@ -573,6 +573,65 @@ class SharedClusterTest(ClusterCase):
             m.cli("CONFIG", "RESETSTAT")
         poll(lambda: all(n.cli("DBSIZE").strip() == "0" for n in self.nodes), 5, "every node empty")
 
+    def test_lookups_grouped_per_master(self):
+        """A resync of 300 accounts goes as one script per master and step
+        (the `ak:` keys, then the UIDs' packages) for up to 100 accounts, not
+        a GET and an EVAL per account (issue 14: that made a cluster's
+        directory cost twice one server's); what it loads is right: a
+        package on the UID's slot is in force, every account still admitted."""
+        n = 300
+        self.start_cluster()
+        self.seed_accounts(n)
+        now = int(time.time())
+        self.ccli("HSET", P + "qpspkg:{c7}:pk1", "feature", "text", "region", "cn-shanghai", "qps", "5",
+                  "starts_at", str(now - 10), "expires_at", str(now + 3600))
+        self.ccli("SADD", P + "qpspkgs:{c7}", "pk1")
+        _, up = start_modstub(self, workers=2)
+        url = "cluster://" + ",".join(nd.addr for nd in self.nodes[:2])
+        sl = start_sluice(self, [up], "--redis", url, "--admission", "on", "--global-limits", "off",
+                          "--metering", "off", "--resync-ms", "1000", workers=2)
+        poll(lambda: sl.metrics().get("sluice_directory_resyncs_total", 0) >= 1, 10, "first resync")
+        with harness.HttpConn(sl.port) as c:  # each account looked up once, alone
+            for i in range(n):
+                c.send(_req(ak=f"AKC{i}"))
+                self.assertEqual(c.read_response().status, 200)
+        poll(lambda: sl.metrics().get("sluice_directory_accounts", 0) >= n, 10, "every account known")
+        r0 = sl.metrics().get("sluice_directory_resyncs_total", 0)
+        for m in self.masters():
+            m.cli("CONFIG", "RESETSTAT")
+        poll(lambda: sl.metrics().get("sluice_directory_resyncs_total", 0) >= r0 + 2, 10, "two resyncs")
+        evals = self.eval_calls()
+        resyncs = sl.metrics().get("sluice_directory_resyncs_total", 0) - r0 + 1  # (one may have been under way)
+        per_resync = 2 * sum(-(-len([i for i in range(n) if self.master_of(key_slot(f"{P}ak:AKC{i}")) is m]) // 100)
+                             + -(-len([i for i in range(n) if self.master_of(key_slot(f"{{c{i}}}")) is m]) // 100)
+                             for m in self.masters()) // 2
+        print(f"cluster lookups: {n} accounts, {resyncs:.0f} resync(s) counted: EVALs per master {evals} "
+              f"(at most {per_resync} a resync; one per account and resync before)", file=sys.stderr)
+        self.assertLessEqual(sum(evals.values()), per_resync * (resyncs + 1), evals)  # + one begun since
+        r = harness.http_request(sl.admin, "GET", "/explain?uid=c7&feature=text&region=cn-shanghai")
+        self.assertEqual([p["id"] for p in json.loads(r.body.replace(b"\0", b"").decode())["packages"]], ["pk1"])
+        # c0's slot half migrated (no key moved): its missing packages set is
+        # refused inside its master's script (ASK), so that UID goes on its
+        # own, following ASK to the importing master; the others stay grouped
+        slot = key_slot("{c0}")
+        src = self.master_of(slot)
+        dst = next(m for m in self.masters() if m is not src)
+        self.addCleanup(lambda: [m.cli("CLUSTER", "SETSLOT", str(slot), "STABLE") for m in (src, dst)])
+        dst.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", src.node_id())
+        src.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst.node_id())
+        dst.cli("CONFIG", "RESETSTAT")
+        r1 = sl.metrics().get("sluice_directory_resyncs_total", 0)
+        poll(lambda: sl.metrics().get("sluice_directory_resyncs_total", 0) >= r1 + 2, 10, "two resyncs, half migrated")
+        asking = next((x for x in dst.cli("INFO", "commandstats").splitlines() if x.startswith("cmdstat_asking:")), "")
+        self.assertIn("calls=", asking, "no lookup followed ASK to the importing master")
+        with harness.HttpConn(sl.port) as c:
+            for i in range(n):
+                c.send(_req(ak=f"AKC{i}"))
+                self.assertEqual(c.read_response().status, 200)
+        self.assertEqual(sl.metrics().get("sluice_directory_lookup_failures_total", 0), 0)
+        self.assertNotIn("account load", sl.stderr())
+        self.assertEqual(sl.stop(), 0, sl.stderr()[-2000:])
+
     @harness.release_only("the fleet's C (cluster scripts included) runs under ASan in unit_fleet and fuzz_fleet_reply; the three instances' admission is what this case adds")
     def test_global_limits(self):
         """Shared limits on a cluster (SPEC 9 and 10): three instances with
