@@ -253,6 +253,7 @@ static void class_input(const struct sl_conn *c, struct sl_class_input *in) {
   hdr_value(c, c->req.h_auth, &in->authorization, &in->auth_len);
   hdr_value(c, c->req.h_action, &in->acs_action, &in->acs_action_len);
   hdr_value(c, c->req.h_ctype, &in->content_type, &in->ct_len);
+  in->body_coded = c->req.body_coded;
 }
 
 int sl_admit_head(struct sl_conn *c) {
@@ -264,7 +265,7 @@ int sl_admit_head(struct sl_conn *c) {
    * metered under "-" (and an unknown region gets no key of its own). */
   c->call.cls.feature = -1;
   if (e == SL_CLASS_BAD_ENCODING || e == SL_CLASS_FIELD_TOO_LONG || e == SL_CLASS_CONFLICT ||
-      e == SL_CLASS_UNKNOWN_REGION || e == SL_CLASS_BAD_CONTENT_TYPE) {
+      e == SL_CLASS_UNKNOWN_REGION || e == SL_CLASS_BAD_CONTENT_TYPE || e == SL_CLASS_CODED_FORM) {
     reject(c, SL_OUT_BAD_REQUEST, 400, sl_class_err_code(e), sl_class_err_message(e), NULL);
     return 1;
   }

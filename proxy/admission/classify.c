@@ -336,7 +336,9 @@ enum sl_class_err sl_classify(const struct sl_class_input *in, struct sl_class *
   /* Most Actions carry Service in the form body; the query is the fallback.
    * A form body can carry Action and AccessKeyId too (RPC style). */
   int form = is_form(in->content_type, in->ct_len);
-  if (in->body_len > 0 && form > 0) scan_params(in->body, in->body_len, f);
+  /* A coded (gzip...) form body is not read: its bytes are not the fields a
+   * backend that decodes it would read (refused below). */
+  if (in->body_len > 0 && form > 0 && !in->body_coded) scan_params(in->body, in->body_len, f);
 
   v = in->acs_action;
   vn = v ? in->acs_action_len : 0;
@@ -364,6 +366,7 @@ enum sl_class_err sl_classify(const struct sl_class_input *in, struct sl_class *
   /* A Content-Type that may or may not be a form: where Service comes
    * from is not certain. */
   if (form < 0 && err == SL_CLASS_OK) err = SL_CLASS_BAD_CONTENT_TYPE;
+  if (form > 0 && in->body_coded && err == SL_CLASS_OK) err = SL_CLASS_CODED_FORM;
 
   if (action_ok && service_ok) {
     int billable = 1;
@@ -387,6 +390,7 @@ const char *sl_class_err_code(enum sl_class_err e) {
     case SL_CLASS_CONFLICT: return "InvalidParameter";
     case SL_CLASS_UNKNOWN_REGION: return "InvalidRegionId";
     case SL_CLASS_BAD_CONTENT_TYPE: return "InvalidParameter";
+    case SL_CLASS_CODED_FORM: return "InvalidParameter";
   }
   return "InvalidParameter";
 }
@@ -406,6 +410,8 @@ const char *sl_class_err_message(enum sl_class_err e) {
     case SL_CLASS_UNKNOWN_REGION: return "The region named by the Host header is not served here.";
     case SL_CLASS_BAD_CONTENT_TYPE:
       return "The Content-Type names application/x-www-form-urlencoded in a form that is not a single media type.";
+    case SL_CLASS_CODED_FORM:
+      return "A form body (application/x-www-form-urlencoded) must not have a Content-Encoding: its Service is read as sent.";
   }
   return "The request could not be classified.";
 }

@@ -21,6 +21,7 @@ struct sl_class_input {
   size_t acs_action_len; /* x-acs-action header, may be NULL */
   const char *content_type;
   size_t ct_len; /* may be NULL */
+  int body_coded; /* the request has a Content-Encoding other than identity */
   const char *body;
   size_t body_len;            /* request body (already de-chunked); may be NULL when 0 */
   const char *default_region; /* --region, NUL-terminated; may be NULL */
@@ -36,6 +37,7 @@ enum sl_class_err {
   SL_CLASS_CONFLICT,       /* AccessKeyId, Action or Service given twice with different values */
   SL_CLASS_UNKNOWN_REGION, /* the Host names a region not in the known list */
   SL_CLASS_BAD_CONTENT_TYPE, /* the form type appears in Content-Type, but it is not that media type */
+  SL_CLASS_CODED_FORM,       /* a form body with a Content-Encoding: its Service cannot be read as sent */
 };
 
 /* Every string field is NUL-terminated and also has its length, so a value

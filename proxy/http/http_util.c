@@ -48,6 +48,7 @@ enum sl_hdr_kind sl_http_hdr_kind(const char *p, size_t n) {
       break;
     case 16:
       if (SL_IEQ(p, n, "proxy-connection")) return SL_H_HOP;
+      if (SL_IEQ(p, n, "content-encoding")) return SL_H_CONTENT_ENCODING;
       break;
     case 17:
       if (SL_IEQ(p, n, "transfer-encoding")) return SL_H_TRANSFER_ENCODING;

@@ -23,7 +23,7 @@ static int on_message_begin(llhttp_t *p) {
   r->url_off = r->url_len = 0;
   r->head_len = r->trailer_bytes = 0;
   r->headers_done = r->chunked_req = r->has_body = r->expect_continue = r->dup_ident = 0;
-  r->last_chunk = 0;
+  r->last_chunk = r->body_coded = 0;
   r->body_len = r->body_off = r->need_cap = 0;
   r->h_host = r->h_auth = r->h_action = r->h_ctype = -1;
   r->body.len = 0;
@@ -295,8 +295,19 @@ static int head_done(struct sl_req *r, size_t pos) {
       if (!tchar[(unsigned char)r->buf[h->name_off + k]]) return -1; /* "Host :" or "Ho st" */
     switch (h->kind) {
       case SL_H_CONNECTION:
-        if (r->nconn_hdr < SL_ARRAY_SIZE(r->conn_hdr)) r->conn_hdr[r->nconn_hdr++] = i;
+        /* Past the bound, the tokens of the rest would be forwarded as
+         * headers while hop-by-hop: refused rather than half read. */
+        if (r->nconn_hdr >= SL_ARRAY_SIZE(r->conn_hdr)) return -1;
+        r->conn_hdr[r->nconn_hdr++] = i;
         break;
+      case SL_H_CONTENT_ENCODING: {
+        const char *v = r->buf + h->val_off;
+        size_t n = h->val_len;
+        while (n && (*v == ' ' || *v == '\t')) v++, n--;
+        while (n && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
+        if (!SL_IEQ(v, n, "identity")) r->body_coded = 1;
+        break;
+      }
       case SL_H_EXPECT:
         if (SL_IEQ(r->buf + h->val_off, h->val_len, "100-continue")) r->expect_continue = 1;
         break;

@@ -50,7 +50,7 @@ struct sl_req {
   uint32_t url_off, url_len;
   uint32_t head_len;    /* request line + headers + the blank line */
   uint32_t trailer_bytes;
-  unsigned conn_hdr[4]; /* indices of Connection headers, whose tokens are hop-by-hop too */
+  unsigned conn_hdr[4]; /* indices of Connection headers, whose tokens are hop-by-hop too (more: refused) */
   unsigned nconn_hdr;
   int16_t h_host, h_auth, h_action, h_ctype; /* header indices, -1 when absent or Connection-listed */
   int err_status;
@@ -64,6 +64,7 @@ struct sl_req {
   unsigned dup_ident : 1; /* Host, Authorization, x-acs-action or Content-Type given twice */
   unsigned resumed : 1;   /* llhttp was resumed and may have work without new bytes */
   unsigned last_chunk : 1;
+  unsigned body_coded : 1; /* a Content-Encoding other than identity: the body's bytes are not its text */
 };
 
 /* store: room for max_headers header spans. buf/cap are set by the caller. */

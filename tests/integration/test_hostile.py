@@ -491,6 +491,34 @@ class Identity(HostileCase):
         r = self.ok(V1, {"Host": "green-cip.made-up-9.aliyuncs.com", "Connection": "Host"})
         self.assertEqual(r.status, 200, r.body)
 
+    def test_more_connection_headers_than_read_refused(self):
+        # sluice reads 4 Connection lines; a 5th's token (x-acs-action) would
+        # be forwarded as a header while hop-by-hop: refused, not half read
+        conn = [("Connection", f"x-h{i}") for i in range(4)]
+        r = self.ok(V1, conn)
+        self.assertEqual(r.status, 200, r.body)
+        data = harness.HttpConn.build("GET", "/?AccessKeyId=AK1", conn + [("Connection", "x-acs-action"),
+                                                                        ("x-acs-action", "TextModeration")])
+        self.assert_refused(data, 400, "BadRequest")
+
+    def test_coded_form_body_refused(self):
+        # A gzip-coded form body: sluice would read the query's Service (the
+        # body's bytes are not its fields) while a backend that decodes it
+        # reads the body's: ByVL (llm) against baseline. Refused at the head.
+        import gzip
+        body = gzip.compress(b"Service=postImageCheckByVL_global&ServiceParameters=%7B%7D")
+        path = "/?Action=ImageModeration&AccessKeyId=AK1&Service=baselineCheck"
+        for enc in ("gzip", " GZIP ", "deflate", "identity, gzip"):
+            data = harness.HttpConn.build("POST", path, {"Content-Type": FORM, "Content-Encoding": enc}, body)
+            self.assert_refused(data, 400, "InvalidParameter")
+        # identity is no coding; a coded body that is not a form is not read anyway
+        plain = b"Service=baselineCheck&ServiceParameters=%7B%7D"
+        r = self.ok(path, {"Content-Type": FORM, "Content-Encoding": "identity"}, plain)
+        self.assertEqual(r.status, 200, r.body)
+        r = self.ok(path, {"Content-Type": "application/json", "Content-Encoding": "gzip"}, body)
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual((len(self.be.got()), len(self.llm.got())), (2, 0))
+
     def test_trailer_cannot_name_the_account(self):
         # --trusted-uid-header is off here; TrustedHeader checks it on.
         data = (b"POST /?Action=TextModeration HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
