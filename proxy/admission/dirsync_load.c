@@ -775,6 +775,10 @@ static void send_group(struct sl_dirsync *d, struct lookup_group *g, unsigned sl
 }
 
 static void request_grouped(struct sl_dirsync *d, struct ak_lookup **ls, unsigned n, int step) {
+  /* A group key holds a 16-bit index: a resync of more accounts goes in parts. */
+  enum { PART = 4096 };
+  _Static_assert(PART <= 0xffff + 1, "sl_cluster_group_key keeps 16 bits of the index");
+  for (; n > PART; ls += PART, n -= PART) request_grouped(d, ls, PART, step);
   const struct sl_cluster_map *m = sl_db_map(d->db);
   uint64_t *keys = sl_malloc((n ? n : 1) * sizeof *keys);
   for (unsigned i = 0; i < n; i++) {
