@@ -463,7 +463,7 @@ static int fwd_build(struct sl_conn *c) {
   sl_buf_lit(o, " ");
   sl_buf_append(o, r->buf + r->url_off, r->url_len);
   sl_buf_lit(o, " HTTP/1.1\r\n");
-  const struct sl_hdr *xff = NULL;
+  unsigned nxff = 0;
   for (unsigned i = 0; i < r->hdrs.n; i++) {
     const struct sl_hdr *h = &r->hdrs.h[i];
     switch ((enum sl_hdr_kind)h->kind) {
@@ -475,7 +475,7 @@ static int fwd_build(struct sl_conn *c) {
       case SL_H_X_REQUEST_ID:
         continue;
       case SL_H_X_FORWARDED_FOR:
-        xff = h; /* merged below; several XFF lines are one list, the last one wins here */
+        nxff++; /* merged below, with the client's address */
         continue;
       default:
         break;
@@ -487,8 +487,14 @@ static int fwd_build(struct sl_conn *c) {
     sl_buf_lit(o, "\r\n");
   }
   sl_buf_lit(o, "X-Forwarded-For: ");
-  if (xff && xff->val_len) {
-    sl_buf_append(o, r->buf + xff->val_off, xff->val_len);
+  /* Several lines are one list (RFC 9110 5.3), in their order; one the
+   * Connection header lists is hop-by-hop and dropped. */
+  for (unsigned i = 0; nxff && i < r->hdrs.n; i++) {
+    const struct sl_hdr *h = &r->hdrs.h[i];
+    if (h->kind != SL_H_X_FORWARDED_FOR) continue;
+    nxff--;
+    if (!h->val_len || (r->nconn_hdr && sl_req_conn_listed(r, h))) continue;
+    sl_buf_append(o, r->buf + h->val_off, h->val_len);
     sl_buf_lit(o, ", ");
   }
   sl_buf_append(o, c->peer, strlen(c->peer));

@@ -86,6 +86,18 @@ class Forwarding(unittest.TestCase):
         self.assertEqual(e["url"], "/echo?x=1")
         self.assertEqual(e["body"], "Service=a")
 
+    def test_forwarded_for_lines_merged(self):
+        # several lines are one list, in order, the client's address last; a
+        # line the Connection header lists is hop-by-hop: dropped
+        with harness.HttpConn(self.sl.port) as c:
+            e = self.echo(c, path="/echo", headers=[("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-For", "10.0.0.2, 10.0.0.3"),
+                                                     ("X-Forwarded-For", "")])
+            hdr = [v for k, v in e["headers"] if k.lower() == "x-forwarded-for"]
+            self.assertEqual(hdr, ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"])
+            e = self.echo(c, path="/echo", headers=[("X-Forwarded-For", "10.0.0.9"), ("Connection", "X-Forwarded-For")])
+            hdr = [v for k, v in e["headers"] if k.lower() == "x-forwarded-for"]
+            self.assertEqual(hdr, ["127.0.0.1"])
+
     def test_request_ids_unique(self):
         seen = set()
         with harness.HttpConn(self.sl.port) as c:
