@@ -622,14 +622,31 @@ static void on_cluster_account(void *owner, void *priv, const redisReply *reply)
 
 /* The account's packages on its UID's slot (uid: uid_len bytes, 1 to
  * SL_UID_MAX). Returns 0, or not 0 when nothing was sent. */
-static int request_uid(struct sl_dirsync *d, struct ak_lookup *l, const char *uid, size_t uid_len) {
+#define UID_KEY_MAX 400 /* a prefix (< 64), a key name, a tagged UID (< 66), a package's ':' */
+
+/* The account's packages set and the head of its packages' names, into
+ * set and pkg (UID_KEY_MAX each); *n1, *n2 their lengths. Returns 0, or -1
+ * for a UID that cannot name keys (empty, too long, a brace in a cluster). */
+static int uid_keys(struct sl_dirsync *d, const char *uid, size_t uid_len, char *set, int *n1, char *pkg, int *n2) {
   if (uid_len == 0 || uid_len > SL_UID_MAX) return -1;
-  char set[400], pkg[400], head[128];
+  char head[128];
   int hn = snprintf(head, sizeof(head), "%s" SL_KEY_QPSPKGS, d->prefix);
-  int n1 = sl_db_uid_key(d->db, set, sizeof(set), head, (size_t)hn, uid, uid_len, "", 0);
+  *n1 = sl_db_uid_key(d->db, set, UID_KEY_MAX, head, (size_t)hn, uid, uid_len, "", 0);
   hn = snprintf(head, sizeof(head), "%s" SL_KEY_QPSPKG, d->prefix);
-  int n2 = sl_db_uid_key(d->db, pkg, sizeof(pkg), head, (size_t)hn, uid, uid_len, ":", 1);
-  if (n1 < 0 || n2 < 0) return -1;
+  *n2 = sl_db_uid_key(d->db, pkg, UID_KEY_MAX, head, (size_t)hn, uid, uid_len, ":", 1);
+  return *n1 < 0 || *n2 < 0 ? -1 : 0;
+}
+
+static int uid_usable(struct sl_dirsync *d, const char *uid, size_t uid_len) {
+  char set[UID_KEY_MAX], pkg[UID_KEY_MAX];
+  int n1, n2;
+  return uid_keys(d, uid, uid_len, set, &n1, pkg, &n2) == 0;
+}
+
+static int request_uid(struct sl_dirsync *d, struct ak_lookup *l, const char *uid, size_t uid_len) {
+  char set[UID_KEY_MAX], pkg[UID_KEY_MAX];
+  int n1, n2;
+  if (uid_keys(d, uid, uid_len, set, &n1, pkg, &n2) != 0) return -1;
   const char *argv[] = {"EVAL", cluster_account_script, "1", set, pkg, uid};
   size_t lens[] = {4, sizeof(cluster_account_script) - 1, 1, (size_t)n1, (size_t)n2, uid_len};
   return sl_db_command(d->db, sl_db_uid_slot(uid, uid_len), on_cluster_account, l, 6, argv, lens);
@@ -660,9 +677,7 @@ static int ak_answered(struct sl_dirsync *d, struct ak_lookup *l, const redisRep
     cluster_account_done(d, l, NULL);
     return 0;
   }
-  char probe[400];
-  if (reply->len == 0 || reply->len > SL_UID_MAX ||
-      sl_db_uid_key(d->db, probe, sizeof probe, "", 0, reply->str, reply->len, "", 0) < 0) {
+  if (!uid_usable(d, reply->str, reply->len)) {
     /* an unusable UID: the element says so (acct_from_reply names the key) */
     els[0] = &one, els[1] = (redisReply *)reply, els[2] = &blank, els[3] = &zero;
     el.elements = 4, el.element = els;
@@ -737,7 +752,7 @@ static void on_group_uid(void *owner, void *priv, const redisReply *reply) { on_
 
 /* One master's group: its script, or each alone when it cannot be sent. */
 static void send_group(struct sl_dirsync *d, struct lookup_group *g, unsigned slot, int step) {
-  enum { KEY_MAX = 400 };
+  enum { KEY_MAX = UID_KEY_MAX };
   const unsigned per = step ? 3 : 1;
   const char **argv = sl_malloc((3 + per * g->n) * sizeof *argv);
   size_t *lens = sl_malloc((3 + per * g->n) * sizeof *lens);
@@ -755,13 +770,10 @@ static void send_group(struct sl_dirsync *d, struct lookup_group *g, unsigned sl
       p += KEY_MAX;
       continue;
     }
-    char head[128];
-    int hn = snprintf(head, sizeof(head), "%s" SL_KEY_QPSPKGS, d->prefix);
-    int n1 = sl_db_uid_key(d->db, p, KEY_MAX, head, (size_t)hn, l->uid, l->uid_len, "", 0);
-    argv[argc] = p, lens[argc++] = n1 < 0 ? 0 : (size_t)n1;
-    hn = snprintf(head, sizeof(head), "%s" SL_KEY_QPSPKG, d->prefix);
-    int n2 = sl_db_uid_key(d->db, p + KEY_MAX, KEY_MAX, head, (size_t)hn, l->uid, l->uid_len, ":", 1);
-    argv[argc] = p + KEY_MAX, lens[argc++] = n2 < 0 ? 0 : (size_t)n2;
+    int n1, n2;
+    if (uid_keys(d, l->uid, l->uid_len, p, &n1, p + KEY_MAX, &n2) != 0) n1 = n2 = 0; /* checked when found */
+    argv[argc] = p, lens[argc++] = (size_t)n1;
+    argv[argc] = p + KEY_MAX, lens[argc++] = (size_t)n2;
     argv[argc] = l->uid, lens[argc++] = l->uid_len;
     p += 2 * KEY_MAX;
   }
@@ -824,9 +836,7 @@ static void request_accounts_cluster(struct sl_dirsync *d, char (*aks)[SL_AK_MAX
     l->len = akl[i];
     memcpy(l->ak, aks[i], akl[i]);
     if (akl[i] && aks[i][0] == 1) { /* a UID from a trusted header: no `ak:` key */
-      char probe[400];
-      if (akl[i] - 1u == 0 || akl[i] - 1u > SL_UID_MAX ||
-          sl_db_uid_key(d->db, probe, sizeof probe, "", 0, aks[i] + 1, akl[i] - 1u, "", 0) < 0) {
+      if (!uid_usable(d, aks[i] + 1, akl[i] - 1u)) {
         cluster_account_done(d, l, NULL);
         continue;
       }
