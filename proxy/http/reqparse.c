@@ -5,6 +5,7 @@
 #include "reqparse.h"
 
 #include <string.h>
+#include <strings.h>
 
 enum { PAUSE_NONE, PAUSE_HEAD, PAUSE_CHUNK, PAUSE_DONE };
 
@@ -137,6 +138,12 @@ void sl_req_init(struct sl_req *r, const struct sl_req_limits *lim, struct sl_hd
   r->h_host = r->h_auth = r->h_action = r->h_ctype = -1;
 }
 
+/* A header value without its optional whitespace (RFC 9110 5.5). */
+static void trim_ows(const char **v, size_t *n) {
+  while (*n && (**v == ' ' || **v == '\t')) ++*v, --*n;
+  while (*n && ((*v)[*n - 1] == ' ' || (*v)[*n - 1] == '\t')) --*n;
+}
+
 static inline int tchar_hex(char c) {
   return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
 }
@@ -211,7 +218,7 @@ static int target_ok(const struct sl_req *r) {
  * or "u@a.com" would name one region here and maybe another there. */
 static int host_ok(const char *p, size_t n) {
   size_t i = 0;
-  while (n && (p[n - 1] == ' ' || p[n - 1] == '\t')) n--;
+  trim_ows(&p, &n);
   if (n == 0) return 1;
   if (p[0] == '[') {
     for (i = 1; i < n && p[i] != ']'; i++)
@@ -264,15 +271,8 @@ static int target_form_ok(const struct sl_req *r) {
   const struct sl_hdr *h = &r->hdrs.h[r->h_host];
   const char *hv = r->buf + h->val_off;
   size_t hn = h->val_len;
-  while (hn && (hv[hn - 1] == ' ' || hv[hn - 1] == '\t')) hn--;
-  if (hn != e - s) return 0;
-  for (size_t k = 0; k < hn; k++) {
-    char a = u[s + k], b = hv[k];
-    if (a >= 'A' && a <= 'Z') a = (char)(a | 0x20);
-    if (b >= 'A' && b <= 'Z') b = (char)(b | 0x20);
-    if (a != b) return 0;
-  }
-  return 1;
+  trim_ows(&hv, &hn);
+  return hn == e - s && strncasecmp(u + s, hv, hn) == 0;
 }
 
 /* The head ends at `pos`. Returns 0, or -1 with err_status set. */
@@ -303,8 +303,7 @@ static int head_done(struct sl_req *r, size_t pos) {
       case SL_H_CONTENT_ENCODING: {
         const char *v = r->buf + h->val_off;
         size_t n = h->val_len;
-        while (n && (*v == ' ' || *v == '\t')) v++, n--;
-        while (n && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
+        trim_ows(&v, &n);
         if (!SL_IEQ(v, n, "identity")) r->body_coded = 1;
         break;
       }
@@ -316,8 +315,7 @@ static int head_done(struct sl_req *r, size_t pos) {
          * body would be forwarded de-chunked but still gzip-coded. */
         const char *v = r->buf + h->val_off;
         size_t n = h->val_len;
-        while (n && (*v == ' ' || *v == '\t')) v++, n--;
-        while (n && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
+        trim_ows(&v, &n);
         if (!SL_IEQ(v, n, "chunked")) return -1;
         te_seen = 1;
         break;
