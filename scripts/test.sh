@@ -20,7 +20,9 @@ run_tree() { # dir sanitize label-filter
   cmake -S . -B "$dir" -DSLUICE_SANITIZE="$san" -DCMAKE_BUILD_TYPE="$([[ -n $san ]] && echo RelWithDebInfo || echo Release)" >/dev/null
   cmake --build "$dir" -j "$jobs"
   phase "test $dir"
-  ctest --test-dir "$dir" --output-on-failure --timeout 300 "$@"
+  # -j: the light tests in parallel; the busy ones alone (RUN_SERIAL,
+  # tests/integration/CMakeLists.txt)
+  ctest --test-dir "$dir" --output-on-failure --timeout 300 -j "$jobs" "$@"
 }
 
 run_tree build ""
