@@ -561,6 +561,7 @@ int sl_dirsync_start(struct sl_dirsync *d, const struct sl_config *cfg, unsigned
   for (unsigned i = 0; i < SL_DIR_SUBS; i++) d->subs[i].d = d;
   if ((r = sl_db_init(&d->db, &d->loop, &o)) != 0) goto err_handles;
   d->cluster = sl_db_cluster(d->db);
+  sl__dirsync_scripts_init(d);
   d->redis = sl_db_single(d->db);
   d->subs[0].r = d->redis; /* one server: the subscriber is the client's own (not stopped apart) */
   sl_db_start(d->db);

@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "config.h"
+#include "db.h"
 #include "dir.h"
 #include "inbox.h"
 #include "ring.h"
@@ -93,6 +94,7 @@ struct sl_dirsync {
   struct sl_db *db;
   struct sl_redis *redis; /* one server or Sentinel: db's client; NULL in a cluster */
   int cluster;
+  struct sl_db_script scripts[5]; /* dirsync_load.c's, by SHA-1 */
   struct sl_dirsync_sub *subs; /* SL_DIR_SUBS */
   uint64_t next_subs_ms;
   char log_subject[300];

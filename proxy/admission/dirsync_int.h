@@ -24,6 +24,8 @@ void sl__dirsync_state_reply(struct sl_dirsync *d, const redisReply *r);
 /* Asks for the suspended set and the feature overrides (no-op unless the
  * connection is ready). */
 void sl__dirsync_request_state(struct sl_dirsync *d);
+/* d->scripts: the loads' scripts and their SHA-1s (at start). */
+void sl__dirsync_scripts_init(struct sl_dirsync *d);
 /* Asks for the n accounts aks (lengths akl) in batches; only while ready. */
 void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], const uint8_t *akl, unsigned n);
 /* Forgets bad keys not seen for a while (the gauge counts recent ones). */

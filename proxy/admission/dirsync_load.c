@@ -126,6 +126,19 @@ static const char state_script[] =
     "end "
     "return out";
 
+/* The scripts, called by their SHA-1 (db.h: EVALSHA, EVAL after NOSCRIPT). */
+enum { SC_ACCOUNT, SC_CLUSTER_ACCOUNT, SC_AK_GROUP, SC_UID_GROUP, SC_STATE, SC_N };
+
+void sl__dirsync_scripts_init(struct sl_dirsync *d) {
+  static const char *const text[SC_N] = {account_script, cluster_account_script, cluster_ak_group_script,
+                                         cluster_uid_group_script, state_script};
+  static const size_t len[SC_N] = {sizeof(account_script) - 1, sizeof(cluster_account_script) - 1,
+                                   sizeof(cluster_ak_group_script) - 1, sizeof(cluster_uid_group_script) - 1,
+                                   sizeof(state_script) - 1};
+  _Static_assert(SL_ARRAY_SIZE(d->scripts) == SC_N, "a slot per script");
+  for (int i = 0; i < SC_N; i++) sl_db_script_init(&d->scripts[i], text[i], len[i]);
+}
+
 /* ---- logging what Redis holds or says (bounded, rate-limited) ---- */
 
 /* Appends s (n bytes) to a key name of `at` bytes, cut at the bound;
@@ -647,9 +660,10 @@ static int request_uid(struct sl_dirsync *d, struct ak_lookup *l, const char *ui
   char set[UID_KEY_MAX], pkg[UID_KEY_MAX];
   int n1, n2;
   if (uid_keys(d, uid, uid_len, set, &n1, pkg, &n2) != 0) return -1;
-  const char *argv[] = {"EVAL", cluster_account_script, "1", set, pkg, uid};
-  size_t lens[] = {4, sizeof(cluster_account_script) - 1, 1, (size_t)n1, (size_t)n2, uid_len};
-  return sl_db_command(d->db, sl_db_uid_slot(uid, uid_len), on_cluster_account, l, 6, argv, lens);
+  const char *argv[] = {"1", set, pkg, uid};
+  size_t lens[] = {1, (size_t)n1, (size_t)n2, uid_len};
+  return sl_db_eval(d->db, sl_db_uid_slot(uid, uid_len), &d->scripts[SC_CLUSTER_ACCOUNT], on_cluster_account, l, 4,
+                    argv, lens);
 }
 
 /* The `ak:` key's GET answered (reply not NULL): the lookup ends here (no
@@ -754,13 +768,10 @@ static void on_group_uid(void *owner, void *priv, const redisReply *reply) { on_
 static void send_group(struct sl_dirsync *d, struct lookup_group *g, unsigned slot, int step) {
   enum { KEY_MAX = UID_KEY_MAX };
   const unsigned per = step ? 3 : 1;
-  const char **argv = sl_malloc((3 + per * g->n) * sizeof *argv);
-  size_t *lens = sl_malloc((3 + per * g->n) * sizeof *lens);
+  const char **argv = sl_malloc((1 + per * g->n) * sizeof *argv);
+  size_t *lens = sl_malloc((1 + per * g->n) * sizeof *lens);
   char *buf = sl_malloc((size_t)g->n * 2 * KEY_MAX), *p = buf;
   int argc = 0;
-  argv[argc] = "EVAL", lens[argc++] = 4;
-  argv[argc] = step ? cluster_uid_group_script : cluster_ak_group_script;
-  lens[argc++] = step ? sizeof(cluster_uid_group_script) - 1 : sizeof(cluster_ak_group_script) - 1;
   argv[argc] = "0", lens[argc++] = 1;
   for (unsigned i = 0; i < g->n; i++) {
     struct ak_lookup *l = g->l[i];
@@ -777,7 +788,8 @@ static void send_group(struct sl_dirsync *d, struct lookup_group *g, unsigned sl
     argv[argc] = l->uid, lens[argc++] = l->uid_len;
     p += 2 * KEY_MAX;
   }
-  if (sl_db_command(d->db, slot, step ? on_group_uid : on_group_ak, g, argc, argv, lens) != 0) {
+  if (sl_db_eval(d->db, slot, &d->scripts[step ? SC_UID_GROUP : SC_AK_GROUP], step ? on_group_uid : on_group_ak, g,
+                 argc, argv, lens) != 0) {
     for (unsigned i = 0; i < g->n; i++) cluster_account_done(d, g->l[i], NULL);
     free(g);
   }
@@ -859,18 +871,16 @@ void sl__dirsync_request_state(struct sl_dirsync *d) {
     request_state_cluster(d);
     return;
   }
-  const char *argv[2 + SL_MAX_FEATURES + 1];
-  size_t lens[2 + SL_MAX_FEATURES + 1];
+  const char *argv[2 + SL_MAX_FEATURES];
+  size_t lens[2 + SL_MAX_FEATURES];
   int argc = 0;
-  argv[argc] = "EVAL", lens[argc++] = 4;
-  argv[argc] = state_script, lens[argc++] = sizeof(state_script) - 1;
   argv[argc] = "0", lens[argc++] = 1;
   argv[argc] = d->prefix, lens[argc++] = d->prefix_len;
   for (unsigned f = 0; f < sl_nfeatures && argc < (int)SL_ARRAY_SIZE(argv); f++) {
     argv[argc] = sl_features[f].name;
     lens[argc++] = strlen(sl_features[f].name);
   }
-  sl_db_command(d->db, 0, on_state, NULL, argc, argv, lens);
+  sl_db_eval(d->db, 0, &d->scripts[SC_STATE], on_state, NULL, argc, argv, lens);
 }
 
 void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], const uint8_t *akl, unsigned n) {
@@ -883,11 +893,9 @@ void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 
     unsigned k = n - off < BATCH ? n - off : BATCH;
     struct batch *bt = sl_calloc(1, sizeof(*bt));
     bt->n = k;
-    const char *argv[4 + BATCH];
-    size_t lens[4 + BATCH];
+    const char *argv[2 + BATCH];
+    size_t lens[2 + BATCH];
     int argc = 0;
-    argv[argc] = "EVAL", lens[argc++] = 4;
-    argv[argc] = account_script, lens[argc++] = sizeof(account_script) - 1;
     argv[argc] = "0", lens[argc++] = 1;
     argv[argc] = d->prefix, lens[argc++] = d->prefix_len;
     for (unsigned i = 0; i < k; i++) {
@@ -896,6 +904,6 @@ void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 
       argv[argc] = bt->ak[i];
       lens[argc++] = bt->len[i];
     }
-    if (sl_db_command(d->db, 0, on_accounts, bt, argc, argv, lens) != 0) free(bt);
+    if (sl_db_eval(d->db, 0, &d->scripts[SC_ACCOUNT], on_accounts, bt, argc, argv, lens) != 0) free(bt);
   }
 }

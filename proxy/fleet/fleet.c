@@ -283,46 +283,6 @@ static const char *const scripts[SC_N] = {sync_script, hb_script, ann_read_scrip
 static const size_t script_len[SC_N] = {sizeof(sync_script) - 1, sizeof(hb_script) - 1, sizeof(ann_read_script) - 1,
                                         sizeof(ann_add_script) - 1, sizeof(key_script) - 1};
 
-/* SHA-1 (FIPS 180-4) of a script, in hex: the name EVALSHA calls it by.
- * Computed once at start. */
-static uint32_t rol(uint32_t x, int n) { return x << n | x >> (32 - n); }
-static void sha1_block(uint32_t h[5], const unsigned char *p) {
-  uint32_t w[80], a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
-  for (int i = 0; i < 16; i++)
-    w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
-  for (int i = 16; i < 80; i++) w[i] = rol(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
-  for (int i = 0; i < 80; i++) {
-    uint32_t fn, k;
-    if (i < 20) fn = (b & c) | (~b & d), k = 0x5a827999;
-    else if (i < 40) fn = b ^ c ^ d, k = 0x6ed9eba1;
-    else if (i < 60) fn = (b & c) | (b & d) | (c & d), k = 0x8f1bbcdc;
-    else fn = b ^ c ^ d, k = 0xca62c1d6;
-    uint32_t t = rol(a, 5) + fn + e + k + w[i];
-    e = d, d = c, c = rol(b, 30), b = a, a = t;
-  }
-  h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e;
-}
-
-void sl_fleet_sha1_hex(const char *data, size_t len, char out[41]) {
-  uint32_t h[5] = {0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476, 0xc3d2e1f0};
-  unsigned char blk[64];
-  size_t i = 0;
-  for (; len - i >= 64; i += 64) sha1_block(h, (const unsigned char *)data + i);
-  size_t r = len - i;
-  memcpy(blk, data + i, r);
-  blk[r++] = 0x80;
-  if (r > 56) {
-    memset(blk + r, 0, 64 - r);
-    sha1_block(h, blk);
-    r = 0;
-  }
-  memset(blk + r, 0, 56 - r);
-  uint64_t bits = (uint64_t)len * 8;
-  for (int j = 0; j < 8; j++) blk[56 + j] = (unsigned char)(bits >> (56 - 8 * j));
-  sha1_block(h, blk);
-  for (int j = 0; j < 20; j++) snprintf(out + 2 * j, 3, "%02x", (unsigned)(h[j / 4] >> (24 - 8 * (j % 4))) & 0xff);
-}
-
 const char *sl_fleet_mode_name(enum sl_fleet_mode m) {
   switch (m) {
   case SL_FLEET_SHARED: return "shared";
@@ -1376,7 +1336,7 @@ static int table_init(struct sl_fleet *f, unsigned cap, unsigned nworkers) {
   f->nworkers = nworkers;
   f->n_last = 1;
   _Static_assert(sizeof(f->sha) / sizeof(f->sha[0]) == SC_N, "a SHA-1 per script");
-  for (int i = 0; i < SC_N; i++) sl_fleet_sha1_hex(scripts[i], script_len[i], f->sha[i]);
+  for (int i = 0; i < SC_N; i++) sl_db_sha1_hex(scripts[i], script_len[i], f->sha[i]);
   pthread_mutex_init(&f->text_lock, NULL);
   if (posix_memalign((void **)&f->slots, 64, (size_t)slots * sizeof(*f->slots)) != 0) return -ENOMEM;
   memset(f->slots, 0, (size_t)slots * sizeof(*f->slots));

@@ -219,7 +219,5 @@ int sl_fleet_apply_reply_test(struct sl_fleet *f, const uint32_t *idx, uint32_t 
  * or 0 when it is not due. Marks it sent at now when due (as a sync that
  * named it would). */
 int sl_fleet_due_test(struct sl_fleet *f, uint32_t idx, uint64_t now);
-/* The SHA-1 of len bytes, in hex (EVALSHA's name of a script). */
-void sl_fleet_sha1_hex(const char *data, size_t len, char out[41]);
 
 #endif

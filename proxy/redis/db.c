@@ -161,6 +161,112 @@ int sl_db_command(struct sl_db *db, unsigned slot, sl_db_reply_fn *cb, void *pri
   return 0;
 }
 
+/* An EVALSHA in flight, with its args kept for the EVAL that follows a
+ * NOSCRIPT (one allocation: the lengths, then the bytes). */
+struct eval_call {
+  struct sl_db *db;
+  const struct sl_db_script *s;
+  unsigned slot;
+  sl_db_reply_fn *cb;
+  void *priv;
+  int argc, as_text;
+  size_t *lens;
+  char *bytes;
+};
+
+static void on_eval_reply(void *owner, void *priv, const redisReply *reply);
+
+static int send_eval(struct eval_call *e) {
+  const char **argv = sl_malloc(((size_t)e->argc + 2) * sizeof *argv);
+  size_t *lens = sl_malloc(((size_t)e->argc + 2) * sizeof *lens);
+  argv[0] = e->as_text ? "EVAL" : "EVALSHA", lens[0] = e->as_text ? 4 : 7;
+  argv[1] = e->as_text ? e->s->text : e->s->sha, lens[1] = e->as_text ? e->s->len : 40;
+  const char *p = e->bytes;
+  for (int i = 0; i < e->argc; i++) {
+    argv[2 + i] = p, lens[2 + i] = e->lens[i];
+    p += e->lens[i];
+  }
+  /* (both clients format the command before returning: the arrays go) */
+  int rc = sl_db_command(e->db, e->slot, on_eval_reply, e, e->argc + 2, argv, lens);
+  free(argv);
+  free(lens);
+  return rc;
+}
+
+static void on_eval_reply(void *owner, void *priv, const redisReply *reply) {
+  struct eval_call *e = priv;
+  if (owner && reply && reply->type == REDIS_REPLY_ERROR && !e->as_text && strncmp(reply->str, "NOSCRIPT", 8) == 0) {
+    e->as_text = 1;
+    if (send_eval(e) == 0) return;
+    reply = NULL; /* not sent: as a lost connection's */
+  }
+  e->cb(owner, e->priv, reply);
+  free(e);
+}
+
+int sl_db_eval(struct sl_db *db, unsigned slot, const struct sl_db_script *s, sl_db_reply_fn *cb, void *priv,
+               int argc, const char **argv, const size_t *argvlen) {
+  size_t total = 0;
+  for (int i = 0; i < argc; i++) total += argvlen[i];
+  struct eval_call *e = sl_malloc(sizeof *e + (size_t)argc * sizeof(size_t) + total);
+  *e = (struct eval_call){.db = db, .s = s, .slot = slot, .cb = cb, .priv = priv, .argc = argc};
+  e->lens = (size_t *)(e + 1);
+  e->bytes = (char *)(e->lens + argc);
+  char *p = e->bytes;
+  for (int i = 0; i < argc; i++) {
+    e->lens[i] = argvlen[i];
+    memcpy(p, argv[i], argvlen[i]);
+    p += argvlen[i];
+  }
+  int rc = send_eval(e);
+  if (rc) free(e);
+  return rc;
+}
+
+static uint32_t rol(uint32_t x, int n) { return x << n | x >> (32 - n); }
+static void sha1_block(uint32_t h[5], const unsigned char *p) {
+  uint32_t w[80], a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
+  for (int i = 0; i < 16; i++)
+    w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+  for (int i = 16; i < 80; i++) w[i] = rol(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+  for (int i = 0; i < 80; i++) {
+    uint32_t fn, k;
+    if (i < 20) fn = (b & c) | (~b & d), k = 0x5a827999;
+    else if (i < 40) fn = b ^ c ^ d, k = 0x6ed9eba1;
+    else if (i < 60) fn = (b & c) | (b & d) | (c & d), k = 0x8f1bbcdc;
+    else fn = b ^ c ^ d, k = 0xca62c1d6;
+    uint32_t t = rol(a, 5) + fn + e + k + w[i];
+    e = d, d = c, c = rol(b, 30), b = a, a = t;
+  }
+  h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e;
+}
+
+void sl_db_sha1_hex(const char *data, size_t len, char out[41]) {
+  uint32_t h[5] = {0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476, 0xc3d2e1f0};
+  unsigned char blk[64];
+  size_t i = 0;
+  for (; len - i >= 64; i += 64) sha1_block(h, (const unsigned char *)data + i);
+  size_t r = len - i;
+  memcpy(blk, data + i, r);
+  blk[r++] = 0x80;
+  if (r > 56) {
+    memset(blk + r, 0, 64 - r);
+    sha1_block(h, blk);
+    r = 0;
+  }
+  memset(blk + r, 0, 56 - r);
+  uint64_t bits = (uint64_t)len * 8;
+  for (int j = 0; j < 8; j++) blk[56 + j] = (unsigned char)(bits >> (56 - 8 * j));
+  sha1_block(h, blk);
+  for (int j = 0; j < 20; j++) snprintf(out + 2 * j, 3, "%02x", (unsigned)(h[j / 4] >> (24 - 8 * (j % 4))) & 0xff);
+}
+
+void sl_db_script_init(struct sl_db_script *s, const char *text, size_t len) {
+  s->text = text;
+  s->len = len;
+  sl_db_sha1_hex(text, len, s->sha);
+}
+
 int sl_db_replicas(const struct sl_db *db, unsigned slot) {
   if (db->single) return sl_redis_replicas(db->single);
   const struct sl_cluster_map *m = sl_cluster_map(db->cl);

@@ -54,6 +54,24 @@ enum sl_redis_state sl_db_state(const struct sl_db *db);
 int sl_db_command(struct sl_db *db, unsigned slot, sl_db_reply_fn *cb, void *priv, int argc, const char **argv,
                   const size_t *argvlen);
 
+/* A Lua script called by its SHA-1 (EVALSHA): Redis then reads 40 bytes
+ * instead of the script's text and hashes nothing per call (a lookup's
+ * script is over a kilobyte). text must outlive every call of it. */
+struct sl_db_script {
+  const char *text;
+  size_t len;
+  char sha[41];
+};
+void sl_db_script_init(struct sl_db_script *s, const char *text, size_t len);
+/* EVALSHA s, then argv[0..argc) (numkeys, keys, args), as sl_db_command.
+ * Where Redis lacks the script (restarted, a promoted replica, SCRIPT
+ * FLUSH: NOSCRIPT) the call goes once more as EVAL, which loads it; cb sees
+ * that one's reply only. */
+int sl_db_eval(struct sl_db *db, unsigned slot, const struct sl_db_script *s, sl_db_reply_fn *cb, void *priv,
+               int argc, const char **argv, const size_t *argvlen);
+/* The SHA-1 (FIPS 180-4) of len bytes, in hex: EVALSHA's name of a script. */
+void sl_db_sha1_hex(const char *data, size_t len, char out[41]);
+
 /* The slot of an account's keys, and of a key without a UID. */
 static inline unsigned sl_db_uid_slot(const char *uid, size_t len) { return sl_cluster_uid_slot(uid, len); }
 static inline unsigned sl_db_key_slot(const char *key, size_t len) { return sl_cluster_key_slot(key, len); }

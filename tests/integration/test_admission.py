@@ -654,6 +654,46 @@ class Propagation(AdmissionCase):
             self.measure("SET ak:AKLATE to a suspended UID", ("SET", P + "ak:AKLATE", "u5"), c, 403, ak="AKLATE")
             assert_error(self, call(c, ak="AKLATE"), 403, "Forbidden.AccountSuspended")
 
+    def test_lookups_by_sha_and_after_script_flush(self):
+        """The directory calls its scripts by SHA-1 (EVALSHA: Redis reads 40
+        bytes, not the lookup script's kilobyte and more); a server that
+        lost them (SCRIPT FLUSH, a restart, a promoted replica) answers
+        NOSCRIPT, and the same lookup goes again as EVAL: the account is
+        still found. The witness is what Redis was sent (MONITOR)."""
+        import socket
+        mon = socket.create_connection(("127.0.0.1", self.r.port), timeout=5)
+        self.addCleanup(mon.close)
+        mon.sendall(b"MONITOR\r\n")
+        seen = b""
+        while b"+OK\r\n" not in seen:
+            seen += mon.recv(4096)
+
+        def sent(ak, verbs):
+            """The commands naming ak, in order, until `verbs` are seen (3 s)."""
+            nonlocal seen
+            got, deadline = [], time.monotonic() + 3
+            while time.monotonic() < deadline and got[:len(verbs)] != list(verbs):
+                seen = b""
+                try:
+                    seen = mon.recv(65536)
+                except socket.timeout:
+                    break
+                for line in seen.split(b"\r\n"):
+                    m = re.search(rb'\] "([A-Z]+)"', line)
+                    if m and ('"%s"' % ak).encode() in line and m.group(1) in (b"EVAL", b"EVALSHA"):
+                        got.append(m.group(1).decode())
+            return got
+        self.cli("SET", P + "ak:AKSHA1", "u6")
+        with harness.HttpConn(self.sl.port) as c:
+            self.assertEqual(call(c, ak="AKSHA1").status, 200)
+            self.assertEqual(sent("AKSHA1", ["EVALSHA"])[:1], ["EVALSHA"], "the lookup by EVALSHA")
+            self.cli("SCRIPT", "FLUSH")
+            self.cli("SET", P + "ak:AKSHA2", "u7")
+            self.assertEqual(call(c, ak="AKSHA2").status, 200, "found after SCRIPT FLUSH")
+            self.assertEqual(sent("AKSHA2", ["EVALSHA", "EVAL"])[:2], ["EVALSHA", "EVAL"],
+                             "NOSCRIPT, then the same lookup as EVAL")
+            self.assertRegex(self.cli("INFO", "errorstats"), r"errorstat_NOSCRIPT:count=[1-9]")
+
     def test_package_and_override_by_admitted_counts(self):
         self.cli("HSET", P + "feature:voice", "default_qps", "2")
         poll(lambda: self.explain("u2", "voice")["default_qps"] == 2, 3, "voice override")

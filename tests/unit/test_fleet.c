@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "db.h"
 #include "fleet.h"
 #include "limiter.h"
 #include "unit_resp.h"
@@ -161,16 +162,16 @@ static void test_replies(void **state) {
 static void test_sha1(void **state) {
   char h[41];
   (void)state;
-  sl_fleet_sha1_hex("abc", 3, h);
+  sl_db_sha1_hex("abc", 3, h);
   assert_string_equal(h, "a9993e364706816aba3e25717850c26c9cd0d89d");
-  sl_fleet_sha1_hex("", 0, h);
+  sl_db_sha1_hex("", 0, h);
   assert_string_equal(h, "da39a3ee5e6b4b0d3255bfef95601890afd80709");
   const char *m = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"; /* 56 bytes: two blocks */
-  sl_fleet_sha1_hex(m, strlen(m), h);
+  sl_db_sha1_hex(m, strlen(m), h);
   assert_string_equal(h, "84983e441c3bd26ebaae4aa1f95129e5e54670f1");
   char a[1000];
   memset(a, 'a', sizeof a);
-  sl_fleet_sha1_hex(a, 64, h); /* one whole block, then the padding's */
+  sl_db_sha1_hex(a, 64, h); /* one whole block, then the padding's */
   assert_string_equal(h, "0098ba824b5c16427bd7a1122a5a442a25ec644d");
 }
 
