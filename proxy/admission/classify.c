@@ -155,7 +155,9 @@ static void trim(const char **p, size_t *n) {
  * signature also has ACS3-HMAC-SM3 and ACS3-RSA-SHA256: a backend
  * authenticates those too, so their Credential is an identity like any
  * other). The scheme and parameter name match case-insensitively (RFC 9110
- * 11.1); the value ends at ',', whitespace or the end. Returns 1 and the
+ * 11.1), and whitespace may stand around the '=' (BWS in RFC 9110 11.2's
+ * auth-param: "Credential = AK" is a Credential to a backend that follows
+ * it); the value ends at ',', whitespace or the end. Returns 1 and the
  * value (possibly empty), 0 when there is none, -1 when Credential is given
  * twice with different values. */
 static int v3_credential(const char *p, size_t n, const char **v, size_t *vn) {
@@ -169,8 +171,11 @@ static int v3_credential(const char *p, size_t n, const char **v, size_t *vn) {
     while (i < n && (is_ows(p[i]) || p[i] == ',')) i++;
     s = i;
     while (i < n && p[i] != '=' && p[i] != ',' && !is_ows(p[i])) i++;
-    if (i < n && p[i] == '=' && SL_IEQ(p + s, i - s, "credential")) {
-      s = ++i;
+    size_t name_end = i;
+    while (i < n && is_ows(p[i])) i++;
+    if (i < n && p[i] == '=' && SL_IEQ(p + s, name_end - s, "credential")) {
+      for (i++; i < n && is_ows(p[i]); i++) continue;
+      s = i;
       while (i < n && p[i] != ',' && !is_ows(p[i])) i++;
       if (found && (*vn != i - s || memcmp(*v, p + s, i - s) != 0)) return -1;
       *v = p + s;

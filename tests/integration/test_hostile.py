@@ -457,6 +457,21 @@ class Identity(HostileCase):
         self.assertEqual(r.status, 200, r.body)
         self.assertEqual(len(self.be.got()), 1)
 
+    def test_credential_with_whitespace_around_equals(self):
+        # RFC 9110 11.2 allows whitespace around an auth-param's '=': a
+        # backend reads "Credential = AKS" as the key AKS (suspended) while
+        # sluice missed it and classified the query's AK1 (200, forwarded).
+        for cred in ("Credential = AKS", "Credential =AKS", "Credential=\tAKS", "credential\t= AKS"):
+            with self.subTest(cred=cred):
+                auth = "ACS3-HMAC-SHA256 " + cred + ",SignedHeaders=host,Signature=00"
+                self.assert_refused(harness.HttpConn.build("GET", V1, {"Authorization": auth}), 400,
+                                    "InvalidParameter")
+                data = harness.HttpConn.build("GET", "/?Action=TextModeration", {"Authorization": auth})
+                self.assert_refused(data, 403, "Forbidden.AccountSuspended")
+        r = self.ok(V1, {"Authorization": "ACS3-HMAC-SHA256 SignedHeaders = host, Credential = AK1, Signature=00"})
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(len(self.be.got()), 1)
+
     def test_ambiguous_form_content_type(self):
         # The form type in a Content-Type that is not exactly it: a backend
         # could read the body's Service (an llm one) where sluice would not.
