@@ -216,11 +216,23 @@ static int host_region(const char *h, size_t n, const char **r, size_t *rn) {
   return 1;
 }
 
+/* Whether ct[0..n) holds the lowercase `needle`, ignoring case. */
+static int holds_ci(const char *ct, size_t n, const char *needle) {
+  size_t ln = strlen(needle);
+  for (size_t i = 0; i + ln <= n; i++)
+    if (sl_http_ieq(ct + i, ln, needle, ln)) return 1;
+  return 0;
+}
+
 /* Whether a Content-Type names application/x-www-form-urlencoded, parameters
  * such as "; charset=UTF-8" allowed: 1 when it does, 0 when it names another
  * type, -1 when the form type appears in it otherwise ("...urlencodedX",
  * "application/x-www-form-urlencoded, text/plain"): a backend could read
- * that body as a form, and its Service, where sluice would not. */
+ * that body as a form, and its Service, where sluice would not. -1 too for
+ * multipart/form-data: its fields are parameters to a backend as much as a
+ * form's (Go's FormValue, servlets' getParameter and PHP read them, Go's
+ * before the query's), AccessKeyId and Service included, and sluice does
+ * not read them. */
 static int is_form(const char *ct, size_t n) {
   static const char form[] = "application/x-www-form-urlencoded";
   const char *semi, *p = ct;
@@ -229,8 +241,7 @@ static int is_form(const char *ct, size_t n) {
   if ((semi = memchr(p, ';', pn)) != NULL) pn = (size_t)(semi - p);
   trim(&p, &pn);
   if (SL_IEQ(p, pn, form)) return 1;
-  for (size_t i = 0; i + sizeof(form) - 1 - 12 <= n; i++) /* "x-www-form-urlencoded" anywhere */
-    if (sl_http_ieq(ct + i, sizeof(form) - 1 - 12, form + 12, sizeof(form) - 1 - 12)) return -1;
+  if (holds_ci(ct, n, form + 12) || holds_ci(ct, n, "form-data")) return -1;
   return 0;
 }
 
@@ -414,7 +425,8 @@ const char *sl_class_err_message(enum sl_class_err e) {
       return "The request gives AccessKeyId, Action or Service more than once with different values.";
     case SL_CLASS_UNKNOWN_REGION: return "The region named by the Host header is not served here.";
     case SL_CLASS_BAD_CONTENT_TYPE:
-      return "The Content-Type names application/x-www-form-urlencoded in a form that is not a single media type.";
+      return "The Content-Type is multipart/form-data, or names application/x-www-form-urlencoded in a form that is "
+             "not a single media type.";
     case SL_CLASS_CODED_FORM:
       return "A form body (application/x-www-form-urlencoded) must not have a Content-Encoding: its Service is read as sent.";
   }

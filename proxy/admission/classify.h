@@ -36,7 +36,7 @@ enum sl_class_err {
   SL_CLASS_FIELD_TOO_LONG,
   SL_CLASS_CONFLICT,       /* AccessKeyId, Action or Service given twice with different values */
   SL_CLASS_UNKNOWN_REGION, /* the Host names a region not in the known list */
-  SL_CLASS_BAD_CONTENT_TYPE, /* the form type appears in Content-Type, but it is not that media type */
+  SL_CLASS_BAD_CONTENT_TYPE, /* the form type appears in Content-Type, but it is not that media type; or multipart/form-data */
   SL_CLASS_CODED_FORM,       /* a form body with a Content-Encoding: its Service cannot be read as sent */
 };
 

@@ -491,6 +491,25 @@ class Identity(HostileCase):
             self.assertEqual(r.status, 200, r.body)
         self.assertEqual((len(self.be.got()), len(self.llm.got())), (1, 1))
 
+    def test_multipart_form_refused(self):
+        # multipart/form-data fields are parameters to a backend (Go's
+        # FormValue prefers them to the query's): sluice classified the
+        # query's AK1 and forwarded a body whose AccessKeyId is AKS
+        # (suspended), or whose Service is an llm one.
+        path = "/?Action=ImageModeration&AccessKeyId=AK1&Service=baselineCheck"
+        for name, value in (("AccessKeyId", "AKS"), ("Service", "postImageCheckByVL")):
+            body = (b"--XX\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n%s\r\n--XX--\r\n"
+                    % (name.encode(), value.encode()))
+            for ct in ("multipart/form-data; boundary=XX", "Multipart/Form-Data;boundary=XX"):
+                with self.subTest(name=name, ct=ct):
+                    data = harness.HttpConn.build("POST", path, {"Content-Type": ct}, body)
+                    self.assert_refused(data, 400, "InvalidParameter")
+        # decided at the head, before the body
+        data = harness.HttpConn.build("POST", path, {"Content-Type": "multipart/form-data; boundary=XX",
+                                                     "Content-Length": "100000"})
+        self.assert_refused(data, 400, "InvalidParameter")
+        self.assertEqual(self.llm.got(), [])
+
     def test_connection_listed_headers_do_not_classify(self):
         # Content-Type listed in Connection is not forwarded, so the form body
         # is not read for Service: the call is an image (baseline) call, as
