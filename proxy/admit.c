@@ -42,20 +42,34 @@ static void hdr_value(const struct sl_conn *c, int idx, const char **p, size_t *
   *n = c->req.hdrs.h[idx].val_len;
 }
 
+/* Header names equal ignoring case, '_' and '-' alike: CGI, WSGI and PHP
+ * backends read X_Sluice_Uid as X-Sluice-Uid (HTTP_X_SLUICE_UID). */
+static int same_name(const char *a, const char *b, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    char x = a[i] == '_' ? '-' : a[i], y = b[i] == '_' ? '-' : b[i];
+    if (x >= 'A' && x <= 'Z') x = (char)(x | 0x20);
+    if (y >= 'A' && y <= 'Z') y = (char)(y | 0x20);
+    if (x != y) return 0;
+  }
+  return 1;
+}
+
 /* With --trusted-uid-header: when the request carries that header, its
  * value becomes the directory key (0x01 + UID, which no AccessKeyId can
  * be). Returns 1 when it did, -1 when the header is given twice: a front
  * end that adds its own line after the client's would have this proxy
- * read one account and the backend maybe the other (as for Host). */
+ * read one account and the backend maybe the other (as for Host); -1 too
+ * for the name with '_' for '-' (or the reverse), which such a backend
+ * reads as the same header. */
 static int trusted_uid(struct sl_conn *c) {
   const char *name = c->w->cfg->trusted_uid_header;
   size_t nl = strlen(name);
   const struct sl_hdr *h = NULL;
   for (unsigned i = 0; i < c->req.hdrs.n; i++) {
     const struct sl_hdr *x = &c->req.hdrs.h[i];
-    if (x->name_len != nl || strncasecmp(c->req.buf + x->name_off, name, nl) != 0) continue;
+    if (x->name_len != nl || !same_name(c->req.buf + x->name_off, name, nl)) continue;
     if (sl_req_conn_listed(&c->req, x)) continue; /* not forwarded, so not trusted either */
-    if (h) return -1;
+    if (h || strncasecmp(c->req.buf + x->name_off, name, nl) != 0) return -1;
     h = x;
   }
   if (h) {

@@ -194,6 +194,18 @@ int sl_req_conn_listed(const struct sl_req *r, const struct sl_hdr *h) {
   return 0;
 }
 
+/* Whether a header name that holds '_' reads, with '-' for '_', as one of
+ * the headers sluice interprets (x_acs_action, Content_Type,
+ * X_Forwarded_For...): CGI, WSGI and PHP backends map both spellings to
+ * one variable (HTTP_X_ACS_ACTION), so the alias would be that header,
+ * given twice or in place of the one sluice read. nginx drops such names. */
+static int underscore_alias(const char *name, size_t n) {
+  char tmp[24]; /* longer than every name sl_http_hdr_kind knows */
+  if (n > sizeof(tmp) || memchr(name, '_', n) == NULL) return 0;
+  for (size_t k = 0; k < n; k++) tmp[k] = name[k] == '_' ? '-' : name[k];
+  return sl_http_hdr_kind(tmp, n) != SL_H_OTHER;
+}
+
 static void note_ident(struct sl_req *r, int16_t *slot, unsigned i) {
   if (*slot >= 0) r->dup_ident = 1;
   *slot = (int16_t)i;
@@ -293,6 +305,7 @@ static int head_done(struct sl_req *r, size_t pos) {
     const struct sl_hdr *h = &r->hdrs.h[i];
     for (uint32_t k = 0; k < h->name_len; k++)
       if (!tchar[(unsigned char)r->buf[h->name_off + k]]) return -1; /* "Host :" or "Ho st" */
+    if (underscore_alias(r->buf + h->name_off, h->name_len)) return -1;
     switch (h->kind) {
       case SL_H_CONNECTION:
         /* Past the bound, the tokens of the rest would be forwarded as

@@ -11,7 +11,9 @@
  * Refused (err_status 400 unless said): a line ending in a bare LF, obs-fold,
  * a protocol other than HTTP/1.0 or HTTP/1.1, a request target with a
  * control byte, space, DEL or '#', CONNECT, a Transfer-Encoding other than
- * "chunked" alone, a header name that is empty or not a token, chunk data not followed by CRLF, a chunked message not ended by
+ * "chunked" alone, a header name that is empty or not a token, a name
+ * that is one of the headers sluice reads with '_' for '-' (x_acs_action),
+ * chunk data not followed by CRLF, a chunked message not ended by
  * CRLF; a head over max_header_bytes or max_headers (431), trailers over
  * max_header_bytes (431), a body over max_body_bytes (413). Trailer fields
  * are parsed and dropped: never recorded, so never forwarded or used.

@@ -317,6 +317,25 @@ class Framing(HostileCase):
                                     name.encode() + b": b\r\n\r\n")
 
 
+    def test_underscore_aliases_of_read_headers(self):
+        # CGI, WSGI and PHP backends read x_acs_action as x-acs-action
+        # (HTTP_X_ACS_ACTION): sluice classified text (baseline) by the
+        # hyphen line and forwarded the alias naming TextModerationPlus (llm),
+        # or a Content_Type, X_Forwarded_For... it did not read (200).
+        path = "/?AccessKeyId=AK1"
+        for hdrs in ([("x-acs-action", "TextModeration"), ("x_acs_action", "TextModerationPlus")],
+                     [("X_Acs_Action", "TextModerationPlus")],
+                     [("x-acs-action", "TextModeration"), ("Content_Type", FORM)],
+                     [("x-acs-action", "TextModeration"), ("X_Forwarded_For", "10.0.0.1")],
+                     [("x-acs-action", "TextModeration"), ("Transfer_Encoding", "chunked")]):
+            with self.subTest(hdrs=hdrs):
+                self.assert_refused(harness.HttpConn.build("GET", path, hdrs), 400, "BadRequest")
+        # '_' elsewhere is fine
+        r = self.ok(path, [("x-acs-action", "TextModeration"), ("X_Trace_Id", "1"), ("x_acs_actions", "2")])
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual((len(self.be.got()), len(self.llm.got())), (1, 0))
+
+
 class SmallStack(HostileCase):
     """sluice's threads on small stacks (the limit is inherited from the
     environment): a request loop that recursed once per pipelined answer
@@ -562,6 +581,18 @@ class Identity(HostileCase):
 
 class TrustedHeader(HostileCase):
     SLUICE_ARGS = ("--trusted-uid-header", "X-Uid")
+
+    def test_trusted_header_underscore_alias(self):
+        # X_Uid is X-Uid to a CGI/WSGI backend (HTTP_X_UID): given with the
+        # header, sluice admitted u1 and forwarded the alias naming us
+        # (suspended); given alone, it is not the header sluice trusts but a
+        # backend would: refused either way.
+        for hdrs in ([("X-Uid", "u1"), ("X_Uid", "us")], [("X_Uid", "us"), ("X-Uid", "u1")], [("x_uid", "u1")]):
+            with self.subTest(hdrs=hdrs):
+                data = harness.HttpConn.build("GET", "/?Action=TextModeration", hdrs)
+                self.assert_refused(data, 400, "InvalidParameter")
+        r = self.ok("/?Action=TextModeration", [("x-uid", "u1")])
+        self.assertEqual(r.status, 200, r.body)
 
     def test_trailer_is_not_the_trusted_header(self):
         data = (b"POST /?Action=TextModeration HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
