@@ -22,6 +22,7 @@
 
 #define STATE_RETRY_MS 1000 /* the suspended set never read yet: ask again this often */
 #define SUBS_CHECK_MS 200   /* a cluster: the subscribers checked against the slot map this often */
+#define LOOKUP_HOLD_MS 200  /* one server: a first lookup waits behind a call in flight at most this long */
 
 /* ---- publishing ---- */
 
@@ -138,7 +139,7 @@ static void on_flush(uv_timer_t *t) {
     sl__dirsync_request_state(d);
   }
   if (d->nreload) {
-    sl__dirsync_request_accounts(d, d->reload_ak, d->reload_len, d->nreload);
+    sl__dirsync_request_accounts(d, d->reload_ak, d->reload_len, d->nreload, 0);
     d->nreload = 0;
   }
   sl__dirsync_publish(d);
@@ -320,22 +321,32 @@ static void on_redis_down(void *data, const char *why) {
   d->resync_running = 0;
   for (unsigned i = 0; i < d->npending; i++) sl__dirsync_unavailable(d, d->pending[i].ak, d->pending[i].len);
   d->npending = 0;
+  d->lookup_calls = 0; /* their replies come with no owner */
   sl__dirsync_publish(d);
 }
 
-void sl__dirsync_request_pending(struct sl_dirsync *d) {
-  if (d->npending) {
-    char(*aks)[SL_AK_MAX + 1] = sl_malloc(d->npending * sizeof(*aks));
-    uint8_t *lens = sl_malloc(d->npending);
-    for (unsigned i = 0; i < d->npending; i++) {
-      memcpy(aks[i], d->pending[i].ak, d->pending[i].len);
-      lens[i] = d->pending[i].len;
-    }
-    sl__dirsync_request_accounts(d, aks, lens, d->npending);
-    free(aks);
-    free(lens);
+/* The pending lookups (all, or those not yet asked) as first lookups. */
+static void request_pending(struct sl_dirsync *d, int unsent_only) {
+  char(*aks)[SL_AK_MAX + 1] = sl_malloc((d->npending ? d->npending : 1) * sizeof(*aks));
+  uint8_t *lens = sl_malloc(d->npending ? d->npending : 1);
+  unsigned n = 0;
+  for (unsigned i = 0; i < d->npending; i++) {
+    if (unsent_only && d->pending[i].sent) continue;
+    d->pending[i].sent = 1;
+    memcpy(aks[n], d->pending[i].ak, d->pending[i].len);
+    lens[n++] = d->pending[i].len;
   }
+  if (n) sl__dirsync_request_accounts(d, aks, lens, n, 1);
+  free(aks);
+  free(lens);
 }
+
+void sl__dirsync_request_pending(struct sl_dirsync *d) {
+  d->lookup_calls = 0; /* a new connection: what was in flight is gone */
+  request_pending(d, 0);
+}
+
+void sl__dirsync_request_unsent(struct sl_dirsync *d) { request_pending(d, 1); }
 
 /* One server: PING answered: notifications, subscriptions, and everything
  * reloaded (what changed while down was not notified), then the lookups
@@ -464,8 +475,11 @@ static void on_wake(uv_async_t *a) {
     d->pending[d->npending].len = m.len;
     d->pending[d->npending].started_ms = now;
     memcpy(d->pending[d->npending].ak, m.ak, m.len);
+    d->pending[d->npending].sent = 0;
     d->npending++;
     if (!ready) continue; /* asked once the connection is up (on_redis_ready) */
+    if (!d->cluster && d->lookup_calls) continue; /* goes with the others at that call's reply */
+    d->pending[d->npending - 1].sent = 1;
     if (n == cap) {
       cap = cap ? 2 * cap : 64;
       aks = sl_realloc(aks, cap * sizeof(*aks));
@@ -474,7 +488,7 @@ static void on_wake(uv_async_t *a) {
     memcpy(aks[n], m.ak, m.len);
     lens[n++] = m.len;
   }
-  if (n) sl__dirsync_request_accounts(d, aks, lens, n);
+  if (n) sl__dirsync_request_accounts(d, aks, lens, n, 1);
   free(aks);
   free(lens);
   sl__dirsync_publish(d);
@@ -498,6 +512,15 @@ static void on_tick(uv_timer_t *t) {
     d->next_badkey_sweep_ms = now + 1000;
     sl__dirsync_badkey_sweep(d, now);
   }
+  /* A call in flight that never answers (the client's timeout drops the
+   * connection first, so this is a bound, not a path): the lookups behind
+   * it go after LOOKUP_HOLD_MS anyway. */
+  if (ready && d->lookup_calls)
+    for (unsigned i = 0; i < d->npending; i++)
+      if (!d->pending[i].sent && now - d->pending[i].started_ms >= LOOKUP_HOLD_MS) {
+        sl__dirsync_request_unsent(d);
+        break;
+      }
   /* Slow Redis: a first lookup waits at most lookup_timeout_ms. */
   for (unsigned i = 0; i < d->npending;) {
     if (now - d->pending[i].started_ms >= d->lookup_timeout_ms) {

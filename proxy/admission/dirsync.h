@@ -115,9 +115,11 @@ struct sl_dirsync {
   struct {
     uint64_t hash, started_ms;
     uint8_t len;
+    uint8_t sent; /* asked of Redis (else waiting behind lookup_calls) */
     char ak[SL_AK_MAX + 1];
   } pending[SL_DIR_MAX_PENDING];
   unsigned npending;
+  unsigned lookup_calls; /* one server: first lookups' calls in flight */
   /* coalesced reloads */
   int reload_state;
   char (*reload_ak)[SL_AK_MAX + 1];

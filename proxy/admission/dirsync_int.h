@@ -26,8 +26,16 @@ void sl__dirsync_state_reply(struct sl_dirsync *d, const redisReply *r);
 void sl__dirsync_request_state(struct sl_dirsync *d);
 /* d->scripts: the loads' scripts and their SHA-1s (at start). */
 void sl__dirsync_scripts_init(struct sl_dirsync *d);
-/* Asks for the n accounts aks (lengths akl) in batches; only while ready. */
-void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], const uint8_t *akl, unsigned n);
+/* Asks for the n accounts aks (lengths akl) in batches; only while ready.
+ * first: they are first lookups (one server: each call counted in
+ * lookup_calls; the lookups that come while one is in flight wait for its
+ * reply and go together, so that under load a call carries many accounts,
+ * not one or two: a script call's fixed cost is most of a lookup's). */
+void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], const uint8_t *akl, unsigned n,
+                                  int first);
+/* The first lookups not yet asked (waiting behind a call in flight), as
+ * one call (first lookups, counted in lookup_calls). */
+void sl__dirsync_request_unsent(struct sl_dirsync *d);
 /* Forgets bad keys not seen for a while (the gauge counts recent ones). */
 void sl__dirsync_badkey_sweep(struct sl_dirsync *d, uint64_t now);
 

@@ -404,6 +404,7 @@ struct sl_acct *sl__dirsync_acct_from_reply(struct sl_dirsync *d, const char *ak
 
 struct batch {
   unsigned n;
+  int first; /* counted in lookup_calls */
   uint8_t len[BATCH];
   char ak[BATCH][SL_AK_MAX + 1];
 };
@@ -441,7 +442,9 @@ static void on_accounts(void *owner, void *priv, const redisReply *reply) {
   struct sl_dirsync *d = owner;
   struct batch *bt = priv;
   if (d) sl__dirsync_accounts_reply(d, bt->n, (const char(*)[SL_AK_MAX + 1])bt->ak, bt->len, reply);
-  /* else a context we dropped: its lookups time out into "unavailable" */
+  /* else a context we dropped: its lookups time out into "unavailable"
+   * (on_redis_down zeroed lookup_calls) */
+  if (d && bt->first && d->lookup_calls && --d->lookup_calls == 0) sl__dirsync_request_unsent(d);
   free(bt);
 }
 
@@ -883,7 +886,8 @@ void sl__dirsync_request_state(struct sl_dirsync *d) {
   sl_db_eval(d->db, 0, &d->scripts[SC_STATE], on_state, NULL, argc, argv, lens);
 }
 
-void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], const uint8_t *akl, unsigned n) {
+void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 1], const uint8_t *akl, unsigned n,
+                                  int first) {
   if (!sl__dirsync_cmd_ready(d)) return; /* the callers ask only while ready */
   if (d->cluster) {
     request_accounts_cluster(d, aks, akl, n);
@@ -893,6 +897,7 @@ void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 
     unsigned k = n - off < BATCH ? n - off : BATCH;
     struct batch *bt = sl_calloc(1, sizeof(*bt));
     bt->n = k;
+    bt->first = first;
     const char *argv[2 + BATCH];
     size_t lens[2 + BATCH];
     int argc = 0;
@@ -905,5 +910,6 @@ void sl__dirsync_request_accounts(struct sl_dirsync *d, char (*aks)[SL_AK_MAX + 
       lens[argc++] = bt->len[i];
     }
     if (sl_db_eval(d->db, 0, &d->scripts[SC_ACCOUNT], on_accounts, bt, argc, argv, lens) != 0) free(bt);
+    else if (first) d->lookup_calls++;
   }
 }

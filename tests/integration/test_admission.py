@@ -891,6 +891,45 @@ class SlowRedis(AdmissionCase):
         poll(lambda: one(self.sl.port, ak="AKNEW").status == 200, 8, "admitted after the pause", interval=0.05)
 
 
+class LookupCoalescing(AdmissionCase):
+    """One server: first lookups that come while a lookup call is in flight
+    wait for its reply and go together as one call (a script call's fixed
+    cost is most of a lookup's; under load they came one or two a call)."""
+
+    N = 20
+    SEED = tuple(("SET", P + f"ak:AKC{i}", f"uc{i}") for i in range(N + 1))
+    SLUICE_ARGS = ("--lookup-timeout-ms", "3000", "--resync-ms", "600000", "--global-limits", "off")
+
+    def script_calls(self):
+        """Script calls so far (lookups; a metering batch or two may add to it)."""
+        return sum(int(n) for n in re.findall(r"cmdstat_eval(?:sha)?:calls=(\d+)", self.cli("INFO", "commandstats")))
+
+    def test_lookups_behind_a_call_in_flight_go_together(self):
+        self.assertEqual(one(self.sl.port, ak="AKC0").status, 200)  # the suspended set read, scripts loaded
+        before = self.script_calls()
+        got = {}
+
+        def ask(i):
+            got[i] = one(self.sl.port, ak=f"AKC{i}").status
+        self.cli("CLIENT", "PAUSE", "600", "ALL")  # the first call stays in flight
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(1, self.N + 1)]
+        threads[0].start()
+        time.sleep(0.05)
+        for t in threads[1:]:  # one at a time: each its own wake of the directory
+            t.start()
+            time.sleep(0.005)
+        for t in threads:
+            t.join(10)
+        self.assertEqual(got, {i: 200 for i in range(1, self.N + 1)})
+        calls = self.script_calls() - before
+        print(f"\n  lookup coalescing: {self.N} first lookups, {self.N - 1} of them behind a call in flight: "
+              f"{calls} lookup calls", file=sys.stderr, flush=True)
+        # the first call, then the rest together (a second time if the hold,
+        # 200 ms, ends before the pause; a metering batch or two): never one
+        # call each
+        self.assertLessEqual(calls, 5)
+
+
 class TrustedHeader(AdmissionCase):
     """--trusted-uid-header: the operator opts in to a header naming the UID;
     then no AccessKeyId is needed, and the UID's suspension and packages
