@@ -198,31 +198,37 @@ static void admit_account(struct sl_conn *c, const struct sl_dir_snap *s, const 
   sl_conn_forward(c);
 }
 
-static void park(struct sl_conn *c) {
+/* Asks the directory for c's account (one ask per worker and account: the
+ * directory thread merges the rest) and puts c on the parked list.
+ * Returns 0, -1 with too many parked, -2 with the directory's queue full. */
+static int park_on_list(struct sl_conn *c) {
   struct sl_worker *w = c->w;
-  if (w->nparked >= w->cfg->max_parked) {
-    reject(c, SL_OUT_UNAVAILABLE, 503, "ServiceUnavailable", "Too many requests wait for account lookups.",
-           "Retry-After: 1\r\n");
-    return;
-  }
-  /* One ask per worker and account: the directory thread merges the rest. */
+  if (w->nparked >= w->cfg->max_parked) return -1;
   int asked = 0;
   for (struct sl_link *l = w->parked.next; l != &w->parked && !asked; l = l->next) {
     const struct sl_conn *o = sl_container_of(l, struct sl_conn, call.park);
     asked = o->call.ak_hash == c->call.ak_hash && o->call.cls.ak_len == c->call.cls.ak_len && !memcmp(o->call.cls.ak, c->call.cls.ak, c->call.cls.ak_len);
   }
-  if (!asked && sl_dirsync_lookup(&w->shared->dir, w->id, c->call.cls.ak, c->call.cls.ak_len, c->call.ak_hash) != 0) {
-    reject(c, SL_OUT_UNAVAILABLE, 503, "ServiceUnavailable", "Too many account lookups are queued.",
-           "Retry-After: 1\r\n");
-    return;
-  }
+  if (!asked && sl_dirsync_lookup(&w->shared->dir, w->id, c->call.cls.ak, c->call.cls.ak_len, c->call.ak_hash) != 0)
+    return -2;
   sl_list_push(&w->parked, &c->call.park);
   c->call.parked = 1;
   w->nparked++;
   sl_stat_inc(&w->stats.parked, 1);
   sl_stat_inc(&w->stats.parked_now, 1);
+  return 0;
+}
+
+static void park(struct sl_conn *c) {
+  int r = park_on_list(c);
+  if (r) {
+    reject(c, SL_OUT_UNAVAILABLE, 503, "ServiceUnavailable",
+           r == -1 ? "Too many requests wait for account lookups." : "Too many account lookups are queued.",
+           "Retry-After: 1\r\n");
+    return;
+  }
   /* A safety net: the directory answers within lookup-timeout-ms. */
-  c->deadline = uv_now(&w->loop) + w->cfg->lookup_timeout_ms + 2000;
+  c->deadline = uv_now(&c->w->loop) + c->w->cfg->lookup_timeout_ms + 2000;
 }
 
 void sl_admit_unpark(struct sl_conn *c) {
@@ -231,7 +237,26 @@ void sl_admit_unpark(struct sl_conn *c) {
   c->call.parked = 0;
   c->w->nparked--;
   sl_stat_dec(&c->w->stats.parked_now, 1);
-  c->deadline = 0;
+  if (c->call.head_asked)
+    c->call.head_asked = 0; /* its deadline is the request's own (header-timeout-ms) */
+  else
+    c->deadline = 0;
+}
+
+/* Steps 2 and 3 for an account the directory holds (a: usable): answers
+ * (returns 1) an unknown or suspended account. */
+static int head_decide(struct sl_conn *c, const struct sl_dir_snap *s, const struct sl_acct *a) {
+  if (a->kind == SL_ACCT_NOT_FOUND) {
+    reject_not_found(c);
+    return 1;
+  }
+  if (a->kind == SL_ACCT_FOUND && sl_dir_is_suspended(s, a->uid, a->uid_len)) {
+    memcpy(c->call.uid, a->uid, a->uid_len);
+    c->call.uid_len = a->uid_len;
+    reject_suspended(c);
+    return 1;
+  }
+  return 0;
 }
 
 static inline int usable(const struct sl_acct *a, uint64_t now) {
@@ -246,9 +271,21 @@ void sl_admit_resume(struct sl_worker *w) {
   for (l = w->parked.next; l != &w->parked; l = next) {
     next = l->next;
     struct sl_conn *c = sl_container_of(l, struct sl_conn, call.park);
+    if (c->call.head_asked && c->phase != SL_C_READING) { /* answered meanwhile (408, 413, 503) */
+      sl_admit_unpark(c);
+      continue;
+    }
     const struct sl_acct *a = sl_dir_find(s, c->call.cls.ak, c->call.cls.ak_len, c->call.ak_hash);
     if (!usable(a, now)) continue;
+    int head = c->call.head_asked;
     sl_admit_unpark(c);
+    if (head) { /* its body is still being read: steps 2 and 3 only */
+      if (head_decide(c, s, a))
+        sl_stat_inc(&w->stats.early_answers, 1);
+      else
+        sl_conn_send_continue(c); /* held for this answer */
+      continue;
+    }
     /* May answer c, and so parse (and park) its next pipelined request:
      * c is then re-queued at the tail, and `next` stays valid. */
     admit_account(c, s, a);
@@ -295,24 +332,23 @@ int sl_admit_head(struct sl_conn *c) {
     return 1;
   }
   const struct sl_dir_snap *s = sl_dirsync_snap(&w->shared->dir);
-  const struct sl_acct *a = sl_dir_find(s, c->call.cls.ak, c->call.cls.ak_len, sl_dir_hash(c->call.cls.ak, c->call.cls.ak_len));
-  if (!usable(a, uv_now(&w->loop))) return 0; /* not known yet: the lookup waits for the body */
-  if (a->kind == SL_ACCT_NOT_FOUND) {
-    reject_not_found(c);
-    return 1;
+  c->call.ak_hash = sl_dir_hash(c->call.cls.ak, c->call.cls.ak_len);
+  const struct sl_acct *a = sl_dir_find(s, c->call.cls.ak, c->call.cls.ak_len, c->call.ak_hash);
+  if (!usable(a, uv_now(&w->loop))) {
+    /* Not known yet: asked now, the body read meanwhile (sl_admit_resume
+     * answers a 403 when the account comes back unknown or suspended). With
+     * the parked bound reached, the request goes on and is decided whole. */
+    c->call.head_asked = 1;
+    if (park_on_list(c) != 0) c->call.head_asked = 0;
+    return 0;
   }
-  if (a->kind == SL_ACCT_FOUND && sl_dir_is_suspended(s, a->uid, a->uid_len)) {
-    memcpy(c->call.uid, a->uid, a->uid_len);
-    c->call.uid_len = a->uid_len;
-    reject_suspended(c);
-    return 1;
-  }
-  return 0;
+  return head_decide(c, s, a);
 }
 
 void sl_admit(struct sl_conn *c) {
   struct sl_worker *w = c->w;
   struct sl_class_input in;
+  sl_admit_unpark(c); /* asked at the head and not answered yet: decided whole now */
   class_input(c, &in);
   if (c->req.chunked_req) {
     in.body = c->req.body.data;

@@ -26,6 +26,7 @@ struct sl_call {
   int64_t arrival_s;        /* arrival wall-clock time, unix seconds */
   uint8_t tier;             /* the tier the call is routed (and counted) by */
   unsigned parked : 1;
+  unsigned head_asked : 1; /* parked while its body is read: only steps 2 and 3 wait for the lookup */
   unsigned decided : 1; /* outcome set by admission (else by the backend's answer) */
 };
 
@@ -40,7 +41,10 @@ void sl_admit(struct sl_conn *c);
 /* The head of a request with a body is complete: answers at once (and
  * returns 1) when the head alone decides it (400 for a bad identity or
  * region, 403 for a missing, unknown or suspended account), so that no
- * body is read for it. Returns 0 when the request goes on. */
+ * body is read for it. Returns 0 when the request goes on; an account the
+ * directory does not hold yet is asked for now (SPEC 4: steps 2 and 3 do
+ * not wait for the body) and its 403, if any, sent when the answer comes,
+ * while the body is read meanwhile. */
 int sl_admit_head(struct sl_conn *c);
 /* Resumes parked requests whose account the directory now holds. */
 void sl_admit_resume(struct sl_worker *w);

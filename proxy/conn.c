@@ -576,6 +576,13 @@ static void conn_head(struct sl_conn *c) {
     conn_busy(c);
     return;
   }
+  /* An account asked for at the head: the 100 waits for its answer (a
+   * refusal goes instead of it; sl_admit_resume). */
+  if (!c->call.head_asked) sl_conn_send_continue(c);
+}
+
+void sl_conn_send_continue(struct sl_conn *c) {
+  struct sl_req *r = &c->req;
   if (r->expect_continue && !(r->need_cap && r->need_cap <= r->len)) {
     static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
     uv_buf_t b = uv_buf_init((char *)cont, sizeof(cont) - 1);

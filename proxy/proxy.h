@@ -170,6 +170,9 @@ void sl_conn_accept(struct sl_worker *w);
 /* Answers the current request with a JSON error (extra: CRLF-terminated
  * header lines or NULL); close: close the connection after it. */
 void sl_conn_error(struct sl_conn *c, int status, const char *code, const char *msg, const char *extra, int close);
+/* Sends "100 Continue" to a request that asked for it and whose body has
+ * not arrived (best effort). */
+void sl_conn_send_continue(struct sl_conn *c);
 void sl_conn_sweep(struct sl_conn *c, uint64_t now);
 void sl_conn_drain(struct sl_conn *c);
 void sl_conn_close(struct sl_conn *c);

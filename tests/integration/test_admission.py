@@ -891,6 +891,59 @@ class SlowRedis(AdmissionCase):
         poll(lambda: one(self.sl.port, ak="AKNEW").status == 200, 8, "admitted after the pause", interval=0.05)
 
 
+class HeadDecisions(AdmissionCase):
+    """SPEC 4: steps 2 and 3 are decided as soon as the head is complete,
+    also for an AccessKeyId the directory has never seen: its lookup starts
+    at the head, and an unknown or suspended account's 403 does not wait
+    for the body (it used to: 408 after the header timeout for a client
+    that waits for an answer before sending its body)."""
+
+    SEED = (("HSET", P + "feature:text", "default_qps", "100000"), ("SET", P + "ak:AKH1", "uh1"),
+            ("SET", P + "ak:AKHS", "uhs"), ("SADD", P + "suspended", "uhs"))
+
+    def head_only(self, ak, length, expect=False):
+        c = harness.HttpConn(self.sl.port, timeout=5)
+        self.addCleanup(c.close)
+        hdrs = [("Content-Type", FORM), ("Content-Length", str(length))] + ([("Expect", "100-continue")] if expect else [])
+        c.send(harness.HttpConn.build("POST", f"/echo?Action=TextModeration&AccessKeyId={ak}", hdrs))
+        return c
+
+    def test_first_lookup_at_the_head(self):
+        body = b"Service=baselineCheck&x=" + b"y" * 4000
+        for ak, code in (("AKHNEVER", "InvalidAccessKeyId.NotFound"), ("AKHS", "Forbidden.AccountSuspended")):
+            c = self.head_only(ak, len(body))
+            t0 = time.monotonic()
+            r = c.read_response()
+            self.assertEqual((r.status, r.json()["Code"]), (403, code), ak)
+            self.assertLess(time.monotonic() - t0, 3, f"{ak}: answered at its lookup, not at the header timeout")
+            self.assertEqual(r.header("Connection"), "close")
+            self.assertTrue(c.closed_by_peer(wait=4.0))
+        # a known account never seen before: looked up at its head, its body
+        # read meanwhile and then forwarded
+        c = self.head_only("AKH1", len(body))
+        time.sleep(0.3)
+        c.send(body)
+        self.assertEqual(c.read_response().status, 200)
+        self.assertEqual(get_json(self.up, "/stats")[1]["requests"], 1, "only the admitted call reached the backend")
+        self.assertEqual(self.metric("sluice_requests_answered_at_head_total"), 2)
+
+    def test_expect_100_waits_for_the_first_lookup(self):
+        """Expect: 100-continue: the refusal goes instead of the 100; a found
+        account gets its 100 once the directory answered."""
+        c = self.head_only("AKHNEVER2", 100, expect=True)
+        r = c.read_response()
+        self.assertEqual((r.status, r.json()["Code"]), (403, "InvalidAccessKeyId.NotFound"))
+        body = b"Service=baselineCheck&x=" + b"y" * 100
+        c = self.head_only("AKH1", len(body), expect=True)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += c.sock.recv(100)
+        self.assertTrue(got.startswith(b"HTTP/1.1 100 Continue\r\n"), got)
+        c.send(body)
+        self.assertEqual(c.read_response().status, 200)
+        self.assertEqual(get_json(self.up, "/stats")[1]["requests"], 1)
+
+
 class LookupCoalescing(AdmissionCase):
     """One server: first lookups that come while a lookup call is in flight
     wait for its reply and go together as one call (a script call's fixed
