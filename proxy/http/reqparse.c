@@ -403,6 +403,15 @@ enum sl_req_event sl_req_parse(struct sl_req *r) {
       }
       return SL_REQ_MORE;
     }
+    if (err == HPE_PAUSED_UPGRADE) {
+      /* After a request with "Connection: upgrade" and Upgrade, llhttp
+       * stops before the next bytes as if they were another protocol.
+       * sluice switches to none (Upgrade is hop-by-hop, never forwarded,
+       * so no backend answers 101): they are the next request. */
+      r->parsed = (size_t)(llhttp_get_error_pos(&r->parser) - r->buf);
+      llhttp_resume_after_upgrade(&r->parser);
+      continue;
+    }
     if (err != HPE_PAUSED) {
       if (!r->err_status) r->err_status = 400;
       return SL_REQ_ERROR;

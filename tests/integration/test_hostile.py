@@ -336,6 +336,36 @@ class Framing(HostileCase):
         self.assertEqual((len(self.be.got()), len(self.llm.got())), (1, 0))
 
 
+    def test_request_after_an_upgrade_request(self):
+        # sluice never switches protocols (Upgrade is hop-by-hop): the bytes
+        # after a request with "Connection: Upgrade" are the next request.
+        # llhttp paused there as if they were another protocol, and sluice
+        # answered that next request 400 and closed (curl --http2 to a
+        # cleartext URL asks for h2c on its first request).
+        build = harness.HttpConn.build
+        for first in (build("GET", V1, [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"),
+                                        ("HTTP2-Settings", "AAMAAABkAAQAoAAAAAIAAAAA")]),
+                      build("POST", V1, [("Connection", "Upgrade"), ("Upgrade", "websocket"),
+                                         ("Content-Type", FORM)], b"Service=a")):
+            with self.subTest(first=first[:40]):
+                n = len(self.be.got())
+                with harness.HttpConn(self.sl.port) as c:
+                    c.send(first)
+                    self.assertEqual(c.read_response().status, 200)
+                    time.sleep(0.05)  # the next request in a read of its own, then with the first's
+                    c.send(build("GET", V1 + "&n=2"))
+                    r2 = c.read_response()
+                    c.send(first + build("GET", V1 + "&n=3"))
+                    r3, r4 = c.read_response(), c.read_response()
+                self.assertEqual((r2.status, r3.status, r4.status), (200, 200, 200), (r2.body, r4.body))
+                got = self.be.got()[n:]
+                self.assertEqual(len(got), 4, got)
+                self.assertTrue(got[1][0].startswith(b"GET " + V1.encode() + b"&n=2 HTTP/1.1\r\n"))
+                self.assertTrue(got[3][0].startswith(b"GET " + V1.encode() + b"&n=3 HTTP/1.1\r\n"))
+                for h, _ in got:
+                    self.assertNotIn(b"upgrade", h.lower())
+
+
 class SmallStack(HostileCase):
     """sluice's threads on small stacks (the limit is inherited from the
     environment): a request loop that recursed once per pipelined answer
