@@ -70,6 +70,11 @@ int rconn_get_reply(struct rconn *k, redisReply **out);
  * NULL with err (errlen bytes) set when the connection failed or Redis
  * answered an error. The caller frees the reply. */
 redisReply *command(struct rconn *k, const struct strv *args, char *err, size_t errlen);
+/* SCAN MATCH match TYPE type over the whole keyspace (every master of a
+ * cluster), COUNT 1000 a step: each(key, len, arg) for every key found.
+ * Only with nothing queued. Returns 0, or -1 (rconn_errstr says why). */
+int rconn_scan(struct rconn *k, const char *match, const char *type, void (*each)(const char *, size_t, void *),
+               void *arg);
 /* A per-account key: <prefix><name><uid><tail>, or in a cluster
  * <prefix><name>{<uid>}<tail> (SPEC 10: one account's keys in one slot).
  * The caller frees it. */

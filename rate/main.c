@@ -31,7 +31,7 @@
 
 #define MAX_ATTEMPTS 5
 #define BILL_FORMAT "2"        /* bills with per-service lines and a usage snapshot */
-#define DUE_LOOKBACK_DAYS 35   /* --due looks this many days back, at most */
+#define DUE_LOOKBACK_DAYS 0    /* --due: every day with usage (SCAN); N > 0: N days back at most */
 #define DUE_RECHECK_DAYS 3     /* --due re-examines the last rated days for late usage */
 #define DUE_GRACE_HOURS 10
 
@@ -876,15 +876,63 @@ out:
   return failed;
 }
 
-/* Finds the days --due rates: those ended at least grace_h hours ago, at
- * most lookback days back, that have usage and either no rated marker or
- * one among the `recheck` most recent such days. Pushes them oldest first.
+/* The days of the `P usage:<day>` sets a SCAN finds (prefix_len: where the
+ * day starts in a key). */
+struct day_scan {
+  size_t prefix_len;
+  struct strv days;
+};
+
+static void found_usage_set(const char *key, size_t len, void *arg) {
+  struct day_scan *ds = arg;
+  if (len != ds->prefix_len + 8) return;
+  for (size_t i = ds->prefix_len; i < len; i++)
+    if (key[i] < '0' || key[i] > '9') return;
+  strv_pushf(&ds->days, "%.8s", key + ds->prefix_len);
+}
+
+static int newest_first(const void *a, const void *b) { return strcmp(*(char *const *)b, *(char *const *)a); }
+
+/* Finds the days --due rates: those ended at least grace_h hours ago (at
+ * most lookback days back when lookback > 0; else every day with a usage
+ * set, found by SCAN) that have usage and either no rated marker or one
+ * among the `recheck` most recent such days. Pushes them oldest first.
  * Returns 0 or -1 with r->err set. */
 static int due_days(struct run *r, int64_t grace_h, int64_t lookback, int64_t recheck, struct strv *days) {
   struct strv cand = {0};
+  if (lookback == 0) {
+    /* SPEC 8: every ended day not yet rated. The usage sets' names, the
+     * prefix's glob characters escaped for MATCH. */
+    struct day_scan ds = {.prefix_len = strlen(r->co.prefix) + strlen(SL_KEY_USAGE)};
+    char *head = xformat("%s" SL_KEY_USAGE, r->co.prefix);
+    size_t hl = strlen(head);
+    char *match = rate__xrealloc(NULL, 2 * hl + 9);
+    size_t m = 0;
+    for (size_t i = 0; i < hl; i++) {
+      if (strchr("*?[]\\", head[i])) match[m++] = '\\';
+      match[m++] = head[i];
+    }
+    memcpy(match + m, "????????", 9);
+    int rc = rconn_scan(r->c, match, "set", found_usage_set, &ds);
+    free(head);
+    free(match);
+    if (rc != 0) {
+      fail(r, "redis: %s", rconn_errstr(r->c));
+      strv_free(&ds.days);
+      return -1;
+    }
+    qsort(ds.days.v, ds.days.n, sizeof(ds.days.v[0]), newest_first);
+    for (size_t i = 0; i < ds.days.n; i++) {
+      int64_t s, e;
+      if (i && !strcmp(ds.days.v[i], ds.days.v[i - 1])) continue;
+      if (rate_day_bounds(ds.days.v[i], r->co.tz_offset_min, &s, &e) != 0 || e + grace_h * 3600 > r->now) continue;
+      strv_pushf(&cand, "%s", ds.days.v[i]);
+    }
+    strv_free(&ds.days);
+  }
   /* The newest day that may be due: the one that holds now - grace - 1 day
    * ends at or before now - grace at the latest. */
-  for (int64_t k = 0; k <= lookback; k++) {
+  for (int64_t k = 0; lookback > 0 && k <= lookback; k++) {
     char d[9];
     int64_t s, e;
     rate_day_of(r->now - grace_h * 3600 - k * RATE_DAY_SECONDS, r->co.tz_offset_min, d);
@@ -939,7 +987,7 @@ static void usage(FILE *f) {
           "  --day yyyymmdd        the day to rate (it must have ended)\n"
           "  --due                 rate every ended day not yet rated, oldest first\n"
           "  --grace-hours H       --due: rate a day H hours after it ends (default %d)\n"
-          "  --lookback-days N     --due: look N days back at most (default %d)\n"
+          "  --lookback-days N     --due: look N days back at most (default %d: every day with usage, by SCAN)\n"
           "  --recheck-days N      --due: re-examine the N latest rated days for late usage (default %d)\n"
           "  --redis HOST:PORT     or unix:PATH or sentinel://HOST:PORT[,...]/MASTER or cluster://HOST:PORT[,...]\n"
           "                        (default 127.0.0.1:6379)\n"

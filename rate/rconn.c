@@ -216,6 +216,54 @@ static redisReply *cluster_all(struct rconn *k, int argc, char **argv) {
   return first;
 }
 
+/* One node's SCAN loop (c: its connection). Returns 0 or -1 with why set. */
+static int scan_node(redisContext *c, const char *match, const char *type, void (*each)(const char *, size_t, void *),
+                     void *arg, char *why, size_t whylen) {
+  char cursor[32] = "0";
+  do {
+    char *argv[] = {"SCAN", cursor, "MATCH", (char *)match, "TYPE", (char *)type, "COUNT", "1000"};
+    redisReply *r = send_on(c, 0, 8, argv, why, whylen);
+    if (r == NULL) return -1;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 || r->element[0]->type != REDIS_REPLY_STRING ||
+        r->element[0]->len >= sizeof(cursor) || r->element[1]->type != REDIS_REPLY_ARRAY) {
+      snprintf(why, whylen, "%s", r->type == REDIS_REPLY_ERROR ? r->str : "an unexpected SCAN reply");
+      freeReplyObject(r);
+      return -1;
+    }
+    memcpy(cursor, r->element[0]->str, r->element[0]->len + 1);
+    for (size_t i = 0; i < r->element[1]->elements; i++) {
+      const redisReply *e = r->element[1]->element[i];
+      if (e->type == REDIS_REPLY_STRING) each(e->str, e->len, arg);
+    }
+    freeReplyObject(r);
+  } while (strcmp(cursor, "0") != 0);
+  return 0;
+}
+
+int rconn_scan(struct rconn *k, const char *match, const char *type, void (*each)(const char *, size_t, void *),
+               void *arg) {
+  char why[240];
+  if (k->c) {
+    if (scan_node(k->c, match, type, each, arg, why, sizeof(why)) == 0) return 0;
+    snprintf(k->errstr, sizeof(k->errstr), "SCAN: %.200s", why);
+    return -1;
+  }
+  if (k->map == NULL && load_map(k) != 0) {
+    k->broken = 1;
+    return -1;
+  }
+  for (unsigned i = 0; i < k->map->nnodes; i++) {
+    const struct sl_cluster_node *n = &k->map->nodes[i];
+    if (k->node[i] == NULL) k->node[i] = open_node(n->host, n->port, why, sizeof(why));
+    if (k->node[i] == NULL || scan_node(k->node[i], match, type, each, arg, why, sizeof(why)) != 0) {
+      k->broken = 1;
+      snprintf(k->errstr, sizeof(k->errstr), "cluster: SCAN on %.100s:%d: %.150s", n->host, n->port, why);
+      return -1;
+    }
+  }
+  return 0;
+}
+
 struct rconn *connect_redis(const struct common_opts *co) {
   struct rconn *k = rate__xrealloc(NULL, sizeof(*k));
   memset(k, 0, sizeof(*k));

@@ -491,8 +491,9 @@ class RateTest(unittest.TestCase):
         r = self.rate("--due", "--grace-hours", str(grace))
         self.assertEqual(r.returncode, 0, r.stderr)
         rated = [l.split()[0] for l in lines(r.stdout)]
-        self.assertEqual(rated, [f"day={day(5)}", f"day={day(2)}"])   # oldest first; day 40 is too old
-        for k, want in ((0, False), (1, False), (2, True), (5, True), (40, False)):
+        # oldest first; every ended day with usage (SPEC 8), day 40 too
+        self.assertEqual(rated, [f"day={day(40)}", f"day={day(5)}", f"day={day(2)}"])
+        for k, want in ((0, False), (1, False), (2, True), (5, True), (40, True)):
             self.assertEqual(self.exists(f"{P}bill:{day(k)}:1"), want, k)
             self.assertEqual(self.exists(f"{P}rated:{day(k)}"), want, k)
         # Run again: nothing new. Grace 0: yesterday is due now, today never.
@@ -508,9 +509,21 @@ class RateTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertEqual(len(lines(r.stdout)), 1)
         self.assertIn(f"day={day(2)} uid=1 status=adjusted units_total=7", r.stdout)
-        # A longer look back finds the old day.
+        # --lookback-days bounds the look back (no SCAN): a day older than
+        # it is not seen, a newer one is.
+        for k in (50, 3):
+            self.usage("1", "text:-:cn-shanghai", 5, day=day(k))
         r = self.rate("--due", "--lookback-days", "45")
-        self.assertIn(f"day={day(40)} uid=1 status=rated", r.stdout)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual([l.split()[0] for l in lines(r.stdout)], [f"day={day(3)}"])
+        self.assertFalse(self.exists(f"{P}bill:{day(50)}:1"))
+        # A day older than a year: found by the default's SCAN (a key of the
+        # usage sets' shape that is no day's set is passed over).
+        self.cli("SET", f"{P}usage:2024011x", "not a day")
+        self.usage("1", "text:-:cn-shanghai", 9, day="20240115")
+        r = self.rate("--due")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual([l.split()[0] for l in lines(r.stdout)], [f"day=20240115", f"day={day(50)}"])
         for args in (["--due", "--grace-hours", "-1"], ["--due", "--grace-hours", "x"], ["--day", DAY, "--due"],
                      ["--day", DAY, "--grace-hours", "1"], ["--due", "--lookback-days", "99999"]):
             with self.subTest(args=args):
