@@ -55,19 +55,26 @@ static void scan_params(const char *s, size_t n, struct span *out) {
     size_t kl = eq ? (size_t)(eq - (s + i)) : e - i;
     /* A name is compared as the backend reads it, decoded: "Access%4BeyId"
      * is AccessKeyId too. Names of the API are short and plain: a longer
-     * or undecodable one is none of them. */
+     * or undecodable one is none of them. A decoded name is also read as
+     * PHP reads it, which skips leading spaces and ends it at a NUL
+     * ("+AccessKeyId", "AccessKeyId%00"): another spelling of the name,
+     * like another case. */
     const char *name = s + i;
-    char dn[16];
+    char dn[40];
+    int spelt = 0;
     if (kl >= 6 && kl < 40 && (memchr(name, '%', kl) || memchr(name, '+', kl))) { /* 6: "Action", the shortest */
       int dl = sl_http_urldecode(name, kl, dn, sizeof(dn));
+      const char *nul;
       name = dn;
       kl = dl < 0 ? 0 : (size_t)dl;
+      if ((nul = memchr(dn, '\0', kl)) != NULL) kl = (size_t)(nul - dn), spelt = 1;
+      while (kl > 0 && *name == ' ') name++, kl--, spelt = 1;
     }
     for (unsigned k = 0; k < P_COUNT; k++) {
       if (kl != param_names[k].len || strncasecmp(name, param_names[k].name, kl) != 0) continue;
       const char *vp = eq ? eq + 1 : s + e;
       size_t vn = eq ? (size_t)(s + e - eq - 1) : 0;
-      if (memcmp(name, param_names[k].name, kl) != 0) { /* another case */
+      if (spelt || memcmp(name, param_names[k].name, kl) != 0) { /* another case or spelling */
         if (!out[k].vfound) {
           out[k].vfound = 1;
           out[k].vp = vp;

@@ -492,6 +492,26 @@ class Identity(HostileCase):
         self.assertEqual(r.status, 200, r.body)
         self.assertEqual((len(self.be.got()), len(self.llm.got())), (1, 0))
 
+    def test_parameter_names_as_php_reads_them(self):
+        # PHP skips leading spaces in a parameter name and ends it at a NUL:
+        # "+AccessKeyId" and "AccessKeyId%00" are AccessKeyId there, and the
+        # last one wins; sluice ignored them and classified AK1 (200).
+        for path in ("/?Action=TextModeration&AccessKeyId=AK1&AccessKeyId%00=AKS",
+                     "/?Action=TextModeration&AccessKeyId=AK1&+AccessKeyId=AKS",
+                     "/?Action=TextModeration&AccessKeyId=AK1&%20%20accesskeyid%00x=AKS",
+                     "/?Action=TextModeration&AccessKeyId=AK1&Action%00=TextModerationPlus"):
+            with self.subTest(path=path):
+                self.assert_refused(harness.HttpConn.build("GET", path), 400, "InvalidParameter")
+        data = harness.HttpConn.build("POST", "/?Action=ImageModeration&AccessKeyId=AK1", {"Content-Type": FORM},
+                                      b"Service=baselineCheck&+Service=postImageCheckByVL")
+        self.assert_refused(data, 400, "InvalidParameter")
+        # the same value so spelt is no conflict; alone it names nothing
+        r = self.ok("/?Action=TextModeration&AccessKeyId=AK1&AccessKeyId%00=A%4B1&+Action=TextModeration")
+        self.assertEqual(r.status, 200, r.body)
+        r = self.ok("/?Action=TextModeration&AccessKeyId%00=AK1")
+        self.assertEqual((r.status, r.json()["Code"]), (403, "InvalidAccessKeyId.NotFound"))
+        self.assertEqual((len(self.be.got()), len(self.llm.got())), (1, 0))
+
     def test_every_acs3_algorithm_names_the_key(self):
         # V3 signatures also come as ACS3-HMAC-SM3 and ACS3-RSA-SHA256: their
         # Credential is the identity a backend authenticates.
