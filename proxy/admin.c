@@ -17,7 +17,15 @@ struct admin_conn {
   char in[4096];
   struct sl_buf out;
   int done;
+  /* /explain for a UID the directory does not hold yet: asked for, and
+   * answered when it comes (or after EXPLAIN_WAIT_MS) */
+  uv_timer_t wait;
+  unsigned waited_ms;
+  int waiting;
 };
+
+#define EXPLAIN_WAIT_MS 1000
+#define EXPLAIN_POLL_MS 10
 
 static llhttp_settings_t admin_settings;
 
@@ -286,6 +294,38 @@ static void json_str(struct sl_buf *o, const char *s, size_t n) {
   sl_buf_lit(o, "\"");
 }
 
+/* Any AccessKeyId of this UID carries its packages, and so does the UID's
+ * own entry (0x01 and the UID) once asked for (admin path: a scan is fine). */
+static const struct sl_acct *cached_uid(const struct sl_dir_snap *s, const char *uid, size_t ul) {
+  for (unsigned k = 0; k < SL_DIR_SHARDS; k++) {
+    const struct sl_acct_shard *sh = s->shards[k];
+    for (uint32_t i = 0; sh && i <= sh->mask; i++)
+      if (sh->slot[i] && sh->slot[i]->kind == SL_ACCT_FOUND && sh->slot[i]->uid_len == ul &&
+          !memcmp(sh->slot[i]->uid, uid, ul))
+        return sh->slot[i];
+  }
+  return NULL;
+}
+
+/* 1 when /explain?query names a UID whose packages the directory does not
+ * hold: it is then asked for (as a trusted UID header's is), and the answer
+ * should wait for it. */
+static int explain_needs_lookup(struct sl_admin *a, const char *query) {
+  char key[SL_UID_MAX + 2];
+  const char *q = *query == '?' ? query + 1 : query;
+  int ul = sl_http_query_get(q, strlen(q), "uid", 3, key + 1, SL_UID_MAX);
+  if (!a->dir || ul <= 0) return 0;
+  const struct sl_dir_snap *s = sl_dirsync_enter(a->dir);
+  int have = cached_uid(s, key + 1, (size_t)ul) != NULL;
+  sl_dirsync_exit(a->dir);
+  if (have) return 0;
+  for (int i = 1; i <= ul; i++)
+    if ((unsigned char)key[i] < 0x20 || key[i] == 0x7f) return 0; /* no such UID in Redis keys */
+  key[0] = '\x01';
+  /* (worker 0 is told when it is in: it finds nothing parked for it) */
+  return sl_dirsync_lookup(a->dir, 0, key, (size_t)ul + 1, sl_dir_hash(key, (size_t)ul + 1)) == 0;
+}
+
 int sl_admin_explain(struct sl_admin *a, const char *query, struct sl_buf *o) {
   char uid[SL_UID_MAX + 1], feat[64], region[SL_REGION_MAX + 1];
   const char *q = *query == '?' ? query + 1 : query;
@@ -303,15 +343,7 @@ int sl_admin_explain(struct sl_admin *a, const char *query, struct sl_buf *o) {
     return 404;
   }
   const struct sl_dir_snap *s = sl_dirsync_enter(a->dir);
-  /* Any AccessKeyId of this UID carries its packages (admin path: a scan is fine). */
-  const struct sl_acct *acct = NULL;
-  for (unsigned k = 0; k < SL_DIR_SHARDS && !acct; k++) {
-    const struct sl_acct_shard *sh = s->shards[k];
-    for (uint32_t i = 0; sh && i <= sh->mask && !acct; i++)
-      if (sh->slot[i] && sh->slot[i]->kind == SL_ACCT_FOUND && sh->slot[i]->uid_len == (size_t)ul &&
-          !memcmp(sh->slot[i]->uid, uid, (size_t)ul))
-        acct = sh->slot[i];
-  }
+  const struct sl_acct *acct = cached_uid(s, uid, (size_t)ul);
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME_COARSE, &ts); /* the clock admission uses */
   ts.tv_sec += a->time_offset_s;
@@ -397,6 +429,33 @@ static int admin_on_url(llhttp_t *p, const char *at, size_t n) {
   return 0;
 }
 
+static void explain_respond(struct admin_conn *ac) {
+  struct sl_buf body = {.max = 1u << 20};
+  int st = sl_admin_explain(ac->admin, ac->url + 8, &body);
+  admin_respond(ac, st, "application/json", &body);
+  sl_buf_free(&body);
+}
+
+static void explain_wait_end(struct admin_conn *ac) {
+  ac->waiting = 0;
+  uv_timer_stop(&ac->wait);
+  uv_close((uv_handle_t *)&ac->wait, NULL); /* closed before the connection (admin_conn_free) */
+}
+
+static void explain_poll(uv_timer_t *t) {
+  struct admin_conn *ac = sl_container_of(t, struct admin_conn, wait);
+  ac->waited_ms += EXPLAIN_POLL_MS;
+  char uid[SL_UID_MAX + 1];
+  const char *q = ac->url + 9;
+  int ul = sl_http_query_get(q, strlen(q), "uid", 3, uid, SL_UID_MAX);
+  const struct sl_dir_snap *s = sl_dirsync_enter(ac->admin->dir);
+  int have = ul > 0 && cached_uid(s, uid, (size_t)ul) != NULL;
+  sl_dirsync_exit(ac->admin->dir);
+  if (!have && ac->waited_ms < EXPLAIN_WAIT_MS) return;
+  explain_wait_end(ac);
+  explain_respond(ac);
+}
+
 static int admin_on_complete(llhttp_t *p) {
   struct admin_conn *ac = p->data;
   struct sl_buf body = {.max = 1u << 20};
@@ -405,8 +464,13 @@ static int admin_on_complete(llhttp_t *p) {
     sl_buf_lit(&body, "ok\n");
     admin_respond(ac, 200, "text/plain", &body);
   } else if (path_len == 8 && !memcmp(ac->url, "/explain", 8)) {
-    int st = sl_admin_explain(ac->admin, ac->url + path_len, &body);
-    admin_respond(ac, st, "application/json", &body);
+    if (ac->url[8] == '?' && explain_needs_lookup(ac->admin, ac->url + 8)) {
+      uv_timer_init(ac->tcp.loop, &ac->wait);
+      uv_timer_start(&ac->wait, explain_poll, EXPLAIN_POLL_MS, EXPLAIN_POLL_MS);
+      ac->waiting = 1;
+    } else {
+      explain_respond(ac);
+    }
   } else if (path_len == 8 && !memcmp(ac->url, "/metrics", 8)) {
     sl_admin_metrics(ac->admin, &body);
     admin_respond(ac, 200, "text/plain; version=0.0.4", &body);
@@ -428,6 +492,11 @@ static void admin_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
   struct admin_conn *ac = sl_container_of(s, struct admin_conn, tcp);
   if (ac->done) return;
   if (nread < 0) {
+    if (ac->waiting && nread == UV_EOF) { /* a client that shut down its side still gets the answer */
+      uv_read_stop(s);
+      return;
+    }
+    if (ac->waiting) explain_wait_end(ac);
     sl__close((uv_handle_t *)&ac->tcp, admin_conn_free);
     return;
   }

@@ -355,7 +355,18 @@ class Rejections(AdmissionCase):
         e = self.explain("u10", "guard", "cn-beijing")
         self.assertEqual((e["tier"], e["default_qps"], e["default_overridden"]), ("llm", 50, False))
         self.assertFalse(e["bucket"]["exists"])
-        self.assertFalse(self.explain("nobody")["account_cached"])
+        e = self.explain("nobody")  # looked up for /explain: no packages
+        self.assertEqual((e["packages"], e["effective_qps"]), ([], e["default_qps"]))
+        # SPEC 7: a UID no request has used yet: its packages are read for
+        # the answer (they were not shown: the default as the limit)
+        now = int(time.time())
+        self.cli("HSET", P + "qpspkg:u77:p1", "feature", "voice", "region", "cn-shanghai", "qps", "40",
+                 "expires_at", str(now + 3600))
+        self.cli("SADD", P + "qpspkgs:u77", "p1")
+        e = self.explain("u77", "voice", strict=False)
+        self.assertEqual([p["id"] for p in e["packages"]], ["p1"])
+        self.assertEqual(e["effective_qps"], 10 + 40)
+        self.assertTrue(e["account_cached"])
         for q in ("", "uid=u1", "uid=u1&feature=text", "feature=text&region=x", "uid=&feature=text&region=x"):
             st, _ = get_json(self.sl.admin, "/explain?" + q)
             self.assertEqual(st, 400, q)
