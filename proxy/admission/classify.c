@@ -40,56 +40,72 @@ static int same_value(const char *a, size_t an, const char *b, size_t bn) {
   return la >= 0 && la == lb && memcmp(da, db, (size_t)la) == 0;
 }
 
+/* Records one name=value pair p[0..len) of scan_params. `spelt`: the pair
+ * exists only as some backends split the string (after a ';').
+ *
+ * A name is compared as the backend reads it, decoded: "Access%4BeyId" is
+ * AccessKeyId too. Names of the API are short and plain: a longer or
+ * undecodable one is none of them. A name is also read as PHP and Rack
+ * read it, which skip leading spaces, PHP ending it at a NUL too
+ * ("+AccessKeyId", "AccessKeyId%00"): another spelling of the name, like
+ * another case. */
+static void scan_pair(const char *p, size_t len, struct span *out, int spelt) {
+  const char *eq = memchr(p, '=', len);
+  size_t kl = eq ? (size_t)(eq - p) : len;
+  const char *vp = eq ? eq + 1 : p + len;
+  size_t vn = eq ? (size_t)(p + len - eq - 1) : 0;
+  const char *name = p;
+  char dn[40];
+  while (kl > 0 && *name == ' ') name++, kl--, spelt = 1;
+  if (kl >= 6 && kl < 40 && (memchr(name, '%', kl) || memchr(name, '+', kl))) { /* 6: "Action", the shortest */
+    int dl = sl_http_urldecode(name, kl, dn, sizeof(dn));
+    const char *nul;
+    name = dn;
+    kl = dl < 0 ? 0 : (size_t)dl;
+    if ((nul = memchr(dn, '\0', kl)) != NULL) kl = (size_t)(nul - dn), spelt = 1;
+    while (kl > 0 && *name == ' ') name++, kl--, spelt = 1;
+  }
+  for (unsigned k = 0; k < P_COUNT; k++) {
+    if (kl != param_names[k].len || strncasecmp(name, param_names[k].name, kl) != 0) continue;
+    if (spelt || memcmp(name, param_names[k].name, kl) != 0) { /* another case or spelling */
+      if (!out[k].vfound) {
+        out[k].vfound = 1;
+        out[k].vp = vp;
+        out[k].vn = vn;
+      } else if (!same_value(out[k].vp, out[k].vn, vp, vn)) {
+        out[k].conflict = 1;
+      }
+    } else if (!out[k].found) {
+      out[k].found = 1;
+      out[k].p = vp;
+      out[k].n = vn;
+    } else if (!same_value(out[k].p, out[k].n, vp, vn)) {
+      out[k].conflict = 1;
+    }
+    return;
+  }
+}
+
 /* One pass over an application/x-www-form-urlencoded string (a query or a
  * form body) that records the raw value of the first occurrence of each name
  * in param_names, and whether a later one differs. Names are compared
- * decoded. The name in another case is recorded apart (vp/vn): it must hold
- * the same value as the name itself in that place (a conflict otherwise),
- * and, where the name itself is absent, the value classified (pick). */
+ * decoded. The name in another case or spelling is recorded apart (vp/vn):
+ * it must hold the same value as the name itself in that place (a conflict
+ * otherwise), and, where the name itself is absent, the value classified
+ * (pick). Pairs are split at '&'; Rack 2, Perl's CGI.pm and Python before
+ * 3.9.2 split at ';' too, so each piece after a ';' is such a spelling
+ * ("x=1;AccessKeyId=AKS"). */
 static void scan_params(const char *s, size_t n, struct span *out) {
   size_t i = 0;
   while (i < n) {
     const char *amp = memchr(s + i, '&', n - i);
     size_t e = amp ? (size_t)(amp - s) : n;
-    const char *eq = memchr(s + i, '=', e - i);
-    size_t kl = eq ? (size_t)(eq - (s + i)) : e - i;
-    /* A name is compared as the backend reads it, decoded: "Access%4BeyId"
-     * is AccessKeyId too. Names of the API are short and plain: a longer
-     * or undecodable one is none of them. A decoded name is also read as
-     * PHP reads it, which skips leading spaces and ends it at a NUL
-     * ("+AccessKeyId", "AccessKeyId%00"): another spelling of the name,
-     * like another case. */
-    const char *name = s + i;
-    char dn[40];
-    int spelt = 0;
-    if (kl >= 6 && kl < 40 && (memchr(name, '%', kl) || memchr(name, '+', kl))) { /* 6: "Action", the shortest */
-      int dl = sl_http_urldecode(name, kl, dn, sizeof(dn));
-      const char *nul;
-      name = dn;
-      kl = dl < 0 ? 0 : (size_t)dl;
-      if ((nul = memchr(dn, '\0', kl)) != NULL) kl = (size_t)(nul - dn), spelt = 1;
-      while (kl > 0 && *name == ' ') name++, kl--, spelt = 1;
-    }
-    for (unsigned k = 0; k < P_COUNT; k++) {
-      if (kl != param_names[k].len || strncasecmp(name, param_names[k].name, kl) != 0) continue;
-      const char *vp = eq ? eq + 1 : s + e;
-      size_t vn = eq ? (size_t)(s + e - eq - 1) : 0;
-      if (spelt || memcmp(name, param_names[k].name, kl) != 0) { /* another case or spelling */
-        if (!out[k].vfound) {
-          out[k].vfound = 1;
-          out[k].vp = vp;
-          out[k].vn = vn;
-        } else if (!same_value(out[k].vp, out[k].vn, vp, vn)) {
-          out[k].conflict = 1;
-        }
-      } else if (!out[k].found) {
-        out[k].found = 1;
-        out[k].p = vp;
-        out[k].n = vn;
-      } else if (!same_value(out[k].p, out[k].n, vp, vn)) {
-        out[k].conflict = 1;
-      }
-      break;
+    scan_pair(s + i, e - i, out, 0);
+    const char *semi = memchr(s + i, ';', e - i);
+    while (semi != NULL) {
+      const char *piece = semi + 1;
+      semi = memchr(piece, ';', (size_t)(s + e - piece));
+      scan_pair(piece, (size_t)((semi ? semi : s + e) - piece), out, 1);
     }
     i = e + 1;
   }

@@ -512,6 +512,27 @@ class Identity(HostileCase):
         self.assertEqual((r.status, r.json()["Code"]), (403, "InvalidAccessKeyId.NotFound"))
         self.assertEqual((len(self.be.got()), len(self.llm.got())), (1, 0))
 
+    def test_pairs_after_a_semicolon(self):
+        # Rack 2, Perl's CGI.pm and Python before 3.9.2 split parameters at
+        # ';' too: "x=1;AccessKeyId=AKS" names AKS there (the last one winning
+        # in Rack), while sluice read one parameter x and classified AK1 (200).
+        for path in ("/?Action=TextModeration&AccessKeyId=AK1&x=1;AccessKeyId=AKS",
+                     "/?Action=TextModeration&AccessKeyId=AK1&x=1;y=2;accesskeyid=AKS",
+                     "/?AccessKeyId=AK1&Action=TextModeration;Action=TextModerationPlus"):
+            with self.subTest(path=path):
+                self.assert_refused(harness.HttpConn.build("GET", path), 400, "InvalidParameter")
+        # in a form body, where a raw space after the separator is skipped too
+        for body in (b"Service=baselineCheck&x=1; Service=postImageCheckByVL",
+                     b"Service=baselineCheck& Service=postImageCheckByVL"):
+            with self.subTest(body=body):
+                data = harness.HttpConn.build("POST", "/?Action=ImageModeration&AccessKeyId=AK1",
+                                              {"Content-Type": FORM}, body)
+                self.assert_refused(data, 400, "InvalidParameter")
+        # a ';' elsewhere changes nothing
+        r = self.ok(V1 + "&x=1;y=2;AccessKeyId=AK1")
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual((len(self.be.got()), len(self.llm.got())), (1, 0))
+
     def test_every_acs3_algorithm_names_the_key(self):
         # V3 signatures also come as ACS3-HMAC-SM3 and ACS3-RSA-SHA256: their
         # Credential is the identity a backend authenticates.
