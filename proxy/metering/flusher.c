@@ -615,20 +615,27 @@ static void arg_calls_field(struct args *x, const struct sl_meter_key *k) {
 /* Whether a key's count goes to usage: an ok of a billable Action. */
 static int billed(const struct sl_meter_key *k) { return k->outcome == SL_OUT_OK && k->billable; }
 
+static int ows(char c) { return c == ' ' || c == '\t'; }
+
 /* The services a billed key names, each once, in order: the Service split
- * at commas, empty items skipped; "-" when it names none (SPEC 6). Returns
- * their number (at least 1). */
+ * at commas, each item without the spaces around it ("a, b" is a and b: a
+ * backend that trims bills b, and " b" would name a service with no price
+ * in the rating), empty items skipped; "-" when it names none (SPEC 6).
+ * Returns their number (at least 1). */
 static size_t services(const struct sl_meter_key *k, const char **svc, size_t *svl) {
   size_t ns = 0;
   for (size_t i = 0; i < k->service_len;) {
     size_t j = i;
     while (j < k->service_len && k->service[j] != ',') j++;
-    if (j > i) {
+    size_t a = i, b = j;
+    while (a < b && ows(k->service[a])) a++;
+    while (b > a && ows(k->service[b - 1])) b--;
+    if (b > a) {
       int dup = 0;
-      for (size_t q = 0; q < ns && !dup; q++) dup = svl[q] == j - i && !memcmp(svc[q], k->service + i, j - i);
+      for (size_t q = 0; q < ns && !dup; q++) dup = svl[q] == b - a && !memcmp(svc[q], k->service + a, b - a);
       if (!dup) {
-        svc[ns] = k->service + i;
-        svl[ns++] = j - i;
+        svc[ns] = k->service + a;
+        svl[ns++] = b - a;
       }
     }
     i = j + 1;

@@ -895,26 +895,28 @@ class Billable(MeteringCase):
             _req(service="comment_detection,chat_detection"),
             _req(service="ad_compliance_detection,ad_compliance_detection,,"),
             _req(service=None),
+            _req(service=" chat_detection ,  comment_detection, "),  # each item without its spaces
         ]
         with harness.HttpConn(sl.port) as c:
             for raw in sent:
                 c.send(raw)
                 self.assertEqual(c.read_response().status, 200)
         day = time.strftime("%Y%m%d", time.gmtime())
-        want_usage = {"video:videoDetection:cn-shanghai": 1, "text:chat_detection:cn-shanghai": 2,
-                      "text:comment_detection:cn-shanghai": 1, "text:ad_compliance_detection:cn-shanghai": 1,
+        want_usage = {"video:videoDetection:cn-shanghai": 1, "text:chat_detection:cn-shanghai": 3,
+                      "text:comment_detection:cn-shanghai": 2, "text:ad_compliance_detection:cn-shanghai": 1,
                       "text:-:cn-shanghai": 1}
         poll(lambda: {f: n for (d, u, f), n in Meter(self.r.port).usage.items()} == want_usage, 5,
              "usage by service")
         m = Meter(self.r.port)
         self.assertEqual(m.calls.get((day, "u1", "video:cn-shanghai:ok")), 6)
         self.assertEqual(m.calls.get((day, "u1", "upload:cn-shanghai:ok")), 1)
-        self.assertEqual(m.calls.get((day, "u1", "text:cn-shanghai:ok")), 4)
+        self.assertEqual(m.calls.get((day, "u1", "text:cn-shanghai:ok")), 5)
         self.assertEqual(m.sets.get(day), {"u1"})
         billed = [e for e in m.stream if e["services"]]
         note(f"billable: usage {want_usage}; stream lines billed {[(e['feature'], e['services']) for e in billed]}")
         self.assertEqual(sorted(e["services"] for e in billed if e["feature"] == "text"),
-                         sorted(["-", "ad_compliance_detection", "chat_detection", "comment_detection,chat_detection"]))
+                         sorted(["-", "ad_compliance_detection", "chat_detection", "comment_detection,chat_detection",
+                                 "chat_detection,comment_detection"]))
 
 
 class BatchOrder(MeteringCase):
