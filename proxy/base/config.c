@@ -45,7 +45,8 @@ static const struct opt opts[] = {
   {"upstream-llm", OPT_ADDR_LIST, F(upstream_llm), F(n_upstream_llm), 0, 0,
    "HOST:PORT large-model pool member (repeatable; default: the default pool)"},
   {"redis", OPT_STR, F(redis), FSIZE(redis), 0, 0,
-   "HOST:PORT, unix:PATH or sentinel://HOST:PORT[,HOST:PORT...]/MASTER (at most 16 sentinels) (127.0.0.1:6379)"},
+   "HOST:PORT, unix:PATH, sentinel://HOST:PORT[,HOST:PORT...]/MASTER (at most 16 sentinels) or "
+   "cluster://HOST:PORT[,HOST:PORT...] (127.0.0.1:6379)"},
   {"redis-prefix", OPT_STR, F(redis_prefix), FSIZE(redis_prefix), 0, 0, "key prefix (sluice:)"},
   {"redis-timeout-ms", OPT_UINT, F(redis_timeout_ms), 0, 100, 600000,
    "Redis connect and reply bound: past it the connection counts as down (2000)"},
