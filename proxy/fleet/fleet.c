@@ -76,7 +76,6 @@ struct call {
   struct sl_fleet *f;
   uint32_t n;
   int keys_allowed;
-  int script;     /* SC_*: a NOSCRIPT reply makes the next call of it an EVAL */
   size_t old_len; /* a heartbeat: the bytes of old_members it carried */
   struct {
     uint32_t idx;
@@ -667,17 +666,6 @@ static int apply_reply(struct sl_fleet *f, const struct call *cl, const redisRep
   return 0;
 }
 
-/* Redis has not got the script (restarted, failed over, SCRIPT FLUSH):
- * the next call of it is an EVAL, which loads it. Returns 1 then. */
-static int noscript(struct sl_fleet *f, const struct call *cl, const redisReply *r) {
-  if (!r || r->type != REDIS_REPLY_ERROR || strncmp(r->str, "NOSCRIPT", 8) != 0) {
-    if (r && r->type != REDIS_REPLY_ERROR) f->noscript &= ~(1u << cl->script);
-    return 0;
-  }
-  f->noscript |= 1u << cl->script;
-  return 1;
-}
-
 /* The keys a call named, when it was lost or refused: again at the next
  * tick, as they were sent (a refresh-only sync would not be repeated
  * before the next refresh otherwise). */
@@ -692,7 +680,7 @@ static void on_synced(void *owner, void *priv, const redisReply *reply) {
   struct sl_fleet *f = owner; /* NULL: the connection was dropped, or stopping */
   if (f) {
     f->inflight--;
-    if (noscript(f, cl, reply) || apply_reply(f, cl, reply) != 0) redo_keys(f, cl);
+    if (apply_reply(f, cl, reply) != 0) redo_keys(f, cl);
   }
   free(cl);
 }
@@ -706,18 +694,17 @@ int sl_fleet_apply_reply_test(struct sl_fleet *f, const uint32_t *idx, uint32_t 
     cl->k[i].idx = idx[i] & f->mask;
     cl->k[i].tag = atomic_load_explicit(&f->slots[cl->k[i].idx].tag, memory_order_relaxed);
   }
-  int rc = noscript(f, cl, r) ? -1 : apply_reply(f, cl, r);
+  int rc = apply_reply(f, cl, r);
   if (rc != 0) redo_keys(f, cl);
   free(cl);
   return rc;
 }
 
-static struct call *new_call(struct sl_fleet *f, uint32_t n, int keys_allowed, int script) {
+static struct call *new_call(struct sl_fleet *f, uint32_t n, int keys_allowed) {
   struct call *cl = sl_calloc(1, sizeof(*cl) + (size_t)n * sizeof(cl->k[0]));
   cl->f = f;
   cl->n = n;
   cl->keys_allowed = keys_allowed;
-  cl->script = script;
   return cl;
 }
 
@@ -748,30 +735,17 @@ static size_t key_args(struct sl_fleet *f, uint32_t idx, const char **argv, size
   return l1 + l2 + 2;
 }
 
-/* EVALSHA sha, or EVAL with the script when Redis lacked it lately, into
- * argv[0..1]. */
-static void script_args(const struct sl_fleet *f, int script, const char **argv, size_t *lens) {
-  if (f->noscript & (1u << script)) {
-    argv[0] = "EVAL", lens[0] = 4;
-    argv[1] = scripts[script], lens[1] = script_len[script];
-  } else {
-    argv[0] = "EVALSHA", lens[0] = 7;
-    argv[1] = f->sha[script], lens[1] = 40;
-  }
-}
-
 /* One server: the one script, for the keys pick[0..n). */
 static void send_call(struct sl_fleet *f, const uint32_t *pick, uint32_t n, int keys_allowed, uint64_t now) {
-  struct call *cl = new_call(f, n, keys_allowed, SC_SYNC);
-  size_t argc = 9 + 4 * (size_t)n;
+  struct call *cl = new_call(f, n, keys_allowed);
+  size_t argc = 7 + 4 * (size_t)n;
   const char **argv = sl_malloc(argc * sizeof(char *));
   size_t *lens = sl_malloc(argc * sizeof(size_t));
   char *nums = sl_malloc(((size_t)n * 2 + 2) * 24);
   char *np = nums;
-  size_t a = 2, l;
+  size_t a = 0, l;
 #define ARG(s, len) (argv[a] = (s), lens[a++] = (len))
 #define NUM(v) (l = sl_u64toa((v), np), ARG(np, l), np += l + 1)
-  script_args(f, SC_SYNC, argv, lens);
   ARG("0", 1);
   ARG(f->prefix, strlen(f->prefix));
   ARG(f->member, strlen(f->member));
@@ -788,7 +762,7 @@ static void send_call(struct sl_fleet *f, const uint32_t *pick, uint32_t n, int 
   }
 #undef ARG
 #undef NUM
-  if (sl_db_command(f->db, 0, on_synced, cl, (int)a, argv, lens) == 0) {
+  if (sl_db_eval(f->db, 0, &f->scripts[SC_SYNC], on_synced, cl, (int)a, argv, lens) == 0) {
     f->inflight++;
     sl_stat_inc(&f->stats.key_updates, n);
   } else {
@@ -802,18 +776,17 @@ static void send_call(struct sl_fleet *f, const uint32_t *pick, uint32_t n, int 
 
 /* ---- a Redis Cluster: a sync in parts, each on one slot ---- */
 
-/* An EVALSHA of a script (SC_*) on the slot of keys[0..nkeys), with args
- * after them; cb gets priv. Returns sl_db_command's result. */
+/* A script (SC_*) on the slot of keys[0..nkeys), with args after them; cb
+ * gets priv. Returns sl_db_eval's result. */
 static int eval_on(struct sl_fleet *f, unsigned slot, int script, int nkeys, int argc, const char **args,
                    const size_t *lens, sl_db_reply_fn *cb, void *priv) {
-  const char **argv = sl_malloc((size_t)(argc + 3) * sizeof(char *));
-  size_t *al = sl_malloc((size_t)(argc + 3) * sizeof(size_t));
+  const char **argv = sl_malloc((size_t)(argc + 1) * sizeof(char *));
+  size_t *al = sl_malloc((size_t)(argc + 1) * sizeof(size_t));
   char nk[24];
-  script_args(f, script, argv, al);
-  argv[2] = nk, al[2] = sl_u64toa((uint64_t)nkeys, nk);
-  memcpy(argv + 3, args, (size_t)argc * sizeof(char *));
-  memcpy(al + 3, lens, (size_t)argc * sizeof(size_t));
-  int rc = sl_db_command(f->db, slot, cb, priv, argc + 3, argv, al);
+  argv[0] = nk, al[0] = sl_u64toa((uint64_t)nkeys, nk);
+  memcpy(argv + 1, args, (size_t)argc * sizeof(char *));
+  memcpy(al + 1, lens, (size_t)argc * sizeof(size_t));
+  int rc = sl_db_eval(f->db, slot, &f->scripts[script], cb, priv, argc + 1, argv, al);
   free(argv);
   free(al);
   return rc;
@@ -836,12 +809,9 @@ static int cluster_hash_key(const struct sl_fleet *f, const struct sl_fleet_key 
   return sl_db_uid_key(f->db, out, cap, head, (size_t)hl, k->name, ul, fe, (size_t)(k->name + k->len - fe));
 }
 
-/* An XADD's reply (priv: its script, SC_ANN_ADD). */
+/* An announcement's XADD: nothing to take from its reply. */
 static void on_added(void *owner, void *priv, const redisReply *reply) {
-  struct sl_fleet *f = owner;
-  struct call cl = {.script = SC_ANN_ADD};
-  (void)priv;
-  if (f) noscript(f, &cl, reply);
+  (void)owner, (void)priv, (void)reply;
 }
 
 /* The reply to one slot's key script: each key's lease, and the keys to
@@ -853,10 +823,6 @@ static void on_keys(void *owner, void *priv, const redisReply *r) {
   struct sl_fleet *f = owner;
   if (!f) goto out;
   f->inflight--;
-  if (noscript(f, cl, r)) {
-    redo_keys(f, cl);
-    goto out;
-  }
   if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != cl->n) {
     sl_stat_inc(&f->stats.sync_errors, 1);
     log_error_reply(f, r);
@@ -911,7 +877,7 @@ static void send_keys(struct sl_fleet *f, const struct call *rd, const redisRepl
     uint32_t to = from;
     while (to < m && to - from < KEYS_PER_CALL && (unsigned)(order[to] >> 32) == slot) to++;
     uint32_t n = to - from;
-    struct call *cl = new_call(f, n, 1, SC_KEY);
+    struct call *cl = new_call(f, n, 1);
     size_t a = 0;
     for (uint32_t j = 0; j < n; j++) {
       uint32_t i = (uint32_t)order[from + j];
@@ -954,10 +920,6 @@ static void on_heartbeat(void *owner, void *priv, const redisReply *r) {
   long long nlive;
   if (!f) goto out;
   f->inflight--;
-  if (noscript(f, rd, r)) {
-    redo_keys(f, rd);
-    goto out;
-  }
   if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 || reply_int(r->element[0], &nlive) || nlive < 1 ||
       r->element[1]->type != REDIS_REPLY_ARRAY) {
     sl_stat_inc(&f->stats.sync_errors, 1);
@@ -985,11 +947,9 @@ out:
 /* The announcements' reply ({last, pairs}). */
 static void on_announcements(void *owner, void *priv, const redisReply *r) {
   struct sl_fleet *f = owner;
-  struct call cl = {.script = SC_ANN_READ};
   (void)priv;
   if (!f) return;
   f->inflight--;
-  if (noscript(f, &cl, r)) return;
   if (!r || r->type != REDIS_REPLY_ARRAY || r->elements != 2 || r->element[0]->type != REDIS_REPLY_STRING ||
       r->element[0]->len >= sizeof(f->ann_last) || r->element[1]->type != REDIS_REPLY_ARRAY) {
     sl_stat_inc(&f->stats.sync_errors, 1);
@@ -1003,7 +963,7 @@ static void on_announcements(void *owner, void *priv, const redisReply *r) {
  * zset's slot and the announcements read on the stream's (at once), then,
  * with the heartbeat's live sessions, one key script per slot of the keys. */
 static void cluster_sync(struct sl_fleet *f, const uint32_t *pick, uint32_t n, int keys_allowed, uint64_t now) {
-  struct call *rd = new_call(f, n, keys_allowed, SC_HB);
+  struct call *rd = new_call(f, n, keys_allowed);
   for (uint32_t i = 0; i < n; i++) name_key(f, rd, i, pick[i], now);
   char ik[sizeof(f->prefix) + sizeof(SL_KEY_SHARE_INSTANCES)], ak[sizeof(f->prefix) + sizeof(SL_KEY_SHARE_ANNOUNCE)];
   char ttl[24];
@@ -1107,7 +1067,7 @@ int sl_fleet_due_test(struct sl_fleet *f, uint32_t idx, uint64_t now) {
   struct sl_fleet_key *k = &f->keys[idx & f->mask];
   char why = key_due(f, k, now, refresh_epoch(f, now));
   if (!why) return 0;
-  struct call *cl = new_call(f, 1, 1, SC_SYNC);
+  struct call *cl = new_call(f, 1, 1);
   k->flag = why;
   name_key(f, cl, 0, idx & f->mask, now);
   free(cl);
@@ -1335,8 +1295,8 @@ static int table_init(struct sl_fleet *f, unsigned cap, unsigned nworkers) {
   f->mask = slots - 1;
   f->nworkers = nworkers;
   f->n_last = 1;
-  _Static_assert(sizeof(f->sha) / sizeof(f->sha[0]) == SC_N, "a SHA-1 per script");
-  for (int i = 0; i < SC_N; i++) sl_db_sha1_hex(scripts[i], script_len[i], f->sha[i]);
+  _Static_assert(sizeof(f->scripts) / sizeof(f->scripts[0]) == SC_N, "a slot per script");
+  for (int i = 0; i < SC_N; i++) sl_db_script_init(&f->scripts[i], scripts[i], script_len[i]);
   pthread_mutex_init(&f->text_lock, NULL);
   if (posix_memalign((void **)&f->slots, 64, (size_t)slots * sizeof(*f->slots)) != 0) return -ENOMEM;
   memset(f->slots, 0, (size_t)slots * sizeof(*f->slots));

@@ -32,6 +32,7 @@
 
 #include "common.h"
 #include "config.h"
+#include "db.h"
 #include "ring.h"
 
 #define SL_FLEET_PPM 1000000u      /* a whole limit, in shares */
@@ -113,8 +114,7 @@ struct sl_fleet {
   char member[112];
   char old_members[4 * 112];
   unsigned session;
-  char sha[5][41];           /* the scripts' SHA-1s (EVALSHA) */
-  unsigned noscript;         /* bit per script: Redis lacks it, the next call is an EVAL */
+  struct sl_db_script scripts[5]; /* called by EVALSHA (db.h: EVAL after NOSCRIPT) */
   unsigned sync_ms, ttl_ms;
   uint64_t last_tick_ms;
   uint64_t last_sent_ms;     /* the last sync sent */
