@@ -147,6 +147,8 @@ void sl_admin_metrics(struct sl_admin *a, struct sl_buf *o) {
         {"sluice_directory_notifications_total", "counter", "Keyspace events and change messages handled.",
          &ds->notifications},
         {"sluice_directory_resyncs_total", "counter", "Full resyncs completed.", &ds->resyncs},
+        {"sluice_directory_resync_checks_total", "counter",
+         "Resync intervals that found every change notified (nothing reread).", &ds->resync_checks},
         {"sluice_redis_connect_attempts_total", "counter", "Redis connection attempts.", &ds->reconnects},
         {"sluice_directory_invalid_packages_total", "counter", "QPS package hashes that could not be used.",
          &ds->invalid_packages},

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include "addr.h"
 #include "client.h"
@@ -23,6 +24,17 @@
 #define STATE_RETRY_MS 1000 /* the suspended set never read yet: ask again this often */
 #define SUBS_CHECK_MS 200   /* a cluster: the subscribers checked against the slot map this often */
 #define LOOKUP_HOLD_MS 200  /* one server: a first lookup waits behind a call in flight at most this long */
+#define SL_DIR_SUB_CHANNELS 6 /* subscribe(): five keyspace patterns and P changes */
+
+static void subscribe(struct sl_dirsync_sub *sub);
+
+/* Whether notify-keyspace-events flags cover what the directory follows.
+ * K: keyspace channel; g$shxe: generic, string, set, hash, expired, evicted
+ * (A covers all). */
+static int keyspace_covered(const char *flags) {
+  return strchr(flags, 'K') && (strchr(flags, 'A') || (strchr(flags, 'g') && strchr(flags, '$') &&
+                                                       strchr(flags, 's') && strchr(flags, 'h')));
+}
 
 /* ---- publishing ---- */
 
@@ -149,10 +161,39 @@ static void schedule_flush(struct sl_dirsync *d) {
   if (!uv_is_active((uv_handle_t *)&d->flush)) uv_timer_start(&d->flush, on_flush, 0, 0);
 }
 
+static void on_mark_read(void *owner, void *priv, const redisReply *r) {
+  (void)priv;
+  struct sl_dirsync *d = owner;
+  if (!d) return;
+  d->mark[0] = 0;
+  if (r && r->type == REDIS_REPLY_NIL)
+    memcpy(d->mark, d->mark_ours, sizeof(d->mark)); /* ours was set */
+  else if (r && r->type == REDIS_REPLY_STRING && r->len < sizeof(d->mark))
+    memcpy(d->mark, r->str, r->len + 1);
+}
+
+/* P dir:mark: set to a new random value unless there is one, and read
+ * (SET NX GET), just before a full reread: a later check that finds it gone
+ * or changed knows the data set was flushed or replaced since. */
+static void read_mark(struct sl_dirsync *d) {
+  uint64_t rnd[2];
+  if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd)) rnd[0] = uv_hrtime(), rnd[1] = (uint64_t)uv_os_getpid();
+  snprintf(d->mark_ours, sizeof(d->mark_ours), "%016llx%016llx", (unsigned long long)rnd[0],
+           (unsigned long long)rnd[1]);
+  char key[sizeof(d->prefix) + sizeof(SL_KEY_DIR_MARK)];
+  snprintf(key, sizeof(key), "%s" SL_KEY_DIR_MARK, d->prefix);
+  const char *argv[] = {"SET", key, d->mark_ours, "NX", "GET"};
+  size_t len[] = {3, strlen(key), strlen(d->mark_ours), 2, 3};
+  d->mark[0] = 0;
+  sl_db_command(d->db, 0, on_mark_read, NULL, 5, argv, len);
+}
+
 static void full_resync(struct sl_dirsync *d) {
   if (!sl__dirsync_cmd_ready(d) || d->resync_running) return;
   d->resync_running = 1;
   d->reload_state = 1;
+  d->checks_since_full = 0;
+  if (!d->cluster) read_mark(d);
   reload_accounts(d, NULL, 0);
   on_flush(&d->flush);
   /* Replies come in order on one connection: this one marks the end (in a
@@ -161,6 +202,75 @@ static void full_resync(struct sl_dirsync *d) {
   size_t pl = 4;
   if (sl_db_command(d->db, sl__dirsync_key_slot(d, SL_KEY_SUSPENDED, SL_KEYLEN(SL_KEY_SUSPENDED)), on_resync_done,
                     NULL, 1, &ping, &pl) != 0)
+    d->resync_running = 0;
+  d->next_resync_ms = sl_mono_ms() + d->resync_ms;
+}
+
+/* One server or Sentinel: whether every change since the last full reread
+ * was notified, as far as sluice can know: notifications on for our
+ * classes (as the server said last), every subscription confirmed on the
+ * connection in use since that reread (a reconnect rereads everything),
+ * and the data set's mark read. What notifies nothing (FLUSHALL, FLUSHDB,
+ * SWAPDB, CONFIG SET turning notifications off) the check finds. */
+static int notified_so_far(const struct sl_dirsync *d) {
+  return !d->cluster && d->keyspace_ok && d->sub_acks >= SL_DIR_SUB_CHANNELS && d->mark[0];
+}
+
+static void on_check_flags(void *owner, void *priv, const redisReply *r) {
+  (void)priv;
+  struct sl_dirsync *d = owner;
+  if (!d) return;
+  char flags[64] = "";
+  if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 2 && r->element[1]->type == REDIS_REPLY_STRING &&
+      r->element[1]->len < sizeof(flags))
+    memcpy(flags, r->element[1]->str, r->element[1]->len + 1);
+  if (!keyspace_covered(flags)) d->check_failed = 1;
+}
+
+static void on_check_mark(void *owner, void *priv, const redisReply *r) {
+  (void)priv;
+  struct sl_dirsync *d = owner;
+  if (!d) return;
+  int same = r && r->type == REDIS_REPLY_STRING && d->mark[0] && r->len == strlen(d->mark) &&
+             !memcmp(r->str, d->mark, r->len);
+  if (!same || d->check_failed || !notified_so_far(d)) {
+    /* notifications off again: turned back on (and resubscribed: the
+     * server keeps what is already subscribed) before the reread */
+    if (d->check_failed) {
+      d->keyspace_ok = 0;
+      subscribe(&d->subs[0]);
+    }
+    d->resync_running = 0;
+    full_resync(d);
+    return;
+  }
+  d->resync_running = 0;
+  d->checks_since_full++;
+  sl_stat_inc(&d->stats.resync_checks, 1);
+}
+
+/* The resync interval: with one server or Sentinel and every change
+ * notified so far, rereading every account (about 5 us of Redis CPU each,
+ * every interval, for every instance) finds nothing; a check of what could
+ * have changed unnotified stands in for it (two commands), and everything
+ * is still reread every SL_DIR_FULL_EVERY intervals. Else a full reread. */
+static void check_or_resync(struct sl_dirsync *d) {
+  if (!notified_so_far(d) || d->checks_since_full + 1 >= SL_DIR_FULL_EVERY) {
+    full_resync(d);
+    return;
+  }
+  if (!sl__dirsync_cmd_ready(d) || d->resync_running) return;
+  d->resync_running = 1;
+  d->check_failed = 0;
+  char key[sizeof(d->prefix) + sizeof(SL_KEY_DIR_MARK)];
+  snprintf(key, sizeof(key), "%s" SL_KEY_DIR_MARK, d->prefix);
+  const char *flags[] = {"CONFIG", "GET", "notify-keyspace-events"};
+  size_t flags_len[] = {6, 3, 22};
+  const char *get[] = {"GET", key};
+  size_t get_len[] = {3, strlen(key)};
+  /* one connection: the mark's reply comes after the flags' */
+  if (sl_db_command(d->db, 0, on_check_flags, NULL, 3, flags, flags_len) != 0 ||
+      sl_db_command(d->db, 0, on_check_mark, NULL, 2, get, get_len) != 0)
     d->resync_running = 0;
   d->next_resync_ms = sl_mono_ms() + d->resync_ms;
 }
@@ -212,7 +322,9 @@ static void on_sub_message(redisAsyncContext *c, void *reply, void *priv) {
   if (!r || r->type != REDIS_REPLY_ARRAY || r->elements < 3) return;
   const redisReply *kind = r->element[0];
   if (kind->type != REDIS_REPLY_STRING) return;
-  if (kind->len == 8 && !memcmp(kind->str, "pmessage", 8) && r->elements == 4) {
+  if ((kind->len == 10 && !memcmp(kind->str, "psubscribe", 10)) || (kind->len == 9 && !memcmp(kind->str, "subscribe", 9))) {
+    d->sub_acks++;
+  } else if (kind->len == 8 && !memcmp(kind->str, "pmessage", 8) && r->elements == 4) {
     /* channel: __keyspace@<db>__:<prefix><key> */
     const redisReply *ch = r->element[2];
     if (ch->type != REDIS_REPLY_STRING) return;
@@ -243,6 +355,7 @@ static void on_sub_message(redisAsyncContext *c, void *reply, void *priv) {
  * reconnect. */
 static void say_keyspace(struct sl_dirsync *d, int ok, const char *why) {
   int state = ok ? 1 : 2;
+  d->keyspace_ok = ok;
   atomic_store_explicit(&d->stats.keyspace_enabled, ok, memory_order_relaxed);
   if (d->keyspace_said == state) return;
   d->keyspace_said = state;
@@ -274,15 +387,11 @@ static void on_config_get(redisAsyncContext *c, void *reply, void *priv) {
       r->element[1]->len < 40)
     memcpy(flags, r->element[1]->str, r->element[1]->len + 1);
   /* (a refused CONFIG GET shows in the CONFIG SET answer that follows) */
-  /* K: keyspace channel; g$shxe: generic, string, set, hash, expired, evicted
-   * (A covers all). Added to what the server already has. */
-  int have = strchr(flags, 'K') && (strchr(flags, 'A') || (strchr(flags, 'g') && strchr(flags, '$') &&
-                                                            strchr(flags, 's') && strchr(flags, 'h')));
-  if (have) {
+  if (keyspace_covered(flags)) {
     say_keyspace(d, 1, NULL);
     return;
   }
-  char want[96];
+  char want[96]; /* ours added to what the server already has */
   snprintf(want, sizeof(want), "%sKg$shxe", flags);
   redisAsyncContext *cmd = sl_redis_cmd(sub->r);
   if (cmd) redisAsyncCommand(cmd, on_config_set_check, sub, "CONFIG SET notify-keyspace-events %s", want);
@@ -293,6 +402,8 @@ static void on_config_get(redisAsyncContext *c, void *reply, void *priv) {
 static void subscribe(struct sl_dirsync_sub *sub) {
   struct sl_dirsync *d = sub->d;
   redisAsyncContext *cmd = sl_redis_cmd(sub->r), *s = sl_redis_sub(sub->r);
+  d->keyspace_ok = 0;
+  d->sub_acks = 0;
   if (cmd) redisAsyncCommand(cmd, on_config_get, sub, "CONFIG GET notify-keyspace-events");
   if (!s) return;
   /* Only the keys the directory follows: a wider pattern would bring every
@@ -530,7 +641,7 @@ static void on_tick(uv_timer_t *t) {
       i++;
     }
   }
-  if (ready && now >= d->next_resync_ms) full_resync(d);
+  if (ready && now >= d->next_resync_ms) check_or_resync(d);
   sl__dirsync_publish(d);
   reclaim(d);
 }

@@ -1,8 +1,9 @@
 /* The directory thread: keeps the account directory (dir.h) in step with
  * Redis. It loads the suspended set and feature overrides whole, accounts
  * (AccessKeyId -> UID and that UID's packages) on first sight, listens for
- * keyspace notifications and messages on `P changes`, and resyncs everything
- * it holds every resync interval. It runs its own libuv loop with hiredis'
+ * keyspace notifications and messages on `P changes`, and every resync
+ * interval rereads everything it holds, or, where notifications are known
+ * to be live, checks for what they cannot tell (check_or_resync). It runs its own libuv loop with hiredis'
  * async API; workers talk to it through a lock-free ring and uv_async. */
 #ifndef SL_DIRSYNC_H
 #define SL_DIRSYNC_H
@@ -18,6 +19,7 @@
 #include "ring.h"
 
 #define SL_DIR_MAX_PENDING 4096 /* distinct accounts being looked up at once */
+#define SL_DIR_FULL_EVERY 10    /* everything reread at least every this many resync intervals */
 
 struct sl_lookup_msg {
   uint64_t hash;
@@ -33,6 +35,7 @@ struct sl_dirsync_stats {
   _Atomic uint64_t lookup_failures;   /* answered "unavailable" (Redis down or slow) */
   _Atomic uint64_t notifications;     /* keyspace events and change messages handled */
   _Atomic uint64_t resyncs;           /* full resyncs completed */
+  _Atomic uint64_t resync_checks;     /* resync intervals that found nothing missed (no reread needed) */
   _Atomic uint64_t reconnects;        /* connection attempts after a loss */
   _Atomic uint64_t invalid_packages;  /* package hashes that could not be used */
   _Atomic uint64_t accounts;          /* gauge: records in the directory */
@@ -111,6 +114,14 @@ struct sl_dirsync {
   uint64_t next_badkey_sweep_ms;
   uint64_t next_resync_ms;
   int resync_running;
+  /* One server or Sentinel: a resync interval rereads everything only when
+   * a change may have gone unnotified (dirsync.c, check_or_resync). */
+  int keyspace_ok;           /* the server's notify-keyspace-events covers ours, as last seen */
+  unsigned sub_acks;         /* subscriptions confirmed since the last subscribe() */
+  char mark[40];             /* P dir:mark's value as last read ("": unknown) */
+  char mark_ours[40];        /* the value the last read_mark offered */
+  unsigned checks_since_full; /* intervals checked without a reread since the last full one */
+  int check_failed;
   /* lookups in flight */
   struct {
     uint64_t hash, started_ms;

@@ -214,9 +214,11 @@ static void key_ok(struct sl_dirsync *d, const char *name, size_t len) {
 }
 
 /* Forgets keys not seen unusable for a while (an account no longer asked
- * for is not read again): the gauge counts keys seen bad lately. */
+ * for is not read again): the gauge counts keys seen bad lately. A key is
+ * read again at a full reread, at least every SL_DIR_FULL_EVERY intervals. */
 void sl__dirsync_badkey_sweep(struct sl_dirsync *d, uint64_t now) {
-  uint64_t keep = 2ull * d->resync_ms > 60000 ? 2ull * d->resync_ms : 60000;
+  uint64_t full = (uint64_t)SL_DIR_FULL_EVERY * d->resync_ms;
+  uint64_t keep = 2 * full > 60000 ? 2 * full : 60000;
   for (unsigned i = 0; i < d->nbad;) {
     if (now - d->bad[i].last_seen_ms > keep)
       d->bad[i] = d->bad[--d->nbad];

@@ -108,7 +108,7 @@ static const struct opt opts[] = {
    "testing aid: shift sluice's wall clock by N seconds (0)"},
   {"admission", OPT_CHOICE, F(admission_on), 0, CHOICES_ON_OFF, 0,
    "on|off: off forwards every request to the default pool unchecked (on)"},
-  {"resync-ms", OPT_UINT, F(resync_ms), 0, 100, 86400000, "full resync from Redis (30000)"},
+  {"resync-ms", OPT_UINT, F(resync_ms), 0, 100, 86400000, "directory: changes not notified are found this often (30000; docs/operations.md)"},
   {"lookup-timeout-ms", OPT_UINT, F(lookup_timeout_ms), 0, 10, 60000,
    "wait for a first account lookup, else 503 (1000)"},
   {"negative-ttl-ms", OPT_UINT, F(negative_ttl_ms), 0, 0, 3600000, "cache of unknown AccessKeyIds (5000)"},

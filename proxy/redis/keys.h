@@ -28,6 +28,8 @@
 #define SL_FIELD_STARTS_AT "starts_at"   /* unix seconds */
 #define SL_FIELD_EXPIRES_AT "expires_at" /* unix seconds */
 #define SL_CHANNEL_CHANGES "changes"  /* pub/sub: a message names a changed key */
+#define SL_KEY_DIR_MARK "dir:mark"    /* a random value the directory keeps: gone or changed means the data set
+                                       * was flushed or replaced, which notifies nothing (FLUSHALL, SWAPDB) */
 
 /* ---- global limits (sluice's fleet threads, SPEC 9; docs/limits.md) ---- */
 #define SL_KEY_SHARE "share:"                     /* share:<uid>:<feature>:<region> hash: session ->

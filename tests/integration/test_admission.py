@@ -791,6 +791,77 @@ class Resync(AdmissionCase):
             poll(lambda: call(c).status == 200, 3, "ak change via resync", interval=0.01)
 
 
+class ResyncChecks(AdmissionCase):
+    """With notifications on and every subscription confirmed, a resync
+    interval checks what can change unnotified (notifications turned off,
+    the data set flushed or swapped) instead of rereading every account;
+    everything is still reread every 10 intervals."""
+
+    SLUICE_ARGS = ("--resync-ms", "400", "--negative-ttl-ms", "60000", "--global-limits", "off")
+
+    def counts(self):
+        m = self.sl.metrics()
+        return m.get("sluice_directory_resync_checks_total", 0), m.get("sluice_directory_resyncs_total", 0)
+
+    def evalsha_calls(self):
+        info = self.cli("INFO", "commandstats")
+        hit = re.search(r"cmdstat_evalsha:calls=(\d+)", info)
+        return int(hit.group(1)) if hit else 0
+
+    def test_checks_stand_in_for_rereads(self):
+        with harness.HttpConn(self.sl.port) as c:
+            self.assertEqual(call(c).status, 200)
+        poll(lambda: self.counts()[0] >= 1, 5, "a first check")
+        checks0, full0 = self.counts()
+        reads0 = self.evalsha_calls()
+        time.sleep(2.2)  # five or six intervals
+        checks1, full1 = self.counts()
+        self.assertGreaterEqual(checks1 - checks0, 3)
+        self.assertLessEqual(full1 - full0, 1)
+        # a full reread is a state script call and an account one (the
+        # directory's are the only scripts with global limits off): each
+        # interval would make two
+        self.assertLessEqual(self.evalsha_calls() - reads0, 2)
+        # and every 10 intervals everything is reread all the same
+        poll(lambda: self.counts()[1] >= full1 + 1, 6, "the 10th interval's full reread")
+
+    def test_flushall_is_found(self):
+        with harness.HttpConn(self.sl.port) as c:
+            self.assertEqual(call(c).status, 200)
+            poll(lambda: self.counts()[0] >= 1, 5, "a first check")
+            self.cli("FLUSHALL")  # notifies nothing
+            t0 = time.monotonic()
+            poll(lambda: call(c).status == 403, 3, "AK1 gone after FLUSHALL", interval=0.01)
+            note_delay("FLUSHALL (no notification), the check (--resync-ms 400)", time.monotonic() - t0)
+
+    def test_swapdb_is_found(self):
+        with harness.HttpConn(self.sl.port) as c:
+            self.assertEqual(call(c).status, 200)
+            poll(lambda: self.counts()[0] >= 1, 5, "a first check")
+            self.cli("-n", "1", "SET", P + "ak:AK1", "u1")
+            self.cli("-n", "1", "SADD", P + "suspended", "u1")
+            self.cli("SWAPDB", "0", "1")  # notifies nothing
+            poll(lambda: call(c).status == 403, 3, "u1 suspended after SWAPDB", interval=0.01)
+
+    def test_notifications_turned_off_are_turned_on_again(self):
+        with harness.HttpConn(self.sl.port) as c:
+            self.assertEqual(call(c).status, 200)
+            poll(lambda: self.counts()[0] >= 1, 5, "a first check")
+            self.cli("CONFIG", "SET", "notify-keyspace-events", "")
+            self.cli("SADD", P + "suspended", "u1")  # not notified
+            t0 = time.monotonic()
+            poll(lambda: call(c).status == 403, 3, "suspension after notifications went off", interval=0.01)
+            note_delay("SADD suspended, notifications off (the check)", time.monotonic() - t0)
+            flags = self.cli("CONFIG", "GET", "notify-keyspace-events").split()
+            self.assertIn("K", flags[-1])
+            # notified again: within a second, though the next check is
+            # made to wait (a full reread now needs 10 intervals)
+            poll(lambda: self.counts()[0] >= 1, 5, "checks again")
+            self.cli("SREM", P + "suspended", "u1")
+            t0 = time.monotonic()
+            poll(lambda: call(c).status == 200, 1, "lifted by notification", interval=0.005)
+
+
 def restart_redis_same_port(r):
     """Starts a new redis-server with the argv of r (same port and directory:
     it loads the dump.rdb of a SAVE) and puts it in r.proc."""
