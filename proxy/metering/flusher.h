@@ -104,11 +104,17 @@ void sl_flusher_stop(struct sl_flusher *f);
 /* Workers call this after handing their tables over for a round. */
 static inline void sl_flusher_notify(struct sl_flusher *f) { uv_async_send(&f->wake); }
 
-/* How a reply to a batch's EVAL is taken (exposed for the fuzz harness):
- * r is NULL when the connection went first. */
+/* How replies to a batch's commands are taken (exposed for the fuzz
+ * harness); r is NULL when the connection went first. A script's (Redis
+ * Cluster): 1 applied, 0 found applied. One server: the GET of the batch's
+ * marker (nil: not yet applied; a string: applied), and its transaction's
+ * EXEC (nil: the marker changed, read it again; an array of a reply per
+ * command sent: applied). */
 struct redisReply;
-enum { SL_REPLY_LOST, SL_REPLY_APPLIED, SL_REPLY_DUPLICATE, SL_REPLY_ERROR };
+enum { SL_REPLY_LOST, SL_REPLY_APPLIED, SL_REPLY_DUPLICATE, SL_REPLY_ERROR, SL_REPLY_NOT_YET, SL_REPLY_AGAIN };
 int sl_flusher_reply_kind(const struct redisReply *r);
+int sl_flusher_marker_kind(const struct redisReply *r);
+int sl_flusher_exec_kind(const struct redisReply *r, size_t cmds);
 
 /* The names a key is written to Redis under (feature, tier, outcome). */
 void sl_flusher_key_names(const struct sl_meter_key *k, const char **feature, const char **tier,

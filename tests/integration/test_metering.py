@@ -620,10 +620,10 @@ class RedisTrouble(MeteringCase):
 
     def test_lost_reply_is_resent_once(self):
         """A proxy between sluice and Redis forwards the flusher's first
-        EVAL, then closes that connection instead of relaying the reply:
-        sluice reconnects and sends the batch again with the same id, which
-        Redis recognises (deduplicated)."""
-        fp = tcpfault.FaultProxy(self.r.port, marker=b"meter:batch")
+        transaction (MULTI ... EXEC), then closes that connection instead of
+        relaying EXEC's reply: sluice reconnects and sends the batch again
+        with the same id, whose marker Redis has (deduplicated)."""
+        fp = tcpfault.FaultProxy(self.r.port, marker=b"$4\r\nEXEC\r\n", pass_replies=(b"+OK\r\n", b"+QUEUED\r\n"))
         self.addCleanup(fp.close)
         sl = self.start("--flush-ms", "200", redis=fp)
         Load(sl.port, self.tally, threads=4, duration=2.5).run(self)
@@ -634,7 +634,7 @@ class RedisTrouble(MeteringCase):
         note(f"lost reply: dropped {fp.dropped[0][:20]!r} on 1 of {fp.connections} connections to redis; "
              f"retried {mm['batches_retried_total']}, deduplicated {mm['batches_deduplicated_total']}, "
              f"applied {mm['batches_applied_total']}, made {mm['batches_total']}")
-        self.assertTrue(fp.dropped[0].startswith(b":1"), fp.dropped)  # the script ran: the batch was applied
+        self.assertTrue(fp.dropped[0].startswith(b"*"), fp.dropped[0][:40])  # EXEC's array: the batch was applied
         self.assertGreaterEqual(mm["batches_retried_total"], 1)
         self.assertEqual(mm["batches_deduplicated_total"], 1)
         self.assertEqual(mm["batches_applied_total"] + mm["batches_deduplicated_total"], mm["batches_total"])
@@ -642,6 +642,29 @@ class RedisTrouble(MeteringCase):
         meter = self.check_exact("lost reply")
         # the batch whose reply was lost has its marker (applied once) though sluice counts it as deduplicated
         self.assertGreaterEqual(len(meter.markers), mm["batches_applied_total"] + mm["batches_deduplicated_total"])
+
+    def test_transaction_applied_elsewhere_first(self):
+        """The race a lost connection leaves: a batch's transaction executes
+        from another connection (the dropped one's EXEC, read by Redis late)
+        between this one's GET of the marker and its EXEC. A proxy runs the
+        flusher's first transaction on a connection of its own just before
+        forwarding it: the flusher's EXEC must find its WATCHed marker
+        changed (nil), read the marker again and take the batch as applied,
+        so that its counts are in Redis once."""
+        fp = tcpfault.FaultProxy(self.r.port, marker=b"$4\r\nEXEC\r\n", replay_from=b"*1\r\n$5\r\nMULTI\r\n")
+        self.addCleanup(fp.close)
+        sl = self.start("--flush-ms", "200", redis=fp)
+        Load(sl.port, self.tally, threads=4, duration=2.0).run(self)
+        poll(lambda: fp.replayed, 10, "a transaction run elsewhere first")
+        self.drained(sl)
+        mm = self.meter_metrics(sl)
+        note(f"transaction run elsewhere first: its reply {fp.replayed[0][:30]!r}; applied "
+             f"{mm['batches_applied_total']}, deduplicated {mm['batches_deduplicated_total']}, made {mm['batches_total']}")
+        self.assertTrue(fp.replayed[0].startswith(b"*"), fp.replayed[0])  # EXEC ran there
+        self.assertEqual(mm["batches_deduplicated_total"], 1)
+        self.assertEqual(mm["batches_applied_total"] + mm["batches_deduplicated_total"], mm["batches_total"])
+        self.stop_sluice(sl)
+        self.check_exact("transaction applied elsewhere first")
 
     def test_sigterm_just_after_redis_returns(self):
         """Redis away for 3 s (the flusher's reconnect backoff grows to 2 s),
