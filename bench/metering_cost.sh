@@ -181,7 +181,19 @@ for p in "${rports[@]}"; do redis-cli -p "$p" config resetstat >/dev/null; done
 r0=$(redis_ticks)
 declare -A each0=()
 for p in "${rpids[@]}"; do each0[$p]=$(ticks "$p"); done
+# sluice's threads' CPU over the run (utime+stime, ticks): the workers'
+# against the flusher's (issue 12: the flusher's work must stay small)
+thread_ticks() {
+  local t
+  for t in /proc/"$spid"/task/*; do
+    awk '{sub(/^[^)]*\) /, ""); print $12 + $13}' "$t/stat" | tr '\n' ' '
+    tr -d '\n' <"$t/comm"
+    echo
+  done | awk '{s[$2] += $1} END {for (k in s) print k, s[k]}' | LC_ALL=C sort
+}
+th0=$(thread_ticks)
 run_wrk "$secs" --latency >"$tmp/wrk.txt"
+th1=$(thread_ticks)
 kill -TERM "$spid"
 wait "$spid" || die "sluice exited non-zero: $(tail -3 "$tmp/sluice.log")"
 r1=$(redis_ticks)
@@ -200,6 +212,8 @@ if ((${#rpids[@]} > 1)); then
   for p in "${rpids[@]}"; do echo -n " $((($(ticks "$p") - each0[$p]) * 10))"; done
   echo
 fi
+echo "sluice's threads over the run, CPU ms (utime+stime): $(LC_ALL=C join -a 2 <(echo "$th0") <(echo "$th1") |
+  awk -v hz="$(getconf CLK_TCK)" '{d = (NF == 3 ? $3 - $2 : $2); printf "%s %d; ", $1, d * 1000 / hz}')"
 for p in "${rports[@]}"; do
   redis-cli -p "$p" info commandstats | sed -n 's/^cmdstat_\([a-z]*\):calls=\([0-9]*\),usec=\([0-9]*\),.*/\1 \2 \3/p'
 done | awk '{c[$1] += $2; u[$1] += $3} END {for (k in c) printf "  %-10s %8d calls %8.1f ms\n", k, c[k], u[k] / 1000}' |
