@@ -383,6 +383,8 @@ struct part {
   uint64_t gen;   /* the send it belongs to (f->gen): a reply to an older one is dropped */
   size_t txn_cmds; /* one server: the commands its EXEC answers */
   int txn_again;   /* one server: EXECs answered nil so far */
+  int marker_kind; /* one server: what the marker's GET said (sl_flusher_marker_kind) */
+  int watched;     /* one server: WATCH answered OK */
   unsigned slot;  /* where it goes (and its WAIT after it) */
   int plain;      /* a plain command (SADD, idempotent): any integer reply is success */
   int kind;       /* SL_REPLY_APPLIED or _DUPLICATE once the command is answered */
@@ -444,8 +446,8 @@ static void part_waited(struct sl_flusher *f, struct part *p, const redisReply *
   part_end(f, p, PART_SHORT);
 }
 
-/* An error reply to the batch in flight (r: NULL for none), said at most
- * every ERR_LOG_MS. */
+/* An error reply to the batch in flight (r: NULL when what says it all),
+ * said at most every ERR_LOG_MS. */
 static void batch_error(struct sl_flusher *f, const char *what, const redisReply *r) {
   uint32_t held;
   f->errors++;
@@ -453,7 +455,7 @@ static void batch_error(struct sl_flusher *f, const char *what, const redisReply
   char w[220];
   fprintf(stderr, "sluice: metering batch %.*s: %s%s (%llu error(s) so far, said at most every %d s)\n",
           f->inflight->id_len, f->inflight->id, what,
-          r && r->type == REDIS_REPLY_ERROR ? sl_printable(w, sizeof(w), r->str, r->len) : "an unexpected reply",
+          !r ? "" : r->type == REDIS_REPLY_ERROR ? sl_printable(w, sizeof(w), r->str, r->len) : "an unexpected reply",
           (unsigned long long)f->errors, ERR_LOG_MS / 1000);
 }
 
@@ -758,9 +760,10 @@ static void args_free(struct args *x) {
 /* One server or Sentinel: a batch is an optimistic transaction, not a
  * script (issue 12: Redis spends about a quarter less per key on queued
  * commands than on the same commands called from Lua, measured in
- * bench/README.md). WATCH the batch's marker P meter:batch:<id> and GET it:
- * set means applied before (a duplicate). Else MULTI, the marker's SET, the
- * HINCRBYs, the days' SADDs, the stream entry, EXEC: all or nothing, and
+ * bench/README.md). WATCH the batch's marker P meter:batch:<id>, GET it,
+ * MULTI (one round trip): set means applied before (a duplicate: DISCARD).
+ * Else the marker's SET, the HINCRBYs, the days' SADDs, the stream entry,
+ * EXEC: all or nothing, and
  * nothing if the marker changed after the WATCH (EXEC answers nil, and the
  * marker is read again). So a batch applies once even when the EXEC's reply
  * is lost, or when a dropped connection's EXEC reaches Redis after the
@@ -768,10 +771,10 @@ static void args_free(struct args *x) {
 #define SL_TXN_AGAIN_MAX 3 /* EXECs answered nil in a row before the batch waits for the retry delay */
 
 static void on_txn_step(void *owner, void *priv, const redisReply *r) {
-  (void)owner, (void)priv, (void)r; /* WATCH, MULTI, UNWATCH, QUEUED: EXEC's reply tells */
+  (void)owner, (void)priv, (void)r; /* QUEUED (EXEC's reply tells), DISCARD, UNWATCH */
 }
 
-static void send_watch(struct sl_flusher *f, struct part *p);
+static int send_watch(struct sl_flusher *f, struct part *p);
 static void on_txn_exec(void *owner, void *priv, const redisReply *r);
 
 /* The marker's name for b into buf (cap bytes): its length. */
@@ -796,9 +799,6 @@ static int send_txn(struct sl_flusher *f, struct part *p) {
     x.a = 0;                                                                                      \
     x.p = x.buf;                                                                                  \
   } while (0)
-  arg(&x, "MULTI", 5);
-  SEND();
-  p->txn_cmds = 0; /* MULTI is answered apart */
   arg(&x, "SET", 3), arg(&x, mk, mkl), arg(&x, "1", 1), arg(&x, "EX", 2), arg(&x, "604800", 6);
   SEND();
   char daybuf[16];
@@ -917,10 +917,10 @@ static void on_txn_exec(void *owner, void *priv, const redisReply *r) {
     return;
   case SL_REPLY_AGAIN: /* the marker changed since the WATCH: read it again */
     if (++p->txn_again < SL_TXN_AGAIN_MAX) {
-      send_watch(f, p);
+      if (send_watch(f, p) != 0) part_end(f, p, PART_LOST);
       return;
     }
-    batch_error(f, "the marker kept changing", NULL);
+    batch_error(f, "retrying: its marker kept changing", NULL);
     part_end(f, p, PART_ERROR);
     return;
   case SL_REPLY_APPLIED:
@@ -939,47 +939,77 @@ static void on_txn_exec(void *owner, void *priv, const redisReply *r) {
   }
 }
 
+/* WATCH's and the marker's GET's replies: kept for MULTI's reply, which
+ * follows on the same connection and decides (p stays owned by that
+ * callback). */
+static void on_watch(void *owner, void *priv, const redisReply *r) {
+  struct sl_flusher *f = owner;
+  struct part *p = priv;
+  if (!f || p->gen != f->gen || !f->inflight) return;
+  p->watched = r && r->type == REDIS_REPLY_STATUS;
+  if (!p->watched && r) batch_error(f, "retrying: WATCH refused: ", r);
+}
+
 static void on_marker(void *owner, void *priv, const redisReply *r) {
+  struct sl_flusher *f = owner;
+  struct part *p = priv;
+  if (!f || p->gen != f->gen || !f->inflight) return;
+  p->marker_kind = sl_flusher_marker_kind(r);
+  if (p->marker_kind == SL_REPLY_ERROR) batch_error(f, "retrying: reading its marker: ", r);
+}
+
+/* MULTI's reply, after WATCH's and the marker's: watched, not applied yet
+ * and MULTI taken: the body and EXEC; found applied: DISCARD (which also
+ * unwatches). WATCH or MULTI refused (an ACL, a renamed command): no body,
+ * since it would run unguarded or command by command. */
+static void on_multi(void *owner, void *priv, const redisReply *r) {
   struct sl_flusher *f = owner;
   struct part *p = current_part(f, priv);
   if (!p) return;
-  switch (sl_flusher_marker_kind(r)) {
-  case SL_REPLY_LOST:
+  if (!r || p->marker_kind == SL_REPLY_LOST) {
     part_end(f, p, PART_LOST);
     return;
-  case SL_REPLY_DUPLICATE: {
-    const char *u = "UNWATCH";
-    size_t ul = 7;
-    sl_db_command(f->redis, 0, on_txn_step, NULL, 1, &u, &ul);
-    part_in_redis(f, p, SL_REPLY_DUPLICATE);
-    return;
   }
-  case SL_REPLY_NOT_YET:
+  int in_multi = r->type == REDIS_REPLY_STATUS && r->len == 2 && !memcmp(r->str, "OK", 2);
+  if (!in_multi) batch_error(f, "retrying: MULTI refused: ", r);
+  if (in_multi && p->watched && p->marker_kind == SL_REPLY_NOT_YET) {
     if (send_txn(f, p) != 0) part_end(f, p, PART_LOST);
     return;
-  default:
-    batch_error(f, "retrying: reading its marker: ", r);
-    part_end(f, p, PART_ERROR);
   }
+  const char *cmd = in_multi ? "DISCARD" : "UNWATCH";
+  size_t cl = strlen(cmd);
+  sl_db_command(f->redis, 0, on_txn_step, NULL, 1, &cmd, &cl);
+  if (in_multi && p->marker_kind == SL_REPLY_DUPLICATE)
+    part_in_redis(f, p, SL_REPLY_DUPLICATE);
+  else
+    part_end(f, p, PART_ERROR);
 }
 
-/* WATCH and GET of the marker of the batch in flight, p its part. */
-static void send_watch(struct sl_flusher *f, struct part *p) {
+/* WATCH and GET of the batch in flight's marker, and MULTI, in one round
+ * trip; p is its part. Returns 0, or -1 when the connection is gone. */
+static int send_watch(struct sl_flusher *f, struct part *p) {
   char mk[sizeof(f->prefix) + sizeof(SL_KEY_METER_BATCH) + sizeof(f->inflight->id)];
   size_t mkl = marker_name(f, f->inflight, mk, sizeof(mk));
-  const char *w[] = {"WATCH", mk}, *g[] = {"GET", mk};
-  size_t wl[] = {5, mkl}, gl[] = {3, mkl};
-  if (sl_db_command(f->redis, 0, on_txn_step, NULL, 2, w, wl) != 0 ||
+  const char *w[] = {"WATCH", mk}, *g[] = {"GET", mk}, *m = "MULTI";
+  size_t wl[] = {5, mkl}, gl[] = {3, mkl}, ml = 5;
+  p->marker_kind = SL_REPLY_LOST;
+  p->watched = 0;
+  if (sl_db_command(f->redis, 0, on_watch, p, 2, w, wl) != 0 ||
       sl_db_command(f->redis, 0, on_marker, p, 2, g, gl) != 0)
-    part_end(f, p, PART_LOST);
+    return -1;
+  return sl_db_command(f->redis, 0, on_multi, p, 1, &m, &ml) != 0 ? -1 : 0;
 }
 
 static void send_single(struct sl_flusher *f, struct sl_batch *b) {
   (void)b;
   struct part *p = sl_calloc(1, sizeof *p);
   *p = (struct part){.gen = f->gen};
+  if (send_watch(f, p) != 0) { /* the connection is gone: nothing answers p */
+    free(p);
+    f->part_worst = PART_LOST;
+    return;
+  }
   f->parts_left++;
-  send_watch(f, p);
 }
 
 /* The name <prefix><head><day>:{<uid>} into the args (cluster form). */
