@@ -32,8 +32,11 @@ static void subscribe(struct sl_dirsync_sub *sub);
  * K: keyspace channel; g$shxe: generic, string, set, hash, expired, evicted
  * (A covers all). */
 static int keyspace_covered(const char *flags) {
-  return strchr(flags, 'K') && (strchr(flags, 'A') || (strchr(flags, 'g') && strchr(flags, '$') &&
-                                                       strchr(flags, 's') && strchr(flags, 'h')));
+  if (!strchr(flags, 'K')) return 0;
+  if (strchr(flags, 'A')) return 1;
+  for (const char *c = "g$shxe"; *c; c++)
+    if (!strchr(flags, *c)) return 0;
+  return 1;
 }
 
 /* ---- publishing ---- */
@@ -189,10 +192,20 @@ static void read_mark(struct sl_dirsync *d) {
 }
 
 static void full_resync(struct sl_dirsync *d) {
-  if (!sl__dirsync_cmd_ready(d) || d->resync_running) return;
+  if (!sl__dirsync_cmd_ready(d)) return;
+  if (d->resync_running) { /* a check's or a reread's replies are due: this one goes after (on_tick) */
+    d->resync_wanted = 1;
+    return;
+  }
   d->resync_running = 1;
+  d->resync_wanted = 0;
   d->reload_state = 1;
   d->checks_since_full = 0;
+  d->force_full = 0;
+  /* a change made before notifications and subscriptions are confirmed may
+   * be read by this reread or notified, or neither: only a reread sent
+   * after both may stand for the intervals that follow */
+  d->full_trusted = d->keyspace_ok && d->sub_acks >= SL_DIR_SUB_CHANNELS;
   if (!d->cluster) read_mark(d);
   reload_accounts(d, NULL, 0);
   on_flush(&d->flush);
@@ -213,7 +226,8 @@ static void full_resync(struct sl_dirsync *d) {
  * and the data set's mark read. What notifies nothing (FLUSHALL, FLUSHDB,
  * SWAPDB, CONFIG SET turning notifications off) the check finds. */
 static int notified_so_far(const struct sl_dirsync *d) {
-  return !d->cluster && d->keyspace_ok && d->sub_acks >= SL_DIR_SUB_CHANNELS && d->mark[0];
+  return !d->cluster && d->full_trusted && d->keyspace_ok && d->sub_acks >= SL_DIR_SUB_CHANNELS && d->mark[0] &&
+         !d->force_full && !d->volatile_seen;
 }
 
 static void on_check_flags(void *owner, void *priv, const redisReply *r) {
@@ -234,8 +248,9 @@ static void on_check_mark(void *owner, void *priv, const redisReply *r) {
   int same = r && r->type == REDIS_REPLY_STRING && d->mark[0] && r->len == strlen(d->mark) &&
              !memcmp(r->str, d->mark, r->len);
   if (!same || d->check_failed || !notified_so_far(d)) {
-    /* notifications off again: turned back on (and resubscribed: the
-     * server keeps what is already subscribed) before the reread */
+    /* notifications off: turned back on (and resubscribed: the server keeps
+     * what is already subscribed); this reread may go before that, so the
+     * next interval rereads again (full_trusted) */
     if (d->check_failed) {
       d->keyspace_ok = 0;
       subscribe(&d->subs[0]);
@@ -333,6 +348,11 @@ static void on_sub_message(redisAsyncContext *c, void *reply, void *priv) {
     key++;
     size_t kl = ch->len - (size_t)(key - ch->str);
     if (kl < d->prefix_len || memcmp(key, d->prefix, d->prefix_len)) return;
+    /* A TTL given to a followed key: its expiry is notified only when Redis
+     * deletes it, which with many keys with a TTL (the metering's markers)
+     * may be minutes late, where a reread's GET deletes it at once. */
+    const redisReply *ev = r->element[3];
+    if (ev->type == REDIS_REPLY_STRING && ev->len == 6 && !memcmp(ev->str, "expire", 6)) d->volatile_seen = 1;
     key_changed(d, key + d->prefix_len, kl - d->prefix_len);
   } else if (kind->len == 7 && !memcmp(kind->str, "message", 7)) {
     /* P changes: the payload names a key (with or without the prefix);
@@ -375,6 +395,17 @@ static void on_config_set_check(redisAsyncContext *c, void *reply, void *priv) {
   char w[160];
   int ok = r && r->type == REDIS_REPLY_STATUS;
   say_keyspace(d, ok, r && r->type == REDIS_REPLY_ERROR ? sl_printable(w, sizeof(w), r->str, r->len) : "no reply");
+  /* Notifications were off: changes may have gone unnotified to every
+   * instance. A new mark makes each one's next check reread everything,
+   * after notifications are back on. */
+  if (ok && !d->cluster) {
+    char key[sizeof(d->prefix) + sizeof(SL_KEY_DIR_MARK)], val[40];
+    uint64_t rnd;
+    if (getrandom(&rnd, sizeof(rnd), 0) != sizeof(rnd)) rnd = uv_hrtime();
+    snprintf(key, sizeof(key), "%s" SL_KEY_DIR_MARK, d->prefix);
+    snprintf(val, sizeof(val), "%016llx", (unsigned long long)rnd);
+    redisAsyncCommand(c, NULL, NULL, "SET %b %b", key, strlen(key), val, strlen(val));
+  }
 }
 
 static void on_config_get(redisAsyncContext *c, void *reply, void *priv) {
@@ -404,6 +435,7 @@ static void subscribe(struct sl_dirsync_sub *sub) {
   redisAsyncContext *cmd = sl_redis_cmd(sub->r), *s = sl_redis_sub(sub->r);
   d->keyspace_ok = 0;
   d->sub_acks = 0;
+  d->full_trusted = 0;
   if (cmd) redisAsyncCommand(cmd, on_config_get, sub, "CONFIG GET notify-keyspace-events");
   if (!s) return;
   /* Only the keys the directory follows: a wider pattern would bring every
@@ -641,6 +673,7 @@ static void on_tick(uv_timer_t *t) {
       i++;
     }
   }
+  if (ready && d->resync_wanted && !d->resync_running) full_resync(d);
   if (ready && now >= d->next_resync_ms) check_or_resync(d);
   sl__dirsync_publish(d);
   reclaim(d);

@@ -122,6 +122,10 @@ struct sl_dirsync {
   char mark_ours[40];        /* the value the last read_mark offered */
   unsigned checks_since_full; /* intervals checked without a reread since the last full one */
   int check_failed;
+  int full_trusted;  /* the last full reread was sent with notifications and subscriptions confirmed */
+  int force_full;    /* a load failed: the next interval rereads everything */
+  int resync_wanted; /* a full reread asked for while one (or a check) was running: it goes after */
+  int volatile_seen; /* a followed key was given a TTL: every interval rereads (its expiry may notify late) */
   /* lookups in flight */
   struct {
     uint64_t hash, started_ms;

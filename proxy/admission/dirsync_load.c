@@ -228,9 +228,11 @@ void sl__dirsync_badkey_sweep(struct sl_dirsync *d, uint64_t now) {
   atomic_store_explicit(&d->stats.bad_keys, d->nbad, memory_order_relaxed);
 }
 
-/* A load that Redis refused as a whole (script error, OOM, BUSY...). */
+/* A load that Redis refused as a whole (script error, OOM, BUSY...): what
+ * it was to bring is reread at the next interval, whatever notified it. */
 static void reply_error(struct sl_dirsync *d, const char *what, const redisReply *r) {
   uint32_t held;
+  d->force_full = 1;
   if (!sl_ratelog_ok(&d->log_reply, sl_mono_ms(), LOG_EVERY_MS, &held)) return;
   char w[200];
   fprintf(stderr, "sluice: redis: %s failed: %s", what,

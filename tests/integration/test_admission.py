@@ -856,10 +856,25 @@ class ResyncChecks(AdmissionCase):
             self.assertIn("K", flags[-1])
             # notified again: within a second, though the next check is
             # made to wait (a full reread now needs 10 intervals)
-            poll(lambda: self.counts()[0] >= 1, 5, "checks again")
+            checks = self.counts()[0]
+            poll(lambda: self.counts()[0] > checks, 5, "checks again")
             self.cli("SREM", P + "suspended", "u1")
             t0 = time.monotonic()
             poll(lambda: call(c).status == 200, 1, "lifted by notification", interval=0.005)
+
+
+    def test_a_ttl_on_a_followed_key_brings_rereads_back(self):
+        """Redis notifies an expiry only when it deletes the key, which
+        with many keys with a TTL can be minutes late, where a reread's GET
+        deletes it at once: a TTL given to a followed key brings the full
+        reread back at every interval."""
+        poll(lambda: self.counts()[0] >= 1, 5, "a first check")
+        self.cli("EXPIRE", P + "ak:AK1", "100")
+        t0 = time.monotonic()
+        checks, full = poll(lambda: self.counts(), 1, "counts")[0]
+        poll(lambda: self.counts()[1] >= full + 3, 3, "a full reread at each interval")
+        self.assertLessEqual(self.counts()[0], checks + 1)  # one may have been under way
+        note_delay("EXPIRE on a followed key, then 3 full rereads", time.monotonic() - t0)
 
 
 def restart_redis_same_port(r):
