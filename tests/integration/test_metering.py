@@ -666,6 +666,31 @@ class RedisTrouble(MeteringCase):
         self.stop_sluice(sl)
         self.check_exact("transaction applied elsewhere first")
 
+    def test_multi_refused_keeps_the_counts(self):
+        """A server that refuses MULTI (renamed away here; an ACL does the
+        same): no batch is applied, as one or command by command; the
+        flusher says why and keeps the counts, which go once the server
+        takes transactions again."""
+        args = list(self.r.proc.args)
+        harness.stop_process(self.r.proc)
+        self.r.proc = harness.start_process(args + ["--rename-command", "MULTI", ""], self.r.port,
+                                            stdout=subprocess.DEVNULL)
+        poll(lambda: _ping(self.r), 10, "redis up without MULTI", interval=0.02)
+        sl = self.start("--flush-ms", "200")
+        Load(sl.port, self.tally, threads=2, duration=1.0).run(self)
+        poll(lambda: "MULTI refused" in sl.stderr(), 10, "the flusher says MULTI is refused")
+        mm = self.meter_metrics(sl)
+        self.assertEqual(mm["batches_applied_total"], 0, mm)
+        self.assertGreaterEqual(mm["batches_retried_total"], 1, mm)
+        self.assertEqual(self.r.cli("KEYS", "*usage*").split(), [])  # not even the marker's SET ran alone
+        self.assertEqual(self.r.cli("KEYS", "*meter:batch*").split(), [])
+        harness.stop_process(self.r.proc)
+        self.r.proc = harness.start_process(args, self.r.port, stdout=subprocess.DEVNULL)
+        poll(lambda: _ping(self.r), 10, "redis up with MULTI", interval=0.02)
+        self.drained(sl)
+        self.stop_sluice(sl)
+        self.check_exact("MULTI refused, then taken")
+
     def test_sigterm_just_after_redis_returns(self):
         """Redis away for 3 s (the flusher's reconnect backoff grows to 2 s),
         back, and sluice gets SIGTERM at once: Redis is reachable, so the
