@@ -643,6 +643,7 @@ class RedisTrouble(MeteringCase):
         # the batch whose reply was lost has its marker (applied once) though sluice counts it as deduplicated
         self.assertGreaterEqual(len(meter.markers), mm["batches_applied_total"] + mm["batches_deduplicated_total"])
 
+    @harness.release_only("the flusher's own Redis logic, run under ASan", sanitizers=("thread",))
     def test_transaction_applied_elsewhere_first(self):
         """The race a lost connection leaves: a batch's transaction executes
         from another connection (the dropped one's EXEC, read by Redis late)
@@ -666,6 +667,7 @@ class RedisTrouble(MeteringCase):
         self.stop_sluice(sl)
         self.check_exact("transaction applied elsewhere first")
 
+    @harness.release_only("the flusher's own Redis logic, run under ASan", sanitizers=("thread",))
     def test_multi_refused_keeps_the_counts(self):
         """A server that refuses MULTI (renamed away here; an ACL does the
         same): no batch is applied, as one or command by command; the
