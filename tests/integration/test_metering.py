@@ -1006,15 +1006,25 @@ class BackgroundThreads(MeteringCase):
 
     def test_threads_take_their_nice_value_and_cpus(self):
         sl = self.start("--flush-ms", "200", "--background-nice", "7", "--background-cpus", "0")
-        threads = {}
-        for tid in os.listdir(f"/proc/{sl.proc.pid}/task"):
-            with open(f"/proc/{sl.proc.pid}/task/{tid}/comm") as f:
-                name = f.read().strip()
-            with open(f"/proc/{sl.proc.pid}/task/{tid}/stat") as f:
-                nice = int(f.read().rsplit(")", 1)[1].split()[16])
-            with open(f"/proc/{sl.proc.pid}/task/{tid}/status") as f:
-                cpus = re.search(r"Cpus_allowed_list:\s*(\S+)", f.read()).group(1)
-            threads[name] = (nice, cpus)
+
+        def named_threads():
+            """{name: (nice, cpus)}, once every thread has named itself (a
+            thread sets its name when it starts; until then it shows the
+            process's, which hid a worker here once under ASan)."""
+            threads = {}
+            for tid in os.listdir(f"/proc/{sl.proc.pid}/task"):
+                with open(f"/proc/{sl.proc.pid}/task/{tid}/comm") as f:
+                    name = f.read().strip()
+                with open(f"/proc/{sl.proc.pid}/task/{tid}/stat") as f:
+                    nice = int(f.read().rsplit(")", 1)[1].split()[16])
+                with open(f"/proc/{sl.proc.pid}/task/{tid}/status") as f:
+                    cpus = re.search(r"Cpus_allowed_list:\s*(\S+)", f.read()).group(1)
+                if name in threads:
+                    return None
+                threads[name] = (nice, cpus)
+            return threads if {"sluice-w0", "sluice-w1", "sluice-flusher"} <= threads.keys() else None
+
+        threads = poll(named_threads, 5, "every thread named", interval=0.02)[0]
         with open("/proc/self/status") as f:
             ours = re.search(r"Cpus_allowed_list:\s*(\S+)", f.read()).group(1)
         note(f"background threads: {sorted(threads.items())}")
