@@ -1010,7 +1010,9 @@ class BackgroundThreads(MeteringCase):
         def named_threads():
             """{name: (nice, cpus)}, once every thread has named itself (a
             thread sets its name when it starts; until then it shows the
-            process's, which hid a worker here once under ASan)."""
+            process's, which hid a worker here once under ASan). Other
+            threads with the process's name (ThreadSanitizer's own) may
+            be there."""
             threads = {}
             for tid in os.listdir(f"/proc/{sl.proc.pid}/task"):
                 with open(f"/proc/{sl.proc.pid}/task/{tid}/comm") as f:
@@ -1019,9 +1021,7 @@ class BackgroundThreads(MeteringCase):
                     nice = int(f.read().rsplit(")", 1)[1].split()[16])
                 with open(f"/proc/{sl.proc.pid}/task/{tid}/status") as f:
                     cpus = re.search(r"Cpus_allowed_list:\s*(\S+)", f.read()).group(1)
-                if name in threads:
-                    return None
-                threads[name] = (nice, cpus)
+                threads.setdefault(name, (nice, cpus))
             return threads if {"sluice-w0", "sluice-w1", "sluice-flusher"} <= threads.keys() else None
 
         threads = poll(named_threads, 5, "every thread named", interval=0.02)[0]
