@@ -175,16 +175,27 @@ static void on_mark_read(void *owner, void *priv, const redisReply *r) {
     memcpy(d->mark, r->str, r->len + 1);
 }
 
+#define MARK_KEY_CAP (sizeof(((struct sl_dirsync *)0)->prefix) + sizeof(SL_KEY_DIR_MARK))
+
+/* P dir:mark's name into key (MARK_KEY_CAP bytes). */
+static void mark_key(const struct sl_dirsync *d, char *key) {
+  snprintf(key, MARK_KEY_CAP, "%s" SL_KEY_DIR_MARK, d->prefix);
+}
+
+/* A new random mark value into out (cap bytes). */
+static void new_mark_value(char *out, size_t cap) {
+  uint64_t rnd[2];
+  if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd)) rnd[0] = uv_hrtime(), rnd[1] = (uint64_t)uv_os_getpid();
+  snprintf(out, cap, "%016llx%016llx", (unsigned long long)rnd[0], (unsigned long long)rnd[1]);
+}
+
 /* P dir:mark: set to a new random value unless there is one, and read
  * (SET NX GET), just before a full reread: a later check that finds it gone
  * or changed knows the data set was flushed or replaced since. */
 static void read_mark(struct sl_dirsync *d) {
-  uint64_t rnd[2];
-  if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd)) rnd[0] = uv_hrtime(), rnd[1] = (uint64_t)uv_os_getpid();
-  snprintf(d->mark_ours, sizeof(d->mark_ours), "%016llx%016llx", (unsigned long long)rnd[0],
-           (unsigned long long)rnd[1]);
-  char key[sizeof(d->prefix) + sizeof(SL_KEY_DIR_MARK)];
-  snprintf(key, sizeof(key), "%s" SL_KEY_DIR_MARK, d->prefix);
+  new_mark_value(d->mark_ours, sizeof(d->mark_ours));
+  char key[MARK_KEY_CAP];
+  mark_key(d, key);
   const char *argv[] = {"SET", key, d->mark_ours, "NX", "GET"};
   size_t len[] = {3, strlen(key), strlen(d->mark_ours), 2, 3};
   d->mark[0] = 0;
@@ -277,8 +288,8 @@ static void check_or_resync(struct sl_dirsync *d) {
   if (!sl__dirsync_cmd_ready(d) || d->resync_running) return;
   d->resync_running = 1;
   d->check_failed = 0;
-  char key[sizeof(d->prefix) + sizeof(SL_KEY_DIR_MARK)];
-  snprintf(key, sizeof(key), "%s" SL_KEY_DIR_MARK, d->prefix);
+  char key[MARK_KEY_CAP];
+  mark_key(d, key);
   const char *flags[] = {"CONFIG", "GET", "notify-keyspace-events"};
   size_t flags_len[] = {6, 3, 22};
   const char *get[] = {"GET", key};
@@ -399,11 +410,9 @@ static void on_config_set_check(redisAsyncContext *c, void *reply, void *priv) {
    * instance. A new mark makes each one's next check reread everything,
    * after notifications are back on. */
   if (ok && !d->cluster) {
-    char key[sizeof(d->prefix) + sizeof(SL_KEY_DIR_MARK)], val[40];
-    uint64_t rnd;
-    if (getrandom(&rnd, sizeof(rnd), 0) != sizeof(rnd)) rnd = uv_hrtime();
-    snprintf(key, sizeof(key), "%s" SL_KEY_DIR_MARK, d->prefix);
-    snprintf(val, sizeof(val), "%016llx", (unsigned long long)rnd);
+    char key[MARK_KEY_CAP], val[sizeof(d->mark)];
+    mark_key(d, key);
+    new_mark_value(val, sizeof(val));
     redisAsyncCommand(c, NULL, NULL, "SET %b %b", key, strlen(key), val, strlen(val));
   }
 }

@@ -690,7 +690,7 @@ static void usage_fields(struct args *x, const struct sl_meter_key *k) {
   x->p += l + 1;
 }
 
-static void send_single(struct sl_flusher *f, struct sl_batch *b);
+static void send_single(struct sl_flusher *f);
 static struct args args_new(const struct sl_flusher *f, const struct sl_batch *b);
 static void args_free(struct args *x);
 static void send_cluster(struct sl_flusher *f, struct sl_batch *b, struct args *xp);
@@ -714,7 +714,7 @@ static void send_next(struct sl_flusher *f) {
     send_cluster(f, b, &x);
     args_free(&x);
   } else {
-    send_single(f, b);
+    send_single(f);
   }
   if (f->parts_left == 0) parts_done(f); /* none could go */
 }
@@ -1000,8 +1000,7 @@ static int send_watch(struct sl_flusher *f, struct part *p) {
   return sl_db_command(f->redis, 0, on_multi, p, 1, &m, &ml) != 0 ? -1 : 0;
 }
 
-static void send_single(struct sl_flusher *f, struct sl_batch *b) {
-  (void)b;
+static void send_single(struct sl_flusher *f) {
   struct part *p = sl_calloc(1, sizeof *p);
   *p = (struct part){.gen = f->gen};
   if (send_watch(f, p) != 0) { /* the connection is gone: nothing answers p */
