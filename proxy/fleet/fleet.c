@@ -120,9 +120,10 @@ struct call {
  * parsing) and counts while that session heartbeats; other fields are
  * dropped. Returns the reply entry {lease, fleet demand, registered,
  * state}, and what to add to the stream: 0, 1 (announce: a live instance is
- * not registered; '~a' is set here), 2 (nudge: the registered others, with
- * demand, should sync now: this one registered, its demand fell, it gave
- * back 5% of the limit or more, or it is short of its target) or 3 (both). */
+ * not registered; '~a' is set here), 2 (nudge: the registered others
+ * should sync now: those with demand when this one registered, its demand
+ * fell or it gave back 5% of the limit or more; any, idle ones too, when
+ * it is short of its target, since they hold it) or 3 (both). */
 #define LUA_SYNC_KEY                                                                                                   \
   "local function sync_key(hk, lim, dem, fl) "                                                                         \
   "  local h = redis.call('HGETALL', hk) "                                                                             \
@@ -174,8 +175,8 @@ struct call {
   "  if g < math.floor(target * 0.8) then st = 2 end "                                                                 \
   "  if level then st = st + 4; if dem * c > level then st = st + 8 end end "                                          \
   "  if unreg > 0 and odem + dem > 0 and now - annt >= 1000 then redis.call('HSET', hk, '~a', now); an = 1 end "       \
-  "  if n > 0 and odem > 0 and ((fl == '1' and (not old or dem < od)) or (st % 4 == 2 and fl ~= '3') or "              \
-  "                            (old and old % 10000000 - g >= 50000)) then an = an + 2 end "                           \
+  "  if n > 0 and ((odem > 0 and ((fl == '1' and (not old or dem < od)) or (old and old % 10000000 - g >= 50000))) "  \
+  "               or (st % 4 == 2 and fl ~= '3')) then an = an + 2 end "                                               \
   "  return {g, odem + dem, nreg, st}, an "                                                                            \
   "end "
 #define LUA_NOW                                                                                                        \

@@ -194,6 +194,17 @@ class GlobalCase(unittest.TestCase):
         r = harness.http_request(sl.admin, "GET", f"/explain?uid={UID}&feature={FEATURE}&region={REGION}")
         return json.loads(r.body.decode())
 
+    def note_fleet(self, inst, when):
+        """Notes each instance's view of the key and its fleet counters
+        (what a failed window needs to be read)."""
+        for i, sl in enumerate(inst):
+            m = sl.metrics()
+            g = self.explain(sl).get("global") or {}
+            keep = ("mode", "registered", "instances", "share_ppm", "local_demand_qps", "fleet_demand_qps")
+            counters = " ".join(f"{k[len('sluice_global_'):]}={m.get(k)}" for k in sorted(m)
+                                if k.startswith("sluice_global_"))
+            note(f"{when}: i{i} {json.dumps({k: g.get(k) for k in keep}, sort_keys=True)} {counters}")
+
     def wait_all(self, inst, name, value, timeout, what):
         """Polls /metrics of every instance until `name` == value; returns
         the seconds it took."""
@@ -342,6 +353,47 @@ class Follow(GlobalCase):
         self.window("follow: 1 s..4 s after a third instance's load started", ld, *win)
 
 
+@harness.release_only("the sync script's nudge (Redis-side logic); Follow runs the fleet thread's hand-offs under TSan",
+                      sanitizers=("thread",))
+class Reclaim(GlobalCase):
+    """A key nobody loads is split equally between the instances registered
+    on it (docs/limits.md), until they release it after 5 s idle. Load that
+    arrives meanwhile on one instance must get its share back from those
+    idle holders within 1 s: its sync, short of its target, nudges them
+    although they have no demand. (A Redis restart leaves the same state
+    when the idle instances re-register before the loaded one.)"""
+
+    def test_idle_holders_give_back_within_1s(self):
+        inst, ld = self.start(2, "--global-sync-ms", SYNC_MS)
+        self.wait_all(inst, "sluice_global_instances", 2, 10, "two instances see each other")
+        for x in ld:
+            x.on.set()
+        poll(lambda: all(self.explain(sl)["global"]["registered"] == 2 for sl in inst), 5, "both registered")
+        time.sleep(1.0)
+        for x in ld:
+            x.on.clear()
+        # The load gone: the last instance to sync its falling demand holds
+        # what nobody wants (half of R); the other may keep a floor.
+        idle, secs = poll(lambda: (lambda gs: gs if all(g["local_demand_qps"] == 0 and g["coordinated"]
+                                                         for g in gs) and max(g["share_ppm"] for g in gs) >= 400000
+                                   else None)([self.explain(sl)["global"] for sl in inst]),
+                          3, "the key idle on both, still coordinated, one holding half of it")
+        i = min((0, 1), key=lambda j: idle[j]["share_ppm"])  # load the one that holds less
+        note(f"reclaim: idle on both {secs * 1000:.0f} ms after the load stopped; shares (ppm) "
+             f"{[g['share_ppm'] for g in idle]}; instance {i} loaded")
+        ld[i].on.set()
+        t0 = time.monotonic()
+        try:
+            g, secs = poll(lambda: (lambda g: g if g["share_ppm"] >= 900000 else None)(
+                self.explain(inst[i])["global"]), 3, f"instance {i}'s share back from the idle holder")
+        finally:
+            ld[i].on.clear()
+        note(f"reclaim: instance {i} reached {g['share_ppm']} ppm {secs * 1000:.0f} ms after its load started")
+        self.assertLessEqual(secs, 1.0, "the share follows within 1 s")
+        time.sleep(0.2)
+        self.check_statuses(ld)
+
+
 class Bell(GlobalCase):
     """With one server every instance subscribes to `P share:bell`, which a
     sync rings when it nudges, announces, or sees a session join or expire
@@ -417,6 +469,7 @@ class Outage(GlobalCase):
             self.wait_all(inst, "sluice_global_instances", 3, 2.0 - d, "three instances after Redis returned")
         win_d1 = (tr + 2.0, tr + 5.0)
         sleep_until(win_d1[1])
+        self.note_fleet(inst, "(d) end of the 1-instance window")
         # and all three loaded again: the fleet keeps one R between them
         for x in ld:
             x.on.set()
