@@ -515,7 +515,7 @@ start_sluice_plain() {
   launch_sluice "$1" "$2" "$PROXY_CPUS" 1 --admission off
 }
 describe_sluice() {
-  echo "sluice ($("$SLUICE_BIN" --version 2>&1 | sed -n 1p)): --workers 1, admission on, metering on (always), --upstream and --upstream-llm both the backend (separate pools), --upstream-keepalive $UPSTREAM_KEEPALIVE, access log off, its own --spool-dir; pass group: Redis prefix sluice: (every feature default_qps $PASS_QPS), reject group: prefix sluicerj: (default_qps $REJECT_QPS per feature); limit per (UID, feature, region); CPU = the sluice process (all its threads)"
+  echo "sluice ($("$SLUICE_BIN" --version 2>&1 | sed -n 1p)): --workers 1, admission on, metering on (always), --upstream and --upstream-llm both the backend (separate pools), --upstream-keepalive $UPSTREAM_KEEPALIVE, access log off, its own --spool-dir$([[ -n ${SLUICE_EXTRA[*]-} ]] && echo ", BENCH_SLUICE_ARGS: ${SLUICE_EXTRA[*]}"); pass group: Redis prefix sluice: (every feature default_qps $PASS_QPS), reject group: prefix sluicerj: (default_qps $REJECT_QPS per feature); limit per (UID, feature, region); CPU = the sluice process (all its threads)"
 }
 describe_sluice_plain() { echo "sluice_plain: the same sluice with --admission off (no classification, no lookup, no limiter; still metered, under UID -); pass scenarios only"; }
 start_sluice_nometer() {
