@@ -353,8 +353,8 @@ class Follow(GlobalCase):
         self.window("follow: 1 s..4 s after a third instance's load started", ld, *win)
 
 
-@harness.release_only("the sync script's nudge (Redis-side logic); Follow runs the fleet thread's hand-offs under TSan",
-                      sanitizers=("thread",))
+@harness.release_only("the sync script's nudge (Redis-side logic); Follow and Fleet run the fleet thread's C paths "
+                      "under ASan and TSan")
 class Reclaim(GlobalCase):
     """A key nobody loads is split equally between the instances registered
     on it (docs/limits.md), until they release it after 5 s idle. Load that
