@@ -180,6 +180,29 @@ static uint16_t get_port(const struct sockaddr_storage *ss) {
   return ntohs(((const struct sockaddr_in *)ss)->sin_port);
 }
 
+/* Whether another socket listens on *ss's port already: with SO_REUSEPORT a
+ * second process of the same user could bind it too, and the kernel would
+ * split the connections between the two (two tests run at once given one
+ * port). A bind without SO_REUSEPORT is refused while one listens there.
+ * Returns 0, or -1 (message printed). */
+static int port_taken(const struct sockaddr_storage *ss, socklen_t len, const char *text) {
+  int one = 1, r = 0;
+  int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+  if (fd < 0) {
+    perror("modstub: socket");
+    return -1;
+  }
+  if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+      bind(fd, (const struct sockaddr *)ss, len) != 0) {
+    fprintf(stderr, "modstub: listen %s: %s%s\n", text, strerror(errno),
+            errno == EADDRINUSE ? " (another process listens there)" : "");
+    r = -1;
+  }
+  close(fd);
+  return r;
+}
+
 /* A listening socket on *ss with SO_REUSEPORT, so that every worker has its
  * own accept queue on the same port (libuv 1.44 cannot ask for that). When
  * the port is 0, the first socket's port is written back into *ss. Returns
@@ -281,6 +304,8 @@ int main(int argc, char **argv) {
 
   /* Everything that can fail happens here, before any thread starts; a
    * failure ends the process, which releases what was set up. */
+  if (get_port(&ss) != 0 && port_taken(&ss, sslen, opts.listen) != 0)
+    return 1;
   for (i = 0; i < ms_nworkers; i++) {
     struct ms_worker *w = &ms_workers[i];
     int err;

@@ -43,6 +43,27 @@ static int listen_socket(const struct sl_addr *a) {
   return fd;
 }
 
+/* Whether another socket listens on a's port already. SO_REUSEPORT lets a
+ * second process of the same user bind it too, and the kernel would then
+ * split the connections between the two without a word (two instances
+ * given one port by mistake). A bind without SO_REUSEPORT is refused
+ * (EADDRINUSE) while any socket listens there. Port 0: each socket gets its
+ * own port, nothing to check. Returns 0 or -errno. */
+static int port_taken(const struct sl_addr *a) {
+  const struct sockaddr_in *in = (const struct sockaddr_in *)&a->sa;
+  const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)&a->sa;
+  if ((a->sa.ss_family == AF_INET && in->sin_port == 0) || (a->sa.ss_family == AF_INET6 && in6->sin6_port == 0))
+    return 0;
+  int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  int one = 1, r = 0;
+  if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+      bind(fd, (const struct sockaddr *)&a->sa, a->salen) != 0)
+    r = -errno;
+  close(fd);
+  return r;
+}
+
 static void reclaim_snapshots(struct sl_main *m) {
   uint64_t min_seen = UINT64_MAX;
   for (unsigned i = 0; i < m->nworkers; i++) {
@@ -185,6 +206,12 @@ int main(int argc, char **argv) {
   uv_signal_start(&m.sig_term, on_signal, SIGTERM);
   uv_signal_start(&m.sig_int, on_signal, SIGINT);
   uv_signal_start(&m.sig_hup, on_signal, SIGHUP);
+  int taken = port_taken(&cfg->listen);
+  if (taken < 0) {
+    fprintf(stderr, "sluice: listen %s: %s%s\n", cfg->listen.text, strerror(-taken),
+            taken == -EADDRINUSE ? " (another process listens there)" : "");
+    return 1;
+  }
   for (unsigned i = 0; i < m.nworkers; i++) {
     int fd = listen_socket(&cfg->listen);
     if (fd < 0) {

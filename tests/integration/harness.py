@@ -24,8 +24,9 @@ What is here:
 Everything binds 127.0.0.1 only and every wait is bounded.
 """
 
-import json
+import atexit
 import collections
+import json
 import os
 import shutil
 import signal
@@ -68,16 +69,54 @@ class ClassOwner:
         self.addCleanup = cls.addClassCleanup
 
 
+# Ports handed out by any test process of this machine: one file each
+# (O_EXCL), so that two test files run at once (ctest -j) are never told the
+# same port. sluice and modstub listen with SO_REUSEPORT, and two processes
+# of one user may both bind a port that way: the kernel then splits the
+# connections between them (seen: a test's request answered by another
+# test's sluice). Files older than an hour are a killed run's.
+_PORTS_DIR = os.path.join(tempfile.gettempdir(), "sluice-test-ports")
+_MINE = []
+
+
+def _reserve(port):
+    os.makedirs(_PORTS_DIR, exist_ok=True)
+    path = os.path.join(_PORTS_DIR, str(port))
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        try:
+            if time.time() - os.stat(path).st_mtime < 3600:
+                return False
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+    _MINE.append(path)
+    return True
+
+
+def _release_ports():
+    for path in _MINE:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+atexit.register(_release_ports)
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on at the time of the
-    call, and that this process was not handed lately: the kernel may give
-    the same ephemeral port to two binds in a row (seen: a sluice told to
-    listen and serve its admin on one port)."""
+    call, that this process was not handed lately (the kernel may give the
+    same ephemeral port to two binds in a row: seen, a sluice told to listen
+    and serve its admin on one port), and that no other test process holds
+    (_reserve)."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((HOST, 0))
             port = s.getsockname()[1]
-        if port not in _HANDED:
+        if port not in _HANDED and _reserve(port):
             _HANDED.append(port)
             return port
 

@@ -310,6 +310,45 @@ class ConnectionLimit(unittest.TestCase):
         self.assertEqual(sl.metrics()["sluice_connections_refused_total"], 1)
 
 
+class PortTaken(unittest.TestCase):
+    """A port another process listens on is refused at start, even when
+    that process used SO_REUSEPORT (as sluice and modstub do): otherwise
+    the kernel would let both bind it and split the connections between
+    them without a word (seen: two tests run at once given one port)."""
+
+    def other_listener(self):
+        s = socket.socket()
+        self.addCleanup(s.close)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        s.settimeout(0.5)
+        return s, s.getsockname()[1]
+
+    def assert_refused_start(self, argv, other, port):
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+        self.assertEqual(p.returncode, 1, p.stderr)
+        self.assertIn(f"127.0.0.1:{port}", p.stderr)
+        self.assertIn("Address already in use (another process listens there)", p.stderr)
+        # the port is still the other process's alone
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            c, _ = other.accept()
+            c.close()
+
+    def test_sluice_refuses_a_port_in_use(self):
+        other, port = self.other_listener()
+        self.assert_refused_start([harness.bin_path("sluice"), "--listen", f"127.0.0.1:{port}", "--admin",
+                                   f"127.0.0.1:{harness.free_port()}", "--upstream", "127.0.0.1:9",
+                                   "--redis", f"127.0.0.1:{harness.free_port()}", "--admission", "off",
+                                   "--workers", "2"], other, port)
+
+    def test_modstub_refuses_a_port_in_use(self):
+        other, port = self.other_listener()
+        self.assert_refused_start([harness.bin_path("modstub"), "--listen", f"127.0.0.1:{port}",
+                                   "--workers", "2"], other, port)
+
+
 class UpstreamFailures(unittest.TestCase):
     def test_upstream_down(self):
         dead = harness.free_port()
