@@ -180,34 +180,9 @@ static uint16_t get_port(const struct sockaddr_storage *ss) {
   return ntohs(((const struct sockaddr_in *)ss)->sin_port);
 }
 
-/* Whether another socket listens on *ss's port already: with SO_REUSEPORT a
- * second process of the same user could bind it too, and the kernel would
- * split the connections between the two (two tests run at once given one
- * port). A bind without SO_REUSEPORT is refused while one listens there.
- * Returns 0, or -1 (message printed). */
-static int port_taken(const struct sockaddr_storage *ss, socklen_t len, const char *text) {
-  int one = 1, r = 0;
-  int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-  if (fd < 0) {
-    perror("modstub: socket");
-    return -1;
-  }
-  if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
-      bind(fd, (const struct sockaddr *)ss, len) != 0) {
-    fprintf(stderr, "modstub: listen %s: %s%s\n", text, strerror(errno),
-            errno == EADDRINUSE ? " (another process listens there)" : "");
-    r = -1;
-  }
-  close(fd);
-  return r;
-}
-
-/* A listening socket on *ss with SO_REUSEPORT, so that every worker has its
- * own accept queue on the same port (libuv 1.44 cannot ask for that). When
- * the port is 0, the first socket's port is written back into *ss. Returns
- * the fd or -1 (message printed). */
-static int listen_socket(struct sockaddr_storage *ss, socklen_t len) {
+/* A socket bound to *ss (reuseport: a worker's, see listen_socket), or -1
+ * (message printed; a port another process listens on says so). */
+static int bound_socket(const struct sockaddr_storage *ss, socklen_t len, int reuseport, const char *text) {
   int one = 1;
   int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 
@@ -216,14 +191,43 @@ static int listen_socket(struct sockaddr_storage *ss, socklen_t len) {
     return -1;
   }
   if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
-      setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) {
+      (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)) {
     perror("modstub: setsockopt");
-    goto err;
+    close(fd);
+    return -1;
   }
-  if (bind(fd, (struct sockaddr *)ss, len) != 0) {
-    perror("modstub: bind");
-    goto err;
+  if (bind(fd, (const struct sockaddr *)ss, len) != 0) {
+    fprintf(stderr, "modstub: listen %s: %s%s\n", text, strerror(errno),
+            errno == EADDRINUSE ? " (another process listens there)" : "");
+    close(fd);
+    return -1;
   }
+  return fd;
+}
+
+/* Whether another socket listens on *ss's port already: with SO_REUSEPORT a
+ * second process of the same user could bind it too, and the kernel would
+ * split the connections between the two (two tests run at once given one
+ * port). A bind without SO_REUSEPORT is refused while one listens there.
+ * Returns 0, or -1 (message printed). */
+static int port_taken(const struct sockaddr_storage *ss, socklen_t len, const char *text) {
+  int fd = bound_socket(ss, len, 0, text);
+
+  if (fd < 0)
+    return -1;
+  close(fd);
+  return 0;
+}
+
+/* A listening socket on *ss with SO_REUSEPORT, so that every worker has its
+ * own accept queue on the same port (libuv 1.44 cannot ask for that). When
+ * the port is 0, the first socket's port is written back into *ss. Returns
+ * the fd or -1 (message printed). */
+static int listen_socket(struct sockaddr_storage *ss, socklen_t len, const char *text) {
+  int fd = bound_socket(ss, len, 1, text);
+
+  if (fd < 0)
+    return -1;
   if (listen(fd, 1024) != 0) {
     perror("modstub: listen");
     goto err;
@@ -313,7 +317,7 @@ int main(int argc, char **argv) {
     w->index = i;
     w->opts = &opts;
     w->rng = splitmix64(opts.seed + i) | 1;
-    w->fd = listen_socket(&ss, sslen);
+    w->fd = listen_socket(&ss, sslen, opts.listen);
     if (w->fd < 0)
       return 1;
     if ((err = uv_loop_init(&w->loop)) != 0 ||

@@ -27,14 +27,15 @@ struct sl_main {
   _Atomic uint64_t version;
 };
 
-/* Creates a listening socket with SO_REUSEPORT so that each worker accepts
- * on its own queue (libuv 1.44 has no flag for it). Returns the fd or -errno. */
-static int listen_socket(const struct sl_addr *a) {
+/* A socket bound to a: with reuseport, each worker's listening socket, so
+ * that it accepts on its own queue (libuv 1.44 has no flag for it).
+ * Returns the fd or -errno. */
+static int bound_socket(const struct sl_addr *a, int reuseport) {
   int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return -errno;
   int one = 1;
   if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
-      setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0 ||
+      (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) ||
       bind(fd, (const struct sockaddr *)&a->sa, a->salen) != 0) {
     int e = -errno;
     close(fd);
@@ -54,14 +55,10 @@ static int port_taken(const struct sl_addr *a) {
   const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)&a->sa;
   if ((a->sa.ss_family == AF_INET && in->sin_port == 0) || (a->sa.ss_family == AF_INET6 && in6->sin6_port == 0))
     return 0;
-  int fd = socket(a->sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -errno;
-  int one = 1, r = 0;
-  if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
-      bind(fd, (const struct sockaddr *)&a->sa, a->salen) != 0)
-    r = -errno;
+  int fd = bound_socket(a, 0);
+  if (fd < 0) return fd;
   close(fd);
-  return r;
+  return 0;
 }
 
 static void reclaim_snapshots(struct sl_main *m) {
@@ -213,7 +210,7 @@ int main(int argc, char **argv) {
     return 1;
   }
   for (unsigned i = 0; i < m.nworkers; i++) {
-    int fd = listen_socket(&cfg->listen);
+    int fd = bound_socket(&cfg->listen, 1);
     if (fd < 0) {
       fprintf(stderr, "sluice: listen %s: %s\n", cfg->listen.text, strerror(-fd));
       return 1;

@@ -25,7 +25,6 @@ Everything binds 127.0.0.1 only and every wait is bounded.
 """
 
 import atexit
-import collections
 import json
 import os
 import shutil
@@ -44,9 +43,6 @@ def bin_path(name):
     if not base:
         base = os.path.join(os.path.dirname(__file__), "..", "..", "build", "bin")
     return os.path.join(os.path.abspath(base), name)
-
-
-_HANDED = collections.deque(maxlen=256)  # ports free_port() gave out lately
 
 
 def release_only(why, sanitizers=("address", "thread")):
@@ -76,12 +72,14 @@ class ClassOwner:
 # connections between them (seen: a test's request answered by another
 # test's sluice). Files older than an hour are a killed run's.
 _PORTS_DIR = os.path.join(tempfile.gettempdir(), "sluice-test-ports")
-_MINE = []
+_MINE = set()  # this process's: never handed twice
 
 
 def _reserve(port):
     os.makedirs(_PORTS_DIR, exist_ok=True)
     path = os.path.join(_PORTS_DIR, str(port))
+    if path in _MINE:
+        return False
     try:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
@@ -91,7 +89,7 @@ def _reserve(port):
             os.utime(path)
         except FileNotFoundError:
             return False
-    _MINE.append(path)
+    _MINE.add(path)
     return True
 
 
@@ -108,16 +106,14 @@ atexit.register(_release_ports)
 
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on at the time of the
-    call, that this process was not handed lately (the kernel may give the
-    same ephemeral port to two binds in a row: seen, a sluice told to listen
-    and serve its admin on one port), and that no other test process holds
-    (_reserve)."""
+    call and that no test process, this one included, was handed before
+    (_reserve): the kernel may give the same ephemeral port to two binds in
+    a row (seen: a sluice told to listen and serve its admin on one port)."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((HOST, 0))
             port = s.getsockname()[1]
-        if port not in _HANDED and _reserve(port):
-            _HANDED.append(port)
+        if _reserve(port):
             return port
 
 
