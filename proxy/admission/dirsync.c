@@ -164,22 +164,57 @@ static void schedule_flush(struct sl_dirsync *d) {
   if (!uv_is_active((uv_handle_t *)&d->flush)) uv_timer_start(&d->flush, on_flush, 0, 0);
 }
 
-static void on_mark_read(void *owner, void *priv, const redisReply *r) {
-  (void)priv;
-  struct sl_dirsync *d = owner;
-  if (!d) return;
-  d->mark[0] = 0;
-  if (r && r->type == REDIS_REPLY_NIL)
-    memcpy(d->mark, d->mark_ours, sizeof(d->mark)); /* ours was set */
-  else if (r && r->type == REDIS_REPLY_STRING && r->len < sizeof(d->mark))
-    memcpy(d->mark, r->str, r->len + 1);
+/* ---- resync checks ---- */
+
+/* The servers whose notifications the directory follows: one server:
+ * subs[0] (on db's client); a cluster: each master's entry in use. */
+static int sub_live(const struct sl_dirsync *d, const struct sl_dirsync_sub *s) {
+  return d->cluster ? s->r != NULL : s == &d->subs[0];
 }
 
-#define MARK_KEY_CAP (sizeof(((struct sl_dirsync *)0)->prefix) + sizeof(SL_KEY_DIR_MARK))
+/* Whether every followed server's notifications cover ours and its
+ * subscriptions are confirmed (a cluster: a subscriber on every master of
+ * the map). */
+static int subs_confirmed(const struct sl_dirsync *d) {
+  unsigned live = 0;
+  for (unsigned i = 0; i < SL_DIR_SUBS; i++) {
+    const struct sl_dirsync_sub *s = &d->subs[i];
+    if (!sub_live(d, s)) continue;
+    live++;
+    if (!s->keyspace_ok || s->acks < SL_DIR_SUB_CHANNELS) return 0;
+  }
+  if (d->cluster) {
+    const struct sl_cluster_map *m = sl_db_map(d->db);
+    return m && live == m->nnodes;
+  }
+  return live == 1;
+}
 
-/* P dir:mark's name into key (MARK_KEY_CAP bytes). */
-static void mark_key(const struct sl_dirsync *d, char *key) {
-  snprintf(key, MARK_KEY_CAP, "%s" SL_KEY_DIR_MARK, d->prefix);
+#define MARK_KEY_CAP (sizeof(((struct sl_dirsync *)0)->prefix) + sizeof(SL_KEY_DIR_MARK) + SL_CLUSTER_TAG_SIZE + 4)
+
+/* The slot of a server's mark: one server: 0; a cluster: the lowest slot
+ * the map gives its master, or -1 when it gives it none. */
+static int mark_slot_now(const struct sl_dirsync *d, const struct sl_dirsync_sub *s) {
+  if (!d->cluster) return 0;
+  const struct sl_cluster_map *m = sl_db_map(d->db);
+  for (unsigned slot = 0; m && slot < SL_CLUSTER_SLOTS; slot++) {
+    const struct sl_cluster_node *n = sl_cluster_map_node(m, slot);
+    if (n && n->port == s->port && !strcmp(n->host, s->host)) return (int)slot;
+  }
+  return -1;
+}
+
+/* The mark's name into key (MARK_KEY_CAP bytes): P dir:mark, or in a
+ * cluster one per master, P dir:mark:{<tag>} in the slot given (each
+ * master's data set is flushed on its own). */
+static void mark_key(const struct sl_dirsync *d, unsigned slot, char *key) {
+  if (!d->cluster) {
+    snprintf(key, MARK_KEY_CAP, "%s" SL_KEY_DIR_MARK, d->prefix);
+    return;
+  }
+  char tag[SL_CLUSTER_TAG_SIZE];
+  sl_cluster_slot_tag(slot, tag);
+  snprintf(key, MARK_KEY_CAP, "%s" SL_KEY_DIR_MARK ":{%s}", d->prefix, tag);
 }
 
 /* A new random mark value into out (cap bytes). */
@@ -189,17 +224,52 @@ static void new_mark_value(char *out, size_t cap) {
   snprintf(out, cap, "%016llx%016llx", (unsigned long long)rnd[0], (unsigned long long)rnd[1]);
 }
 
-/* P dir:mark: set to a new random value unless there is one, and read
- * (SET NX GET), just before a full reread: a later check that finds it gone
- * or changed knows the data set was flushed or replaced since. */
-static void read_mark(struct sl_dirsync *d) {
-  new_mark_value(d->mark_ours, sizeof(d->mark_ours));
-  char key[MARK_KEY_CAP];
-  mark_key(d, key);
-  const char *argv[] = {"SET", key, d->mark_ours, "NX", "GET"};
-  size_t len[] = {3, strlen(key), strlen(d->mark_ours), 2, 3};
-  d->mark[0] = 0;
-  sl_db_command(d->db, 0, on_mark_read, NULL, 5, argv, len);
+/* A reply about one server of the check or the mark's read: for the entry
+ * as it was when asked (gen). */
+struct sub_ask {
+  struct sl_dirsync_sub *s;
+  unsigned gen;
+};
+
+static struct sub_ask *sub_ask(struct sl_dirsync_sub *s) {
+  struct sub_ask *a = sl_malloc(sizeof *a);
+  *a = (struct sub_ask){s, s->gen};
+  return a;
+}
+
+static void on_mark_read(void *owner, void *priv, const redisReply *r) {
+  struct sub_ask *a = priv;
+  struct sl_dirsync_sub *s = a->s;
+  int current = owner && a->gen == s->gen;
+  free(a);
+  if (!current) return;
+  s->mark[0] = 0;
+  if (r && r->type == REDIS_REPLY_NIL)
+    memcpy(s->mark, s->mark_ours, sizeof(s->mark)); /* ours was set */
+  else if (r && r->type == REDIS_REPLY_STRING && r->len < sizeof(s->mark))
+    memcpy(s->mark, r->str, r->len + 1);
+}
+
+/* Each followed server's mark: set to a new random value unless there is
+ * one, and read (SET NX GET), just before a full reread, on the connection
+ * the reread's commands for that server go on: a later check that finds it
+ * gone or changed knows that data set was flushed or replaced since. */
+static void read_marks(struct sl_dirsync *d) {
+  for (unsigned i = 0; i < SL_DIR_SUBS; i++) {
+    struct sl_dirsync_sub *s = &d->subs[i];
+    if (!sub_live(d, s)) continue;
+    s->mark[0] = 0;
+    int slot = mark_slot_now(d, s);
+    if (slot < 0) continue; /* no slot: no mark, the next interval rereads */
+    s->mark_slot = (unsigned)slot;
+    new_mark_value(s->mark_ours, sizeof(s->mark_ours));
+    char key[MARK_KEY_CAP];
+    mark_key(d, s->mark_slot, key);
+    const char *argv[] = {"SET", key, s->mark_ours, "NX", "GET"};
+    size_t len[] = {3, strlen(key), strlen(s->mark_ours), 2, 3};
+    struct sub_ask *a = sub_ask(s);
+    if (sl_db_command(d->db, s->mark_slot, on_mark_read, a, 5, argv, len) != 0) free(a);
+  }
 }
 
 static void full_resync(struct sl_dirsync *d) {
@@ -216,8 +286,8 @@ static void full_resync(struct sl_dirsync *d) {
   /* a change made before notifications and subscriptions are confirmed may
    * be read by this reread or notified, or neither: only a reread sent
    * after both may stand for the intervals that follow */
-  d->full_trusted = d->keyspace_ok && d->sub_acks >= SL_DIR_SUB_CHANNELS;
-  if (!d->cluster) read_mark(d);
+  d->full_trusted = subs_confirmed(d);
+  read_marks(d);
   reload_accounts(d, NULL, 0);
   on_flush(&d->flush);
   /* Replies come in order on one connection: this one marks the end (in a
@@ -230,56 +300,77 @@ static void full_resync(struct sl_dirsync *d) {
   d->next_resync_ms = sl_mono_ms() + d->resync_ms;
 }
 
-/* One server or Sentinel: whether every change since the last full reread
- * was notified, as far as sluice can know: notifications on for our
- * classes (as the server said last), every subscription confirmed on the
- * connection in use since that reread (a reconnect rereads everything),
- * and the data set's mark read. What notifies nothing (FLUSHALL, FLUSHDB,
- * SWAPDB, CONFIG SET turning notifications off) the check finds. */
+/* Whether every change since the last full reread was notified, as far as
+ * sluice can know: notifications on for our classes (as each server said
+ * last), every subscription confirmed on the connection in use since that
+ * reread (a reconnect rereads everything), each server's mark read and, in
+ * a cluster, each mark still on its master's slot (a reshard or failover
+ * since: reread). What notifies nothing (FLUSHALL, FLUSHDB, SWAPDB, CONFIG
+ * SET turning notifications off) the check finds. */
 static int notified_so_far(const struct sl_dirsync *d) {
-  return !d->cluster && d->full_trusted && d->keyspace_ok && d->sub_acks >= SL_DIR_SUB_CHANNELS && d->mark[0] &&
-         !d->force_full && !d->volatile_seen;
+  if (!d->full_trusted || !subs_confirmed(d) || d->force_full || d->volatile_seen) return 0;
+  for (unsigned i = 0; i < SL_DIR_SUBS; i++) {
+    const struct sl_dirsync_sub *s = &d->subs[i];
+    if (sub_live(d, s) && (!s->mark[0] || mark_slot_now(d, s) != (int)s->mark_slot)) return 0;
+  }
+  return 1;
+}
+
+/* One reply of the check in flight has come: the last decides. */
+static void check_answered(struct sl_dirsync *d) {
+  if (--d->check_left) return;
+  d->resync_running = 0;
+  if (d->check_failed || !notified_so_far(d)) {
+    full_resync(d);
+    return;
+  }
+  d->checks_since_full++;
+  sl_stat_inc(&d->stats.resync_checks, 1);
 }
 
 static void on_check_flags(void *owner, void *priv, const redisReply *r) {
-  (void)priv;
+  struct sub_ask *a = priv;
+  struct sl_dirsync_sub *s = a->s;
   struct sl_dirsync *d = owner;
+  int current = d && a->gen == s->gen;
+  free(a);
   if (!d) return;
   char flags[64] = "";
   if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 2 && r->element[1]->type == REDIS_REPLY_STRING &&
       r->element[1]->len < sizeof(flags))
     memcpy(flags, r->element[1]->str, r->element[1]->len + 1);
-  if (!keyspace_covered(flags)) d->check_failed = 1;
+  if (!keyspace_covered(flags)) {
+    d->check_failed = 1;
+    /* notifications off: turned back on (and resubscribed: the server
+     * keeps what is already subscribed); the reread this check makes may
+     * go before that, so the next interval rereads again (full_trusted) */
+    if (current && r && r->type == REDIS_REPLY_ARRAY) {
+      s->keyspace_ok = 0;
+      subscribe(s);
+    }
+  }
+  check_answered(d);
 }
 
 static void on_check_mark(void *owner, void *priv, const redisReply *r) {
-  (void)priv;
+  struct sub_ask *a = priv;
+  struct sl_dirsync_sub *s = a->s;
   struct sl_dirsync *d = owner;
+  int current = d && a->gen == s->gen;
+  free(a);
   if (!d) return;
-  int same = r && r->type == REDIS_REPLY_STRING && d->mark[0] && r->len == strlen(d->mark) &&
-             !memcmp(r->str, d->mark, r->len);
-  if (!same || d->check_failed || !notified_so_far(d)) {
-    /* notifications off: turned back on (and resubscribed: the server keeps
-     * what is already subscribed); this reread may go before that, so the
-     * next interval rereads again (full_trusted) */
-    if (d->check_failed) {
-      d->keyspace_ok = 0;
-      subscribe(&d->subs[0]);
-    }
-    d->resync_running = 0;
-    full_resync(d);
-    return;
-  }
-  d->resync_running = 0;
-  d->checks_since_full++;
-  sl_stat_inc(&d->stats.resync_checks, 1);
+  if (!current || !r || r->type != REDIS_REPLY_STRING || !s->mark[0] || r->len != strlen(s->mark) ||
+      memcmp(r->str, s->mark, r->len))
+    d->check_failed = 1;
+  check_answered(d);
 }
 
-/* The resync interval: with one server or Sentinel and every change
- * notified so far, rereading every account (about 5 us of Redis CPU each,
- * every interval, for every instance) finds nothing; a check of what could
- * have changed unnotified stands in for it (two commands), and everything
- * is still reread every SL_DIR_FULL_EVERY intervals. Else a full reread. */
+/* The resync interval: with every change notified so far, rereading every
+ * account (about 5 us of Redis CPU each, every interval, for every
+ * instance) finds nothing; a check of what could have changed unnotified
+ * stands in for it (two commands per server: its notification flags and
+ * its mark), and everything is still reread every SL_DIR_FULL_EVERY
+ * intervals. Else a full reread. */
 static void check_or_resync(struct sl_dirsync *d) {
   if (!notified_so_far(d) || d->checks_since_full + 1 >= SL_DIR_FULL_EVERY) {
     full_resync(d);
@@ -288,17 +379,29 @@ static void check_or_resync(struct sl_dirsync *d) {
   if (!sl__dirsync_cmd_ready(d) || d->resync_running) return;
   d->resync_running = 1;
   d->check_failed = 0;
-  char key[MARK_KEY_CAP];
-  mark_key(d, key);
-  const char *flags[] = {"CONFIG", "GET", "notify-keyspace-events"};
-  size_t flags_len[] = {6, 3, 22};
-  const char *get[] = {"GET", key};
-  size_t get_len[] = {3, strlen(key)};
-  /* one connection: the mark's reply comes after the flags' */
-  if (sl_db_command(d->db, 0, on_check_flags, NULL, 3, flags, flags_len) != 0 ||
-      sl_db_command(d->db, 0, on_check_mark, NULL, 2, get, get_len) != 0)
-    d->resync_running = 0;
+  d->check_left = 1; /* this function's own, dropped at its end: no reply decides before every ask is out */
+  for (unsigned i = 0; i < SL_DIR_SUBS; i++) {
+    struct sl_dirsync_sub *s = &d->subs[i];
+    if (!sub_live(d, s)) continue;
+    char key[MARK_KEY_CAP];
+    mark_key(d, s->mark_slot, key);
+    const char *flags[] = {"CONFIG", "GET", "notify-keyspace-events"};
+    size_t flags_len[] = {6, 3, 22};
+    const char *get[] = {"GET", key};
+    size_t get_len[] = {3, strlen(key)};
+    /* one connection to that server: the mark's reply comes after the flags' */
+    struct sub_ask *fa = sub_ask(s), *ma = sub_ask(s);
+    if (sl_db_command(d->db, s->mark_slot, on_check_flags, fa, 3, flags, flags_len) == 0)
+      d->check_left++;
+    else
+      free(fa), d->check_failed = 1;
+    if (sl_db_command(d->db, s->mark_slot, on_check_mark, ma, 2, get, get_len) == 0)
+      d->check_left++;
+    else
+      free(ma), d->check_failed = 1;
+  }
   d->next_resync_ms = sl_mono_ms() + d->resync_ms;
+  check_answered(d);
 }
 
 /* A UID in a key's name after its head: <uid> up to the end or `stop`, or
@@ -349,7 +452,7 @@ static void on_sub_message(redisAsyncContext *c, void *reply, void *priv) {
   const redisReply *kind = r->element[0];
   if (kind->type != REDIS_REPLY_STRING) return;
   if ((kind->len == 10 && !memcmp(kind->str, "psubscribe", 10)) || (kind->len == 9 && !memcmp(kind->str, "subscribe", 9))) {
-    d->sub_acks++;
+    ((struct sl_dirsync_sub *)priv)->acks++;
   } else if (kind->len == 8 && !memcmp(kind->str, "pmessage", 8) && r->elements == 4) {
     /* channel: __keyspace@<db>__:<prefix><key> */
     const redisReply *ch = r->element[2];
@@ -384,9 +487,10 @@ static void on_sub_message(redisAsyncContext *c, void *reply, void *priv) {
 
 /* Keyspace notifications: said when the state changes, not at every
  * reconnect. */
-static void say_keyspace(struct sl_dirsync *d, int ok, const char *why) {
+static void say_keyspace(struct sl_dirsync_sub *sub, int ok, const char *why) {
+  struct sl_dirsync *d = sub->d;
   int state = ok ? 1 : 2;
-  d->keyspace_ok = ok;
+  sub->keyspace_ok = ok;
   atomic_store_explicit(&d->stats.keyspace_enabled, ok, memory_order_relaxed);
   if (d->keyspace_said == state) return;
   d->keyspace_said = state;
@@ -401,17 +505,21 @@ static void say_keyspace(struct sl_dirsync *d, int ok, const char *why) {
 
 static void on_config_set_check(redisAsyncContext *c, void *reply, void *priv) {
   if (!sl_redis_owner(c, reply)) return;
-  struct sl_dirsync *d = ((struct sl_dirsync_sub *)priv)->d;
+  struct sl_dirsync_sub *sub = priv;
+  struct sl_dirsync *d = sub->d;
   redisReply *r = reply;
   char w[160];
   int ok = r && r->type == REDIS_REPLY_STATUS;
-  say_keyspace(d, ok, r && r->type == REDIS_REPLY_ERROR ? sl_printable(w, sizeof(w), r->str, r->len) : "no reply");
+  say_keyspace(sub, ok, r && r->type == REDIS_REPLY_ERROR ? sl_printable(w, sizeof(w), r->str, r->len) : "no reply");
   /* Notifications were off: changes may have gone unnotified to every
    * instance. A new mark makes each one's next check reread everything,
-   * after notifications are back on. */
-  if (ok && !d->cluster) {
-    char key[MARK_KEY_CAP], val[sizeof(d->mark)];
-    mark_key(d, key);
+   * after notifications are back on (a cluster: this master's mark, on its
+   * own connection; a slot it no longer serves answers MOVED, and a map
+   * that changed makes every instance reread anyway). */
+  int slot = mark_slot_now(d, sub);
+  if (ok && slot >= 0) {
+    char key[MARK_KEY_CAP], val[sizeof(sub->mark)];
+    mark_key(d, (unsigned)slot, key);
     new_mark_value(val, sizeof(val));
     redisAsyncCommand(c, NULL, NULL, "SET %b %b", key, strlen(key), val, strlen(val));
   }
@@ -420,7 +528,6 @@ static void on_config_set_check(redisAsyncContext *c, void *reply, void *priv) {
 static void on_config_get(redisAsyncContext *c, void *reply, void *priv) {
   if (!sl_redis_owner(c, reply)) return;
   struct sl_dirsync_sub *sub = priv;
-  struct sl_dirsync *d = sub->d;
   redisReply *r = reply;
   char flags[64] = "";
   if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 2 && r->element[1]->type == REDIS_REPLY_STRING &&
@@ -428,7 +535,7 @@ static void on_config_get(redisAsyncContext *c, void *reply, void *priv) {
     memcpy(flags, r->element[1]->str, r->element[1]->len + 1);
   /* (a refused CONFIG GET shows in the CONFIG SET answer that follows) */
   if (keyspace_covered(flags)) {
-    say_keyspace(d, 1, NULL);
+    say_keyspace(sub, 1, NULL);
     return;
   }
   char want[96]; /* ours added to what the server already has */
@@ -442,8 +549,8 @@ static void on_config_get(redisAsyncContext *c, void *reply, void *priv) {
 static void subscribe(struct sl_dirsync_sub *sub) {
   struct sl_dirsync *d = sub->d;
   redisAsyncContext *cmd = sl_redis_cmd(sub->r), *s = sl_redis_sub(sub->r);
-  d->keyspace_ok = 0;
-  d->sub_acks = 0;
+  sub->keyspace_ok = 0;
+  sub->acks = 0;
   d->full_trusted = 0;
   if (cmd) redisAsyncCommand(cmd, on_config_get, sub, "CONFIG GET notify-keyspace-events");
   if (!s) return;
@@ -556,6 +663,10 @@ static void sync_subs(struct sl_dirsync *d) {
     };
     snprintf(free_sub->host, sizeof(free_sub->host), "%s", node->host);
     free_sub->port = node->port;
+    free_sub->gen++; /* another server: what was asked of the old one is dropped */
+    free_sub->keyspace_ok = 0;
+    free_sub->acks = 0;
+    free_sub->mark[0] = 0;
     if (sl_redis_init(&free_sub->r, &d->loop, &o) != 0) {
       free_sub->r = NULL;
       continue;

@@ -70,6 +70,13 @@ struct sl_dirsync_sub {
   char host[256];
   int port;
   int seen; /* in the map at the last check */
+  /* this server's part in the resync checks (dirsync.c, check_or_resync) */
+  int keyspace_ok;    /* its notify-keyspace-events covers ours, as last seen */
+  unsigned acks;      /* subscriptions confirmed since its last subscribe() */
+  char mark[40];      /* its P dir:mark's value as last read ("": unknown) */
+  char mark_ours[40]; /* the value the last read offered */
+  unsigned mark_slot; /* a cluster: the slot of its mark, one of its master's at the last full reread */
+  unsigned gen;       /* bumped when the entry goes to another server: replies for the old one are dropped */
 };
 
 struct sl_dirsync_slot {
@@ -114,14 +121,11 @@ struct sl_dirsync {
   uint64_t next_badkey_sweep_ms;
   uint64_t next_resync_ms;
   int resync_running;
-  /* One server or Sentinel: a resync interval rereads everything only when
-   * a change may have gone unnotified (dirsync.c, check_or_resync). */
-  int keyspace_ok;           /* the server's notify-keyspace-events covers ours, as last seen */
-  unsigned sub_acks;         /* subscriptions confirmed since the last subscribe() */
-  char mark[40];             /* P dir:mark's value as last read ("": unknown) */
-  char mark_ours[40];        /* the value the last read_mark offered */
+  /* A resync interval rereads everything only when a change may have gone
+   * unnotified (dirsync.c, check_or_resync; each server's part in subs). */
   unsigned checks_since_full; /* intervals checked without a reread since the last full one */
-  int check_failed;
+  unsigned check_left;        /* replies the check in flight waits for */
+  int check_failed;           /* that check found a change unnotified, or no answer */
   int full_trusted;  /* the last full reread was sent with notifications and subscriptions confirmed */
   int force_full;    /* a load failed: the next interval rereads everything */
   int resync_wanted; /* a full reread asked for while one (or a check) was running: it goes after */

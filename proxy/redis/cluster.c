@@ -66,23 +66,58 @@ unsigned sl_cluster_key_slot(const char *key, size_t len) {
   return sl_cluster_crc16(key, len) & (SL_CLUSTER_SLOTS - 1);
 }
 
-void sl_cluster_slot_tags(char (*tags)[SL_CLUSTER_TAG_SIZE]) {
+/* Calls fn(t, its slot, arg) for each candidate tag t in the fixed order
+ * (sl_cluster_slot_tags) until fn returns nonzero. */
+static void each_tag(int (*fn)(const char *t, unsigned slot, void *arg), void *arg) {
   static const char abc[] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
   enum { N = sizeof(abc) - 1 };
-  for (unsigned s = 0; s < SL_CLUSTER_SLOTS; s++) tags[s][0] = '\0';
-  unsigned left = SL_CLUSTER_SLOTS;
-  for (unsigned len = 1; len < SL_CLUSTER_TAG_SIZE && left; len++) {
+  for (unsigned len = 1; len < SL_CLUSTER_TAG_SIZE; len++) {
     unsigned total = 1;
     for (unsigned i = 0; i < len; i++) total *= N;
-    for (unsigned v = 0; v < total && left; v++) { /* v's digits in base N, most significant first */
+    for (unsigned v = 0; v < total; v++) { /* v's digits in base N, most significant first */
       char t[SL_CLUSTER_TAG_SIZE] = {0};
       for (unsigned i = len, x = v; i-- > 0; x /= N) t[i] = abc[x % N];
-      unsigned s = sl_cluster_crc16(t, len) & (SL_CLUSTER_SLOTS - 1);
-      if (tags[s][0]) continue;
-      memcpy(tags[s], t, sizeof t);
-      left--;
+      if (fn(t, sl_cluster_crc16(t, len) & (SL_CLUSTER_SLOTS - 1), arg)) return;
     }
   }
+}
+
+struct tags_fill {
+  char (*tags)[SL_CLUSTER_TAG_SIZE];
+  unsigned left;
+};
+
+static int fill_tag(const char *t, unsigned slot, void *arg) {
+  struct tags_fill *f = arg;
+  if (!f->tags[slot][0]) {
+    memcpy(f->tags[slot], t, SL_CLUSTER_TAG_SIZE);
+    f->left--;
+  }
+  return f->left == 0;
+}
+
+void sl_cluster_slot_tags(char (*tags)[SL_CLUSTER_TAG_SIZE]) {
+  for (unsigned s = 0; s < SL_CLUSTER_SLOTS; s++) tags[s][0] = '\0';
+  struct tags_fill f = {tags, SL_CLUSTER_SLOTS};
+  each_tag(fill_tag, &f);
+}
+
+struct tag_find {
+  unsigned slot;
+  char *out;
+};
+
+static int find_tag(const char *t, unsigned slot, void *arg) {
+  struct tag_find *f = arg;
+  if (slot != f->slot) return 0;
+  memcpy(f->out, t, SL_CLUSTER_TAG_SIZE);
+  return 1;
+}
+
+void sl_cluster_slot_tag(unsigned slot, char tag[SL_CLUSTER_TAG_SIZE]) {
+  tag[0] = '\0';
+  struct tag_find f = {slot & (SL_CLUSTER_SLOTS - 1), tag};
+  each_tag(find_tag, &f);
 }
 
 /* ---- parsing helpers ---- */

@@ -43,6 +43,9 @@ unsigned sl_cluster_key_slot(const char *key, size_t len);
  * high-water marks) must keep their names across versions. About 240,000
  * CRC16s of 3 bytes: compute it once. */
 void sl_cluster_slot_tags(char (*tags)[SL_CLUSTER_TAG_SIZE]);
+/* One slot's tag, the same as sl_cluster_slot_tags' (at most ~240,000
+ * CRC16s: for a key now and then, not per request). */
+void sl_cluster_slot_tag(unsigned slot, char tag[SL_CLUSTER_TAG_SIZE]);
 
 /* ---- the slot map ---- */
 

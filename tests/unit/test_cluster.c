@@ -462,6 +462,11 @@ static void test_slot_tags(void **state) {
     char key[64];
     int kl = snprintf(key, sizeof key, "sluice:meter:hwm:{%s}:inst{x}:00ff", tags[s]);
     assert_int_equal(sl_cluster_key_slot(key, (size_t)kl), s);
+    if (s % 97 == 0 || s == SL_CLUSTER_SLOTS - 1) { /* one slot's alone: the same tag */
+      char one[SL_CLUSTER_TAG_SIZE];
+      sl_cluster_slot_tag(s, one);
+      assert_string_equal(one, tags[s]);
+    }
   }
   assert_string_equal(tags[0], "06S");
   assert_string_equal(tags[1], "Qi");
