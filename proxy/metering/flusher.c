@@ -28,7 +28,9 @@
  * per key into calls and one per billed service into usage, one SADD per
  * day with the batch's UIDs, one stream entry for the whole batch. One
  * server or Sentinel: an optimistic transaction on the batch's marker
- * (send_txn). Redis Cluster: the scripts below. Key names: keys.h. */
+ * (send_txn). Redis Cluster: a transaction per slot for a batch's first
+ * send (send_fast_part), the scripts below when it goes again. Key names:
+ * keys.h. */
 
 /* Redis Cluster (SPEC 10; docs/operations.md): a batch's counts are
  * applied once per slot by a high-water mark, not a marker per batch (issue
