@@ -118,7 +118,8 @@ metric() { # name: its value on sluice's /metrics (0 when absent)
 }
 redis_ns() { # CPU time of every redis-server thread, ns (schedstat: finer than the ticks)
   local p
-  for p in "${rpids[@]}"; do cat /proc/"$p"/task/*/schedstat; done | awk '{t += $1} END {printf "%d", t}'
+  # %.0f: mawk's %d stops at 2^31 (2.1 s of CPU), which read every later difference as 0
+  for p in "${rpids[@]}"; do cat /proc/"$p"/task/*/schedstat; done | awk '{t += $1} END {printf "%.0f", t}'
 }
 us_per() { awk -v t="$1" -v n="$2" 'BEGIN {printf "%.1f", n ? t / 1e3 / n : 0}'; } # ns, count
 # The directory (issue 14: its throughput against one server and a
@@ -156,6 +157,9 @@ if [[ ${BENCH_DIRECTORY:-1} == 1 ]]; then
   r_a=$(redis_ns); t_a=$(date +%s%N)
   redis-cli -p "${rports[0]}" PUBLISH sluice:changes resync >/dev/null
   until (($(metric sluice_directory_resyncs_total) > n1)); do sleep 0.02; done
+  # (the count says the suspended set's master answered; on a cluster the
+  # other masters' rereads may still run: a second more, net of the floor)
+  sleep 1
   r_b=$(redis_ns); t_b=$(date +%s%N)
   net=$(awk -v w=$((r_b - r_a)) -v f="$floor" -v t=$((t_b - t_a)) 'BEGIN {n = w - f * t / 3e9; print (n < 0 ? 0 : int(n + 0.5))}')
   echo "directory: $known of $accounts accounts looked up in $(((t1 - t0) / 1000000)) ms under load" \
@@ -172,13 +176,15 @@ spid=$!; pids+=("$spid")
 wait_port "$sp" "$spid" sluice
 run_wrk 2 >/dev/null # every account looked up once
 # Redis's own idle cost (cron, and a cluster's bus: each node pings the
-# others), for reading the loaded figure: 5 s with sluice idle.
+# others), for reading the loaded figure: 5 s with sluice idle, in ns
+# (schedstat: the ticks, 10 ms each per server, made this floor jump
+# between 4 and 16 ms/s from run to run on a cluster).
 sleep 1
-i0=$(redis_ticks)
+i0=$(redis_ns); it0=$(date +%s%N)
 sleep 5
-idle_ms_per_s=$((($(redis_ticks) - i0) * 10 / 5))
+idle_ns_per_s=$(awk -v n=$(($(redis_ns) - i0)) -v t=$(($(date +%s%N) - it0)) 'BEGIN {printf "%.0f", n * 1e9 / t}')
 for p in "${rports[@]}"; do redis-cli -p "$p" config resetstat >/dev/null; done
-r0=$(redis_ticks)
+r0=$(redis_ticks); rn0=$(redis_ns); rt0=$(date +%s%N)
 declare -A each0=()
 for p in "${rpids[@]}"; do each0[$p]=$(ticks "$p"); done
 # sluice's threads' CPU over the run (utime+stime, ticks): the workers'
@@ -196,17 +202,17 @@ run_wrk "$secs" --latency >"$tmp/wrk.txt"
 th1=$(thread_ticks)
 kill -TERM "$spid"
 wait "$spid" || die "sluice exited non-zero: $(tail -3 "$tmp/sluice.log")"
-r1=$(redis_ticks)
+r1=$(redis_ticks); rn1=$(redis_ns); rt1=$(date +%s%N)
 reqs=$(awk '/requests in/ {print $1}' "$tmp/wrk.txt")
 non2xx=$(awk '/Non-2xx/ {print $NF}' "$tmp/wrk.txt")
 echo "## metering_cost $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "redis: $mode ($redis_url); sluice options: ${*:-(defaults)}; run ${secs} s; pass_uniform, $accounts accounts; sluice on CPU $proxy_cpu, redis/modstub/wrk on CPU $load_cpus"
 grep -E 'Requests/sec|^ +50%|^ +99%' "$tmp/wrk.txt"
-echo "requests $reqs, non-2xx ${non2xx:-0}; redis-server CPU $(((r1 - r0) * 10)) ms" \
-  "= $(awk -v t=$((r1 - r0)) -v hz="$(getconf CLK_TCK)" -v n="$reqs" 'BEGIN {printf "%.3f", t / hz * 1e6 / n}') us per request"
-echo "idle redis-server CPU (sluice idle, 5 s before the run): $idle_ms_per_s ms/s;" \
-  "net of it: $(awk -v t=$((r1 - r0)) -v i="$idle_ms_per_s" -v s="$secs" -v hz="$(getconf CLK_TCK)" -v n="$reqs" \
-    'BEGIN {printf "%.3f", (t / hz * 1e3 - i * s) * 1e3 / n}') us per request"
+echo "requests $reqs, non-2xx ${non2xx:-0}; redis-server CPU $(((rn1 - rn0) / 1000000)) ms" \
+  "= $(awk -v t=$((rn1 - rn0)) -v n="$reqs" 'BEGIN {printf "%.3f", t / 1e3 / n}') us per request"
+echo "idle redis-server CPU (sluice idle, 5 s before the run): $(awk -v i="$idle_ns_per_s" 'BEGIN {printf "%.1f", i / 1e6}') ms/s;" \
+  "net of it over the $(awk -v t=$((rt1 - rt0)) 'BEGIN {printf "%.1f", t / 1e9}') s measured: $(awk -v t=$((rn1 - rn0)) \
+    -v i="$idle_ns_per_s" -v w=$((rt1 - rt0)) -v n="$reqs" 'BEGIN {printf "%.3f", (t - i * w / 1e9) / 1e3 / n}') us per request"
 if ((${#rpids[@]} > 1)); then
   echo -n "per server (ms):"
   for p in "${rpids[@]}"; do echo -n " $((($(ticks "$p") - each0[$p]) * 10))"; done

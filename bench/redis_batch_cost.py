@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """Redis's CPU per metering key when a batch is applied by a Lua script
-(what one server did before d7b455f, and what a Redis Cluster does) or by
-a MULTI/EXEC transaction (one server and Sentinel since then).
+(what one server did before d7b455f) or by a MULTI/EXEC transaction (one
+server and Sentinel since then), and on a Redis Cluster node (issue 14) by
+the flusher's master_script (read from proxy/metering/flusher.c: a batch
+sent again) or by a transaction per slot (a batch's first send).
 
-A fresh redis-server on 127.0.0.1 (no persistence), keyspace notifications
-on as sluice sets them and one subscriber with the directory's patterns;
-N batches of K keys (a calls HINCRBY and a usage HINCRBY per key over
-10,000 accounts), then redis-server's utime+stime per key, net of its idle
-floor. Usage: bench/redis_batch_cost.py [script|multi ...] (both, in turn,
-by default). Stdlib only; the server is stopped by its PID."""
+A fresh redis-server on 127.0.0.1 (no persistence; for the cluster
+variants cluster-enabled, every slot its own), keyspace notifications on as
+sluice sets them and one subscriber with the directory's patterns; N
+batches of K keys (a calls HINCRBY and a usage HINCRBY per key over 10,000
+accounts, UIDs as hash tags on the cluster), then redis-server's
+utime+stime per key, net of its idle floor. Usage:
+bench/redis_batch_cost.py [script|multi|cluster-script|cluster-multi ...]
+(all, in turn, by default). Stdlib only; the server is stopped by its
+PID."""
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -30,6 +36,37 @@ SCRIPT = (  # the script one server used: marker, HINCRBYs, SADD, stream entry
     "return 1")
 BATCHES, KEYS_PER_BATCH, ACCOUNTS = 20, 2500, 10000
 FEATURES = ["text", "image", "voice", "video"]
+VARIANTS = ("script", "multi", "cluster-script", "cluster-multi")
+
+
+def flusher_script(name):
+    """A Lua script of the flusher's, from its C source (the text the
+    flusher sends, not a copy that could drift)."""
+    src = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "proxy", "metering",
+                            "flusher.c")).read()
+    body = re.search(r"static const char %s\[\] =\n(.*?);\n" % name, src, re.S).group(1)
+    keys_h = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "proxy", "redis", "keys.h")).read()
+    # a macro between the literals (SL_USAGE_STREAM_MAXLEN): its string
+    body = re.sub(r"\b(SL_[A-Z_]+)\b", lambda m: re.search(r'#define %s (".*?")' % m.group(1), keys_h).group(1), body)
+    return "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body)).replace("\\n", "\n").replace("\\'", "'")
+
+
+MASTER_SCRIPT = None  # set at start (flusher_script)
+STREAM_SCRIPT = None
+
+
+def crc16(data):
+    crc = 0
+    for b in data:
+        crc ^= b << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def slot(uid):
+    return crc16(uid.encode()) % 16384
 
 
 def enc(*args):
@@ -55,20 +92,71 @@ def cpu_ms(pid):
     return (int(f[11]) + int(f[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
-def run(variant):
-    d = tempfile.mkdtemp(prefix="redis-batch-cost-")
+def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def cluster_batch(s, variant, keys, seq, deltas):
+    """One batch as the flusher sends it to a cluster's master: its slots'
+    keys by slot, each slot's counts with its mark, then the day's SADD and
+    the stream entry (its own script)."""
+    by_slot = {}
+    for uid, f, n in keys:
+        by_slot.setdefault(slot(uid), []).append((uid, f, n))
+    out = []
+    if variant == "cluster-script":
+        a = [len(by_slot), seq]
+        for ks in by_slot.values():
+            t = ks[0][0]
+            body = []
+            for uid, f, n in ks:
+                body += ["sluice:calls:20261201:{%s}" % uid, f + ":cn-shanghai:ok", n,
+                         "sluice:usage:20261201:{%s}" % uid, 1, f + ":baselineCheck:cn-shanghai"]
+            a += ["sluice:meter:hwm:{%s}:i1:e1" % t, "sluice:meter:probe:{%s}" % t, "", len(ks), len(body)] + body
+        out.append(enc("EVAL", MASTER_SCRIPT, 0, *a))
+    else:
+        for ks in by_slot.values():
+            out.append(enc("MULTI"))
+            out.append(enc("SET", "sluice:meter:hwm:{%s}:i1:e1" % ks[0][0], seq, "EX", 604800))
+            for uid, f, n in ks:
+                out.append(enc("HINCRBY", "sluice:calls:20261201:{%s}" % uid, f + ":cn-shanghai:ok", n))
+                out.append(enc("HINCRBY", "sluice:usage:20261201:{%s}" % uid, f + ":baselineCheck:cn-shanghai", n))
+            out.append(enc("EXEC"))
+    out.append(enc("SADD", "sluice:usage:20261201", *sorted({k[0] for k in keys})))
+    out.append(enc("EVAL", STREAM_SCRIPT, 2, "sluice:meter:batch:i1:e1:%d:{x}" % seq, "sluice:usage:stream",
+                   "i1:e1:%d" % seq, len(keys), deltas))
+    out.append(enc("PING"))
+    s.sendall(b"".join(out))
+    read_until(s, b"+PONG\r\n")
+
+
+def run(variant):
+    d = tempfile.mkdtemp(prefix="redis-batch-cost-")
+    port = free_port()
+    cluster = variant.startswith("cluster-")
     p = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no", "--dir", d], stdout=subprocess.DEVNULL)
+                          "--appendonly", "no", "--dir", d] +
+                         # the bus port chosen: port + 10000 is over 65535 for a port above 55535
+                         (["--cluster-enabled", "yes", "--cluster-config-file", d + "/nodes.conf",
+                           "--cluster-port", str(free_port())] if cluster else []),
+                         stdout=subprocess.DEVNULL)
     try:
-        for _ in range(100):
+        for _ in range(200):
             try:
                 s = socket.create_connection(("127.0.0.1", port))
                 break
             except OSError:
                 time.sleep(0.05)
+        if cluster:  # one node serving every slot: what one master does for its slots
+            s.sendall(enc("CLUSTER", "ADDSLOTSRANGE", 0, 16383))
+            read_until(s, b"\r\n")
+            while True:
+                s.sendall(enc("CLUSTER", "INFO"))
+                if b"cluster_state:ok" in read_until(s, b"\r\n\r\n"):
+                    break
+                time.sleep(0.1)
         s.sendall(enc("CONFIG", "SET", "notify-keyspace-events", "Kg$shxe"))
         read_until(s, b"\r\n")
         sub = socket.create_connection(("127.0.0.1", port))
@@ -82,7 +170,9 @@ def run(variant):
                     for _ in range(KEYS_PER_BATCH)]
             marker = "sluice:meter:batch:b%d" % bi
             deltas = "x" * (40 * KEYS_PER_BATCH)
-            if variant == "script":
+            if cluster:
+                cluster_batch(s, variant, keys, bi + 1, deltas)
+            elif variant == "script":
                 a = [len(keys)]
                 for uid, f, n in keys:
                     a += ["sluice:calls:20261201:" + uid, f + ":cn-shanghai:ok", n,
@@ -119,7 +209,8 @@ def run(variant):
 
 
 if __name__ == "__main__":
-    for v in sys.argv[1:] or ["script", "multi"]:
-        if v not in ("script", "multi"):
-            sys.exit(f"unknown variant {v}: script or multi")
+    MASTER_SCRIPT, STREAM_SCRIPT = flusher_script("master_script"), flusher_script("stream_script")
+    for v in sys.argv[1:] or VARIANTS:
+        if v not in VARIANTS:
+            sys.exit(f"unknown variant {v}: one of {', '.join(VARIANTS)}")
         run(v)

@@ -1303,6 +1303,7 @@ struct fast_part {
   struct part p; /* first: part_end frees it */
   unsigned n, left;  /* units, and those not answered yet */
   int ran, lost;     /* a unit that ran (-1: none), a reply lost */
+  unsigned nredo;    /* slots to send again (redo) */
   int kind;          /* SL_REPLY_APPLIED once one ran */
   uint8_t redo[SL_CLUSTER_SLOTS / 8];
   unsigned *slots;   /* each unit's, after the refs */
@@ -1327,6 +1328,7 @@ static void on_unit(void *owner, void *priv, const redisReply *r) {
   } else if (live) {
     unsigned slot = fp->slots[u->i];
     fp->redo[slot / 8] |= (uint8_t)(1u << slot % 8);
+    fp->nredo++;
     int aborted = r->type == REDIS_REPLY_ERROR && ((r->len >= 9 && !memcmp(r->str, "EXECABORT", 9)) ||
                                                    sl_cluster_error_kind(r->str, r->len) != SL_CLUSTER_ERR_OTHER);
     if (!aborted && !f->no_units) {
@@ -1343,7 +1345,7 @@ static void on_unit(void *owner, void *priv, const redisReply *r) {
     part_end(f, &fp->p, PART_LOST);
     return;
   }
-  send_slots_redo(f, fp->redo);
+  if (fp->nredo) send_slots_redo(f, fp->redo);
   if (fp->ran < 0) { /* nothing of it is on this master: no WAIT here */
     part_end(f, &fp->p, PART_OK);
     return;
