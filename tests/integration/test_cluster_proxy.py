@@ -240,6 +240,15 @@ class ClusterCase(unittest.TestCase):
             out[m.port] = int(fields.get(what, 0))
         return out
 
+    def load_for(self, sl, n, counts, seconds):
+        """load_accounts for `seconds`, then stopped and its threads joined."""
+        stop, lock = threading.Event(), threading.Lock()
+        ts = self.load_accounts(sl, n, stop, counts, lock)
+        time.sleep(seconds)
+        stop.set()
+        for t in ts:
+            t.join(10)
+
     def load_accounts(self, sl, n, stop, counts, lock):
         """Threads sending one call per account in turn until stop is set;
         counts[uid] += the 200s each account got."""
@@ -589,12 +598,7 @@ class SharedClusterTest(ClusterCase):
                 m.cli("ACL", "SETUSER", "default", "-multi")
                 self.addCleanup(m.cli, "ACL", "SETUSER", "default", "+multi")
         sl, up, counts = self.start_accounts(n, "--flush-ms", "300", before_sluice=deny_multi)
-        stop, lock = threading.Event(), threading.Lock()
-        ts = self.load_accounts(sl, n, stop, counts, lock)
-        time.sleep(1.5)
-        stop.set()
-        for t in ts:
-            t.join(10)
+        self.load_for(sl, n, counts, 1.5)
         poll(lambda: sl.metrics().get("sluice_meter_queue_batches", 1) == 0, 10, "the batches in Redis")
         self.assertIn("a transaction was refused (scripts from now on)", sl.stderr())
         self.assertGreater(sum(self.eval_calls().values()), 0, "no script after MULTI was refused")
@@ -876,12 +880,7 @@ class SharedClusterTest(ClusterCase):
             m.cli("CONFIG", "RESETSTAT")
         b0 = sl.metrics().get("sluice_meter_batches_total", 0)
         r0 = sl.metrics().get("sluice_meter_batches_retried_total", 0)
-        stop, lock = threading.Event(), threading.Lock()
-        ts = self.load_accounts(sl, n, stop, counts, lock)
-        time.sleep(3.0)
-        stop.set()
-        for t in ts:
-            t.join(10)
+        self.load_for(sl, n, counts, 3.0)
         poll(lambda: sl.metrics().get("sluice_meter_queue_batches", 1) == 0 and
              sl.metrics().get("sluice_meter_batches_total", 0) > b0, 10, "the load's batches in Redis")
         time.sleep(0.6)
