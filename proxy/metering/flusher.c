@@ -28,9 +28,7 @@
  * per key into calls and one per billed service into usage, one SADD per
  * day with the batch's UIDs, one stream entry for the whole batch. One
  * server or Sentinel: an optimistic transaction on the batch's marker
- * (send_txn). Redis Cluster: a transaction per slot for a batch's first
- * send (send_fast_part), the scripts below when it goes again. Key names:
- * keys.h. */
+ * (send_txn). Redis Cluster: the scripts below. Key names: keys.h. */
 
 /* Redis Cluster (SPEC 10; docs/operations.md): a batch's counts are
  * applied once per slot by a high-water mark, not a marker per batch (issue
@@ -1209,8 +1207,6 @@ static void send_master_part(struct sl_flusher *f, struct sl_batch *b, const str
  * whole script; -1: a slot it does not serve, or one being migrated) go
  * again as parts of their own now, which follow MOVED, ASK and TRYAGAIN;
  * their markers are the same, so one applied meanwhile is a no-op. */
-static void send_slots_redo(struct sl_flusher *f, const uint8_t *redo);
-
 static void send_slots_again(struct sl_flusher *f, const struct master_part *mp, const redisReply *r) {
   uint8_t redo[SL_CLUSTER_SLOTS / 8] = {0};
   unsigned nredo = 0;
@@ -1219,11 +1215,7 @@ static void send_slots_again(struct sl_flusher *f, const struct master_part *mp,
       redo[mp->slots[i] / 8] |= (uint8_t)(1u << mp->slots[i] % 8);
       nredo++;
     }
-  if (nredo) send_slots_redo(f, redo);
-}
-
-/* The slots set in redo, each as its own part_script now. */
-static void send_slots_redo(struct sl_flusher *f, const uint8_t *redo) {
+  if (!nredo) return;
   sl_db_refresh(f->redis); /* the map said these slots were there */
   struct sl_batch *b = f->inflight;
   struct args x = args_new(f, b);
@@ -1283,166 +1275,6 @@ static void on_master_part(void *owner, void *priv, const redisReply *r) {
   part_in_redis(f, &mp->p, kind);
 }
 
-/* A batch's first send (made by this process, never sent before: no slot
- * of it can be in Redis) needs no mark read, only the mark's write with
- * the counts, all or nothing: per slot a transaction, MULTI, the mark's
- * SET, the HINCRBYs, EXEC, sent as a unit (cluster_client.h) with the rest
- * of the master's slots in one write. Redis spends about 0.6 of a
- * master_script's CPU per key on it (queued commands against Lua calls;
- * bench/README.md, issue 14). A slot whose EXEC says anything but its
- * results (EXECABORT: moved or being migrated; an error: MULTI refused,
- * its commands ran one by one) goes again as its own part_script, whose
- * mark read decides; a lost reply sends the whole batch again, each slot
- * checked. */
-struct fast_part;
-struct unit_ref {
-  struct fast_part *fp;
-  unsigned i;
-};
-struct fast_part {
-  struct part p; /* first: part_end frees it */
-  unsigned n, left;  /* units, and those not answered yet */
-  int ran, lost;     /* a unit that ran (-1: none), a reply lost */
-  unsigned nredo;    /* slots to send again (redo) */
-  int kind;          /* SL_REPLY_APPLIED once one ran */
-  uint8_t redo[SL_CLUSTER_SLOTS / 8];
-  unsigned *slots;   /* each unit's, after the refs */
-  struct unit_ref refs[];
-};
-
-static void on_unit(void *owner, void *priv, const redisReply *r) {
-  struct unit_ref *u = priv;
-  struct fast_part *fp = u->fp;
-  struct sl_flusher *f = owner;
-  int live = f && fp->p.gen == f->gen && f->inflight;
-  if (live && !r) {
-    fp->lost = 1;
-  } else if (live && r->type == REDIS_REPLY_ARRAY) {
-    fp->ran = (int)u->i;
-    fp->kind = SL_REPLY_APPLIED;
-    for (size_t i = 0; i < r->elements; i++) /* a key of the wrong type, written by someone else */
-      if (r->element[i]->type == REDIS_REPLY_ERROR) {
-        batch_error(f, "applied, but a command was refused, its counts are not in Redis: ", r->element[i]);
-        break;
-      }
-  } else if (live) {
-    unsigned slot = fp->slots[u->i];
-    fp->redo[slot / 8] |= (uint8_t)(1u << slot % 8);
-    fp->nredo++;
-    int aborted = r->type == REDIS_REPLY_ERROR && ((r->len >= 9 && !memcmp(r->str, "EXECABORT", 9)) ||
-                                                   sl_cluster_error_kind(r->str, r->len) != SL_CLUSTER_ERR_OTHER);
-    if (!aborted && !f->no_units) {
-      f->no_units = 1; /* not a transaction: its commands may have run one by one, the mark decides */
-      batch_error(f, "a transaction was refused (scripts from now on): ", r);
-    }
-  }
-  if (--fp->left) return;
-  if (!live) {
-    free(fp);
-    return;
-  }
-  if (fp->lost) {
-    part_end(f, &fp->p, PART_LOST);
-    return;
-  }
-  if (fp->nredo) send_slots_redo(f, fp->redo);
-  if (fp->ran < 0) { /* nothing of it is on this master: no WAIT here */
-    part_end(f, &fp->p, PART_OK);
-    return;
-  }
-  fp->p.slot = fp->slots[fp->ran]; /* WAIT goes to that master */
-  part_in_redis(f, &fp->p, fp->kind);
-}
-
-/* One master's slots as units, a batch's first send: run[0..n), the sorted
- * group keys of one master; base's buffer is written from its start. */
-static void send_fast_part(struct sl_flusher *f, struct sl_batch *b, const struct args *base, const uint64_t *run,
-                           uint32_t n) {
-  unsigned nunits = 0;
-  size_t most = 0; /* args of the biggest unit: MULTI, SET, EXEC, 4 a HINCRBY */
-  for (uint32_t g = 0, e; g < n; g = e, nunits++) {
-    e = (uint32_t)sl_cluster_group_end(run, n, g, 1);
-    size_t need = 7;
-    for (uint32_t j = g; j < e; j++) {
-      const struct sl_meter_key *k = &b->e[sl_cluster_group_index(run[j])].k;
-      const char *svc[SL_METER_SERVICE_MAX / 2 + 1];
-      size_t svl[SL_METER_SERVICE_MAX / 2 + 1];
-      need += 4 + (billed(k) ? 4 * services(k, svc, svl) : 0);
-    }
-    if (need > most) most = need;
-  }
-  struct fast_part *fp = sl_calloc(1, sizeof *fp + nunits * (sizeof fp->refs[0] + sizeof *fp->slots));
-  fp->p = (struct part){.gen = f->gen};
-  fp->ran = -1;
-  fp->slots = (unsigned *)(fp->refs + nunits);
-  struct args x = {.argv = sl_malloc(most * sizeof(char *)), .lens = sl_malloc(most * sizeof(size_t))};
-  int *argcs = sl_malloc((most / 4 + 3) * sizeof(int)); /* 3 + a command per 4 args */
-  size_t stem;
-  uint64_t seq = batch_seq(b, &stem);
-  for (uint32_t g = 0, e; g < n; g = e) {
-    e = (uint32_t)sl_cluster_group_end(run, n, g, 1);
-    unsigned slot = sl_cluster_group_slot(run[g]);
-    int nc = 0;
-    x.a = 0;
-    x.p = base->buf;
-    arg(&x, "MULTI", 5);
-    argcs[nc++] = 1;
-    arg(&x, "SET", 3);
-    arg_mark(f, &x, b, slot, 0);
-    arg_num(&x, seq);
-    arg(&x, "EX", 2);
-    arg(&x, "604800", 6);
-    argcs[nc++] = 5;
-    for (uint32_t j = g; j < e; j++) {
-      const struct sl_batch_entry *be = &b->e[sl_cluster_group_index(run[j])];
-      breathe(f, 1);
-      arg(&x, "HINCRBY", 7);
-      arg_uid_key(f, &x, SL_KEY_CALLS, SL_KEYLEN(SL_KEY_CALLS), &be->k);
-      arg_calls_field(&x, &be->k);
-      arg_num(&x, be->count);
-      argcs[nc++] = 4;
-      if (!billed(&be->k)) continue;
-      const char *count = x.argv[x.a - 1];
-      size_t count_len = x.lens[x.a - 1], at = x.a;
-      arg_uid_key(f, &x, SL_KEY_USAGE, SL_KEYLEN(SL_KEY_USAGE), &be->k);
-      const char *ukey = x.argv[at];
-      size_t ukey_len = x.lens[at];
-      usage_fields(&x, &be->k); /* the usage key, the number of fields, the fields: made into HINCRBYs */
-      const char *fv[SL_METER_SERVICE_MAX / 2 + 1];
-      size_t fl[SL_METER_SERVICE_MAX / 2 + 1], nf = x.a - at - 2;
-      for (size_t i = 0; i < nf; i++) fv[i] = x.argv[at + 2 + i], fl[i] = x.lens[at + 2 + i];
-      x.a = at;
-      for (size_t i = 0; i < nf; i++) {
-        arg(&x, "HINCRBY", 7);
-        arg(&x, ukey, ukey_len);
-        arg(&x, fv[i], fl[i]);
-        arg(&x, count, count_len);
-        argcs[nc++] = 4;
-      }
-    }
-    arg(&x, "EXEC", 4);
-    argcs[nc++] = 1;
-    struct unit_ref *u = &fp->refs[fp->n];
-    *u = (struct unit_ref){.fp = fp, .i = fp->n};
-    fp->slots[fp->n] = slot;
-    if (sl_db_unit(f->redis, slot, on_unit, u, nc, argcs, x.argv, x.lens) == 0) {
-      fp->n++;
-      fp->left++;
-    } else {
-      fp->lost = 1; /* not sent: the whole batch goes again */
-    }
-  }
-  free(argcs);
-  free(x.argv);
-  free(x.lens);
-  if (!fp->left) {
-    free(fp);
-    if (PART_LOST > f->part_worst) f->part_worst = PART_LOST;
-    return;
-  }
-  f->parts_left++;
-}
-
 /* Redis Cluster: per master of the map, one master_script EVAL for the
  * slots of the batch's UIDs it serves (one part_script EVAL where it has
  * just one, or the map has none for it), one SADD per day's set of UIDs
@@ -1453,16 +1285,10 @@ static void send_cluster(struct sl_flusher *f, struct sl_batch *b, struct args *
   struct args x = *xp;
   char *buf = x.p;
   uint32_t n = b->n;
-  int first = !b->replayed && !b->sent && !f->no_units;
-  b->sent = 1;
   uint64_t *keys = group_keys(b, sl_db_map(f->redis));
   for (uint32_t g = 0, e; g < n; g = e) {
     e = (uint32_t)sl_cluster_group_end(keys, n, g, 0);
     int one_slot = sl_cluster_group_end(keys, n, g, 1) == e;
-    if (sl_cluster_group_node(keys[g]) != SL_CLUSTER_NO_NODE && first) {
-      send_fast_part(f, b, &x, keys + g, e - g);
-      continue;
-    }
     if (sl_cluster_group_node(keys[g]) != SL_CLUSTER_NO_NODE && !one_slot) {
       send_master_part(f, b, &x, keys + g, e - g);
       continue;

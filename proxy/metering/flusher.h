@@ -62,7 +62,6 @@ struct sl_flusher {
   uint64_t gen;
   unsigned parts_left;
   int part_worst, part_applied;
-  int no_units; /* a cluster's MULTI refused once: first sends use the scripts too */
   struct sl_spool spool;
   /* identity */
   char instance[64];

@@ -32,7 +32,6 @@ struct sl_batch {
   uint8_t id_len;
   uint8_t spooled;
   uint8_t replayed; /* read back from the spool at start (perhaps written by an earlier version) */
-  uint8_t sent;     /* sent to Redis before by this process (a cluster's first send reads no mark) */
   char id[96];
   struct sl_batch_entry e[];
 };

@@ -17,8 +17,7 @@ struct conn {
   struct sl_link pending; /* struct req, in order */
 };
 
-/* One command, or a unit of several (sl_cluster_unit), from its call to
- * its callback. */
+/* One command, from sl_cluster_command to its callback. */
 struct req {
   struct sl_link link; /* in a conn's pending or the router's delayed list */
   struct sl_cluster *cl;
@@ -28,11 +27,9 @@ struct req {
   int asking;           /* ASKING before the next send (an ASK redirect) */
   struct conn *to;      /* the next send goes here (a redirect), not to the map's master */
   uint64_t due_ms;      /* in delayed: when to route it again */
-  int argc;             /* of the first command */
+  int argc;
   const char **argv;    /* argv, argvlen and the bytes in this block */
   size_t *argvlen;
-  int ncmds;            /* commands: 1, or a unit's */
-  int *argcs;           /* a unit's: each command's argc (its args follow the one before's in argv) */
 };
 
 struct sl_cluster {
@@ -184,13 +181,6 @@ static void on_asking(redisAsyncContext *c, void *reply, void *priv) {
 
 static void on_reply(redisAsyncContext *c, void *reply, void *priv);
 
-/* A unit's commands before its last: their replies are not the caller's
- * (a refused one makes the last, EXEC, answer EXECABORT). */
-static void on_unit_step(redisAsyncContext *c, void *reply, void *priv) {
-  (void)priv;
-  sl_redis_owner(c, reply);
-}
-
 static void send_to(redisAsyncContext *ac, struct req *q) {
   if (q->asking && redisAsyncCommand(ac, on_asking, NULL, "ASKING") != REDIS_OK) {
     delay(q, 1);
@@ -198,21 +188,7 @@ static void send_to(redisAsyncContext *ac, struct req *q) {
   }
   q->asking = 0;
   q->tries++;
-  if (q->ncmds == 1) {
-    if (redisAsyncCommandArgv(ac, on_reply, q, q->argc, q->argv, q->argvlen) != REDIS_OK) delay(q, 0);
-    return;
-  }
-  /* A unit goes whole, back to back on this connection. A command hiredis
-   * refuses means the connection is closing: what went before it ends
-   * with no EXEC (discarded by Redis), and the unit is routed again. */
-  for (int i = 0, at = 0; i < q->ncmds; at += q->argcs[i++]) {
-    int last = i == q->ncmds - 1;
-    if (redisAsyncCommandArgv(ac, last ? on_reply : on_unit_step, last ? q : NULL, q->argcs[i], q->argv + at,
-                              q->argvlen + at) != REDIS_OK) {
-      delay(q, 0);
-      return;
-    }
-  }
+  if (redisAsyncCommandArgv(ac, on_reply, q, q->argc, q->argv, q->argvlen) != REDIS_OK) delay(q, 0);
 }
 
 static void conn_ready(void *data) {
@@ -278,11 +254,6 @@ static void on_reply(redisAsyncContext *c, void *reply, void *priv) {
   }
   struct sl_cluster *cl = n->cl;
   enum sl_cluster_err kind = sl_cluster_error_kind(r->str, r->len);
-  if (q->ncmds > 1) { /* a unit's redirects are the caller's (EXECABORT hides which); the map may be old */
-    reload(cl);
-    finish(q, r);
-    return;
-  }
   if (kind == SL_CLUSTER_ERR_OTHER) {
     finish(q, r);
     return;
@@ -394,30 +365,21 @@ void sl_cluster_stop(struct sl_cluster *cl) {
   uv_close((uv_handle_t *)&cl->timer, on_closed);
 }
 
-int sl_cluster_unit(struct sl_cluster *cl, unsigned slot, sl_cluster_reply_fn *cb, void *priv, int ncmds,
-                    const int *argcs, const char **argv, const size_t *argvlen) {
-  int argc = 0;
-  for (int i = 0; i < ncmds; i++) {
-    if (argcs[i] < 1) return UV_EINVAL;
-    argc += argcs[i];
-  }
-  if (ncmds < 1 || slot >= SL_CLUSTER_SLOTS || cl->stopped) return UV_EINVAL;
+int sl_cluster_command(struct sl_cluster *cl, unsigned slot, sl_cluster_reply_fn *cb, void *priv, int argc,
+                       const char **argv, const size_t *argvlen) {
+  if (argc < 1 || slot >= SL_CLUSTER_SLOTS || cl->stopped) return UV_EINVAL;
   size_t bytes = 0;
   for (int i = 0; i < argc; i++) bytes += argvlen[i];
-  struct req *q = sl_malloc(sizeof *q + (size_t)argc * (sizeof(char *) + sizeof(size_t)) +
-                            (size_t)ncmds * sizeof(int) + bytes + 1);
+  struct req *q = sl_malloc(sizeof *q + (size_t)argc * (sizeof(char *) + sizeof(size_t)) + bytes + 1);
   memset(q, 0, sizeof *q);
   q->cl = cl;
   q->cb = cb;
   q->priv = priv;
   q->slot = slot;
-  q->argc = argcs[0];
-  q->ncmds = ncmds;
+  q->argc = argc;
   q->argv = (const char **)(q + 1);
   q->argvlen = (size_t *)(q->argv + argc);
-  q->argcs = (int *)(q->argvlen + argc);
-  memcpy(q->argcs, argcs, (size_t)ncmds * sizeof(int));
-  char *b = (char *)(q->argcs + ncmds);
+  char *b = (char *)(q->argvlen + argc);
   for (int i = 0; i < argc; i++) {
     if (argvlen[i]) memcpy(b, argv[i], argvlen[i]);
     q->argv[i] = b;
@@ -426,11 +388,6 @@ int sl_cluster_unit(struct sl_cluster *cl, unsigned slot, sl_cluster_reply_fn *c
   }
   route(q);
   return 0;
-}
-
-int sl_cluster_command(struct sl_cluster *cl, unsigned slot, sl_cluster_reply_fn *cb, void *priv, int argc,
-                       const char **argv, const size_t *argvlen) {
-  return sl_cluster_unit(cl, slot, cb, priv, 1, &argc, argv, argvlen);
 }
 
 void sl_cluster_refresh(struct sl_cluster *cl) {

@@ -80,16 +80,6 @@ void sl_cluster_stop(struct sl_cluster *cl);
 int sl_cluster_command(struct sl_cluster *cl, unsigned slot, sl_cluster_reply_fn *cb, void *priv, int argc,
                        const char **argv, const size_t *argvlen);
 
-/* Sends ncmds commands (argcs[i] args each, one after another in argv)
- * to the master of slot as a unit: back to back on one connection, to be
- * run together (MULTI ... EXEC). cb hears the last command's reply only;
- * the unit is never redirected or retried once sent (a MOVED or ASK to one
- * of its commands shows as EXECABORT: the caller sends its work another
- * way) and a cluster error reloads the map. Before it is sent it waits and
- * is routed as a command. Returns as sl_cluster_command. */
-int sl_cluster_unit(struct sl_cluster *cl, unsigned slot, sl_cluster_reply_fn *cb, void *priv, int ncmds,
-                    const int *argcs, const char **argv, const size_t *argvlen);
-
 /* Asks a ready node for the slot map again (at most one CLUSTER SLOTS at
  * a time; later when none is ready): for an owner that sees a master
  * unreachable on connections of its own. */

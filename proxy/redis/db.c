@@ -161,20 +161,6 @@ int sl_db_command(struct sl_db *db, unsigned slot, sl_db_reply_fn *cb, void *pri
   return 0;
 }
 
-int sl_db_unit(struct sl_db *db, unsigned slot, sl_db_reply_fn *cb, void *priv, int ncmds, const int *argcs,
-               const char **argv, const size_t *argvlen) {
-  if (db->stopping || db->single) return UV_ENOTCONN;
-  struct call *k = sl_malloc(sizeof *k);
-  *k = (struct call){.db = db, .cb = cb, .priv = priv};
-  int rc = sl_cluster_unit(db->cl, slot, on_cluster_reply, k, ncmds, argcs, argv, argvlen);
-  if (rc) {
-    free(k);
-    return rc;
-  }
-  db->refs++;
-  return 0;
-}
-
 /* An EVALSHA in flight, with its args kept for the EVAL that follows a
  * NOSCRIPT (one allocation: the lengths, then the bytes). */
 struct eval_call {

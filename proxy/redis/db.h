@@ -54,13 +54,6 @@ enum sl_redis_state sl_db_state(const struct sl_db *db);
 int sl_db_command(struct sl_db *db, unsigned slot, sl_db_reply_fn *cb, void *priv, int argc, const char **argv,
                   const size_t *argvlen);
 
-/* A Redis Cluster only: ncmds commands to the master of slot as one unit
- * (cluster_client.h's sl_cluster_unit); cb hears the last one's reply.
- * Returns 0, UV_EINVAL, or UV_ENOTCONN (one server or stopping: cb is never
- * called). */
-int sl_db_unit(struct sl_db *db, unsigned slot, sl_db_reply_fn *cb, void *priv, int ncmds, const int *argcs,
-               const char **argv, const size_t *argvlen);
-
 /* A Lua script called by its SHA-1 (EVALSHA): Redis then reads 40 bytes
  * instead of the script's text and hashes nothing per call (a lookup's
  * script is over a kilobyte). text must outlive every call of it. */

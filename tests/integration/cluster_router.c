@@ -11,9 +11,6 @@
  *     over keys on both sides gets TRYAGAIN, retried until the tries are
  *     spent, then answered with it; once migrated, it works;
  *  5. the command's own error is passed on, not retried;
- *  7. a unit (MULTI ... EXEC) runs whole on its master; sent where its keys
- *     are not (a stale map) or to a slot being migrated it is answered
- *     EXECABORT, not redirected, and nothing of it ran;
  *  6. stop with a command in flight: answered NULL once, no handle left. */
 #include <hiredis/hiredis.h>
 #include <stdarg.h>
@@ -94,33 +91,6 @@ static struct res cmd(const char *fmt_args, ...) {
   CHECK(x.calls == 0, "answered inside sl_cluster_command");
   run_until(&x.calls, 8000);
   CHECK(x.calls == 1, "%s %s: %d answers", argv[0], argc > 1 ? argv[1] : "", x.calls);
-  return x;
-}
-
-/* A unit through the router (sl_cluster_unit), waited for: cmds[] are
- * strings of space-separated args, NULL-ended; sent as the master of slot's. */
-static struct res unit(unsigned slot, const char **cmds) {
-  const char *argv[32];
-  size_t lens[32];
-  int argcs[8], n = 0, a = 0;
-  char words[512], *w = words;
-  for (; cmds[n]; n++) {
-    CHECK(n < 8 && strlen(cmds[n]) < 128, "unit too big");
-    argcs[n] = 0;
-    strcpy(w, cmds[n]);
-    for (char *t = strtok(w, " "); t; t = strtok(NULL, " ")) {
-      CHECK(a < 32, "unit too big");
-      argv[a] = t;
-      lens[a++] = strlen(t);
-      argcs[n]++;
-    }
-    w += strlen(cmds[n]) + 1;
-  }
-  struct res x = {0};
-  CHECK(sl_cluster_unit(cl, slot, on_res, &x, n, argcs, argv, lens) == 0, "unit");
-  CHECK(x.calls == 0, "answered inside sl_cluster_unit");
-  run_until(&x.calls, 8000);
-  CHECK(x.calls == 1, "unit: %d answers", x.calls);
   return x;
 }
 
@@ -225,22 +195,6 @@ int main(int argc, char **argv) {
   CHECK(st->moved == moved0, "MOVED with a fresh map");
   printf("ok: 30 GETs straight to their masters\n");
 
-  /* 7. units: whole on the master; where the keys are not, EXECABORT */
-  const char *inc[] = {"MULTI", "SET {u}x 1", "INCR {u}x", "EXEC", NULL};
-  struct res u = unit(sl_cluster_key_slot("{u}x", 4), inc);
-  CHECK(u.type == REDIS_REPLY_ARRAY && !strcmp(u.str, "OK,(nil)"), "unit: %s", u.str); /* INCR's 2: an integer */
-  u = cmd("GET", "{u}x", NULL);
-  CHECK(u.type == REDIS_REPLY_STRING && !strcmp(u.str, "2"), "after the unit {u}x is %s", u.str);
-  unsigned elsewhere = 0;
-  while (owner_of(elsewhere) == owner_of(sl_cluster_key_slot("{u}x", 4))) elsewhere++;
-  const char *stale[] = {"MULTI", "INCR {u}x", "EXEC", NULL};
-  u = unit(elsewhere, stale);
-  CHECK(u.type == REDIS_REPLY_ERROR && !strncmp(u.str, "EXECABORT", 9), "unit on the wrong master: %s", u.str);
-  CHECK(st->moved == moved0, "a unit's MOVED was followed");
-  u = cmd("GET", "{u}x", NULL);
-  CHECK(!strcmp(u.str, "2"), "a unit on the wrong master ran: {u}x is %s", u.str);
-  printf("ok: a unit ran whole; sent to the wrong master, EXECABORT and nothing ran\n");
-
   /* 3. a finished reshard: MOVED, then the map reloaded */
   unsigned s0 = sl_cluster_key_slot("k0", 2);
   int a = owner_of(s0), b = (a + 1) % 3;
@@ -274,15 +228,6 @@ int main(int argc, char **argv) {
   CHECK(st->ask == ask0 + 1 && st->moved == moved1, "ask %llu", (unsigned long long)st->ask);
   x = cmd("GET", "{t}b", NULL);
   CHECK(x.type == REDIS_REPLY_STRING && !strcmp(x.str, "vb"), "GET {t}b while migrating: %s", x.str);
-  const char *half[] = {"MULTI", "SET {t}b vb2", "SET {t}a va2", "EXEC", NULL};
-  x = unit(st_, half);
-  CHECK(x.type == REDIS_REPLY_ERROR && !strncmp(x.str, "EXECABORT", 9), "unit while migrating: %s", x.str);
-  CHECK(st->ask == ask0 + 1, "a unit's ASK was followed");
-  x = cmd("GET", "{t}a", NULL);
-  CHECK(!strcmp(x.str, "va"), "a unit over a migrating slot ran half: {t}a is %s", x.str);
-  x = cmd("GET", "{t}b", NULL);
-  CHECK(!strcmp(x.str, "vb"), "a unit over a migrating slot ran half: {t}b is %s", x.str);
-  printf("ok: a unit over a slot being migrated: EXECABORT, nothing ran, no ASK followed\n");
   uint64_t gave0 = st->gave_up, retried0 = st->retried;
   uint64_t t0 = uv_now(&loop);
   x = cmd("MGET", "{t}a", "{t}b", NULL);

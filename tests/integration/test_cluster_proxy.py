@@ -231,23 +231,13 @@ class ClusterCase(unittest.TestCase):
 
     def eval_calls(self, what="calls", cmd="eval"):
         """INFO commandstats' EVAL (or cmd's) calls (or rejected_calls:
-        answered MOVED, ASK, TRYAGAIN, EXECABORT...), per live master (by
-        port)."""
+        answered MOVED, ASK, TRYAGAIN...), per live master (by port)."""
         out = {}
         for m in self.masters():
             line = next((x for x in m.cli("INFO", "commandstats").splitlines() if x.startswith(f"cmdstat_{cmd}:")), "")
             fields = dict(f.split("=") for f in line.split(":", 1)[1].split(",")) if line else {}
             out[m.port] = int(fields.get(what, 0))
         return out
-
-    def load_for(self, sl, n, counts, seconds):
-        """load_accounts for `seconds`, then stopped and its threads joined."""
-        stop, lock = threading.Event(), threading.Lock()
-        ts = self.load_accounts(sl, n, stop, counts, lock)
-        time.sleep(seconds)
-        stop.set()
-        for t in ts:
-            t.join(10)
 
     def load_accounts(self, sl, n, stop, counts, lock):
         """Threads sending one call per account in turn until stop is set;
@@ -349,13 +339,11 @@ class ClusterCase(unittest.TestCase):
     def many_accounts_under(self, migrate, kill, mark_last=False):
         """300 accounts loaded from 2 s before to 1.5 s after the slot's move
         (or its new master's promotion), a flush every 0.2 s; after 2 s the
-        slot of c0 is migrated to another master (a batch's transaction for
-        it meets it half moved, EXECABORT: it goes again as a script of its
-        own, following ASK and TRYAGAIN; with mark_last its high-water mark
-        moves 0.5 s after its counts, so that the transaction's SET of the
-        mark is taken but not its HINCRBYs), or c0's master is killed and
-        its replica promoted (the batches in flight go again by the scripts,
-        which read the marks): every count once."""
+        slot of c0 is migrated to another master (its master's scripts meet it
+        half moved: those slots go one by one, following ASK and TRYAGAIN;
+        with mark_last its high-water mark moves 0.5 s after its counts, so
+        that a script finds the mark but not the counts), or c0's master is
+        killed and its replica promoted: every count once."""
         n = 300
         sl, up, counts = self.start_accounts(n, "--flush-ms", "200", "--redis-timeout-ms", "1000")
         slot = key_slot("{c0}")
@@ -380,14 +368,11 @@ class ClusterCase(unittest.TestCase):
             t.join(10)
         retried = sl.metrics().get("sluice_meter_batches_retried_total", 0)
         rejected = self.eval_calls("rejected_calls")
-        aborted = {p: c + self.eval_calls("failed_calls", "exec")[p] for p, c in self.eval_calls("rejected_calls", "exec").items()}
         backend = self.check_accounts(sl, up, counts, "migration" if migrate else "failover")
-        if migrate:  # a transaction met the slot half moved, and its script followed ASK or TRYAGAIN
-            self.assertGreater(sum(aborted.values()), 0, "no transaction met the slot half moved")
+        if migrate:  # the slot went one by one while half moved (a master's script never is refused)
             self.assertGreater(sum(rejected.values()), 0, "no EVAL met the slot half moved")
         print(f"cluster many accounts ({'migration' if migrate else 'failover'}): usage == 200s == {backend}, "
-              f"{retried} batch(es) retried, EXECs aborted {aborted}, EVALs refused {rejected} per master",
-              file=sys.stderr)
+              f"{retried} batch(es) retried, EVALs refused per master {rejected}", file=sys.stderr)
 
     def run_load(self, migrate, kill):
         t0 = time.monotonic()
@@ -507,21 +492,19 @@ class ClusterProxyTest(ClusterCase):
             self.assertNotIn(bad, sl.stderr())
 
     def test_lost_reply(self):
-        """A slot's transaction applied but its EXEC's reply lost: a TCP
-        proxy in front of c0's master, announced as that master's port
-        (cluster-announce-port), forwards the first command naming a mark,
-        relays MULTI's and the QUEUED answers and closes the connection
-        instead of relaying EXEC's. The batch goes again whole, by the
-        scripts, every slot of it that ran found applied by its mark, and
-        every count is in once."""
+        """A master's script applied but its reply lost: a TCP proxy in front
+        of c0's master, announced as that master's port (cluster-announce-port),
+        forwards the first command naming a mark and closes the connection
+        instead of relaying the reply. The batch goes again whole, every slot
+        of it found applied by its mark (deduplicated), and every count is in
+        once."""
         n = 300
         fp = None
 
         def proxy_c0_master():
             nonlocal fp
             src = self.master_of(key_slot("{c0}"))
-            # MULTI's and the queued commands' answers pass: what is lost is EXEC's, or a script's
-            fp = tcpfault.FaultProxy(src.port, marker=b"meter:hwm:", pass_replies=(b"+OK\r\n", b"+QUEUED\r\n"))
+            fp = tcpfault.FaultProxy(src.port, marker=b"meter:hwm:")
             self.addCleanup(fp.close)
             src.cli("CONFIG", "SET", "cluster-announce-port", str(fp.port))
             poll(lambda: all(str(fp.port) in nd.cli("CLUSTER", "SLOTS").split() for nd in self.nodes), 10,
@@ -539,9 +522,9 @@ class ClusterProxyTest(ClusterCase):
             t.join(10)
         poll(lambda: sl.metrics().get("sluice_meter_queue_batches", 1) == 0, 10, "the batches in Redis")
         m = sl.metrics()
-        # the batch's first send ran and applied: a slot's transaction (EXEC's results, its mark's
-        # SET first) ...
-        self.assertTrue(fp.dropped[0].startswith(b"*") and b"\r\n+OK\r\n" in fp.dropped[0], fp.dropped)
+        # the script ran and applied (a master's: an array with a 1; a slot's own part: 1) ...
+        self.assertTrue(fp.dropped[0].startswith(b"*") and b"\r\n:1\r\n" in fp.dropped[0] or
+                        fp.dropped[0].startswith(b":1"), fp.dropped)
         # ... and its batch went again (its SADD answers "applied" again: a cluster's batch is
         # seldom counted as deduplicated; the counts below say whether the slots were)
         self.assertGreaterEqual(m.get("sluice_meter_batches_retried_total", 0), 1, m)
@@ -584,25 +567,6 @@ class SharedClusterTest(ClusterCase):
             m.cli("FLUSHALL")
             m.cli("CONFIG", "RESETSTAT")
         poll(lambda: all(n.cli("DBSIZE").strip() == "0" for n in self.nodes), 5, "every node empty")
-
-    def test_multi_refused(self):
-        """MULTI denied on every master (an ACL): a batch's first send then
-        runs its commands one by one, the mark first, and EXEC answers "EXEC
-        without MULTI"; each such slot goes again as a script, whose mark
-        read finds it applied; the log says so, and later batches go by the
-        scripts. Every count once."""
-        n = 100
-
-        def deny_multi():
-            for m in self.masters():
-                m.cli("ACL", "SETUSER", "default", "-multi")
-                self.addCleanup(m.cli, "ACL", "SETUSER", "default", "+multi")
-        sl, up, counts = self.start_accounts(n, "--flush-ms", "300", before_sluice=deny_multi)
-        self.load_for(sl, n, counts, 1.5)
-        poll(lambda: sl.metrics().get("sluice_meter_queue_batches", 1) == 0, 10, "the batches in Redis")
-        self.assertIn("a transaction was refused (scripts from now on)", sl.stderr())
-        self.assertGreater(sum(self.eval_calls().values()), 0, "no script after MULTI was refused")
-        self.check_accounts(sl, up, counts, "MULTI refused")
 
     def test_resync_checks(self):
         """With every master's notifications on and its subscriptions
@@ -863,14 +827,10 @@ class SharedClusterTest(ClusterCase):
               f"old markers honoured", file=sys.stderr)
 
     @harness.release_only("a count of Redis's script calls; every other case sends the same scripts under ASan")
-    @harness.release_only("the first send's transactions run under ASan in the lost reply, migration, failover "
-                          "and MULTI refused cases; this one counts them")
-    def test_first_send_transactions(self):
-        """300 accounts, a flush every 0.5 s: a batch's first send is a
-        transaction per slot (an EXEC per slot of the batch on its master,
-        at most one per account and send), no script but the stream entry's
-        (one EVAL per send in all; before, one script per master and batch);
-        every count once."""
+    def test_script_per_master(self):
+        """300 accounts, a flush every 0.5 s: each master gets one script per
+        batch for all of its accounts' slots (at most 2 EVALs per batch with
+        the stream entry's), not one per slot (about 100 per batch here)."""
         n = 300
         sl, up, counts = self.start_accounts(n, "--flush-ms", "500")
         poll(lambda: sl.metrics().get("sluice_meter_batches_applied_total", 0) >= 1 and
@@ -879,25 +839,25 @@ class SharedClusterTest(ClusterCase):
         for m in self.masters():
             m.cli("CONFIG", "RESETSTAT")
         b0 = sl.metrics().get("sluice_meter_batches_total", 0)
-        r0 = sl.metrics().get("sluice_meter_batches_retried_total", 0)
-        self.load_for(sl, n, counts, 3.0)
+        stop, lock = threading.Event(), threading.Lock()
+        ts = self.load_accounts(sl, n, stop, counts, lock)
+        time.sleep(3.0)
+        stop.set()
+        for t in ts:
+            t.join(10)
         poll(lambda: sl.metrics().get("sluice_meter_queue_batches", 1) == 0 and
              sl.metrics().get("sluice_meter_batches_total", 0) > b0, 10, "the load's batches in Redis")
         time.sleep(0.6)
         m = sl.metrics()
         batches = m.get("sluice_meter_batches_total", 0) - b0
-        sends = batches + m.get("sluice_meter_batches_retried_total", 0) - r0
-        evals, execs = self.eval_calls(), self.eval_calls(cmd="exec")
-        print(f"cluster first sends: {batches} batches ({sends} sends), EVAL calls {evals}, EXEC calls {execs} "
-              "per master", file=sys.stderr)
+        sends = batches + m.get("sluice_meter_batches_retried_total", 0)
+        evals = self.eval_calls()
+        print(f"cluster script per master: {batches} batches ({sends} sends), EVAL calls per master {evals}",
+              file=sys.stderr)
         self.assertGreaterEqual(batches, 3)
-        # (+ 2: a batch of the look-up phase's last counts may be made after the reset)
-        self.assertLessEqual(sum(evals.values()), sends + 2, f"EVALs {evals} for {sends} sends")
-        # every master has accounts in every batch of the load; a slot's transaction once per send
-        for port, calls in execs.items():
-            self.assertGreaterEqual(calls, batches, f"master {port}: EXECs {execs} for {batches} batches")
-        self.assertLessEqual(sum(execs.values()), n * (sends + 2), f"EXECs {execs} for {sends} sends")
-        self.check_accounts(sl, up, counts, "first sends")
+        for port, calls in evals.items():
+            self.assertLessEqual(calls, 2 * sends + 2, f"master {port}: EVALs {evals} for {batches} batches")
+        self.check_accounts(sl, up, counts, "script per master")
 
 
 if __name__ == "__main__":
