@@ -2,8 +2,9 @@
 """Redis's CPU per metering key when a batch is applied by a Lua script
 (what one server did before d7b455f) or by a MULTI/EXEC transaction (one
 server and Sentinel since then), and on a Redis Cluster node (issue 14) by
-the flusher's master_script (read from proxy/metering/flusher.c: a batch
-sent again) or by a transaction per slot (a batch's first send).
+the flusher's master_script (read from proxy/metering/flusher.c) or by a
+transaction per slot (tried for a batch's first send and withdrawn: it
+reads no mark; bench/README.md, issue 14's last look).
 
 A fresh redis-server on 127.0.0.1 (no persistence; for the cluster
 variants cluster-enabled, every slot its own), keyspace notifications on as
