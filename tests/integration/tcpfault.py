@@ -14,7 +14,8 @@ the answer. With `pass_replies` (e.g. (b"+OK\r\n", b"+QUEUED\r\n")), an
 armed connection still relays those replies first: the reply dropped is the
 first other one (a transaction's EXEC, after the QUEUED answers of the
 commands sent with it). With `replay_from` (e.g. MULTI as the client sends
-it), an armed connection loses nothing: the client's bytes from the last
+it, or a command's name as a bulk string, `$4\r\nEVAL\r\n`, which
+replays from that command's array header), an armed connection loses nothing: the client's bytes from the last
 `replay_from` through the armed chunk are first sent on a connection of the
 proxy's own and executed there (a transaction applied by someone else
 first), then the chunk goes on as usual. Other connections are relayed
@@ -143,6 +144,8 @@ class FaultProxy:
             if self.replay_from:
                 since += data
                 at = since.rfind(self.replay_from)
+                if at > 0 and not self.replay_from.startswith(b"*"):
+                    at = since.rfind(b"*", 0, at)  # a command's name: from its array's header
                 if at > 0:
                     since = since[at:]
             if not pair.armed and self.marker in window:
