@@ -205,16 +205,13 @@ static int mark_slot_now(const struct sl_dirsync *d, const struct sl_dirsync_sub
 }
 
 /* The mark's name into key (MARK_KEY_CAP bytes): P dir:mark, or in a
- * cluster one per master, P dir:mark:{<tag>} in the slot given (each
- * master's data set is flushed on its own). */
-static void mark_key(const struct sl_dirsync *d, unsigned slot, char *key) {
-  if (!d->cluster) {
+ * cluster one per master, P dir:mark:{<tag>} with the tag of a slot of it
+ * (each master's data set is flushed on its own). */
+static void mark_key(const struct sl_dirsync *d, const char *tag, char *key) {
+  if (!d->cluster)
     snprintf(key, MARK_KEY_CAP, "%s" SL_KEY_DIR_MARK, d->prefix);
-    return;
-  }
-  char tag[SL_CLUSTER_TAG_SIZE];
-  sl_cluster_slot_tag(slot, tag);
-  snprintf(key, MARK_KEY_CAP, "%s" SL_KEY_DIR_MARK ":{%s}", d->prefix, tag);
+  else
+    snprintf(key, MARK_KEY_CAP, "%s" SL_KEY_DIR_MARK ":{%s}", d->prefix, tag);
 }
 
 /* A new random mark value into out (cap bytes). */
@@ -262,9 +259,10 @@ static void read_marks(struct sl_dirsync *d) {
     int slot = mark_slot_now(d, s);
     if (slot < 0) continue; /* no slot: no mark, the next interval rereads */
     s->mark_slot = (unsigned)slot;
+    if (d->cluster) sl_cluster_slot_tag(s->mark_slot, s->mark_tag);
     new_mark_value(s->mark_ours, sizeof(s->mark_ours));
     char key[MARK_KEY_CAP];
-    mark_key(d, s->mark_slot, key);
+    mark_key(d, s->mark_tag, key);
     const char *argv[] = {"SET", key, s->mark_ours, "NX", "GET"};
     size_t len[] = {3, strlen(key), strlen(s->mark_ours), 2, 3};
     struct sub_ask *a = sub_ask(s);
@@ -384,7 +382,7 @@ static void check_or_resync(struct sl_dirsync *d) {
     struct sl_dirsync_sub *s = &d->subs[i];
     if (!sub_live(d, s)) continue;
     char key[MARK_KEY_CAP];
-    mark_key(d, s->mark_slot, key);
+    mark_key(d, s->mark_tag, key);
     const char *flags[] = {"CONFIG", "GET", "notify-keyspace-events"};
     size_t flags_len[] = {6, 3, 22};
     const char *get[] = {"GET", key};
@@ -518,8 +516,9 @@ static void on_config_set_check(redisAsyncContext *c, void *reply, void *priv) {
    * that changed makes every instance reread anyway). */
   int slot = mark_slot_now(d, sub);
   if (ok && slot >= 0) {
-    char key[MARK_KEY_CAP], val[sizeof(sub->mark)];
-    mark_key(d, (unsigned)slot, key);
+    char key[MARK_KEY_CAP], val[sizeof(sub->mark)], tag[SL_CLUSTER_TAG_SIZE] = "";
+    if (d->cluster) sl_cluster_slot_tag((unsigned)slot, tag);
+    mark_key(d, tag, key);
     new_mark_value(val, sizeof(val));
     redisAsyncCommand(c, NULL, NULL, "SET %b %b", key, strlen(key), val, strlen(val));
   }

@@ -76,6 +76,7 @@ struct sl_dirsync_sub {
   char mark[40];      /* its P dir:mark's value as last read ("": unknown) */
   char mark_ours[40]; /* the value the last read offered */
   unsigned mark_slot; /* a cluster: the slot of its mark, one of its master's at the last full reread */
+  char mark_tag[SL_CLUSTER_TAG_SIZE]; /* a cluster: that slot's tag, found once per full reread */
   unsigned gen;       /* bumped when the entry goes to another server: replies for the old one are dropped */
 };
 
