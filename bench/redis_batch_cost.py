@@ -12,9 +12,18 @@ sluice sets them and one subscriber with the directory's patterns; N
 batches of K keys (a calls HINCRBY and a usage HINCRBY per key over 10,000
 accounts, UIDs as hash tags on the cluster), then redis-server's
 utime+stime per key, net of its idle floor. Usage:
-bench/redis_batch_cost.py [script|multi|cluster-script|cluster-multi ...]
+bench/redis_batch_cost.py [--accounts-per-slot N]
+                          [script|multi|cluster-script|cluster-multi ...]
 (all, in turn, by default). Stdlib only; the server is stopped by its
-PID."""
+PID.
+
+By default each batch's keys are drawn at random from 10,000 accounts (a
+batch touches ~2,300 slots, one key in most). --accounts-per-slot N does
+what the flusher does with a flush of N * 16,384 accounts, each seen once:
+keys in slot order (flusher.c, slot_order), so a batch is every account of
+a run of consecutive slots, N keys per slot: how a slot's mark is shared
+by its keys as accounts grow."""
+import binascii
 import os
 import random
 import re
@@ -56,18 +65,8 @@ MASTER_SCRIPT = None  # set at start (flusher_script)
 STREAM_SCRIPT = None
 
 
-def crc16(data):
-    crc = 0
-    for b in data:
-        crc ^= b << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-            crc &= 0xFFFF
-    return crc
-
-
 def slot(uid):
-    return crc16(uid.encode()) % 16384
+    return binascii.crc_hqx(uid.encode(), 0) % 16384  # CRC16-XMODEM, Redis Cluster's
 
 
 def enc(*args):
@@ -115,7 +114,8 @@ def cluster_batch(s, variant, keys, seq, deltas):
             for uid, f, n in ks:
                 body += ["sluice:calls:20261201:{%s}" % uid, f + ":cn-shanghai:ok", n,
                          "sluice:usage:20261201:{%s}" % uid, 1, f + ":baselineCheck:cn-shanghai"]
-            a += ["sluice:meter:hwm:{%s}:i1:e1" % t, "sluice:meter:probe:{%s}" % t, "", len(ks), len(body)] + body
+            # the mark's TTL kept ('' ): renewed once an hour, or when it is new (the script's)
+            a += ["sluice:meter:hwm:{%s}:i1:e1" % t, "sluice:meter:probe:{%s}" % t, "", "", len(ks), len(body)] + body
         out.append(enc("EVAL", MASTER_SCRIPT, 0, *a))
     else:
         for ks in by_slot.values():
@@ -133,7 +133,24 @@ def cluster_batch(s, variant, keys, seq, deltas):
     read_until(s, b"+PONG\r\n")
 
 
-def run(variant):
+def slot_ordered_batches(rd, per_slot):
+    """BATCHES batches of KEYS_PER_BATCH keys as the flusher makes them from
+    a flush of per_slot * 16,384 accounts, one key each: in slot order, so
+    each batch is every account of a run of slots (from a random start)."""
+    by_slot = {}
+    for i in range(per_slot * 16384):
+        by_slot.setdefault(slot("u%d" % i), []).append("u%d" % i)
+    out, s = [], rd.randrange(16384)
+    for _ in range(BATCHES):
+        keys = []
+        while len(keys) < KEYS_PER_BATCH:
+            keys += [(uid, rd.choice(FEATURES), rd.randint(1, 9)) for uid in by_slot.get(s, [])]
+            s = (s + 1) % 16384
+        out.append(keys[:KEYS_PER_BATCH])
+    return out
+
+
+def run(variant, per_slot=0):
     d = tempfile.mkdtemp(prefix="redis-batch-cost-")
     port = free_port()
     cluster = variant.startswith("cluster-")
@@ -165,10 +182,16 @@ def run(variant):
             sub.sendall(enc("PSUBSCRIBE", "__keyspace@0__:sluice:" + pat))
         time.sleep(0.3)
         rd = random.Random(1)
+        batches = slot_ordered_batches(rd, per_slot) if per_slot else None
         c0, t0 = cpu_ms(p.pid), time.monotonic()
+        groups = 0  # (batch, slot) pairs: a cluster's marks
         for bi in range(BATCHES):
-            keys = [("u%d" % rd.randrange(ACCOUNTS), rd.choice(FEATURES), rd.randint(1, 9))
-                    for _ in range(KEYS_PER_BATCH)]
+            if batches:
+                keys = batches[bi]
+            else:
+                keys = [("u%d" % rd.randrange(ACCOUNTS), rd.choice(FEATURES), rd.randint(1, 9))
+                        for _ in range(KEYS_PER_BATCH)]
+            groups += len({slot(k[0]) for k in keys})
             marker = "sluice:meter:batch:b%d" % bi
             deltas = "x" * (40 * KEYS_PER_BATCH)
             if cluster:
@@ -201,7 +224,8 @@ def run(variant):
         floor = cpu_ms(p.pid) - c1  # ms over 1 s
         net = c1 - c0 - floor * (t1 - t0)
         n = BATCHES * KEYS_PER_BATCH
-        print(f"{variant}: {n} keys, redis-server CPU {c1 - c0:.0f} ms (idle floor {floor:.0f} ms/s): "
+        where = f", {per_slot} accounts per slot, slot-ordered" if per_slot else ""
+        print(f"{variant}{where}: {n} keys in {groups} slot groups, redis-server CPU {c1 - c0:.0f} ms (idle floor {floor:.0f} ms/s): "
               f"{net * 1000 / n:.2f} us per key")
     finally:
         p.kill()
@@ -211,7 +235,12 @@ def run(variant):
 
 if __name__ == "__main__":
     MASTER_SCRIPT, STREAM_SCRIPT = flusher_script("master_script"), flusher_script("stream_script")
-    for v in sys.argv[1:] or VARIANTS:
+    args, per_slot = sys.argv[1:], 0
+    if args[:1] == ["--accounts-per-slot"]:
+        if len(args) < 2 or not args[1].isdigit() or not 1 <= int(args[1]) <= 64:
+            sys.exit("--accounts-per-slot takes a number from 1 to 64")
+        per_slot, args = int(args[1]), args[2:]
+    for v in args or VARIANTS:
         if v not in VARIANTS:
             sys.exit(f"unknown variant {v}: one of {', '.join(VARIANTS)}")
-        run(v)
+        run(v, per_slot)

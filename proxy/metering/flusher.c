@@ -40,8 +40,8 @@
  * in seq order, and "seq <= the slot's mark" means exactly "applied".
  * meter:hwm:{<slot tag>}:<instance>:<epoch> holds the highest seq applied
  * to the slot (the tag first: an instance id with a brace cannot move the
- * key's slot), EX 7 days from its last write: at most one key per slot and
- * live epoch. A batch replayed from the spool may have been applied by an
+ * key's slot), EX 7 days from its last write (renewed at most once an
+ * hour: sl_flusher_mark_ttl_due): at most one key per slot and live epoch. A batch replayed from the spool may have been applied by an
  * earlier version under its marker meter:batch:<id>:{<uid>}: for those
  * only, that marker found means applied too. */
 
@@ -77,25 +77,30 @@ static const char part_script[] =
  * and then nothing of it is written here (its keys may be half moved, the
  * mark with them): -1, the flusher sends the slot as its own part_script.
  * Else every key of the slot is here, and the mark decides. Nothing runs
- * between the check and the writes (a script is atomic). ARGV: the slot
- * count, the seq, then per slot: mark, probe, the old marker of a replayed
- * batch ('' for none), key count, the number of args that follow for its
- * keys, and per key: calls key, calls field, count, usage key ('' when
- * nothing is billed), the number of usage fields and the fields. Returns an integer per slot: 1 applied, 0 found applied, -1 not
- * run. */
+ * between the check and the writes (a script is atomic). The mark keeps
+ * its TTL when the flusher says it is fresh (mark_ttl_due) and it exists:
+ * a SET with EX costs Redis about twice one with KEEPTTL, and with many
+ * accounts there is a mark per account (bench/README.md, issue 14). ARGV:
+ * the slot count, the seq, then per slot: mark, probe, the old marker of a
+ * replayed batch ('' for none), '1' to renew the mark's TTL (7 days; ''
+ * keeps the TTL of a mark that exists), key count, the number of args that follow for its keys, and per key:
+ * calls key, calls field, count, usage key ('' when nothing is billed),
+ * the number of usage fields and the fields. Returns an integer per slot:
+ * 1 applied, 0 found applied, -1 not run. */
 static const char master_script[] =
     "#!lua flags=allow-cross-slot-keys\n"
     "local out, b, s = {}, 3, tonumber(ARGV[2]) "
     "for g = 1, tonumber(ARGV[1]) do "
-    "  local n, nb = tonumber(ARGV[b + 3]), b + 5 + tonumber(ARGV[b + 4]) "
+    "  local n, nb = tonumber(ARGV[b + 4]), b + 6 + tonumber(ARGV[b + 5]) "
     "  local r = redis.pcall('MGET', ARGV[b + 1], ARGV[b]) "
     "  if r.err then out[g] = -1 "
     "  elseif s <= (tonumber(r[2]) or 0) or "
     "         (ARGV[b + 2] ~= '' and redis.call('EXISTS', ARGV[b + 2]) == 1) then out[g] = 0 "
     "  else "
     "    out[g] = 1 "
-    "    redis.call('SET', ARGV[b], ARGV[2], 'EX', 604800) "
-    "    b = b + 5 "
+    "    if r[2] and ARGV[b + 3] == '' then redis.call('SET', ARGV[b], ARGV[2], 'KEEPTTL') "
+    "    else redis.call('SET', ARGV[b], ARGV[2], 'EX', 604800) end "
+    "    b = b + 6 "
     "    for i = 1, n do "
     "      redis.call('HINCRBY', ARGV[b], ARGV[b + 1], ARGV[b + 2]) "
     "      local u = tonumber(ARGV[b + 4]) "
@@ -1146,9 +1151,16 @@ static void send_slot_part(struct sl_flusher *f, struct sl_batch *b, const struc
  * the slots of its groups, in the script's order. */
 struct master_part {
   struct part p;
+  uint32_t sent_s; /* mark_now_s() at the send: renewed marks are fresh from then */
   unsigned n;
   unsigned slots[];
 };
+
+static uint32_t mark_now_s(void) { return (uint32_t)(sl_mono_ms() / 1000) + 1; }
+
+int sl_flusher_mark_ttl_due(uint32_t fresh_s, uint32_t now_s) {
+  return !fresh_s || now_s - fresh_s >= SL_MARK_FRESH_S;
+}
 
 static void on_master_part(void *owner, void *priv, const redisReply *r);
 
@@ -1160,6 +1172,7 @@ static void send_master_part(struct sl_flusher *f, struct sl_batch *b, const str
   for (uint32_t g = 0; g < n; g = (uint32_t)sl_cluster_group_end(run, n, g, 1)) ngroups++;
   struct master_part *mp = sl_calloc(1, sizeof *mp + ngroups * sizeof mp->slots[0]);
   mp->p = (struct part){.gen = f->gen, .slot = sl_cluster_group_slot(run[0])};
+  mp->sent_s = mark_now_s();
   struct args x = *base;
   x.a = 0;
   arg(&x, "EVAL", 4);
@@ -1173,6 +1186,8 @@ static void send_master_part(struct sl_flusher *f, struct sl_batch *b, const str
     mp->slots[mp->n++] = sl_cluster_group_slot(run[g]);
     arg_mark(f, &x, b, sl_cluster_group_slot(run[g]), 1);
     arg_old_marker(f, &x, b, &b->e[sl_cluster_group_index(run[g])].k);
+    unsigned slot = sl_cluster_group_slot(run[g]);
+    arg(&x, "1", sl_flusher_mark_ttl_due(f->mark_fresh_s[slot], mp->sent_s) ? 1 : 0);
     arg_num(&x, e - g);
     size_t span_at = x.a;
     arg(&x, "", 0); /* the group's args after this one, set below */
@@ -1254,6 +1269,11 @@ static void on_master_part(void *owner, void *priv, const redisReply *r) {
     if (ok && e->integer >= 0 && ran < 0) ran = (int)i;
     if (ok && e->integer == 1) kind = SL_REPLY_APPLIED;
   }
+  /* Applied with a TTL renewed where one was due (send_master_part): fresh
+   * from the send on. (A reply lost leaves them due: renewed again.) */
+  for (unsigned i = 0; ok && i < mp->n; i++)
+    if (r->element[i]->integer == 1 && sl_flusher_mark_ttl_due(f->mark_fresh_s[mp->slots[i]], mp->sent_s))
+      f->mark_fresh_s[mp->slots[i]] = mp->sent_s;
   if (!ok) {
     uint32_t held;
     if (sl_ratelog_ok(&f->log_err, sl_mono_ms(), ERR_LOG_MS, &held)) {
@@ -1674,6 +1694,7 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
   }
   if (sl_db_cluster(f->redis)) { /* the slots' marks are named by their tags (~1 ms, once) */
     f->slot_tags = sl_malloc((size_t)SL_CLUSTER_SLOTS * SL_CLUSTER_TAG_SIZE);
+    f->mark_fresh_s = sl_calloc(SL_CLUSTER_SLOTS, sizeof *f->mark_fresh_s);
     sl_cluster_slot_tags((char(*)[SL_CLUSTER_TAG_SIZE])f->slot_tags);
   }
   sl_db_start(f->redis);
@@ -1686,6 +1707,8 @@ int sl_flusher_start(struct sl_flusher *f, const struct sl_config *cfg, struct s
 err_redis:
   free(f->slot_tags);
   f->slot_tags = NULL;
+  free(f->mark_fresh_s);
+  f->mark_fresh_s = NULL;
   sl_db_stop(f->redis);
   f->redis = NULL;
 err_handles:
@@ -1715,4 +1738,5 @@ void sl_flusher_stop(struct sl_flusher *f) {
   sl_meter_table_free(f->acc);
   sl_spool_close(&f->spool);
   free(f->slot_tags);
+  free(f->mark_fresh_s);
 }

@@ -70,6 +70,7 @@ struct sl_flusher {
   struct sl_db *redis;
   char stream_tag[16];          /* a cluster: a hash tag in usage:stream's slot, for the entry's marker */
   char *slot_tags;              /* a cluster: each slot's tag (cluster.h's sl_cluster_slot_tags), for its mark */
+  uint32_t *mark_fresh_s;       /* a cluster: per slot, when its mark's TTL was last renewed (sl_flusher_mark_ttl_due) */
   char prefix[64];
   uint64_t retry_at_ms;         /* after an error reply, the batch goes again then */
   uint64_t errors;              /* error replies to batches */
@@ -115,6 +116,16 @@ enum { SL_REPLY_LOST, SL_REPLY_APPLIED, SL_REPLY_DUPLICATE, SL_REPLY_ERROR, SL_R
 int sl_flusher_reply_kind(const struct redisReply *r);
 int sl_flusher_marker_kind(const struct redisReply *r);
 int sl_flusher_exec_kind(const struct redisReply *r, size_t cmds);
+
+/* Redis Cluster: whether a slot's mark gets a new TTL (7 days) in the next
+ * batch rather than keeping its own, which costs Redis about half as much:
+ * when this process has not renewed it for SL_MARK_FRESH_S (fresh_s: when
+ * it last did, by a script answered applied, in monotonic s + 1; 0 never).
+ * So at each write a mark has at least 7 days less that left, whatever a
+ * replay after it needs; marks are per process (their epoch): no one else
+ * renews them. */
+#define SL_MARK_FRESH_S 3600
+int sl_flusher_mark_ttl_due(uint32_t fresh_s, uint32_t now_s);
 
 /* The names a key is written to Redis under (feature, tier, outcome). */
 void sl_flusher_key_names(const struct sl_meter_key *k, const char **feature, const char **tier,

@@ -47,8 +47,8 @@
 #define SL_USAGE_STREAM_MAXLEN "2000"      /* entries kept, about (each up to SL_BATCH_MAX keys) */
 #define SL_KEY_METER_BATCH "meter:batch:"  /* meter:batch:<id>: a batch applied (kept 7 days) */
 #define SL_KEY_METER_HWM "meter:hwm:"      /* Redis Cluster: meter:hwm:{<slot tag>}:<instance>:<epoch> -> the
-                                            * highest batch seq applied to that slot (kept 7 days after the
-                                            * last) */
+                                            * highest batch seq applied to that slot (kept 7 days, less at
+                                            * most an hour, after the last) */
 #define SL_KEY_METER_PROBE "meter:probe:"  /* Redis Cluster: meter:probe:{<slot tag>}, never written: read to
                                             * learn that the slot is served here and not being migrated */
 

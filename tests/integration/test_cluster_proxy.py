@@ -851,15 +851,42 @@ class SharedClusterTest(ClusterCase):
               f"old markers honoured", file=sys.stderr)
 
     @harness.release_only("a count of Redis's script calls; every other case sends the same scripts under ASan")
+    def set_marks_ttl(self, ttl, drop):
+        """Every high-water mark's TTL set to ttl, but the first `drop` found
+        deleted. Returns ({mark: value} of those kept, [marks deleted])."""
+        kept, gone = {}, []
+        for m in self.masters():
+            c = Resp(m.port)
+            try:
+                cursor = "0"
+                while True:
+                    cursor, keys = c.cmd("SCAN", cursor, "MATCH", P + "meter:hwm:*", "COUNT", "1000")
+                    for k in keys:
+                        if len(gone) < drop:
+                            c.cmd("DEL", k)
+                            gone.append(k)
+                        else:
+                            c.cmd("EXPIRE", k, str(ttl))
+                            kept[k] = c.cmd("GET", k)
+                    if cursor == "0":
+                        break
+            finally:
+                c.close()
+        return kept, gone
+
     def test_script_per_master(self):
         """300 accounts, a flush every 0.5 s: each master gets one script per
         batch for all of its accounts' slots (at most 2 EVALs per batch with
-        the stream entry's), not one per slot (about 100 per batch here)."""
+        the stream entry's), not one per slot (about 100 per batch here).
+        Marks written again within the hour keep their TTL (KEEPTTL: set
+        lower here, it stays); a mark that is gone comes back with 7 days."""
         n = 300
         sl, up, counts = self.start_accounts(n, "--flush-ms", "500")
         poll(lambda: sl.metrics().get("sluice_meter_batches_applied_total", 0) >= 1 and
              sl.metrics().get("sluice_meter_queue_batches", 1) == 0, 10, "the look-ups' counts in Redis")
         time.sleep(0.6)  # one more flush: nothing of the look-up phase left
+        kept, gone = self.set_marks_ttl(100000, 3)
+        self.assertGreater(len(kept), 100)
         for m in self.masters():
             m.cli("CONFIG", "RESETSTAT")
         b0 = sl.metrics().get("sluice_meter_batches_total", 0)
@@ -881,6 +908,13 @@ class SharedClusterTest(ClusterCase):
         self.assertGreaterEqual(batches, 3)
         for port, calls in evals.items():
             self.assertLessEqual(calls, 2 * sends + 2, f"master {port}: EVALs {evals} for {batches} batches")
+        marks = self.scan_keys(P + "meter:hwm:*")
+        again = [k for k in kept if k in marks and marks[k][0] != kept[k]]
+        self.assertGreater(len(again), len(kept) // 2, "marks written again by the load")
+        self.assertEqual([k for k in again if not 0 < marks[k][1] <= 100000], [], "a mark's TTL renewed")
+        back = [k for k in gone if k in marks]
+        self.assertTrue(back, "no deleted mark written again")
+        self.assertEqual([k for k in back if marks[k][1] < 604000], [], "a new mark without its 7 days")
         self.check_accounts(sl, up, counts, "script per master")
 
 

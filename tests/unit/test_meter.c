@@ -373,6 +373,17 @@ static void test_retain(void **state) {
   sl_meter_table_free(t);
 }
 
+/* A cluster's mark gets a new TTL when this process has not renewed it
+ * within the hour (or ever), else keeps its own. */
+static void test_mark_ttl_due(void **state) {
+  (void)state;
+  assert_true(sl_flusher_mark_ttl_due(0, 1));                       /* never renewed */
+  assert_false(sl_flusher_mark_ttl_due(100, 100));                  /* just now */
+  assert_false(sl_flusher_mark_ttl_due(100, 100 + SL_MARK_FRESH_S - 1));
+  assert_true(sl_flusher_mark_ttl_due(100, 100 + SL_MARK_FRESH_S)); /* an hour on */
+  assert_true(sl_flusher_mark_ttl_due(200, 100));                   /* a clock that went back: renewed */
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_days),        cmocka_unit_test(test_worker_day_cache), cmocka_unit_test(test_retain),
@@ -380,7 +391,7 @@ int main(void) {
       cmocka_unit_test(test_refused_keys_bounded), cmocka_unit_test(test_aside_past_its_bound),
       cmocka_unit_test(test_refused_keys_per_day),
       cmocka_unit_test(test_ring_peek),   cmocka_unit_test(test_spool_roundtrip),
-      cmocka_unit_test(test_spool_delta),
+      cmocka_unit_test(test_spool_delta), cmocka_unit_test(test_mark_ttl_due),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
