@@ -4,7 +4,10 @@
 server and Sentinel since then), and on a Redis Cluster node (issue 14) by
 the flusher's master_script (read from proxy/metering/flusher.c) or by a
 transaction per slot (tried for a batch's first send and withdrawn: it
-reads no mark; bench/README.md, issue 14's last look).
+reads no mark; bench/README.md, issue 14's last look). To see where a
+cluster's cost goes: cluster-script-ex renews every mark's TTL (as before
+776c4ce), cluster-script-bare and cluster-multi-bare apply the counts with
+no mark and no probe (their floors: nothing is exactly-once there).
 
 A fresh redis-server on 127.0.0.1 (no persistence; for the cluster
 variants cluster-enabled, every slot its own), keyspace notifications on as
@@ -46,7 +49,8 @@ SCRIPT = (  # the script one server used: marker, HINCRBYs, SADD, stream entry
     "return 1")
 BATCHES, KEYS_PER_BATCH, ACCOUNTS = 20, 2500, 10000
 FEATURES = ["text", "image", "voice", "video"]
-VARIANTS = ("script", "multi", "cluster-script", "cluster-multi")
+VARIANTS = ("script", "multi", "cluster-script", "cluster-script-ex", "cluster-script-bare", "cluster-multi",
+            "cluster-multi-bare")
 
 
 def flusher_script(name):
@@ -63,6 +67,18 @@ def flusher_script(name):
 
 MASTER_SCRIPT = None  # set at start (flusher_script)
 STREAM_SCRIPT = None
+BARE_SCRIPT = None  # master_script without its probe and mark: what a script's HINCRBYs cost alone
+
+
+def bare(script):
+    """master_script with no MGET of probe and mark and no SET of the mark
+    (nothing checked, nothing marked: not something to run for real)."""
+    out = script.replace("local r = redis.pcall('MGET', ARGV[b + 1], ARGV[b]) ", "local r = {} ")
+    out = out.replace("s <= (tonumber(r[2]) or 0)", "false")
+    out = re.sub(r"if r\[2\] and .*? end ", "", out, count=1)
+    if out.count("redis.call('HINCRBY'") != 2 or "MGET" in out or "'SET'" in out:
+        sys.exit("redis_batch_cost: master_script changed; bare() no longer applies")
+    return out
 
 
 def slot(uid):
@@ -106,21 +122,24 @@ def cluster_batch(s, variant, keys, seq, deltas):
     for uid, f, n in keys:
         by_slot.setdefault(slot(uid), []).append((uid, f, n))
     out = []
-    if variant == "cluster-script":
+    if variant.startswith("cluster-script"):
         a = [len(by_slot), seq]
+        # the mark's TTL kept (''): renewed once an hour, or when it is new
+        # (the script's); -ex: renewed at every write (before 776c4ce)
+        renew = "1" if variant == "cluster-script-ex" else ""
         for ks in by_slot.values():
             t = ks[0][0]
             body = []
             for uid, f, n in ks:
                 body += ["sluice:calls:20261201:{%s}" % uid, f + ":cn-shanghai:ok", n,
                          "sluice:usage:20261201:{%s}" % uid, 1, f + ":baselineCheck:cn-shanghai"]
-            # the mark's TTL kept ('' ): renewed once an hour, or when it is new (the script's)
-            a += ["sluice:meter:hwm:{%s}:i1:e1" % t, "sluice:meter:probe:{%s}" % t, "", "", len(ks), len(body)] + body
-        out.append(enc("EVAL", MASTER_SCRIPT, 0, *a))
+            a += ["sluice:meter:hwm:{%s}:i1:e1" % t, "sluice:meter:probe:{%s}" % t, "", renew, len(ks), len(body)] + body
+        out.append(enc("EVAL", BARE_SCRIPT if variant == "cluster-script-bare" else MASTER_SCRIPT, 0, *a))
     else:
         for ks in by_slot.values():
             out.append(enc("MULTI"))
-            out.append(enc("SET", "sluice:meter:hwm:{%s}:i1:e1" % ks[0][0], seq, "EX", 604800))
+            if variant != "cluster-multi-bare":
+                out.append(enc("SET", "sluice:meter:hwm:{%s}:i1:e1" % ks[0][0], seq, "EX", 604800))
             for uid, f, n in ks:
                 out.append(enc("HINCRBY", "sluice:calls:20261201:{%s}" % uid, f + ":cn-shanghai:ok", n))
                 out.append(enc("HINCRBY", "sluice:usage:20261201:{%s}" % uid, f + ":baselineCheck:cn-shanghai", n))
@@ -235,6 +254,7 @@ def run(variant, per_slot=0):
 
 if __name__ == "__main__":
     MASTER_SCRIPT, STREAM_SCRIPT = flusher_script("master_script"), flusher_script("stream_script")
+    BARE_SCRIPT = bare(MASTER_SCRIPT)
     args, per_slot = sys.argv[1:], 0
     if args[:1] == ["--accounts-per-slot"]:
         if len(args) < 2 or not args[1].isdigit() or not 1 <= int(args[1]) <= 64:
