@@ -41,9 +41,10 @@
  * meter:hwm:{<slot tag>}:<instance>:<epoch> holds the highest seq applied
  * to the slot (the tag first: an instance id with a brace cannot move the
  * key's slot), EX 7 days from its last write (renewed at most once an
- * hour: sl_flusher_mark_ttl_due): at most one key per slot and live epoch. A batch replayed from the spool may have been applied by an
- * earlier version under its marker meter:batch:<id>:{<uid>}: for those
- * only, that marker found means applied too. */
+ * hour: sl_flusher_mark_ttl_due): at most one key per slot and live epoch.
+ * A batch replayed from the spool may have been applied by an earlier
+ * version under its marker meter:batch:<id>:{<uid>}: for those only, that
+ * marker found means applied too. */
 
 /* A slot of a batch that goes on its own (the one slot of its master in
  * the batch, or one master_script did not run), every key declared, so
@@ -77,16 +78,17 @@ static const char part_script[] =
  * and then nothing of it is written here (its keys may be half moved, the
  * mark with them): -1, the flusher sends the slot as its own part_script.
  * Else every key of the slot is here, and the mark decides. Nothing runs
- * between the check and the writes (a script is atomic). The mark keeps
- * its TTL when the flusher says it is fresh (mark_ttl_due) and it exists:
- * a SET with EX costs Redis about twice one with KEEPTTL, and with many
- * accounts there is a mark per account (bench/README.md, issue 14). ARGV:
- * the slot count, the seq, then per slot: mark, probe, the old marker of a
- * replayed batch ('' for none), '1' to renew the mark's TTL (7 days; ''
- * keeps the TTL of a mark that exists), key count, the number of args that follow for its keys, and per key:
- * calls key, calls field, count, usage key ('' when nothing is billed),
- * the number of usage fields and the fields. Returns an integer per slot:
- * 1 applied, 0 found applied, -1 not run. */
+ * between the check and the writes (a script is atomic). A mark that
+ * exists keeps its TTL unless the flusher says it is due
+ * (sl_flusher_mark_ttl_due): a SET with EX costs Redis about twice one
+ * with KEEPTTL, and with many accounts there is about a mark per key
+ * (bench/README.md, issue 14). ARGV: the slot count, the seq, then per
+ * slot: mark, probe, the old marker of a replayed batch ('' for none), '1'
+ * to renew the mark's 7 days ('' to keep its TTL), key count, the number
+ * of args that follow for its keys, and per key: calls key, calls field,
+ * count, usage key ('' when nothing is billed), the number of usage fields
+ * and the fields. Returns an integer per slot: 1 applied, 0 found applied,
+ * -1 not run. */
 static const char master_script[] =
     "#!lua flags=allow-cross-slot-keys\n"
     "local out, b, s = {}, 3, tonumber(ARGV[2]) "
@@ -1183,10 +1185,10 @@ static void send_master_part(struct sl_flusher *f, struct sl_batch *b, const str
   arg_num(&x, batch_seq(b, &stem));
   for (uint32_t g = 0, e; g < n; g = e) {
     e = (uint32_t)sl_cluster_group_end(run, n, g, 1);
-    mp->slots[mp->n++] = sl_cluster_group_slot(run[g]);
-    arg_mark(f, &x, b, sl_cluster_group_slot(run[g]), 1);
-    arg_old_marker(f, &x, b, &b->e[sl_cluster_group_index(run[g])].k);
     unsigned slot = sl_cluster_group_slot(run[g]);
+    mp->slots[mp->n++] = slot;
+    arg_mark(f, &x, b, slot, 1);
+    arg_old_marker(f, &x, b, &b->e[sl_cluster_group_index(run[g])].k);
     arg(&x, "1", sl_flusher_mark_ttl_due(f->mark_fresh_s[slot], mp->sent_s) ? 1 : 0);
     arg_num(&x, e - g);
     size_t span_at = x.a;

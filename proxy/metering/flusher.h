@@ -117,13 +117,13 @@ int sl_flusher_reply_kind(const struct redisReply *r);
 int sl_flusher_marker_kind(const struct redisReply *r);
 int sl_flusher_exec_kind(const struct redisReply *r, size_t cmds);
 
-/* Redis Cluster: whether a slot's mark gets a new TTL (7 days) in the next
- * batch rather than keeping its own, which costs Redis about half as much:
+/* Redis Cluster: whether a slot's mark gets its 7 days again in the next
+ * batch rather than keeping its TTL (which costs Redis about half as much):
  * when this process has not renewed it for SL_MARK_FRESH_S (fresh_s: when
  * it last did, by a script answered applied, in monotonic s + 1; 0 never).
- * So at each write a mark has at least 7 days less that left, whatever a
- * replay after it needs; marks are per process (their epoch): no one else
- * renews them. */
+ * So after each write a mark has at least 7 days less an hour left for a
+ * replay to find it; marks are per process (their epoch): no one else
+ * writes them. */
 #define SL_MARK_FRESH_S 3600
 int sl_flusher_mark_ttl_due(uint32_t fresh_s, uint32_t now_s);
 
