@@ -850,7 +850,6 @@ class SharedClusterTest(ClusterCase):
         print(f"cluster replay after upgrade: usage per uid == spool's counts, {len(marks)} marks, "
               f"old markers honoured", file=sys.stderr)
 
-    @harness.release_only("a count of Redis's script calls; every other case sends the same scripts under ASan")
     def set_marks_ttl(self, ttl, drop):
         """Every high-water mark's TTL set to ttl, but the first `drop` found
         deleted. Returns ({mark: value} of those kept, [marks deleted])."""
@@ -874,6 +873,7 @@ class SharedClusterTest(ClusterCase):
                 c.close()
         return kept, gone
 
+    @harness.release_only("a count of Redis's script calls; every other case sends the same scripts under ASan")
     def test_script_per_master(self):
         """300 accounts, a flush every 0.5 s: each master gets one script per
         batch for all of its accounts' slots (at most 2 EVALs per batch with
