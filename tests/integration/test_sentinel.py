@@ -158,9 +158,10 @@ class WaitCase(unittest.TestCase):
             master.cli(*args)
         _, up = start_modstub(self)
         # N = 1, not auto: auto takes the count from the master's ROLE at
-        # connect, which may not list a replica the master has not yet put
-        # online (its cron does, up to ~100 ms after the replica says its
-        # link is up); then nothing is waited for until the next idle probe
+        # connect and at idle probes (1 s), so what is waited for would
+        # depend on when ROLE was read (CI once saw a batch acked while the
+        # replica was stopped; the ROLE check below and held() say more if
+        # it happens again)
         sl = start_sluice(self, [up], "--flush-ms", "100", "--spool-ms", "100", "--redis-wait-ms", "200",
                           "--redis-wait-replicas", "1", redis=master, workers=1)
         self.addCleanup(shutil.rmtree, sl.tmpdir, True)
