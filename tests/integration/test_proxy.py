@@ -525,9 +525,12 @@ class Lifecycle(unittest.TestCase):
         with open(path, "w", encoding="utf-8") as f:
             f.write(f"upstream: [127.0.0.1:{b}]\n")
         sl.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
+        # the version in force counts once every worker has taken it: the
+        # next request goes to b (it was read before the workers were told)
+        deadline = time.monotonic() + 10
         while time.monotonic() < deadline and sl.metrics()["sluice_config_version"] != 2:
             time.sleep(0.05)
+        self.assertEqual(sl.metrics()["sluice_config_version"], 2, sl.stderr()[-2000:])
         for _ in range(4):
             self.assertEqual(harness.http_request(sl.port, "GET", "/?Action=TextModeration").status, 200)
         self.assertEqual(harness.http_request(a, "GET", "/stats").json()["requests"], 1)
