@@ -55,18 +55,6 @@ static uint64_t sum(struct sl_admin *a, size_t off) {
 }
 #define SUM(field) sum(a, offsetof(struct sl_stats, field))
 
-/* The configuration every worker runs: a reload counts once each has taken
- * it (a worker does on its next wake), so a reader that sees the new
- * version knows the next request runs under it. */
-static uint64_t config_in_force(const struct sl_admin *a) {
-  uint64_t v = atomic_load_explicit(a->config_version, memory_order_relaxed);
-  for (unsigned i = 0; i < a->nworkers; i++) {
-    uint64_t seen = atomic_load_explicit(&a->workers[i].cfg_seen, memory_order_relaxed);
-    if (seen < v) v = seen;
-  }
-  return v;
-}
-
 void sl_admin_metrics(struct sl_admin *a, struct sl_buf *o) {
   static const char *classes[] = {"", "1xx", "2xx", "3xx", "4xx", "5xx"};
   appendf(o, "# HELP sluice_requests_total Requests answered to clients, by status class.\n"
@@ -287,9 +275,11 @@ void sl_admin_metrics(struct sl_admin *a, struct sl_buf *o) {
   }
   appendf(o, "# HELP sluice_workers Event-loop threads.\n# TYPE sluice_workers gauge\nsluice_workers %u\n",
           a->nworkers);
+  /* a reload counts once every worker has taken it (on its next wake): a
+   * reader that sees the new version knows the next request runs under it */
   appendf(o, "# HELP sluice_config_version Version of the configuration in force (taken by every worker).\n"
              "# TYPE sluice_config_version gauge\nsluice_config_version %llu\n",
-          (unsigned long long)config_in_force(a));
+          (unsigned long long)sl_workers_config_seen(a->workers, a->nworkers));
 }
 
 static void json_str(struct sl_buf *o, const char *s, size_t n) {
@@ -409,7 +399,7 @@ int sl_admin_explain(struct sl_admin *a, const char *query, struct sl_buf *o) {
           (unsigned long long)d.remaining,
           (unsigned long long)(d.result == LIM_ADMIT ? 0 : (d.retry_after_ns + 999999) / 1000000),
           (unsigned long long)(d.reset_ns / 1000000), (unsigned long long)s->version,
-          (unsigned long long)config_in_force(a));
+          (unsigned long long)sl_workers_config_seen(a->workers, a->nworkers));
   sl_dirsync_exit(a->dir);
   return 200;
 }

@@ -11,7 +11,6 @@ struct sl_admin {
   uv_tcp_t tcp;
   struct sl_worker *workers;
   unsigned nworkers;
-  _Atomic uint64_t *config_version;
   struct sl_dirsync *dir;
   struct sl_flusher *flusher;
   struct lim_table *lim;

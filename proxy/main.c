@@ -24,7 +24,6 @@ struct sl_main {
   uv_timer_t reclaim;
   struct sl_config *snapshots[64]; /* live snapshots, oldest first; [n-1] is current */
   unsigned nsnap;
-  _Atomic uint64_t version;
 };
 
 /* A socket bound to a: with reuseport, each worker's listening socket, so
@@ -62,12 +61,7 @@ static int port_taken(const struct sl_addr *a) {
 }
 
 static void reclaim_snapshots(struct sl_main *m) {
-  uint64_t min_seen = UINT64_MAX;
-  for (unsigned i = 0; i < m->nworkers; i++) {
-    /* acquire: pairs with the worker's release store after it switched. */
-    uint64_t v = atomic_load_explicit(&m->workers[i].cfg_seen, memory_order_acquire);
-    if (v < min_seen) min_seen = v;
-  }
+  uint64_t min_seen = sl_workers_config_seen(m->workers, m->nworkers);
   unsigned keep = 0;
   for (unsigned i = 0; i < m->nsnap; i++) {
     if (i + 1 < m->nsnap && m->snapshots[i]->version < min_seen)
@@ -137,7 +131,6 @@ static void reload(struct sl_main *m) {
   next->admin = cur->admin;
   next->version = cur->version + 1;
   m->snapshots[m->nsnap++] = next;
-  atomic_store_explicit(&m->version, next->version, memory_order_relaxed);
   for (unsigned i = 0; i < m->nworkers; i++) {
     /* release: the snapshot's contents are complete before a worker can see it. */
     atomic_store_explicit(&m->workers[i].next_cfg, next, memory_order_release);
@@ -190,7 +183,6 @@ int main(int argc, char **argv) {
   signal(SIGPIPE, SIG_IGN);
   sl_background_configure(cfg->background_nice, cfg->background_pinned ? &cfg->background_cpuset : NULL);
   m.snapshots[m.nsnap++] = cfg;
-  atomic_store(&m.version, cfg->version);
   m.nworkers = cfg->workers;
   m.workers = sl_calloc(m.nworkers, sizeof(*m.workers));
   m.loop = uv_default_loop();
@@ -219,7 +211,6 @@ int main(int argc, char **argv) {
   }
   m.admin.workers = m.workers;
   m.admin.nworkers = m.nworkers;
-  m.admin.config_version = &m.version;
   m.admin.time_offset_s = cfg->time_offset_s;
   int r = sl_admin_start(&m.admin, m.loop, &cfg->admin);
   if (r != 0) {

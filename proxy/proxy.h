@@ -164,6 +164,9 @@ int sl_worker_init(struct sl_worker *w, unsigned id, const struct sl_config *cfg
 int sl_worker_run(struct sl_worker *w);
 /* After the thread has ended and nothing sends to it any more. */
 void sl_worker_destroy(struct sl_worker *w);
+/* The configuration version every one of the n workers runs (the least of
+ * their cfg_seen; acquire: what a worker let go of before is done). */
+uint64_t sl_workers_config_seen(struct sl_worker *w, unsigned n);
 
 /* conn.c */
 void sl_conn_accept(struct sl_worker *w);

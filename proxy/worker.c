@@ -162,6 +162,16 @@ static void worker_main(void *arg) {
     if (w->pools[k] && --w->pools[k]->refs == 0) free(w->pools[k]);
 }
 
+uint64_t sl_workers_config_seen(struct sl_worker *w, unsigned n) {
+  uint64_t min = UINT64_MAX;
+  for (unsigned i = 0; i < n; i++) {
+    /* acquire: pairs with the worker's release store after it switched. */
+    uint64_t v = atomic_load_explicit(&w[i].cfg_seen, memory_order_acquire);
+    if (v < min) min = v;
+  }
+  return min;
+}
+
 void sl_worker_destroy(struct sl_worker *w) {
   uv_close((uv_handle_t *)&w->inbox.async, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);

@@ -296,9 +296,9 @@ class ClusterCase(unittest.TestCase):
         self.check_marks(counts)
         return backend
 
-    def scan_keys(self, pattern):
-        """{key: (value, ttl)} of the keys matching pattern, SCANned on every live master."""
-        out = {}
+    def each_key(self, pattern):
+        """(connection to its master, key) for each key matching pattern,
+        SCANned on every live master."""
         for m in self.masters():
             c = Resp(m.port)
             try:
@@ -306,12 +306,15 @@ class ClusterCase(unittest.TestCase):
                 while True:
                     cursor, keys = c.cmd("SCAN", cursor, "MATCH", pattern, "COUNT", "1000")
                     for k in keys:
-                        out[k] = (c.cmd("GET", k), c.cmd("TTL", k))
+                        yield c, k
                     if cursor == "0":
                         break
             finally:
                 c.close()
-        return out
+
+    def scan_keys(self, pattern):
+        """{key: (value, ttl)} of the keys matching pattern, on every live master."""
+        return {k: (c.cmd("GET", k), c.cmd("TTL", k)) for c, k in self.each_key(pattern)}
 
     def check_marks(self, uids):
         """The exactly-once keys a run left (issue 14): no marker per slot
@@ -854,23 +857,13 @@ class SharedClusterTest(ClusterCase):
         """Every high-water mark's TTL set to ttl, but the first `drop` found
         deleted. Returns ({mark: value} of those kept, [marks deleted])."""
         kept, gone = {}, []
-        for m in self.masters():
-            c = Resp(m.port)
-            try:
-                cursor = "0"
-                while True:
-                    cursor, keys = c.cmd("SCAN", cursor, "MATCH", P + "meter:hwm:*", "COUNT", "1000")
-                    for k in keys:
-                        if len(gone) < drop:
-                            c.cmd("DEL", k)
-                            gone.append(k)
-                        else:
-                            c.cmd("EXPIRE", k, str(ttl))
-                            kept[k] = c.cmd("GET", k)
-                    if cursor == "0":
-                        break
-            finally:
-                c.close()
+        for c, k in self.each_key(P + "meter:hwm:*"):
+            if len(gone) < drop:
+                c.cmd("DEL", k)
+                gone.append(k)
+            else:
+                c.cmd("EXPIRE", k, str(ttl))
+                kept[k] = c.cmd("GET", k)
         return kept, gone
 
     @harness.release_only("a count of Redis's script calls; every other case sends the same scripts under ASan")
